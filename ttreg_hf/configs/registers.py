@@ -1,0 +1,64 @@
+"""Configuration fields shared by every test-time-register model."""
+
+from dataclasses import dataclass
+
+from ..index import check_neurons_fit, normalize_neurons
+from ..modeling.edit import PATCH_MODES, SEMANTICS
+
+
+@dataclass
+class TestTimeRegisterConfigMixin:
+    r"""
+    register_neurons (`dict[str, list[int]]`, *optional*):
+        The register-neuron index: 0-based block index -> MLP neuron indices. `None` or empty turns the edit off.
+    num_test_time_registers (`int`, *optional*, defaults to 1):
+        How many zero-initialised tokens to append after the patches. 0 turns the edit off.
+    register_scale (`float` or `list[float]`, *optional*, defaults to 1.0):
+        Factor applied to the register value, one for all registers or one per register.
+    register_semantics (`str`, *optional*, defaults to `"paper"`):
+        `"paper"` (Algorithm 2 of the paper) or `"reference"` (the authors' released code); see `RegisterNeuronEdit`.
+    register_patch_mode (`str`, *optional*, defaults to `"zero"`):
+        What reset tokens get: `"zero"`, `"mean"`, `"only_outliers"` or `"same"`.
+    """
+
+    register_neurons: dict | None = None
+    num_test_time_registers: int = 1
+    register_scale: float | int | list[float | int] = 1.0
+    register_semantics: str = "paper"
+    register_patch_mode: str = "zero"
+
+    def __post_init__(self, **kwargs):
+        if self.register_neurons is not None:
+            self.register_neurons = {str(k): list(v) for k, v in normalize_neurons(self.register_neurons).items()}
+        super().__post_init__(**kwargs)
+
+    @property
+    def mlp_width(self) -> int:
+        """Number of neurons in each MLP hidden layer, the range of a register-neuron index."""
+        raise NotImplementedError
+
+    @property
+    def register_neuron_index(self) -> dict[int, tuple[int, ...]]:
+        return normalize_neurons(self.register_neurons or {})
+
+    @property
+    def register_scales(self) -> tuple[float, ...]:
+        if isinstance(self.register_scale, list):
+            return tuple(float(s) for s in self.register_scale)
+        return (float(self.register_scale),) * self.num_test_time_registers
+
+    def validate_test_time_registers(self):
+        if self.num_test_time_registers < 0:
+            raise ValueError(
+                f"num_test_time_registers must be >= 0 (0 turns the edit off), got {self.num_test_time_registers}."
+            )
+        if isinstance(self.register_scale, list) and len(self.register_scale) != self.num_test_time_registers:
+            raise ValueError(
+                f"register_scale has {len(self.register_scale)} values for {self.num_test_time_registers} test-time "
+                "registers: give one float for all of them or one per register."
+            )
+        if self.register_semantics not in SEMANTICS:
+            raise ValueError(f"register_semantics must be one of {SEMANTICS}, got {self.register_semantics!r}.")
+        if self.register_patch_mode not in PATCH_MODES:
+            raise ValueError(f"register_patch_mode must be one of {PATCH_MODES}, got {self.register_patch_mode!r}.")
+        check_neurons_fit(self.register_neuron_index, self.num_hidden_layers, self.mlp_width)

@@ -1,0 +1,1 @@
+"""Model classes with test-time registers; import them from `ttreg_hf`."""

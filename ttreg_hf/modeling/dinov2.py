@@ -1,0 +1,75 @@
+"""DINOv2 with test-time registers: the parent does the work; these classes add the registers and the edit."""
+
+import torch
+from torch import nn
+from transformers import Dinov2Model
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings, Dinov2MLP, Dinov2SwiGLUFFN
+from transformers.utils.generic import can_return_tuple
+
+from ..configs.dinov2 import Dinov2TTRegConfig
+from .layout import TokenLayout
+from .registers import TestTimeRegisterMixin, TestTimeRegisterModelOutput, adopt, check_pixel_values
+
+
+class Dinov2TTRegEmbeddings(Dinov2Embeddings):
+    """Appends the test-time registers after the position embedding (they get none)."""
+
+    token_layout: TokenLayout
+
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.BoolTensor | None = None) -> torch.Tensor:
+        check_pixel_values(pixel_values, self.patch_embeddings.patch_size)
+        return self.token_layout.append_registers(super().forward(pixel_values, bool_masked_pos))
+
+
+class Dinov2TTRegMLP(Dinov2MLP):
+    """`Dinov2MLP` with the register-neuron edit right after the activation."""
+
+    register_edit: nn.Module
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.register_edit(self.activation_fn(self.fc1(hidden_states)))
+        return self.fc2(hidden_states)
+
+
+class Dinov2TTRegSwiGLUFFN(Dinov2SwiGLUFFN):
+    """`Dinov2SwiGLUFFN` (ViT-g) with the register-neuron edit right after the gating."""
+
+    register_edit: nn.Module
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gated = self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states)
+        return self.down_proj(self.register_edit(gated))
+
+
+class Dinov2TTRegModel(TestTimeRegisterMixin, Dinov2Model):
+    """[`Dinov2Model`] with test-time registers: same weights, same output shapes, registers in their own field."""
+
+    config: Dinov2TTRegConfig
+    config_class = Dinov2TTRegConfig
+    _no_split_modules = [*Dinov2Model._no_split_modules, "Dinov2TTRegEmbeddings"]
+
+    def __init__(self, config: Dinov2TTRegConfig):
+        super().__init__(config)
+        adopt(self.embeddings, Dinov2TTRegEmbeddings)
+        for layer in self.encoder.layer:
+            adopt(layer.mlp, Dinov2TTRegSwiGLUFFN if config.use_swiglu_ffn else Dinov2TTRegMLP)
+        self._attach_test_time_registers()
+
+    def _register_appender(self) -> nn.Module:
+        return self.embeddings
+
+    def _register_edit_sites(self) -> list[nn.Module]:
+        return [layer.mlp for layer in self.encoder.layer]
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> TestTimeRegisterModelOutput:
+        outputs = super().forward(
+            pixel_values, bool_masked_pos=bool_masked_pos, attention_mask=attention_mask, return_dict=True, **kwargs
+        )
+        return self._strip_test_time_registers(outputs, TestTimeRegisterModelOutput)

@@ -1,0 +1,103 @@
+"""The register-neuron edit: the one implementation every model family uses."""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .layout import TokenLayout
+
+SEMANTICS = ("paper", "reference")
+PATCH_MODES = ("zero", "mean", "only_outliers", "same")
+
+
+class RegisterNeuronEdit(nn.Module):
+    """Moves the register neurons' activations of one MLP onto the test-time registers.
+
+    Applied to the MLP hidden activations ``h[b, t, n]`` right after the activation function (after the gating for
+    SwiGLU). Every image is edited on its own; nothing leaves the device and nothing branches on tensor values.
+
+    * ``semantics="paper"`` (Algorithm 2 of "Vision Transformers Don't Need Trained Registers"): the register value of
+      neuron ``n`` is ``max_t h[b, t, n]``; every non-register token, CLS included, is reset by ``patch_mode``.
+    * ``semantics="reference"`` (the authors' released code): one value per image, the signed entry of largest
+      magnitude over all tokens and all listed neurons, written to every listed neuron; prefix tokens are kept and
+      only patch tokens are reset.
+
+    Register ``r`` receives ``scale[r] * value``. ``patch_mode`` says what reset tokens get: ``zero``; ``mean`` (the
+    mean over patch tokens); ``only_outliers`` (values above mean + 1 std of the patch tokens become the mean; the
+    std is the unbiased one, as ``torch.std``); ``same`` (untouched).
+    """
+
+    def __init__(
+        self,
+        neurons: Sequence[int],
+        layout: TokenLayout,
+        scale: Sequence[float],
+        semantics: str = "paper",
+        patch_mode: str = "zero",
+    ) -> None:
+        super().__init__()
+        if semantics not in SEMANTICS:
+            raise ValueError(f"Unknown register semantics {semantics!r}; choose one of {SEMANTICS}.")
+        if patch_mode not in PATCH_MODES:
+            raise ValueError(f"Unknown patch mode {patch_mode!r}; choose one of {PATCH_MODES}.")
+        if len(scale) != layout.num_registers:
+            raise ValueError(f"Got {len(scale)} register scales for {layout.num_registers} test-time registers.")
+        if not neurons or layout.num_registers == 0:
+            raise ValueError("A register-neuron edit needs at least one neuron and one test-time register.")
+        self.neuron_ids = tuple(int(n) for n in neurons)
+        self.scale_values = tuple(float(s) for s in scale)
+        self.layout = layout
+        self.semantics = semantics
+        self.patch_mode = patch_mode
+        self.register_buffer("neurons", torch.empty(len(self.neuron_ids), dtype=torch.long), persistent=False)
+        self.register_buffer("scale", torch.empty(1, layout.num_registers, 1), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """(Re)fill the buffers; called at construction and by `_init_weights` after a meta-device load."""
+        self.neurons.copy_(torch.tensor(self.neuron_ids))
+        self.scale.copy_(torch.tensor(self.scale_values).view(1, -1, 1))
+
+    def extra_repr(self) -> str:
+        return (
+            f"neurons={list(self.neuron_ids)}, registers={self.layout.num_registers}, "
+            f"semantics={self.semantics!r}, patch_mode={self.patch_mode!r}"
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        activations = hidden_states.index_select(-1, self.neurons)  # (batch, tokens, listed neurons)
+        num_kept = 0 if self.semantics == "paper" else self.layout.num_prefix_tokens
+        end = self.layout.num_tokens_without_registers(activations)
+        edited = torch.cat(
+            (
+                activations[:, :num_kept],
+                self._reset(activations[:, num_kept:end], self.layout.patches(activations)),
+                self.scale.to(activations.dtype) * self._register_value(activations),
+            ),
+            dim=1,
+        )
+        if torch.is_grad_enabled() and hidden_states.requires_grad:
+            return hidden_states.index_copy(-1, self.neurons, edited)
+        return hidden_states.index_copy_(-1, self.neurons, edited)
+
+    def _register_value(self, activations: torch.Tensor) -> torch.Tensor:
+        """Per image, shape ``(batch, 1, listed neurons)``."""
+        if self.semantics == "paper":
+            return activations.amax(dim=1, keepdim=True)
+        flat = activations.flatten(1)
+        largest = flat.gather(1, flat.abs().argmax(dim=1, keepdim=True))
+        return largest.unsqueeze(-1).expand(-1, 1, activations.shape[-1])
+
+    def _reset(self, tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        if self.patch_mode == "same":
+            return tokens
+        if self.patch_mode == "zero":
+            return torch.zeros_like(tokens)
+        patches = patches.float()
+        mean = patches.mean(dim=1, keepdim=True)
+        if self.patch_mode == "mean":
+            return mean.to(tokens.dtype).expand_as(tokens)
+        threshold = mean + patches.std(dim=1, keepdim=True)
+        return torch.where(tokens.float() > threshold, mean, tokens.float()).to(tokens.dtype)

@@ -1,0 +1,158 @@
+"""Register-token plumbing shared by every model family: one layout, one edit per listed layer, stripped outputs."""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput
+
+from ..index import FIND_NEURONS_HINT, RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index, load_index
+from .edit import RegisterNeuronEdit
+from .layout import TokenLayout
+
+IndexSpec = str | Path | Mapping | RegisterNeuronIndex
+
+
+@dataclass
+class TestTimeRegisterModelOutput(BaseModelOutputWithPooling):
+    r"""
+    test_time_registers (`torch.FloatTensor` of shape `(batch_size, num_test_time_registers, hidden_size)`):
+        The test-time registers' rows of the final sequence, in the space of `last_hidden_state`, from which they are
+        stripped. `None` when the edit is off.
+    """
+
+    test_time_registers: torch.FloatTensor | None = None
+
+
+def adopt(module: nn.Module, subclass: type[nn.Module]) -> nn.Module:
+    """Make ``module`` an instance of ``subclass``, which changes its forward but adds no parameters.
+
+    The weights (and state-dict keys) stay as they are; `torch.nn.utils.parametrize` swaps classes the same way.
+    """
+    if not issubclass(subclass, type(module)):
+        raise TypeError(f"{subclass.__name__} does not subclass {type(module).__name__}.")
+    module.__class__ = subclass
+    return module
+
+
+def check_pixel_values(pixel_values: torch.Tensor, patch_size: int | Sequence[int]) -> None:
+    """Refuse inputs the parent would silently mangle: integer images and sizes the patch size does not divide."""
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values must be a floating-point tensor of normalized images, got {pixel_values.dtype}; "
+            "run the images through the model's image processor (or convert and normalize them) first."
+        )
+    patch_h, patch_w = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    height, width = pixel_values.shape[-2:]
+    if height % patch_h or width % patch_w:
+        raise ValueError(
+            f"Image size {height}x{width} is not a multiple of the patch size {patch_h}x{patch_w}: the parent model "
+            f"would silently drop the remainder. Resize or crop to a multiple, e.g. "
+            f"{height // patch_h * patch_h}x{width // patch_w * patch_w}."
+        )
+
+
+class TestTimeRegisterMixin:
+    """Gives a vision transformer test-time registers; a model family says only where its embeddings and MLPs are.
+
+    Subclasses implement `_register_appender` (the module whose output gets the registers appended; it reads
+    `token_layout`) and `_register_edit_sites` (the MLPs, one per block, each with a `register_edit` slot).
+    """
+
+    num_prefix_tokens = 1
+
+    def _register_appender(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _register_edit_sites(self) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    @property
+    def token_layout(self) -> TokenLayout:
+        """The layout of the sequence the blocks see; no registers are appended while the index is empty."""
+        num_registers = self.config.num_test_time_registers if self.config.register_neurons else 0
+        return TokenLayout(self.num_prefix_tokens, num_registers)
+
+    def _attach_test_time_registers(self) -> None:
+        layout, config = self.token_layout, self.config
+        neurons = config.register_neuron_index
+        self._register_appender().token_layout = layout
+        for layer, mlp in enumerate(self._register_edit_sites()):
+            if layer in neurons and layout.num_registers:
+                edit = RegisterNeuronEdit(
+                    neurons[layer], layout, config.register_scales, config.register_semantics, config.register_patch_mode
+                )
+                mlp.register_edit = edit.to(next(mlp.parameters()).device)
+            else:
+                mlp.register_edit = nn.Identity()
+
+    def set_register_neurons(
+        self,
+        register_neurons: IndexSpec | None,
+        *,
+        num_test_time_registers: int | None = None,
+        register_scale: float | list[float] | None = None,
+        register_semantics: str | None = None,
+        register_patch_mode: str | None = None,
+    ) -> "TestTimeRegisterMixin":
+        """Attach an index (a dict, a file, a shipped name or a `RegisterNeuronIndex`) and rebuild the edits.
+
+        Settings left as `None` keep their config value, except the semantics, which follows an index file's.
+        `set_register_neurons({})` turns the edit off.
+        """
+        config = self.config
+        index = load_index(register_neurons) if register_neurons is not None else config.register_neuron_index
+        if isinstance(index, RegisterNeuronIndex):
+            index.check_fits(config.num_hidden_layers, config.mlp_width)
+            register_semantics = register_semantics or index.semantics
+            index = index.neurons
+        updates = {
+            "register_neurons": {str(layer): list(ids) for layer, ids in index.items()},
+            "num_test_time_registers": num_test_time_registers,
+            "register_scale": register_scale,
+            "register_semantics": register_semantics,
+            "register_patch_mode": register_patch_mode,
+        }
+        candidate = type(config)(**{**config.to_dict(), **{k: v for k, v in updates.items() if v is not None}})
+        for name in updates:
+            setattr(config, name, getattr(candidate, name))
+        self._attach_test_time_registers()
+        return self
+
+    def _strip_test_time_registers(self, outputs: ModelOutput, output_class: type[ModelOutput]) -> ModelOutput:
+        """``outputs`` with the parent's shapes: registers cut from every token tensor, exposed on their own."""
+        layout = self.token_layout
+        fields = dict(outputs.items())
+        fields["last_hidden_state"] = layout.strip_registers(outputs.last_hidden_state)
+        if outputs.hidden_states is not None:
+            fields["hidden_states"] = tuple(h if h is None else layout.strip_registers(h) for h in outputs.hidden_states)
+        if layout.num_registers:
+            fields["test_time_registers"] = layout.registers(outputs.last_hidden_state)
+        return output_class(**fields)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, RegisterNeuronEdit):
+            module.reset_buffers()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, register_neurons: IndexSpec | None = None, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus the register-neuron index.
+
+        The index is, in order: ``register_neurons`` (dict, file, shipped name), the one saved in the checkpoint's
+        config, or the shipped index for this checkpoint id. Without one, loading fails unless
+        ``num_test_time_registers=0``.
+        """
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if register_neurons is None and not model.config.register_neurons:
+            register_neurons = find_shipped_index(str(pretrained_model_name_or_path))
+            if register_neurons is None and model.config.num_test_time_registers > 0:
+                raise RegisterNeuronIndexError(
+                    f"No register-neuron index is known for {str(pretrained_model_name_or_path)!r}. {FIND_NEURONS_HINT}"
+                )
+        # always rebuilt: the edits hold no weights, and their buffers must not stay as loading left them
+        return model.set_register_neurons(register_neurons, register_semantics=kwargs.get("register_semantics"))
