@@ -8,7 +8,7 @@ from .index import RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_i
 from .modeling.dinov2 import Dinov2TTRegModel
 from .modeling.edit import RegisterNeuronEdit
 from .modeling.layout import TokenLayout
-from .modeling.registers import TestTimeRegisterMixin, TestTimeRegisterModelOutput
+from .modeling.registers import PreTrainedTestTimeRegisterMixin, TestTimeRegisterMixin, TestTimeRegisterModelOutput
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "RegisterNeuronEdit",
     "RegisterNeuronIndex",
     "RegisterNeuronIndexError",
+    "PreTrainedTestTimeRegisterMixin",
     "TestTimeRegisterConfigMixin",
     "TestTimeRegisterMixin",
     "TestTimeRegisterModelOutput",

@@ -30,7 +30,9 @@ class TestTimeRegisterConfigMixin:
     def __post_init__(self, **kwargs):
         if self.register_neurons is not None:
             self.register_neurons = {str(k): list(v) for k, v in normalize_neurons(self.register_neurons).items()}
-        super().__post_init__(**kwargs)
+        parent_post_init = getattr(super(), "__post_init__", None)  # absent on plain (non-`transformers`) dataclasses
+        if parent_post_init is not None:
+            parent_post_init(**kwargs)
 
     @property
     def mlp_width(self) -> int:

@@ -8,7 +8,7 @@ from transformers.utils.generic import can_return_tuple
 
 from ..configs.dinov2 import Dinov2TTRegConfig
 from .layout import TokenLayout
-from .registers import TestTimeRegisterMixin, TestTimeRegisterModelOutput, adopt, check_pixel_values
+from .registers import PreTrainedTestTimeRegisterMixin, TestTimeRegisterModelOutput, adopt, check_pixel_values
 
 
 class Dinov2TTRegEmbeddings(Dinov2Embeddings):
@@ -41,7 +41,7 @@ class Dinov2TTRegSwiGLUFFN(Dinov2SwiGLUFFN):
         return self.down_proj(self.register_edit(gated))
 
 
-class Dinov2TTRegModel(TestTimeRegisterMixin, Dinov2Model):
+class Dinov2TTRegModel(PreTrainedTestTimeRegisterMixin, Dinov2Model):
     """[`Dinov2Model`] with test-time registers: same weights, same output shapes, registers in their own field."""
 
     config: Dinov2TTRegConfig
@@ -60,6 +60,9 @@ class Dinov2TTRegModel(TestTimeRegisterMixin, Dinov2Model):
 
     def _register_edit_sites(self) -> list[nn.Module]:
         return [layer.mlp for layer in self.encoder.layer]
+
+    def _blocks(self) -> nn.ModuleList:
+        return self.encoder.layer
 
     @can_return_tuple
     def forward(

@@ -1,7 +1,7 @@
 """Register-token plumbing shared by every model family: one layout, one edit per listed layer, stripped outputs."""
 
+import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from .layout import TokenLayout
 IndexSpec = str | Path | Mapping | RegisterNeuronIndex
 
 
-@dataclass
+@dataclasses.dataclass
 class TestTimeRegisterModelOutput(BaseModelOutputWithPooling):
     r"""
     test_time_registers (`torch.FloatTensor` of shape `(batch_size, num_test_time_registers, hidden_size)`):
@@ -56,10 +56,15 @@ def check_pixel_values(pixel_values: torch.Tensor, patch_size: int | Sequence[in
 
 
 class TestTimeRegisterMixin:
-    """Gives a vision transformer test-time registers; a model family says only where its embeddings and MLPs are.
+    """Gives a vision transformer test-time registers; a model family says only where its parts are.
 
-    Subclasses implement `_register_appender` (the module whose output gets the registers appended; it reads
-    `token_layout`) and `_register_edit_sites` (the MLPs, one per block, each with a `register_edit` slot).
+    ``self.config`` carries the `TestTimeRegisterConfigMixin` fields plus ``num_hidden_layers`` and ``mlp_width``.
+    A family implements three seams, which the analysis tools read too:
+
+    * `_register_appender`: the module whose output gets the registers appended (it reads ``token_layout``);
+    * `_register_edit_sites`: the MLPs, one per block, each calling its ``register_edit`` slot on the hidden
+      activations right after the activation function;
+    * `_blocks`: the transformer blocks, in order, whose outputs are the residual stream.
     """
 
     num_prefix_tokens = 1
@@ -68,6 +73,9 @@ class TestTimeRegisterMixin:
         raise NotImplementedError
 
     def _register_edit_sites(self) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def _blocks(self) -> Sequence[nn.Module]:
         raise NotImplementedError
 
     @property
@@ -116,7 +124,7 @@ class TestTimeRegisterMixin:
             "register_semantics": register_semantics,
             "register_patch_mode": register_patch_mode,
         }
-        candidate = type(config)(**{**config.to_dict(), **{k: v for k, v in updates.items() if v is not None}})
+        candidate = dataclasses.replace(config, **{k: v for k, v in updates.items() if v is not None})  # validates
         for name in updates:
             setattr(config, name, getattr(candidate, name))
         self._attach_test_time_registers()
@@ -132,6 +140,10 @@ class TestTimeRegisterMixin:
         if layout.num_registers:
             fields["test_time_registers"] = layout.registers(outputs.last_hidden_state)
         return output_class(**fields)
+
+
+class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
+    """`TestTimeRegisterMixin` for `transformers` models: index resolution in `from_pretrained`, buffer init."""
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -1,0 +1,70 @@
+"""An independent, deliberately plain implementation of the edit, for tests only.
+
+Forward hooks on an unmodified parent model: one appends the zero registers to the embedding output, the others
+rewrite the input of each listed MLP's output projection (= the activations right after the activation function, and
+after the gating for SwiGLU) with Python loops over images and neurons. Nothing is shared with `ttreg_hf.modeling`.
+"""
+
+from contextlib import contextmanager
+
+import torch
+
+
+def _edit_one_image(acts, neurons, num_prefix, num_registers, scales, semantics, patch_mode):
+    """acts: (tokens, width) of one image, edited in place."""
+    num_tokens = acts.shape[0]
+    patch_end = num_tokens - num_registers
+    if semantics == "reference":
+        block = acts[:, neurons]
+        flat_position = int(block.abs().flatten().argmax())
+        value_for = {n: block.flatten()[flat_position].clone() for n in neurons}
+        reset_rows = range(num_prefix, patch_end)
+    else:
+        value_for = {n: acts[:, n].max().clone() for n in neurons}
+        reset_rows = range(0, patch_end)
+    for n in neurons:
+        patch_values = acts[num_prefix:patch_end, n].clone().float()
+        mean, std = patch_values.mean(), patch_values.std()
+        for t in reset_rows:
+            if patch_mode == "zero":
+                acts[t, n] = 0
+            elif patch_mode == "mean":
+                acts[t, n] = mean
+            elif patch_mode == "only_outliers" and float(acts[t, n]) > float(mean + std):
+                acts[t, n] = mean
+        for r in range(num_registers):
+            acts[patch_end + r, n] = scales[r] * value_for[n]
+
+
+@contextmanager
+def hooked_register_edit(
+    append_site, down_projections, neurons, num_registers=1, num_prefix=1, scale=1.0, semantics="paper",
+    patch_mode="zero",
+):
+    """Run the parent model with the edit done by hooks.
+
+    append_site: the module whose output gets the registers appended. down_projections: {layer: the MLP's output
+    projection}. The model's outputs then contain the registers (nothing strips them).
+    """
+    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * num_registers
+
+    def append(module, args, output):
+        zeros = output.new_zeros(output.shape[0], num_registers, output.shape[-1])
+        return torch.cat([output, zeros], dim=1)
+
+    def make_pre_hook(layer_neurons):
+        def pre_hook(module, args):
+            acts = args[0].clone()
+            for image in acts:
+                _edit_one_image(image, layer_neurons, num_prefix, num_registers, scales, semantics, patch_mode)
+            return (acts, *args[1:])
+
+        return pre_hook
+
+    handles = [append_site.register_forward_hook(append)]
+    handles += [down_projections[layer].register_forward_pre_hook(make_pre_hook(list(ids))) for layer, ids in neurons.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
