@@ -21,3 +21,22 @@ def shared_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def tiny_dinov2_config(**overrides):
+    """A 3-layer, 32-wide DINOv2 config with test-time-register fields (eager attention, so maps can be returned)."""
+    from ttreg_hf import Dinov2TTRegConfig
+
+    settings = dict(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14,
+        register_neurons={1: [3, 70, 5], 2: [7, 100]},
+    )
+    config = Dinov2TTRegConfig(**{**settings, **overrides})
+    config._attn_implementation = "eager"
+    return config
+
+
+@pytest.fixture
+def images():
+    """Four 56x56 images whose patches differ enough for outliers to land on different tokens per image."""
+    return torch.randn(4, 3, 56, 56) * torch.linspace(0.5, 2.0, 4).view(4, 1, 1, 1)

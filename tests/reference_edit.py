@@ -11,26 +11,27 @@ import torch
 
 
 def _edit_one_image(acts, neurons, num_prefix, num_registers, scales, semantics, patch_mode):
-    """acts: (tokens, width) of one image, edited in place."""
+    """acts: (tokens, width) of one image, edited in place; every value is read from an untouched copy."""
+    source = acts.clone()
     num_tokens = acts.shape[0]
     patch_end = num_tokens - num_registers
     if semantics == "reference":
-        block = acts[:, neurons]
+        block = source[:, neurons]
         flat_position = int(block.abs().flatten().argmax())
-        value_for = {n: block.flatten()[flat_position].clone() for n in neurons}
+        value_for = {n: block.flatten()[flat_position] for n in neurons}
         reset_rows = range(num_prefix, patch_end)
     else:
-        value_for = {n: acts[:, n].max().clone() for n in neurons}
+        value_for = {n: source[:, n].max() for n in neurons}
         reset_rows = range(0, patch_end)
     for n in neurons:
-        patch_values = acts[num_prefix:patch_end, n].clone().float()
+        patch_values = source[num_prefix:patch_end, n].float()
         mean, std = patch_values.mean(), patch_values.std()
         for t in reset_rows:
             if patch_mode == "zero":
                 acts[t, n] = 0
             elif patch_mode == "mean":
                 acts[t, n] = mean
-            elif patch_mode == "only_outliers" and float(acts[t, n]) > float(mean + std):
+            elif patch_mode == "only_outliers" and float(source[t, n]) > float(mean + std):
                 acts[t, n] = mean
         for r in range(num_registers):
             acts[patch_end + r, n] = scales[r] * value_for[n]
@@ -55,8 +56,8 @@ def hooked_register_edit(
     def make_pre_hook(layer_neurons):
         def pre_hook(module, args):
             acts = args[0].clone()
-            for image in acts:
-                _edit_one_image(image, layer_neurons, num_prefix, num_registers, scales, semantics, patch_mode)
+            for i in range(acts.shape[0]):
+                _edit_one_image(acts[i], layer_neurons, num_prefix, num_registers, scales, semantics, patch_mode)
             return (acts, *args[1:])
 
         return pre_hook

@@ -12,7 +12,10 @@ from .modeling.edit import SEMANTICS
 
 SCHEMA_VERSION = 1
 METADATA_KEY = "ttreg_index"
-PRECOMPUTED_DIR = Path(__file__).resolve().parent.parent / "precomputed"
+# a checkout (torch.hub, editable install) has `precomputed/` beside the package; a wheel installs it inside
+PRECOMPUTED_DIR = next(
+    path for path in (Path(__file__).resolve().parent / d for d in ("../precomputed", "precomputed")) if path.is_dir()
+)
 FIND_NEURONS_HINT = (
     "Pass `register_neurons={layer: [neuron, ...]}` or the path of an index file (a `.safetensors` written by "
     "`ttreg find-neurons`), find one with `ttreg find-neurons MODEL IMAGE_DIR --out index.safetensors`, or pass "

@@ -1,0 +1,14 @@
+"""torch.hub entry points: ``torch.hub.load("<owner>/ttreg_hf", "dinov2_vitl14_tt_reg")``.
+
+Every entry takes ``pretrained`` (False: random weights, offline), ``register_neurons`` (a dict, an index file or a
+shipped index name) and config fields such as ``num_test_time_registers`` (0 turns the edit off).
+"""
+
+dependencies = ["torch", "transformers", "safetensors", "huggingface_hub"]
+
+from ttreg_hf.hub import (  # noqa: E402,F401
+    dinov2_vitb14_tt_reg,
+    dinov2_vitg14_tt_reg,
+    dinov2_vitl14_tt_reg,
+    dinov2_vits14_tt_reg,
+)

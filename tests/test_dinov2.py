@@ -1,0 +1,140 @@
+"""Dinov2TTRegModel as a drop-in `Dinov2Model`: equality with the edit off, shapes, loading, errors."""
+
+import pytest
+import torch
+from conftest import tiny_dinov2_config
+from transformers import AutoConfig, AutoModel, Dinov2Config, Dinov2Model
+
+from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndexError
+
+
+def assert_outputs_equal(actual, expected):
+    assert torch.equal(actual.last_hidden_state, expected.last_hidden_state)
+    assert torch.equal(actual.pooler_output, expected.pooler_output)
+    for a, b in zip(actual.hidden_states, expected.hidden_states, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(actual.attentions, expected.attentions, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("edit_off", [{"num_test_time_registers": 0}, {"register_neurons": {}}])
+def test_edit_off_is_bit_identical_to_the_parent(edit_off, images):
+    model = Dinov2TTRegModel(tiny_dinov2_config(**edit_off)).eval()
+    parent = Dinov2Model(model.config).eval()
+    parent.load_state_dict(model.state_dict())
+    kwargs = dict(output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        outputs = model(images, **kwargs)
+        assert_outputs_equal(outputs, parent(images, **kwargs))
+    assert outputs.test_time_registers is None
+
+
+def test_outputs_keep_the_parents_shapes_and_expose_the_registers(images):
+    config = tiny_dinov2_config(num_test_time_registers=2)
+    model = Dinov2TTRegModel(config).eval()
+    parent = Dinov2Model(config).eval()
+    kwargs = dict(output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        outputs, expected = model(images, **kwargs), parent(images, **kwargs)
+    assert outputs.last_hidden_state.shape == expected.last_hidden_state.shape == (4, 17, 32)
+    assert outputs.pooler_output.shape == expected.pooler_output.shape
+    assert [h.shape for h in outputs.hidden_states] == [h.shape for h in expected.hidden_states]
+    assert outputs.test_time_registers.shape == (4, 2, 32)
+    assert all(a.shape == (4, 2, 19, 19) for a in outputs.attentions)  # registers included: that is the sink
+    torch.testing.assert_close(outputs.pooler_output, outputs.last_hidden_state[:, 0])
+
+
+def test_selected_hidden_states_and_tuple_outputs(images):
+    model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
+    with torch.no_grad():
+        selected = model(images, output_hidden_states=[-1]).hidden_states
+        full = model(images, output_hidden_states=True)
+        as_tuple = model(images, return_dict=False)
+    assert selected[0] is None and torch.equal(selected[-1], full.hidden_states[-1])
+    assert selected[-1].shape == (4, 17, 32)
+    assert torch.equal(as_tuple[0], full.last_hidden_state) and torch.equal(as_tuple[-1], full.test_time_registers)
+
+
+def test_save_load_round_trip_and_automodel(tmp_path, images):
+    config = tiny_dinov2_config(register_scale=[0.5, 2.0], num_test_time_registers=2, register_semantics="reference")
+    model = Dinov2TTRegModel(config).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert type(loaded) is Dinov2TTRegModel
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), Dinov2TTRegConfig)
+    for field in ("register_neurons", "num_test_time_registers", "register_scale", "register_semantics"):
+        assert getattr(loaded.config, field) == getattr(config, field)
+    with torch.no_grad():
+        expected, actual = model(images), loaded(images)
+    assert torch.equal(actual.last_hidden_state, expected.last_hidden_state)
+    assert torch.equal(actual.test_time_registers, expected.test_time_registers)
+
+
+def test_loads_a_plain_dinov2_checkpoint_with_its_renamed_keys(tmp_path, images):
+    parent = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=56)).eval()
+    parent.save_pretrained(tmp_path)  # hub layout: attention.attention.query ...
+    model = Dinov2TTRegModel.from_pretrained(tmp_path, num_test_time_registers=0)
+    with torch.no_grad():
+        assert torch.equal(model(images).last_hidden_state, parent(images).last_hidden_state)
+    edited = Dinov2TTRegModel.from_pretrained(tmp_path, register_neurons={2: [5, 6]})
+    assert edited.encoder.layer[2].mlp.register_edit.neurons.tolist() == [5, 6]
+    assert edited.config.register_neurons == {"2": [5, 6]}
+
+
+def test_a_checkpoint_without_an_index_is_a_clear_error(tmp_path):
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2)).save_pretrained(tmp_path)
+    with pytest.raises(RegisterNeuronIndexError, match="No register-neuron index is known.*find-neurons"):
+        Dinov2TTRegModel.from_pretrained(tmp_path)
+
+
+def test_an_index_for_another_checkpoint_is_refused(tmp_path):
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2)).save_pretrained(tmp_path)
+    with pytest.raises(RegisterNeuronIndexError, match="made for facebook/dinov2-large"):
+        Dinov2TTRegModel.from_pretrained(tmp_path, register_neurons="dinov2_vitl14")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"register_neurons": {3: [1]}}, "layer 3 is out of range: the model has 3 layers"),
+        ({"register_neurons": {1: [128]}}, r"\[128\] in layer 1 are out of range: the MLP has 128"),
+        ({"register_neurons": {1: [4, 4]}}, "lists a neuron twice"),
+        ({"num_test_time_registers": -1}, "must be >= 0"),
+        ({"num_test_time_registers": 2, "register_scale": [1.0]}, "1 values for 2 test-time registers"),
+        ({"register_semantics": "authors"}, "register_semantics must be one of"),
+        ({"register_patch_mode": "drop"}, "register_patch_mode must be one of"),
+    ],
+)
+def test_bad_settings_are_clear_errors(settings, message):
+    with pytest.raises(Exception, match=message):
+        tiny_dinov2_config(**settings)
+
+
+def test_set_register_neurons_validates_before_changing_anything():
+    model = Dinov2TTRegModel(tiny_dinov2_config())
+    with pytest.raises(Exception, match="out of range"):
+        model.set_register_neurons({0: [999]})
+    assert model.config.register_neurons == {"1": [3, 70, 5], "2": [7, 100]}
+    assert model.encoder.layer[1].mlp.register_edit.neuron_ids == (3, 70, 5)
+
+
+def test_image_size_the_patch_size_does_not_divide_is_an_error():
+    model = Dinov2TTRegModel(tiny_dinov2_config())
+    with pytest.raises(ValueError, match="not a multiple of the patch size 14x14.*e.g. 56x56"):
+        model(torch.randn(1, 3, 60, 56))
+
+
+def test_integer_images_are_an_error():
+    model = Dinov2TTRegModel(tiny_dinov2_config())
+    with pytest.raises(TypeError, match="floating-point.*image processor"):
+        model(torch.zeros(1, 3, 56, 56, dtype=torch.uint8))
+
+
+def test_other_image_sizes_interpolate_like_the_parent():
+    config = tiny_dinov2_config(num_test_time_registers=0)
+    model = Dinov2TTRegModel(config).eval()
+    parent = Dinov2Model(config).eval()
+    parent.load_state_dict(model.state_dict())
+    pixels = torch.randn(2, 3, 84, 70)
+    with torch.no_grad():
+        assert torch.equal(model(pixels).last_hidden_state, parent(pixels).last_hidden_state)

@@ -1,0 +1,130 @@
+"""The register-neuron edit against an independent hook-based implementation, on a tiny DINOv2."""
+
+import pytest
+import torch
+from conftest import tiny_dinov2_config
+from reference_edit import hooked_register_edit
+from transformers import Dinov2Model
+
+from ttreg_hf import Dinov2TTRegModel, RegisterNeuronEdit, TokenLayout
+from ttreg_hf.modeling.edit import PATCH_MODES, SEMANTICS
+
+
+def parent_of(model):
+    """The parent class with the same weights and no edit."""
+    parent = Dinov2Model(model.config).eval()
+    parent.load_state_dict(model.state_dict())
+    return parent
+
+
+def with_registers(outputs):
+    return torch.cat([outputs.last_hidden_state, outputs.test_time_registers], dim=1)
+
+
+def hooked_output(parent, config, pixel_values):
+    with hooked_register_edit(
+        parent.embeddings,
+        {layer: parent.encoder.layer[layer].mlp.fc2 for layer in config.register_neuron_index},
+        config.register_neuron_index,
+        num_registers=config.num_test_time_registers,
+        scale=config.register_scale,
+        semantics=config.register_semantics,
+        patch_mode=config.register_patch_mode,
+    ):
+        return parent(pixel_values).last_hidden_state
+
+
+@pytest.mark.parametrize("patch_mode", PATCH_MODES)
+@pytest.mark.parametrize("semantics", SEMANTICS)
+def test_matches_hook_reference(semantics, patch_mode, images):
+    config = tiny_dinov2_config(register_semantics=semantics, register_patch_mode=patch_mode)
+    model = Dinov2TTRegModel(config).eval()
+    with torch.no_grad():
+        expected = hooked_output(parent_of(model), config, images)
+        actual = with_registers(model(images))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_several_registers_with_own_scales(images):
+    config = tiny_dinov2_config(num_test_time_registers=3, register_scale=[1.0, 0.5, -2.0])
+    model = Dinov2TTRegModel(config).eval()
+    with torch.no_grad():
+        expected = hooked_output(parent_of(model), config, images)
+        outputs = model(images)
+    assert outputs.test_time_registers.shape == (4, 3, 32)
+    torch.testing.assert_close(with_registers(outputs), expected, atol=1e-5, rtol=0)
+
+
+def test_swiglu_edit_sits_after_the_gating(images):
+    config = tiny_dinov2_config(use_swiglu_ffn=True, register_neurons={0: [1, 9], 2: [30]})
+    model = Dinov2TTRegModel(config).eval()
+    parent = parent_of(model)
+    with torch.no_grad(), hooked_register_edit(
+        parent.embeddings,
+        {layer: parent.encoder.layer[layer].mlp.down_proj for layer in (0, 2)},
+        config.register_neuron_index,
+    ):
+        expected = parent(images).last_hidden_state
+        actual = with_registers(model(images))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_every_image_is_edited_on_its_own():
+    model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
+    batch = torch.randn(32, 3, 56, 56) * torch.rand(32, 1, 1, 1) * 3
+    with torch.no_grad():
+        together = model(batch)
+        alone = [model(batch[i : i + 1]) for i in (0, 5, 31)]
+    for i, single in zip((0, 5, 31), alone):
+        torch.testing.assert_close(together.last_hidden_state[i], single.last_hidden_state[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(together.test_time_registers[i], single.test_time_registers[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_follows_fp32(dtype, images):
+    model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
+    with torch.no_grad():
+        expected = with_registers(model(images))
+        actual = with_registers(model.to(dtype)(images.to(dtype)))
+    assert actual.dtype == dtype
+    torch.testing.assert_close(actual.float(), expected, atol=0.05, rtol=0.05)
+
+
+def test_compiled_fullgraph_equals_eager(images):
+    model = Dinov2TTRegModel(tiny_dinov2_config(register_semantics="reference", register_patch_mode="only_outliers"))
+    model.eval()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(with_registers(compiled(images)), with_registers(model(images)), atol=1e-6, rtol=0)
+
+
+def test_gradients_match_the_reference(images):
+    config = tiny_dinov2_config(register_patch_mode="mean")
+    model = Dinov2TTRegModel(config)
+    parent = parent_of(model).train()
+    with_registers(model(images)).square().mean().backward()
+    hooked_output(parent, config, images).square().mean().backward()
+    for name in ("encoder.layer.1.mlp.fc1.weight", "embeddings.patch_embeddings.projection.weight"):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0
+        torch.testing.assert_close(grad, parent.get_parameter(name).grad, atol=1e-6, rtol=1e-4)
+
+
+def test_reference_semantics_writes_the_largest_magnitude_and_keeps_cls():
+    layout = TokenLayout(num_prefix_tokens=1, num_registers=1)
+    edit = RegisterNeuronEdit([0, 2], layout, [1.0], semantics="reference", patch_mode="zero")
+    hidden = torch.tensor([[[9.0, 1.0, 4.0], [1.0, 5.0, -7.0], [2.0, 3.0, 1.0], [0.0, 0.0, 0.0]]])
+    edited = edit(hidden.clone())
+    torch.testing.assert_close(edited[0, 0], hidden[0, 0])  # CLS kept, although it holds the largest entry
+    torch.testing.assert_close(edited[0, 1:3, [0, 2]], torch.zeros(2, 2))
+    torch.testing.assert_close(edited[0, 1:3, 1], hidden[0, 1:3, 1])  # unlisted neuron untouched
+    torch.testing.assert_close(edited[0, 3], torch.tensor([9.0, 0.0, 9.0]))
+
+
+def test_paper_semantics_takes_each_neurons_max_and_resets_cls():
+    layout = TokenLayout(num_prefix_tokens=1, num_registers=1)
+    edit = RegisterNeuronEdit([0, 2], layout, [2.0], semantics="paper", patch_mode="zero")
+    hidden = torch.tensor([[[9.0, 1.0, 4.0], [1.0, 5.0, -7.0], [2.0, 3.0, 1.0], [0.0, 0.0, 0.0]]])
+    edited = edit(hidden)
+    torch.testing.assert_close(edited[0, :3, [0, 2]], torch.zeros(3, 2))
+    torch.testing.assert_close(edited[0, 3], torch.tensor([18.0, 0.0, 8.0]))

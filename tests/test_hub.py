@@ -1,0 +1,154 @@
+"""torch.hub entry points, the upstream DINOv2 interface, and the original-checkpoint conversion."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Dinov2Model
+
+from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndexError
+from ttreg_hf.hub import MODEL_NAMES, dinov2_vits14_tt_reg, load_tt_model
+from ttreg_hf.modeling.dinov2_original import DinoVisionTransformerTTReg, convert_original_state_dict
+
+REPO = Path(__file__).resolve().parents[1]
+VITS14 = "weights/dinov2_vits14_imgfocus.safetensors"
+
+
+def test_torch_hub_load_in_a_fresh_process():
+    script = f"""
+import json, torch
+model = torch.hub.load({str(REPO)!r}, "dinov2_vitl14_tt_reg", source="local", pretrained=False)
+with torch.no_grad():
+    features = model.forward_features(torch.randn(2, 3, 28, 28))
+print(json.dumps({{
+    "cls": list(model(torch.randn(2, 3, 28, 28)).shape),
+    "registers": list(features["x_norm_regtokens"].shape),
+    "patches": list(features["x_norm_patchtokens"].shape),
+    "neurons": sum(len(ids) for ids in model.dinov2.config.register_neurons.values()),
+    "semantics": model.dinov2.config.register_semantics,
+}}))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd="/", env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary == {"cls": [2, 1024], "registers": [2, 1, 1024], "patches": [2, 4, 1024], "neurons": 45,
+                       "semantics": "reference"}
+
+
+def test_entries_without_a_shipped_index_ask_for_one():
+    with pytest.raises(RegisterNeuronIndexError, match="No register-neuron index is shipped for 'dinov2_vits14'"):
+        dinov2_vits14_tt_reg(pretrained=False)
+    model = dinov2_vits14_tt_reg(pretrained=False, num_test_time_registers=0)
+    assert model.dinov2.token_layout.num_registers == 0
+
+
+def test_unknown_model_names_list_the_known_ones():
+    with pytest.raises(ValueError, match="Unknown model 'dinov2_vitx14'; choose one of dinov2_vits14"):
+        load_tt_model("dinov2_vitx14", pretrained=False)
+    assert {"dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14"} <= set(MODEL_NAMES)
+
+
+@pytest.fixture
+def hub_model():
+    config = Dinov2TTRegConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, patch_size=14, register_neurons={2: [4, 9]},
+        num_test_time_registers=2,
+    )
+    return DinoVisionTransformerTTReg(Dinov2TTRegModel(config).eval())
+
+
+def test_upstream_interface_shapes_and_consistency(hub_model):
+    pixels = torch.randn(2, 3, 56, 42)
+    with torch.no_grad():
+        features = hub_model.forward_features(pixels)
+        last, = hub_model.get_intermediate_layers(pixels, n=1)
+        grids = hub_model.get_intermediate_layers(pixels, n=[0, 3], reshape=True, return_class_token=True)
+        raw = hub_model.get_intermediate_layers(pixels, n=2, norm=False)
+        cls = hub_model(pixels)
+    assert features["x_norm_clstoken"].shape == (2, 32) and torch.equal(cls, features["x_norm_clstoken"])
+    assert features["x_norm_regtokens"].shape == (2, 2, 32)
+    assert features["x_norm_patchtokens"].shape == (2, 12, 32)
+    assert features["x_prenorm"].shape == (2, 13, 32) and features["masks"] is None
+    torch.testing.assert_close(last, features["x_norm_patchtokens"])
+    torch.testing.assert_close(raw[-1], features["x_prenorm"][:, 1:])
+    assert [(grid.shape, cls_token.shape) for grid, cls_token in grids] == [((2, 32, 4, 3), (2, 32))] * 2
+    assert hub_model.num_register_tokens == 0 and hub_model.embed_dim == 32 and hub_model.patch_size == 14
+
+
+def test_original_layout_matches_timm_on_real_weights(shared_dir):
+    timm = pytest.importorskip("timm")
+    state_dict = load_file(shared_dir / VITS14)
+    reference = timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0).eval()
+    reference.load_state_dict({k: v for k, v in state_dict.items() if k != "mask_token"})
+    model = dinov2_vits14_tt_reg(weights=shared_dir / VITS14, num_test_time_registers=0)
+    pixels = torch.randn(1, 3, 518, 518)
+    with torch.no_grad():
+        expected = reference.forward_features(pixels)
+        features = model.forward_features(pixels)
+    torch.testing.assert_close(features["x_norm_clstoken"], expected[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(features["x_norm_patchtokens"], expected[:, 1:], atol=1e-5, rtol=0)
+
+
+def test_converted_real_weights_load_in_stock_transformers(shared_dir, tmp_path):
+    model = load_tt_model("dinov2_vits14", weights=shared_dir / VITS14, num_test_time_registers=0)
+    parent = Dinov2Model(model.config).eval()
+    parent.load_state_dict(model.state_dict())
+    parent.save_pretrained(tmp_path)
+    stock = Dinov2Model.from_pretrained(tmp_path).eval()
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(stock(pixels).last_hidden_state, model(pixels).last_hidden_state, atol=1e-5, rtol=0)
+
+
+def to_original_layout(model: Dinov2Model, chunked: bool) -> dict[str, torch.Tensor]:
+    """Invert the conversion by hand for a tiny model (also exercises chunked block keys and SwiGLU)."""
+    original = {}
+    for key, value in model.state_dict().items():
+        if not key.startswith("encoder.layer."):
+            continue
+        i, name = key.removeprefix("encoder.layer.").split(".", 1)
+        prefix = f"blocks.0.{i}." if chunked else f"blocks.{i}."
+        renames = {"attention.o_proj": "attn.proj", "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+                   "mlp.down_proj": "mlp.w3"}
+        for new, old in renames.items():
+            name = name.replace(new, old)
+        original[prefix + name] = value
+    for block in range(model.config.num_hidden_layers):
+        prefix = f"blocks.0.{block}." if chunked else f"blocks.{block}."
+        for suffix in ("weight", "bias"):
+            original[f"{prefix}attn.qkv.{suffix}"] = torch.cat(
+                [original.pop(f"{prefix}attention.{p}_proj.{suffix}") for p in "qkv"]
+            )
+            if model.config.use_swiglu_ffn:
+                original[f"{prefix}mlp.w12.{suffix}"] = torch.cat(
+                    [original.pop(f"{prefix}mlp.gate_proj.{suffix}"), original.pop(f"{prefix}mlp.up_proj.{suffix}")]
+                )
+    embeddings = model.embeddings
+    original.update(
+        cls_token=embeddings.cls_token, pos_embed=embeddings.position_embeddings, mask_token=embeddings.mask_token,
+        **{"patch_embed.proj.weight": embeddings.patch_embeddings.projection.weight,
+           "patch_embed.proj.bias": embeddings.patch_embeddings.projection.bias,
+           "norm.weight": model.layernorm.weight, "norm.bias": model.layernorm.bias},
+    )
+    return original
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_conversion_inverts_the_original_layout(swiglu):
+    config = Dinov2TTRegConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, use_swiglu_ffn=swiglu)
+    model = Dinov2Model(config)
+    converted = convert_original_state_dict(to_original_layout(model, chunked=swiglu), config)
+    assert converted.keys() == model.state_dict().keys()
+    assert all(torch.equal(converted[k], v) for k, v in model.state_dict().items())
+
+
+def test_checkpoints_with_trained_registers_are_refused():
+    with pytest.raises(ValueError, match="trained registers"):
+        convert_original_state_dict({"register_tokens": torch.zeros(1, 4, 8)}, Dinov2TTRegConfig())

@@ -1,0 +1,78 @@
+"""Named models and the torch.hub entry points (`hubconf.py` re-exports the ``*_tt_reg`` functions).
+
+Each entry is a short factory over one private builder per family, as in facebookresearch/dinov2's
+``hub/backbones.py``. The register-neuron index is ``register_neurons`` (a dict, an index file or a shipped index
+name) if given, else the shipped one for that checkpoint, else an error that says how to make one.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .index import FIND_NEURONS_HINT, RegisterNeuronIndexError, find_shipped_index
+from .modeling.dinov2_original import DINOV2_URL, DinoVisionTransformerTTReg, load_dinov2
+from .modeling.registers import IndexSpec, TestTimeRegisterMixin
+
+
+def _with_index(model: TestTimeRegisterMixin, name: str, register_neurons: IndexSpec | None) -> TestTimeRegisterMixin:
+    """Attach ``register_neurons``, else the shipped index for ``name``; fail clearly when there is none."""
+    index = register_neurons if register_neurons is not None else find_shipped_index(name)
+    if index is None:
+        if model.config.num_test_time_registers > 0:
+            raise RegisterNeuronIndexError(f"No register-neuron index is shipped for {name!r}. {FIND_NEURONS_HINT}")
+        return model
+    return model.set_register_neurons(index)
+
+
+def _dinov2(arch: str, pretrained: bool, weights: str | Path | None, register_neurons: IndexSpec | None, **settings):
+    if pretrained and weights is None:
+        weights = DINOV2_URL.format(arch=arch)
+    return _with_index(load_dinov2(arch, weights if pretrained or weights else None, **settings), f"dinov2_{arch}", register_neurons)
+
+
+_LOADERS: dict[str, Callable[..., TestTimeRegisterMixin]] = {
+    f"dinov2_{arch}": (lambda arch: lambda **kwargs: _dinov2(arch, **kwargs))(arch)
+    for arch in ("vits14", "vitb14", "vitl14", "vitg14")
+}
+MODEL_NAMES = tuple(_LOADERS)
+
+
+def load_tt_model(
+    name: str,
+    *,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    register_neurons: IndexSpec | None = None,
+    **settings,
+) -> TestTimeRegisterMixin:
+    """The test-time-register model called ``name`` (one of `MODEL_NAMES`) as the package's model class.
+
+    ``pretrained=False`` gives random weights (offline); ``weights`` is a local checkpoint in the upstream layout;
+    ``settings`` are config fields such as ``num_test_time_registers`` or ``register_semantics``.
+    """
+    if name not in _LOADERS:
+        raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}.")
+    return _LOADERS[name](pretrained=pretrained, weights=weights, register_neurons=register_neurons, **settings)
+
+
+def _dinov2_hub(arch: str, **kwargs) -> DinoVisionTransformerTTReg:
+    return DinoVisionTransformerTTReg(load_tt_model(f"dinov2_{arch}", **kwargs))
+
+
+def dinov2_vits14_tt_reg(pretrained: bool = True, **kwargs) -> DinoVisionTransformerTTReg:
+    """DINOv2 ViT-S/14 with test-time registers (no shipped index: pass ``register_neurons``)."""
+    return _dinov2_hub("vits14", pretrained=pretrained, **kwargs)
+
+
+def dinov2_vitb14_tt_reg(pretrained: bool = True, **kwargs) -> DinoVisionTransformerTTReg:
+    """DINOv2 ViT-B/14 with test-time registers (no shipped index: pass ``register_neurons``)."""
+    return _dinov2_hub("vitb14", pretrained=pretrained, **kwargs)
+
+
+def dinov2_vitl14_tt_reg(pretrained: bool = True, **kwargs) -> DinoVisionTransformerTTReg:
+    """DINOv2 ViT-L/14 with a test-time register and the authors' published index (45 neurons, layers 12-17)."""
+    return _dinov2_hub("vitl14", pretrained=pretrained, **kwargs)
+
+
+def dinov2_vitg14_tt_reg(pretrained: bool = True, **kwargs) -> DinoVisionTransformerTTReg:
+    """DINOv2 ViT-g/14 (SwiGLU) with test-time registers (no shipped index: pass ``register_neurons``)."""
+    return _dinov2_hub("vitg14", pretrained=pretrained, **kwargs)
