@@ -138,3 +138,18 @@ def test_other_image_sizes_interpolate_like_the_parent():
     pixels = torch.randn(2, 3, 84, 70)
     with torch.no_grad():
         assert torch.equal(model(pixels).last_hidden_state, parent(pixels).last_hidden_state)
+
+
+def test_from_pretrained_by_hub_id_attaches_the_shipped_index(tmp_path):
+    """`from_pretrained("facebook/dinov2-large")` offline, from a hub cache holding a narrow stand-in checkpoint with
+    ViT-L/14's depth and MLP width (24 blocks of 4096 neurons)."""
+    snapshot = tmp_path / "models--facebook--dinov2-large" / "snapshots" / "0123abcd"
+    config = Dinov2Config(hidden_size=64, mlp_ratio=64, num_hidden_layers=24, num_attention_heads=1, image_size=28)
+    Dinov2Model(config).save_pretrained(snapshot)
+    (tmp_path / "models--facebook--dinov2-large" / "refs").mkdir()
+    (tmp_path / "models--facebook--dinov2-large" / "refs" / "main").write_text("0123abcd")
+    model = Dinov2TTRegModel.from_pretrained("facebook/dinov2-large", cache_dir=tmp_path)
+    assert model.config.register_semantics == "reference"
+    assert sum(len(ids) for ids in model.config.register_neurons.values()) == 45
+    assert model.encoder.layer[17].mlp.register_edit.neuron_ids[:3] == (884, 133, 1427)
+    assert model(torch.randn(1, 3, 28, 28)).test_time_registers.shape == (1, 1, 64)

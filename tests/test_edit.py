@@ -128,3 +128,13 @@ def test_paper_semantics_takes_each_neurons_max_and_resets_cls():
     edited = edit(hidden)
     torch.testing.assert_close(edited[0, :3, [0, 2]], torch.zeros(3, 2))
     torch.testing.assert_close(edited[0, 3], torch.tensor([18.0, 0.0, 8.0]))
+
+
+def test_sdpa_and_eager_attention_agree(images):
+    model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
+    with torch.no_grad():
+        eager = with_registers(model(images))
+        model.set_attn_implementation("sdpa")
+        sdpa = with_registers(model(images))
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=0)

@@ -1,0 +1,197 @@
+"""Forward overhead of test-time registers: parent class vs ttreg_hf class vs a plain hook-based edit.
+
+Same weights, same inputs, runs interleaved (a, b, c, a, b, c, ...), medians and ratios printed as a table.
+(a) the parent class, (b) the ttreg_hf class with the register on, (c) the parent with the edit done by forward hooks
+as the authors' code does it (a hook on each listed MLP's activation, a Python loop over neurons).
+Peak memory: the extra peak of one forward, each variant measured in a fresh process (CUDA: allocator peak;
+CPU: growth of the peak resident set size).
+
+    python benchmarks/forward.py                  # the CPU table (fp32, batch 1 and 8)
+    python benchmarks/forward.py --device cuda    # adds fp16/bf16, batch 64, eager and torch.compile
+    python benchmarks/forward.py --quick          # the smallest shape, in seconds (a smoke test)
+"""
+
+import argparse
+import contextlib
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import Dinov2Model
+
+from ttreg_hf import Dinov2TTRegModel, load_index
+from ttreg_hf.modeling.dinov2_original import convert_original_state_dict, dinov2_config, load_original_state_dict
+
+SHARED_VITS14 = Path(__file__).resolve().parents[2] / "shared/weights/dinov2_vits14_imgfocus.safetensors"
+VARIANTS = ("parent", "ttreg", "hooks")
+
+
+def synthetic_index(num_layers: int, mlp_width: int, num_neurons: int = 45, seed: int = 0) -> dict[int, list[int]]:
+    """An index shaped like the published ViT-L/14 one: ``num_neurons`` neurons over the middle quarter of layers."""
+    rng = random.Random(seed)
+    layers = list(range(num_layers // 2, num_layers // 2 + max(1, num_layers // 4)))
+    index = {layer: [] for layer in layers}
+    for neuron in rng.sample(range(mlp_width), num_neurons):
+        index[rng.choice(layers)].append(neuron)
+    return {layer: ids for layer, ids in index.items() if ids}
+
+
+@contextlib.contextmanager
+def hook_edit(appender, activations, index, num_registers=1):
+    """The authors' way: append the registers with a hook, rewrite each listed activation output neuron by neuron."""
+
+    def append(module, args, output):
+        return torch.cat([output, output.new_zeros(output.shape[0], num_registers, output.shape[-1])], dim=1)
+
+    def make_edit(neurons):
+        def edit(module, args, output):
+            for neuron in neurons:
+                top = output[:, :, neuron].max(dim=1, keepdim=True).values
+                output[:, :-num_registers, neuron] = 0
+                output[:, -num_registers:, neuron] = top
+            return output
+
+        return edit
+
+    handles = [appender.register_forward_hook(append)]
+    handles += [activations[layer].register_forward_hook(make_edit(ids)) for layer, ids in index.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class HookedEdit(torch.nn.Module):
+    """The parent model with the edit applied by forward hooks, registered and removed around every call."""
+
+    def __init__(self, model: torch.nn.Module, sites, index: dict[int, list[int]]):
+        super().__init__()
+        self.model, self.sites, self.index = model, sites, index
+
+    def forward(self, pixels: torch.Tensor):
+        appender, activations = self.sites(self.model)
+        with hook_edit(appender, activations, self.index):
+            return self.model(pixels)
+
+
+def dinov2(arch: str, variant: str, real_weights: bool) -> torch.nn.Module:
+    """One variant of a DINOv2 backbone; the same seed gives every variant the same weights."""
+    config = dinov2_config(arch, num_test_time_registers=1, register_semantics="paper", register_patch_mode="zero")
+    index = load_index("dinov2_vitl14").neurons if arch == "vitl14" else synthetic_index(
+        config.num_hidden_layers, config.mlp_width
+    )
+    config.register_neurons = {str(k): list(v) for k, v in index.items()}
+    torch.manual_seed(0)
+    model = (Dinov2TTRegModel if variant == "ttreg" else Dinov2Model)(config).eval()
+    if real_weights:
+        model.load_state_dict(convert_original_state_dict(load_original_state_dict(SHARED_VITS14), config))
+    if variant != "hooks":
+        return model
+    return HookedEdit(model, lambda m: (m.embeddings, [block.mlp.activation_fn for block in m.encoder.layer]), index)
+
+
+MODELS = {  # name -> builder(variant, real_weights)
+    "DINOv2 ViT-S/14": lambda variant, real: dinov2("vits14", variant, real),
+    "DINOv2 ViT-B/14": lambda variant, real: dinov2("vitb14", variant, real),
+    "DINOv2 ViT-L/14": lambda variant, real: dinov2("vitl14", variant, real),
+}
+REAL_WEIGHTS = {"DINOv2 ViT-S/14"}  # models with a real checkpoint in ../shared
+
+
+def build(name: str, variant: str, device: str, dtype: torch.dtype, compiled: bool):
+    real = name in REAL_WEIGHTS and SHARED_VITS14.is_file()
+    model = MODELS[name](variant, real).to(device, dtype)
+    return torch.compile(model) if compiled else model
+
+
+def median_times(functions: dict, pixels: torch.Tensor, repeats: int, warmup: int = 2) -> dict[str, float]:
+    sync = torch.cuda.synchronize if pixels.is_cuda else (lambda: None)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for function in functions.values():
+                function(pixels)
+        times = {name: [] for name in functions}
+        for _ in range(repeats):
+            for name, function in functions.items():  # interleaved: drift on a noisy machine hits all alike
+                sync()
+                start = time.perf_counter()
+                function(pixels)
+                sync()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_memory_mib(name: str, variant: str, batch: int, device: str, dtype: str) -> float:
+    """Extra peak memory of one forward of one variant, measured in a fresh process."""
+    command = [sys.executable, __file__, "--peak-memory", json.dumps([name, variant, batch, device, dtype])]
+    return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
+
+
+def _measure_peak_memory(name: str, variant: str, batch: int, device: str, dtype: str) -> None:
+    model = build(name, variant, device, getattr(torch, dtype), compiled=False)
+    pixels = torch.randn(batch, 3, 224, 224, device=device, dtype=getattr(torch, dtype))
+    with torch.inference_mode():
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            model(pixels)
+            print((torch.cuda.max_memory_allocated() - before) / 2**20)
+        else:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            model(pixels)
+            print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**10)
+
+
+def settings(device: str, quick: bool) -> list[tuple[str, int, torch.dtype, bool]]:
+    """(model, batch, dtype, compiled) rows of the table."""
+    names = list(MODELS)[:1] if quick else list(MODELS)
+    if device == "cpu":
+        batches = [1] if quick else [1, 8]
+        return [(name, batch, torch.float32, False) for name in names for batch in batches]
+    return [
+        (name, 64, dtype, compiled)
+        for name in names
+        for dtype in (torch.float32, torch.float16, torch.bfloat16)
+        for compiled in (False, True)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="only the first model, smallest batch, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory columns")
+    parser.add_argument("--peak-memory", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peak_memory:
+        return _measure_peak_memory(*json.loads(args.peak_memory))
+
+    repeats = 3 if args.quick else args.repeats
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, 224 px, median of {repeats} interleaved runs")
+    print("| model | batch | dtype | compiled | parent (a) ms | ttreg_hf (b) ms | hooks (c) ms | b/a | c/a | "
+          "peak MiB a / b / c |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, batch, dtype, compiled in settings(args.device, args.quick):
+        functions = {v: build(name, v, args.device, dtype, compiled and v != "hooks") for v in VARIANTS}
+        pixels = torch.randn(batch, 3, 224, 224, device=args.device, dtype=dtype)
+        a, b, c = (median_times(functions, pixels, repeats)[v] * 1e3 for v in VARIANTS)
+        memory = "-" if args.no_memory or compiled else " / ".join(
+            f"{peak_memory_mib(name, v, batch, args.device, str(dtype).removeprefix('torch.')):.0f}" for v in VARIANTS
+        )
+        label = name + (" (real weights)" if name in REAL_WEIGHTS and SHARED_VITS14.is_file() else "")
+        print(f"| {label} | {batch} | {str(dtype).removeprefix('torch.')} | {'yes' if compiled else 'no'} | "
+              f"{a:.1f} | {b:.1f} | {c:.1f} | {b / a:.3f} | {c / a:.3f} | {memory} |")
+
+
+if __name__ == "__main__":
+    main()
