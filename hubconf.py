@@ -7,8 +7,11 @@ shipped index name) and config fields such as ``num_test_time_registers`` (0 tur
 dependencies = ["torch", "transformers", "safetensors", "huggingface_hub"]
 
 from ttreg_hf.hub import (  # noqa: E402,F401
+    clip_vitl14_336_tt_reg,
     dinov2_vitb14_tt_reg,
     dinov2_vitg14_tt_reg,
     dinov2_vitl14_tt_reg,
     dinov2_vits14_tt_reg,
+    openclip_vitb16_tt_reg,
+    openclip_vitl14_tt_reg,
 )

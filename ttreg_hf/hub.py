@@ -8,7 +8,11 @@ name) if given, else the shipped one for that checkpoint, else an error that say
 from collections.abc import Callable
 from pathlib import Path
 
+from torch import nn
+
+from .configs.clip import CLIPVisionTTRegConfig
 from .index import FIND_NEURONS_HINT, RegisterNeuronIndexError, find_shipped_index
+from .modeling.clip import CLIPVisionTTRegModel
 from .modeling.dinov2_original import DINOV2_URL, DinoVisionTransformerTTReg, load_dinov2
 from .modeling.registers import IndexSpec, TestTimeRegisterMixin
 
@@ -29,9 +33,49 @@ def _dinov2(arch: str, pretrained: bool, weights: str | Path | None, register_ne
     return _with_index(load_dinov2(arch, weights if pretrained or weights else None, **settings), f"dinov2_{arch}", register_neurons)
 
 
+# name -> (open_clip model name, LAION-2B pretrained tag), the checkpoints of the paper
+OPENCLIP_CHECKPOINTS = {
+    "openclip_vitb16": ("ViT-B-16", "laion2b_s34b_b88k"),
+    "openclip_vitl14": ("ViT-L-14", "laion2b_s32b_b82k"),
+}
+CLIP_VITL14_336 = "openai/clip-vit-large-patch14-336"  # LLaVA-1.5's vision tower
+CLIP_VITL14_336_ARCH = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
+    patch_size=14, projection_dim=768,
+)
+
+
+def _openclip(
+    name: str, pretrained: bool, weights: str | Path | None = None, register_neurons: IndexSpec | None = None, **settings
+) -> nn.Module:
+    """The whole open_clip model (image and text towers); ``weights`` is a local open_clip checkpoint file."""
+    from .modeling.open_clip import create_model_and_transforms  # open_clip is an optional dependency
+
+    model_name, tag = OPENCLIP_CHECKPOINTS[name]
+    checkpoint = str(weights) if weights else tag if pretrained else None
+    model, _, _ = create_model_and_transforms(model_name, checkpoint, register_neurons={}, **settings)
+    _with_index(model.visual, name, register_neurons)
+    return model.eval()
+
+
+def _clip_vitl14_336(
+    pretrained: bool, weights: str | Path | None, register_neurons: IndexSpec | None, **settings
+) -> CLIPVisionTTRegModel:
+    """``weights`` is a local `transformers` checkpoint folder."""
+    if pretrained or weights:
+        model = CLIPVisionTTRegModel.from_pretrained(weights or CLIP_VITL14_336, register_neurons={}, **settings)
+    else:
+        model = CLIPVisionTTRegModel(CLIPVisionTTRegConfig(**CLIP_VITL14_336_ARCH, **settings))
+    return _with_index(model, "clip_vitl14_336", register_neurons).eval()
+
+
 _LOADERS: dict[str, Callable[..., TestTimeRegisterMixin]] = {
-    f"dinov2_{arch}": (lambda arch: lambda **kwargs: _dinov2(arch, **kwargs))(arch)
-    for arch in ("vits14", "vitb14", "vitl14", "vitg14")
+    **{
+        f"dinov2_{arch}": (lambda arch: lambda **kwargs: _dinov2(arch, **kwargs))(arch)
+        for arch in ("vits14", "vitb14", "vitl14", "vitg14")
+    },
+    **{name: (lambda name: lambda **kwargs: _openclip(name, **kwargs).visual)(name) for name in OPENCLIP_CHECKPOINTS},
+    "clip_vitl14_336": _clip_vitl14_336,
 }
 MODEL_NAMES = tuple(_LOADERS)
 
@@ -76,3 +120,18 @@ def dinov2_vitl14_tt_reg(pretrained: bool = True, **kwargs) -> DinoVisionTransfo
 def dinov2_vitg14_tt_reg(pretrained: bool = True, **kwargs) -> DinoVisionTransformerTTReg:
     """DINOv2 ViT-g/14 (SwiGLU) with test-time registers (no shipped index: pass ``register_neurons``)."""
     return _dinov2_hub("vitg14", pretrained=pretrained, **kwargs)
+
+
+def openclip_vitb16_tt_reg(pretrained: bool = True, **kwargs) -> nn.Module:
+    """OpenCLIP ViT-B/16 (LAION-2B) with a test-time register: the whole CLIP model (no shipped index: pass one)."""
+    return _openclip("openclip_vitb16", pretrained=pretrained, **kwargs)
+
+
+def openclip_vitl14_tt_reg(pretrained: bool = True, **kwargs) -> nn.Module:
+    """OpenCLIP ViT-L/14 (LAION-2B) with a test-time register: the whole CLIP model (no shipped index: pass one)."""
+    return _openclip("openclip_vitl14", pretrained=pretrained, **kwargs)
+
+
+def clip_vitl14_336_tt_reg(pretrained: bool = True, **kwargs) -> CLIPVisionTTRegModel:
+    """OpenAI CLIP ViT-L/14 at 336 px, LLaVA-1.5's tower, with a test-time register (no shipped index: pass one)."""
+    return load_tt_model("clip_vitl14_336", pretrained=pretrained, **kwargs)

@@ -1,4 +1,5 @@
+from .clip import CLIPVisionTTRegConfig, OpenCLIPVisionTTRegConfig
 from .dinov2 import Dinov2TTRegConfig
 from .registers import TestTimeRegisterConfigMixin
 
-__all__ = ["Dinov2TTRegConfig", "TestTimeRegisterConfigMixin"]
+__all__ = ["CLIPVisionTTRegConfig", "Dinov2TTRegConfig", "OpenCLIPVisionTTRegConfig", "TestTimeRegisterConfigMixin"]

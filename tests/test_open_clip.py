@@ -1,0 +1,165 @@
+"""`OpenCLIPTTRegVisionTransformer` against open_clip's `VisionTransformer` and the hook-based reference edit."""
+
+import copy
+import json
+
+import open_clip
+import pytest
+import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from open_clip.transformer import QuickGELU
+from reference_edit import hooked_register_edit
+from safetensors.torch import load_file, save_file
+
+from ttreg_hf import RegisterNeuronIndexError
+from ttreg_hf.modeling.open_clip import (
+    OpenCLIPTTRegVisionTransformer,
+    checkpoint_uses_quick_gelu,
+    create_model_and_transforms,
+    to_test_time_registers,
+)
+
+NEURONS = {0: [3, 70], 2: [5]}
+TEXT = dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1)
+
+
+def _vision(**overrides):
+    return dict(image_size=32, layers=3, width=32, head_width=16, patch_size=8, **overrides)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_configs(tmp_path_factory):
+    """Tiny architectures registered with open_clip the public way (a folder of model-config JSON files)."""
+    folder = tmp_path_factory.mktemp("open_clip_configs")
+    configs = {
+        "tiny-vit": dict(embed_dim=16, vision_cfg=_vision(), text_cfg=TEXT),
+        "tiny-vit-avg": dict(embed_dim=16, vision_cfg=_vision(pool_type="avg"), text_cfg=TEXT),
+        "tiny-vit-quickgelu": dict(embed_dim=16, quick_gelu=True, vision_cfg=_vision(), text_cfg=TEXT),
+    }
+    for name, config in configs.items():
+        (folder / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+
+
+@pytest.fixture
+def pixels():
+    return torch.randn(3, 3, 32, 32) * torch.linspace(0.5, 2.0, 3).view(3, 1, 1, 1)
+
+
+def _parent_and_copy(name="tiny-vit", **settings):
+    parent = open_clip.create_model(name).eval()
+    return parent, to_test_time_registers(copy.deepcopy(parent), **settings).eval()
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-vit-avg"])
+def test_edit_off_is_bit_identical_to_parent(name, pixels):
+    parent, model = _parent_and_copy(name, register_neurons=NEURONS, num_test_time_registers=0)
+    assert isinstance(model.visual, OpenCLIPTTRegVisionTransformer)
+    assert torch.equal(model.encode_image(pixels), parent.encode_image(pixels))
+    expected, actual = parent.visual.forward_intermediates(pixels), model.visual.forward_intermediates(pixels)
+    assert torch.equal(actual["image_features"], expected["image_features"])
+    assert all(torch.equal(a, e) for a, e in zip(actual["image_intermediates"], expected["image_intermediates"], strict=True))
+
+
+def test_conversion_keeps_weights_and_keys(pixels):
+    parent, model = _parent_and_copy(register_neurons=NEURONS)
+    assert model.state_dict().keys() == parent.state_dict().keys()
+    assert all(torch.equal(v, parent.state_dict()[k]) for k, v in model.state_dict().items())
+    visual = open_clip.create_model("tiny-vit").visual
+    assert to_test_time_registers(visual, register_neurons=NEURONS) is visual  # a bare tower, in place
+
+
+@pytest.mark.parametrize("semantics", ["paper", "reference"])
+def test_matches_hooked_reference(pixels, semantics):
+    parent, model = _parent_and_copy(register_neurons=NEURONS, num_test_time_registers=2, register_semantics=semantics)
+    parent.visual.output_tokens = model.visual.output_tokens = True
+    blocks = parent.visual.transformer.resblocks
+    down_projections = {layer: blocks[layer].mlp.c_proj for layer in NEURONS}
+    with hooked_register_edit(parent.visual.patch_dropout, down_projections, NEURONS, num_registers=2, semantics=semantics):
+        expected_pooled, expected_tokens = parent.visual(pixels)  # `tok` pool: CLS, tokens include the registers
+    pooled, tokens = model.visual(pixels)
+    torch.testing.assert_close(pooled, expected_pooled, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tokens, expected_tokens[:, :-2], atol=1e-5, rtol=0)
+
+
+def test_avg_pool_excludes_registers(pixels):
+    parent, model = _parent_and_copy("tiny-vit-avg", register_neurons=NEURONS)
+    parent.visual.output_tokens = model.visual.output_tokens = True
+    down_projections = {layer: parent.visual.transformer.resblocks[layer].mlp.c_proj for layer in NEURONS}
+    with hooked_register_edit(parent.visual.patch_dropout, down_projections, NEURONS):
+        _, expected_tokens = parent.visual(pixels)
+    pooled, tokens = model.visual(pixels)
+    torch.testing.assert_close(tokens, expected_tokens[:, :-1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled, tokens.mean(dim=1) @ model.visual.proj, atol=1e-5, rtol=0)
+
+
+def test_encode_image_zero_shot_and_token_shapes(pixels):
+    model, _, preprocess = create_model_and_transforms("tiny-vit", register_neurons=NEURONS)
+    assert callable(preprocess)
+    text = torch.randint(0, 100, (5, 8))
+    image_features, text_features, logit_scale = model(pixels, text)
+    logits = (logit_scale * image_features @ text_features.T).softmax(dim=-1)
+    assert model.encode_image(pixels).shape == (3, 16) and logits.shape == (3, 5)
+    model.visual.output_tokens = True
+    pooled, tokens = model.visual(pixels)
+    assert pooled.shape == (3, 16) and tokens.shape == (3, 16, 32)
+
+
+def test_forward_intermediates_shapes(pixels):
+    _, model = _parent_and_copy(register_neurons=NEURONS)
+    nchw = model.visual.forward_intermediates(pixels, indices=2, output_extra_tokens=True)
+    assert [t.shape for t in nchw["image_intermediates"]] == [(3, 32, 4, 4)] * 2
+    assert [t.shape for t in nchw["image_intermediates_prefix"]] == [(3, 1, 32)] * 2
+    assert nchw["image_features"].shape == (3, 16)
+    nlc = model.forward_intermediates(pixels, image_indices=[0, 2], image_output_fmt="NLC", text=None)
+    assert [t.shape for t in nlc["image_intermediates"]] == [(3, 16, 32)] * 2
+
+
+def test_batch_invariance(pixels):
+    _, model = _parent_and_copy(register_neurons=NEURONS)
+    batched = model.encode_image(pixels)
+    for i in range(len(pixels)):
+        torch.testing.assert_close(model.encode_image(pixels[i : i + 1]), batched[i : i + 1], atol=1e-6, rtol=0)
+
+
+def test_activation_follows_the_checkpoint():
+    assert checkpoint_uses_quick_gelu("ViT-B-16", "openai")
+    assert not checkpoint_uses_quick_gelu("ViT-B-16", "laion2b_s34b_b88k")
+    model, _, _ = create_model_and_transforms("tiny-vit-quickgelu", register_neurons=NEURONS)
+    mlp = model.visual.transformer.resblocks[0].mlp
+    assert isinstance(mlp.gelu, QuickGELU) and list(dict(mlp.named_children())) == ["c_fc", "gelu", "register_edit", "c_proj"]
+
+
+def test_direct_construction_and_state_dict_round_trip(pixels, tmp_path):
+    parent = open_clip.create_model("tiny-vit").visual.eval()
+    model = OpenCLIPTTRegVisionTransformer(
+        image_size=32, patch_size=8, width=32, layers=3, heads=2, mlp_ratio=4.0, output_dim=16,
+        register_neurons=NEURONS, num_test_time_registers=0,
+    ).eval()
+    save_file(parent.state_dict(), tmp_path / "visual.safetensors")
+    model.load_state_dict(load_file(tmp_path / "visual.safetensors"), strict=True)
+    assert torch.equal(model(pixels), parent(pixels))
+
+
+def test_missing_index_is_a_clear_error():
+    with pytest.raises(RegisterNeuronIndexError, match="find-neurons"):
+        create_model_and_transforms("tiny-vit")
+
+
+def test_bad_inputs_are_clear_errors():
+    _, model = _parent_and_copy(register_neurons=NEURONS)
+    with pytest.raises(ValueError, match="does not match the model's 32x32"):
+        model.encode_image(torch.randn(1, 3, 48, 48))
+    with pytest.raises(StrictDataclassClassValidationError, match="MLP has 128 neurons"):
+        model.visual.set_register_neurons({1: [128]})
+    with pytest.raises(StrictDataclassClassValidationError, match="has 3 layers"):
+        model.visual.set_register_neurons({3: [1]})
+    with pytest.raises(TypeError, match="VisionTransformer tower"):
+        to_test_time_registers(torch.nn.Linear(2, 2))
+
+
+def test_hub_entry_needs_an_index():
+    from hubconf import openclip_vitb16_tt_reg
+
+    with pytest.raises(RegisterNeuronIndexError, match="openclip_vitb16.*find-neurons"):
+        openclip_vitb16_tt_reg(pretrained=False)

@@ -1,0 +1,126 @@
+"""CLIP vision towers with test-time registers: the parent does the work; these classes add the registers and the edit."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+from transformers.models.clip.modeling_clip import CLIPMLP, CLIPVisionEmbeddings, CLIPVisionModelOutput
+from transformers.utils.generic import can_return_tuple
+
+from ..configs.clip import CLIPVisionTTRegConfig
+from .layout import TokenLayout
+from .registers import PreTrainedTestTimeRegisterMixin, TestTimeRegisterModelOutput, adopt, check_pixel_values
+
+
+@dataclass
+class CLIPVisionTTRegModelOutput(CLIPVisionModelOutput):
+    r"""
+    image_embeds (`torch.Tensor` of shape `(batch_size, output_dim)`):
+        The image embeddings obtained by applying the projection layer to the pooler_output.
+    test_time_registers (`torch.FloatTensor` of shape `(batch_size, num_test_time_registers, hidden_size)`):
+        The test-time registers' rows of the final sequence, stripped from `last_hidden_state`. `None` when the edit
+        is off.
+    """
+
+    test_time_registers: torch.FloatTensor | None = None
+
+
+class CLIPVisionTTRegEmbeddings(CLIPVisionEmbeddings):
+    """Appends the test-time registers after the position embedding (they get none), before `pre_layrnorm`."""
+
+    token_layout: TokenLayout
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        check_pixel_values(pixel_values, self.patch_size)
+        height, width = pixel_values.shape[-2:]
+        if not interpolate_pos_encoding and (height, width) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"Image size {height}x{width} does not match the model's {self.image_size}x{self.image_size}: resize "
+                "the images (the model's image processor does), or pass `interpolate_pos_encoding=True`."
+            )
+        return self.token_layout.append_registers(super().forward(pixel_values, interpolate_pos_encoding))
+
+
+class CLIPTTRegMLP(CLIPMLP):
+    """`CLIPMLP` with the register-neuron edit right after the activation."""
+
+    register_edit: nn.Module
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.register_edit(self.activation_fn(self.fc1(hidden_states)))
+        return self.fc2(hidden_states)
+
+
+class CLIPVisionTTRegModel(PreTrainedTestTimeRegisterMixin, CLIPVisionModel):
+    """[`CLIPVisionModel`] with test-time registers: same weights, same output shapes, registers in their own field.
+
+    Loads any CLIP checkpoint (full `CLIPModel` ones included) with `from_pretrained`, and is the vision tower
+    `AutoModel` builds for a `CLIPVisionTTRegConfig`, e.g. inside LLaVA. `pooler_output` is the CLS token.
+    """
+
+    config: CLIPVisionTTRegConfig
+    config_class = CLIPVisionTTRegConfig
+    _no_split_modules = [*CLIPVisionModel._no_split_modules, "CLIPVisionTTRegEmbeddings"]
+
+    def __init__(self, config: CLIPVisionTTRegConfig):
+        super().__init__(config)
+        self._adopt_register_modules()
+
+    def _adopt_register_modules(self) -> None:
+        """Turn the embeddings and MLPs into their register-aware subclasses (weights kept) and build the edits."""
+        adopt(self.embeddings, CLIPVisionTTRegEmbeddings)
+        for layer in self.encoder.layers:
+            adopt(layer.mlp, CLIPTTRegMLP)
+        self._attach_test_time_registers()
+
+    def _register_appender(self) -> nn.Module:
+        return self.embeddings
+
+    def _register_edit_sites(self) -> list[nn.Module]:
+        return [layer.mlp for layer in self.encoder.layers]
+
+    def _blocks(self) -> nn.ModuleList:
+        return self.encoder.layers
+
+    @can_return_tuple
+    def forward(
+        self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool | None = False, **kwargs
+    ) -> TestTimeRegisterModelOutput:
+        outputs = super().forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs)
+        return self._strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
+
+
+class CLIPVisionTTRegModelWithProjection(PreTrainedTestTimeRegisterMixin, CLIPVisionModelWithProjection):
+    """[`CLIPVisionModelWithProjection`] whose `vision_model` is a [`CLIPVisionTTRegModel`] (sharing its config)."""
+
+    config: CLIPVisionTTRegConfig
+    config_class = CLIPVisionTTRegConfig
+    _no_split_modules = CLIPVisionTTRegModel._no_split_modules
+
+    def __init__(self, config: CLIPVisionTTRegConfig):
+        super().__init__(config)
+        adopt(self.vision_model, CLIPVisionTTRegModel)._adopt_register_modules()
+
+    def _register_appender(self) -> nn.Module:
+        return self.vision_model._register_appender()
+
+    def _register_edit_sites(self) -> list[nn.Module]:
+        return self.vision_model._register_edit_sites()
+
+    def _blocks(self) -> nn.ModuleList:
+        return self.vision_model._blocks()
+
+    @can_return_tuple
+    def forward(
+        self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool = False, **kwargs
+    ) -> CLIPVisionTTRegModelOutput:
+        # the parent's forward would drop `test_time_registers`: same composition, one more field
+        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        return CLIPVisionTTRegModelOutput(
+            image_embeds=self.visual_projection(vision_outputs.pooler_output),
+            last_hidden_state=vision_outputs.last_hidden_state,
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+            test_time_registers=vision_outputs.test_time_registers,
+        )

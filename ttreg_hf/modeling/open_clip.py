@@ -1,0 +1,145 @@
+"""OpenCLIP's `VisionTransformer` with test-time registers, subclassed at open_clip's seams.
+
+The weights and state-dict keys stay as they are: the registers are appended by a parameter-free wrapper of
+`patch_dropout` (before `ln_pre`), the edit sits in a parameter-free ``register_edit`` slot between ``gelu`` and
+``c_proj`` of every block's MLP, and the registers are stripped before pooling and from `forward_intermediates`.
+"""
+
+from collections import OrderedDict
+
+import open_clip
+import torch
+from open_clip.pretrained import get_pretrained_cfg
+from open_clip.transformer import Transformer, VisionTransformer
+from torch import nn
+
+from ..configs.clip import OpenCLIPVisionTTRegConfig, pop_register_settings
+from ..index import FIND_NEURONS_HINT, RegisterNeuronIndexError
+from .layout import TokenLayout
+from .registers import IndexSpec, TestTimeRegisterMixin, adopt, check_pixel_values
+
+
+class RegisterAppendingPatchDropout(nn.Module):
+    """open_clip's ``patch_dropout``, then the test-time registers appended: dropout never drops them."""
+
+    token_layout: TokenLayout
+
+    def __init__(self, patch_dropout: nn.Module):
+        super().__init__()
+        self.patch_dropout = patch_dropout
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.token_layout.append_registers(self.patch_dropout(tokens))
+
+
+class TTRegTransformer(Transformer):
+    """open_clip's `Transformer` whose intermediates come without the test-time registers (the last output keeps them)."""
+
+    token_layout: TokenLayout
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x, intermediates = super().forward_intermediates(x, *args, **kwargs)
+        return x, [self.token_layout.strip_registers(tokens) for tokens in intermediates]
+
+
+def _with_register_edit_slot(mlp: nn.Sequential) -> nn.Sequential:
+    """``mlp`` with an empty ``register_edit`` slot right after ``gelu``; it holds no state, so the keys stay the same."""
+    children = []
+    for name, module in mlp.named_children():
+        children.append((name, module))
+        if name == "gelu":
+            children.append(("register_edit", nn.Identity()))
+    return nn.Sequential(OrderedDict(children))
+
+
+class OpenCLIPTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
+    """open_clip's [`VisionTransformer`] with test-time registers; every output keeps the parent's shape.
+
+    Build one like the parent, with the register settings as extra keywords (``register_neurons=...``,
+    ``num_test_time_registers=...``), or convert a tower in place with `to_test_time_registers`.
+    ``config`` is an `OpenCLIPVisionTTRegConfig`.
+    """
+
+    config: OpenCLIPVisionTTRegConfig
+
+    def __init__(self, *args, **kwargs):
+        settings = pop_register_settings(kwargs)
+        super().__init__(*args, **kwargs)
+        self._adopt_register_modules()
+        self.set_register_neurons(settings.pop("register_neurons", None), **settings)
+
+    def _adopt_register_modules(self) -> None:
+        """Give the tower its config, the appender, the intermediates' stripping and the edit slots (edit off)."""
+        blocks = self.transformer.resblocks
+        self.config = OpenCLIPVisionTTRegConfig(num_hidden_layers=len(blocks), mlp_width=blocks[0].mlp.c_fc.out_features)
+        self.patch_dropout = RegisterAppendingPatchDropout(self.patch_dropout)
+        adopt(self.transformer, TTRegTransformer)
+        for block in blocks:
+            block.mlp = _with_register_edit_slot(block.mlp)
+        self._attach_test_time_registers()
+
+    def _register_appender(self) -> nn.Module:
+        return self.patch_dropout
+
+    def _register_edit_sites(self) -> list[nn.Module]:
+        return [block.mlp for block in self.transformer.resblocks]
+
+    def _blocks(self) -> nn.ModuleList:
+        return self.transformer.resblocks
+
+    def _attach_test_time_registers(self) -> None:
+        super()._attach_test_time_registers()
+        self.transformer.token_layout = self.token_layout
+
+    def _embeds(self, x: torch.Tensor) -> torch.Tensor:
+        check_pixel_values(x, self.patch_size)
+        if tuple(x.shape[-2:]) != tuple(self.image_size):
+            raise ValueError(
+                f"Image size {x.shape[-2]}x{x.shape[-1]} does not match the model's "
+                f"{self.image_size[0]}x{self.image_size[1]}: preprocess the images with the model's transform."
+            )
+        return super()._embeds(x)
+
+    def _pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super()._pool(self.token_layout.strip_registers(x))
+
+
+def to_test_time_registers(model: nn.Module, register_neurons: IndexSpec | None = None, **settings) -> nn.Module:
+    """Turn an open_clip model's ``visual`` (or a `VisionTransformer` itself) into an `OpenCLIPTTRegVisionTransformer`.
+
+    In place, weights kept; returns ``model``. ``settings`` are `OpenCLIPVisionTTRegConfig` fields such as
+    ``num_test_time_registers`` (0: edit off). Without ``register_neurons`` the edit stays off until
+    `set_register_neurons` gets an index.
+    """
+    visual = getattr(model, "visual", model)
+    if not isinstance(visual, VisionTransformer):
+        raise TypeError(
+            f"Test-time registers need open_clip's VisionTransformer tower (ViT-* models), not {type(visual).__name__}."
+        )
+    if not isinstance(visual, OpenCLIPTTRegVisionTransformer):
+        adopt(visual, OpenCLIPTTRegVisionTransformer)._adopt_register_modules()
+    visual.set_register_neurons(register_neurons, **settings)
+    return model
+
+
+def checkpoint_uses_quick_gelu(model_name: str, pretrained: str | None) -> bool:
+    """Whether open_clip's pretrained config says the ``pretrained`` weights were trained with QuickGELU (OpenAI's)."""
+    return bool(pretrained) and get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False)
+
+
+def create_model_and_transforms(
+    model_name: str, pretrained: str | None = None, *, register_neurons: IndexSpec | None = None, **kwargs
+):
+    """`open_clip.create_model_and_transforms` with a test-time-register vision tower: ``(model, train, val)``.
+
+    ``register_neurons`` is required unless ``num_test_time_registers=0``; other register settings
+    (``num_test_time_registers``, ``register_scale``, ...) go to the tower, everything else to open_clip. The
+    activation follows the checkpoint: QuickGELU for weights open_clip marks so (OpenAI's), even under a GELU
+    model name such as ``"ViT-B-16"``.
+    """
+    settings = pop_register_settings(kwargs)
+    if register_neurons is None and settings.get("num_test_time_registers", 1) > 0:
+        raise RegisterNeuronIndexError(f"No register-neuron index given for {model_name} ({pretrained}). {FIND_NEURONS_HINT}")
+    kwargs["force_quick_gelu"] = kwargs.get("force_quick_gelu", False) or checkpoint_uses_quick_gelu(model_name, pretrained)
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_name, pretrained, **kwargs)
+    return to_test_time_registers(model, register_neurons, **settings), preprocess_train, preprocess_val
