@@ -3,8 +3,9 @@
 from transformers import AutoConfig, AutoModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
-from .configs import Dinov2TTRegConfig, TestTimeRegisterConfigMixin
+from .configs import CLIPVisionTTRegConfig, Dinov2TTRegConfig, OpenCLIPVisionTTRegConfig, TestTimeRegisterConfigMixin
 from .index import RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index, load_index, shipped_indices
+from .modeling.clip import CLIPVisionTTRegModel, CLIPVisionTTRegModelOutput, CLIPVisionTTRegModelWithProjection
 from .modeling.dinov2 import Dinov2TTRegModel
 from .modeling.edit import RegisterNeuronEdit
 from .modeling.layout import TokenLayout
@@ -13,23 +14,35 @@ from .modeling.registers import PreTrainedTestTimeRegisterMixin, TestTimeRegiste
 __version__ = "0.1.0"
 
 
-def _register(config_class, model_class, parent_class_name: str) -> None:
-    """Make `AutoModel` know the class, and let it load the parent's checkpoints (renamed keys included)."""
-    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-    AutoModel.register(config_class, model_class, exist_ok=True)
+def _load_parent_checkpoints(model_class, parent_class_name: str) -> None:
+    """Give the class its parent's checkpoint key conversions (`transformers` looks them up by class name)."""
     register_checkpoint_conversion_mapping(
         model_class.__name__, get_checkpoint_conversion_mapping(parent_class_name) or [], overwrite=True
     )
 
 
+def _register(config_class, model_class, parent_class_name: str) -> None:
+    """Make `AutoConfig` / `AutoModel` know the class, and let it load the parent's checkpoints."""
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, model_class, exist_ok=True)
+    _load_parent_checkpoints(model_class, parent_class_name)
+
+
 _register(Dinov2TTRegConfig, Dinov2TTRegModel, "Dinov2Model")
+_register(CLIPVisionTTRegConfig, CLIPVisionTTRegModel, "CLIPVisionModel")
+_load_parent_checkpoints(CLIPVisionTTRegModelWithProjection, "CLIPVisionModelWithProjection")  # AutoModel: the tower
 
 __all__ = [
+    "CLIPVisionTTRegConfig",
+    "CLIPVisionTTRegModel",
+    "CLIPVisionTTRegModelOutput",
+    "CLIPVisionTTRegModelWithProjection",
     "Dinov2TTRegConfig",
     "Dinov2TTRegModel",
     "RegisterNeuronEdit",
     "RegisterNeuronIndex",
     "RegisterNeuronIndexError",
+    "OpenCLIPVisionTTRegConfig",
     "PreTrainedTestTimeRegisterMixin",
     "TestTimeRegisterConfigMixin",
     "TestTimeRegisterMixin",
