@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Dinov2Model
+from transformers import CLIPVisionModel, Dinov2Model
 
-from ttreg_hf import Dinov2TTRegModel, load_index
+from ttreg_hf import CLIPVisionTTRegConfig, CLIPVisionTTRegModel, Dinov2TTRegModel, load_index
 from ttreg_hf.modeling.dinov2_original import convert_original_state_dict, dinov2_config, load_original_state_dict
 
 SHARED_VITS14 = Path(__file__).resolve().parents[2] / "shared/weights/dinov2_vits14_imgfocus.safetensors"
@@ -68,6 +68,13 @@ def hook_edit(appender, activations, index, num_registers=1):
             handle.remove()
 
 
+def same_weights(parent: torch.nn.Module, ttreg_class: type) -> torch.nn.Module:
+    """A ``ttreg_class`` model holding the parent's weights."""
+    model = ttreg_class(parent.config).eval()
+    model.load_state_dict(parent.state_dict())
+    return model
+
+
 class HookedEdit(torch.nn.Module):
     """The parent model with the edit applied by forward hooks, registered and removed around every call."""
 
@@ -89,18 +96,51 @@ def dinov2(arch: str, variant: str, real_weights: bool) -> torch.nn.Module:
     )
     config.register_neurons = {str(k): list(v) for k, v in index.items()}
     torch.manual_seed(0)
-    model = (Dinov2TTRegModel if variant == "ttreg" else Dinov2Model)(config).eval()
+    model = Dinov2Model(config).eval()
     if real_weights:
         model.load_state_dict(convert_original_state_dict(load_original_state_dict(SHARED_VITS14), config))
     if variant != "hooks":
-        return model
+        return same_weights(model, Dinov2TTRegModel) if variant == "ttreg" else model
     return HookedEdit(model, lambda m: (m.embeddings, [block.mlp.activation_fn for block in m.encoder.layer]), index)
+
+
+def clip_vitb16(variant: str, real_weights: bool) -> torch.nn.Module:
+    """One variant of the `transformers` CLIP ViT-B/16 vision tower (random weights)."""
+    config = CLIPVisionTTRegConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16,
+        image_size=224,
+    )
+    index = synthetic_index(config.num_hidden_layers, config.mlp_width)
+    config.register_neurons = {str(k): list(v) for k, v in index.items()}
+    torch.manual_seed(0)
+    model = CLIPVisionModel(config).eval()
+    if variant != "hooks":
+        return same_weights(model, CLIPVisionTTRegModel) if variant == "ttreg" else model
+    return HookedEdit(model, lambda m: (m.embeddings, [layer.mlp.activation_fn for layer in m.encoder.layers]), index)
+
+
+def openclip_vitb16(variant: str, real_weights: bool) -> torch.nn.Module:
+    """One variant of the open_clip ViT-B/16 `VisionTransformer` (random weights)."""
+    import open_clip
+
+    from ttreg_hf.modeling.open_clip import to_test_time_registers
+
+    torch.manual_seed(0)
+    visual = open_clip.create_model("ViT-B-16").visual.eval()
+    index = synthetic_index(len(visual.transformer.resblocks), visual.transformer.resblocks[0].mlp.c_fc.out_features)
+    if variant == "ttreg":
+        return to_test_time_registers(visual, index)
+    if variant == "parent":
+        return visual
+    return HookedEdit(visual, lambda m: (m.patch_dropout, [b.mlp.gelu for b in m.transformer.resblocks]), index)
 
 
 MODELS = {  # name -> builder(variant, real_weights)
     "DINOv2 ViT-S/14": lambda variant, real: dinov2("vits14", variant, real),
     "DINOv2 ViT-B/14": lambda variant, real: dinov2("vitb14", variant, real),
     "DINOv2 ViT-L/14": lambda variant, real: dinov2("vitl14", variant, real),
+    "CLIP ViT-B/16": clip_vitb16,
+    "OpenCLIP ViT-B/16": openclip_vitb16,
 }
 REAL_WEIGHTS = {"DINOv2 ViT-S/14"}  # models with a real checkpoint in ../shared
 

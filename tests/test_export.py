@@ -1,0 +1,163 @@
+"""Hub-ready exports: they load with plain `transformers` (remote code) and with the package's own classes."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+
+from ttreg_hf import (
+    CLIPVisionTTRegModel, Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndex, RegisterNeuronIndexError,
+)
+from ttreg_hf.export import ExportError, export_model
+from ttreg_hf.model_card import BIBTEX, UNKNOWN_LICENCE
+
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14)
+PARENTS = {  # name -> (parent class, config, package class, MLP width)
+    "dinov2": (Dinov2Model, Dinov2Config(**TINY), Dinov2TTRegModel, 128),
+    "clip": (CLIPVisionModel, CLIPVisionConfig(**TINY, intermediate_size=64), CLIPVisionTTRegModel, 64),
+}
+OUTPUT_FIELDS = ("last_hidden_state", "pooler_output", "test_time_registers")
+
+REMOTE_LOADER = textwrap.dedent(
+    """
+    import sys
+    sys.modules["ttreg_hf"] = None  # whatever the environment, the package cannot be imported here
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    pixel_values, outputs = load_file("inputs.safetensors")["pixel_values"], {}
+    for name in sys.argv[1:]:
+        model = AutoModel.from_pretrained(name, trust_remote_code=True).eval()
+        off = AutoModel.from_pretrained(name, trust_remote_code=True, num_test_time_registers=0).eval()
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        with torch.no_grad():
+            result, plain = model(pixel_values), off(pixel_values)
+        outputs.update({f"{name}.{field}": getattr(result, field).contiguous() for field in {fields}})
+        outputs[f"{name}.off"] = plain.last_hidden_state
+    save_file(outputs, "outputs.safetensors")
+    """
+).replace("{fields}", repr(OUTPUT_FIELDS))
+
+
+def tiny_index(name: str, **provenance) -> RegisterNeuronIndex:
+    width = PARENTS[name][3]
+    return RegisterNeuronIndex(
+        neurons={1: [3, width - 1, 5], 2: [7]}, num_layers=3, mlp_width=width, checkpoints={"hf": f"tiny/{name}"},
+        source=f"planted for a test of {name}", **provenance,
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``{name: (parent checkpoint folder, index, export folder)}`` for a tiny DINOv2 and a tiny CLIP tower."""
+    root, folders = tmp_path_factory.mktemp("export"), {}
+    torch.manual_seed(0)
+    for name, (parent_class, config, _, _) in PARENTS.items():
+        parent_class(config).save_pretrained(root / f"{name}-parent")
+        index = tiny_index(name, details={"threshold": 2.5})
+        index.save(root / f"{name}-index.safetensors")
+        out = export_model(root / f"{name}-parent", root / f"{name}-index.safetensors", root / name)
+        folders[name] = (root / f"{name}-parent", index, out)
+    return folders
+
+
+def test_exports_load_with_plain_transformers_and_match_the_package(exported, images, tmp_path):
+    save_file({"pixel_values": images}, tmp_path / "inputs.safetensors")
+    (tmp_path / "load.py").write_text(REMOTE_LOADER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    folders = [str(out) for _, _, out in exported.values()]
+    run = subprocess.run(
+        [sys.executable, "-I", "load.py", *folders], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    remote = load_file(tmp_path / "outputs.safetensors")
+    for name, (parent_dir, index, out) in exported.items():
+        parent_class, _, package_class, _ = PARENTS[name]
+        package = package_class.from_pretrained(parent_dir, register_neurons=index).eval()
+        with torch.no_grad():
+            expected, plain = package(images), parent_class.from_pretrained(parent_dir).eval()(images)
+        for field in OUTPUT_FIELDS:
+            assert torch.allclose(remote[f"{out}.{field}"], getattr(expected, field), atol=1e-6), (name, field)
+        assert not torch.allclose(remote[f"{out}.last_hidden_state"], plain.last_hidden_state, atol=1e-3), name
+        assert torch.allclose(remote[f"{out}.off"], plain.last_hidden_state, atol=1e-6), name
+
+
+@pytest.mark.parametrize("name", PARENTS)
+def test_package_classes_load_an_export_without_remote_code(exported, images, name):
+    parent_dir, index, out = exported[name]
+    package_class = PARENTS[name][2]
+    reference = package_class.from_pretrained(parent_dir, register_neurons=index).eval()
+    for loaded in (package_class.from_pretrained(out), AutoModel.from_pretrained(out)):
+        assert type(loaded) is package_class
+        with torch.no_grad():
+            expected, actual = reference(images), loaded.eval()(images)
+        for field in OUTPUT_FIELDS:
+            assert torch.equal(getattr(actual, field), getattr(expected, field)), field
+
+
+def test_the_folder_holds_config_index_preprocessor_card_and_self_contained_code(exported):
+    _, index, out = exported["dinov2"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_ttreg.Dinov2TTRegConfig", "AutoModel": "modeling_ttreg.Dinov2TTRegModel"
+    }
+    assert config["register_neurons"] == {"1": [3, 127, 5], "2": [7]}
+    assert RegisterNeuronIndex.load(out / "model.safetensors") == index
+    assert set(load_file(out / "model.safetensors")) == set(Dinov2TTRegModel.from_pretrained(out).state_dict())
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    assert processor["image_processor_type"] == "BitImageProcessor" and processor["crop_size"]["height"] == 224
+    clip_processor = json.loads((exported["clip"][2] / "preprocessor_config.json").read_text())
+    assert clip_processor["image_processor_type"] == "CLIPImageProcessor"
+    assert clip_processor["size"]["shortest_edge"] == 56
+    card = (out / "README.md").read_text()
+    for expected in ("planted for a test of dinov2", "tiny/dinov2", "| 1 | 3, 127, 5 |", "threshold: 2.5",
+                     "num_test_time_registers=0", "trust_remote_code=True", "2506.08010", BIBTEX, UNKNOWN_LICENCE):
+        assert expected in card, expected
+    for stem in ("configuration_ttreg", "modeling_ttreg"):
+        source = (out / f"{stem}.py").read_text()
+        imports = [node for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.Import, ast.ImportFrom))]
+        modules = [alias.name for node in imports if isinstance(node, ast.Import) for alias in node.names]
+        modules += [node.module for node in imports if isinstance(node, ast.ImportFrom)]
+        assert not [m for m in modules if m.startswith("ttreg_hf")] and "sys.path" not in source, stem
+        assert all(node.level in (0, 1) for node in imports if isinstance(node, ast.ImportFrom)), stem
+    assert "class RegisterNeuronEdit" in (out / "configuration_ttreg.py").read_text()  # generated, not hand-written
+
+
+def test_the_card_takes_the_base_licence_from_the_table_or_the_caller(tmp_path):
+    index = tiny_index("dinov2")
+    package = Dinov2TTRegModel(Dinov2TTRegConfig(**TINY)).set_register_neurons(index)
+    card = (export_model(package, index, tmp_path / "a", base_model="facebook/dinov2-large") / "README.md").read_text()
+    assert "license: apache-2.0" in card and "base_model: facebook/dinov2-large" in card
+    card = (export_model(package, index, tmp_path / "b", license="cc-by-4.0") / "README.md").read_text()
+    assert "license: cc-by-4.0" in card
+
+
+def test_unexportable_inputs_are_clear_errors(exported, tmp_path):
+    parent_dir, index, _ = exported["dinov2"]
+    with pytest.raises(RegisterNeuronIndexError, match="provenance"):
+        export_model(parent_dir, {1: [3]}, tmp_path / "a")
+    with pytest.raises(ExportError, match="not the index's"):
+        export_model(Dinov2TTRegModel.from_pretrained(parent_dir, register_neurons={2: [1]}), index, tmp_path / "b")
+    with pytest.raises(ExportError, match="Cannot export a Linear"):
+        export_model(torch.nn.Linear(2, 2), index, tmp_path / "c")
+    AutoConfig.for_model("bert", hidden_size=32).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ExportError, match="model type 'bert'"):
+        export_model(tmp_path / "bert", index, tmp_path / "d")
+
+
+def test_the_cli_exports_a_checkpoint(exported, tmp_path):
+    from ttreg_hf.cli import main
+
+    parent_dir, _, _ = exported["clip"]
+    index_file = parent_dir.parent / "clip-index.safetensors"
+    assert main(["export", str(parent_dir), "--index", str(index_file), "--out", str(tmp_path), "--repo-id", "me/x"]) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModel"].endswith("CLIPVisionTTRegModel")
+    assert 'from_pretrained("me/x", trust_remote_code=True)' in (tmp_path / "README.md").read_text()
