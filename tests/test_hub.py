@@ -43,7 +43,7 @@ print(json.dumps({{
 
 
 def test_entries_without_a_shipped_index_ask_for_one():
-    with pytest.raises(RegisterNeuronIndexError, match="No register-neuron index is shipped for 'dinov2_vits14'"):
+    with pytest.raises(RegisterNeuronIndexError, match="No register-neuron index is known for 'dinov2_vits14'"):
         dinov2_vits14_tt_reg(pretrained=False)
     model = dinov2_vits14_tt_reg(pretrained=False, num_test_time_registers=0)
     assert model.dinov2.token_layout.num_registers == 0

@@ -102,7 +102,7 @@ def test_save_load_round_trip_with_plain_transformers(checkpoint, inputs, tmp_pa
 
 
 def test_missing_index_is_a_clear_error(checkpoint):
-    with pytest.raises(RegisterNeuronIndexError, match="vision tower of .*find-neurons"):
+    with pytest.raises(RegisterNeuronIndexError, match="index is known for .*find-neurons"):
         load_llava(checkpoint)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from .configs.clip import CLIPVisionTTRegConfig
-from .index import FIND_NEURONS_HINT, RegisterNeuronIndexError, find_shipped_index
+from .index import resolve_index
 from .modeling.clip import CLIPVisionTTRegModel
 from .modeling.dinov2_original import DINOV2_URL, DinoVisionTransformerTTReg, load_dinov2
 from .modeling.registers import IndexSpec, TestTimeRegisterMixin
@@ -19,12 +19,10 @@ from .modeling.registers import IndexSpec, TestTimeRegisterMixin
 
 def _with_index(model: TestTimeRegisterMixin, name: str, register_neurons: IndexSpec | None) -> TestTimeRegisterMixin:
     """Attach ``register_neurons``, else the shipped index for ``name``; fail clearly when there is none."""
-    index = register_neurons if register_neurons is not None else find_shipped_index(name)
-    if index is None:
-        if model.config.num_test_time_registers > 0:
-            raise RegisterNeuronIndexError(f"No register-neuron index is shipped for {name!r}. {FIND_NEURONS_HINT}")
-        return model
-    return model.set_register_neurons(index)
+    num_registers = model.config.num_test_time_registers
+    return model.set_register_neurons(
+        resolve_index(register_neurons, checkpoint=name, saved=False, num_registers=num_registers)
+    )
 
 
 def _dinov2(arch: str, pretrained: bool, weights: str | Path | None, register_neurons: IndexSpec | None, **settings):

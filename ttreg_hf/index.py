@@ -144,6 +144,18 @@ def find_shipped_index(checkpoint: str) -> RegisterNeuronIndex | None:
     return None
 
 
+def resolve_index(register_neurons, *, checkpoint: str, saved: bool, num_registers: int):
+    """The index to attach to a model of ``checkpoint``, in order: ``register_neurons`` if given; ``None`` (keep it)
+    when the model's config already holds one (``saved``); the shipped index for ``checkpoint``. Finding none while
+    test-time registers are on (``num_registers > 0``) is an error that says how to make one."""
+    if register_neurons is not None or saved:
+        return register_neurons
+    shipped = find_shipped_index(checkpoint)
+    if shipped is None and num_registers > 0:
+        raise RegisterNeuronIndexError(f"No register-neuron index is known for {checkpoint!r}. {FIND_NEURONS_HINT}")
+    return shipped
+
+
 def load_index(spec: "str | Path | Mapping | RegisterNeuronIndex") -> RegisterNeuronIndex | dict[int, tuple[int, ...]]:
     """An index from a shipped name (``"dinov2_vitl14"``), a file path, or a plain ``{layer: [neuron, ...]}`` dict."""
     if isinstance(spec, RegisterNeuronIndex):

@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForImageTextToText, CLIPVisionConfig, PreTrainedConfig, PreTrainedModel
 
 from ..configs.clip import CLIPVisionTTRegConfig, pop_register_settings
-from ..index import FIND_NEURONS_HINT, RegisterNeuronIndexError, find_shipped_index
+from ..index import resolve_index
 from .clip import CLIPVisionTTRegModel
 from .registers import IndexSpec
 
@@ -47,13 +47,12 @@ def load_llava(
     settings = pop_register_settings(kwargs)
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path)
     tower_config = with_test_time_register_tower(config, **settings).vision_config
-    if register_neurons is None and not tower_config.register_neurons:
-        register_neurons = find_shipped_index(str(pretrained_model_name_or_path))
-        if register_neurons is None and tower_config.num_test_time_registers > 0:
-            raise RegisterNeuronIndexError(
-                f"No register-neuron index is known for the vision tower of {str(pretrained_model_name_or_path)!r}. "
-                f"{FIND_NEURONS_HINT}"
-            )
+    register_neurons = resolve_index(
+        register_neurons,
+        checkpoint=str(pretrained_model_name_or_path),
+        saved=bool(tower_config.register_neurons),
+        num_registers=tower_config.num_test_time_registers,
+    )
     model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
     vision_tower_with_registers(model).set_register_neurons(
         register_neurons, register_semantics=settings.get("register_semantics")

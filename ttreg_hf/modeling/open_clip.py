@@ -14,7 +14,7 @@ from open_clip.transformer import Transformer, VisionTransformer
 from torch import nn
 
 from ..configs.clip import OpenCLIPVisionTTRegConfig, pop_register_settings
-from ..index import FIND_NEURONS_HINT, RegisterNeuronIndexError
+from ..index import resolve_index
 from .layout import TokenLayout
 from .registers import IndexSpec, TestTimeRegisterMixin, adopt, check_pixel_values
 
@@ -138,8 +138,12 @@ def create_model_and_transforms(
     model name such as ``"ViT-B-16"``.
     """
     settings = pop_register_settings(kwargs)
-    if register_neurons is None and settings.get("num_test_time_registers", 1) > 0:
-        raise RegisterNeuronIndexError(f"No register-neuron index given for {model_name} ({pretrained}). {FIND_NEURONS_HINT}")
+    register_neurons = resolve_index(
+        register_neurons,
+        checkpoint=f"{model_name} ({pretrained})",
+        saved=False,
+        num_registers=settings.get("num_test_time_registers", 1),
+    )
     kwargs["force_quick_gelu"] = kwargs.get("force_quick_gelu", False) or checkpoint_uses_quick_gelu(model_name, pretrained)
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_name, pretrained, **kwargs)
     return to_test_time_registers(model, register_neurons, **settings), preprocess_train, preprocess_val

@@ -9,7 +9,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from ..index import FIND_NEURONS_HINT, RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index, load_index
+from ..index import RegisterNeuronIndex, load_index, resolve_index
 from .edit import RegisterNeuronEdit
 from .layout import TokenLayout
 
@@ -160,11 +160,11 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
         ``num_test_time_registers=0``.
         """
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        if register_neurons is None and not model.config.register_neurons:
-            register_neurons = find_shipped_index(str(pretrained_model_name_or_path))
-            if register_neurons is None and model.config.num_test_time_registers > 0:
-                raise RegisterNeuronIndexError(
-                    f"No register-neuron index is known for {str(pretrained_model_name_or_path)!r}. {FIND_NEURONS_HINT}"
-                )
+        index = resolve_index(
+            register_neurons,
+            checkpoint=str(pretrained_model_name_or_path),
+            saved=bool(model.config.register_neurons),
+            num_registers=model.config.num_test_time_registers,
+        )
         # always rebuilt: the edits hold no weights, and their buffers must not stay as loading left them
-        return model.set_register_neurons(register_neurons, register_semantics=kwargs.get("register_semantics"))
+        return model.set_register_neurons(index, register_semantics=kwargs.get("register_semantics"))
