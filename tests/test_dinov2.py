@@ -46,13 +46,17 @@ def test_outputs_keep_the_parents_shapes_and_expose_the_registers(images):
 
 def test_selected_hidden_states_and_tuple_outputs(images):
     model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
+    parent = Dinov2Model(model.config).eval()
     with torch.no_grad():
         selected = model(images, output_hidden_states=[-1]).hidden_states
         full = model(images, output_hidden_states=True)
-        as_tuple = model(images, return_dict=False)
+        last, pooled = model(images, return_dict=False)  # the parent's tuple: registers are a field only
+        as_tuple = model(images, return_dict=False, output_hidden_states=True)
+        parent_tuple = parent(images, return_dict=False, output_hidden_states=True)
     assert selected[0] is None and torch.equal(selected[-1], full.hidden_states[-1])
     assert selected[-1].shape == (4, 17, 32)
-    assert torch.equal(as_tuple[0], full.last_hidden_state) and torch.equal(as_tuple[-1], full.test_time_registers)
+    assert torch.equal(last, full.last_hidden_state) and torch.equal(pooled, full.pooler_output)
+    assert len(as_tuple) == len(parent_tuple) == 3 and len(as_tuple[2]) == len(parent_tuple[2])
 
 
 def test_save_load_round_trip_and_automodel(tmp_path, images):
@@ -99,6 +103,10 @@ def test_an_index_for_another_checkpoint_is_refused(tmp_path):
         ({"register_neurons": {3: [1]}}, "layer 3 is out of range: the model has 3 layers"),
         ({"register_neurons": {1: [128]}}, r"\[128\] in layer 1 are out of range: the MLP has 128"),
         ({"register_neurons": {1: [4, 4]}}, "lists a neuron twice"),
+        ({"register_neurons": {1: [3.7]}}, "lists of int neurons"),
+        ({"register_neurons": {1: "12"}}, "lists of int neurons"),
+        ({"register_neurons": {True: [1]}}, "lists of int neurons"),
+        ({"register_scale": float("nan")}, "register_scale must be finite"),
         ({"num_test_time_registers": -1}, "must be >= 0"),
         ({"num_test_time_registers": 2, "register_scale": [1.0]}, "1 values for 2 test-time registers"),
         ({"register_semantics": "authors"}, "register_semantics must be one of"),
@@ -153,3 +161,69 @@ def test_from_pretrained_by_hub_id_attaches_the_shipped_index(tmp_path):
     assert sum(len(ids) for ids in model.config.register_neurons.values()) == 45
     assert model.encoder.layer[17].mlp.register_edit.neuron_ids[:3] == (884, 133, 1427)
     assert model(torch.randn(1, 3, 28, 28)).test_time_registers.shape == (1, 1, 64)
+
+
+def test_config_edits_cannot_desync_the_outputs(images):
+    """Settings change through `set_register_neurons`; writing the config directly must not cut real tokens."""
+    model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
+    with torch.no_grad():
+        expected = model(images)
+        model.config.num_test_time_registers = 3
+        actual = model(images)
+    assert torch.equal(actual.last_hidden_state, expected.last_hidden_state)
+    assert actual.test_time_registers.shape == (4, 1, 32)
+
+
+def test_attention_mask_covers_the_registers(images):
+    model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
+    with torch.no_grad():
+        masked = model(images, attention_mask=torch.ones(4, 17))
+        unmasked = model(images)
+    torch.testing.assert_close(masked.last_hidden_state, unmasked.last_hidden_state, atol=1e-6, rtol=0)
+
+
+def test_loading_info_and_the_model_type(tmp_path):
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2)).save_pretrained(tmp_path)
+    model, info = Dinov2TTRegModel.from_pretrained(tmp_path, register_neurons={1: [2]}, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.model_type == "dinov2_tt_reg"  # the parent's type is relabelled, with no mismatch warning
+    assert model.encoder.layer[1].mlp.register_edit.neuron_ids == (2,)
+
+
+def test_offloaded_layers_run_and_match(tmp_path, images):
+    model = Dinov2TTRegModel(tiny_dinov2_config(num_test_time_registers=0)).eval()
+    model.save_pretrained(tmp_path / "model")
+    device_map = {"embeddings": "cpu", "encoder.layer.0": "cpu", "encoder.layer.1": "disk", "encoder.layer.2": "disk",
+                  "layernorm": "cpu"}
+    kwargs = dict(register_neurons={1: [3, 70]}, num_test_time_registers=1, attn_implementation="eager")
+    offloaded = Dinov2TTRegModel.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "offload", **kwargs
+    )
+    in_memory = Dinov2TTRegModel.from_pretrained(tmp_path / "model", **kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(images).test_time_registers, in_memory(images).test_time_registers)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(images):
+    config = tiny_dinov2_config()
+    plain = Dinov2TTRegModel(config).train()
+    checkpointed = Dinov2TTRegModel(config).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.activation_checkpointing_enable()
+    for model in (plain, checkpointed):
+        outputs = model(images)
+        (outputs.last_hidden_state.square().mean() + outputs.test_time_registers.square().mean()).backward()
+    weight = "encoder.layer.1.mlp.fc1.weight"
+    torch.testing.assert_close(checkpointed.get_parameter(weight).grad, plain.get_parameter(weight).grad)
+
+
+def test_hub_loader_keeps_the_callers_semantics(tmp_path):
+    from ttreg_hf import RegisterNeuronIndex
+    from ttreg_hf.hub import load_tt_model
+
+    path = RegisterNeuronIndex(neurons={3: [1]}, num_layers=12, mlp_width=1536, semantics="reference").save(
+        tmp_path / "index.safetensors"
+    )
+    assert load_tt_model("dinov2_vits14", pretrained=False, register_neurons=path).config.register_semantics == "reference"
+    chosen = load_tt_model("dinov2_vits14", pretrained=False, register_neurons=path, register_semantics="paper")
+    assert chosen.config.register_semantics == "paper"

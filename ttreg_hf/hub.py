@@ -17,18 +17,22 @@ from .modeling.dinov2_original import DINOV2_URL, DinoVisionTransformerTTReg, lo
 from .modeling.registers import IndexSpec, TestTimeRegisterMixin
 
 
-def _with_index(model: TestTimeRegisterMixin, name: str, register_neurons: IndexSpec | None) -> TestTimeRegisterMixin:
-    """Attach ``register_neurons``, else the shipped index for ``name``; fail clearly when there is none."""
+def _with_index(
+    model: TestTimeRegisterMixin, name: str, register_neurons: IndexSpec | None, register_semantics: str | None = None
+) -> TestTimeRegisterMixin:
+    """Attach ``register_neurons``, else the shipped index for ``name``; fail clearly when there is none.
+
+    ``register_semantics``, when the caller chose it, wins over an index file's."""
     num_registers = model.config.num_test_time_registers
-    return model.set_register_neurons(
-        resolve_index(register_neurons, checkpoint=name, saved=False, num_registers=num_registers)
-    )
+    index = resolve_index(register_neurons, checkpoint=name, saved=False, num_registers=num_registers)
+    return model.set_register_neurons(index, register_semantics=register_semantics)
 
 
 def _dinov2(arch: str, pretrained: bool, weights: str | Path | None, register_neurons: IndexSpec | None, **settings):
     if pretrained and weights is None:
         weights = DINOV2_URL.format(arch=arch)
-    return _with_index(load_dinov2(arch, weights if pretrained or weights else None, **settings), f"dinov2_{arch}", register_neurons)
+    semantics = settings.get("register_semantics")
+    return _with_index(load_dinov2(arch, weights, **settings), f"dinov2_{arch}", register_neurons, semantics)
 
 
 # name -> (open_clip model name, LAION-2B pretrained tag), the checkpoints of the paper
@@ -52,7 +56,7 @@ def _openclip(
     model_name, tag = OPENCLIP_CHECKPOINTS[name]
     checkpoint = str(weights) if weights else tag if pretrained else None
     model, _, _ = create_model_and_transforms(model_name, checkpoint, register_neurons={}, **settings)
-    _with_index(model.visual, name, register_neurons)
+    _with_index(model.visual, name, register_neurons, settings.get("register_semantics"))
     return model.eval()
 
 
@@ -64,7 +68,7 @@ def _clip_vitl14_336(
         model = CLIPVisionTTRegModel.from_pretrained(weights or CLIP_VITL14_336, register_neurons={}, **settings)
     else:
         model = CLIPVisionTTRegModel(CLIPVisionTTRegConfig(**CLIP_VITL14_336_ARCH, **settings))
-    return _with_index(model, "clip_vitl14_336", register_neurons).eval()
+    return _with_index(model, "clip_vitl14_336", register_neurons, settings.get("register_semantics")).eval()
 
 
 _LOADERS: dict[str, Callable[..., TestTimeRegisterMixin]] = {

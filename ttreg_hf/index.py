@@ -14,7 +14,8 @@ SCHEMA_VERSION = 1
 METADATA_KEY = "ttreg_index"
 # a checkout (torch.hub, editable install) has `precomputed/` beside the package; a wheel installs it inside
 PRECOMPUTED_DIR = next(
-    path for path in (Path(__file__).resolve().parent / d for d in ("../precomputed", "precomputed")) if path.is_dir()
+    (path for path in (Path(__file__).resolve().parent / d for d in ("../precomputed", "precomputed")) if path.is_dir()),
+    None,
 )
 FIND_NEURONS_HINT = (
     "Pass `register_neurons={layer: [neuron, ...]}` or the path of an index file (a `.safetensors` written by "
@@ -27,14 +28,20 @@ class RegisterNeuronIndexError(ValueError):
     """A register-neuron index that is missing, corrupt, or made for another checkpoint."""
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def normalize_neurons(neurons: Mapping) -> dict[int, tuple[int, ...]]:
-    """``{layer: [neuron, ...]}`` with int keys (JSON gives str keys), sorted by layer, order of neurons kept."""
+    """``{layer: [neuron, ...]}`` with int keys (JSON's str keys of digits too), sorted by layer, neuron order kept."""
     normalized = {}
     for layer, ids in neurons.items():
-        try:
-            layer_id, id_list = int(layer), [int(n) for n in ids]
-        except (TypeError, ValueError) as error:
-            raise RegisterNeuronIndexError(f"Register neurons must map int layers to int lists, got {layer!r}: {ids!r}.") from error
+        layer_ok = _is_int(layer) or (isinstance(layer, str) and layer.isdigit())
+        if not layer_ok or isinstance(ids, (str, bytes)) or not all(_is_int(n) for n in ids):
+            raise RegisterNeuronIndexError(
+                f"Register neurons must map int layers to lists of int neurons, got {layer!r}: {ids!r}."
+            )
+        layer_id, id_list = int(layer), list(ids)
         if len(set(id_list)) != len(id_list):
             raise RegisterNeuronIndexError(f"Layer {layer_id} lists a neuron twice: {id_list}.")
         if id_list:
@@ -132,6 +139,8 @@ class RegisterNeuronIndex:
 
 def shipped_indices() -> dict[str, Path]:
     """The indices in ``precomputed/``, by file stem (e.g. ``"dinov2_vitl14"``)."""
+    if PRECOMPUTED_DIR is None:
+        return {}
     return {path.stem: path for path in sorted(PRECOMPUTED_DIR.glob("*.safetensors"))}
 
 
@@ -162,11 +171,11 @@ def load_index(spec: "str | Path | Mapping | RegisterNeuronIndex") -> RegisterNe
         return spec
     if isinstance(spec, Mapping):
         return normalize_neurons(spec)
+    if Path(spec).exists():
+        return RegisterNeuronIndex.load(spec)
     shipped = shipped_indices()
-    if str(spec) in shipped:
-        return RegisterNeuronIndex.load(shipped[str(spec)])
-    if not Path(spec).exists():
+    if str(spec) not in shipped:
         raise RegisterNeuronIndexError(
             f"{spec!r} is neither a file nor a shipped index ({', '.join(shipped) or 'none'}). {FIND_NEURONS_HINT}"
         )
-    return RegisterNeuronIndex.load(spec)
+    return RegisterNeuronIndex.load(shipped[str(spec)])

@@ -1,5 +1,6 @@
 """Configuration fields shared by every test-time-register model."""
 
+import math
 from dataclasses import dataclass
 
 from ..index import check_neurons_fit, normalize_neurons
@@ -34,6 +35,17 @@ class TestTimeRegisterConfigMixin:
         if parent_post_init is not None:
             parent_post_init(**kwargs)
 
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        """The parent's config dict, its ``model_type`` (or its ``base_config_key`` part's) relabelled as ours:
+        loading a parent checkpoint is what these classes are for, not a mismatch to warn about."""
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        parent_type = super(TestTimeRegisterConfigMixin, cls).model_type
+        for part in (config_dict, config_dict.get(cls.base_config_key or "") or {}):
+            if part.get("model_type") == parent_type:
+                part["model_type"] = cls.model_type
+        return config_dict, kwargs
+
     @property
     def mlp_width(self) -> int:
         """Number of neurons in each MLP hidden layer, the range of a register-neuron index."""
@@ -54,6 +66,9 @@ class TestTimeRegisterConfigMixin:
             raise ValueError(
                 f"num_test_time_registers must be >= 0 (0 turns the edit off), got {self.num_test_time_registers}."
             )
+        scales = self.register_scale if isinstance(self.register_scale, list) else [self.register_scale]
+        if not all(math.isfinite(scale) for scale in scales):
+            raise ValueError(f"register_scale must be finite, got {self.register_scale}.")
         if isinstance(self.register_scale, list) and len(self.register_scale) != self.num_test_time_registers:
             raise ValueError(
                 f"register_scale has {len(self.register_scale)} values for {self.num_test_time_registers} test-time "

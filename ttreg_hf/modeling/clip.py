@@ -10,11 +10,17 @@ from transformers.utils.generic import can_return_tuple
 
 from ..configs.clip import CLIPVisionTTRegConfig
 from .layout import TokenLayout
-from .registers import PreTrainedTestTimeRegisterMixin, TestTimeRegisterModelOutput, adopt, check_pixel_values
+from .registers import (
+    PreTrainedTestTimeRegisterMixin,
+    TestTimeRegisterModelOutput,
+    TestTimeRegisterOutputMixin,
+    adopt,
+    check_pixel_values,
+)
 
 
 @dataclass
-class CLIPVisionTTRegModelOutput(CLIPVisionModelOutput):
+class CLIPVisionTTRegModelOutput(TestTimeRegisterOutputMixin, CLIPVisionModelOutput):
     r"""
     image_embeds (`torch.Tensor` of shape `(batch_size, output_dim)`):
         The image embeddings obtained by applying the projection layer to the pooler_output.
@@ -56,7 +62,8 @@ class CLIPVisionTTRegModel(PreTrainedTestTimeRegisterMixin, CLIPVisionModel):
     """[`CLIPVisionModel`] with test-time registers: same weights, same output shapes, registers in their own field.
 
     Loads any CLIP checkpoint (full `CLIPModel` ones included) with `from_pretrained`, and is the vision tower
-    `AutoModel` builds for a `CLIPVisionTTRegConfig`, e.g. inside LLaVA. `pooler_output` is the CLS token.
+    `AutoModel` builds for a `CLIPVisionTTRegConfig`, e.g. inside LLaVA. `pooler_output` is the CLS token after
+    `post_layernorm`, as in the parent.
     """
 
     config: CLIPVisionTTRegConfig
@@ -85,7 +92,7 @@ class CLIPVisionTTRegModel(PreTrainedTestTimeRegisterMixin, CLIPVisionModel):
 
     @can_return_tuple
     def forward(
-        self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool | None = False, **kwargs
+        self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool = False, **kwargs
     ) -> TestTimeRegisterModelOutput:
         outputs = super().forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs)
         return self._strip_test_time_registers(outputs, TestTimeRegisterModelOutput)

@@ -72,6 +72,7 @@ class Dinov2TTRegModel(PreTrainedTestTimeRegisterMixin, Dinov2Model):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> TestTimeRegisterModelOutput:
+        attention_mask = self.token_layout.append_registers_to_mask(attention_mask)
         outputs = super().forward(
             pixel_values, bool_masked_pos=bool_masked_pos, attention_mask=attention_mask, return_dict=True, **kwargs
         )

@@ -15,7 +15,8 @@ class RegisterNeuronEdit(nn.Module):
     """Moves the register neurons' activations of one MLP onto the test-time registers.
 
     Applied to the MLP hidden activations ``h[b, t, n]`` right after the activation function (after the gating for
-    SwiGLU). Every image is edited on its own; nothing leaves the device and nothing branches on tensor values.
+    SwiGLU). Every image is edited on its own; nothing leaves the device, and no Python branch depends on tensor
+    values (only on settings and on whether autograd needs the input).
 
     * ``semantics="paper"`` (Algorithm 2 of "Vision Transformers Don't Need Trained Registers"): the register value of
       neuron ``n`` is ``max_t h[b, t, n]``; every non-register token, CLS included, is reset by ``patch_mode``.
@@ -67,20 +68,22 @@ class RegisterNeuronEdit(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        activations = hidden_states.index_select(-1, self.neurons)  # (batch, tokens, listed neurons)
+        neurons = self.neurons.to(hidden_states.device, non_blocking=True)  # a no-op unless the MLP is offloaded
+        activations = hidden_states.index_select(-1, neurons)  # (batch, tokens, listed neurons)
         num_kept = 0 if self.semantics == "paper" else self.layout.num_prefix_tokens
         end = self.layout.num_tokens_without_registers(activations)
         edited = torch.cat(
             (
                 activations[:, :num_kept],
                 self._reset(activations[:, num_kept:end], self.layout.patches(activations)),
-                self.scale.to(activations.dtype) * self._register_value(activations),
+                self.scale.to(activations.device, activations.dtype) * self._register_value(activations),
             ),
             dim=1,
         )
+        # in place when autograd does not need the activations: no second full-size copy at inference
         if torch.is_grad_enabled() and hidden_states.requires_grad:
-            return hidden_states.index_copy(-1, self.neurons, edited)
-        return hidden_states.index_copy_(-1, self.neurons, edited)
+            return hidden_states.index_copy(-1, neurons, edited)
+        return hidden_states.index_copy_(-1, neurons, edited)
 
     def _register_value(self, activations: torch.Tensor) -> torch.Tensor:
         """Per image, shape ``(batch, 1, listed neurons)``."""

@@ -23,6 +23,12 @@ class TokenLayout:
         registers = tokens.new_zeros(tokens.shape[0], self.num_registers, tokens.shape[-1])
         return torch.cat((tokens, registers), dim=1)
 
+    def append_registers_to_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """A ``(batch, tokens)`` attention mask extended with ones: every token may attend to the registers."""
+        if attention_mask is None or self.num_registers == 0:
+            return attention_mask
+        return torch.nn.functional.pad(attention_mask, (0, self.num_registers), value=1)
+
     def num_tokens_without_registers(self, tokens: torch.Tensor) -> int:
         return tokens.shape[1] - self.num_registers
 

@@ -5,6 +5,7 @@ registers, so the language model sees exactly the image tokens the processor ins
 ``vision_feature_layer`` and feature-select strategy.
 """
 
+import copy
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForImageTextToText, CLIPVisionConfig, PreTrainedConfig, PreTrainedModel
@@ -16,7 +17,8 @@ from .registers import IndexSpec
 
 
 def with_test_time_register_tower(config: PreTrainedConfig, **register_settings) -> PreTrainedConfig:
-    """``config`` (LLaVA, LLaVA-NeXT, ...) with its CLIP ``vision_config`` turned into a `CLIPVisionTTRegConfig`."""
+    """A copy of ``config`` (LLaVA, LLaVA-NeXT, ...) with its CLIP ``vision_config`` a `CLIPVisionTTRegConfig`."""
+    config = copy.deepcopy(config)
     vision_config = config.vision_config
     if not isinstance(vision_config, CLIPVisionConfig):
         raise TypeError(
@@ -46,7 +48,8 @@ def load_llava(
     """
     settings = pop_register_settings(kwargs)
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path)
-    tower_config = with_test_time_register_tower(config, **settings).vision_config
+    config = with_test_time_register_tower(config, **settings)
+    tower_config = config.vision_config
     register_neurons = resolve_index(
         register_neurons,
         checkpoint=str(pretrained_model_name_or_path),

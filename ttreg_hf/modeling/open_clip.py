@@ -135,7 +135,7 @@ def create_model_and_transforms(
     ``register_neurons`` is required unless ``num_test_time_registers=0``; other register settings
     (``num_test_time_registers``, ``register_scale``, ...) go to the tower, everything else to open_clip. The
     activation follows the checkpoint: QuickGELU for weights open_clip marks so (OpenAI's), even under a GELU
-    model name such as ``"ViT-B-16"``.
+    model name such as ``"ViT-B-16"`` (open_clip itself only warns); ``force_quick_gelu=False`` opts out.
     """
     settings = pop_register_settings(kwargs)
     register_neurons = resolve_index(
@@ -144,6 +144,6 @@ def create_model_and_transforms(
         saved=False,
         num_registers=settings.get("num_test_time_registers", 1),
     )
-    kwargs["force_quick_gelu"] = kwargs.get("force_quick_gelu", False) or checkpoint_uses_quick_gelu(model_name, pretrained)
+    kwargs.setdefault("force_quick_gelu", checkpoint_uses_quick_gelu(model_name, pretrained))  # False opts out
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_name, pretrained, **kwargs)
     return to_test_time_registers(model, register_neurons, **settings), preprocess_train, preprocess_val

@@ -9,6 +9,8 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
+from transformers import PreTrainedConfig
+
 from ..index import RegisterNeuronIndex, load_index, resolve_index
 from .edit import RegisterNeuronEdit
 from .layout import TokenLayout
@@ -16,8 +18,15 @@ from .layout import TokenLayout
 IndexSpec = str | Path | Mapping | RegisterNeuronIndex
 
 
+class TestTimeRegisterOutputMixin:
+    """Keeps ``return_dict=False`` tuples the parent's: ``test_time_registers`` is a field, never a tuple entry."""
+
+    def to_tuple(self) -> tuple:
+        return tuple(self[key] for key in self.keys() if key != "test_time_registers")
+
+
 @dataclasses.dataclass
-class TestTimeRegisterModelOutput(BaseModelOutputWithPooling):
+class TestTimeRegisterModelOutput(TestTimeRegisterOutputMixin, BaseModelOutputWithPooling):
     r"""
     test_time_registers (`torch.FloatTensor` of shape `(batch_size, num_test_time_registers, hidden_size)`):
         The test-time registers' rows of the final sequence, in the space of `last_hidden_state`, from which they are
@@ -80,20 +89,22 @@ class TestTimeRegisterMixin:
 
     @property
     def token_layout(self) -> TokenLayout:
-        """The layout of the sequence the blocks see; no registers are appended while the index is empty."""
-        num_registers = self.config.num_test_time_registers if self.config.register_neurons else 0
-        return TokenLayout(self.num_prefix_tokens, num_registers)
+        """The layout of the sequence the blocks see, as attached (change it with `set_register_neurons`)."""
+        return self._register_appender().token_layout
 
     def _attach_test_time_registers(self) -> None:
-        layout, config = self.token_layout, self.config
+        """Build the layout and the edits from the config; no registers are appended while the index is empty."""
+        config = self.config
         neurons = config.register_neuron_index
+        layout = TokenLayout(self.num_prefix_tokens, config.num_test_time_registers if neurons else 0)
         self._register_appender().token_layout = layout
         for layer, mlp in enumerate(self._register_edit_sites()):
             if layer in neurons and layout.num_registers:
                 edit = RegisterNeuronEdit(
                     neurons[layer], layout, config.register_scales, config.register_semantics, config.register_patch_mode
                 )
-                mlp.register_edit = edit.to(next(mlp.parameters()).device)
+                device = next(mlp.parameters()).device
+                mlp.register_edit = edit if device.type == "meta" else edit.to(device)  # offloaded MLPs sit on meta
             else:
                 mlp.register_edit = nn.Identity()
 
@@ -156,15 +167,24 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
         """`PreTrainedModel.from_pretrained`, plus the register-neuron index.
 
         The index is, in order: ``register_neurons`` (dict, file, shipped name), the one saved in the checkpoint's
-        config, or the shipped index for this checkpoint id. Without one, loading fails unless
-        ``num_test_time_registers=0``.
+        config, or the shipped index for this checkpoint id. Without one, loading fails (before any weights are
+        downloaded) unless ``num_test_time_registers=0``.
         """
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        config = kwargs.get("config")
+        if not isinstance(config, PreTrainedConfig):
+            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         index = resolve_index(
             register_neurons,
             checkpoint=str(pretrained_model_name_or_path),
-            saved=bool(model.config.register_neurons),
-            num_registers=model.config.num_test_time_registers,
+            saved=bool(config.register_neurons),
+            num_registers=kwargs.get("num_test_time_registers", config.num_test_time_registers),
         )
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True`
         # always rebuilt: the edits hold no weights, and their buffers must not stay as loading left them
-        return model.set_register_neurons(index, register_semantics=kwargs.get("register_semantics"))
+        model.set_register_neurons(index, register_semantics=kwargs.get("register_semantics"))
+        return loaded
+
+
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
