@@ -1,0 +1,54 @@
+"""Attention probabilities of one block, recomputed from the block's input (analysis only).
+
+Fast attention kernels (SDPA, ``nn.MultiheadAttention(need_weights=False)``) never materialize the probabilities, so
+they are recomputed here from the block's input. One small function per block family, found through the block's
+class hierarchy: a new family adds one entry to `ATTENTION_READERS`.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def _probabilities(queries: torch.Tensor, keys: torch.Tensor, num_heads: int, scaling: float) -> torch.Tensor:
+    """``softmax(q k^T * scaling)`` per head, ``(batch, heads, tokens, tokens)``."""
+    batch, tokens, _ = queries.shape
+    queries = queries.view(batch, tokens, num_heads, -1).transpose(1, 2)
+    keys = keys.view(batch, tokens, num_heads, -1).transpose(1, 2)
+    return torch.softmax(queries.float() @ keys.float().transpose(-1, -2) * scaling, dim=-1)
+
+
+def _dinov2(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    attention, normed = block.attention, block.norm1(hidden_states)
+    return _probabilities(attention.q_proj(normed), attention.k_proj(normed), attention.num_attention_heads, attention.scaling)
+
+
+def _clip(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    attention, normed = block.self_attn, block.layer_norm1(hidden_states)
+    return _probabilities(attention.q_proj(normed), attention.k_proj(normed), attention.num_heads, attention.scale)
+
+
+def _open_clip(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    attention = block.attn  # nn.MultiheadAttention, batch first
+    queries, keys, _ = nn.functional.linear(block.ln_1(hidden_states), attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
+    return _probabilities(queries, keys, attention.num_heads, attention.head_dim**-0.5)
+
+
+ATTENTION_READERS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    "transformers.models.dinov2.modeling_dinov2.Dinov2Layer": _dinov2,
+    "transformers.models.clip.modeling_clip.CLIPEncoderLayer": _clip,
+    "open_clip.transformer.ResidualAttentionBlock": _open_clip,
+}
+
+
+def attention_reader(block: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """The function that recomputes ``block``'s attention probabilities from its input."""
+    for cls in type(block).__mro__:
+        reader = ATTENTION_READERS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if reader is not None:
+            return reader
+    raise NotImplementedError(
+        f"No attention reader for blocks of type {type(block).__name__}; add one to "
+        "ttreg_hf.analysis.attention.ATTENTION_READERS."
+    )

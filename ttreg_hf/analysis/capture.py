@@ -1,0 +1,138 @@
+"""Read a model's internals during its forward: MLP activations, block outputs and attention maps, per layer.
+
+Works through the seams of `TestTimeRegisterMixin`, so every model family is covered: the MLP activations are the
+output of each MLP's ``register_edit`` slot (what the output projection receives, after the edit if one is
+attached), the block outputs are the residual stream after each of `_blocks()`, and the attention maps are
+recomputed from each block's input (see `attention.py`). Hooks exist only inside the ``with`` block.
+"""
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..modeling.layout import TokenLayout
+from ..modeling.registers import TestTimeRegisterMixin
+from .attention import attention_reader
+
+Layers = Iterable[int] | str | None
+Observer = Callable[[torch.Tensor], None]
+
+
+def resolve_layers(layers: Layers, num_layers: int) -> list[int]:
+    """``"all"``, ``None`` (none) or layer numbers (negative ones count from the end) as sorted 0-based layers."""
+    if layers is None:
+        return []
+    if layers == "all":
+        return list(range(num_layers))
+    if isinstance(layers, str):
+        raise ValueError(f"Layers must be 'all', None or layer numbers, got {layers!r}.")
+    resolved = set()
+    for layer in layers:
+        if not -num_layers <= layer < num_layers:
+            raise ValueError(f"Layer {layer} is out of range: the model has {num_layers} layers (0-based, or negative).")
+        resolved.add(layer % num_layers)
+    return sorted(resolved)
+
+
+def _first_output(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+
+
+@contextmanager
+def observe(
+    model: TestTimeRegisterMixin,
+    *,
+    mlp: Mapping[int, Observer] = {},
+    blocks: Mapping[int, Observer] = {},
+    attentions: Mapping[int, Observer] = {},
+) -> Iterator[None]:
+    """Call each observer with its layer's tensor during every forward inside the ``with`` block.
+
+    ``mlp[layer]`` gets ``(batch, tokens, mlp_width)``, ``blocks[layer]`` ``(batch, tokens, width)`` and
+    ``attentions[layer]`` ``(batch, heads, tokens, tokens)``; tokens include the test-time registers, if any.
+    """
+    sites, block_list = model._register_edit_sites(), model._blocks()
+
+    def on_output(observer: Observer):
+        return lambda module, args, output: observer(_first_output(output).detach())
+
+    def on_attention(observer: Observer):
+        def hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
+            with torch.no_grad():
+                observer(attention_reader(block)(block, _block_input(args, kwargs)))
+
+        return hook
+
+    with ExitStack() as stack:
+        for layer, observer in mlp.items():
+            stack.callback(sites[layer].register_edit.register_forward_hook(on_output(observer)).remove)
+        for layer, observer in blocks.items():
+            stack.callback(block_list[layer].register_forward_hook(on_output(observer)).remove)
+        for layer, observer in attentions.items():
+            hook = on_attention(observer)
+            stack.callback(block_list[layer].register_forward_pre_hook(hook, with_kwargs=True).remove)
+        yield
+
+
+@dataclass
+class ActivationCache:
+    """Tensors of the last forward(s), by 0-based layer; tokens are laid out as `layout` says."""
+
+    layout: TokenLayout
+    mlp_activations: dict[int, torch.Tensor] = field(default_factory=dict)
+    block_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    attentions: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def cat(self, other: "ActivationCache") -> None:
+        """Append ``other``'s images (batch dimension) to this cache."""
+        for mine, theirs in zip(self._fields(), other._fields()):
+            for layer, tensor in theirs.items():
+                mine[layer] = torch.cat((mine[layer], tensor)) if layer in mine else tensor
+
+    def _fields(self) -> tuple[dict, dict, dict]:
+        return self.mlp_activations, self.block_outputs, self.attentions
+
+
+@contextmanager
+def capture(model: TestTimeRegisterMixin, *, mlp: Layers = None, blocks: Layers = None, attentions: Layers = None) -> Iterator[ActivationCache]:
+    """Keep the chosen layers' tensors of the latest forward in an `ActivationCache`."""
+    num_layers = len(model._blocks())
+    cache = ActivationCache(model.token_layout)
+
+    def keep(store: dict, layers: Layers) -> dict[int, Observer]:
+        return {layer: (lambda tensor, layer=layer: store.__setitem__(layer, tensor)) for layer in resolve_layers(layers, num_layers)}
+
+    with observe(
+        model,
+        mlp=keep(cache.mlp_activations, mlp),
+        blocks=keep(cache.block_outputs, blocks),
+        attentions=keep(cache.attentions, attentions),
+    ):
+        yield cache
+
+
+@torch.no_grad()
+def run_with_cache(
+    model: TestTimeRegisterMixin,
+    pixel_values: torch.Tensor,
+    *,
+    mlp: Layers = None,
+    blocks: Layers = "all",
+    attentions: Layers = None,
+    batch_size: int = 16,
+) -> ActivationCache:
+    """Run ``pixel_values`` in batches and return the chosen layers' tensors for all images, on the model's device."""
+    parameter = next(model.parameters())
+    result = ActivationCache(model.token_layout)
+    for batch in pixel_values.split(batch_size):
+        with capture(model, mlp=mlp, blocks=blocks, attentions=attentions) as cache:
+            model(batch.to(parameter.device, parameter.dtype))
+        result.cat(cache)
+    return result

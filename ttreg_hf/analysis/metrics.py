@@ -1,0 +1,129 @@
+"""Outlier metrics: patch norms, the outlier threshold, CLS attention shares, and a per-layer summary."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..modeling.layout import TokenLayout
+from .capture import ActivationCache
+
+MAD_FACTOR = 6.0  # automatic threshold: median + MAD_FACTOR robust standard deviations ...
+MIN_NORM_RATIO = 3.0  # ... and at least MIN_NORM_RATIO times the median: a tight, outlier-free spread flags nothing
+MAD_TO_STD = 1.4826  # a normal distribution's std over its median absolute deviation
+
+
+def patch_norms(tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """L2 norm of every patch token, ``(batch, patches)``, in float32."""
+    return layout.patches(tokens).float().norm(dim=-1)
+
+
+def max_median_ratio(norms: torch.Tensor) -> torch.Tensor:
+    """Per image, the largest patch norm over the median one, ``(batch,)``."""
+    return norms.amax(dim=-1) / norms.median(dim=-1).values
+
+
+def robust_threshold(median: float, mad: float) -> float:
+    """The automatic outlier threshold from the median and median absolute deviation of the patch norms."""
+    return max(median + MAD_FACTOR * MAD_TO_STD * mad, MIN_NORM_RATIO * median)
+
+
+def automatic_threshold(norms: torch.Tensor) -> float:
+    """`robust_threshold` of all the norms in ``norms`` (exact, for a tensor in memory)."""
+    median = norms.flatten().median()
+    return robust_threshold(float(median), float((norms - median).abs().median()))
+
+
+def cls_attention(attentions: torch.Tensor) -> torch.Tensor:
+    """The CLS token's attention over all tokens, averaged over heads, ``(batch, tokens)``."""
+    return attentions[:, :, 0].float().mean(dim=1)
+
+
+class NormHistogram:
+    """Streaming histogram of norms on log-spaced bins (1.1 % wide): fixed memory, summable across processes."""
+
+    LOW, HIGH, BINS_PER_OCTAVE = 2.0**-12, 2.0**24, 64
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        num_bins = int(math.log2(self.HIGH / self.LOW)) * self.BINS_PER_OCTAVE
+        self.counts = torch.zeros(num_bins, dtype=torch.float64, device=device)
+        self.maximum = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, norms: torch.Tensor) -> None:
+        bins = (norms.double().clamp(self.LOW, self.HIGH).log2() - math.log2(self.LOW)) * self.BINS_PER_OCTAVE
+        self.counts += torch.bincount(bins.long().clamp(max=len(self.counts) - 1).flatten(), minlength=len(self.counts))
+        self.maximum = torch.maximum(self.maximum, norms.double().max())
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def _centers(self) -> torch.Tensor:
+        steps = torch.arange(len(self.counts), dtype=torch.float64, device=self.counts.device) + 0.5
+        return self.LOW * torch.exp2(steps / self.BINS_PER_OCTAVE)
+
+    @staticmethod
+    def _weighted_median(values: torch.Tensor, counts: torch.Tensor) -> float:
+        order = values.argsort()
+        cumulative = counts[order].cumsum(0)
+        return float(values[order][torch.searchsorted(cumulative, cumulative[-1] / 2)])
+
+    def median(self) -> float:
+        return self._weighted_median(self._centers(), self.counts)
+
+    def mad(self) -> float:
+        """The median absolute deviation from the median."""
+        return self._weighted_median((self._centers() - self.median()).abs(), self.counts)
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One layer's outlier picture, averaged over the images (attention shares are `None` where not captured)."""
+
+    layer: int
+    max_norm: float
+    median_norm: float
+    max_median_ratio: float
+    outliers_per_image: float
+    threshold: float
+    register_norm: float | None = None
+    cls_top_patch_share: float | None = None
+    cls_outlier_share: float | None = None
+    cls_register_share: float | None = None
+
+
+def summarize_layers(cache: ActivationCache, threshold: float | None = None) -> list[LayerSummary]:
+    """A `LayerSummary` for every layer with block outputs in ``cache``; outliers are patches above ``threshold``.
+
+    Without a threshold each layer gets `automatic_threshold` of its own patch norms.
+    """
+    layout, summaries = cache.layout, []
+    for layer, tokens in sorted(cache.block_outputs.items()):
+        norms = patch_norms(tokens, layout)
+        layer_threshold = automatic_threshold(norms) if threshold is None else threshold
+        outliers = norms > layer_threshold
+        fields = {
+            "layer": layer,
+            "max_norm": float(norms.amax(dim=-1).mean()),
+            "median_norm": float(norms.median(dim=-1).values.mean()),
+            "max_median_ratio": float(max_median_ratio(norms).mean()),
+            "outliers_per_image": float(outliers.sum(dim=-1).float().mean()),
+            "threshold": layer_threshold,
+        }
+        if layout.num_registers:
+            fields["register_norm"] = float(layout.registers(tokens).float().norm(dim=-1).amax(dim=-1).mean())
+        if layer in cache.attentions:
+            fields.update(_cls_shares(cls_attention(cache.attentions[layer]), outliers, layout))
+        summaries.append(LayerSummary(**fields))
+    return summaries
+
+
+def _cls_shares(attention: torch.Tensor, outliers: torch.Tensor, layout: TokenLayout) -> dict[str, float]:
+    patches = layout.patches(attention.unsqueeze(-1)).squeeze(-1)
+    shares = {
+        "cls_top_patch_share": float(patches.amax(dim=-1).mean()),
+        "cls_outlier_share": float((patches * outliers).sum(dim=-1).mean()),
+    }
+    if layout.num_registers:
+        shares["cls_register_share"] = float(layout.registers(attention.unsqueeze(-1)).sum(dim=(1, 2)).mean())
+    return shares

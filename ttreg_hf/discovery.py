@@ -1,0 +1,289 @@
+"""Find a checkpoint's register neurons (Algorithm 1 of "Vision Transformers Don't Need Trained Registers").
+
+Outlier tokens are the patch tokens whose norm at a detection layer exceeds a threshold; every MLP neuron up to a
+highest layer is scored by its mean |activation| at the outlier positions, over the images that have outliers; the
+top k are the register neurons. Statistics are streamed (memory does not grow with the number of images) and summed
+across processes under ``torchrun`` / ``accelerate launch``.
+"""
+
+import functools
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .analysis.capture import capture, observe, resolve_layers
+from .analysis.interventions import with_register_neurons
+from .analysis.distributed import all_reduce, is_main_process, rank_and_world_size
+from .analysis.metrics import MAD_FACTOR, MIN_NORM_RATIO, NormHistogram, patch_norms, robust_threshold
+from .index import RegisterNeuronIndex, RegisterNeuronIndexError
+from .modeling.registers import TestTimeRegisterMixin
+
+AUTOMATIC_THRESHOLD_RULE = f"automatic: max(median + {MAD_FACTOR:g} robust std, {MIN_NORM_RATIO:g} x median)"
+Images = Sequence[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DiscoveryResult:
+    """What discovery found, with the numbers behind it; ``index`` is `None` when the model has no outliers."""
+
+    index: RegisterNeuronIndex | None
+    num_images: int
+    num_images_with_outliers: int
+    num_outlier_tokens: int
+    num_patch_tokens: int
+    detection_layer: int
+    highest_layer: int
+    threshold: float
+    threshold_rule: str
+    median_norm: float
+    max_norm: float
+    ranked: list[tuple[int, int, float]] = field(default_factory=list)
+    top_k: int = 0
+    eval_outlier_ratio: tuple[float, float] | None = None
+
+    @property
+    def found(self) -> bool:
+        return self.index is not None
+
+    @property
+    def outlier_ratio(self) -> float:
+        return self.num_outlier_tokens / max(self.num_patch_tokens, 1)
+
+    def summary(self) -> str:
+        norms = (
+            f"patch norms at layer {self.detection_layer}: median {self.median_norm:.4g}, max {self.max_norm:.4g} "
+            f"(max/median {self.max_norm / self.median_norm:.3g}); threshold {self.threshold:.4g} ({self.threshold_rule})"
+        )
+        if not self.found:
+            return (
+                f"No outliers found in {self.num_images} images: no patch token exceeds the threshold.\n  {norms}\n"
+                "  The model has no high-norm outlier tokens, so it has no register neurons to find; no index written."
+            )
+        before, after = self.eval_outlier_ratio
+        neurons = "\n".join(f"    layer {layer}: {', '.join(map(str, ids))}" for layer, ids in self.index.neurons.items())
+        ranked = ", ".join(f"L{layer}/N{neuron} {score:.3g}" for layer, neuron, score in self.ranked)
+        return (
+            f"Register-neuron discovery on {self.num_images} images\n  {norms}\n"
+            f"  outliers: {self.num_outlier_tokens} of {self.num_patch_tokens} patch tokens ({100 * self.outlier_ratio:.2f} %) "
+            f"in {self.num_images_with_outliers} images\n"
+            f"  register neurons (top {self.top_k} of layers 0-{self.highest_layer}):\n{neurons}\n"
+            f"  best scores (mean |activation| at outliers): {ranked}\n"
+            f"  outlier ratio on the evaluation images: {100 * before:.2f} % before, {100 * after:.2f} % with the edit"
+        )
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the weights (names, shapes and a strided sample of values): which checkpoint an index is for."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        flat = parameter.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        digest.update(f"{name}{tuple(parameter.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_index_matches(index: RegisterNeuronIndex, model: TestTimeRegisterMixin) -> None:
+    """Raise unless ``index`` fits ``model``'s shape and, when it records one, its weights fingerprint."""
+    index.check_fits(model.config.num_hidden_layers, model.config.mlp_width)
+    made_for = index.details.get("weights_fingerprint")
+    if made_for and made_for != weights_fingerprint(model):
+        checkpoint = ", ".join(index.checkpoints.values()) or "another checkpoint"
+        raise RegisterNeuronIndexError(
+            f"This register-neuron index was made for other weights ({checkpoint}, fingerprint {made_for}; this model's "
+            f"is {weights_fingerprint(model)}). Find the neurons of this checkpoint with `ttreg find-neurons`."
+        )
+
+
+def _batches(images: Images, indices: list[int], batch_size: int, model: torch.nn.Module, desc: str) -> Iterator[torch.Tensor]:
+    parameter = next(model.parameters())
+    starts = range(0, len(indices), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not is_main_process(), leave=False):
+        batch = torch.stack([images[i] for i in indices[start : start + batch_size]])
+        yield batch.to(parameter.device, parameter.dtype)
+
+
+def _detection_norms(model: TestTimeRegisterMixin, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
+    with capture(model, blocks=[layer]) as cache:
+        model(pixel_values)
+    return patch_norms(cache.block_outputs[layer], cache.layout)
+
+
+@torch.no_grad()
+def _norm_histogram(model, images: Images, indices: list[int], layer: int, batch_size: int) -> NormHistogram:
+    histogram = NormHistogram(next(model.parameters()).device)
+    for pixel_values in _batches(images, indices, batch_size, model, "patch norms"):
+        histogram.add(_detection_norms(model, pixel_values, layer))
+    all_reduce(histogram.counts)
+    all_reduce(histogram.maximum, op="max")
+    return histogram
+
+
+@torch.no_grad()
+def _neuron_scores(model, images: Images, indices: list[int], detection: int, highest: int, threshold: float, batch_size: int):
+    """Summed per-image mean |activation| at the outliers, ``(highest + 1, mlp_width)``, and outlier tokens per image."""
+    device = next(model.parameters()).device
+    scores = torch.zeros(highest + 1, model.config.mlp_width, dtype=torch.float64, device=device)
+    outliers_per_image = []
+    for pixel_values in _batches(images, indices, batch_size, model, "neuron scores"):
+        outliers = _detection_norms(model, pixel_values, detection) > threshold
+        counts = outliers.sum(dim=-1)
+        weights = outliers / counts.clamp(min=1).unsqueeze(-1)  # rows of images without outliers are zero
+
+        def accumulate(layer: int):
+            def observer(activations: torch.Tensor) -> None:
+                patches = model.token_layout.patches(activations).abs().float()
+                scores[layer] += torch.einsum("bp,bpn->n", weights, patches).double()
+
+            return observer
+
+        with observe(model, mlp={layer: accumulate(layer) for layer in range(highest + 1)}):
+            model(pixel_values)
+        outliers_per_image.append(counts)
+    return scores, torch.cat(outliers_per_image) if outliers_per_image else torch.zeros(0, device=device)
+
+
+@torch.no_grad()
+def _outlier_ratio(model, images: Images, indices: list[int], layer: int, threshold: float, batch_size: int) -> float:
+    counts = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
+    for pixel_values in _batches(images, indices, batch_size, model, "outlier ratio"):
+        outliers = _detection_norms(model, pixel_values, layer) > threshold
+        counts += torch.tensor((outliers.sum(), outliers.numel()), dtype=torch.float64, device=counts.device)
+    all_reduce(counts)
+    return float(counts[0] / counts[1].clamp(min=1))
+
+
+def _smallest_k(ratio_with, max_k: int, before: float, remaining_outliers: float) -> int:
+    """The smallest k whose edit leaves at most ``remaining_outliers`` of the outliers: doubling, then bisection.
+
+    Assumes more neurons never bring more outliers back; returns ``max_k`` when none is enough.
+    """
+    def enough(k: int) -> bool:
+        return ratio_with(k) <= remaining_outliers * before
+
+    low, high = 0, 1
+    while high < max_k and not enough(high):
+        low, high = high, min(2 * high, max_k)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if enough(middle) else (middle, high)
+    return high
+
+
+def _neurons_of(ranked: list[tuple[int, int, float]]) -> dict[int, list[int]]:
+    neurons: dict[int, list[int]] = {}
+    for layer, neuron, _ in ranked:
+        neurons.setdefault(layer, []).append(neuron)
+    return neurons
+
+
+def find_register_neurons(
+    model: TestTimeRegisterMixin,
+    images: Images,
+    *,
+    threshold: float | None = None,
+    detection_layer: int = -1,
+    highest_layer: int | None = None,
+    top_k: int | None = None,
+    max_top_k: int = 32,
+    remaining_outliers: float = 0.01,
+    num_images: int | None = None,
+    eval_images: int = 32,
+    batch_size: int = 16,
+    seed: int = 0,
+    checkpoint: str = "",
+) -> DiscoveryResult:
+    """Find the register neurons of ``model`` from ``images`` (a sequence of preprocessed ``(3, H, W)`` tensors).
+
+    Args:
+        threshold: norm above which a patch token at ``detection_layer`` is an outlier (the authors use 30 for
+            OpenCLIP); `None` picks it from the norm distribution (`AUTOMATIC_THRESHOLD_RULE`).
+        detection_layer: block whose output norms define the outliers (the authors' default: the last, -1).
+        highest_layer: last layer searched for neurons (default: the detection layer).
+        top_k: number of neurons to keep; `None` picks the smallest k whose edit leaves at most
+            ``remaining_outliers`` of the outliers on up to ``eval_images`` images that have them (k <= ``max_top_k``).
+        num_images: use a random subset of this many images, drawn with ``seed`` (default: all).
+        checkpoint: checkpoint id recorded in the index.
+
+    The model's own index is restored afterwards. Under ``torchrun`` every process takes its share of the images and
+    every statistic is summed over processes, so all of them return the same result as one process would.
+    """
+    num_layers = len(model._blocks())
+    detection = resolve_layers([detection_layer], num_layers)[0]
+    highest = detection if highest_layer is None else resolve_layers([highest_layer], num_layers)[0]
+    selected = list(range(len(images)))
+    if num_images is not None and num_images < len(selected):
+        selected = sorted(torch.randperm(len(selected), generator=torch.Generator().manual_seed(seed))[:num_images].tolist())
+    rank, world_size = rank_and_world_size()
+    config = model.config
+    num_registers = max(config.num_test_time_registers, 1)
+    with with_register_neurons(model, {}):
+        histogram = _norm_histogram(model, images, selected[rank::world_size], detection, batch_size)
+        rule = AUTOMATIC_THRESHOLD_RULE if threshold is None else "given"
+        if threshold is None:
+            threshold = robust_threshold(histogram.median(), histogram.mad())
+        scores, outliers_per_image = _neuron_scores(model, images, selected[rank::world_size], detection, highest, threshold, batch_size)
+        has_outliers = torch.zeros(len(selected), dtype=torch.float64, device=scores.device)
+        has_outliers[rank::world_size] = (outliers_per_image > 0).double()
+        num_outliers = all_reduce(outliers_per_image.sum().double())
+        all_reduce(scores)
+        all_reduce(has_outliers)
+        image_size = int(images[0].shape[-1])
+        facts = dict(
+            num_images=len(selected),
+            num_images_with_outliers=int(has_outliers.sum()),
+            num_outlier_tokens=int(num_outliers),
+            num_patch_tokens=histogram.total,
+            detection_layer=detection,
+            highest_layer=highest,
+            threshold=threshold,
+            threshold_rule=rule,
+            median_norm=histogram.median(),
+            max_norm=float(histogram.maximum),
+        )
+        if facts["num_images_with_outliers"] == 0:
+            return DiscoveryResult(index=None, **facts)
+        scores /= facts["num_images_with_outliers"]
+        order = scores.flatten().sort(descending=True, stable=True).indices[: max(max_top_k, top_k or 0)].tolist()
+        ranked = [(i // scores.shape[1], i % scores.shape[1], float(scores.flatten()[i])) for i in order]
+        evaluation = [selected[i] for i in has_outliers.nonzero().flatten().tolist()[:eval_images]][rank::world_size]
+
+        @functools.cache
+        def ratio_with(k: int) -> float:
+            model.set_register_neurons(_neurons_of(ranked[:k]), num_test_time_registers=num_registers)
+            return _outlier_ratio(model, images, evaluation, detection, threshold, batch_size)
+
+        before = ratio_with(0)
+        k = top_k or _smallest_k(ratio_with, len(ranked), before, remaining_outliers)
+        after = ratio_with(k)
+        details = {
+            **facts,
+            "top_k": k,
+            "top_k_rule": "given" if top_k else f"smallest k leaving <= {remaining_outliers:g} of the outliers",
+            "scores": [[layer, neuron, score] for layer, neuron, score in ranked[:k]],
+            "eval_outlier_ratio_before": before,
+            "eval_outlier_ratio_after": after,
+            "seed": seed,
+            "weights_fingerprint": weights_fingerprint(model),
+            "package_version": _package_version(),
+        }
+        index = RegisterNeuronIndex(
+            neurons=_neurons_of(ranked[:k]),
+            num_layers=config.num_hidden_layers,
+            mlp_width=config.mlp_width,
+            semantics=config.register_semantics,
+            checkpoints={"hub": checkpoint} if checkpoint else {},
+            image_size=image_size,
+            source=f"ttreg find-neurons (ttreg_hf {_package_version()})",
+            details=details,
+        )
+        return DiscoveryResult(index=index, ranked=ranked[: max(k, 8)], top_k=k, eval_outlier_ratio=(before, after), **facts)
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
