@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from .configs import CLIPVisionTTRegConfig, Dinov2TTRegConfig, OpenCLIPVisionTTRegConfig, TestTimeRegisterConfigMixin
+from .discovery import DiscoveryResult, find_register_neurons
 from .index import RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index, load_index, shipped_indices
 from .modeling.clip import CLIPVisionTTRegModel, CLIPVisionTTRegModelOutput, CLIPVisionTTRegModelWithProjection
 from .modeling.dinov2 import Dinov2TTRegModel
@@ -48,6 +49,8 @@ __all__ = [
     "TestTimeRegisterMixin",
     "TestTimeRegisterModelOutput",
     "TokenLayout",
+    "DiscoveryResult",
+    "find_register_neurons",
     "find_shipped_index",
     "load_index",
     "shipped_indices",

@@ -95,7 +95,7 @@ def _plant_register_neurons(model: Dinov2TTRegModel) -> None:
     outlier_direction = _alternating(_OUTLIER.stop - _OUTLIER.start)
     for neuron in PLANTED_NEURONS:
         mlp.fc1.weight[neuron].zero_()
-        mlp.fc1.weight[neuron, _ENERGY] = -4.0
+        mlp.fc1.weight[neuron, _ENERGY] = -12.0
         mlp.fc1.weight[neuron, _CLS_MARK] = -4.0
         mlp.fc1.bias[neuron] = 3.0
         mlp.fc2.weight[:, neuron].zero_()
