@@ -68,23 +68,20 @@ def log_everything(model, images, top_k: int, threshold: float) -> dict[int, lis
 METHODS = {"streaming": streaming, "log-everything": log_everything}
 
 
-def run(method: str, num_images: int, threshold: float) -> tuple[dict, float]:
-    model = build_planted_model(num_test_time_registers=0)
-    images = planted_images(num_images, model)
-    top_k = sum(len(ids) for ids in planted_index().values())
-    start = time.perf_counter()
-    neurons = METHODS[method](model, images, top_k, threshold)
-    return neurons, num_images / (time.perf_counter() - start)
-
-
 def _in_fresh_process(method: str, num_images: int, threshold: float) -> dict:
     command = [sys.executable, __file__, "--child", json.dumps([method, num_images, threshold])]
     return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
 
 
 def _child(method: str, num_images: int, threshold: float) -> None:
+    """Time one method and measure its peak memory beyond the model and the input images."""
+    model = build_planted_model(num_test_time_registers=0)
+    images = planted_images(num_images, model)
+    top_k = sum(len(ids) for ids in planted_index().values())
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    neurons, images_per_second = run(method, num_images, threshold)
+    start = time.perf_counter()
+    neurons = METHODS[method](model, images, top_k, threshold)
+    images_per_second = num_images / (time.perf_counter() - start)
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**10
     print(json.dumps({"neurons": {str(k): v for k, v in neurons.items()}, "ips": images_per_second, "peak": peak}))
 
