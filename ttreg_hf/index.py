@@ -1,4 +1,4 @@
-"""Register-neuron indices: JSON in the ``__metadata__`` header of a safetensors file (no pickle, no tensors needed)."""
+"""Register-neuron indices: JSON in the ``__metadata__`` header of a safetensors file (no tensors needed, no code run)."""
 
 import json
 from collections.abc import Mapping, Sequence
