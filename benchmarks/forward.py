@@ -3,8 +3,8 @@
 Same weights, same inputs, runs interleaved (a, b, c, a, b, c, ...), medians and ratios printed as a table.
 (a) the parent class, (b) the ttreg_hf class with the register on, (c) the parent with the edit done by forward hooks
 as the authors' code does it (a hook on each listed MLP's activation, a Python loop over neurons).
-Peak memory: the extra peak of one forward, each variant measured in a fresh process (CUDA: allocator peak;
-CPU: growth of the peak resident set size).
+Peak memory (CUDA only): the allocator's extra peak over one forward, each variant in a fresh process. On the CPU the
+resident-set peak is set by building the model, so a forward's activations do not show in it.
 
     python benchmarks/forward.py                  # the CPU table (fp32, batch 1 and 8)
     python benchmarks/forward.py --device cuda    # adds fp16/bf16, batch 64, eager and torch.compile
@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -169,7 +168,7 @@ def median_times(functions: dict, pixels: torch.Tensor, repeats: int, warmup: in
 
 
 def peak_memory_mib(name: str, variant: str, batch: int, device: str, dtype: str) -> float:
-    """Extra peak memory of one forward of one variant, measured in a fresh process."""
+    """Extra peak CUDA memory of one forward of one variant, measured in a fresh process."""
     command = [sys.executable, __file__, "--peak-memory", json.dumps([name, variant, batch, device, dtype])]
     return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
 
@@ -178,16 +177,11 @@ def _measure_peak_memory(name: str, variant: str, batch: int, device: str, dtype
     model = build(name, variant, device, getattr(torch, dtype), compiled=False)
     pixels = torch.randn(batch, 3, 224, 224, device=device, dtype=getattr(torch, dtype))
     with torch.inference_mode():
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            model(pixels)
-            print((torch.cuda.max_memory_allocated() - before) / 2**20)
-        else:
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            model(pixels)
-            print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**10)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        model(pixels)
+        print((torch.cuda.max_memory_allocated() - before) / 2**20)
 
 
 def settings(device: str, quick: bool) -> list[tuple[str, int, torch.dtype, bool]]:
@@ -225,7 +219,7 @@ def main() -> None:
         functions = {v: build(name, v, args.device, dtype, compiled and v != "hooks") for v in VARIANTS}
         pixels = torch.randn(batch, 3, 224, 224, device=args.device, dtype=dtype)
         a, b, c = (median_times(functions, pixels, repeats)[v] * 1e3 for v in VARIANTS)
-        memory = "-" if args.no_memory or compiled else " / ".join(
+        memory = "-" if args.no_memory or compiled or args.device == "cpu" else " / ".join(
             f"{peak_memory_mib(name, v, batch, args.device, str(dtype).removeprefix('torch.')):.0f}" for v in VARIANTS
         )
         label = name + (" (real weights)" if name in REAL_WEIGHTS and SHARED_VITS14.is_file() else "")
