@@ -6,6 +6,7 @@ name) if given, else the shipped one for that checkpoint, else an error that say
 """
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from torch import nn
@@ -13,7 +14,7 @@ from torch import nn
 from .configs.clip import CLIPVisionTTRegConfig
 from .index import resolve_index
 from .modeling.clip import CLIPVisionTTRegModel
-from .modeling.dinov2_original import DINOV2_URL, DinoVisionTransformerTTReg, load_dinov2
+from .modeling.dinov2_original import DINOV2_ARCHS, DINOV2_URL, DinoVisionTransformerTTReg, load_dinov2
 from .modeling.registers import IndexSpec, TestTimeRegisterMixin
 
 
@@ -71,12 +72,13 @@ def _clip_vitl14_336(
     return _with_index(model, "clip_vitl14_336", register_neurons, settings.get("register_semantics")).eval()
 
 
+def _openclip_tower(name: str, **kwargs) -> nn.Module:
+    return _openclip(name, **kwargs).visual
+
+
 _LOADERS: dict[str, Callable[..., TestTimeRegisterMixin]] = {
-    **{
-        f"dinov2_{arch}": (lambda arch: lambda **kwargs: _dinov2(arch, **kwargs))(arch)
-        for arch in ("vits14", "vitb14", "vitl14", "vitg14")
-    },
-    **{name: (lambda name: lambda **kwargs: _openclip(name, **kwargs).visual)(name) for name in OPENCLIP_CHECKPOINTS},
+    **{f"dinov2_{arch}": partial(_dinov2, arch) for arch in DINOV2_ARCHS},
+    **{name: partial(_openclip_tower, name) for name in OPENCLIP_CHECKPOINTS},
     "clip_vitl14_336": _clip_vitl14_336,
 }
 MODEL_NAMES = tuple(_LOADERS)
