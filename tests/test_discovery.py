@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndex, RegisterNeuronIndexError
+from ttreg_hf.analysis import patch_norms, run_with_cache
 from ttreg_hf.discovery import check_index_matches, find_register_neurons
 from ttreg_hf.images import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageFolder, normalize
 from ttreg_hf.planted import PLANTED_LAYER, build_planted_model, planted_index, textured_images
@@ -27,6 +28,33 @@ def test_recovers_exactly_the_planted_neurons(planted_result):
     assert planted_result.index.neurons == planted_index()  # precision and recall 1.0, k chosen automatically
     before, after = planted_result.eval_outlier_ratio
     assert before > 0.01 and after == 0
+
+
+def test_scores_equal_an_in_memory_computation_from_every_activation():
+    model, images = build_planted_model(num_test_time_registers=0), planted_images(12)
+    result = find_register_neurons(model, images, threshold=40.0, top_k=6, batch_size=5, eval_images=4)
+    cache = run_with_cache(model, images, mlp="all", blocks=[-1])
+    outliers = patch_norms(cache.block_outputs[5], cache.layout) > 40.0
+    images_with_outliers = outliers.any(dim=-1)
+    scores = torch.stack([
+        torch.stack([cache.layout.patches(cache.mlp_activations[layer])[i][outliers[i]].abs().mean(dim=0)
+                     for i in images_with_outliers.nonzero().flatten()]).mean(dim=0)
+        for layer in range(6)
+    ])
+    expected = [(i // 384, i % 384, float(scores.flatten()[i])) for i in scores.flatten().topk(8).indices]
+    assert [(layer, neuron) for layer, neuron, _ in result.ranked] == [(layer, neuron) for layer, neuron, _ in expected]
+    assert [score for *_, score in result.ranked] == pytest.approx([score for *_, score in expected], rel=1e-5)
+    assert result.num_outlier_tokens == int(outliers.sum()) and result.num_images_with_outliers == int(images_with_outliers.sum())
+    evaluated = outliers[images_with_outliers][:4]
+    assert result.eval_outlier_ratio[0] == pytest.approx(float(evaluated.float().mean()))
+
+
+def test_automatic_threshold_from_a_calibration_sample(planted_result):
+    result = find_register_neurons(build_planted_model(), planted_images(48), calibration_images=16, top_k=4)
+    assert result.index.neurons == planted_index()
+    assert result.threshold_rule.endswith("of 16 images") and "of 16" not in planted_result.threshold_rule
+    assert result.threshold == pytest.approx(planted_result.threshold, rel=0.1)
+    assert result.num_patch_tokens == planted_result.num_patch_tokens == 48 * 256  # the facts cover every image
 
 
 def test_index_records_its_metadata_and_loads_into_the_model(planted_result, tmp_path):

@@ -86,6 +86,7 @@ def _find_neurons_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--highest-layer", type=int, help="last layer searched (default: the detection layer)")
     parser.add_argument("--top-k", type=int, help="number of neurons (default: smallest k that removes the outliers)")
     parser.add_argument("--num-images", type=int, default=500, help="random subset of the images to use")
+    parser.add_argument("--calibration-images", type=int, default=64, help="images the automatic threshold comes from")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     _add_common(parser)
@@ -106,6 +107,7 @@ def _find_neurons(args: argparse.Namespace) -> int:
         highest_layer=args.highest_layer,
         top_k=args.top_k,
         num_images=args.num_images,
+        calibration_images=args.calibration_images,
         batch_size=args.batch_size,
         seed=args.seed,
         checkpoint=args.model if not Path(args.model).is_dir() else Path(args.model).name,
@@ -184,13 +186,21 @@ def _demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    threads = torch.get_num_threads()
+    if args.model == PLANTED:
+        torch.set_num_threads(1)  # the planted model's matrices are too small to gain from threads, and lose a lot
+    try:
+        return _run_demo(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     from .discovery import find_register_neurons
     from .images import ImageFolder, image_statistics, load_image, normalize
     from .planted import planted_index, textured_images
 
     start = time.perf_counter()
-    if args.model == PLANTED:
-        torch.set_num_threads(1)  # the planted model's matrices are too small to gain from threads, and lose a lot
     model = load_model(args.model, args.device, args.weights, num_test_time_registers=0)
     size = _image_size(args, model)
     image = load_image(args.image, size) if args.image else textured_images(1, seed=2024, size=size)[0]

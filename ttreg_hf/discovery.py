@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .analysis.capture import capture, observe, resolve_layers
+from .analysis.capture import capture, resolve_layers
 from .analysis.interventions import with_register_neurons
 from .analysis.distributed import all_reduce, is_main_process, rank_and_world_size
 from .analysis.metrics import MAD_FACTOR, MIN_NORM_RATIO, NormHistogram, patch_norms, robust_threshold
@@ -117,33 +117,39 @@ def _norm_histogram(model, images: Images, indices: list[int], layer: int, batch
     histogram = NormHistogram(next(model.parameters()).device)
     for pixel_values in _batches(images, indices, batch_size, model, "patch norms"):
         histogram.add(_detection_norms(model, pixel_values, layer))
-    all_reduce(histogram.counts)
-    all_reduce(histogram.maximum, op="max")
-    return histogram
+    return histogram.all_reduce()
+
+
+@dataclass
+class _Scan:
+    """What one pass over the images sums: patch norms, outliers per image, and the neurons' scores."""
+
+    histogram: NormHistogram
+    outliers_per_image: torch.Tensor
+    scores: torch.Tensor  # (highest + 1, mlp_width): per image, mean |activation| at its outliers, summed
 
 
 @torch.no_grad()
-def _neuron_scores(model, images: Images, indices: list[int], detection: int, highest: int, threshold: float, batch_size: int):
-    """Summed per-image mean |activation| at the outliers, ``(highest + 1, mlp_width)``, and outlier tokens per image."""
+def _scan(model, images: Images, indices: list[int], detection: int, highest: int, threshold: float, batch_size: int) -> _Scan:
+    """One forward per batch: the detection layer's norms give the outliers, the same forward's MLP activations
+    (kept for one batch) are read at them."""
     device = next(model.parameters()).device
+    histogram = NormHistogram(device)
     scores = torch.zeros(highest + 1, model.config.mlp_width, dtype=torch.float64, device=device)
-    outliers_per_image = []
+    outliers_per_image = [torch.zeros(0, device=device, dtype=torch.long)]
     for pixel_values in _batches(images, indices, batch_size, model, "neuron scores"):
-        outliers = _detection_norms(model, pixel_values, detection) > threshold
+        with capture(model, mlp=range(highest + 1), blocks=[detection]) as cache:
+            model(pixel_values)
+        norms = patch_norms(cache.block_outputs[detection], cache.layout)
+        histogram.add(norms)
+        outliers = norms > threshold
         counts = outliers.sum(dim=-1)
         weights = outliers / counts.clamp(min=1).unsqueeze(-1)  # rows of images without outliers are zero
-
-        def accumulate(layer: int):
-            def observer(activations: torch.Tensor) -> None:
-                patches = model.token_layout.patches(activations).abs().float()
-                scores[layer] += torch.einsum("bp,bpn->n", weights, patches).double()
-
-            return observer
-
-        with observe(model, mlp={layer: accumulate(layer) for layer in range(highest + 1)}):
-            model(pixel_values)
+        for layer, activations in cache.mlp_activations.items():
+            patches = cache.layout.patches(activations).abs().float()
+            scores[layer] += torch.einsum("bp,bpn->n", weights, patches).double()
         outliers_per_image.append(counts)
-    return scores, torch.cat(outliers_per_image) if outliers_per_image else torch.zeros(0, device=device)
+    return _Scan(histogram.all_reduce(), torch.cat(outliers_per_image), all_reduce(scores))
 
 
 @torch.no_grad()
@@ -173,6 +179,14 @@ def _smallest_k(ratio_with, max_k: int, before: float, remaining_outliers: float
     return high
 
 
+def _random_subset(indices: list[int], size: int | None, seed: int) -> list[int]:
+    """``size`` of ``indices`` drawn with ``seed``, in their order (all of them when there are not more)."""
+    if size is None or size >= len(indices):
+        return indices
+    chosen = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))[:size]
+    return [indices[i] for i in sorted(chosen.tolist())]
+
+
 def _neurons_of(ranked: list[tuple[int, int, float]]) -> dict[int, list[int]]:
     neurons: dict[int, list[int]] = {}
     for layer, neuron, _ in ranked:
@@ -191,6 +205,7 @@ def find_register_neurons(
     max_top_k: int = 32,
     remaining_outliers: float = 0.01,
     num_images: int | None = None,
+    calibration_images: int = 64,
     eval_images: int = 32,
     batch_size: int = 16,
     seed: int = 0,
@@ -200,63 +215,71 @@ def find_register_neurons(
 
     Args:
         threshold: norm above which a patch token at ``detection_layer`` is an outlier (the authors use 30 for
-            OpenCLIP); `None` picks it from the norm distribution (`AUTOMATIC_THRESHOLD_RULE`).
+            OpenCLIP); `None` picks it from the norm distribution (`AUTOMATIC_THRESHOLD_RULE`) of
+            ``calibration_images`` images drawn with ``seed`` (all of them when there are fewer).
         detection_layer: block whose output norms define the outliers (the authors' default: the last, -1).
         highest_layer: last layer searched for neurons (default: the detection layer).
         top_k: number of neurons to keep; `None` picks the smallest k whose edit leaves at most
             ``remaining_outliers`` of the outliers on up to ``eval_images`` images that have them (k <= ``max_top_k``).
         num_images: use a random subset of this many images, drawn with ``seed`` (default: all).
+        batch_size: images per forward; the scoring forward keeps one batch's MLP activations of the searched
+            layers (``batch_size x layers x tokens x mlp_width``), so lower it if memory is short.
         checkpoint: checkpoint id recorded in the index.
 
-    The model's own index is restored afterwards. Under ``torchrun`` every process takes its share of the images and
-    every statistic is summed over processes, so all of them return the same result as one process would.
+    One forward per image scores the neurons (plus one per calibration image for an automatic threshold, and the
+    automatic-k evaluation). The model's own index is restored afterwards. Under ``torchrun`` every process takes its
+    share of the images and every statistic is summed over processes, so all of them return the same result as one
+    process would.
     """
     num_layers = len(model._blocks())
     detection = resolve_layers([detection_layer], num_layers)[0]
     highest = detection if highest_layer is None else resolve_layers([highest_layer], num_layers)[0]
-    selected = list(range(len(images)))
-    if num_images is not None and num_images < len(selected):
-        selected = sorted(torch.randperm(len(selected), generator=torch.Generator().manual_seed(seed))[:num_images].tolist())
+    selected = _random_subset(list(range(len(images))), num_images, seed)
     rank, world_size = rank_and_world_size()
     config = model.config
     num_registers = max(config.num_test_time_registers, 1)
     with with_register_neurons(model, {}):
-        histogram = _norm_histogram(model, images, selected[rank::world_size], detection, batch_size)
-        rule = AUTOMATIC_THRESHOLD_RULE if threshold is None else "given"
+        rule = "given"
         if threshold is None:
+            calibration = _random_subset(selected, calibration_images, seed)
+            histogram = _norm_histogram(model, images, calibration[rank::world_size], detection, batch_size)
             threshold = robust_threshold(histogram.median(), histogram.mad())
-        scores, outliers_per_image = _neuron_scores(model, images, selected[rank::world_size], detection, highest, threshold, batch_size)
-        has_outliers = torch.zeros(len(selected), dtype=torch.float64, device=scores.device)
-        has_outliers[rank::world_size] = (outliers_per_image > 0).double()
-        num_outliers = all_reduce(outliers_per_image.sum().double())
-        all_reduce(scores)
-        all_reduce(has_outliers)
+            rule = AUTOMATIC_THRESHOLD_RULE + ("" if len(calibration) == len(selected) else f" of {len(calibration)} images")
+        scan = _scan(model, images, selected[rank::world_size], detection, highest, threshold, batch_size)
+        outliers_per_image = torch.zeros(len(selected), dtype=torch.float64, device=scan.scores.device)
+        outliers_per_image[rank::world_size] = scan.outliers_per_image.double()
+        all_reduce(outliers_per_image)
+        with_outliers = outliers_per_image.nonzero().flatten().tolist()
+        scores = scan.scores
         image_size = int(images[0].shape[-1])
         facts = dict(
             num_images=len(selected),
-            num_images_with_outliers=int(has_outliers.sum()),
-            num_outlier_tokens=int(num_outliers),
-            num_patch_tokens=histogram.total,
+            num_images_with_outliers=len(with_outliers),
+            num_outlier_tokens=int(outliers_per_image.sum()),
+            num_patch_tokens=scan.histogram.total,
             detection_layer=detection,
             highest_layer=highest,
             threshold=threshold,
             threshold_rule=rule,
-            median_norm=histogram.median(),
-            max_norm=float(histogram.maximum),
+            median_norm=scan.histogram.median(),
+            max_norm=float(scan.histogram.maximum),
         )
-        if facts["num_images_with_outliers"] == 0:
+        if not with_outliers:
             return DiscoveryResult(index=None, **facts)
-        scores /= facts["num_images_with_outliers"]
+        scores /= len(with_outliers)
         order = scores.flatten().sort(descending=True, stable=True).indices[: max(max_top_k, top_k or 0)].tolist()
         ranked = [(i // scores.shape[1], i % scores.shape[1], float(scores.flatten()[i])) for i in order]
-        evaluation = [selected[i] for i in has_outliers.nonzero().flatten().tolist()[:eval_images]][rank::world_size]
+        evaluation = with_outliers[:eval_images]
+        patches_per_image = scan.histogram.total // len(selected)
+        before = float(outliers_per_image[evaluation].sum()) / max(len(evaluation) * patches_per_image, 1)
 
         @functools.cache
         def ratio_with(k: int) -> float:
+            if k == 0:
+                return before  # known from the scan
             model.set_register_neurons(_neurons_of(ranked[:k]), num_test_time_registers=num_registers)
-            return _outlier_ratio(model, images, evaluation, detection, threshold, batch_size)
+            return _outlier_ratio(model, images, [selected[i] for i in evaluation][rank::world_size], detection, threshold, batch_size)
 
-        before = ratio_with(0)
         k = top_k or _smallest_k(ratio_with, len(ranked), before, remaining_outliers)
         after = ratio_with(k)
         details = {

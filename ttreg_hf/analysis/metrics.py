@@ -7,6 +7,7 @@ import torch
 
 from ..modeling.layout import TokenLayout
 from .capture import ActivationCache
+from .distributed import all_reduce
 
 MAD_FACTOR = 6.0  # automatic threshold: median + MAD_FACTOR robust standard deviations ...
 MIN_NORM_RATIO = 3.0  # ... and at least MIN_NORM_RATIO times the median: a tight, outlier-free spread flags nothing
@@ -53,6 +54,12 @@ class NormHistogram:
         bins = (norms.double().clamp(self.LOW, self.HIGH).log2() - math.log2(self.LOW)) * self.BINS_PER_OCTAVE
         self.counts += torch.bincount(bins.long().clamp(max=len(self.counts) - 1).flatten(), minlength=len(self.counts))
         self.maximum = torch.maximum(self.maximum, norms.double().max())
+
+    def all_reduce(self) -> "NormHistogram":
+        """Merge the histograms of all processes (under ``torchrun``), in place; returns it."""
+        all_reduce(self.counts)
+        all_reduce(self.maximum, op="max")
+        return self
 
     @property
     def total(self) -> int:
