@@ -1,6 +1,7 @@
 """The `ttreg` command line: the demo end to end, inspect, help, and clear errors."""
 
 import pytest
+import torch
 
 from ttreg_hf.cli import main
 from ttreg_hf.planted import planted_index, build_planted_model
@@ -10,7 +11,9 @@ from ttreg_hf import RegisterNeuronIndex
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo.png"
+    threads = torch.get_num_threads()
     assert main(["demo", "--out", str(out), "--num-images", "32"]) == 0
+    assert torch.get_num_threads() == threads  # the demo's own thread setting does not leak to its caller
     printed = capsys.readouterr().out
     assert out.stat().st_size > 10_000
     assert "precision 1.00, recall 1.00" in printed

@@ -161,3 +161,15 @@ def test_hub_entry_needs_an_index_and_builds_the_llava_tower():
         model = clip_vitl14_336_tt_reg(pretrained=False, register_neurons={22: [1, 4095]})
     assert isinstance(model, CLIPVisionTTRegModel)
     assert (model.config.image_size, model.config.mlp_width, model.config.hidden_act) == (336, 4096, "quick_gelu")
+
+
+def test_recomputed_attention_equals_the_eager_attention(checkpoint, pixels):
+    from ttreg_hf.analysis import run_with_cache
+
+    model = CLIPVisionTTRegModel.from_pretrained(checkpoint, register_neurons=NEURONS, attn_implementation="eager").eval()
+    cache = run_with_cache(model, pixels, attentions="all")
+    with torch.no_grad():
+        eager = model(pixels, output_attentions=True).attentions
+    for layer in range(VISION["num_hidden_layers"]):
+        assert cache.attentions[layer].shape[-1] == 1 + 4 + 1  # CLS, patches, the test-time register
+        torch.testing.assert_close(cache.attentions[layer], eager[layer])

@@ -163,3 +163,23 @@ def test_hub_entry_needs_an_index():
 
     with pytest.raises(RegisterNeuronIndexError, match="openclip_vitb16.*find-neurons"):
         openclip_vitb16_tt_reg(pretrained=False)
+
+
+def test_recomputed_attention_equals_multihead_attention_weights(pixels):
+    from ttreg_hf.analysis import run_with_cache
+
+    visual = _parent_and_copy(register_neurons=NEURONS)[1].visual
+    blocks, inputs = visual.transformer.resblocks, {}
+    handles = [
+        block.register_forward_pre_hook(lambda module, args, layer=layer: inputs.__setitem__(layer, args[0]))
+        for layer, block in enumerate(blocks)
+    ]
+    cache = run_with_cache(visual, pixels, blocks=None, attentions="all")
+    for handle in handles:
+        handle.remove()
+    for layer, block in enumerate(blocks):
+        normed = block.ln_1(inputs[layer])
+        with torch.no_grad():
+            _, weights = block.attn(normed, normed, normed, need_weights=True, average_attn_weights=False)
+        assert weights.shape[-1] == 1 + 16 + 1  # CLS, patches, the test-time register
+        torch.testing.assert_close(cache.attentions[layer], weights)
