@@ -1,10 +1,10 @@
 """Discovery throughput: streaming `find_register_neurons` vs logging every internal per image (the authors' tool).
 
-On the planted-neuron model (`ttreg_hf.planted`), for 64 and 256 generated images: images per second, peak memory
-(growth of the peak resident set size, each method in a fresh process), and whether both pick the same neurons.
-The baseline runs one image at a time and copies every layer's MLP activations, block outputs and attention maps to
-host memory, then scores the neurons the same way (mean |activation| at the outliers, per image, over the images
-that have outliers; top k).
+On the planted-neuron model (`ttreg_hf.planted`), for 64 and 256 generated images: images per second, extra peak
+memory beyond the model and the images (each method in a fresh process, `peak_memory.py`), and whether both pick the
+same neurons. The baseline runs one image at a time and copies every layer's MLP activations, block outputs and
+attention maps to host memory, then scores the neurons the same way (mean |activation| at the outliers, per image,
+over the images that have outliers; top k). The ceiling is the model's bare batched forward, with no statistics.
 
     python benchmarks/discovery.py             # 64 and 256 images
     python benchmarks/discovery.py --quick     # 16 images (a smoke test)
@@ -12,7 +12,6 @@ that have outliers; top k).
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -23,13 +22,17 @@ from ttreg_hf.discovery import find_register_neurons
 from ttreg_hf.images import image_statistics, normalize
 from ttreg_hf.planted import build_planted_model, planted_index, textured_images
 
+from peak_memory import extra_peak_mib  # benchmarks/peak_memory.py
+
+BATCH_SIZE = 16
+
 
 def planted_images(num_images: int, model) -> torch.Tensor:
     return normalize(textured_images(num_images, seed=0), *image_statistics(model))
 
 
 def streaming(model, images, top_k: int, threshold: float | None) -> dict[int, list[int]]:
-    result = find_register_neurons(model, images, top_k=top_k, threshold=threshold, batch_size=16, eval_images=0)
+    result = find_register_neurons(model, images, top_k=top_k, threshold=threshold, batch_size=BATCH_SIZE, eval_images=0)
     return {layer: sorted(ids) for layer, ids in result.index.neurons.items()}
 
 
@@ -65,7 +68,14 @@ def log_everything(model, images, top_k: int, threshold: float) -> dict[int, lis
     return {layer: sorted(ids) for layer, ids in sorted(index.items())}
 
 
-METHODS = {"streaming": streaming, "log-everything": log_everything}
+def bare_forward(model, images, top_k: int, threshold: float) -> None:
+    """The ceiling: the model's batched forward alone."""
+    with torch.no_grad():
+        for batch in images.split(BATCH_SIZE):
+            model(batch)
+
+
+METHODS = {"streaming": streaming, "log-everything": log_everything, "bare forward": bare_forward}
 
 
 def _in_fresh_process(method: str, num_images: int, threshold: float) -> dict:
@@ -78,12 +88,14 @@ def _child(method: str, num_images: int, threshold: float) -> None:
     model = build_planted_model(num_test_time_registers=0)
     images = planted_images(num_images, model)
     top_k = sum(len(ids) for ids in planted_index().values())
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    neurons = METHODS[method](model, images, top_k, threshold)
-    images_per_second = num_images / (time.perf_counter() - start)
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**10
-    print(json.dumps({"neurons": {str(k): v for k, v in neurons.items()}, "ips": images_per_second, "peak": peak}))
+    result = {}
+
+    def run() -> None:
+        start = time.perf_counter()
+        neurons = METHODS[method](model, images, top_k, threshold) or {}
+        result.update(ips=num_images / (time.perf_counter() - start), neurons={str(k): v for k, v in neurons.items()})
+
+    print(json.dumps({"peak": extra_peak_mib(run, "cpu"), **result}))
 
 
 def main() -> None:
@@ -99,14 +111,14 @@ def main() -> None:
     threshold = find_register_neurons(model, planted_images(16, model), top_k=1, eval_images=0).threshold
     truth = {str(layer): sorted(ids) for layer, ids in planted_index().items()}
     print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; planted model, threshold {threshold:.3g}")
-    print("| images | streaming img/s | log-everything img/s | speed-up | peak MiB streaming / log-everything | "
-          "same neurons | = planted |")
-    print("|---|---|---|---|---|---|---|")
+    print("| images | streaming img/s | log-everything img/s | speed-up | bare forward img/s | streaming / bare | "
+          "extra peak MiB streaming / log-everything | same neurons | = planted |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for num_images in [16] if args.quick else [64, 256]:
-        fast, slow = (_in_fresh_process(method, num_images, threshold) for method in METHODS)
+        fast, slow, bare = (_in_fresh_process(method, num_images, threshold) for method in METHODS)
         print(f"| {num_images} | {fast['ips']:.1f} | {slow['ips']:.1f} | {fast['ips'] / slow['ips']:.1f}x | "
-              f"{fast['peak']:.0f} / {slow['peak']:.0f} | {'yes' if fast['neurons'] == slow['neurons'] else 'no'} | "
-              f"{'yes' if fast['neurons'] == truth else 'no'} |")
+              f"{bare['ips']:.1f} | {fast['ips'] / bare['ips']:.2f} | {fast['peak']:.0f} / {slow['peak']:.0f} | "
+              f"{'yes' if fast['neurons'] == slow['neurons'] else 'no'} | {'yes' if fast['neurons'] == truth else 'no'} |")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Forward overhead of test-time registers: parent class vs ttreg_hf class vs a plain hook-based edit.
 
-Same weights, same inputs, runs interleaved (a, b, c, a, b, c, ...), medians and ratios printed as a table.
+Same weights, same inputs, runs interleaved in rounds (a, b, c, then b, c, a, ...), printed as a table: the median
+time of each, and ratios that are the median over rounds of one round's ratio (drift between rounds cancels out).
 (a) the parent class, (b) the ttreg_hf class with the register on, (c) the parent with the edit done by forward hooks
 as the authors' code does it (a hook on each listed MLP's activation, a Python loop over neurons).
-Peak memory (CUDA only): the allocator's extra peak over one forward, each variant in a fresh process. On the CPU the
-resident-set peak is set by building the model, so a forward's activations do not show in it.
+Edits alone: the only work (b) and (c) do differently, timed by itself (every listed layer's edit on stand-in MLP
+activations of the row's shape), so the comparison is not lost in the forward's run-to-run noise.
+Peak memory: the extra peak of one (warmed-up) forward, each variant in a fresh process: the CUDA allocator's peak, or
+on the CPU the peak resident set size (`peak_memory.py`).
 
     python benchmarks/forward.py                  # the CPU table (fp32, batch 1 and 8)
     python benchmarks/forward.py --device cuda    # adds fp16/bf16, batch 64, eager and torch.compile
@@ -14,6 +17,7 @@ resident-set peak is set by building the model, so a forward's activations do no
 import argparse
 import contextlib
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -25,7 +29,10 @@ import torch
 from transformers import CLIPVisionModel, Dinov2Model
 
 from ttreg_hf import CLIPVisionTTRegConfig, CLIPVisionTTRegModel, Dinov2TTRegModel, load_index
+from ttreg_hf.modeling.edit import RegisterNeuronEdit
 from ttreg_hf.modeling.dinov2_original import convert_original_state_dict, dinov2_config, load_original_state_dict
+
+from peak_memory import EXACT_CPU_ENV, extra_peak_mib  # benchmarks/peak_memory.py
 
 SHARED_VITS14 = Path(__file__).resolve().parents[2] / "shared/weights/dinov2_vits14_imgfocus.safetensors"
 VARIANTS = ("parent", "ttreg", "hooks")
@@ -41,6 +48,15 @@ def synthetic_index(num_layers: int, mlp_width: int, num_neurons: int = 45, seed
     return {layer: ids for layer, ids in index.items() if ids}
 
 
+def edit_neuron_by_neuron(output: torch.Tensor, neurons: list[int], num_registers: int = 1) -> torch.Tensor:
+    """The hook's edit: a Python loop over neurons, each moving its max onto the registers and zeroing the rest."""
+    for neuron in neurons:
+        top = output[:, :, neuron].max(dim=1, keepdim=True).values
+        output[:, :-num_registers, neuron] = 0
+        output[:, -num_registers:, neuron] = top
+    return output
+
+
 @contextlib.contextmanager
 def hook_edit(appender, activations, index, num_registers=1):
     """The authors' way: append the registers with a hook, rewrite each listed activation output neuron by neuron."""
@@ -49,14 +65,7 @@ def hook_edit(appender, activations, index, num_registers=1):
         return torch.cat([output, output.new_zeros(output.shape[0], num_registers, output.shape[-1])], dim=1)
 
     def make_edit(neurons):
-        def edit(module, args, output):
-            for neuron in neurons:
-                top = output[:, :, neuron].max(dim=1, keepdim=True).values
-                output[:, :-num_registers, neuron] = 0
-                output[:, -num_registers:, neuron] = top
-            return output
-
-        return edit
+        return lambda module, args, output: edit_neuron_by_neuron(output, neurons, num_registers)
 
     handles = [appender.register_forward_hook(append)]
     handles += [activations[layer].register_forward_hook(make_edit(ids)) for layer, ids in index.items()]
@@ -150,38 +159,58 @@ def build(name: str, variant: str, device: str, dtype: torch.dtype, compiled: bo
     return torch.compile(model) if compiled else model
 
 
-def median_times(functions: dict, pixels: torch.Tensor, repeats: int, warmup: int = 2) -> dict[str, float]:
-    sync = torch.cuda.synchronize if pixels.is_cuda else (lambda: None)
+def interleaved_times(functions: dict, inputs: torch.Tensor, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Run times in seconds, in rounds that call every function once, in an order rotating from round to round."""
+    sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
+    names = list(functions)
+    times = {name: [] for name in names}
     with torch.inference_mode():
         for _ in range(warmup):
             for function in functions.values():
-                function(pixels)
-        times = {name: [] for name in functions}
-        for _ in range(repeats):
-            for name, function in functions.items():  # interleaved: drift on a noisy machine hits all alike
+                function(inputs)
+        for round_ in range(repeats):
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                 sync()
                 start = time.perf_counter()
-                function(pixels)
+                functions[name](inputs)
                 sync()
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """The median over rounds of one round's time ratio: drift between rounds cancels out."""
+    return statistics.median(n / d for n, d in zip(times[numerator], times[denominator]))
+
+
+def edits_alone(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The edits of one forward on their own, on stand-in MLP activations: (b)'s fused edit vs (c)'s loop."""
+    edits = [mlp.register_edit for mlp in model._register_edit_sites() if isinstance(mlp.register_edit, RegisterNeuronEdit)]
+    shapes = []
+    handle = edits[0].register_forward_pre_hook(lambda module, args: shapes.append(args[0].shape))
+    with torch.inference_mode():
+        model(pixels)
+    handle.remove()
+    hidden = torch.randn(shapes[0], device=pixels.device, dtype=pixels.dtype)
+    return hidden, {
+        "ttreg": lambda h: [edit(h) for edit in edits],
+        "hooks": lambda h: [edit_neuron_by_neuron(h, list(edit.neuron_ids)) for edit in edits],
+    }
 
 
 def peak_memory_mib(name: str, variant: str, batch: int, device: str, dtype: str) -> float:
-    """Extra peak CUDA memory of one forward of one variant, measured in a fresh process."""
+    """Extra peak memory of one forward of one variant, measured in a fresh process."""
     command = [sys.executable, __file__, "--peak-memory", json.dumps([name, variant, batch, device, dtype])]
-    return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ, **EXACT_CPU_ENV})
+    return float(result.stdout.split()[-1])
 
 
 def _measure_peak_memory(name: str, variant: str, batch: int, device: str, dtype: str) -> None:
     model = build(name, variant, device, getattr(torch, dtype), compiled=False)
     pixels = torch.randn(batch, 3, 224, 224, device=device, dtype=getattr(torch, dtype))
     with torch.inference_mode():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        model(pixels)
-        print((torch.cuda.max_memory_allocated() - before) / 2**20)
+        model(pixels)  # warm-up: one-off allocations are not the forward's
+        print(extra_peak_mib(lambda: model(pixels), device))
 
 
 def settings(device: str, quick: bool) -> list[tuple[str, int, torch.dtype, bool]]:
@@ -213,18 +242,25 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, 224 px, median of {repeats} interleaved runs")
     print("| model | batch | dtype | compiled | parent (a) ms | ttreg_hf (b) ms | hooks (c) ms | b/a | c/a | "
-          "peak MiB a / b / c |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "edits alone ms b / c | peak MiB a / b / c |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, batch, dtype, compiled in settings(args.device, args.quick):
         functions = {v: build(name, v, args.device, dtype, compiled and v != "hooks") for v in VARIANTS}
         pixels = torch.randn(batch, 3, 224, 224, device=args.device, dtype=dtype)
-        a, b, c = (median_times(functions, pixels, repeats)[v] * 1e3 for v in VARIANTS)
-        memory = "-" if args.no_memory or compiled or args.device == "cpu" else " / ".join(
+        times = interleaved_times(functions, pixels, repeats)
+        a, b, c = (statistics.median(times[v]) * 1e3 for v in VARIANTS)
+        edits = "-"
+        if not compiled:
+            hidden, edit_functions = edits_alone(functions["ttreg"], pixels)
+            edit_times = interleaved_times(edit_functions, hidden, repeats).values()
+            edits = " / ".join(f"{statistics.median(t) * 1e3:.2f}" for t in edit_times)
+        memory = "-" if args.no_memory or compiled else " / ".join(
             f"{peak_memory_mib(name, v, batch, args.device, str(dtype).removeprefix('torch.')):.0f}" for v in VARIANTS
         )
         label = name + (" (real weights)" if name in REAL_WEIGHTS and SHARED_VITS14.is_file() else "")
         print(f"| {label} | {batch} | {str(dtype).removeprefix('torch.')} | {'yes' if compiled else 'no'} | "
-              f"{a:.1f} | {b:.1f} | {c:.1f} | {b / a:.3f} | {c / a:.3f} | {memory} |")
+              f"{a:.1f} | {b:.1f} | {c:.1f} | {paired_ratio(times, 'ttreg', 'parent'):.3f} | "
+              f"{paired_ratio(times, 'hooks', 'parent'):.3f} | {edits} | {memory} |")
 
 
 if __name__ == "__main__":

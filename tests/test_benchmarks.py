@@ -12,7 +12,14 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load_script(name: str):
+@pytest.fixture
+def load_script(monkeypatch):
+    """Import a benchmark script as `python benchmarks/NAME.py` would (its folder first on the path)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return _load_script
+
+
+def _load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -32,7 +39,7 @@ def test_forward_benchmark_quick_run_prints_a_table_row():
 
 
 @pytest.mark.parametrize("name", ["DINOv2 ViT-S/14", "CLIP ViT-B/16", "OpenCLIP ViT-B/16"])
-def test_forward_benchmark_variants_compute_the_same_edit(name):
+def test_forward_benchmark_variants_compute_the_same_edit(name, load_script):
     forward = load_script("forward")
     pixels = torch.randn(1, 3, 224, 224)
     outputs = {}
@@ -42,3 +49,19 @@ def test_forward_benchmark_variants_compute_the_same_edit(name):
             outputs[variant] = output if torch.is_tensor(output) else output.pooler_output
     torch.testing.assert_close(outputs["ttreg"], outputs["hooks"], atol=1e-5, rtol=0)
     assert not torch.allclose(outputs["ttreg"], outputs["parent"], atol=1e-3)
+
+
+def test_discovery_benchmark_quick_run_agrees_with_the_planted_truth():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "discovery.py"), "--quick"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| 16 |"))
+    assert row.rstrip().endswith("| yes | yes |")  # both methods pick the same neurons, and the planted ones
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs")
+def test_cpu_peak_memory_sees_a_call_s_temporary_allocation(load_script):
+    extra_peak_mib = load_script("peak_memory").extra_peak_mib
+    assert extra_peak_mib(lambda: torch.ones(64 * 2**20 // 4).sum(), "cpu") >= 60
+    assert extra_peak_mib(lambda: torch.ones(16).sum(), "cpu") < 8
