@@ -68,11 +68,12 @@ def log_everything(model, images, top_k: int, threshold: float) -> dict[int, lis
     return {layer: sorted(ids) for layer, ids in sorted(index.items())}
 
 
-def bare_forward(model, images, top_k: int, threshold: float) -> None:
-    """The ceiling: the model's batched forward alone."""
+def bare_forward(model, images, top_k: int, threshold: float) -> dict[int, list[int]]:
+    """The ceiling: the model's batched forward alone (it finds no neurons)."""
     with torch.no_grad():
         for batch in images.split(BATCH_SIZE):
             model(batch)
+    return {}
 
 
 METHODS = {"streaming": streaming, "log-everything": log_everything, "bare forward": bare_forward}
@@ -92,7 +93,7 @@ def _child(method: str, num_images: int, threshold: float) -> None:
 
     def run() -> None:
         start = time.perf_counter()
-        neurons = METHODS[method](model, images, top_k, threshold) or {}
+        neurons = METHODS[method](model, images, top_k, threshold)
         result.update(ips=num_images / (time.perf_counter() - start), neurons={str(k): v for k, v in neurons.items()})
 
     print(json.dumps({"peak": extra_peak_mib(run, "cpu"), **result}))

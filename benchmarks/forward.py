@@ -29,8 +29,8 @@ import torch
 from transformers import CLIPVisionModel, Dinov2Model
 
 from ttreg_hf import CLIPVisionTTRegConfig, CLIPVisionTTRegModel, Dinov2TTRegModel, load_index
-from ttreg_hf.modeling.edit import RegisterNeuronEdit
 from ttreg_hf.modeling.dinov2_original import convert_original_state_dict, dinov2_config, load_original_state_dict
+from ttreg_hf.modeling.edit import RegisterNeuronEdit
 
 from peak_memory import EXACT_CPU_ENV, extra_peak_mib  # benchmarks/peak_memory.py
 
@@ -240,7 +240,7 @@ def main() -> None:
 
     repeats = 3 if args.quick else args.repeats
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, 224 px, median of {repeats} interleaved runs")
+    print(f"torch {torch.__version__}, {where}, 224 px, {repeats} interleaved rounds")
     print("| model | batch | dtype | compiled | parent (a) ms | ttreg_hf (b) ms | hooks (c) ms | b/a | c/a | "
           "edits alone ms b / c | peak MiB a / b / c |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
