@@ -12,6 +12,7 @@ on the CPU the peak resident set size (`peak_memory.py`).
     python benchmarks/forward.py                  # the CPU table (fp32, batch 1 and 8)
     python benchmarks/forward.py --device cuda    # adds fp16/bf16, batch 64, eager and torch.compile
     python benchmarks/forward.py --quick          # the smallest shape, in seconds (a smoke test)
+    python benchmarks/forward.py --model "DINOv2 ViT-B/14" --repeats 41   # one model's rows, more rounds
 """
 
 import argparse
@@ -213,9 +214,9 @@ def _measure_peak_memory(name: str, variant: str, batch: int, device: str, dtype
         print(extra_peak_mib(lambda: model(pixels), device))
 
 
-def settings(device: str, quick: bool) -> list[tuple[str, int, torch.dtype, bool]]:
+def settings(device: str, quick: bool, names: list[str] | None) -> list[tuple[str, int, torch.dtype, bool]]:
     """(model, batch, dtype, compiled) rows of the table."""
-    names = list(MODELS)[:1] if quick else list(MODELS)
+    names = names or (list(MODELS)[:1] if quick else list(MODELS))
     if device == "cpu":
         batches = [1] if quick else [1, 8]
         return [(name, batch, torch.float32, False) for name in names for batch in batches]
@@ -232,6 +233,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="only the first model, smallest batch, 3 repeats")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--model", action="append", choices=list(MODELS), help="only this model (repeatable)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory columns")
     parser.add_argument("--peak-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -244,7 +246,7 @@ def main() -> None:
     print("| model | batch | dtype | compiled | parent (a) ms | ttreg_hf (b) ms | hooks (c) ms | b/a | c/a | "
           "edits alone ms b / c | peak MiB a / b / c |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, batch, dtype, compiled in settings(args.device, args.quick):
+    for name, batch, dtype, compiled in settings(args.device, args.quick, args.model):
         functions = {v: build(name, v, args.device, dtype, compiled and v != "hooks") for v in VARIANTS}
         pixels = torch.randn(batch, 3, 224, 224, device=args.device, dtype=dtype)
         times = interleaved_times(functions, pixels, repeats)
