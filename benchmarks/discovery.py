@@ -39,7 +39,7 @@ def streaming(model, images, top_k: int, threshold: float | None) -> dict[int, l
 def log_everything(model, images, top_k: int, threshold: float) -> dict[int, list[int]]:
     """One image at a time, every internal to host memory (what the authors' tool keeps), then Algorithm 1."""
     model.set_attn_implementation("eager")
-    blocks, mlps = model._blocks(), model._register_edit_sites()
+    blocks, mlps = model.transformer_blocks, model.register_edit_sites
     logs = []
     for image in images:
         record = {"mlp": [], "blocks": []}

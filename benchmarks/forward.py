@@ -186,7 +186,7 @@ def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str
 
 def edits_alone(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The edits of one forward on their own, on stand-in MLP activations: (b)'s fused edit vs (c)'s loop."""
-    edits = [mlp.register_edit for mlp in model._register_edit_sites() if isinstance(mlp.register_edit, RegisterNeuronEdit)]
+    edits = [mlp.register_edit for mlp in model.register_edit_sites if isinstance(mlp.register_edit, RegisterNeuronEdit)]
     shapes = []
     handle = edits[0].register_forward_pre_hook(lambda module, args: shapes.append(args[0].shape))
     with torch.inference_mode():

@@ -8,6 +8,7 @@ from ttreg_hf.analysis import (
     ablate_neurons,
     capture,
     patch_norms,
+    rewrite_activations,
     run_with_cache,
     shift_outliers,
     summarize_layers,
@@ -55,31 +56,52 @@ def test_recomputed_attention_equals_the_eager_attention():
     config._attn_implementation = "eager"
     model = Dinov2TTRegModel(config).eval()
     pixel_values = torch.randn(2, 3, 56, 56)
-    cache = run_with_cache(model, pixel_values, attentions="all")
+    _, cache = run_with_cache(model, pixel_values, attentions="all")
     with torch.no_grad():
         eager = model(pixel_values, output_attentions=True).attentions
     for layer in range(2):
         torch.testing.assert_close(cache.attentions[layer], eager[layer])
 
 
-def test_run_with_cache_batches_like_one_forward(planted, pixel_values):
-    one = run_with_cache(planted, pixel_values, mlp=[0], batch_size=4)
-    split = run_with_cache(planted, pixel_values, mlp=[0], batch_size=3)
-    torch.testing.assert_close(one.block_outputs[5], split.block_outputs[5])
-    torch.testing.assert_close(one.mlp_activations[0], split.mlp_activations[0])
+def test_run_with_cache_returns_the_forwards_output_and_its_internals(planted, pixel_values):
+    output, cache = run_with_cache(planted, pixel_values, mlp=[0])
+    with torch.no_grad():
+        expected = planted(pixel_values)
+    assert torch.equal(output.last_hidden_state, expected.last_hidden_state)
+    assert torch.equal(planted.layernorm(cache.block_outputs[5]), expected.last_hidden_state)
+    assert cache.mlp_activations[0].shape == (len(pixel_values), 257, 384) and not cache.mlp_activations[0].requires_grad
+
+
+def test_run_with_cache_keeps_gradients_when_asked(planted, pixel_values):
+    output, cache = run_with_cache(planted, pixel_values[:1], mlp=[2], blocks=[2], keep_grad=True)
+    activations = cache.mlp_activations[2]
+    assert activations.requires_grad and cache.block_outputs[2].requires_grad
+    (gradient,) = torch.autograd.grad(output.pooler_output.sum(), activations)
+    assert gradient.shape == activations.shape and gradient.abs().sum() > 0
+
+
+def test_rewrite_activations_is_a_public_intervention_point(planted, pixel_values):
+    """A new intervention needs only `rewrite_activations`: doubling layer 0's activations changes the output,
+    and nothing is left registered afterwards."""
+    with torch.no_grad():
+        before = planted(pixel_values).last_hidden_state
+        with rewrite_activations(planted, {0: lambda activations: 2 * activations}):
+            doubled = planted(pixel_values).last_hidden_state
+        after = planted(pixel_values).last_hidden_state
+    assert not torch.allclose(doubled, before) and torch.equal(after, before) and hook_count(planted) == 0
 
 
 def test_layer_summaries_see_the_outliers_appear_at_the_planted_layer(planted, pixel_values):
-    summaries = summarize_layers(run_with_cache(planted, pixel_values))
+    summaries = summarize_layers(run_with_cache(planted, pixel_values)[1])
     assert [s.max_median_ratio > 10 for s in summaries] == [False, False, False, True, True, True]
 
 
 def test_shift_moves_the_outlier_and_the_attention_to_the_chosen_patch(planted, pixel_values):
     position = 5
-    original = run_with_cache(planted, pixel_values, blocks=[-1])
+    _, original = run_with_cache(planted, pixel_values, blocks=[-1])
     with_outliers = pixel_values[patch_norms(original.block_outputs[5], original.layout).amax(dim=-1) > 100]
     with shift_outliers(planted, planted_index(), position):
-        cache = run_with_cache(planted, with_outliers, blocks=[-1], attentions=[-1])
+        _, cache = run_with_cache(planted, with_outliers, blocks=[-1], attentions=[-1])
     norms = patch_norms(cache.block_outputs[5], cache.layout)
     assert len(with_outliers) >= 2 and (norms.argmax(dim=-1) == position).all()
     assert (norms[:, position] > 10 * norms.median(dim=-1).values).all()
@@ -94,7 +116,7 @@ def test_shift_refuses_a_model_with_its_edit_on(pixel_values):
 
 def test_ablating_the_planted_neurons_removes_the_outliers(planted, pixel_values):
     with ablate_neurons(planted, planted_index()):
-        summary = summarize_layers(run_with_cache(planted, pixel_values, blocks=[-1]))[0]
+        summary = summarize_layers(run_with_cache(planted, pixel_values, blocks=[-1])[1])[0]
     assert summary.max_median_ratio < 2 and hook_count(planted) == 0
 
 

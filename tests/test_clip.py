@@ -167,7 +167,7 @@ def test_recomputed_attention_equals_the_eager_attention(checkpoint, pixels):
     from ttreg_hf.analysis import run_with_cache
 
     model = CLIPVisionTTRegModel.from_pretrained(checkpoint, register_neurons=NEURONS, attn_implementation="eager").eval()
-    cache = run_with_cache(model, pixels, attentions="all")
+    _, cache = run_with_cache(model, pixels, attentions="all")
     with torch.no_grad():
         eager = model(pixels, output_attentions=True).attentions
     for layer in range(VISION["num_hidden_layers"]):

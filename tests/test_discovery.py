@@ -33,7 +33,7 @@ def test_recovers_exactly_the_planted_neurons(planted_result):
 def test_scores_equal_an_in_memory_computation_from_every_activation():
     model, images = build_planted_model(num_test_time_registers=0), planted_images(12)
     result = find_register_neurons(model, images, threshold=40.0, top_k=6, batch_size=5, eval_images=4)
-    cache = run_with_cache(model, images, mlp="all", blocks=[-1])
+    _, cache = run_with_cache(model, images, mlp="all", blocks=[-1])
     outliers = patch_norms(cache.block_outputs[5], cache.layout) > 40.0
     images_with_outliers = outliers.any(dim=-1)
     scores = torch.stack([

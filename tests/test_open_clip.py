@@ -174,7 +174,7 @@ def test_recomputed_attention_equals_multihead_attention_weights(pixels):
         block.register_forward_pre_hook(lambda module, args, layer=layer: inputs.__setitem__(layer, args[0]))
         for layer, block in enumerate(blocks)
     ]
-    cache = run_with_cache(visual, pixels, blocks=None, attentions="all")
+    _, cache = run_with_cache(visual, pixels, blocks=None, attentions="all")
     for handle in handles:
         handle.remove()
     for layer, block in enumerate(blocks):

@@ -13,7 +13,7 @@ def pixel_values():
 
 
 def last_layer(model, pixel_values):
-    cache = run_with_cache(model, pixel_values, blocks=[-1], attentions=[-1])
+    _, cache = run_with_cache(model, pixel_values, blocks=[-1], attentions=[-1])
     return summarize_layers(cache)[0]
 
 

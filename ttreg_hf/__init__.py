@@ -3,14 +3,21 @@
 from transformers import AutoConfig, AutoModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
-from .configs import CLIPVisionTTRegConfig, Dinov2TTRegConfig, OpenCLIPVisionTTRegConfig, TestTimeRegisterConfigMixin
+from .configs import CLIPVisionTTRegConfig, Dinov2TTRegConfig, TestTimeRegisterConfig, TestTimeRegisterConfigMixin
 from .discovery import DiscoveryResult, find_register_neurons
 from .index import RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index, load_index, shipped_indices
 from .modeling.clip import CLIPVisionTTRegModel, CLIPVisionTTRegModelOutput, CLIPVisionTTRegModelWithProjection
 from .modeling.dinov2 import Dinov2TTRegModel
 from .modeling.edit import RegisterNeuronEdit
 from .modeling.layout import TokenLayout
-from .modeling.registers import PreTrainedTestTimeRegisterMixin, TestTimeRegisterMixin, TestTimeRegisterModelOutput
+from .modeling.registers import (
+    PreTrainedTestTimeRegisterMixin,
+    RegisterSeams,
+    TestTimeRegisterMixin,
+    TestTimeRegisterModelOutput,
+    adopt,
+    check_pixel_values,
+)
 
 __version__ = "0.1.0"
 
@@ -43,13 +50,16 @@ __all__ = [
     "RegisterNeuronEdit",
     "RegisterNeuronIndex",
     "RegisterNeuronIndexError",
-    "OpenCLIPVisionTTRegConfig",
     "PreTrainedTestTimeRegisterMixin",
+    "RegisterSeams",
+    "TestTimeRegisterConfig",
     "TestTimeRegisterConfigMixin",
     "TestTimeRegisterMixin",
     "TestTimeRegisterModelOutput",
     "TokenLayout",
     "DiscoveryResult",
+    "adopt",
+    "check_pixel_values",
     "find_register_neurons",
     "find_shipped_index",
     "load_index",

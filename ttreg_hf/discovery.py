@@ -231,7 +231,7 @@ def find_register_neurons(
     share of the images and every statistic is summed over processes, so all of them return the same result as one
     process would.
     """
-    num_layers = len(model._blocks())
+    num_layers = len(model.transformer_blocks)
     detection = resolve_layers([detection_layer], num_layers)[0]
     highest = detection if highest_layer is None else resolve_layers([highest_layer], num_layers)[0]
     selected = _random_subset(list(range(len(images))), num_images, seed)

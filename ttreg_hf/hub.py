@@ -12,28 +12,18 @@ from pathlib import Path
 from torch import nn
 
 from .configs.clip import CLIPVisionTTRegConfig
-from .index import resolve_index
 from .modeling.clip import CLIPVisionTTRegModel
-from .modeling.dinov2_original import DINOV2_ARCHS, DINOV2_URL, DinoVisionTransformerTTReg, load_dinov2
+from .modeling.dinov2_original import DINOV2_ARCHS, DINOV2_URL, DinoVisionTransformerTTReg, dinov2_config, load_dinov2
 from .modeling.registers import IndexSpec, TestTimeRegisterMixin
 
 
-def _with_index(
-    model: TestTimeRegisterMixin, name: str, register_neurons: IndexSpec | None, register_semantics: str | None = None
-) -> TestTimeRegisterMixin:
-    """Attach ``register_neurons``, else the shipped index for ``name``; fail clearly when there is none.
-
-    ``register_semantics``, when the caller chose it, wins over an index file's."""
-    num_registers = model.config.num_test_time_registers
-    index = resolve_index(register_neurons, checkpoint=name, saved=False, num_registers=num_registers)
-    return model.set_register_neurons(index, register_semantics=register_semantics)
-
-
 def _dinov2(arch: str, pretrained: bool, weights: str | Path | None, register_neurons: IndexSpec | None, **settings):
+    config = dinov2_config(arch, **settings)
+    semantics = settings.get("register_semantics")
+    config.attach_register_neurons(register_neurons, checkpoint=f"dinov2_{arch}", register_semantics=semantics)
     if pretrained and weights is None:
         weights = DINOV2_URL.format(arch=arch)
-    semantics = settings.get("register_semantics")
-    return _with_index(load_dinov2(arch, weights, **settings), f"dinov2_{arch}", register_neurons, semantics)
+    return load_dinov2(config, weights)
 
 
 # name -> (open_clip model name, LAION-2B pretrained tag), the checkpoints of the paper
@@ -56,8 +46,7 @@ def _openclip(
 
     model_name, tag = OPENCLIP_CHECKPOINTS[name]
     checkpoint = str(weights) if weights else tag if pretrained else None
-    model, _, _ = create_model_and_transforms(model_name, checkpoint, register_neurons={}, **settings)
-    _with_index(model.visual, name, register_neurons, settings.get("register_semantics"))
+    model, _, _ = create_model_and_transforms(model_name, checkpoint, register_neurons=register_neurons, **settings)
     return model.eval()
 
 
@@ -66,10 +55,14 @@ def _clip_vitl14_336(
 ) -> CLIPVisionTTRegModel:
     """``weights`` is a local `transformers` checkpoint folder."""
     if pretrained or weights:
-        model = CLIPVisionTTRegModel.from_pretrained(weights or CLIP_VITL14_336, register_neurons={}, **settings)
-    else:
-        model = CLIPVisionTTRegModel(CLIPVisionTTRegConfig(**CLIP_VITL14_336_ARCH, **settings))
-    return _with_index(model, "clip_vitl14_336", register_neurons, settings.get("register_semantics")).eval()
+        return CLIPVisionTTRegModel.from_pretrained(
+            weights or CLIP_VITL14_336, register_neurons=register_neurons, **settings
+        ).eval()
+    config = CLIPVisionTTRegConfig(**CLIP_VITL14_336_ARCH, **settings)
+    config.attach_register_neurons(
+        register_neurons, checkpoint="clip_vitl14_336", register_semantics=settings.get("register_semantics")
+    )
+    return CLIPVisionTTRegModel(config).eval()
 
 
 def _openclip_tower(name: str, **kwargs) -> nn.Module:

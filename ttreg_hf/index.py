@@ -8,8 +8,6 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .modeling.edit import SEMANTICS
-
 SCHEMA_VERSION = 1
 METADATA_KEY = "ttreg_index"
 # a checkout (torch.hub, editable install) has `precomputed/` beside the package; a wheel installs it inside
@@ -79,6 +77,8 @@ class RegisterNeuronIndex:
     details: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        from .configs.registers import SEMANTICS  # the configs import this module
+
         object.__setattr__(self, "neurons", normalize_neurons(self.neurons))
         if self.semantics not in SEMANTICS:
             raise RegisterNeuronIndexError(f"Unknown semantics {self.semantics!r} in index; expected one of {SEMANTICS}.")

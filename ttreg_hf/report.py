@@ -48,7 +48,7 @@ def inspect_image(model: TestTimeRegisterMixin, pixel_values: torch.Tensor, regi
     runs, threshold = [], None
     for label, neurons in (("original", {}), ("with test-time register", register_neurons)):
         with with_register_neurons(model, neurons, **settings):
-            cache = run_with_cache(model, pixel_values, blocks=[-1], attentions=[-1])
+            _, cache = run_with_cache(model, pixel_values, blocks=[-1], attentions=[-1])
         layer = max(cache.block_outputs)
         norms = patch_norms(cache.block_outputs[layer], cache.layout)[0]
         threshold = automatic_threshold(norms) if threshold is None else threshold

@@ -1,7 +1,7 @@
 """Analysis tools that work on every model family: capture internals, measure outliers, intervene."""
 
 from .capture import ActivationCache, capture, observe, run_with_cache
-from .interventions import ablate_neurons, shift_outliers, with_register_neurons
+from .interventions import ablate_neurons, rewrite_activations, shift_outliers, with_register_neurons
 from .metrics import LayerSummary, automatic_threshold, cls_attention, max_median_ratio, patch_norms, summarize_layers
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "max_median_ratio",
     "observe",
     "patch_norms",
+    "rewrite_activations",
     "run_with_cache",
     "shift_outliers",
     "summarize_layers",

@@ -1,8 +1,8 @@
 """Read a model's internals during its forward: MLP activations, block outputs and attention maps, per layer.
 
-Works through the seams of `TestTimeRegisterMixin`, so every model family is covered: the MLP activations are the
-output of each MLP's ``register_edit`` slot (what the output projection receives, after the edit if one is
-attached), the block outputs are the residual stream after each of `_blocks()`, and the attention maps are
+Works through the public seams of `TestTimeRegisterMixin`, so every model family is covered: the MLP activations are
+the output of each MLP's ``register_edit`` slot (what the output projection receives, after the edit if one is
+attached), the block outputs are the residual stream after each of `transformer_blocks`, and the attention maps are
 recomputed from each block's input (see `attention.py`). Hooks exist only inside the ``with`` block.
 """
 
@@ -52,16 +52,22 @@ def observe(
     mlp: Mapping[int, Observer] = {},
     blocks: Mapping[int, Observer] = {},
     attentions: Mapping[int, Observer] = {},
+    detach: bool = True,
 ) -> Iterator[None]:
     """Call each observer with its layer's tensor during every forward inside the ``with`` block.
 
     ``mlp[layer]`` gets ``(batch, tokens, mlp_width)``, ``blocks[layer]`` ``(batch, tokens, width)`` and
     ``attentions[layer]`` ``(batch, heads, tokens, tokens)``; tokens include the test-time registers, if any.
+    ``detach=False`` hands over the MLP activations and block outputs still attached to the autograd graph.
     """
-    sites, block_list = model._register_edit_sites(), model._blocks()
+    sites, block_list = model.register_edit_sites, model.transformer_blocks
 
     def on_output(observer: Observer):
-        return lambda module, args, output: observer(_first_output(output).detach())
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            tensor = _first_output(output)
+            observer(tensor.detach() if detach else tensor)
+
+        return hook
 
     def on_attention(observer: Observer):
         def hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -101,9 +107,16 @@ class ActivationCache:
 
 
 @contextmanager
-def capture(model: TestTimeRegisterMixin, *, mlp: Layers = None, blocks: Layers = None, attentions: Layers = None) -> Iterator[ActivationCache]:
-    """Keep the chosen layers' tensors of the latest forward in an `ActivationCache`."""
-    num_layers = len(model._blocks())
+def capture(
+    model: TestTimeRegisterMixin,
+    *,
+    mlp: Layers = None,
+    blocks: Layers = None,
+    attentions: Layers = None,
+    detach: bool = True,
+) -> Iterator[ActivationCache]:
+    """Keep the chosen layers' tensors of the latest forward in an `ActivationCache` (see `observe` for ``detach``)."""
+    num_layers = len(model.transformer_blocks)
     cache = ActivationCache(model.token_layout)
 
     def keep(store: dict, layers: Layers) -> dict[int, Observer]:
@@ -114,11 +127,11 @@ def capture(model: TestTimeRegisterMixin, *, mlp: Layers = None, blocks: Layers 
         mlp=keep(cache.mlp_activations, mlp),
         blocks=keep(cache.block_outputs, blocks),
         attentions=keep(cache.attentions, attentions),
+        detach=detach,
     ):
         yield cache
 
 
-@torch.no_grad()
 def run_with_cache(
     model: TestTimeRegisterMixin,
     pixel_values: torch.Tensor,
@@ -126,13 +139,16 @@ def run_with_cache(
     mlp: Layers = None,
     blocks: Layers = "all",
     attentions: Layers = None,
-    batch_size: int = 16,
-) -> ActivationCache:
-    """Run ``pixel_values`` in batches and return the chosen layers' tensors for all images, on the model's device."""
+    keep_grad: bool = False,
+    **forward_kwargs,
+) -> tuple[object, ActivationCache]:
+    """One forward of ``pixel_values`` (moved to the model's device and dtype): ``(output, cache)``, as
+    TransformerLens' ``run_with_cache``. ``keep_grad=True`` runs with autograd and keeps the cached MLP activations
+    and block outputs in the graph; otherwise nothing is recorded for autograd."""
     parameter = next(model.parameters())
-    result = ActivationCache(model.token_layout)
-    for batch in pixel_values.split(batch_size):
-        with capture(model, mlp=mlp, blocks=blocks, attentions=attentions) as cache:
-            model(batch.to(parameter.device, parameter.dtype))
-        result.cat(cache)
-    return result
+    pixel_values = pixel_values.to(parameter.device, parameter.dtype)
+    with torch.set_grad_enabled(keep_grad), capture(
+        model, mlp=mlp, blocks=blocks, attentions=attentions, detach=not keep_grad
+    ) as cache:
+        output = model(pixel_values, **forward_kwargs)
+    return output, cache

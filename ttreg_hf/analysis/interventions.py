@@ -5,9 +5,11 @@ Each is a context manager; the model is as before once the ``with`` block ends.
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
+import copy
 
 import torch
 
+from ..configs.registers import REGISTER_SETTINGS
 from ..modeling.edit import RegisterNeuronEdit
 from ..modeling.layout import TokenLayout
 from ..modeling.registers import IndexSpec, TestTimeRegisterMixin
@@ -15,9 +17,15 @@ from ..modeling.registers import IndexSpec, TestTimeRegisterMixin
 Neurons = Mapping[int, Sequence[int]]
 
 
+Rewrite = Callable[[torch.Tensor], torch.Tensor]
+
+
 @contextmanager
-def _rewrite_activations(model: TestTimeRegisterMixin, rewrites: Mapping[int, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
-    sites = model._register_edit_sites()
+def rewrite_activations(model: TestTimeRegisterMixin, rewrites: Mapping[int, Rewrite]) -> Iterator[None]:
+    """Inside the ``with`` block, every forward passes layer ``layer``'s MLP activations (``(batch, tokens,
+    mlp_width)``, at the edit slot: after the activation and after the model's own edit, if any) through
+    ``rewrites[layer]`` before the MLP's output projection. The building block of every intervention here."""
+    sites = model.register_edit_sites
     with ExitStack() as stack:
         for layer, rewrite in rewrites.items():
             hook = sites[layer].register_edit.register_forward_hook(lambda module, args, output, rewrite=rewrite: rewrite(output))
@@ -27,14 +35,14 @@ def _rewrite_activations(model: TestTimeRegisterMixin, rewrites: Mapping[int, Ca
 
 @contextmanager
 def with_register_neurons(model: TestTimeRegisterMixin, register_neurons: IndexSpec, **settings) -> Iterator[TestTimeRegisterMixin]:
-    """Attach ``register_neurons`` (``{}``: edit off) with `set_register_neurons`; the previous index comes back after."""
-    config = model.config
-    saved = dict(config.register_neuron_index), config.num_test_time_registers, config.register_semantics
+    """Attach ``register_neurons`` (``{}``: edit off) with `set_register_neurons`; every previous setting comes back
+    after."""
+    saved = {name: copy.deepcopy(getattr(model.config, name)) for name in REGISTER_SETTINGS}
     model.set_register_neurons(register_neurons, **settings)
     try:
         yield model
     finally:
-        model.set_register_neurons(saved[0], num_test_time_registers=saved[1], register_semantics=saved[2])
+        model.set_register_neurons(saved.pop("register_neurons") or {}, **saved)
 
 
 @contextmanager
@@ -62,7 +70,7 @@ def shift_outliers(model: TestTimeRegisterMixin, neurons: Neurons, position: int
 
     device = next(model.parameters()).device
     edits = {layer: RegisterNeuronEdit(ids, shifted_layout, (1.0,)).to(device) for layer, ids in neurons.items()}
-    with _rewrite_activations(model, {layer: shift(edit) for layer, edit in edits.items()}):
+    with rewrite_activations(model, {layer: shift(edit) for layer, edit in edits.items()}):
         yield
 
 
@@ -74,5 +82,5 @@ def ablate_neurons(model: TestTimeRegisterMixin, neurons: Neurons, value: float 
         index = torch.tensor(list(ids))
         return lambda activations: activations.index_fill(-1, index.to(activations.device), value)
 
-    with _rewrite_activations(model, {layer: ablate(ids) for layer, ids in neurons.items()}):
+    with rewrite_activations(model, {layer: ablate(ids) for layer, ids in neurons.items()}):
         yield

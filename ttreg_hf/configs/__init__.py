@@ -1,5 +1,5 @@
-from .clip import CLIPVisionTTRegConfig, OpenCLIPVisionTTRegConfig
+from .clip import CLIPVisionTTRegConfig
 from .dinov2 import Dinov2TTRegConfig
-from .registers import TestTimeRegisterConfigMixin
+from .registers import TestTimeRegisterConfig, TestTimeRegisterConfigMixin
 
-__all__ = ["CLIPVisionTTRegConfig", "Dinov2TTRegConfig", "OpenCLIPVisionTTRegConfig", "TestTimeRegisterConfigMixin"]
+__all__ = ["CLIPVisionTTRegConfig", "Dinov2TTRegConfig", "TestTimeRegisterConfig", "TestTimeRegisterConfigMixin"]

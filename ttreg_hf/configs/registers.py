@@ -1,10 +1,19 @@
-"""Configuration fields shared by every test-time-register model."""
+"""Configuration fields shared by every test-time-register model, and the one place they are validated."""
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-from ..index import check_neurons_fit, normalize_neurons
-from ..modeling.edit import PATCH_MODES, SEMANTICS
+from huggingface_hub.dataclasses import strict
+
+from ..index import RegisterNeuronIndex, check_neurons_fit, load_index, normalize_neurons, resolve_index
+
+RegisterSemantics = Literal["paper", "reference"]
+RegisterPatchMode = Literal["zero", "mean", "only_outliers", "same"]
+SEMANTICS: tuple[str, ...] = get_args(RegisterSemantics)
+PATCH_MODES: tuple[str, ...] = get_args(RegisterPatchMode)
 
 
 @dataclass
@@ -25,8 +34,8 @@ class TestTimeRegisterConfigMixin:
     register_neurons: dict | None = None
     num_test_time_registers: int = 1
     register_scale: float | int | list[float | int] = 1.0
-    register_semantics: str = "paper"
-    register_patch_mode: str = "zero"
+    register_semantics: RegisterSemantics = "paper"
+    register_patch_mode: RegisterPatchMode = "zero"
 
     def __post_init__(self, **kwargs):
         if self.register_neurons is not None:
@@ -62,6 +71,7 @@ class TestTimeRegisterConfigMixin:
         return (float(self.register_scale),) * self.num_test_time_registers
 
     def validate_test_time_registers(self):
+        """Every register setting, against each other and the model's depth and MLP width."""
         if self.num_test_time_registers < 0:
             raise ValueError(
                 f"num_test_time_registers must be >= 0 (0 turns the edit off), got {self.num_test_time_registers}."
@@ -79,3 +89,57 @@ class TestTimeRegisterConfigMixin:
         if self.register_patch_mode not in PATCH_MODES:
             raise ValueError(f"register_patch_mode must be one of {PATCH_MODES}, got {self.register_patch_mode!r}.")
         check_neurons_fit(self.register_neuron_index, self.num_hidden_layers, self.mlp_width)
+
+    def update_test_time_registers(self, register_neurons=None, **settings) -> None:
+        """Write an index (a dict, a file, a shipped name or a `RegisterNeuronIndex`; `None` keeps the current one)
+        and the settings that are not `None`; an index file's semantics applies unless ``register_semantics`` is
+        given. Everything is validated before anything is written."""
+        updates = {name: value for name, value in settings.items() if value is not None}
+        if register_neurons is not None:
+            index = load_index(register_neurons)
+            if isinstance(index, RegisterNeuronIndex):
+                index.check_fits(self.num_hidden_layers, self.mlp_width)
+                updates.setdefault("register_semantics", index.semantics)
+                index = index.neurons
+            updates["register_neurons"] = {str(layer): list(ids) for layer, ids in index.items()}
+        candidate = dataclasses.replace(self, **updates)
+        candidate.validate_test_time_registers()
+        for name, value in updates.items():
+            setattr(self, name, getattr(candidate, name))
+
+    def attach_register_neurons(self, register_neurons=None, *, checkpoint: str, register_semantics: str | None = None) -> None:
+        """The one path by which every loader attaches an index, before the model is built (so a model without one
+        fails before any weights are downloaded): ``register_neurons`` if given, else the index this config holds
+        (saved with the checkpoint), else the one shipped for ``checkpoint``; none while registers are on is an
+        error that says how to make one."""
+        index = resolve_index(
+            register_neurons,
+            checkpoint=checkpoint,
+            saved=bool(self.register_neurons),
+            num_registers=self.num_test_time_registers,
+        )
+        self.update_test_time_registers(index, register_semantics=register_semantics)
+
+
+@strict
+@dataclass
+class TestTimeRegisterConfig(TestTimeRegisterConfigMixin):
+    r"""
+    The test-time-register settings of a model that has no config of its own (OpenCLIP, timm, your own ViT).
+
+    num_hidden_layers (`int`):
+        Number of transformer blocks.
+    mlp_width (`int`):
+        Number of neurons in each MLP hidden layer (after the gating for gated MLPs).
+    """
+
+    num_hidden_layers: int = 12
+    mlp_width: int = 3072
+
+
+REGISTER_SETTINGS = tuple(field.name for field in dataclasses.fields(TestTimeRegisterConfigMixin))
+
+
+def pop_register_settings(kwargs: dict) -> dict:
+    """The test-time-register fields (`REGISTER_SETTINGS`) among ``kwargs``, removed from it."""
+    return {name: kwargs.pop(name) for name in REGISTER_SETTINGS if name in kwargs}

@@ -12,6 +12,7 @@ from ..configs.clip import CLIPVisionTTRegConfig
 from .layout import TokenLayout
 from .registers import (
     PreTrainedTestTimeRegisterMixin,
+    RegisterSeams,
     TestTimeRegisterModelOutput,
     TestTimeRegisterOutputMixin,
     adopt,
@@ -58,6 +59,13 @@ class CLIPTTRegMLP(CLIPMLP):
         return self.fc2(hidden_states)
 
 
+def adopt_register_modules(vision_model: CLIPVisionModel) -> None:
+    """Turn a `CLIPVisionModel`'s embeddings and MLPs into their register-aware subclasses (weights kept)."""
+    adopt(vision_model.embeddings, CLIPVisionTTRegEmbeddings)
+    for layer in vision_model.encoder.layers:
+        adopt(layer.mlp, CLIPTTRegMLP)
+
+
 class CLIPVisionTTRegModel(PreTrainedTestTimeRegisterMixin, CLIPVisionModel):
     """[`CLIPVisionModel`] with test-time registers: same weights, same output shapes, registers in their own field.
 
@@ -68,62 +76,47 @@ class CLIPVisionTTRegModel(PreTrainedTestTimeRegisterMixin, CLIPVisionModel):
 
     config: CLIPVisionTTRegConfig
     config_class = CLIPVisionTTRegConfig
+    register_seams = RegisterSeams(appender="embeddings", blocks="encoder.layers", mlp="mlp")
     _no_split_modules = [*CLIPVisionModel._no_split_modules, "CLIPVisionTTRegEmbeddings"]
 
     def __init__(self, config: CLIPVisionTTRegConfig):
         super().__init__(config)
-        self._adopt_register_modules()
-
-    def _adopt_register_modules(self) -> None:
-        """Turn the embeddings and MLPs into their register-aware subclasses (weights kept) and build the edits."""
-        adopt(self.embeddings, CLIPVisionTTRegEmbeddings)
-        for layer in self.encoder.layers:
-            adopt(layer.mlp, CLIPTTRegMLP)
-        self._attach_test_time_registers()
-
-    def _register_appender(self) -> nn.Module:
-        return self.embeddings
-
-    def _register_edit_sites(self) -> list[nn.Module]:
-        return [layer.mlp for layer in self.encoder.layers]
-
-    def _blocks(self) -> nn.ModuleList:
-        return self.encoder.layers
+        adopt_register_modules(self)
+        self.refresh_test_time_registers()
 
     @can_return_tuple
     def forward(
         self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool = False, **kwargs
     ) -> TestTimeRegisterModelOutput:
+        self.refresh_test_time_registers()
         outputs = super().forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs)
-        return self._strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
+        return self.strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
 
 
 class CLIPVisionTTRegModelWithProjection(PreTrainedTestTimeRegisterMixin, CLIPVisionModelWithProjection):
-    """[`CLIPVisionModelWithProjection`] whose `vision_model` is a [`CLIPVisionTTRegModel`] (sharing its config)."""
+    """[`CLIPVisionModelWithProjection`] with test-time registers in its `vision_model` (a `CLIPVisionModel` whose
+    embeddings and MLPs are adopted, as in `CLIPVisionTTRegModel`)."""
 
     config: CLIPVisionTTRegConfig
     config_class = CLIPVisionTTRegConfig
+    register_seams = RegisterSeams(appender="vision_model.embeddings", blocks="vision_model.encoder.layers", mlp="mlp")
     _no_split_modules = CLIPVisionTTRegModel._no_split_modules
 
     def __init__(self, config: CLIPVisionTTRegConfig):
         super().__init__(config)
-        adopt(self.vision_model, CLIPVisionTTRegModel)._adopt_register_modules()
-
-    def _register_appender(self) -> nn.Module:
-        return self.vision_model._register_appender()
-
-    def _register_edit_sites(self) -> list[nn.Module]:
-        return self.vision_model._register_edit_sites()
-
-    def _blocks(self) -> nn.ModuleList:
-        return self.vision_model._blocks()
+        adopt_register_modules(self.vision_model)
+        self.refresh_test_time_registers()
 
     @can_return_tuple
     def forward(
         self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool = False, **kwargs
     ) -> CLIPVisionTTRegModelOutput:
         # the parent's forward would drop `test_time_registers`: same composition, one more field
-        vision_outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        self.refresh_test_time_registers()
+        vision_outputs = self.vision_model(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
+        vision_outputs = self.strip_test_time_registers(vision_outputs, TestTimeRegisterModelOutput)
         return CLIPVisionTTRegModelOutput(
             image_embeds=self.visual_projection(vision_outputs.pooler_output),
             last_hidden_state=vision_outputs.last_hidden_state,

@@ -8,7 +8,13 @@ from transformers.utils.generic import can_return_tuple
 
 from ..configs.dinov2 import Dinov2TTRegConfig
 from .layout import TokenLayout
-from .registers import PreTrainedTestTimeRegisterMixin, TestTimeRegisterModelOutput, adopt, check_pixel_values
+from .registers import (
+    PreTrainedTestTimeRegisterMixin,
+    RegisterSeams,
+    TestTimeRegisterModelOutput,
+    adopt,
+    check_pixel_values,
+)
 
 
 class Dinov2TTRegEmbeddings(Dinov2Embeddings):
@@ -46,6 +52,7 @@ class Dinov2TTRegModel(PreTrainedTestTimeRegisterMixin, Dinov2Model):
 
     config: Dinov2TTRegConfig
     config_class = Dinov2TTRegConfig
+    register_seams = RegisterSeams(appender="embeddings", blocks="encoder.layer", mlp="mlp")
     _no_split_modules = [*Dinov2Model._no_split_modules, "Dinov2TTRegEmbeddings"]
 
     def __init__(self, config: Dinov2TTRegConfig):
@@ -53,16 +60,7 @@ class Dinov2TTRegModel(PreTrainedTestTimeRegisterMixin, Dinov2Model):
         adopt(self.embeddings, Dinov2TTRegEmbeddings)
         for layer in self.encoder.layer:
             adopt(layer.mlp, Dinov2TTRegSwiGLUFFN if config.use_swiglu_ffn else Dinov2TTRegMLP)
-        self._attach_test_time_registers()
-
-    def _register_appender(self) -> nn.Module:
-        return self.embeddings
-
-    def _register_edit_sites(self) -> list[nn.Module]:
-        return [layer.mlp for layer in self.encoder.layer]
-
-    def _blocks(self) -> nn.ModuleList:
-        return self.encoder.layer
+        self.refresh_test_time_registers()
 
     @can_return_tuple
     def forward(
@@ -72,8 +70,9 @@ class Dinov2TTRegModel(PreTrainedTestTimeRegisterMixin, Dinov2Model):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> TestTimeRegisterModelOutput:
+        self.refresh_test_time_registers()
         attention_mask = self.token_layout.append_registers_to_mask(attention_mask)
         outputs = super().forward(
             pixel_values, bool_masked_pos=bool_masked_pos, attention_mask=attention_mask, return_dict=True, **kwargs
         )
-        return self._strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
+        return self.strip_test_time_registers(outputs, TestTimeRegisterModelOutput)

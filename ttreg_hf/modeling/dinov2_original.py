@@ -1,5 +1,6 @@
 """DINOv2 as facebookresearch/dinov2 ships it: checkpoint layout, architectures, and its torch.hub interface."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -99,16 +100,15 @@ def load_original_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(weights, map_location="cpu", weights_only=True)
 
 
-def load_dinov2(arch: str, weights: str | Path | None, **settings) -> Dinov2TTRegModel:
-    """`Dinov2TTRegModel` for ``dinov2_{arch}``: random weights when ``weights`` is None, else converted ones."""
-    config = dinov2_config(arch, **settings)
+def load_dinov2(config: Dinov2TTRegConfig, weights: str | Path | None) -> Dinov2TTRegModel:
+    """`Dinov2TTRegModel` of ``config``: random weights when ``weights`` is None, else converted original ones."""
     if weights is None:
         return Dinov2TTRegModel(config).eval()
     state_dict = convert_original_state_dict(load_original_state_dict(weights), config)
-    with torch.device("meta"):
-        model = Dinov2TTRegModel(config)
+    with torch.device("meta"):  # built with the edit off; the edits are built once, on the weights' device
+        model = Dinov2TTRegModel(dataclasses.replace(config, register_neurons=None))
     model.load_state_dict(state_dict, assign=True)
-    return model.set_register_neurons(None).eval()  # rebuilds the edits' buffers off the meta device
+    return model.set_register_neurons(config.register_neurons or {}).eval()
 
 
 class DinoVisionTransformerTTReg(nn.Module):

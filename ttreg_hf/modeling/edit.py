@@ -5,10 +5,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..configs.registers import PATCH_MODES, SEMANTICS
 from .layout import TokenLayout
-
-SEMANTICS = ("paper", "reference")
-PATCH_MODES = ("zero", "mean", "only_outliers", "same")
 
 
 class RegisterNeuronEdit(nn.Module):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForImageTextToText, CLIPVisionConfig, PreTrainedConfig, PreTrainedModel
 
-from ..configs.clip import CLIPVisionTTRegConfig, pop_register_settings
-from ..index import resolve_index
+from ..configs.clip import CLIPVisionTTRegConfig
+from ..configs.registers import pop_register_settings
 from .clip import CLIPVisionTTRegModel
 from .registers import IndexSpec
 
@@ -49,15 +49,7 @@ def load_llava(
     settings = pop_register_settings(kwargs)
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path)
     config = with_test_time_register_tower(config, **settings)
-    tower_config = config.vision_config
-    register_neurons = resolve_index(
-        register_neurons,
-        checkpoint=str(pretrained_model_name_or_path),
-        saved=bool(tower_config.register_neurons),
-        num_registers=tower_config.num_test_time_registers,
+    config.vision_config.attach_register_neurons(
+        register_neurons, checkpoint=str(pretrained_model_name_or_path), register_semantics=settings.get("register_semantics")
     )
-    model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
-    vision_tower_with_registers(model).set_register_neurons(
-        register_neurons, register_semantics=settings.get("register_semantics")
-    )
-    return model
+    return model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)

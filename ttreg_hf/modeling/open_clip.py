@@ -5,18 +5,15 @@ The weights and state-dict keys stay as they are: the registers are appended by 
 ``c_proj`` of every block's MLP, and the registers are stripped before pooling and from `forward_intermediates`.
 """
 
-from collections import OrderedDict
-
 import open_clip
 import torch
 from open_clip.pretrained import get_pretrained_cfg
 from open_clip.transformer import Transformer, VisionTransformer
 from torch import nn
 
-from ..configs.clip import OpenCLIPVisionTTRegConfig, pop_register_settings
-from ..index import resolve_index
+from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings
 from .layout import TokenLayout
-from .registers import IndexSpec, TestTimeRegisterMixin, adopt, check_pixel_values
+from .registers import IndexSpec, RegisterSeams, TestTimeRegisterMixin, adopt, check_pixel_values
 
 
 class RegisterAppendingPatchDropout(nn.Module):
@@ -42,14 +39,27 @@ class TTRegTransformer(Transformer):
         return x, [self.token_layout.strip_registers(tokens) for tokens in intermediates]
 
 
-def _with_register_edit_slot(mlp: nn.Sequential) -> nn.Sequential:
-    """``mlp`` with an empty ``register_edit`` slot right after ``gelu``; it holds no state, so the keys stay the same."""
-    children = []
-    for name, module in mlp.named_children():
-        children.append((name, module))
-        if name == "gelu":
-            children.append(("register_edit", nn.Identity()))
-    return nn.Sequential(OrderedDict(children))
+class OpenCLIPTTRegMLP(nn.Sequential):
+    """open_clip's ``Sequential(c_fc, activation, c_proj)`` MLP with the register-neuron edit after the activation."""
+
+    register_edit: nn.Module
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        fc, activation, projection = self[0], self[1], self[2]
+        return projection(self.register_edit(activation(fc(hidden_states))))
+
+
+def adopt_mlp(mlp: nn.Module) -> OpenCLIPTTRegMLP:
+    """``mlp`` as an `OpenCLIPTTRegMLP` (weights and keys kept), after checking it has the expected structure."""
+    layers = list(mlp.children())
+    if not (
+        type(mlp) is nn.Sequential and len(layers) == 3 and isinstance(layers[0], nn.Linear) and isinstance(layers[2], nn.Linear)
+    ):
+        raise TypeError(
+            "Test-time registers expect open_clip's MLP `Sequential(c_fc: Linear, activation, c_proj: Linear)`, got "
+            f"{mlp!r}; this open_clip model or version builds its blocks differently and is not supported."
+        )
+    return adopt(mlp, OpenCLIPTTRegMLP)
 
 
 class OpenCLIPTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
@@ -57,41 +67,32 @@ class OpenCLIPTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
 
     Build one like the parent, with the register settings as extra keywords (``register_neurons=...``,
     ``num_test_time_registers=...``), or convert a tower in place with `to_test_time_registers`.
-    ``config`` is an `OpenCLIPVisionTTRegConfig`.
+    ``config`` is a `TestTimeRegisterConfig`.
     """
 
-    config: OpenCLIPVisionTTRegConfig
+    config: TestTimeRegisterConfig
+    register_seams = RegisterSeams(
+        appender="patch_dropout", blocks="transformer.resblocks", mlp="mlp", layout_readers=("transformer",)
+    )
 
     def __init__(self, *args, **kwargs):
         settings = pop_register_settings(kwargs)
         super().__init__(*args, **kwargs)
-        self._adopt_register_modules()
+        self.adopt_register_modules()
         self.set_register_neurons(settings.pop("register_neurons", None), **settings)
 
-    def _adopt_register_modules(self) -> None:
+    def adopt_register_modules(self) -> None:
         """Give the tower its config, the appender, the intermediates' stripping and the edit slots (edit off)."""
         blocks = self.transformer.resblocks
-        self.config = OpenCLIPVisionTTRegConfig(num_hidden_layers=len(blocks), mlp_width=blocks[0].mlp.c_fc.out_features)
+        self.config = TestTimeRegisterConfig(num_hidden_layers=len(blocks), mlp_width=blocks[0].mlp[0].out_features)
         self.patch_dropout = RegisterAppendingPatchDropout(self.patch_dropout)
         adopt(self.transformer, TTRegTransformer)
         for block in blocks:
-            block.mlp = _with_register_edit_slot(block.mlp)
-        self._attach_test_time_registers()
-
-    def _register_appender(self) -> nn.Module:
-        return self.patch_dropout
-
-    def _register_edit_sites(self) -> list[nn.Module]:
-        return [block.mlp for block in self.transformer.resblocks]
-
-    def _blocks(self) -> nn.ModuleList:
-        return self.transformer.resblocks
-
-    def _attach_test_time_registers(self) -> None:
-        super()._attach_test_time_registers()
-        self.transformer.token_layout = self.token_layout
+            adopt_mlp(block.mlp)
+        self.refresh_test_time_registers()
 
     def _embeds(self, x: torch.Tensor) -> torch.Tensor:
+        self.refresh_test_time_registers()
         check_pixel_values(x, self.patch_size)
         if tuple(x.shape[-2:]) != tuple(self.image_size):
             raise ValueError(
@@ -107,7 +108,7 @@ class OpenCLIPTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
 def to_test_time_registers(model: nn.Module, register_neurons: IndexSpec | None = None, **settings) -> nn.Module:
     """Turn an open_clip model's ``visual`` (or a `VisionTransformer` itself) into an `OpenCLIPTTRegVisionTransformer`.
 
-    In place, weights kept; returns ``model``. ``settings`` are `OpenCLIPVisionTTRegConfig` fields such as
+    In place, weights kept; returns ``model``. ``settings`` are `TestTimeRegisterConfig` fields such as
     ``num_test_time_registers`` (0: edit off). Without ``register_neurons`` the edit stays off until
     `set_register_neurons` gets an index.
     """
@@ -117,7 +118,7 @@ def to_test_time_registers(model: nn.Module, register_neurons: IndexSpec | None 
             f"Test-time registers need open_clip's VisionTransformer tower (ViT-* models), not {type(visual).__name__}."
         )
     if not isinstance(visual, OpenCLIPTTRegVisionTransformer):
-        adopt(visual, OpenCLIPTTRegVisionTransformer)._adopt_register_modules()
+        adopt(visual, OpenCLIPTTRegVisionTransformer).adopt_register_modules()
     visual.set_register_neurons(register_neurons, **settings)
     return model
 
@@ -138,12 +139,23 @@ def create_model_and_transforms(
     model name such as ``"ViT-B-16"`` (open_clip itself only warns); ``force_quick_gelu=False`` opts out.
     """
     settings = pop_register_settings(kwargs)
-    register_neurons = resolve_index(
-        register_neurons,
-        checkpoint=f"{model_name} ({pretrained})",
-        saved=False,
-        num_registers=settings.get("num_test_time_registers", 1),
+    config = tower_config(model_name, **settings)
+    config.attach_register_neurons(
+        register_neurons, checkpoint=f"{model_name} ({pretrained})", register_semantics=settings.get("register_semantics")
     )
     kwargs.setdefault("force_quick_gelu", checkpoint_uses_quick_gelu(model_name, pretrained))  # False opts out
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_name, pretrained, **kwargs)
-    return to_test_time_registers(model, register_neurons, **settings), preprocess_train, preprocess_val
+    settings = {name: getattr(config, name) for name in REGISTER_SETTINGS}
+    return to_test_time_registers(model, **settings), preprocess_train, preprocess_val
+
+
+def tower_config(model_name: str, **settings) -> TestTimeRegisterConfig:
+    """The register settings of open_clip model ``model_name``'s vision tower, from open_clip's model config (no
+    download): its depth and MLP width bound the index."""
+    vision = (open_clip.get_model_config(model_name) or {}).get("vision_cfg")
+    if vision is None:
+        raise ValueError(f"Unknown open_clip model {model_name!r}; see `open_clip.list_models()`.")
+    width = int(vision.get("width", 768))
+    return TestTimeRegisterConfig(
+        num_hidden_layers=int(vision.get("layers", 12)), mlp_width=int(width * vision.get("mlp_ratio", 4.0)), **settings
+    )

@@ -1,17 +1,25 @@
-"""Register-token plumbing shared by every model family: one layout, one edit per listed layer, stripped outputs."""
+"""Register-token plumbing shared by every model family: one layout, one edit per listed layer, stripped outputs.
 
+A family is a subclass of its parent model that declares where its parts are (`RegisterSeams`, plus the number of
+tokens before the patches, ``num_prefix_tokens``) and adopts two parameter-free subclasses of the parent's modules:
+one that appends the registers, one that calls the edit. Everything else — building the edits from the config,
+stripping outputs, discovery and the analysis tools — reads the declaration.
+"""
+
+import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from transformers import PreTrainedConfig
-
-from ..index import RegisterNeuronIndex, load_index, resolve_index
+from ..configs.registers import REGISTER_SETTINGS
+from ..index import RegisterNeuronIndex, load_index
 from .edit import RegisterNeuronEdit
 from .layout import TokenLayout
 
@@ -36,10 +44,31 @@ class TestTimeRegisterModelOutput(TestTimeRegisterOutputMixin, BaseModelOutputWi
     test_time_registers: torch.FloatTensor | None = None
 
 
+@dataclass(frozen=True)
+class RegisterSeams:
+    """Where a model family keeps the parts test-time registers touch, as dotted attribute paths.
+
+    appender: from the model, the module whose output gets the registers appended: its forward returns
+        ``self.token_layout.append_registers(...)`` (after the position embedding, so the registers get none).
+    blocks: from the model, the transformer blocks in order; their outputs are the residual stream.
+    mlp: from each block, the MLP whose forward calls ``self.register_edit(...)`` on its hidden activations right
+        after the activation function (after the gating for gated MLPs).
+    layout_readers: from the model, further modules whose forward reads ``self.token_layout`` (e.g. one that strips
+        the registers from intermediate outputs).
+    """
+
+    appender: str
+    blocks: str
+    mlp: str
+    layout_readers: tuple[str, ...] = ()
+
+
 def adopt(module: nn.Module, subclass: type[nn.Module]) -> nn.Module:
     """Make ``module`` an instance of ``subclass``, which changes its forward but adds no parameters.
 
     The weights (and state-dict keys) stay as they are; `torch.nn.utils.parametrize` swaps classes the same way.
+    The rule for an adopted subclass: no ``__init__`` and no state of its own — it overrides ``forward`` and reads
+    only attributes the plumbing sets (``token_layout`` on the appender, ``register_edit`` on the MLPs).
     """
     if not issubclass(subclass, type(module)):
         raise TypeError(f"{subclass.__name__} does not subclass {type(module).__name__}.")
@@ -65,40 +94,58 @@ def check_pixel_values(pixel_values: torch.Tensor, patch_size: int | Sequence[in
 
 
 class TestTimeRegisterMixin:
-    """Gives a vision transformer test-time registers; a model family says only where its parts are.
+    """Gives a vision transformer test-time registers; a model family declares only where its parts are.
 
-    ``self.config`` carries the `TestTimeRegisterConfigMixin` fields plus ``num_hidden_layers`` and ``mlp_width``.
-    A family implements three seams, which the analysis tools read too:
-
-    * `_register_appender`: the module whose output gets the registers appended (it reads ``token_layout``);
-    * `_register_edit_sites`: the MLPs, one per block, each calling its ``register_edit`` slot on the hidden
-      activations right after the activation function;
-    * `_blocks`: the transformer blocks, in order, whose outputs are the residual stream.
+    A family sets ``register_seams`` and ``num_prefix_tokens``, keeps its settings in ``self.config`` (a
+    `TestTimeRegisterConfigMixin` with ``num_hidden_layers`` and ``mlp_width``), and calls
+    `refresh_test_time_registers` in ``__init__`` and first thing in its forward. The config is the one truth: the
+    attached layout and edits are rebuilt from it whenever its register settings change, through
+    `set_register_neurons` or by writing the fields, so ``save_pretrained`` saves exactly what runs.
     """
 
-    num_prefix_tokens = 1
+    register_seams: ClassVar[RegisterSeams]
+    num_prefix_tokens: int = 1
 
-    def _register_appender(self) -> nn.Module:
-        raise NotImplementedError
+    @property
+    def register_appender(self) -> nn.Module:
+        """The module that appends the test-time registers (``register_seams.appender``)."""
+        return self.get_submodule(self.register_seams.appender)
 
-    def _register_edit_sites(self) -> Sequence[nn.Module]:
-        raise NotImplementedError
+    @property
+    def transformer_blocks(self) -> Sequence[nn.Module]:
+        """The transformer blocks in order (``register_seams.blocks``)."""
+        return self.get_submodule(self.register_seams.blocks)
 
-    def _blocks(self) -> Sequence[nn.Module]:
-        raise NotImplementedError
+    @property
+    def register_edit_sites(self) -> list[nn.Module]:
+        """Every block's MLP, whose ``register_edit`` slot holds its layer's edit (``nn.Identity`` when unlisted)."""
+        return [block.get_submodule(self.register_seams.mlp) for block in self.transformer_blocks]
 
     @property
     def token_layout(self) -> TokenLayout:
-        """The layout of the sequence the blocks see, as attached (change it with `set_register_neurons`)."""
-        return self._register_appender().token_layout
+        """The layout of the sequence the blocks see."""
+        return self.register_appender.token_layout
 
-    def _attach_test_time_registers(self) -> None:
-        """Build the layout and the edits from the config; no registers are appended while the index is empty."""
+    def refresh_test_time_registers(self) -> None:
+        """Build the layout and the edits from the config if its register settings changed since the last build.
+
+        One comparison when nothing changed; skipped inside `torch.compile`, whose graph holds the edits it traced.
+        """
+        if torch.compiler.is_compiling():
+            return
+        settings = tuple(getattr(self.config, name) for name in REGISTER_SETTINGS)
+        if settings != self.__dict__.get("_built_register_settings"):
+            self.config.validate_test_time_registers()
+            self._build_test_time_registers()
+            self.__dict__["_built_register_settings"] = copy.deepcopy(settings)
+
+    def _build_test_time_registers(self) -> None:
         config = self.config
         neurons = config.register_neuron_index
         layout = TokenLayout(self.num_prefix_tokens, config.num_test_time_registers if neurons else 0)
-        self._register_appender().token_layout = layout
-        for layer, mlp in enumerate(self._register_edit_sites()):
+        for path in (self.register_seams.appender, *self.register_seams.layout_readers):
+            self.get_submodule(path).token_layout = layout
+        for layer, mlp in enumerate(self.register_edit_sites):
             if layer in neurons and layout.num_registers:
                 edit = RegisterNeuronEdit(
                     neurons[layer], layout, config.register_scales, config.register_semantics, config.register_patch_mode
@@ -117,31 +164,20 @@ class TestTimeRegisterMixin:
         register_semantics: str | None = None,
         register_patch_mode: str | None = None,
     ) -> "TestTimeRegisterMixin":
-        """Attach an index (a dict, a file, a shipped name or a `RegisterNeuronIndex`) and rebuild the edits.
-
-        Settings left as `None` keep their config value, except the semantics, which follows an index file's.
-        `set_register_neurons({})` turns the edit off.
-        """
-        config = self.config
-        index = load_index(register_neurons) if register_neurons is not None else config.register_neuron_index
-        if isinstance(index, RegisterNeuronIndex):
-            index.check_fits(config.num_hidden_layers, config.mlp_width)
-            register_semantics = register_semantics or index.semantics
-            index = index.neurons
-        updates = {
-            "register_neurons": {str(layer): list(ids) for layer, ids in index.items()},
-            "num_test_time_registers": num_test_time_registers,
-            "register_scale": register_scale,
-            "register_semantics": register_semantics,
-            "register_patch_mode": register_patch_mode,
-        }
-        candidate = dataclasses.replace(config, **{k: v for k, v in updates.items() if v is not None})  # validates
-        for name in updates:
-            setattr(config, name, getattr(candidate, name))
-        self._attach_test_time_registers()
+        """Attach an index (a dict, a file, a shipped name or a `RegisterNeuronIndex`): written to the config, then
+        built. Settings left as `None` keep their config value, except the semantics, which follows an index file's.
+        `set_register_neurons({})` turns the edit off. Nothing changes when a setting is invalid."""
+        self.config.update_test_time_registers(
+            register_neurons,
+            num_test_time_registers=num_test_time_registers,
+            register_scale=register_scale,
+            register_semantics=register_semantics,
+            register_patch_mode=register_patch_mode,
+        )
+        self.refresh_test_time_registers()
         return self
 
-    def _strip_test_time_registers(self, outputs: ModelOutput, output_class: type[ModelOutput]) -> ModelOutput:
+    def strip_test_time_registers(self, outputs: ModelOutput, output_class: type[ModelOutput]) -> ModelOutput:
         """``outputs`` with the parent's shapes: registers cut from every token tensor, exposed on their own."""
         layout = self.token_layout
         fields = dict(outputs.items())
@@ -154,7 +190,7 @@ class TestTimeRegisterMixin:
 
 
 class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
-    """`TestTimeRegisterMixin` for `transformers` models: index resolution in `from_pretrained`, buffer init."""
+    """`TestTimeRegisterMixin` for `transformers` models: the index is resolved in `from_pretrained`."""
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -168,23 +204,16 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
 
         The index is, in order: ``register_neurons`` (dict, file, shipped name), the one saved in the checkpoint's
         config, or the shipped index for this checkpoint id. Without one, loading fails (before any weights are
-        downloaded) unless ``num_test_time_registers=0``.
+        downloaded) unless ``num_test_time_registers=0``. The config is read once, and the edits built once.
         """
-        config = kwargs.get("config")
-        if not isinstance(config, PreTrainedConfig):
+        config = kwargs.pop("config", None)
+        if not isinstance(config, cls.config_class):
             hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
-            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        index = resolve_index(
-            register_neurons,
-            checkpoint=str(pretrained_model_name_or_path),
-            saved=bool(config.register_neurons),
-            num_registers=kwargs.get("num_test_time_registers", config.num_test_time_registers),
-        )
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True`
-        # always rebuilt: the edits hold no weights, and their buffers must not stay as loading left them
-        model.set_register_neurons(index, register_semantics=kwargs.get("register_semantics"))
-        return loaded
+            source = config if config is not None else pretrained_model_name_or_path
+            config, kwargs = cls.config_class.from_pretrained(source, return_unused_kwargs=True, **kwargs)
+            kwargs.update(hub_kwargs)
+        config.attach_register_neurons(register_neurons, checkpoint=str(pretrained_model_name_or_path))
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
 
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")

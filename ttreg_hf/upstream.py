@@ -1,0 +1,54 @@
+"""The internals of our dependencies that ttreg_hf imports beyond their top-level public API.
+
+Subclassing a model means depending on its modules (`Dinov2MLP`, open_clip's `Transformer`, ...), which a release
+may move or rename. This is the one list of them: `tests/test_upstream.py` checks that every such import in the
+package is listed here and that each resolves, and names the installed version of the package that moved one.
+"""
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+
+INTERNALS: dict[str, tuple[str, ...]] = {
+    "transformers": (
+        "transformers.conversion_mapping.get_checkpoint_conversion_mapping",
+        "transformers.conversion_mapping.register_checkpoint_conversion_mapping",
+        "transformers.image_utils.IMAGENET_DEFAULT_MEAN",
+        "transformers.image_utils.IMAGENET_DEFAULT_STD",
+        "transformers.image_utils.OPENAI_CLIP_MEAN",
+        "transformers.image_utils.OPENAI_CLIP_STD",
+        "transformers.modeling_outputs.BaseModelOutputWithPooling",
+        "transformers.models.clip.modeling_clip.CLIPMLP",
+        "transformers.models.clip.modeling_clip.CLIPVisionEmbeddings",
+        "transformers.models.clip.modeling_clip.CLIPVisionModelOutput",
+        "transformers.models.dinov2.modeling_dinov2.Dinov2Embeddings",
+        "transformers.models.dinov2.modeling_dinov2.Dinov2MLP",
+        "transformers.models.dinov2.modeling_dinov2.Dinov2SwiGLUFFN",
+        "transformers.utils.ModelOutput",
+        "transformers.utils.generic.can_return_tuple",
+    ),
+    "open_clip_torch": (
+        "open_clip.pretrained.get_pretrained_cfg",
+        "open_clip.transformer.Transformer",
+        "open_clip.transformer.VisionTransformer",
+    ),
+}
+
+
+def missing_internals() -> list[str]:
+    """The listed names that do not resolve with the installed packages, each with the package's version."""
+    missing = []
+    for distribution, names in INTERNALS.items():
+        for name in names:
+            module_name, attribute = name.rsplit(".", 1)
+            try:
+                getattr(importlib.import_module(module_name), attribute)
+            except (ImportError, AttributeError) as error:
+                missing.append(f"{name} ({distribution} {_version(distribution)}): {error}")
+    return missing
+
+
+def _version(distribution: str) -> str:
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "not installed"
