@@ -95,7 +95,8 @@ def load_tt_model(
     """The test-time-register model called ``name`` (one of `MODEL_NAMES`) as the package's model class.
 
     ``pretrained=False`` gives random weights (offline); ``weights`` is a local checkpoint in the upstream layout;
-    ``settings`` are config fields such as ``num_test_time_registers`` or ``register_semantics``.
+    ``settings`` are config fields such as ``num_test_time_registers`` or ``register_semantics``; the DINOv2 models
+    compute upstream DINOv2's numerics unless ``position_interpolation="transformers"`` (see `Dinov2TTRegConfig`).
     """
     if name not in _LOADERS:
         raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}.")
