@@ -25,6 +25,15 @@ SIZES = [(224, 224), (448, 448), (224, 448)]  # 518, the table's own size: test_
 NEURONS = {5: [10, 20], 8: [3]}
 
 
+def size_id(size: tuple[int, int]) -> str:
+    return "x".join(map(str, size))
+
+
+def tiny_config(**settings) -> Dinov2TTRegConfig:
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14)
+    return Dinov2TTRegConfig(**{**tiny, **settings})
+
+
 def assert_features_match(features, expected, num_registers=0):
     end = expected["x_prenorm"].shape[1] - num_registers
     torch.testing.assert_close(features["x_norm_clstoken"], expected["x_norm_clstoken"], atol=1e-4, rtol=0)
@@ -59,7 +68,7 @@ def hub_models(real_weights):
     }
 
 
-@pytest.mark.parametrize("size", SIZES, ids=lambda size: "x".join(map(str, size)))
+@pytest.mark.parametrize("size", SIZES, ids=size_id)
 def test_hub_model_is_upstream_dinov2_with_the_edit_off(hub_models, upstream, size):
     model = hub_models["off"]
     assert model.dinov2.config.position_interpolation == "upstream"
@@ -68,7 +77,7 @@ def test_hub_model_is_upstream_dinov2_with_the_edit_off(hub_models, upstream, si
         assert_features_match(model.forward_features(pixels), upstream(pixels))
 
 
-@pytest.mark.parametrize("size", SIZES, ids=lambda size: "x".join(map(str, size)))
+@pytest.mark.parametrize("size", SIZES, ids=size_id)
 def test_hub_model_is_upstream_dinov2_with_the_hooked_edit(hub_models, upstream, size):
     model = hub_models["on"]
     semantics = model.dinov2.config.register_semantics
@@ -83,14 +92,11 @@ def test_hub_model_is_upstream_dinov2_with_the_hooked_edit(hub_models, upstream,
     assert not torch.allclose(features["x_norm_patchtokens"], unedited["x_norm_patchtokens"], atol=1e-3)
 
 
-@pytest.mark.parametrize(
-    "size", [(56, 56), (28, 112), (112, 28), (70, 70), (42, 98), (98, 42)], ids=lambda size: "x".join(map(str, size))
-)
+@pytest.mark.parametrize("size", [(56, 56), (28, 112), (112, 28), (70, 70), (42, 98), (98, 42)], ids=size_id)
 def test_upstream_interpolation_at_any_size_including_the_tables_patch_count_non_square(size):
     """A 4x4 table: 28x112 has its 16 patches but is not square, so upstream interpolates it (and so must we)."""
     original = random_original_state_dict(dim=32, depth=2, patch_size=14, table_side=4)
-    config = Dinov2TTRegConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14,
-                               num_test_time_registers=0, position_interpolation="upstream")
+    config = tiny_config(num_test_time_registers=0, position_interpolation="upstream")
     model = Dinov2TTRegModel(config).eval()
     model.load_state_dict(convert_original_state_dict(original, config))
     pixels = torch.randn(2, 3, *size)
@@ -99,10 +105,9 @@ def test_upstream_interpolation_at_any_size_including_the_tables_patch_count_non
                               UpstreamDinov2(original, num_heads=2).eval()(pixels))
 
 
-@pytest.mark.parametrize("size", [(224, 224), (224, 448), (518, 518)], ids=lambda size: "x".join(map(str, size)))
+@pytest.mark.parametrize("size", [(224, 224), (224, 448), (518, 518)], ids=size_id)
 def test_transformers_numerics_stay_bit_equal_to_the_parent(size):
-    config = Dinov2TTRegConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=518, patch_size=14,
-                               num_test_time_registers=0)
+    config = tiny_config(num_test_time_registers=0, image_size=518)
     assert config.position_interpolation == "transformers"
     model = Dinov2TTRegModel(config).eval()
     parent = Dinov2Model(config).eval()
@@ -119,8 +124,7 @@ def test_transformers_numerics_stay_bit_equal_to_the_parent(size):
 
 
 def test_the_setting_is_saved_overridable_and_checked(tmp_path):
-    config = Dinov2TTRegConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14,
-                               num_test_time_registers=0, position_interpolation="upstream")
+    config = tiny_config(num_test_time_registers=0, position_interpolation="upstream")
     Dinov2TTRegModel(config).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["position_interpolation"] == "upstream"
     assert Dinov2TTRegModel.from_pretrained(tmp_path).config.position_interpolation == "upstream"
@@ -151,8 +155,7 @@ REMOTE_LOADER = textwrap.dedent(
 
 
 def test_exports_carry_the_setting_into_the_remote_code(tmp_path):
-    config = Dinov2TTRegConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14,
-                               register_neurons={1: [3]}, position_interpolation="upstream")
+    config = tiny_config(register_neurons={1: [3]}, position_interpolation="upstream")
     model = Dinov2TTRegModel(config).eval()
     index = RegisterNeuronIndex(neurons={1: [3]}, num_layers=2, mlp_width=128, source="planted for a test")
     index.save(tmp_path / "index.safetensors")
