@@ -10,7 +10,7 @@ from timm.layers import SwiGLU, SwiGLUPacked
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 from torch import nn
 
-from ttreg_hf import RegisterNeuronIndexError
+from ttreg_hf import RegisterNeuronIndexError, load_index
 from ttreg_hf.modeling.timm import TimmTTRegVisionTransformer, create_model, to_test_time_registers
 
 NEURONS = {0: [3, 40], 2: [5]}
@@ -169,9 +169,16 @@ def test_create_model_passes_timm_kwargs_and_needs_an_index():
     model = create_model("vit_small_patch14_dinov2", register_neurons=NEURONS, num_test_time_registers=2, **tiny)
     assert isinstance(model, TimmTTRegVisionTransformer) and model.num_features == 32 and len(model.blocks) == 3
     assert model.token_layout.num_registers == 2 and model(torch.randn(1, 3, 28, 28)).shape == (1, 32)
-    with pytest.raises(RegisterNeuronIndexError, match="vit_small_patch14_dinov2"):
+    with pytest.raises(RegisterNeuronIndexError, match="dinov2_vits14"):
         create_model("vit_small_patch14_dinov2", **tiny)
     assert create_model("vit_small_patch14_dinov2", num_test_time_registers=0, **tiny).token_layout.num_registers == 0
+
+
+def test_timm_dinov2_gets_the_shipped_dinov2_index():
+    model = create_model("vit_large_patch14_dinov2.lvd142m", device="meta")  # no weights needed to attach an index
+    shipped = load_index("dinov2_vitl14")
+    assert model.config.register_neuron_index == shipped.neurons and model.config.register_semantics == shipped.semantics
+    assert model.blocks[12].mlp.register_edit.neuron_ids == shipped.neurons[12]
 
 
 def test_refuses_models_it_cannot_edit():

@@ -192,15 +192,28 @@ def to_test_time_registers(model: nn.Module, register_neurons: IndexSpec | None 
     return model.set_register_neurons(register_neurons, **settings)
 
 
+# timm's DINOv2 weights are facebook's, converted with the neuron order kept: the shipped indices apply as they are
+DINOV2_HUB_NAMES = {
+    f"vit_{size}_patch14_dinov2": f"dinov2_vit{arch}14"
+    for size, arch in (("small", "s"), ("base", "b"), ("large", "l"), ("giant", "g"))
+}
+
+
 def create_model(model_name: str, pretrained: bool = False, *, register_neurons: IndexSpec | None = None, **kwargs):
     """`timm.create_model` giving a `TimmTTRegVisionTransformer`.
 
-    ``register_neurons`` is required unless ``num_test_time_registers=0``; other register settings
+    The index is ``register_neurons`` (a dict, a file, a shipped name), else the shipped one for the checkpoint
+    (timm's DINOv2 models share the DINOv2 indices, e.g. ``vit_large_patch14_dinov2`` gets ``dinov2_vitl14``'s);
+    without one, building fails unless ``num_test_time_registers=0``. Other register settings
     (``num_test_time_registers``, ``register_scale``, ...) go to the model, everything else to timm.
     """
     settings = pop_register_settings(kwargs)
+    architecture = model_name.split(".")[0]  # without timm's pretrained tag (".lvd142m")
     register_neurons = resolve_index(
-        register_neurons, checkpoint=model_name, saved=False, num_registers=settings.get("num_test_time_registers", 1)
+        register_neurons,
+        checkpoint=DINOV2_HUB_NAMES.get(architecture, architecture),
+        saved=False,
+        num_registers=settings.get("num_test_time_registers", 1),
     )
     model = timm.create_model(model_name, pretrained, **kwargs)
     return to_test_time_registers(model, register_neurons, **settings)
