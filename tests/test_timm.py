@@ -212,3 +212,19 @@ def test_matches_hf_dinov2_on_real_weights(shared_dir):
         expected = reference(pixel_values=pixels)
     torch.testing.assert_close(features, expected.last_hidden_state, atol=1e-4, rtol=0)
     torch.testing.assert_close(registers, expected.test_time_registers, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_analysis_reads_timm_blocks():
+    from ttreg_hf.analysis.capture import run_with_cache
+
+    model = to_test_time_registers(VisionTransformer(**TINY, qk_norm=True), NEURONS).eval()
+    pixels = _pixels("token")
+    cache = run_with_cache(model, pixels, mlp=[0], blocks=[2], attentions=[1])
+    probabilities = []
+    model.blocks[1].attn.fused_attn = False  # timm's own softmax, which feeds `attn_drop`
+    model.blocks[1].attn.attn_drop.register_forward_hook(lambda module, args, output: probabilities.append(output))
+    tokens, registers = model.forward_features_with_registers(pixels)
+    torch.testing.assert_close(cache.attentions[1], probabilities[0], atol=1e-5, rtol=0)
+    assert cache.attentions[1].shape == (3, 2, 18, 18) and cache.mlp_activations[0].shape == (3, 18, 128)
+    torch.testing.assert_close(model.norm(cache.block_outputs[2]), torch.cat((tokens, registers), dim=1), atol=1e-5, rtol=0)
