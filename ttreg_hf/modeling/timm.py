@@ -160,7 +160,7 @@ class TimmTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
         intermediates = [layout.strip_registers(tokens) for tokens in outputs["image_intermediates"]]
         if output_fmt == "NCHW":
             height, width = self.patch_embed.dynamic_feat_size(x.shape[-2:])
-            intermediates = [y.reshape(len(y), height, width, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+            intermediates = [y.unflatten(1, (height, width)).permute(0, 3, 1, 2).contiguous() for y in intermediates]
         prefix_tokens = outputs.get("image_intermediates_prefix") if return_prefix_tokens else None
         features = outputs.get("image_features")
         features = None if features is None else layout.strip_registers(features)
