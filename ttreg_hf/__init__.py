@@ -3,7 +3,13 @@
 from transformers import AutoConfig, AutoModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
-from .configs import CLIPVisionTTRegConfig, Dinov2TTRegConfig, OpenCLIPVisionTTRegConfig, TestTimeRegisterConfigMixin
+from .configs import (
+    CLIPVisionTTRegConfig,
+    Dinov2TTRegConfig,
+    OpenCLIPVisionTTRegConfig,
+    TestTimeRegisterConfigMixin,
+    TimmTTRegConfig,
+)
 from .discovery import DiscoveryResult, find_register_neurons
 from .index import RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index, load_index, shipped_indices
 from .modeling.clip import CLIPVisionTTRegModel, CLIPVisionTTRegModelOutput, CLIPVisionTTRegModelWithProjection
@@ -48,6 +54,7 @@ __all__ = [
     "TestTimeRegisterConfigMixin",
     "TestTimeRegisterMixin",
     "TestTimeRegisterModelOutput",
+    "TimmTTRegConfig",
     "TokenLayout",
     "DiscoveryResult",
     "find_register_neurons",
