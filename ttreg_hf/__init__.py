@@ -4,13 +4,16 @@ from transformers import AutoConfig, AutoModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from .configs import CLIPVisionTTRegConfig, Dinov2TTRegConfig, OpenCLIPVisionTTRegConfig, TestTimeRegisterConfigMixin
+from .configs import DeiTTTRegConfig, DINOv3ViTTTRegConfig, ViTTTRegConfig
 from .discovery import DiscoveryResult, find_register_neurons
 from .index import RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index, load_index, shipped_indices
 from .modeling.clip import CLIPVisionTTRegModel, CLIPVisionTTRegModelOutput, CLIPVisionTTRegModelWithProjection
 from .modeling.dinov2 import Dinov2TTRegModel
+from .modeling.dinov3 import DINOv3ViTTTRegModel
 from .modeling.edit import RegisterNeuronEdit
 from .modeling.layout import TokenLayout
 from .modeling.registers import PreTrainedTestTimeRegisterMixin, TestTimeRegisterMixin, TestTimeRegisterModelOutput
+from .modeling.vit import DeiTTTRegModel, ViTTTRegModel
 
 __version__ = "0.1.0"
 
@@ -32,6 +35,9 @@ def _register(config_class, model_class, parent_class_name: str) -> None:
 _register(Dinov2TTRegConfig, Dinov2TTRegModel, "Dinov2Model")
 _register(CLIPVisionTTRegConfig, CLIPVisionTTRegModel, "CLIPVisionModel")
 _load_parent_checkpoints(CLIPVisionTTRegModelWithProjection, "CLIPVisionModelWithProjection")  # AutoModel: the tower
+_register(ViTTTRegConfig, ViTTTRegModel, "ViTModel")
+_register(DeiTTTRegConfig, DeiTTTRegModel, "DeiTModel")
+_register(DINOv3ViTTTRegConfig, DINOv3ViTTTRegModel, "DINOv3ViTModel")
 
 __all__ = [
     "CLIPVisionTTRegConfig",
@@ -40,6 +46,12 @@ __all__ = [
     "CLIPVisionTTRegModelWithProjection",
     "Dinov2TTRegConfig",
     "Dinov2TTRegModel",
+    "DeiTTTRegConfig",
+    "DeiTTTRegModel",
+    "DINOv3ViTTTRegConfig",
+    "DINOv3ViTTTRegModel",
+    "ViTTTRegConfig",
+    "ViTTTRegModel",
     "RegisterNeuronEdit",
     "RegisterNeuronIndex",
     "RegisterNeuronIndexError",
