@@ -3,6 +3,7 @@ the hook-based reference on the parent, and the rest of the family contract (sha
 
 import pytest
 import torch
+from torch import nn
 from reference_edit import hooked_register_edit
 from transformers import AutoModel, DeiTConfig, DeiTModel, ViTConfig, ViTModel
 
@@ -15,7 +16,9 @@ FAMILIES = {
     "vit": (ViTTTRegConfig, ViTTTRegModel, ViTModel, ViTConfig, 1),
     "deit": (DeiTTTRegConfig, DeiTTTRegModel, DeiTModel, DeiTConfig, 2),
 }
-ARCH = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128, image_size=32, patch_size=8)
+ARCH = dict(
+    hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128, image_size=32, patch_size=8
+)
 
 
 def tiny_config(family, **overrides):
@@ -199,13 +202,19 @@ def test_user_mistakes_are_clear_errors(family):
 
 
 @families
-def test_attention_mask_covers_the_registers(family, images):
-    model = FAMILIES[family][1](tiny_config(family)).eval()
-    num_tokens = FAMILIES[family][4] + 16
+def test_attention_mask_leaves_the_registers_visible(family, images):
+    """A mask over the parent's tokens (one patch hidden) is the reference's with the registers visible."""
+    config = tiny_config(family)
+    model = FAMILIES[family][1](config).eval()
+    mask = torch.ones(4, FAMILIES[family][4] + 16)
+    mask[:, -3] = 0
+    registers_visible = nn.functional.pad(mask, (0, 1), value=1)
     with torch.no_grad():
-        masked = model(images, attention_mask=torch.ones(4, num_tokens))
-        unmasked = model(images)
-    torch.testing.assert_close(with_registers(masked), with_registers(unmasked), atol=1e-6, rtol=0)
+        expected = hooked_output(family, parent_of(family, model), config, images, attention_mask=registers_visible)
+        actual = with_registers(model(images, attention_mask=mask))
+        unmasked = with_registers(model(images))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(actual, unmasked, atol=1e-3)
 
 
 @pytest.mark.parametrize(

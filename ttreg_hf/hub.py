@@ -66,8 +66,8 @@ VIT_B16_ARCH = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=16
 )
 DINOV3_VITL16_ARCH = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224, patch_size=16,
-    num_register_tokens=4,
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+    patch_size=16, num_register_tokens=4,
 )
 # name -> (model class, `transformers` checkpoint, its architecture for random weights)
 TRANSFORMERS_CHECKPOINTS = {
@@ -160,7 +160,7 @@ def clip_vitl14_336_tt_reg(pretrained: bool = True, **kwargs) -> CLIPVisionTTReg
 
 
 def vit_base_patch16_224_tt_reg(pretrained: bool = True, **kwargs) -> ViTTTRegModel:
-    """Google ViT-B/16 (ImageNet-21k, fine-tuned on ImageNet-1k) with a test-time register (no shipped index: pass one)."""
+    """Google ViT-B/16 (ImageNet-21k, fine-tuned on 1k) with a test-time register (no shipped index: pass one)."""
     return load_tt_model("vit_base_patch16_224", pretrained=pretrained, **kwargs)
 
 

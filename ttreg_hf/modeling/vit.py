@@ -27,7 +27,8 @@ class TestTimeRegisterEmbeddingsMixin:
         bool_masked_pos: torch.BoolTensor | None = None,
         interpolate_pos_encoding: bool = False,
     ) -> torch.Tensor:
-        return self.token_layout.append_registers(super().forward(pixel_values, bool_masked_pos, interpolate_pos_encoding))
+        embeddings = super().forward(pixel_values, bool_masked_pos, interpolate_pos_encoding)
+        return self.token_layout.append_registers(embeddings)
 
 
 class TestTimeRegisterMLPMixin:
