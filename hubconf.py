@@ -16,5 +16,5 @@ from ttreg_hf.hub import (  # noqa: E402,F401
     dinov3_vitl16_tt_reg,
     openclip_vitb16_tt_reg,
     openclip_vitl14_tt_reg,
-    vit_base_patch16_224_tt_reg,
+    vit_base_patch16_224_in21k_tt_reg,
 )

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 from reference_edit import hooked_register_edit
-from transformers import AutoModel, DeiTConfig, DeiTModel, ViTConfig, ViTModel
+from transformers import AutoModel, DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTModel, ViTConfig, ViTModel
 
 from ttreg_hf import DeiTTTRegConfig, DeiTTTRegModel, RegisterNeuronIndexError, ViTTTRegConfig, ViTTTRegModel
 from ttreg_hf.hub import load_tt_model
@@ -218,14 +218,25 @@ def test_attention_mask_leaves_the_registers_visible(family, images):
 
 
 @pytest.mark.parametrize(
-    ("name", "model_class", "width"),
-    [("vit_base_patch16_224", ViTTTRegModel, 3072), ("deit_base_distilled_patch16_224", DeiTTTRegModel, 3072)],
+    ("name", "model_class", "has_pooler"),
+    [("vit_base_patch16_224_in21k", ViTTTRegModel, True), ("deit_base_distilled_patch16_224", DeiTTTRegModel, False)],
 )
-def test_hub_names_build_random_weights_offline(name, model_class, width):
+def test_hub_names_build_random_weights_offline(name, model_class, has_pooler):
     with torch.device("meta"):  # the architecture, without spending time on 86M random weights
-        model = load_tt_model(name, pretrained=False, register_neurons={11: [width - 1]})
+        model = load_tt_model(name, pretrained=False, register_neurons={11: [3071]})
         with pytest.raises(RegisterNeuronIndexError, match=f"No register-neuron index is known for '{name}'"):
             load_tt_model(name, pretrained=False)
     assert type(model) is model_class
-    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.mlp_width) == (12, 768, width)
-    assert model.layers[11].mlp.register_edit.neuron_ids == (width - 1,)
+    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.mlp_width) == (12, 768, 3072)
+    assert model.layers[11].mlp.register_edit.neuron_ids == (3071,)
+    assert (model.pooler is not None) == has_pooler
+
+
+def test_hub_loader_reads_a_local_classifier_checkpoint_without_a_pooler(tmp_path, images):
+    """DeiT's hub checkpoints are classifiers: the model is built without the pooler they do not hold."""
+    classifier = DeiTForImageClassificationWithTeacher(DeiTConfig(**ARCH)).eval()
+    classifier.save_pretrained(tmp_path)
+    model = load_tt_model("deit_base_distilled_patch16_224", weights=tmp_path, num_test_time_registers=0)
+    assert model.pooler is None
+    with torch.no_grad():
+        assert torch.equal(model(images).last_hidden_state, classifier.deit(images).last_hidden_state)

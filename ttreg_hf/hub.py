@@ -69,12 +69,15 @@ DINOV3_VITL16_ARCH = dict(
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
     patch_size=16, num_register_tokens=4,
 )
-# name -> (model class, `transformers` checkpoint, its architecture for random weights)
+# name -> (model class, `transformers` checkpoint, its architecture for random weights, model arguments)
 TRANSFORMERS_CHECKPOINTS = {
-    "clip_vitl14_336": (CLIPVisionTTRegModel, CLIP_VITL14_336, CLIP_VITL14_336_ARCH),
-    "vit_base_patch16_224": (ViTTTRegModel, "google/vit-base-patch16-224", VIT_B16_ARCH),
-    "deit_base_distilled_patch16_224": (DeiTTTRegModel, "facebook/deit-base-distilled-patch16-224", VIT_B16_ARCH),
-    "dinov3_vitl16": (DINOv3ViTTTRegModel, "facebook/dinov3-vitl16-pretrain-lvd1689m", DINOV3_VITL16_ARCH),
+    "clip_vitl14_336": (CLIPVisionTTRegModel, CLIP_VITL14_336, CLIP_VITL14_336_ARCH, {}),
+    "vit_base_patch16_224_in21k": (ViTTTRegModel, "google/vit-base-patch16-224-in21k", VIT_B16_ARCH, {}),
+    # a classifier checkpoint: it holds no pooler, so the model gets none rather than a random one
+    "deit_base_distilled_patch16_224": (
+        DeiTTTRegModel, "facebook/deit-base-distilled-patch16-224", VIT_B16_ARCH, {"add_pooling_layer": False}
+    ),
+    "dinov3_vitl16": (DINOv3ViTTTRegModel, "facebook/dinov3-vitl16-pretrain-lvd1689m", DINOV3_VITL16_ARCH, {}),
 }
 
 
@@ -82,11 +85,11 @@ def _transformers(
     name: str, pretrained: bool, weights: str | Path | None, register_neurons: IndexSpec | None, **settings
 ) -> TestTimeRegisterMixin:
     """``weights`` is a local `transformers` checkpoint folder."""
-    model_class, checkpoint, arch = TRANSFORMERS_CHECKPOINTS[name]
+    model_class, checkpoint, arch, model_kwargs = TRANSFORMERS_CHECKPOINTS[name]
     if pretrained or weights:
-        model = model_class.from_pretrained(weights or checkpoint, register_neurons={}, **settings)
+        model = model_class.from_pretrained(weights or checkpoint, register_neurons={}, **model_kwargs, **settings)
     else:
-        model = model_class(model_class.config_class(**arch, **settings))
+        model = model_class(model_class.config_class(**arch, **settings), **model_kwargs)
     return _with_index(model, name, register_neurons, settings.get("register_semantics")).eval()
 
 
@@ -159,13 +162,13 @@ def clip_vitl14_336_tt_reg(pretrained: bool = True, **kwargs) -> CLIPVisionTTReg
     return load_tt_model("clip_vitl14_336", pretrained=pretrained, **kwargs)
 
 
-def vit_base_patch16_224_tt_reg(pretrained: bool = True, **kwargs) -> ViTTTRegModel:
-    """Google ViT-B/16 (ImageNet-21k, fine-tuned on 1k) with a test-time register (no shipped index: pass one)."""
-    return load_tt_model("vit_base_patch16_224", pretrained=pretrained, **kwargs)
+def vit_base_patch16_224_in21k_tt_reg(pretrained: bool = True, **kwargs) -> ViTTTRegModel:
+    """Google ViT-B/16 (ImageNet-21k) with a test-time register (no shipped index: pass one)."""
+    return load_tt_model("vit_base_patch16_224_in21k", pretrained=pretrained, **kwargs)
 
 
 def deit_base_distilled_patch16_224_tt_reg(pretrained: bool = True, **kwargs) -> DeiTTTRegModel:
-    """DeiT-B/16 distilled with a test-time register (no shipped index: pass one)."""
+    """DeiT-B/16 distilled, without a pooler, with a test-time register (no shipped index: pass one)."""
     return load_tt_model("deit_base_distilled_patch16_224", pretrained=pretrained, **kwargs)
 
 
