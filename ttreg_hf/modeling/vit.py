@@ -16,7 +16,7 @@ from .layout import TokenLayout
 from .registers import PreTrainedTestTimeRegisterMixin, TestTimeRegisterModelOutput, adopt, check_pixel_values
 
 
-class TestTimeRegisterEmbeddingsMixin:
+class ViTStyleTTRegEmbeddingsMixin:
     """Appends the test-time registers after the position embedding (they get none)."""
 
     token_layout: TokenLayout
@@ -31,7 +31,7 @@ class TestTimeRegisterEmbeddingsMixin:
         return self.token_layout.append_registers(embeddings)
 
 
-class TestTimeRegisterMLPMixin:
+class ViTStyleTTRegMLPMixin:
     """``fc1 -> activation -> fc2`` with the register-neuron edit right after the activation."""
 
     register_edit: nn.Module
@@ -40,19 +40,19 @@ class TestTimeRegisterMLPMixin:
         return self.fc2(self.register_edit(self.activation_fn(self.fc1(hidden_states))))
 
 
-class ViTTTRegEmbeddings(TestTimeRegisterEmbeddingsMixin, ViTEmbeddings):
+class ViTTTRegEmbeddings(ViTStyleTTRegEmbeddingsMixin, ViTEmbeddings):
     """`ViTEmbeddings` followed by the test-time registers."""
 
 
-class ViTTTRegMLP(TestTimeRegisterMLPMixin, ViTMLP):
+class ViTTTRegMLP(ViTStyleTTRegMLPMixin, ViTMLP):
     """`ViTMLP` with the register-neuron edit right after the activation."""
 
 
-class DeiTTTRegEmbeddings(TestTimeRegisterEmbeddingsMixin, DeiTEmbeddings):
+class DeiTTTRegEmbeddings(ViTStyleTTRegEmbeddingsMixin, DeiTEmbeddings):
     """`DeiTEmbeddings` (CLS, distillation token, patches) followed by the test-time registers."""
 
 
-class DeiTTTRegMLP(TestTimeRegisterMLPMixin, DeiTMLP):
+class DeiTTTRegMLP(ViTStyleTTRegMLPMixin, DeiTMLP):
     """`DeiTMLP` with the register-neuron edit right after the activation."""
 
 
