@@ -5,18 +5,23 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 
 from .configs import (
     CLIPVisionTTRegConfig,
+    DeiTTTRegConfig,
+    DINOv3ViTTTRegConfig,
     Dinov2TTRegConfig,
     OpenCLIPVisionTTRegConfig,
     TestTimeRegisterConfigMixin,
     TimmTTRegConfig,
+    ViTTTRegConfig,
 )
 from .discovery import DiscoveryResult, find_register_neurons
 from .index import RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index, load_index, shipped_indices
 from .modeling.clip import CLIPVisionTTRegModel, CLIPVisionTTRegModelOutput, CLIPVisionTTRegModelWithProjection
 from .modeling.dinov2 import Dinov2TTRegModel
+from .modeling.dinov3 import DINOv3ViTTTRegModel
 from .modeling.edit import RegisterNeuronEdit
 from .modeling.layout import TokenLayout
 from .modeling.registers import PreTrainedTestTimeRegisterMixin, TestTimeRegisterMixin, TestTimeRegisterModelOutput
+from .modeling.vit import DeiTTTRegModel, ViTTTRegModel
 
 __version__ = "0.1.0"
 
@@ -38,6 +43,9 @@ def _register(config_class, model_class, parent_class_name: str) -> None:
 _register(Dinov2TTRegConfig, Dinov2TTRegModel, "Dinov2Model")
 _register(CLIPVisionTTRegConfig, CLIPVisionTTRegModel, "CLIPVisionModel")
 _load_parent_checkpoints(CLIPVisionTTRegModelWithProjection, "CLIPVisionModelWithProjection")  # AutoModel: the tower
+_register(ViTTTRegConfig, ViTTTRegModel, "ViTModel")
+_register(DeiTTTRegConfig, DeiTTTRegModel, "DeiTModel")
+_register(DINOv3ViTTTRegConfig, DINOv3ViTTTRegModel, "DINOv3ViTModel")
 
 __all__ = [
     "CLIPVisionTTRegConfig",
@@ -46,6 +54,12 @@ __all__ = [
     "CLIPVisionTTRegModelWithProjection",
     "Dinov2TTRegConfig",
     "Dinov2TTRegModel",
+    "DeiTTTRegConfig",
+    "DeiTTTRegModel",
+    "DINOv3ViTTTRegConfig",
+    "DINOv3ViTTTRegModel",
+    "ViTTTRegConfig",
+    "ViTTTRegModel",
     "RegisterNeuronEdit",
     "RegisterNeuronIndex",
     "RegisterNeuronIndexError",

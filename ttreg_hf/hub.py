@@ -11,11 +11,12 @@ from pathlib import Path
 
 from torch import nn
 
-from .configs.clip import CLIPVisionTTRegConfig
 from .index import resolve_index
 from .modeling.clip import CLIPVisionTTRegModel
 from .modeling.dinov2_original import DINOV2_ARCHS, DINOV2_URL, DinoVisionTransformerTTReg, load_dinov2
+from .modeling.dinov3 import DINOv3ViTTTRegModel
 from .modeling.registers import IndexSpec, TestTimeRegisterMixin
+from .modeling.vit import DeiTTTRegModel, ViTTTRegModel
 
 
 def _with_index(
@@ -61,15 +62,35 @@ def _openclip(
     return model.eval()
 
 
-def _clip_vitl14_336(
-    pretrained: bool, weights: str | Path | None, register_neurons: IndexSpec | None, **settings
-) -> CLIPVisionTTRegModel:
+VIT_B16_ARCH = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=16
+)
+DINOV3_VITL16_ARCH = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+    patch_size=16, num_register_tokens=4,
+)
+# name -> (model class, `transformers` checkpoint, its architecture for random weights, model arguments)
+TRANSFORMERS_CHECKPOINTS = {
+    "clip_vitl14_336": (CLIPVisionTTRegModel, CLIP_VITL14_336, CLIP_VITL14_336_ARCH, {}),
+    "vit_base_patch16_224_in21k": (ViTTTRegModel, "google/vit-base-patch16-224-in21k", VIT_B16_ARCH, {}),
+    # a classifier checkpoint: it holds no pooler, so the model gets none rather than a random one
+    "deit_base_distilled_patch16_224": (
+        DeiTTTRegModel, "facebook/deit-base-distilled-patch16-224", VIT_B16_ARCH, {"add_pooling_layer": False}
+    ),
+    "dinov3_vitl16": (DINOv3ViTTTRegModel, "facebook/dinov3-vitl16-pretrain-lvd1689m", DINOV3_VITL16_ARCH, {}),
+}
+
+
+def _transformers(
+    name: str, pretrained: bool, weights: str | Path | None, register_neurons: IndexSpec | None, **settings
+) -> TestTimeRegisterMixin:
     """``weights`` is a local `transformers` checkpoint folder."""
+    model_class, checkpoint, arch, model_kwargs = TRANSFORMERS_CHECKPOINTS[name]
     if pretrained or weights:
-        model = CLIPVisionTTRegModel.from_pretrained(weights or CLIP_VITL14_336, register_neurons={}, **settings)
+        model = model_class.from_pretrained(weights or checkpoint, register_neurons={}, **model_kwargs, **settings)
     else:
-        model = CLIPVisionTTRegModel(CLIPVisionTTRegConfig(**CLIP_VITL14_336_ARCH, **settings))
-    return _with_index(model, "clip_vitl14_336", register_neurons, settings.get("register_semantics")).eval()
+        model = model_class(model_class.config_class(**arch, **settings), **model_kwargs)
+    return _with_index(model, name, register_neurons, settings.get("register_semantics")).eval()
 
 
 def _openclip_tower(name: str, **kwargs) -> nn.Module:
@@ -79,7 +100,7 @@ def _openclip_tower(name: str, **kwargs) -> nn.Module:
 _LOADERS: dict[str, Callable[..., TestTimeRegisterMixin]] = {
     **{f"dinov2_{arch}": partial(_dinov2, arch) for arch in DINOV2_ARCHS},
     **{name: partial(_openclip_tower, name) for name in OPENCLIP_CHECKPOINTS},
-    "clip_vitl14_336": _clip_vitl14_336,
+    **{name: partial(_transformers, name) for name in TRANSFORMERS_CHECKPOINTS},
 }
 MODEL_NAMES = tuple(_LOADERS)
 
@@ -140,3 +161,18 @@ def openclip_vitl14_tt_reg(pretrained: bool = True, **kwargs) -> nn.Module:
 def clip_vitl14_336_tt_reg(pretrained: bool = True, **kwargs) -> CLIPVisionTTRegModel:
     """OpenAI CLIP ViT-L/14 at 336 px, LLaVA-1.5's tower, with a test-time register (no shipped index: pass one)."""
     return load_tt_model("clip_vitl14_336", pretrained=pretrained, **kwargs)
+
+
+def vit_base_patch16_224_in21k_tt_reg(pretrained: bool = True, **kwargs) -> ViTTTRegModel:
+    """Google ViT-B/16 (ImageNet-21k) with a test-time register (no shipped index: pass one)."""
+    return load_tt_model("vit_base_patch16_224_in21k", pretrained=pretrained, **kwargs)
+
+
+def deit_base_distilled_patch16_224_tt_reg(pretrained: bool = True, **kwargs) -> DeiTTTRegModel:
+    """DeiT-B/16 distilled, without a pooler, with a test-time register (no shipped index: pass one)."""
+    return load_tt_model("deit_base_distilled_patch16_224", pretrained=pretrained, **kwargs)
+
+
+def dinov3_vitl16_tt_reg(pretrained: bool = True, **kwargs) -> DINOv3ViTTTRegModel:
+    """DINOv3 ViT-L/16 (LVD-1689M; a gated hub repository) with a test-time register (no shipped index: pass one)."""
+    return load_tt_model("dinov3_vitl16", pretrained=pretrained, **kwargs)
