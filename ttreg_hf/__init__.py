@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from .configs import CLIPVisionTTRegConfig, Dinov2TTRegConfig, OpenCLIPVisionTTRegConfig, TestTimeRegisterConfigMixin
+from .configs.siglip import Siglip2VisionTTRegConfig, SiglipVisionTTRegConfig
 from .discovery import DiscoveryResult, find_register_neurons
 from .index import RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index, load_index, shipped_indices
 from .modeling.clip import CLIPVisionTTRegModel, CLIPVisionTTRegModelOutput, CLIPVisionTTRegModelWithProjection
@@ -11,6 +12,7 @@ from .modeling.dinov2 import Dinov2TTRegModel
 from .modeling.edit import RegisterNeuronEdit
 from .modeling.layout import TokenLayout
 from .modeling.registers import PreTrainedTestTimeRegisterMixin, TestTimeRegisterMixin, TestTimeRegisterModelOutput
+from .modeling.siglip import Siglip2VisionTTRegModel, SiglipVisionTTRegModel
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,8 @@ def _register(config_class, model_class, parent_class_name: str) -> None:
 _register(Dinov2TTRegConfig, Dinov2TTRegModel, "Dinov2Model")
 _register(CLIPVisionTTRegConfig, CLIPVisionTTRegModel, "CLIPVisionModel")
 _load_parent_checkpoints(CLIPVisionTTRegModelWithProjection, "CLIPVisionModelWithProjection")  # AutoModel: the tower
+_register(SiglipVisionTTRegConfig, SiglipVisionTTRegModel, "SiglipVisionModel")
+_register(Siglip2VisionTTRegConfig, Siglip2VisionTTRegModel, "Siglip2VisionModel")
 
 __all__ = [
     "CLIPVisionTTRegConfig",
@@ -41,6 +45,10 @@ __all__ = [
     "Dinov2TTRegConfig",
     "Dinov2TTRegModel",
     "RegisterNeuronEdit",
+    "Siglip2VisionTTRegConfig",
+    "Siglip2VisionTTRegModel",
+    "SiglipVisionTTRegConfig",
+    "SiglipVisionTTRegModel",
     "RegisterNeuronIndex",
     "RegisterNeuronIndexError",
     "OpenCLIPVisionTTRegConfig",

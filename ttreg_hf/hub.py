@@ -16,6 +16,7 @@ from .index import resolve_index
 from .modeling.clip import CLIPVisionTTRegModel
 from .modeling.dinov2_original import DINOV2_ARCHS, DINOV2_URL, DinoVisionTransformerTTReg, load_dinov2
 from .modeling.registers import IndexSpec, TestTimeRegisterMixin
+from .modeling.siglip import Siglip2VisionTTRegModel, SiglipVisionTTRegModel
 
 
 def _with_index(
@@ -76,10 +77,36 @@ def _openclip_tower(name: str, **kwargs) -> nn.Module:
     return _openclip(name, **kwargs).visual
 
 
+# name -> (model class, Hub checkpoint, architecture for random weights)
+SIGLIP_CHECKPOINTS = {
+    "siglip_so400m_patch14_384": (  # LLaVA-OneVision's vision tower
+        SiglipVisionTTRegModel, "google/siglip-so400m-patch14-384",
+        dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384,
+             patch_size=14),
+    ),
+    "siglip2_base_patch16_naflex": (
+        Siglip2VisionTTRegModel, "google/siglip2-base-patch16-naflex",
+        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_patches=256,
+             patch_size=16),
+    ),
+}
+
+
+def _siglip(name: str, pretrained: bool, weights: str | Path | None, register_neurons: IndexSpec | None, **settings):
+    """``weights`` is a local `transformers` checkpoint folder."""
+    model_class, checkpoint, arch = SIGLIP_CHECKPOINTS[name]
+    if pretrained or weights:
+        model = model_class.from_pretrained(weights or checkpoint, register_neurons={}, **settings)
+    else:
+        model = model_class(model_class.config_class(**arch, **settings))
+    return _with_index(model, name, register_neurons, settings.get("register_semantics")).eval()
+
+
 _LOADERS: dict[str, Callable[..., TestTimeRegisterMixin]] = {
     **{f"dinov2_{arch}": partial(_dinov2, arch) for arch in DINOV2_ARCHS},
     **{name: partial(_openclip_tower, name) for name in OPENCLIP_CHECKPOINTS},
     "clip_vitl14_336": _clip_vitl14_336,
+    **{name: partial(_siglip, name) for name in SIGLIP_CHECKPOINTS},
 }
 MODEL_NAMES = tuple(_LOADERS)
 
@@ -139,3 +166,13 @@ def openclip_vitl14_tt_reg(pretrained: bool = True, **kwargs) -> nn.Module:
 def clip_vitl14_336_tt_reg(pretrained: bool = True, **kwargs) -> CLIPVisionTTRegModel:
     """OpenAI CLIP ViT-L/14 at 336 px, LLaVA-1.5's tower, with a test-time register (no shipped index: pass one)."""
     return load_tt_model("clip_vitl14_336", pretrained=pretrained, **kwargs)
+
+
+def siglip_so400m_patch14_384_tt_reg(pretrained: bool = True, **kwargs) -> SiglipVisionTTRegModel:
+    """SigLIP So400m/14 at 384 px, LLaVA-OneVision's tower, with a test-time register (no shipped index: pass one)."""
+    return load_tt_model("siglip_so400m_patch14_384", pretrained=pretrained, **kwargs)
+
+
+def siglip2_base_patch16_naflex_tt_reg(pretrained: bool = True, **kwargs) -> Siglip2VisionTTRegModel:
+    """SigLIP2 B/16 NaFlex (variable resolution) with a test-time register (no shipped index: pass one)."""
+    return load_tt_model("siglip2_base_patch16_naflex", pretrained=pretrained, **kwargs)
