@@ -1,11 +1,22 @@
 """`SiglipVisionTTRegModel` and `Siglip2VisionTTRegModel` against the parent classes and the hook-based reference."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from reference_edit import hooked_register_edit
-from transformers import AutoModel, Siglip2Config, Siglip2Model, Siglip2VisionModel, SiglipConfig, SiglipModel, SiglipVisionModel
+from transformers import (
+    AutoModel,
+    Siglip2Config,
+    Siglip2Model,
+    Siglip2VisionModel,
+    SiglipConfig,
+    SiglipModel,
+    SiglipVisionModel,
+)
 
-from ttreg_hf import Siglip2VisionTTRegModel, SiglipVisionTTRegModel
+from ttreg_hf import Siglip2VisionTTRegModel, SiglipVisionTTRegConfig, SiglipVisionTTRegModel
 
 NEURONS = {1: [3, 40, 5], 2: [7]}
 COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
@@ -111,13 +122,16 @@ def test_siglip_matches_hooked_reference(siglip_checkpoint, pixels, semantics, p
     with torch.no_grad():
         actual = model(pixels, output_hidden_states=True)
     torch.testing.assert_close(with_registers(actual), expected.last_hidden_state, atol=1e-5, rtol=0)
-    torch.testing.assert_close(actual.pooler_output, pooled_with if pool_registers else pooled_without, atol=1e-5, rtol=0)
+    pooled = pooled_with if pool_registers else pooled_without
+    torch.testing.assert_close(actual.pooler_output, pooled, atol=1e-5, rtol=0)
     torch.testing.assert_close(actual.hidden_states[-2], expected.hidden_states[-2][:, :-2], atol=1e-5, rtol=0)
 
 
 def test_gradients_match_the_reference(siglip_checkpoint, pixels):
     parent = SiglipVisionModel.from_pretrained(siglip_checkpoint)
-    model = SiglipVisionTTRegModel.from_pretrained(siglip_checkpoint, register_neurons=NEURONS, register_patch_mode="mean")
+    model = SiglipVisionTTRegModel.from_pretrained(
+        siglip_checkpoint, register_neurons=NEURONS, register_patch_mode="mean"
+    )
     model(pixels).pooler_output.square().mean().backward()
     with hooked(parent, patch_mode="mean"):
         parent(pixels).pooler_output.square().mean().backward()
@@ -143,7 +157,9 @@ def test_half_precision_matches_the_reference_in_that_precision(siglip_checkpoin
 
 
 def test_siglip_batch_invariance_and_shapes(siglip_checkpoint, pixels):
-    model = SiglipVisionTTRegModel.from_pretrained(siglip_checkpoint, register_neurons=NEURONS, num_test_time_registers=2)
+    model = SiglipVisionTTRegModel.from_pretrained(
+        siglip_checkpoint, register_neurons=NEURONS, num_test_time_registers=2
+    )
     with torch.no_grad():
         batched = model.eval()(pixels, output_hidden_states=True)
         assert batched.last_hidden_state.shape == (3, 16, 32) and batched.pooler_output.shape == (3, 32)
@@ -189,7 +205,8 @@ def test_siglip2_padded_batch_equals_each_image_alone(siglip2_checkpoint, semant
         for i, image in enumerate(images):
             alone = model(*image)
             num_patches = image[0].shape[1]
-            torch.testing.assert_close(batched.last_hidden_state[i, :num_patches], alone.last_hidden_state[0], atol=1e-5, rtol=0)
+            real_tokens = batched.last_hidden_state[i, :num_patches]
+            torch.testing.assert_close(real_tokens, alone.last_hidden_state[0], atol=1e-5, rtol=0)
             torch.testing.assert_close(batched.test_time_registers[i], alone.test_time_registers[0], atol=1e-5, rtol=0)
             torch.testing.assert_close(batched.pooler_output[i], alone.pooler_output[0], atol=1e-5, rtol=0)
 
@@ -248,3 +265,20 @@ def test_hub_entries_build_the_architectures():
     assert isinstance(so400m, SiglipVisionTTRegModel) and isinstance(naflex, Siglip2VisionTTRegModel)
     assert (so400m.config.image_size, so400m.config.num_hidden_layers, so400m.config.mlp_width) == (384, 27, 4304)
     assert (naflex.config.num_patches, naflex.config.patch_size, naflex.config.pool_registers) == (256, 16, True)
+
+
+def test_planted_siglip_pooling_justifies_the_default(monkeypatch):
+    """`benchmarks/siglip_pooling.py`: with the registers, the head pools as the unedited model; without, as if no
+    outlier was ever written. The default (`pool_registers=True`) is the first."""
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location("siglip_pooling", benchmarks / "siglip_pooling.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    results = benchmark.measure(num_images=2)
+    original, clean = results["original (no edit)"], results["clean (planted neurons silenced)"]
+    with_registers, without = results["edit, pool_registers=True"], results["edit, pool_registers=False"]
+    assert original[1] > 3 and with_registers[1] < 1.1  # the planted outliers exist, and the edit moves them
+    assert benchmark.compare(with_registers[0], original[0])[0] > 0.99 > benchmark.compare(without[0], original[0])[0]
+    assert benchmark.compare(without[0], clean[0])[0] > 0.95 > benchmark.compare(with_registers[0], clean[0])[0]
+    assert SiglipVisionTTRegConfig().pool_registers

@@ -147,7 +147,9 @@ class SiglipVisionTTRegModel(_SiglipTTRegMixin, SiglipVisionModel):
     def forward(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = False, **kwargs
     ) -> TestTimeRegisterModelOutput:
-        outputs = super().forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs)
+        outputs = super().forward(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
         return self._strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
 
 
@@ -161,7 +163,9 @@ class Siglip2VisionTTRegModel(_SiglipTTRegMixin, Siglip2VisionModel):
 
     config: Siglip2VisionTTRegConfig
     config_class = Siglip2VisionTTRegConfig
-    _no_split_modules = [*Siglip2VisionModel._no_split_modules, "Siglip2VisionTTRegEmbeddings", "Siglip2TTRegPoolingHead"]
+    _no_split_modules = [
+        *Siglip2VisionModel._no_split_modules, "Siglip2VisionTTRegEmbeddings", "Siglip2TTRegPoolingHead"
+    ]
     _register_classes = (Siglip2VisionTTRegEmbeddings, Siglip2TTRegMLP, Siglip2TTRegPoolingHead)
 
     def __init__(self, config: Siglip2VisionTTRegConfig):
