@@ -131,9 +131,9 @@ def measure(num_images: int = 16, seed: int = 0) -> dict[str, tuple[torch.Tensor
         return outputs.pooler_output, outlier_ratio(outputs.hidden_states[-1])
 
     results = {"original (no edit)": run()}
+    model.set_register_neurons({PLANTED_LAYER: PLANTED_NEURONS})
     for pool_registers in (True, False):
         model.config.pool_registers = pool_registers
-        model.set_register_neurons({PLANTED_LAYER: PLANTED_NEURONS})
         results[f"edit, pool_registers={pool_registers}"] = run()
     model.set_register_neurons({})
     model.encoder.layers[PLANTED_LAYER].mlp.fc2.weight[:, list(PLANTED_NEURONS)] = 0.0

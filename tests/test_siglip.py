@@ -238,10 +238,15 @@ def test_save_load_round_trip_with_automodel(siglip2_checkpoint, tmp_path):
     reloaded = AutoModel.from_pretrained(tmp_path).eval()
     assert type(reloaded) is Siglip2VisionTTRegModel
     assert reloaded.config.register_neuron_index == model.config.register_neuron_index
-    assert reloaded.config.pool_registers is False and reloaded.head.unpooled.num_registers == 1
+    assert reloaded.config.pool_registers is False
     _, batch = naflex_batch()
     with torch.no_grad():
         assert torch.equal(reloaded(*batch).pooler_output, model(*batch).pooler_output)
+        reloaded.config.pool_registers = True  # the config is what runs, and what `save_pretrained` saves
+        pooling = Siglip2VisionTTRegModel.from_pretrained(
+            siglip2_checkpoint, register_neurons=NEURONS, register_scale=2.0
+        ).eval()
+        assert torch.equal(reloaded(*batch).pooler_output, pooling(*batch).pooler_output)
 
 
 def test_bad_inputs_are_clear_errors(siglip_checkpoint, siglip2_checkpoint):

@@ -27,9 +27,6 @@ from .edit import RegisterNeuronEdit
 from .layout import TokenLayout
 from .registers import PreTrainedTestTimeRegisterMixin, TestTimeRegisterModelOutput, adopt, check_pixel_values
 
-NO_REGISTERS = TokenLayout(num_prefix_tokens=0, num_registers=0)
-
-
 class SiglipVisionTTRegEmbeddings(SiglipVisionEmbeddings):
     """Appends the test-time registers after the position embedding (they get none)."""
 
@@ -76,24 +73,27 @@ class Siglip2TTRegMLP(Siglip2MLP):
         return self.fc2(hidden_states)
 
 
-class SiglipTTRegPoolingHead(SiglipMultiheadAttentionPoolingHead):
-    """The MAP head, pooling the registers too unless the config's ``pool_registers`` is off."""
+class _RegisterPoolingMixin:
+    """A MAP head that pools the test-time registers too while the model config's ``pool_registers`` is on."""
 
-    unpooled: TokenLayout  # the layout whose registers the probe must not see (`NO_REGISTERS` when it pools them)
+    config: SiglipVisionTTRegConfig | Siglip2VisionTTRegConfig  # the model's, read at every call
+    token_layout: TokenLayout
 
+    def _pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` (``(batch, tokens, ...)``) as the probe sees them."""
+        return tokens if self.config.pool_registers else self.token_layout.strip_registers(tokens)
+
+
+class SiglipTTRegPoolingHead(_RegisterPoolingMixin, SiglipMultiheadAttentionPoolingHead):
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.unpooled.strip_registers(hidden_state))
+        return super().forward(self._pooled(hidden_state))
 
 
-class Siglip2TTRegPoolingHead(Siglip2MultiheadAttentionPoolingHead):
-    """The MAP head, pooling the registers too unless the config's ``pool_registers`` is off."""
-
-    unpooled: TokenLayout  # the layout whose registers the probe must not see (`NO_REGISTERS` when it pools them)
-
+class Siglip2TTRegPoolingHead(_RegisterPoolingMixin, Siglip2MultiheadAttentionPoolingHead):
     def forward(self, hidden_state: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is not None:
-            attention_mask = self.unpooled.strip_registers(attention_mask)
-        return super().forward(self.unpooled.strip_registers(hidden_state), attention_mask)
+            attention_mask = self._pooled(attention_mask)
+        return super().forward(self._pooled(hidden_state), attention_mask)
 
 
 class _SiglipTTRegMixin(PreTrainedTestTimeRegisterMixin):
@@ -109,13 +109,13 @@ class _SiglipTTRegMixin(PreTrainedTestTimeRegisterMixin):
         for layer in self.encoder.layers:
             adopt(layer.mlp, mlp_class)
         if self.use_head:
-            adopt(self.head, head_class)
+            adopt(self.head, head_class).config = self.config
         self._attach_test_time_registers()
 
     def _attach_test_time_registers(self) -> None:
         super()._attach_test_time_registers()
         if self.use_head:
-            self.head.unpooled = NO_REGISTERS if self.config.pool_registers else self.token_layout
+            self.head.token_layout = self.token_layout
 
     def _register_appender(self) -> nn.Module:
         return self.embeddings
