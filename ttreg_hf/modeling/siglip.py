@@ -85,11 +85,15 @@ class _RegisterPoolingMixin:
 
 
 class SiglipTTRegPoolingHead(_RegisterPoolingMixin, SiglipMultiheadAttentionPoolingHead):
+    """`SiglipMultiheadAttentionPoolingHead` over the patches and, with ``pool_registers``, the registers."""
+
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         return super().forward(self._pooled(hidden_state))
 
 
 class Siglip2TTRegPoolingHead(_RegisterPoolingMixin, Siglip2MultiheadAttentionPoolingHead):
+    """`Siglip2MultiheadAttentionPoolingHead` over the real patches and, with ``pool_registers``, the registers."""
+
     def forward(self, hidden_state: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is not None:
             attention_mask = self._pooled(attention_mask)
