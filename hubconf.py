@@ -16,5 +16,7 @@ from ttreg_hf.hub import (  # noqa: E402,F401
     dinov3_vitl16_tt_reg,
     openclip_vitb16_tt_reg,
     openclip_vitl14_tt_reg,
+    siglip2_base_patch16_naflex_tt_reg,
+    siglip_so400m_patch14_384_tt_reg,
     vit_base_patch16_224_in21k_tt_reg,
 )

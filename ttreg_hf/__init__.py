@@ -13,6 +13,7 @@ from .configs import (
     TimmTTRegConfig,
     ViTTTRegConfig,
 )
+from .configs.siglip import Siglip2VisionTTRegConfig, SiglipVisionTTRegConfig
 from .discovery import DiscoveryResult, find_register_neurons
 from .index import RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index, load_index, shipped_indices
 from .modeling.clip import CLIPVisionTTRegModel, CLIPVisionTTRegModelOutput, CLIPVisionTTRegModelWithProjection
@@ -21,6 +22,7 @@ from .modeling.dinov3 import DINOv3ViTTTRegModel
 from .modeling.edit import RegisterNeuronEdit
 from .modeling.layout import TokenLayout
 from .modeling.registers import PreTrainedTestTimeRegisterMixin, TestTimeRegisterMixin, TestTimeRegisterModelOutput
+from .modeling.siglip import Siglip2VisionTTRegModel, SiglipVisionTTRegModel
 from .modeling.vit import DeiTTTRegModel, ViTTTRegModel
 
 __version__ = "0.1.0"
@@ -43,6 +45,8 @@ def _register(config_class, model_class, parent_class_name: str) -> None:
 _register(Dinov2TTRegConfig, Dinov2TTRegModel, "Dinov2Model")
 _register(CLIPVisionTTRegConfig, CLIPVisionTTRegModel, "CLIPVisionModel")
 _load_parent_checkpoints(CLIPVisionTTRegModelWithProjection, "CLIPVisionModelWithProjection")  # AutoModel: the tower
+_register(SiglipVisionTTRegConfig, SiglipVisionTTRegModel, "SiglipVisionModel")
+_register(Siglip2VisionTTRegConfig, Siglip2VisionTTRegModel, "Siglip2VisionModel")
 _register(ViTTTRegConfig, ViTTTRegModel, "ViTModel")
 _register(DeiTTTRegConfig, DeiTTTRegModel, "DeiTModel")
 _register(DINOv3ViTTTRegConfig, DINOv3ViTTTRegModel, "DINOv3ViTModel")
@@ -61,6 +65,10 @@ __all__ = [
     "ViTTTRegConfig",
     "ViTTTRegModel",
     "RegisterNeuronEdit",
+    "Siglip2VisionTTRegConfig",
+    "Siglip2VisionTTRegModel",
+    "SiglipVisionTTRegConfig",
+    "SiglipVisionTTRegModel",
     "RegisterNeuronIndex",
     "RegisterNeuronIndexError",
     "OpenCLIPVisionTTRegConfig",

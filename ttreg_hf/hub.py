@@ -16,6 +16,7 @@ from .modeling.clip import CLIPVisionTTRegModel
 from .modeling.dinov2_original import DINOV2_ARCHS, DINOV2_URL, DinoVisionTransformerTTReg, load_dinov2
 from .modeling.dinov3 import DINOv3ViTTTRegModel
 from .modeling.registers import IndexSpec, TestTimeRegisterMixin
+from .modeling.siglip import Siglip2VisionTTRegModel, SiglipVisionTTRegModel
 from .modeling.vit import DeiTTTRegModel, ViTTTRegModel
 
 
@@ -69,6 +70,12 @@ DINOV3_VITL16_ARCH = dict(
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
     patch_size=16, num_register_tokens=4,
 )
+SIGLIP_SO400M_ARCH = dict(  # LLaVA-OneVision's vision tower
+    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14
+)
+SIGLIP2_B16_NAFLEX_ARCH = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_patches=256, patch_size=16
+)
 # name -> (model class, `transformers` checkpoint, its architecture for random weights, model arguments)
 TRANSFORMERS_CHECKPOINTS = {
     "clip_vitl14_336": (CLIPVisionTTRegModel, CLIP_VITL14_336, CLIP_VITL14_336_ARCH, {}),
@@ -78,6 +85,10 @@ TRANSFORMERS_CHECKPOINTS = {
         DeiTTTRegModel, "facebook/deit-base-distilled-patch16-224", VIT_B16_ARCH, {"add_pooling_layer": False}
     ),
     "dinov3_vitl16": (DINOv3ViTTTRegModel, "facebook/dinov3-vitl16-pretrain-lvd1689m", DINOV3_VITL16_ARCH, {}),
+    "siglip_so400m_patch14_384": (SiglipVisionTTRegModel, "google/siglip-so400m-patch14-384", SIGLIP_SO400M_ARCH, {}),
+    "siglip2_base_patch16_naflex": (
+        Siglip2VisionTTRegModel, "google/siglip2-base-patch16-naflex", SIGLIP2_B16_NAFLEX_ARCH, {}
+    ),
 }
 
 
@@ -176,3 +187,13 @@ def deit_base_distilled_patch16_224_tt_reg(pretrained: bool = True, **kwargs) ->
 def dinov3_vitl16_tt_reg(pretrained: bool = True, **kwargs) -> DINOv3ViTTTRegModel:
     """DINOv3 ViT-L/16 (LVD-1689M; a gated hub repository) with a test-time register (no shipped index: pass one)."""
     return load_tt_model("dinov3_vitl16", pretrained=pretrained, **kwargs)
+
+
+def siglip_so400m_patch14_384_tt_reg(pretrained: bool = True, **kwargs) -> SiglipVisionTTRegModel:
+    """SigLIP So400m/14 at 384 px, LLaVA-OneVision's tower, with a test-time register (no shipped index: pass one)."""
+    return load_tt_model("siglip_so400m_patch14_384", pretrained=pretrained, **kwargs)
+
+
+def siglip2_base_patch16_naflex_tt_reg(pretrained: bool = True, **kwargs) -> Siglip2VisionTTRegModel:
+    """SigLIP2 B/16 NaFlex (variable resolution) with a test-time register (no shipped index: pass one)."""
+    return load_tt_model("siglip2_base_patch16_naflex", pretrained=pretrained, **kwargs)
