@@ -15,7 +15,7 @@ from .configs.clip import CLIPVisionTTRegConfig
 from .index import resolve_index
 from .modeling.clip import CLIPVisionTTRegModel
 from .modeling.dinov2_original import DINOV2_ARCHS, DINOV2_URL, DinoVisionTransformerTTReg, load_dinov2
-from .modeling.registers import IndexSpec, TestTimeRegisterMixin
+from .modeling.registers import IndexSpec, TestTimeRegisterMixin, index_attached_later
 
 
 def _with_index(
@@ -33,7 +33,9 @@ def _dinov2(arch: str, pretrained: bool, weights: str | Path | None, register_ne
     if pretrained and weights is None:
         weights = DINOV2_URL.format(arch=arch)
     semantics = settings.get("register_semantics")
-    return _with_index(load_dinov2(arch, weights, **settings), f"dinov2_{arch}", register_neurons, semantics)
+    with index_attached_later():
+        model = load_dinov2(arch, weights, **settings)
+    return _with_index(model, f"dinov2_{arch}", register_neurons, semantics)
 
 
 # name -> (open_clip model name, LAION-2B pretrained tag), the checkpoints of the paper
@@ -68,7 +70,8 @@ def _clip_vitl14_336(
     if pretrained or weights:
         model = CLIPVisionTTRegModel.from_pretrained(weights or CLIP_VITL14_336, register_neurons={}, **settings)
     else:
-        model = CLIPVisionTTRegModel(CLIPVisionTTRegConfig(**CLIP_VITL14_336_ARCH, **settings))
+        with index_attached_later():
+            model = CLIPVisionTTRegModel(CLIPVisionTTRegConfig(**CLIP_VITL14_336_ARCH, **settings))
     return _with_index(model, "clip_vitl14_336", register_neurons, settings.get("register_semantics")).eval()
 
 
