@@ -15,7 +15,7 @@ from .index import resolve_index
 from .modeling.clip import CLIPVisionTTRegModel
 from .modeling.dinov2_original import DINOV2_ARCHS, DINOV2_URL, DinoVisionTransformerTTReg, load_dinov2
 from .modeling.dinov3 import DINOv3ViTTTRegModel
-from .modeling.registers import IndexSpec, TestTimeRegisterMixin
+from .modeling.registers import IndexSpec, TestTimeRegisterMixin, index_attached_later
 from .modeling.siglip import Siglip2VisionTTRegModel, SiglipVisionTTRegModel
 from .modeling.vit import DeiTTTRegModel, ViTTTRegModel
 
@@ -35,7 +35,9 @@ def _dinov2(arch: str, pretrained: bool, weights: str | Path | None, register_ne
     if pretrained and weights is None:
         weights = DINOV2_URL.format(arch=arch)
     semantics = settings.get("register_semantics")
-    return _with_index(load_dinov2(arch, weights, **settings), f"dinov2_{arch}", register_neurons, semantics)
+    with index_attached_later():
+        model = load_dinov2(arch, weights, **settings)
+    return _with_index(model, f"dinov2_{arch}", register_neurons, semantics)
 
 
 # name -> (open_clip model name, LAION-2B pretrained tag), the checkpoints of the paper
@@ -100,7 +102,8 @@ def _transformers(
     if pretrained or weights:
         model = model_class.from_pretrained(weights or checkpoint, register_neurons={}, **model_kwargs, **settings)
     else:
-        model = model_class(model_class.config_class(**arch, **settings), **model_kwargs)
+        with index_attached_later():
+            model = model_class(model_class.config_class(**arch, **settings), **model_kwargs)
     return _with_index(model, name, register_neurons, settings.get("register_semantics")).eval()
 
 

@@ -53,6 +53,7 @@ class RegisterNeuronEdit(nn.Module):
             raise ValueError("A register-neuron edit needs at least one neuron and one test-time register.")
         self.neuron_ids = tuple(int(n) for n in neurons)
         self.scale_values = tuple(float(s) for s in scale)
+        self.largest_scale = max(abs(s) for s in self.scale_values)
         self.layout = layout
         self.semantics = semantics
         self.patch_mode = patch_mode
@@ -73,6 +74,12 @@ class RegisterNeuronEdit(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.largest_scale > torch.finfo(hidden_states.dtype).max:  # settings and dtype only: no sync, no graph break
+            raise ValueError(
+                f"register_scale {self.largest_scale:g} overflows {hidden_states.dtype} (largest "
+                f"{torch.finfo(hidden_states.dtype).max:g}): every register would be inf. Use a smaller scale or run "
+                "the model in float32 or bfloat16."
+            )
         neurons = self.neurons.to(hidden_states.device, non_blocking=True)  # a no-op unless the MLP is offloaded
         activations = hidden_states.index_select(-1, neurons)  # (batch, tokens, listed neurons)
         valid = None if self.token_mask is None else self.token_mask.to(activations.device, torch.bool).unsqueeze(-1)

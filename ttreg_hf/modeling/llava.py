@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, CLIPVisionConf
 from ..configs.clip import CLIPVisionTTRegConfig, pop_register_settings
 from ..index import resolve_index
 from .clip import CLIPVisionTTRegModel
-from .registers import IndexSpec
+from .registers import IndexSpec, index_attached_later
 
 
 def with_test_time_register_tower(config: PreTrainedConfig, **register_settings) -> PreTrainedConfig:
@@ -56,7 +56,8 @@ def load_llava(
         saved=bool(tower_config.register_neurons),
         num_registers=tower_config.num_test_time_registers,
     )
-    model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+    with index_attached_later():
+        model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
     vision_tower_with_registers(model).set_register_neurons(
         register_neurons, register_semantics=settings.get("register_semantics")
     )

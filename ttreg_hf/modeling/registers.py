@@ -1,7 +1,9 @@
 """Register-token plumbing shared by every model family: one layout, one edit per listed layer, stripped outputs."""
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -153,8 +155,49 @@ class TestTimeRegisterMixin:
         return output_class(**fields)
 
 
+class RegisterEditOffWarning(UserWarning):
+    """A model built with test-time registers asked for (``num_test_time_registers > 0``) but no index: edit off."""
+
+
+@contextmanager
+def index_attached_later() -> Iterator[None]:
+    """Build models whose index a loader attaches right after construction, without `RegisterEditOffWarning`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegisterEditOffWarning)
+        yield
+
+
 class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
-    """`TestTimeRegisterMixin` for `transformers` models: index resolution in `from_pretrained`, buffer init."""
+    """`TestTimeRegisterMixin` for `transformers` models: parent configs accepted, index resolution in
+    `from_pretrained`, buffer init."""
+
+    def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
+        config = self._register_config(config)
+        super().__init__(config, *inputs, **kwargs)
+        if config.num_test_time_registers and config.register_neurons is None:
+            warnings.warn(
+                f"{type(self).__name__} was built with num_test_time_registers={config.num_test_time_registers} but "
+                "no register_neurons, so the edit is off and it computes what its parent class does. Attach an index "
+                "with `model.set_register_neurons(...)` (a dict, an index file or a shipped name), or set "
+                "num_test_time_registers=0 to build the parent on purpose.",
+                RegisterEditOffWarning,
+                stacklevel=3,
+            )
+
+    @classmethod
+    def _register_config(cls, config: PreTrainedConfig) -> PreTrainedConfig:
+        """``config`` as a ``cls.config_class``: a parent config (a `Dinov2Config` for `Dinov2TTRegModel`) is
+        converted with every field kept and the register settings at their defaults."""
+        if isinstance(config, cls.config_class):
+            return config
+        parent_config_class = super(PreTrainedTestTimeRegisterMixin, cls).config_class
+        if not isinstance(config, parent_config_class):
+            raise TypeError(
+                f"{cls.__name__} needs a {cls.config_class.__name__} (or a {parent_config_class.__name__}, which it "
+                f"converts), got a {type(config).__name__}."
+            )
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
+        return cls.config_class(**fields, attn_implementation=config._attn_implementation)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -171,7 +214,9 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
         downloaded) unless ``num_test_time_registers=0``.
         """
         config = kwargs.get("config")
-        if not isinstance(config, PreTrainedConfig):
+        if isinstance(config, PreTrainedConfig):
+            config = kwargs["config"] = cls._register_config(config)
+        else:
             hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
             config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         index = resolve_index(
@@ -180,7 +225,8 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
             saved=bool(config.register_neurons),
             num_registers=kwargs.get("num_test_time_registers", config.num_test_time_registers),
         )
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        with index_attached_later():
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True`
         # always rebuilt: the edits hold no weights, and their buffers must not stay as loading left them
         model.set_register_neurons(index, register_semantics=kwargs.get("register_semantics"))
