@@ -8,10 +8,15 @@ dependencies = ["torch", "transformers", "safetensors", "huggingface_hub"]
 
 from ttreg_hf.hub import (  # noqa: E402,F401
     clip_vitl14_336_tt_reg,
+    deit_base_distilled_patch16_224_tt_reg,
     dinov2_vitb14_tt_reg,
     dinov2_vitg14_tt_reg,
     dinov2_vitl14_tt_reg,
     dinov2_vits14_tt_reg,
+    dinov3_vitl16_tt_reg,
     openclip_vitb16_tt_reg,
     openclip_vitl14_tt_reg,
+    siglip2_base_patch16_naflex_tt_reg,
+    siglip_so400m_patch14_384_tt_reg,
+    vit_base_patch16_224_in21k_tt_reg,
 )

@@ -173,3 +173,16 @@ def test_sdpa_and_eager_attention_agree(images):
         sdpa = with_registers(model(images))
     assert model.config._attn_implementation == "sdpa"
     torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=0)
+
+
+def test_a_scale_the_running_dtype_cannot_hold_is_refused_not_inf(images):
+    model = Dinov2TTRegModel(tiny_dinov2_config(register_scale=1e5)).eval()
+    with torch.no_grad():
+        registers = model.to(torch.bfloat16)(images.bfloat16()).test_time_registers  # bfloat16 holds 1e5
+        assert registers.isfinite().all() and registers.abs().max() > 1
+        with pytest.raises(ValueError, match=r"register_scale 100000 overflows torch.float16 \(largest 65504\).*float32"):
+            model.to(torch.float16)(images.half())
+    edit = RegisterNeuronEdit([0], TokenLayout(1, 1), [1e300])  # built directly, past any config check
+    with pytest.raises(ValueError, match="register_scale 1e\\+300 overflows torch.float32"):
+        edit(torch.randn(1, 4, 8))
+    assert RegisterNeuronEdit([0], TokenLayout(1, 1), [1e30])(torch.randn(1, 4, 8)).isfinite().all()

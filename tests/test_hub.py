@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import tiny_dinov2_config
+from safetensors.torch import load_file, save_file
 from transformers import Dinov2Model
+from upstream_dinov2 import random_original_state_dict
 
 from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndexError
 from ttreg_hf.hub import MODEL_NAMES, dinov2_vits14_tt_reg, load_tt_model
@@ -82,6 +84,48 @@ def test_upstream_interface_shapes_and_consistency(hub_model):
     assert hub_model.num_register_tokens == 0 and hub_model.embed_dim == 32 and hub_model.patch_size == 14
 
 
+def test_intermediate_layers_are_upstreams_blocks_and_bad_choices_are_refused():
+    model = DinoVisionTransformerTTReg(Dinov2TTRegModel(tiny_dinov2_config(num_test_time_registers=0)).eval())
+    pixels = torch.randn(2, 3, 42, 56)
+    with torch.no_grad():
+        hidden = model.dinov2(pixels, output_hidden_states=True).hidden_states
+        blocks = [model.dinov2.layernorm(state)[:, 1:] for state in hidden[1:]]  # normed outputs of blocks 0, 1, 2
+
+        def taken(n):  # which blocks' outputs `get_intermediate_layers` returned
+            outputs = model.get_intermediate_layers(pixels, n=n)
+            return [next(i for i, block in enumerate(blocks) if torch.equal(block, out)) for out in outputs]
+
+        assert taken(3) == [0, 1, 2] and taken(1) == [2]
+        assert taken([-1]) == [2] and taken([0, -1]) == [0, 2] and taken([-3]) == [0]
+        assert taken([2, 0]) == [0, 2]  # block order, as upstream returns them
+    for n, error, message in [
+        (4, ValueError, r"n=4 asks for the last 4 of 3 blocks: give 1 to 3"),
+        (0, ValueError, r"give 1 to 3"),
+        ([3], ValueError, r"Blocks \[3\] are out of range: the model has 3 blocks, 0 to 2 \(or -3 to -1"),
+        ([-4, 1], ValueError, r"Blocks \[-4\] are out of range"),
+        ([1, -2], ValueError, r"names a block twice"),
+        ([], TypeError, r"non-empty list of int block indices"),
+        ([1.0], TypeError, r"non-empty list of int block indices"),
+    ]:
+        with pytest.raises(error, match=message):
+            model.get_intermediate_layers(pixels, n=n)
+
+
+@pytest.mark.parametrize("dtypes", ["fp16", "mixed"])
+def test_weights_of_any_dtype_load_into_fp32_parameters(tmp_path, dtypes):
+    original = random_original_state_dict(dim=384, depth=12, patch_size=14, table_side=37)  # ViT-S/14's shapes
+    cycle = [torch.float16] if dtypes == "fp16" else [torch.float16, torch.bfloat16, torch.float32]
+    stored = {name: value.detach().to(cycle[i % len(cycle)]) for i, (name, value) in enumerate(original.items())}
+    save_file(stored, tmp_path / "weights.safetensors")
+    save_file({name: value.float() for name, value in stored.items()}, tmp_path / "fp32.safetensors")
+    model = load_tt_model("dinov2_vits14", weights=tmp_path / "weights.safetensors", num_test_time_registers=0)
+    expected = load_tt_model("dinov2_vits14", weights=tmp_path / "fp32.safetensors", num_test_time_registers=0)
+    assert {tensor.dtype for tensor in model.state_dict().values()} == {torch.float32}
+    pixels = torch.randn(1, 3, 28, 42)
+    with torch.no_grad():
+        assert torch.equal(model(pixels).last_hidden_state, expected(pixels).last_hidden_state)
+
+
 def test_original_layout_matches_timm_on_real_weights(shared_dir):
     timm = pytest.importorskip("timm")
     state_dict = load_file(shared_dir / VITS14)
@@ -97,7 +141,9 @@ def test_original_layout_matches_timm_on_real_weights(shared_dir):
 
 
 def test_converted_real_weights_load_in_stock_transformers(shared_dir, tmp_path):
-    model = load_tt_model("dinov2_vits14", weights=shared_dir / VITS14, num_test_time_registers=0)
+    model = load_tt_model(
+        "dinov2_vits14", weights=shared_dir / VITS14, num_test_time_registers=0, position_interpolation="transformers"
+    )
     parent = Dinov2Model(model.config).eval()
     parent.load_state_dict(model.state_dict())
     parent.save_pretrained(tmp_path)

@@ -3,11 +3,21 @@
 from transformers import AutoConfig, AutoModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
-from .configs import CLIPVisionTTRegConfig, Dinov2TTRegConfig, TestTimeRegisterConfig, TestTimeRegisterConfigMixin
+from .configs import (
+    CLIPVisionTTRegConfig,
+    DeiTTTRegConfig,
+    DINOv3ViTTTRegConfig,
+    Dinov2TTRegConfig,
+    TestTimeRegisterConfig,
+    TestTimeRegisterConfigMixin,
+    ViTTTRegConfig,
+)
+from .configs.siglip import Siglip2VisionTTRegConfig, SiglipVisionTTRegConfig
 from .discovery import DiscoveryResult, find_register_neurons
 from .index import RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index, load_index, shipped_indices
 from .modeling.clip import CLIPVisionTTRegModel, CLIPVisionTTRegModelOutput, CLIPVisionTTRegModelWithProjection
 from .modeling.dinov2 import Dinov2TTRegModel
+from .modeling.dinov3 import DINOv3ViTTTRegModel
 from .modeling.edit import RegisterNeuronEdit
 from .modeling.layout import TokenLayout
 from .modeling.registers import (
@@ -18,6 +28,8 @@ from .modeling.registers import (
     adopt,
     check_pixel_values,
 )
+from .modeling.siglip import Siglip2VisionTTRegModel, SiglipVisionTTRegModel
+from .modeling.vit import DeiTTTRegModel, ViTTTRegModel
 
 __version__ = "0.1.0"
 
@@ -39,6 +51,11 @@ def _register(config_class, model_class, parent_class_name: str) -> None:
 _register(Dinov2TTRegConfig, Dinov2TTRegModel, "Dinov2Model")
 _register(CLIPVisionTTRegConfig, CLIPVisionTTRegModel, "CLIPVisionModel")
 _load_parent_checkpoints(CLIPVisionTTRegModelWithProjection, "CLIPVisionModelWithProjection")  # AutoModel: the tower
+_register(SiglipVisionTTRegConfig, SiglipVisionTTRegModel, "SiglipVisionModel")
+_register(Siglip2VisionTTRegConfig, Siglip2VisionTTRegModel, "Siglip2VisionModel")
+_register(ViTTTRegConfig, ViTTTRegModel, "ViTModel")
+_register(DeiTTTRegConfig, DeiTTTRegModel, "DeiTModel")
+_register(DINOv3ViTTTRegConfig, DINOv3ViTTTRegModel, "DINOv3ViTModel")
 
 __all__ = [
     "CLIPVisionTTRegConfig",
@@ -47,7 +64,17 @@ __all__ = [
     "CLIPVisionTTRegModelWithProjection",
     "Dinov2TTRegConfig",
     "Dinov2TTRegModel",
+    "DeiTTTRegConfig",
+    "DeiTTTRegModel",
+    "DINOv3ViTTTRegConfig",
+    "DINOv3ViTTTRegModel",
+    "ViTTTRegConfig",
+    "ViTTTRegModel",
     "RegisterNeuronEdit",
+    "Siglip2VisionTTRegConfig",
+    "Siglip2VisionTTRegModel",
+    "SiglipVisionTTRegConfig",
+    "SiglipVisionTTRegModel",
     "RegisterNeuronIndex",
     "RegisterNeuronIndexError",
     "PreTrainedTestTimeRegisterMixin",

@@ -35,10 +35,20 @@ def _open_clip(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     return _probabilities(queries, keys, attention.num_heads, attention.head_dim**-0.5)
 
 
+def _timm(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    attention = block.attn  # timm's `Attention` (pre-norm `Block`)
+    if type(attention).__name__ != "Attention":
+        raise NotImplementedError(f"No attention reader for timm's {type(attention).__name__}.")
+    qkv = attention.qkv(block.norm1(hidden_states)).unflatten(-1, (3, attention.num_heads, attention.head_dim))
+    queries, keys = attention.q_norm(qkv[..., 0, :, :]), attention.k_norm(qkv[..., 1, :, :])  # norms act per head
+    return _probabilities(queries.flatten(2), keys.flatten(2), attention.num_heads, attention.scale)
+
+
 ATTENTION_READERS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
     "transformers.models.dinov2.modeling_dinov2.Dinov2Layer": _dinov2,
     "transformers.models.clip.modeling_clip.CLIPEncoderLayer": _clip,
     "open_clip.transformer.ResidualAttentionBlock": _open_clip,
+    "timm.models.vision_transformer.Block": _timm,
 }
 
 

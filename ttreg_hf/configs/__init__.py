@@ -1,5 +1,15 @@
 from .clip import CLIPVisionTTRegConfig
 from .dinov2 import Dinov2TTRegConfig
+from .dinov3 import DINOv3ViTTTRegConfig
 from .registers import TestTimeRegisterConfig, TestTimeRegisterConfigMixin
+from .vit import DeiTTTRegConfig, ViTTTRegConfig
 
-__all__ = ["CLIPVisionTTRegConfig", "Dinov2TTRegConfig", "TestTimeRegisterConfig", "TestTimeRegisterConfigMixin"]
+__all__ = [
+    "CLIPVisionTTRegConfig",
+    "DeiTTTRegConfig",
+    "DINOv3ViTTTRegConfig",
+    "Dinov2TTRegConfig",
+    "TestTimeRegisterConfig",
+    "TestTimeRegisterConfigMixin",
+    "ViTTTRegConfig",
+]

@@ -1,15 +1,27 @@
 """DINOv2 with test-time registers: configuration."""
 
+from typing import Literal
+
 from huggingface_hub.dataclasses import strict
 from transformers import Dinov2Config
 
 from .registers import TestTimeRegisterConfigMixin
 
+PositionInterpolation = Literal["transformers", "upstream"]
+
 
 @strict
 class Dinov2TTRegConfig(TestTimeRegisterConfigMixin, Dinov2Config):
     r"""
-    [`Dinov2Config`] plus the test-time-register fields of [`TestTimeRegisterConfigMixin`].
+    [`Dinov2Config`] plus the test-time-register fields of [`TestTimeRegisterConfigMixin`], and:
+
+    position_interpolation (`str`, *optional*, defaults to `"transformers"`):
+        How the position table is resized for images of another size. `"transformers"`: as [`Dinov2Model`] does
+        (bicubic to the patch grid's size). `"upstream"`: as facebookresearch/dinov2 does (bicubic by the scale
+        factors (patches + 0.1) / table side, the table unchanged only for square images of its own patch count),
+        which the upstream torch.hub models, their heads and the papers' numbers use. The two agree at the table's
+        own size and differ elsewhere (by up to 0.1 in DINOv2 ViT-S/14 features at 224 px). The torch.hub models of
+        this package use `"upstream"`.
 
     Example:
 
@@ -20,6 +32,8 @@ class Dinov2TTRegConfig(TestTimeRegisterConfigMixin, Dinov2Config):
     ```"""
 
     model_type = "dinov2_tt_reg"
+
+    position_interpolation: PositionInterpolation = "transformers"  # `@strict` refuses any other value
 
     @property
     def mlp_width(self) -> int:

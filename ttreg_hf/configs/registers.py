@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+import torch
 from huggingface_hub.dataclasses import strict
 
 from ..index import RegisterNeuronIndex, check_neurons_fit, load_index, normalize_neurons, resolve_index
@@ -15,6 +16,8 @@ RegisterPatchMode = Literal["zero", "mean", "only_outliers", "same"]
 SEMANTICS: tuple[str, ...] = get_args(RegisterSemantics)
 PATCH_MODES: tuple[str, ...] = get_args(RegisterPatchMode)
 
+MAX_TEST_TIME_REGISTERS = 64
+
 
 @dataclass
 class TestTimeRegisterConfigMixin:
@@ -22,9 +25,12 @@ class TestTimeRegisterConfigMixin:
     register_neurons (`dict[str, list[int]]`, *optional*):
         The register-neuron index: 0-based block index -> MLP neuron indices. `None` or empty turns the edit off.
     num_test_time_registers (`int`, *optional*, defaults to 1):
-        How many zero-initialised tokens to append after the patches. 0 turns the edit off.
+        How many zero-initialised tokens to append after the patches. 0 turns the edit off. At most
+        `MAX_TEST_TIME_REGISTERS` (64): the paper uses one, models trained with registers use 4 to 16, and every
+        register lengthens the sequence attention is quadratic in (a ViT-L/14 at 224 px has 256 patches).
     register_scale (`float` or `list[float]`, *optional*, defaults to 1.0):
-        Factor applied to the register value, one for all registers or one per register.
+        Factor applied to the register value, one for all registers or one per register. Finite in float32
+        (|scale| <= 3.4e38); a model run in float16 is refused at its first forward unless |scale| <= 65504.
     register_semantics (`str`, *optional*, defaults to `"paper"`):
         `"paper"` (Algorithm 2 of the paper) or `"reference"` (the authors' released code); see `RegisterNeuronEdit`.
     register_patch_mode (`str`, *optional*, defaults to `"zero"`):
@@ -72,13 +78,19 @@ class TestTimeRegisterConfigMixin:
 
     def validate_test_time_registers(self):
         """Every register setting, against each other and the model's depth and MLP width."""
-        if self.num_test_time_registers < 0:
+        count = self.num_test_time_registers
+        if not 0 <= count <= MAX_TEST_TIME_REGISTERS:
             raise ValueError(
-                f"num_test_time_registers must be >= 0 (0 turns the edit off), got {self.num_test_time_registers}."
+                f"num_test_time_registers must be >= 0 (0 turns the edit off) and <= {MAX_TEST_TIME_REGISTERS} (the paper "
+                f"uses 1), got {count!r}."
             )
         scales = self.register_scale if isinstance(self.register_scale, list) else [self.register_scale]
-        if not all(math.isfinite(scale) for scale in scales):
-            raise ValueError(f"register_scale must be finite, got {self.register_scale}.")
+        largest = torch.finfo(torch.float32).max
+        if not all(math.isfinite(scale) and abs(scale) <= largest for scale in scales):
+            raise ValueError(
+                f"register_scale must be finite in float32 (|scale| <= {largest:.4g}), got {self.register_scale}; "
+                "the paper uses 1.0."
+            )
         if isinstance(self.register_scale, list) and len(self.register_scale) != self.num_test_time_registers:
             raise ValueError(
                 f"register_scale has {len(self.register_scale)} values for {self.num_test_time_registers} test-time "

@@ -1,5 +1,7 @@
 """DINOv2 with test-time registers: the parent does the work; these classes add the registers and the edit."""
 
+import math
+
 import torch
 from torch import nn
 from transformers import Dinov2Model
@@ -18,9 +20,28 @@ from .registers import (
 
 
 class Dinov2TTRegEmbeddings(Dinov2Embeddings):
-    """Appends the test-time registers after the position embedding (they get none)."""
+    """Appends the test-time registers after the position embedding (they get none); resizes the position table as
+    ``config.position_interpolation`` says."""
 
     token_layout: TokenLayout
+    config: Dinov2TTRegConfig
+
+    def interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        if self.config.position_interpolation == "transformers":
+            return super().interpolate_pos_encoding(embeddings, height, width)
+        # facebookresearch/dinov2's `DinoVisionTransformer.interpolate_pos_encoding` (interpolate_offset 0.1, no
+        # antialias): the offset scale factors sample other points than `size=` does
+        table = self.position_embeddings
+        side = math.isqrt(table.shape[1] - 1)
+        patch_height, patch_width = self.patch_embeddings.patch_size
+        rows, columns = height // patch_height, width // patch_width
+        if rows * columns == side * side and height == width:
+            return table
+        grid = table[:, 1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        scale_factor = ((rows + 0.1) / side, (columns + 0.1) / side)
+        grid = nn.functional.interpolate(grid, scale_factor=scale_factor, mode="bicubic", antialias=False)
+        patches = grid.permute(0, 2, 3, 1).reshape(1, rows * columns, -1)
+        return torch.cat((table[:, :1].float(), patches), dim=1).to(table.dtype)
 
     def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.BoolTensor | None = None) -> torch.Tensor:
         check_pixel_values(pixel_values, self.patch_embeddings.patch_size)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -43,7 +44,8 @@ _TOP_RENAMES = {
 
 
 def dinov2_config(arch: str, **settings) -> Dinov2TTRegConfig:
-    """The configuration of the upstream ``dinov2_{arch}`` backbone (518 px position table, patch 14)."""
+    """The configuration of the upstream ``dinov2_{arch}`` backbone (518 px position table, patch 14, upstream
+    position interpolation unless ``settings`` say ``position_interpolation="transformers"``)."""
     if arch not in DINOV2_ARCHS:
         raise ValueError(f"Unknown DINOv2 architecture {arch!r}; choose one of {sorted(DINOV2_ARCHS)}.")
     hidden_size, num_layers, num_heads, swiglu = DINOV2_ARCHS[arch]
@@ -54,7 +56,7 @@ def dinov2_config(arch: str, **settings) -> Dinov2TTRegConfig:
         use_swiglu_ffn=swiglu,
         image_size=518,
         patch_size=14,
-        **settings,
+        **{"position_interpolation": "upstream", **settings},
     )
 
 
@@ -106,7 +108,9 @@ def load_dinov2(config: Dinov2TTRegConfig, weights: str | Path | None) -> Dinov2
         return Dinov2TTRegModel(config).eval()
     state_dict = convert_original_state_dict(load_original_state_dict(weights), config)
     with torch.device("meta"):  # built with the edit off; the edits are built once, on the weights' device
-        model = Dinov2TTRegModel(dataclasses.replace(config, register_neurons=None))
+        model = Dinov2TTRegModel(dataclasses.replace(config, register_neurons={}))
+    dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}  # upstream's fp32, whatever the file's
+    state_dict = {name: value.to(dtypes.get(name, value.dtype)) for name, value in state_dict.items()}
     model.load_state_dict(state_dict, assign=True)
     return model.set_register_neurons(config.register_neurons or {}).eval()
 
@@ -144,15 +148,38 @@ class DinoVisionTransformerTTReg(nn.Module):
         features = self.forward_features(x)
         return features if is_training else features["x_norm_clstoken"]
 
+    def _blocks_to_take(self, n: int | Sequence[int]) -> list[int]:
+        """Upstream's choice: the last ``n`` blocks for an int, else the listed 0-based blocks, in block order.
+
+        Unlike upstream, a negative index counts from the end (-1 is the last block)."""
+        if isinstance(n, int):
+            if not 1 <= n <= self.n_blocks:
+                raise ValueError(f"n={n} asks for the last {n} of {self.n_blocks} blocks: give 1 to {self.n_blocks}.")
+            return list(range(self.n_blocks - n, self.n_blocks))
+        if not n or not all(isinstance(block, int) for block in n):
+            raise TypeError(f"n must be an int or a non-empty list of int block indices, got {n!r}.")
+        outside = [block for block in n if not -self.n_blocks <= block < self.n_blocks]
+        if outside:
+            raise ValueError(
+                f"Blocks {outside} are out of range: the model has {self.n_blocks} blocks, 0 to {self.n_blocks - 1} "
+                f"(or -{self.n_blocks} to -1 from the end)."
+            )
+        blocks = sorted(block % self.n_blocks for block in n)
+        if len(set(blocks)) < len(blocks):
+            raise ValueError(f"n={list(n)} names a block twice.")
+        return blocks
+
     def get_intermediate_layers(
         self,
         x: torch.Tensor,
-        n: int | list[int] = 1,
+        n: int | Sequence[int] = 1,
         reshape: bool = False,
         return_class_token: bool = False,
         norm: bool = True,
     ) -> tuple:
-        blocks = range(self.n_blocks - n, self.n_blocks) if isinstance(n, int) else n
+        """The outputs of the last ``n`` blocks (an int) or of the blocks listed in ``n`` (negative indices count from
+        the end), in block order as upstream returns them; see `_blocks_to_take`."""
+        blocks = self._blocks_to_take(n)
         hidden_states = self.dinov2(x, output_hidden_states=[block + 1 for block in blocks]).hidden_states
         outputs = [hidden_states[block + 1] for block in blocks]
         if norm:

@@ -25,7 +25,12 @@ class RegisterNeuronEdit(nn.Module):
     Register ``r`` receives ``scale[r] * value``. ``patch_mode`` says what reset tokens get: ``zero``; ``mean`` (the
     mean over patch tokens); ``only_outliers`` (values above mean + 1 std of the patch tokens become the mean; the
     std is the unbiased one, as ``torch.std``); ``same`` (untouched).
+
+    ``token_mask`` (``(batch, tokens)``, registers included, true on real tokens), when a model family sets it for a
+    padded batch (variable-resolution inputs), keeps padding out of the register value and the patch statistics.
     """
+
+    token_mask: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -46,6 +51,7 @@ class RegisterNeuronEdit(nn.Module):
             raise ValueError("A register-neuron edit needs at least one neuron and one test-time register.")
         self.neuron_ids = tuple(int(n) for n in neurons)
         self.scale_values = tuple(float(s) for s in scale)
+        self.largest_scale = max(abs(s) for s in self.scale_values)
         self.layout = layout
         self.semantics = semantics
         self.patch_mode = patch_mode
@@ -66,15 +72,22 @@ class RegisterNeuronEdit(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.largest_scale > torch.finfo(hidden_states.dtype).max:  # settings and dtype only: no sync, no graph break
+            raise ValueError(
+                f"register_scale {self.largest_scale:g} overflows {hidden_states.dtype} (largest "
+                f"{torch.finfo(hidden_states.dtype).max:g}): every register would be inf. Use a smaller scale or run "
+                "the model in float32 or bfloat16."
+            )
         neurons = self.neurons.to(hidden_states.device, non_blocking=True)  # a no-op unless the MLP is offloaded
         activations = hidden_states.index_select(-1, neurons)  # (batch, tokens, listed neurons)
+        valid = None if self.token_mask is None else self.token_mask.to(activations.device, torch.bool).unsqueeze(-1)
         num_kept = 0 if self.semantics == "paper" else self.layout.num_prefix_tokens
         end = self.layout.num_tokens_without_registers(activations)
         edited = torch.cat(
             (
                 activations[:, :num_kept],
-                self._reset(activations[:, num_kept:end], self.layout.patches(activations)),
-                self.scale.to(activations.device, activations.dtype) * self._register_value(activations),
+                self._reset(activations[:, num_kept:end], self.layout.patches(activations), valid),
+                self.scale.to(activations.device, activations.dtype) * self._register_value(activations, valid),
             ),
             dim=1,
         )
@@ -83,22 +96,31 @@ class RegisterNeuronEdit(nn.Module):
             return hidden_states.index_copy(-1, neurons, edited)
         return hidden_states.index_copy_(-1, neurons, edited)
 
-    def _register_value(self, activations: torch.Tensor) -> torch.Tensor:
-        """Per image, shape ``(batch, 1, listed neurons)``."""
+    def _register_value(self, activations: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Per image, shape ``(batch, 1, listed neurons)``; ``valid`` (``(batch, tokens, 1)``) leaves padding out."""
         if self.semantics == "paper":
+            if valid is not None:
+                activations = activations.masked_fill(~valid, float("-inf"))
             return activations.amax(dim=1, keepdim=True)
         flat = activations.flatten(1)
-        largest = flat.gather(1, flat.abs().argmax(dim=1, keepdim=True))
+        magnitude = activations.abs() if valid is None else activations.abs().masked_fill(~valid, -1)
+        largest = flat.gather(1, magnitude.flatten(1).argmax(dim=1, keepdim=True))
         return largest.unsqueeze(-1).expand(-1, 1, activations.shape[-1])
 
-    def _reset(self, tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    def _reset(self, tokens: torch.Tensor, patches: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         if self.patch_mode == "same":
             return tokens
         if self.patch_mode == "zero":
             return torch.zeros_like(tokens)
         patches = patches.float()
-        mean = patches.mean(dim=1, keepdim=True)
+        if valid is None:
+            mean, std = patches.mean(dim=1, keepdim=True), patches.std(dim=1, keepdim=True)
+        else:  # over the real patches only
+            valid_patches = self.layout.patches(valid).float()
+            count = valid_patches.sum(dim=1, keepdim=True)
+            mean = (patches * valid_patches).sum(dim=1, keepdim=True) / count
+            std = (((patches - mean) ** 2 * valid_patches).sum(dim=1, keepdim=True) / (count - 1)).sqrt()
         if self.patch_mode == "mean":
             return mean.to(tokens.dtype).expand_as(tokens)
-        threshold = mean + patches.std(dim=1, keepdim=True)
+        threshold = mean + std
         return torch.where(tokens.float() > threshold, mean, tokens.float()).to(tokens.dtype)

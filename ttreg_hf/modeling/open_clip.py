@@ -1,8 +1,8 @@
 """OpenCLIP's `VisionTransformer` with test-time registers, subclassed at open_clip's seams.
 
-The weights and state-dict keys stay as they are: the registers are appended by a parameter-free wrapper of
-`patch_dropout` (before `ln_pre`), the edit sits in a parameter-free ``register_edit`` slot between ``gelu`` and
-``c_proj`` of every block's MLP, and the registers are stripped before pooling and from `forward_intermediates`.
+The weights and state-dict keys stay as they are: the registers are appended by a `RegisterAppender` around
+`patch_dropout` (before `ln_pre`), the edit sits in a parameter-free ``register_edit`` slot between the activation
+and ``c_proj`` of every block's MLP, and the registers are stripped before pooling and from `forward_intermediates`.
 """
 
 import open_clip
@@ -13,20 +13,7 @@ from torch import nn
 
 from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings
 from .layout import TokenLayout
-from .registers import IndexSpec, RegisterSeams, TestTimeRegisterMixin, adopt, check_pixel_values
-
-
-class RegisterAppendingPatchDropout(nn.Module):
-    """open_clip's ``patch_dropout``, then the test-time registers appended: dropout never drops them."""
-
-    token_layout: TokenLayout
-
-    def __init__(self, patch_dropout: nn.Module):
-        super().__init__()
-        self.patch_dropout = patch_dropout
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.token_layout.append_registers(self.patch_dropout(tokens))
+from .registers import IndexSpec, RegisterAppender, RegisterSeams, TestTimeRegisterMixin, adopt, check_pixel_values
 
 
 class TTRegTransformer(Transformer):
@@ -85,7 +72,7 @@ class OpenCLIPTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
         """Give the tower its config, the appender, the intermediates' stripping and the edit slots (edit off)."""
         blocks = self.transformer.resblocks
         self.config = TestTimeRegisterConfig(num_hidden_layers=len(blocks), mlp_width=blocks[0].mlp[0].out_features)
-        self.patch_dropout = RegisterAppendingPatchDropout(self.patch_dropout)
+        self.patch_dropout = RegisterAppender(self.patch_dropout)  # dropout never drops the registers
         adopt(self.transformer, TTRegTransformer)
         for block in blocks:
             adopt_mlp(block.mlp)

@@ -8,6 +8,7 @@ stripping outputs, discovery and the analysis tools — reads the declaration.
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,12 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from transformers import PreTrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from ..configs.registers import REGISTER_SETTINGS
-from ..index import RegisterNeuronIndex, load_index
+from ..index import RegisterNeuronIndex
 from .edit import RegisterNeuronEdit
 from .layout import TokenLayout
 
@@ -61,6 +63,21 @@ class RegisterSeams:
     blocks: str
     mlp: str
     layout_readers: tuple[str, ...] = ()
+
+
+class RegisterAppender(nn.Module):
+    """Runs ``module`` (one that comes right after the position embedding, e.g. patch dropout), then appends the
+    test-time registers: the appender of towers whose embedding is not a module of its own (OpenCLIP, timm).
+    ``module`` should hold no parameters: the keys of those that it holds move under ``module.``."""
+
+    token_layout: TokenLayout
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.token_layout.append_registers(self.module(tokens))
 
 
 def adopt(module: nn.Module, subclass: type[nn.Module]) -> nn.Module:
@@ -189,8 +206,41 @@ class TestTimeRegisterMixin:
         return output_class(**fields)
 
 
+class RegisterEditOffWarning(UserWarning):
+    """A model built with test-time registers asked for (``num_test_time_registers > 0``) but no index: edit off."""
+
+
 class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
-    """`TestTimeRegisterMixin` for `transformers` models: the index is resolved in `from_pretrained`."""
+    """`TestTimeRegisterMixin` for `transformers` models: parent configs accepted, index resolution in
+    `from_pretrained`, buffer init."""
+
+    def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
+        config = self._register_config(config)
+        super().__init__(config, *inputs, **kwargs)
+        if config.num_test_time_registers and config.register_neurons is None:
+            warnings.warn(
+                f"{type(self).__name__} was built with num_test_time_registers={config.num_test_time_registers} but "
+                "no register_neurons, so the edit is off and it computes what its parent class does. Attach an index "
+                "with `model.set_register_neurons(...)` (a dict, an index file or a shipped name), or set "
+                "num_test_time_registers=0 to build the parent on purpose.",
+                RegisterEditOffWarning,
+                stacklevel=3,
+            )
+
+    @classmethod
+    def _register_config(cls, config: PreTrainedConfig) -> PreTrainedConfig:
+        """``config`` as a ``cls.config_class``: a parent config (a `Dinov2Config` for `Dinov2TTRegModel`) is
+        converted with every field kept and the register settings at their defaults."""
+        if isinstance(config, cls.config_class):
+            return config
+        parent_config_class = super(PreTrainedTestTimeRegisterMixin, cls).config_class
+        if not isinstance(config, parent_config_class):
+            raise TypeError(
+                f"{cls.__name__} needs a {cls.config_class.__name__} (or a {parent_config_class.__name__}, which it "
+                f"converts), got a {type(config).__name__}."
+            )
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
+        return cls.config_class(**fields, attn_implementation=config._attn_implementation)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -207,12 +257,22 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
         downloaded) unless ``num_test_time_registers=0``. The config is read once, and the edits built once.
         """
         config = kwargs.pop("config", None)
-        if not isinstance(config, cls.config_class):
+        # the config fields among the keyword arguments (``num_test_time_registers=0``, ``image_size=...``) go to the
+        # config, as in the parent; `dtype` is the model's
+        fields = {field.name for field in dataclasses.fields(cls.config_class)} - {"dtype"}
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in fields}
+        if isinstance(config, PreTrainedConfig):
+            config = copy.deepcopy(cls._register_config(config))
+            for key, value in overrides.items():
+                setattr(config, key, value)
+        else:
             hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
-            source = config if config is not None else pretrained_model_name_or_path
-            config, kwargs = cls.config_class.from_pretrained(source, return_unused_kwargs=True, **kwargs)
-            kwargs.update(hub_kwargs)
-        config.attach_register_neurons(register_neurons, checkpoint=str(pretrained_model_name_or_path))
+            config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs, **overrides)
+        config.attach_register_neurons(
+            register_neurons,
+            checkpoint=str(pretrained_model_name_or_path),
+            register_semantics=overrides.get("register_semantics"),
+        )
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
 
 

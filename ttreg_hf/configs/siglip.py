@@ -1,0 +1,47 @@
+"""SigLIP and SigLIP2 vision towers with test-time registers: configurations."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import Siglip2VisionConfig, SiglipVisionConfig
+
+from .registers import TestTimeRegisterConfigMixin
+
+
+@strict
+class SiglipVisionTTRegConfig(TestTimeRegisterConfigMixin, SiglipVisionConfig):
+    r"""
+    [`SiglipVisionConfig`] plus the test-time-register fields of [`TestTimeRegisterConfigMixin`] and:
+
+    pool_registers (`bool`, *optional*, defaults to `True`):
+        Whether the attention-pooling head (`head`) attends over the test-time registers as well as the patches.
+        The default keeps `pooler_output` closest to the unedited model's: the head's probe attends to the outlier
+        tokens, which the edit moves onto the registers (`benchmarks/siglip_pooling.py` measures it).
+
+    Example:
+
+    ```python
+    >>> from ttreg_hf import SiglipVisionTTRegConfig, SiglipVisionTTRegModel
+    >>> config = SiglipVisionTTRegConfig(register_neurons={10: [42, 7]}, num_test_time_registers=1)
+    >>> model = SiglipVisionTTRegModel(config)
+    ```"""
+
+    model_type = "siglip_vision_tt_reg"
+    pool_registers: bool = True
+
+    @property
+    def mlp_width(self) -> int:
+        return self.intermediate_size
+
+
+@strict
+class Siglip2VisionTTRegConfig(TestTimeRegisterConfigMixin, Siglip2VisionConfig):
+    r"""
+    [`Siglip2VisionConfig`] plus the test-time-register fields of [`TestTimeRegisterConfigMixin`] and `pool_registers`
+    (see [`SiglipVisionTTRegConfig`]).
+    """
+
+    model_type = "siglip2_vision_tt_reg"
+    pool_registers: bool = True
+
+    @property
+    def mlp_width(self) -> int:
+        return self.intermediate_size

@@ -1,0 +1,205 @@
+"""timm's `VisionTransformer` with test-time registers, subclassed at timm's seams.
+
+The weights and state-dict keys stay timm's: the registers are appended by a parameter-free wrapper of ``patch_drop``
+(right after ``_pos_embed``, so they get no position and patch dropout never drops them), every block's MLP is
+adopted by a parameter-free subclass that edits the hidden activations right before ``drop1`` (after the activation,
+after the gating for `GluMlp` / `SwiGLUPacked` / `SwiGLU`), and the registers are stripped from `forward_features`
+(hence from every pooling of `forward_head`) and from `forward_intermediates`.
+"""
+
+import timm
+import torch
+from timm.layers import GluMlp, Mlp, SwiGLU
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings
+from .layout import TokenLayout
+from .registers import IndexSpec, RegisterAppender, RegisterSeams, TestTimeRegisterMixin, adopt
+
+
+class TimmTTRegMlp(Mlp):
+    """timm's `Mlp` with the register-neuron edit right after the activation."""
+
+    register_edit: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.register_edit(self.act(self.fc1(x)))
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
+
+
+class TimmTTRegGluMlp(GluMlp):
+    """timm's `GluMlp` (and `SwiGLUPacked`, DINOv2 ViT-g's) with the register-neuron edit right after the gating."""
+
+    register_edit: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.fc1(x).chunk(2, dim=self.chunk_dim)
+        x = self.register_edit(x1 * self.act(x2) if self.gate_last else self.act(x1) * x2)
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
+
+
+class TimmTTRegSwiGLU(SwiGLU):
+    """timm's `SwiGLU` with the register-neuron edit right after the gating."""
+
+    register_edit: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.register_edit(self.act(self.fc1_g(x)) * self.fc1_x(x))
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
+
+
+# exact classes: a subclass of these may compute its hidden activations differently
+EDITABLE_MLPS = {Mlp: TimmTTRegMlp, GluMlp: TimmTTRegGluMlp, SwiGLU: TimmTTRegSwiGLU}
+
+
+def check_editable_mlps(model: VisionTransformer) -> None:
+    """Refuse blocks whose MLP the edit cannot reach (fused or parallel MLPs, other MLP classes)."""
+    for layer, block in enumerate(model.blocks):
+        mlp = getattr(block, "mlp", None)
+        if type(mlp) not in EDITABLE_MLPS:
+            raise TypeError(
+                f"Test-time registers need blocks with a timm Mlp, GluMlp, SwiGLUPacked or SwiGLU `mlp`; block "
+                f"{layer} ({type(block).__name__}) has {type(mlp).__name__ if mlp is not None else 'none'}."
+            )
+
+
+class TimmTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
+    """timm's [`VisionTransformer`] with test-time registers; every output keeps the parent's shape.
+
+    Build one like the parent, with the register settings as extra keywords (``register_neurons=...``,
+    ``num_test_time_registers=...``), with `create_model`, or convert a model in place with `to_test_time_registers`.
+    `forward_features_with_registers` also returns the registers' final tokens. ``config`` is a `TestTimeRegisterConfig`.
+    """
+
+    config: TestTimeRegisterConfig
+    register_seams = RegisterSeams(appender="patch_drop", blocks="blocks", mlp="mlp")
+
+    def __init__(self, *args, **kwargs):
+        settings = pop_register_settings(kwargs)
+        super().__init__(*args, **kwargs)
+        self.adopt_register_modules()
+        self.set_register_neurons(settings.pop("register_neurons", None), **settings)
+
+    def adopt_register_modules(self) -> None:
+        """Give the model its config, the appender and the editing MLPs (edit off)."""
+        check_editable_mlps(self)
+        for block in self.blocks:
+            adopt(block.mlp, EDITABLE_MLPS[type(block.mlp)])
+        self.config = register_config(self)
+        # after `_pos_embed`, in every forward; around `patch_drop`, so that patch dropout never drops the registers
+        self.patch_drop = RegisterAppender(self.patch_drop)
+        self.refresh_test_time_registers()
+
+    def forward_features_with_registers(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward_features` and the test-time registers' final tokens, ``(batch, registers, dim)`` (`None` when
+        the edit is off)."""
+        self.refresh_test_time_registers()
+        if attn_mask is not None and self.token_layout.num_registers:
+            raise ValueError("attn_mask does not cover the test-time registers: turn the edit off to pass a mask.")
+        tokens = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        layout = self.token_layout
+        return layout.strip_registers(tokens), layout.registers(tokens) if layout.num_registers else None
+
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        """timm's `forward_features` (all tokens, prefix included), without the test-time registers."""
+        return self.forward_features_with_registers(x, attn_mask=attn_mask, is_causal=is_causal)[0]
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ):
+        """timm's `forward_intermediates`, the test-time registers cut from the features and every intermediate.
+
+        The parent runs with token (``NLC``) dict outputs, from which the registers are cut before the ``NCHW``
+        reshape and the parent's return structure is rebuilt.
+        """
+        self.refresh_test_time_registers()
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+        if attn_mask is not None and self.token_layout.num_registers:
+            raise ValueError("attn_mask does not cover the test-time registers: turn the edit off to pass a mask.")
+        outputs = super().forward_intermediates(
+            x, indices, return_prefix_tokens=True, norm=norm, stop_early=stop_early, output_fmt="NLC",
+            intermediates_only=intermediates_only, output_dict=True, attn_mask=attn_mask, is_causal=is_causal,
+        )  # fmt: skip
+        layout = self.token_layout
+        intermediates = [layout.strip_registers(tokens) for tokens in outputs["image_intermediates"]]
+        if output_fmt == "NCHW":
+            height, width = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+            intermediates = [y.unflatten(1, (height, width)).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        prefix_tokens = outputs.get("image_intermediates_prefix") if return_prefix_tokens else None
+        features = outputs.get("image_features")
+        features = None if features is None else layout.strip_registers(features)
+        if output_dict:
+            result = {"image_intermediates": intermediates}
+            if prefix_tokens is not None:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if features is not None:
+                result["image_features"] = features
+            return result
+        if prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        return intermediates if intermediates_only else (features, intermediates)
+
+
+def to_test_time_registers(model: nn.Module, register_neurons: IndexSpec | None = None, **settings) -> nn.Module:
+    """Turn a timm `VisionTransformer` into a `TimmTTRegVisionTransformer`, in place (weights and keys kept).
+
+    Returns ``model``. ``settings`` are `TestTimeRegisterConfig` fields such as ``num_test_time_registers`` (0: edit off).
+    Without ``register_neurons`` the edit stays off until `set_register_neurons` gets an index.
+    """
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(
+            f"Test-time registers need timm's VisionTransformer (vit_* models), not {type(model).__name__}."
+        )
+    if not isinstance(model, TimmTTRegVisionTransformer):
+        check_editable_mlps(model)  # before the class changes: a refused model stays as it was
+        adopt(model, TimmTTRegVisionTransformer).adopt_register_modules()
+    return model.set_register_neurons(register_neurons, **settings)
+
+
+# timm's DINOv2 weights are facebook's, converted with the neuron order kept: the shipped indices apply as they are
+DINOV2_HUB_NAMES = {
+    f"vit_{size}_patch14_dinov2": f"dinov2_vit{arch}14"
+    for size, arch in (("small", "s"), ("base", "b"), ("large", "l"), ("giant", "g"))
+}
+
+
+def create_model(model_name: str, pretrained: bool = False, *, register_neurons: IndexSpec | None = None, **kwargs):
+    """`timm.create_model` giving a `TimmTTRegVisionTransformer`.
+
+    The index is ``register_neurons`` (a dict, a file, a shipped name), else the shipped one for the checkpoint
+    (timm's DINOv2 models share the DINOv2 indices, e.g. ``vit_large_patch14_dinov2`` gets ``dinov2_vitl14``'s);
+    without one, building fails unless ``num_test_time_registers=0``. Other register settings
+    (``num_test_time_registers``, ``register_scale``, ...) go to the model, everything else to timm.
+    """
+    settings = pop_register_settings(kwargs)
+    with torch.device("meta"):  # the architecture's depth and MLP width, before any weights are downloaded
+        config = register_config(timm.create_model(model_name, pretrained=False, **kwargs), **settings)
+    architecture = model_name.split(".")[0]  # without timm's pretrained tag (".lvd142m")
+    config.attach_register_neurons(
+        register_neurons,
+        checkpoint=DINOV2_HUB_NAMES.get(architecture, architecture),
+        register_semantics=settings.get("register_semantics"),
+    )
+    model = timm.create_model(model_name, pretrained, **kwargs)
+    return to_test_time_registers(model, **{name: getattr(config, name) for name in REGISTER_SETTINGS})
+
+
+def register_config(model: VisionTransformer, **settings) -> TestTimeRegisterConfig:
+    """The register settings of a timm `VisionTransformer`: its depth and MLP width (after the gating) bound the index."""
+    return TestTimeRegisterConfig(num_hidden_layers=len(model.blocks), mlp_width=model.blocks[0].mlp.fc2.in_features, **settings)
