@@ -1,57 +1,108 @@
-"""Test-time registers for pretrained Vision Transformers, as drop-in `transformers` and OpenCLIP classes."""
+"""Test-time registers for pretrained Vision Transformers, as drop-in `transformers` and OpenCLIP classes.
 
-from transformers import AutoConfig, AutoModel
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+Importing the package is cheap (``ttreg --help`` must not wait for torch): the names below load on first use. The
+classes are registered with `AutoConfig` / `AutoModel` as soon as the package and `transformers`' auto classes are
+both imported, in either order, so ``import ttreg_hf`` followed by ``AutoModel.from_pretrained(...)`` works.
+"""
 
-from .configs import CLIPVisionTTRegConfig, Dinov2TTRegConfig, OpenCLIPVisionTTRegConfig, TestTimeRegisterConfigMixin
-from .discovery import DiscoveryResult, find_register_neurons
-from .index import RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index, load_index, shipped_indices
-from .modeling.clip import CLIPVisionTTRegModel, CLIPVisionTTRegModelOutput, CLIPVisionTTRegModelWithProjection
-from .modeling.dinov2 import Dinov2TTRegModel
-from .modeling.edit import RegisterNeuronEdit
-from .modeling.layout import TokenLayout
-from .modeling.registers import PreTrainedTestTimeRegisterMixin, TestTimeRegisterMixin, TestTimeRegisterModelOutput
+import importlib
+import importlib.abc
+import importlib.util
+import sys
 
 __version__ = "0.1.0"
 
+# public name -> defining module
+_EXPORTS = {
+    **dict.fromkeys(
+        ("CLIPVisionTTRegConfig", "Dinov2TTRegConfig", "OpenCLIPVisionTTRegConfig", "TestTimeRegisterConfigMixin"),
+        ".configs",
+    ),
+    **dict.fromkeys(("DiscoveryResult", "find_register_neurons"), ".discovery"),
+    **dict.fromkeys(
+        ("RegisterNeuronIndex", "RegisterNeuronIndexError", "find_shipped_index", "load_index", "shipped_indices"),
+        ".index",
+    ),
+    **dict.fromkeys(
+        ("CLIPVisionTTRegModel", "CLIPVisionTTRegModelOutput", "CLIPVisionTTRegModelWithProjection"), ".modeling.clip"
+    ),
+    "Dinov2TTRegModel": ".modeling.dinov2",
+    "RegisterNeuronEdit": ".modeling.edit",
+    "TokenLayout": ".modeling.layout",
+    **dict.fromkeys(
+        ("PreTrainedTestTimeRegisterMixin", "TestTimeRegisterMixin", "TestTimeRegisterModelOutput"),
+        ".modeling.registers",
+    ),
+}
+__all__ = sorted(_EXPORTS)
+_AUTO_MODULE = "transformers.models.auto.modeling_auto"  # imported by every use of AutoConfig / AutoModel
 
-def _load_parent_checkpoints(model_class, parent_class_name: str) -> None:
-    """Give the class its parent's checkpoint key conversions (`transformers` looks them up by class name)."""
-    register_checkpoint_conversion_mapping(
-        model_class.__name__, get_checkpoint_conversion_mapping(parent_class_name) or [], overwrite=True
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    register_auto_classes()
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+def register_auto_classes() -> None:
+    """Make `AutoConfig` / `AutoModel` know the classes, and let them load their parents' checkpoints (idempotent)."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+    from .configs import CLIPVisionTTRegConfig, Dinov2TTRegConfig
+    from .modeling.clip import CLIPVisionTTRegModel, CLIPVisionTTRegModelWithProjection
+    from .modeling.dinov2 import Dinov2TTRegModel
+
+    # `transformers` looks the key conversions up by class name: each class gets its parent's
+    for model_class, parent_name in (
+        (Dinov2TTRegModel, "Dinov2Model"),
+        (CLIPVisionTTRegModel, "CLIPVisionModel"),
+        (CLIPVisionTTRegModelWithProjection, "CLIPVisionModelWithProjection"),  # AutoModel gives the tower
+    ):
+        register_checkpoint_conversion_mapping(
+            model_class.__name__, get_checkpoint_conversion_mapping(parent_name) or [], overwrite=True
+        )
+    for config_class, model_class in ((Dinov2TTRegConfig, Dinov2TTRegModel), (CLIPVisionTTRegConfig, CLIPVisionTTRegModel)):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, model_class, exist_ok=True)
+
+
+def _importing_this_package() -> bool:
+    """Whether one of the package's modules is half-imported (registering now would be a circular import)."""
+    return any(
+        getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+        if name.startswith(f"{__name__}.")
     )
 
 
-def _register(config_class, model_class, parent_class_name: str) -> None:
-    """Make `AutoConfig` / `AutoModel` know the class, and let it load the parent's checkpoints."""
-    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-    AutoModel.register(config_class, model_class, exist_ok=True)
-    _load_parent_checkpoints(model_class, parent_class_name)
+class _RegisterWithAutoClasses(importlib.abc.MetaPathFinder):
+    """Register the classes right after `transformers` imports its auto classes, unless the import came from one of
+    this package's modules: `__getattr__` registers once that import is done."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _AUTO_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            if not _importing_this_package():
+                register_auto_classes()
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
-_register(Dinov2TTRegConfig, Dinov2TTRegModel, "Dinov2Model")
-_register(CLIPVisionTTRegConfig, CLIPVisionTTRegModel, "CLIPVisionModel")
-_load_parent_checkpoints(CLIPVisionTTRegModelWithProjection, "CLIPVisionModelWithProjection")  # AutoModel: the tower
-
-__all__ = [
-    "CLIPVisionTTRegConfig",
-    "CLIPVisionTTRegModel",
-    "CLIPVisionTTRegModelOutput",
-    "CLIPVisionTTRegModelWithProjection",
-    "Dinov2TTRegConfig",
-    "Dinov2TTRegModel",
-    "RegisterNeuronEdit",
-    "RegisterNeuronIndex",
-    "RegisterNeuronIndexError",
-    "OpenCLIPVisionTTRegConfig",
-    "PreTrainedTestTimeRegisterMixin",
-    "TestTimeRegisterConfigMixin",
-    "TestTimeRegisterMixin",
-    "TestTimeRegisterModelOutput",
-    "TokenLayout",
-    "DiscoveryResult",
-    "find_register_neurons",
-    "find_shipped_index",
-    "load_index",
-    "shipped_indices",
-]
+if _AUTO_MODULE in sys.modules:
+    register_auto_classes()
+else:
+    sys.meta_path.insert(0, _RegisterWithAutoClasses())

@@ -1,6 +1,7 @@
 """Register-neuron indices: JSON in the ``__metadata__`` header of a safetensors file (no tensors needed, no code run)."""
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,14 @@ FIND_NEURONS_HINT = (
     "`ttreg find-neurons`), find one with `ttreg find-neurons MODEL IMAGE_DIR --out index.safetensors`, or pass "
     "`num_test_time_registers=0` to run the model without test-time registers."
 )
+
+
+def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file`, with the permissions of any file the user writes (it creates files 0600)."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 class RegisterNeuronIndexError(ValueError):
@@ -96,7 +105,7 @@ class RegisterNeuronIndex:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({}, str(path), metadata={"format": "pt", METADATA_KEY: json.dumps(self.to_json())})
+        write_safetensors({}, path, {"format": "pt", METADATA_KEY: json.dumps(self.to_json())})
         return path
 
     @classmethod
