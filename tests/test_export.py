@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,6 +219,21 @@ def test_unexportable_inputs_are_clear_errors(exported, tmp_path):
     AutoConfig.for_model("bert", hidden_size=32).save_pretrained(tmp_path / "bert")
     with pytest.raises(ExportError, match="model type 'bert'"):
         export_model(tmp_path / "bert", index, tmp_path / "d")
+
+
+def test_a_saved_package_model_exports_in_a_fresh_process(exported, tmp_path):
+    """`ttreg_hf.export` alone (its import is what loads `transformers`' auto classes) still knows our model types."""
+    parent_dir, index, _ = exported["dinov2"]
+    Dinov2TTRegModel.from_pretrained(parent_dir, register_neurons=index).save_pretrained(tmp_path / "ours")
+    code = (
+        "from ttreg_hf.export import export_model\n"
+        f"export_model({str(tmp_path / 'ours')!r}, {str(parent_dir.parent / 'dinov2-index.safetensors')!r}, "
+        f"{str(tmp_path / 'out')!r})"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert RegisterNeuronIndex.load(tmp_path / "out" / "model.safetensors") == index
 
 
 def test_the_cli_exports_a_checkpoint(exported, tmp_path):

@@ -5,6 +5,7 @@ classes are registered with `AutoConfig` / `AutoModel` as soon as the package an
 both imported, in either order, so ``import ttreg_hf`` followed by ``AutoModel.from_pretrained(...)`` works.
 """
 
+import functools
 import importlib
 import importlib.abc
 import importlib.util
@@ -43,6 +44,7 @@ def __getattr__(name: str):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     register_auto_classes()
+    globals()[name] = value  # found directly from now on
     return value
 
 
@@ -50,8 +52,14 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
 
 
+@functools.cache
 def register_auto_classes() -> None:
-    """Make `AutoConfig` / `AutoModel` know the classes, and let them load their parents' checkpoints (idempotent)."""
+    """Make `AutoConfig` / `AutoModel` know the classes, and let them load their parents' checkpoints (once).
+
+    Runs on first use of a name of this package and when `transformers` imports its auto classes after this package.
+    Code of this package that calls `AutoConfig` / `AutoModel` on its own model types calls it first: when the
+    package's own imports are what import `transformers`' auto classes, registering then would be circular.
+    """
     from transformers import AutoConfig, AutoModel
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
@@ -68,7 +76,10 @@ def register_auto_classes() -> None:
         register_checkpoint_conversion_mapping(
             model_class.__name__, get_checkpoint_conversion_mapping(parent_name) or [], overwrite=True
         )
-    for config_class, model_class in ((Dinov2TTRegConfig, Dinov2TTRegModel), (CLIPVisionTTRegConfig, CLIPVisionTTRegModel)):
+    for config_class, model_class in (
+        (Dinov2TTRegConfig, Dinov2TTRegModel),
+        (CLIPVisionTTRegConfig, CLIPVisionTTRegModel),
+    ):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModel.register(config_class, model_class, exist_ok=True)
 

@@ -115,13 +115,17 @@ def load_model(spec: str, device: str, weights: str | None = None, **settings):
         from .hub import MODEL_NAMES, load_tt_model
 
         if spec not in MODEL_NAMES:
-            raise CommandError(f"Unknown model {spec!r}: MODEL is one of {', '.join(MODEL_NAMES)}, a local folder, or {PLANTED!r}.")
+            raise CommandError(
+                f"Unknown model {spec!r}: MODEL is one of {', '.join(MODEL_NAMES)}, a local folder, or {PLANTED!r}."
+            )
         try:
             model = load_tt_model(spec, weights=weights, **settings)
         except OSError as error:
             if weights is not None:
                 raise
-            raise CommandError(f"Could not fetch the weights of {spec!r} ({_one_line(error)}); pass a local checkpoint with --weights FILE.") from error
+            raise CommandError(
+                f"Could not fetch the weights of {spec!r} ({_one_line(error)}); pass a local checkpoint with --weights FILE."
+            ) from error
     return model.to(device).eval()
 
 
@@ -160,7 +164,9 @@ def _index_before_loading(args: argparse.Namespace):
         return planted_index()
     index = find_shipped_index(args.model)
     if index is None:
-        raise RegisterNeuronIndexError(f"No index is shipped for {args.model!r}: pass --index, made with `ttreg find-neurons`.")
+        raise RegisterNeuronIndexError(
+            f"No index is shipped for {args.model!r}: pass --index, made with `ttreg find-neurons`."
+        )
     return index
 
 
@@ -392,11 +398,15 @@ def _export(args: argparse.Namespace) -> int:
 
     check_output(args.out, args.overwrite, folder=True)
     try:
-        out = export_model(args.model, args.index, args.out, license=args.license, repo_id=args.repo_id, overwrite=args.overwrite)
+        out = export_model(
+            args.model, args.index, args.out, license=args.license, repo_id=args.repo_id, overwrite=args.overwrite
+        )
     except OSError as error:
         if Path(args.model).exists():
             raise
-        raise CommandError(f"Could not fetch {args.model!r} ({_one_line(error)}); pass a local checkpoint folder as MODEL.") from error
+        raise CommandError(
+            f"Could not fetch {args.model!r} ({_one_line(error)}); pass a local checkpoint folder as MODEL."
+        ) from error
     print(f"Wrote {out}")
     return EXIT_OK
 

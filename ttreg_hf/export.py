@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import AutoConfig, BitImageProcessor, CLIPImageProcessor, PreTrainedModel
 from transformers.utils import cached_file
 
-from . import __version__
+from . import __version__, register_auto_classes
 from .configs.clip import CLIPVisionTTRegConfig
 from .configs.dinov2 import Dinov2TTRegConfig
 from .index import METADATA_KEY, RegisterNeuronIndex, RegisterNeuronIndexError, load_index, write_safetensors
@@ -106,11 +106,14 @@ def _check_export_folder(out: Path, overwrite: bool, source) -> None:
     only exported files), before anything is loaded or written."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file: export writes a folder.")
-    if isinstance(source, (str, Path)) and str(source) and Path(source).is_dir() and Path(source).resolve() == out.resolve():
+    parent_folder = Path(source) if isinstance(source, (str, Path)) and str(source) else None
+    if parent_folder and parent_folder.is_dir() and parent_folder.resolve() == out.resolve():
         raise ExportError(f"{out} is the parent checkpoint's own folder: export into a new folder.")
     present = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
     if present and not overwrite:
-        raise ExportError(f"{out} is not empty ({', '.join(present)}): export into a new folder, or pass overwrite.")
+        raise ExportError(
+            f"{out} is not empty ({', '.join(present)}): export into a new folder, or pass overwrite=True (--overwrite)."
+        )
     foreign = [name for name in present if name not in EXPORTED_FILES]
     if foreign:
         raise ExportError(
@@ -153,6 +156,7 @@ def _published_index(index: IndexSpec) -> RegisterNeuronIndex:
 def _model_with_index(model, index: RegisterNeuronIndex) -> PreTrainedTestTimeRegisterMixin:
     """The model to export: loaded with ``index``, or the given one once its neurons are checked against ``index``."""
     if isinstance(model, (str, Path)):
+        register_auto_classes()  # AutoConfig must know our own model types
         model_type = AutoConfig.from_pretrained(model).model_type
         if model_type not in MODEL_CLASSES:
             raise ExportError(
