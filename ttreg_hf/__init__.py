@@ -58,7 +58,7 @@ def register_auto_classes() -> None:
 
     Runs on first use of a name of this package and when `transformers` imports its auto classes after this package.
     Code of this package that calls `AutoConfig` / `AutoModel` on its own model types calls it first: when the
-    package's own imports are what import `transformers`' auto classes, registering then would be circular.
+    package's own imports are what import `transformers`' auto classes, registering then may be circular.
     """
     from transformers import AutoConfig, AutoModel
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -85,7 +85,7 @@ def register_auto_classes() -> None:
 
 
 def _importing_this_package() -> bool:
-    """Whether one of the package's modules is half-imported (registering now would be a circular import)."""
+    """Whether one of the package's modules is half-imported."""
     return any(
         getattr(getattr(module, "__spec__", None), "_initializing", False)
         for name, module in list(sys.modules.items())
@@ -94,8 +94,9 @@ def _importing_this_package() -> bool:
 
 
 class _RegisterWithAutoClasses(importlib.abc.MetaPathFinder):
-    """Register the classes right after `transformers` imports its auto classes, unless the import came from one of
-    this package's modules: `__getattr__` registers once that import is done."""
+    """Register the classes right after `transformers` imports its auto classes. When one of this package's modules
+    is what imported them and the classes' modules are half-imported, registering is a circular import: it is left
+    to the next `register_auto_classes` call (a package name's first use, or the package code that needs it)."""
 
     def find_spec(self, fullname, path, target=None):
         if fullname != _AUTO_MODULE:
@@ -106,8 +107,11 @@ class _RegisterWithAutoClasses(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             load(module)
-            if not _importing_this_package():
+            try:
                 register_auto_classes()
+            except ImportError:
+                if not _importing_this_package():
+                    raise
 
         spec.loader.exec_module = exec_module
         return spec
