@@ -1,6 +1,5 @@
 """The `ttreg` command line: the demo end to end (against the README), inspect, help, exit codes, clear errors."""
 
-import json
 import math
 import os
 import re
