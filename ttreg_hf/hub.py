@@ -8,7 +8,10 @@ name) if given, else the shipped one for that checkpoint, else an error that say
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlparse
 
+import torch
+from huggingface_hub.constants import is_offline_mode
 from torch import nn
 
 from .index import resolve_index
@@ -20,24 +23,33 @@ from .modeling.siglip import Siglip2VisionTTRegModel, SiglipVisionTTRegModel
 from .modeling.vit import DeiTTTRegModel, ViTTTRegModel
 
 
-def _with_index(
-    model: TestTimeRegisterMixin, name: str, register_neurons: IndexSpec | None, register_semantics: str | None = None
-) -> TestTimeRegisterMixin:
-    """Attach ``register_neurons``, else the shipped index for ``name``; fail clearly when there is none.
+def _index_for(name: str, register_neurons: IndexSpec | None, settings: dict):
+    """``register_neurons``, else the shipped index for ``name``; fails clearly when there is none, before any
+    weights are downloaded."""
+    num_registers = settings.get("num_test_time_registers", 1)
+    return resolve_index(register_neurons, checkpoint=name, saved=False, num_registers=num_registers)
 
-    ``register_semantics``, when the caller chose it, wins over an index file's."""
-    num_registers = model.config.num_test_time_registers
-    index = resolve_index(register_neurons, checkpoint=name, saved=False, num_registers=num_registers)
-    return model.set_register_neurons(index, register_semantics=register_semantics)
+
+def _with_index(model: TestTimeRegisterMixin, index, settings: dict) -> TestTimeRegisterMixin:
+    """Attach ``index``; ``register_semantics``, when the caller chose it, wins over an index file's."""
+    return model.set_register_neurons(index, register_semantics=settings.get("register_semantics"))
+
+
+def _check_downloadable(url: str) -> None:
+    """Offline (``HF_HUB_OFFLINE=1``), a URL that torch.hub has not cached is an error, not a network attempt."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if is_offline_mode() and not cached.is_file():
+        raise OSError(f"offline (HF_HUB_OFFLINE is set) and {url} is not in torch.hub's cache {cached.parent}")
 
 
 def _dinov2(arch: str, pretrained: bool, weights: str | Path | None, register_neurons: IndexSpec | None, **settings):
+    index = _index_for(f"dinov2_{arch}", register_neurons, settings)
     if pretrained and weights is None:
         weights = DINOV2_URL.format(arch=arch)
-    semantics = settings.get("register_semantics")
+        _check_downloadable(weights)
     with index_attached_later():
         model = load_dinov2(arch, weights, **settings)
-    return _with_index(model, f"dinov2_{arch}", register_neurons, semantics)
+    return _with_index(model, index, settings)
 
 
 # name -> (open_clip model name, LAION-2B pretrained tag), the checkpoints of the paper
@@ -58,10 +70,11 @@ def _openclip(
     """The whole open_clip model (image and text towers); ``weights`` is a local open_clip checkpoint file."""
     from .modeling.open_clip import create_model_and_transforms  # open_clip is an optional dependency
 
+    index = _index_for(name, register_neurons, settings)
     model_name, tag = OPENCLIP_CHECKPOINTS[name]
     checkpoint = str(weights) if weights else tag if pretrained else None
     model, _, _ = create_model_and_transforms(model_name, checkpoint, register_neurons={}, **settings)
-    _with_index(model.visual, name, register_neurons, settings.get("register_semantics"))
+    _with_index(model.visual, index, settings)
     return model.eval()
 
 
@@ -99,12 +112,13 @@ def _transformers(
 ) -> TestTimeRegisterMixin:
     """``weights`` is a local `transformers` checkpoint folder."""
     model_class, checkpoint, arch, model_kwargs = TRANSFORMERS_CHECKPOINTS[name]
+    index = _index_for(name, register_neurons, settings)
     if pretrained or weights:
         model = model_class.from_pretrained(weights or checkpoint, register_neurons={}, **model_kwargs, **settings)
     else:
         with index_attached_later():
             model = model_class(model_class.config_class(**arch, **settings), **model_kwargs)
-    return _with_index(model, name, register_neurons, settings.get("register_semantics")).eval()
+    return _with_index(model, index, settings).eval()
 
 
 def _openclip_tower(name: str, **kwargs) -> nn.Module:
