@@ -69,7 +69,9 @@ class TestTimeRegisterConfigMixin:
         scales = self.register_scale if isinstance(self.register_scale, list) else [self.register_scale]
         if not all(math.isfinite(scale) for scale in scales):
             raise ValueError(f"register_scale must be finite, got {self.register_scale}.")
-        if isinstance(self.register_scale, list) and len(self.register_scale) != self.num_test_time_registers:
+        # with 0 registers (edit off) the scales are unused and stay for later, like the index
+        num_registers = self.num_test_time_registers
+        if isinstance(self.register_scale, list) and num_registers and len(self.register_scale) != num_registers:
             raise ValueError(
                 f"register_scale has {len(self.register_scale)} values for {self.num_test_time_registers} test-time "
                 "registers: give one float for all of them or one per register."
