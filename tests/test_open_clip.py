@@ -80,8 +80,10 @@ def test_conversion_keeps_weights_and_keys(pixels):
 @pytest.mark.parametrize("autograd", AUTOGRAD_MODES)
 @pytest.mark.parametrize("semantics, patch_mode", [("paper", "zero"), ("reference", "mean")])
 def test_matches_hooked_reference(pixels, semantics, patch_mode, autograd):
-    settings = dict(num_test_time_registers=2, register_scale=[1.0, -0.5], register_semantics=semantics, register_patch_mode=patch_mode)
-    parent, model = _parent_and_copy(register_neurons=NEURONS, **settings)
+    parent, model = _parent_and_copy(
+        register_neurons=NEURONS, num_test_time_registers=2, register_scale=[1.0, -0.5], register_semantics=semantics,
+        register_patch_mode=patch_mode,
+    )
     parent.visual.output_tokens = model.visual.output_tokens = True
     with torch.no_grad(), _hooked(parent, num_registers=2, scale=[1.0, -0.5], semantics=semantics, patch_mode=patch_mode):
         expected_pooled, expected_tokens = parent.visual(pixels)  # `tok` pool: CLS, tokens include the registers
@@ -123,15 +125,18 @@ def test_encode_image_zero_shot_and_token_shapes(pixels):
     assert pooled.shape == (3, 16) and tokens.shape == (3, 16, 32)
 
 
+NORMALIZED_NLC = dict(image_indices=[0, 2], image_output_fmt="NLC", normalize_intermediates=True)
+
+
 @pytest.mark.parametrize("autograd", AUTOGRAD_MODES)
 def test_forward_intermediates_match_hooked_reference(pixels, autograd):
     parent, model = _parent_and_copy(register_neurons=NEURONS, num_test_time_registers=2, register_scale=[1.0, -0.5])
     with torch.no_grad(), _hooked(parent, num_registers=2, scale=[1.0, -0.5]):  # NLC: the parent cannot make grids
         expected = parent.visual.forward_intermediates(pixels, indices=2, output_fmt="NLC", output_extra_tokens=True)
-        normalized = parent.forward_intermediates(pixels, image_indices=[0, 2], image_output_fmt="NLC", normalize_intermediates=True)
+        normalized = parent.forward_intermediates(pixels, **NORMALIZED_NLC)
     with autograd():
         nchw = model.visual.forward_intermediates(pixels, indices=2, output_extra_tokens=True)
-        nlc = model.forward_intermediates(pixels, image_indices=[0, 2], image_output_fmt="NLC", normalize_intermediates=True)
+        nlc = model.forward_intermediates(pixels, **NORMALIZED_NLC)
     patches = [tokens[:, :-2] for tokens in expected["image_intermediates"]]  # the registers are the last two tokens
     grids = [tokens.reshape(3, 4, 4, 32).permute(0, 3, 1, 2) for tokens in patches]
     assert len(nchw["image_intermediates"]) == len(nlc["image_intermediates"]) == 2
