@@ -3,7 +3,7 @@
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from reference_edit import hooked_register_edit
+from reference_edit import AUTOGRAD_MODES, hooked_register_edit
 from transformers import AutoModel, CLIPConfig, CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from ttreg_hf import (
@@ -54,8 +54,9 @@ def test_edit_off_is_bit_identical_to_parent(checkpoint, pixels):
     assert all(torch.equal(a, e) for a, e in zip(actual.hidden_states, expected.hidden_states, strict=True))
 
 
+@pytest.mark.parametrize("autograd", AUTOGRAD_MODES)
 @pytest.mark.parametrize("semantics, patch_mode", [("paper", "zero"), ("reference", "mean"), ("paper", "only_outliers")])
-def test_matches_hooked_reference(checkpoint, pixels, semantics, patch_mode):
+def test_matches_hooked_reference(checkpoint, pixels, semantics, patch_mode, autograd):
     parent = CLIPVisionModel.from_pretrained(checkpoint).eval()
     model = CLIPVisionTTRegModel.from_pretrained(
         checkpoint, register_neurons=NEURONS, num_test_time_registers=2, register_scale=[1.0, 0.5],
@@ -67,8 +68,10 @@ def test_matches_hooked_reference(checkpoint, pixels, semantics, patch_mode):
         patch_mode=patch_mode,
     ):
         expected = parent(pixels, output_hidden_states=True)
-    actual = model(pixels, output_hidden_states=True)
+    with autograd():  # with autograd on the edit copies the activations, without it it edits them in place
+        actual = model(pixels, output_hidden_states=True)
     full = torch.cat([actual.last_hidden_state, actual.test_time_registers], dim=1)
+    assert full.requires_grad == (autograd is torch.enable_grad)
     torch.testing.assert_close(full, expected.last_hidden_state, atol=1e-5, rtol=0)
     torch.testing.assert_close(actual.pooler_output, expected.pooler_output, atol=1e-5, rtol=0)
     torch.testing.assert_close(actual.hidden_states[-2], expected.hidden_states[-2][:, :-2], atol=1e-5, rtol=0)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_edit import hooked_register_edit
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig, AutoModel, BitImageProcessor, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model,
@@ -29,6 +30,9 @@ PARENTS = {  # name -> (parent class, config, package class, MLP width)
 OUTPUT_FIELDS = ("last_hidden_state", "pooler_output", "test_time_registers")
 # the DINOv2 parent's own processor, unlike the family default (crop 224, ImageNet statistics)
 PARENT_PROCESSOR = dict(crop_size={"height": 448, "width": 448}, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.4])
+SETTINGS = dict(  # every register setting away from its default: an export must publish what the model runs
+    num_test_time_registers=2, register_scale=[1.0, -0.5], register_semantics="reference", register_patch_mode="mean"
+)
 
 REMOTE_LOADER = textwrap.dedent(
     """
@@ -77,11 +81,39 @@ def exported(tmp_path_factory):
     return folders
 
 
-def test_exports_load_with_plain_transformers_and_match_the_package(exported, images, tmp_path):
+@pytest.fixture(scope="module")
+def exported_with_settings(exported):
+    """``{name: export folder}`` of the same models loaded with `SETTINGS` (an export from a loaded model)."""
+    folders = {}
+    for name, (parent_dir, index, out) in exported.items():
+        model = PARENTS[name][2].from_pretrained(parent_dir, register_neurons=index, **SETTINGS).eval()
+        folders[name] = export_model(model, index, out.parent / f"{name}-settings")
+    return folders
+
+
+def hooked_parent_outputs(name, parent_dir, neurons, images) -> dict[str, torch.Tensor]:
+    """`OUTPUT_FIELDS` of the parent with the edit of `SETTINGS` done by hooks (`tests/reference_edit.py`)."""
+    parent = PARENTS[name][0].from_pretrained(parent_dir).eval()
+    layers = parent.encoder.layer if name == "dinov2" else parent.encoder.layers
+    num_registers = SETTINGS["num_test_time_registers"]
+    with torch.no_grad(), hooked_register_edit(
+        parent.embeddings, {layer: layers[layer].mlp.fc2 for layer in neurons}, neurons, num_registers=num_registers,
+        scale=SETTINGS["register_scale"], semantics=SETTINGS["register_semantics"],
+        patch_mode=SETTINGS["register_patch_mode"],
+    ):
+        outputs = parent(images)  # the registers are the last tokens
+    return {
+        "last_hidden_state": outputs.last_hidden_state[:, :-num_registers],
+        "pooler_output": outputs.pooler_output,
+        "test_time_registers": outputs.last_hidden_state[:, -num_registers:],
+    }
+
+
+def test_exports_load_with_plain_transformers_and_match_the_package(exported, exported_with_settings, images, tmp_path):
     save_file({"pixel_values": images}, tmp_path / "inputs.safetensors")
     (tmp_path / "load.py").write_text(REMOTE_LOADER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    folders = [str(out) for _, _, out in exported.values()]
+    folders = [str(out) for _, _, out in exported.values()] + [str(out) for out in exported_with_settings.values()]
     run = subprocess.run(
         [sys.executable, "-I", "load.py", *folders], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
@@ -96,6 +128,10 @@ def test_exports_load_with_plain_transformers_and_match_the_package(exported, im
             assert torch.allclose(remote[f"{out}.{field}"], getattr(expected, field), atol=1e-6), (name, field)
         assert not torch.allclose(remote[f"{out}.last_hidden_state"], plain.last_hidden_state, atol=1e-3), name
         assert torch.allclose(remote[f"{out}.off"], plain.last_hidden_state, atol=1e-6), name
+        with_settings = exported_with_settings[name]
+        for field, value in hooked_parent_outputs(name, parent_dir, index.neurons, images).items():
+            torch.testing.assert_close(remote[f"{with_settings}.{field}"], value, atol=1e-5, rtol=0, msg=f"{name} {field}")
+        assert torch.allclose(remote[f"{with_settings}.off"], plain.last_hidden_state, atol=1e-6), name
 
 
 @pytest.mark.parametrize("name", PARENTS)
@@ -109,6 +145,26 @@ def test_package_classes_load_an_export_without_remote_code(exported, images, na
             expected, actual = reference(images), loaded.eval()(images)
         for field in OUTPUT_FIELDS:
             assert torch.equal(getattr(actual, field), getattr(expected, field)), field
+
+
+@pytest.mark.parametrize("name", PARENTS)
+def test_an_export_keeps_the_models_register_settings(exported, exported_with_settings, images, name):
+    parent_dir, index, _ = exported[name]
+    out = exported_with_settings[name]
+    expected = hooked_parent_outputs(name, parent_dir, index.neurons, images)
+    package_class = PARENTS[name][2]
+    for loaded in (package_class.from_pretrained(out), AutoModel.from_pretrained(out)):
+        assert type(loaded) is package_class
+        with torch.no_grad():
+            actual = loaded.eval()(images)
+        for field, value in expected.items():
+            torch.testing.assert_close(getattr(actual, field), value, atol=1e-5, rtol=0, msg=f"{name} {field}")
+    off = package_class.from_pretrained(out, num_test_time_registers=0).eval()  # the card's way to switch it off
+    with torch.no_grad():
+        plain = PARENTS[name][0].from_pretrained(parent_dir).eval()(images)
+        assert torch.equal(off(images).last_hidden_state, plain.last_hidden_state)
+    card = (out / "README.md").read_text()
+    assert "edit semantics: `reference`; test-time registers: 2" in card
 
 
 def test_the_folder_holds_config_index_preprocessor_card_and_self_contained_code(exported):
