@@ -12,7 +12,7 @@ from ttreg_hf import (
     Dinov2TTRegConfig,
     Dinov2TTRegModel,
 )
-from ttreg_hf.analysis import run_with_cache
+from ttreg_hf.analysis import run_with_cache, summarize_layers
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=14)
 FAMILIES = {
@@ -102,12 +102,14 @@ def test_attentions_have_the_parents_shape_and_registers_their_own_field(family,
     with torch.no_grad():
         outputs = model(pixels, output_attentions=True)
         expected = parent(pixels, output_attentions=True)
-        full = run_with_cache(model, pixels, attentions="all").attentions  # recomputed, registers included
+        cache = run_with_cache(model, pixels, attentions="all")  # maps recomputed from the blocks' inputs
         as_tuple, parent_tuple = model(pixels, return_dict=False, output_attentions=True), parent(pixels, return_dict=False, output_attentions=True)
     assert [a.shape for a in outputs.attentions] == [a.shape for a in expected.attentions] == [(3, 2, 5, 5)] * 3
     assert [a.shape for a in outputs.test_time_register_attentions] == [(3, 2, 5, 2)] * 3
     for layer, (tokens, registers) in enumerate(zip(outputs.attentions, outputs.test_time_register_attentions)):
-        torch.testing.assert_close(torch.cat((tokens, registers), dim=-1), full[layer][:, :, :5])
+        torch.testing.assert_close(torch.cat((tokens, registers), dim=-1), cache.attentions[layer][:, :, :5])
         torch.testing.assert_close((tokens.sum(-1) + registers.sum(-1)), torch.ones(3, 2, 5))
+        cls_on_registers = registers[:, :, 0].sum(-1).mean().item()  # the analysis tools' CLS share, from the outputs
+        assert summarize_layers(cache)[layer].cls_register_share == pytest.approx(cls_on_registers, rel=1e-5)
     assert len(as_tuple) == len(parent_tuple)  # the register fields are never tuple entries
     assert [a.shape for a in as_tuple[-1]] == [a.shape for a in parent_tuple[-1]]

@@ -172,8 +172,8 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
 
     @classmethod
     def is_custom_code(cls) -> bool:
-        """`False`: `transformers` treats classes defined outside it as custom code and then skips the parent's
-        `_init_weights` on modules whose torch init ran, so fresh or missing weights would not get the parent's init."""
+        """`False`: to `transformers` a class defined outside it is custom code, whose modules keep their constructors'
+        torch init; ours initialise as the parent does (its `_init_weights`), fresh or missing from a checkpoint."""
         return False
 
     @torch.no_grad()
