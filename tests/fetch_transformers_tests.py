@@ -49,7 +49,8 @@ def fetch(version: str = transformers.__version__) -> Path:
         with tarfile.open(sdist) as archive:
             for member in archive.getmembers():
                 relative = member.name.removeprefix(prefix)
-                if member.isfile() and member.name.startswith(prefix) and "/" not in relative and relative.endswith(".py"):
+                top_level = member.name.startswith(prefix) and "/" not in relative
+                if member.isfile() and top_level and relative.endswith(".py"):
                     member.name = relative
                     archive.extract(member, staging, filter="data")
     for relative, source in STAND_INS.items():

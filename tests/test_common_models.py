@@ -104,7 +104,8 @@ class _TTRegModelTest(common.ModelTesterMixin):
         for model_class in self.all_model_classes:
             model = model_class(config)
             self.assertIsInstance(model.get_input_embeddings(), common.nn.Module)
-            self.assertTrue(model.get_output_embeddings() is None or isinstance(model.get_output_embeddings(), common.nn.Linear))
+            output_embeddings = model.get_output_embeddings()
+            self.assertTrue(output_embeddings is None or isinstance(output_embeddings, common.nn.Linear))
 
 
 class _Dinov2(_TTRegModelTest):

@@ -162,8 +162,9 @@ class TestTimeRegisterMixin:
         if outputs.hidden_states is not None:
             fields["hidden_states"] = tuple(h if h is None else layout.strip_registers(h) for h in outputs.hidden_states)
         if outputs.attentions is not None:
-            fields["attentions"] = tuple(layout.strip_registers_from_attentions(a) for a in outputs.attentions)
-            fields["test_time_register_attentions"] = tuple(layout.attentions_to_registers(a) for a in outputs.attentions)
+            attentions = outputs.attentions
+            fields["attentions"] = tuple(layout.strip_registers_from_attentions(a) for a in attentions)
+            fields["test_time_register_attentions"] = tuple(layout.attentions_to_registers(a) for a in attentions)
         return output_class(**fields)
 
 
