@@ -79,8 +79,11 @@ def register_auto_classes() -> None:
 
 
     # `transformers` looks the key conversions up by class name: each class gets its parent's
-    for name, (module, config_name, parent_name) in _FAMILIES.items():
-        model_class = getattr(importlib.import_module(module, __name__), name)
+    for name, (module_name, config_name, parent_name) in _FAMILIES.items():
+        module = importlib.import_module(module_name, __name__)
+        if name not in vars(module):  # half-imported: see `_RegisterWithAutoClasses`
+            raise ImportError(f"cannot import name {name!r} from partially initialized module {module.__name__!r}")
+        model_class = vars(module)[name]
         register_checkpoint_conversion_mapping(
             name, get_checkpoint_conversion_mapping(parent_name) or [], overwrite=True
         )
