@@ -7,7 +7,14 @@ after the gating for SwiGLU) with Python loops over images and neurons. Nothing 
 
 from contextlib import contextmanager
 
+import pytest
 import torch
+
+# the package edits a copy of the activations when autograd needs them and edits them in place otherwise: a test of
+# the edit's values runs the model under each mode (`with mode():`), so that both branches are checked
+AUTOGRAD_MODES = [
+    pytest.param(mode, id=mode.__name__) for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode)
+]
 
 
 def _edit_one_image(acts, neurons, num_prefix, num_registers, scales, semantics, patch_mode):

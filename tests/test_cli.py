@@ -1,23 +1,59 @@
-"""The `ttreg` command line: the demo end to end, inspect, help, and clear errors."""
+"""The `ttreg` command line: the demo end to end (against the README), inspect, help, exit codes, clear errors."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from ttreg_hf.cli import main
+from ttreg_hf.cli import load_model, main
 from ttreg_hf.planted import planted_index, build_planted_model
 from ttreg_hf.discovery import weights_fingerprint
-from ttreg_hf import RegisterNeuronIndex
+from ttreg_hf import Dinov2TTRegModel, RegisterNeuronIndex
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = README.parent
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo.png"
+def readme_demo_block() -> list[str]:
+    """The lines of the README's fenced block that shows `ttreg demo`'s output."""
+    blocks = re.findall(r"^```\w*\n(.*?)^```$", README.read_text(), flags=re.S | re.M)
+    return next(block for block in blocks if "Planted neurons recovered" in block).strip().splitlines()
+
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def assert_same_output(printed: list[str], shown: list[str]) -> None:
+    """Same lines, same words; numbers equal to within one unit of their last shown digit or 0.5 % (float sums may
+    round differently on another CPU). The run time ("Done in ... s") is not compared."""
+    assert len(printed) == len(shown), (printed, shown)
+    for actual, expected in zip(printed, shown):
+        if expected.startswith("Done in"):
+            assert actual.startswith("Done in"), actual
+            continue
+        assert NUMBER.sub("#", actual) == NUMBER.sub("#", expected), (actual, expected)
+        for a, e in zip(NUMBER.findall(actual), NUMBER.findall(expected)):
+            unit = 10.0 ** -len(e.partition(".")[2])
+            assert math.isclose(float(a), float(e), rel_tol=5e-3, abs_tol=unit), (actual, expected)
+
+
+def test_demo_prints_what_the_readme_shows(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
-    assert main(["demo", "--out", str(out), "--num-images", "32"]) == 0
+    assert main(["demo"]) == 0
     assert torch.get_num_threads() == threads  # the demo's own thread setting does not leak to its caller
-    printed = capsys.readouterr().out
-    assert out.stat().st_size > 10_000
-    assert "precision 1.00, recall 1.00" in printed
-    assert "with test-time register: max/median patch norm 1." in printed
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert_same_output(printed, readme_demo_block())
+    assert sorted(p.name for p in (tmp_path / "ttreg_demo").iterdir()) == ["index.safetensors", "report.png"]
+    assert (tmp_path / "ttreg_demo" / "report.png").stat().st_size > 10_000
+    assert RegisterNeuronIndex.load(tmp_path / "ttreg_demo" / "index.safetensors").neurons == planted_index()
+    assert main(["demo", "--num-images", "8"]) == 2  # the outputs exist: not replaced without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -43,38 +79,164 @@ def image_file(tmp_path):
 def test_inspect_writes_the_figure(tmp_path, planted_index_file, image_file, capsys):
     out = tmp_path / "report.png"
     assert main(["inspect", "planted", str(image_file), "--index", str(planted_index_file), "--out", str(out)]) == 0
-    assert out.is_file() and "register 100.0 %" in capsys.readouterr().out
+    with_index = capsys.readouterr().out
+    assert out.is_file() and "register 100.0 %" in with_index
+    assert main(["inspect", "planted", str(image_file), "--out", str(out), "--overwrite"]) == 0  # the planted truth
+    assert capsys.readouterr().out == with_index
 
 
-@pytest.mark.parametrize("command", ["find-neurons", "inspect", "demo"])
-def test_every_subcommand_has_help(command, capsys):
+@pytest.mark.parametrize("command", ["find-neurons", "inspect", "demo", "export"])
+def test_every_subcommand_has_help_with_the_exit_codes(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
-    assert exit_info.value.code == 0 and f"ttreg {command}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert exit_info.value.code == 0 and f"ttreg {command}" in printed
+    assert "exit status:" in printed and "3  find-neurons, demo: the model has no outlier tokens" in printed
 
 
-def error_of(argv, capsys) -> str:
-    assert main(argv) == 2
-    return capsys.readouterr().err
+def test_version(capsys):
+    from ttreg_hf import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"ttreg_hf {__version__}"
 
 
-def test_missing_image_folder(tmp_path, capsys):
-    assert "does not exist" in error_of(["find-neurons", "planted", str(tmp_path / "nope"), "--out", "x"], capsys)
+@pytest.fixture
+def image_dir(tmp_path):
+    from PIL import Image
+
+    from ttreg_hf.planted import textured_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(textured_images(4, seed=1)):
+        Image.fromarray((image.permute(1, 2, 0) * 255).byte().numpy()).save(folder / f"{i}.png")
+    return folder
 
 
-def test_unreadable_image(tmp_path, capsys):
-    (tmp_path / "broken.jpg").write_bytes(b"not an image")
-    message = error_of(["find-neurons", "planted", str(tmp_path), "--out", "x"], capsys)
-    assert "Cannot read the image" in message and "broken.jpg" in message
+def test_find_neurons_exit_codes_and_no_progress_bars_off_a_terminal(image_dir, tmp_path, capsys):
+    out = tmp_path / "index.safetensors"
+    assert main(["find-neurons", "planted", str(image_dir), "--out", str(out), "--threshold", "1e9"]) == 3
+    captured = capsys.readouterr()
+    assert "No outliers found" in captured.out and not out.exists()
+    assert captured.err == ""  # stderr is not a terminal here: no progress bars
+    assert main(["find-neurons", "planted", str(image_dir), "--out", str(out), "--top-k", "4"]) == 0
+    assert RegisterNeuronIndex.load(out).neurons == planted_index()
 
 
-def test_unknown_model_name(tmp_path, capsys):
-    message = error_of(["find-neurons", "dinov2_vitz99", str(tmp_path), "--out", "x"], capsys)
-    assert "Unknown model 'dinov2_vitz99'" in message and "dinov2_vitl14" in message
+def test_a_plain_transformers_dinov2_folder_loads_as_the_package_class(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56)).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), "cpu", num_test_time_registers=0)
+    assert type(model) is Dinov2TTRegModel and model.config.num_hidden_layers == 2
 
 
-def test_index_for_another_checkpoint(tmp_path, image_file, capsys):
-    other = RegisterNeuronIndex({17: [884]}, 24, 4096, checkpoints={"hf": "facebook/dinov2-large"})
-    path = other.save(tmp_path / "large.safetensors")
-    message = error_of(["inspect", "planted", str(image_file), "--index", str(path)], capsys)
-    assert "facebook/dinov2-large" in message
+@pytest.fixture
+def mistakes(tmp_path, image_dir, image_file, planted_index_file):
+    """User mistakes, each ``(argv, words its one-line error must contain)``."""
+    from transformers import BertConfig
+
+    images, out = str(image_dir), str(tmp_path / "new.safetensors")
+    find = ["find-neurons", "planted", images, "--out", out]
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{corrupt")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "existing.png").write_text("x")
+    BertConfig(hidden_size=32).save_pretrained(tmp_path / "bert")
+    inspect = ["inspect", "planted", str(image_file)]
+    large_index = RegisterNeuronIndex({17: [884]}, 24, 4096, checkpoints={"hf": "facebook/dinov2-large"}).save(
+        tmp_path / "large.safetensors"
+    )
+    return [
+        (find + ["--calibration-images", "0"], "--calibration-images: must be at least 1, got 0"),
+        (find + ["--top-k", "-1"], "--top-k: must be at least 1"),
+        (find + ["--top-k", "0"], "--top-k: must be at least 1"),
+        (find + ["--num-images", "0"], "--num-images: must be at least 1"),
+        (find + ["--batch-size", "0"], "--batch-size"),
+        (find + ["--seed", "-3"], "--seed"),
+        (find + ["--threshold", "nan"], "--threshold: must be a finite number above 0"),
+        (find + ["--threshold", "-2"], "--threshold"),
+        (find + ["--image-size", "big"], "'big' is not an integer"),
+        (["find-neurons", "planted", str(tmp_path / "nope"), "--out", out], "does not exist"),
+        (["find-neurons", "dinov2_vitz99", images, "--out", out], "Unknown model 'dinov2_vitz99'"),
+        (["find-neurons", str(tmp_path / "bert"), images, "--out", out], "'bert' model; MODEL is"),
+        (["find-neurons", str(tmp_path), images, "--out", out], "no config.json"),
+        (["find-neurons", "planted", images, "--out", str(tmp_path)], "is a folder"),
+        (["find-neurons", "planted", images, "--out", str(tmp_path / "a_file" / "x.safetensors")], "is a file"),
+        (["find-neurons", "planted", images, "--out", str(planted_index_file)], "exists; pass --overwrite"),
+        (inspect + ["--index", str(tmp_path / "corrupt.safetensors"), "--out", str(tmp_path / "r.png")], "corrupt.safetensors"),
+        (inspect + ["--index", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "r.png")], "No register-neuron index"),
+        (inspect + ["--out", str(tmp_path / "existing.png")], "exists; pass --overwrite"),
+        (["inspect", "planted", str(tmp_path / "no.jpg"), "--out", str(tmp_path / "r.png")], "No image at"),
+        (["inspect", "dinov2_vitb14", str(image_file), "--out", str(tmp_path / "r.png")], "No index is shipped for 'dinov2_vitb14'"),
+        (["demo", "--model", "dinov2_vitl14", "--out-dir", str(tmp_path / "d")], "Could not fetch the weights of 'dinov2_vitl14'"),
+        (["export", "facebook/dinov2-large", "--index", "dinov2_vitl14", "--out", str(tmp_path / "e")], "Could not fetch 'facebook/dinov2-large'"),
+        (["export", str(tmp_path / "bert"), "--index", "dinov2_vitl14", "--out", str(tmp_path / "a_file")], "is a file"),
+        (["export", str(tmp_path / "bert"), "--index", "dinov2_vitl14", "--out", str(tmp_path / "f")], "model type 'bert'"),
+        (["export", str(tmp_path / "bert"), "--index", "nope", "--out", str(tmp_path / "g")], "nope"),
+        (inspect + ["--index", str(large_index), "--out", str(tmp_path / "r.png")], "made for facebook/dinov2-large"),
+        (["unknown-command"], "invalid choice"),
+    ]
+
+
+def test_user_mistakes_are_one_line_errors_without_traceback(mistakes, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for argv, expected in mistakes:
+        try:
+            status = main(argv)
+        except SystemExit as exit_info:  # argparse
+            status = exit_info.code
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert status == 2, (argv, captured.err)
+        assert len(lines) == 1 and "error: " in lines[0] and expected in lines[0], (argv, captured.err)
+        assert "Traceback" not in captured.err + captured.out, argv
+
+
+def test_outputs_are_checked_before_the_model_is_loaded(image_dir, tmp_path, monkeypatch, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr("ttreg_hf.cli.load_model", no_loading)
+    (tmp_path / "taken.safetensors").write_text("x")
+    assert main(["find-neurons", "planted", str(image_dir), "--out", str(tmp_path / "taken.safetensors")]) == 2
+    assert main(["demo", "--out-dir", str(tmp_path / "taken.safetensors")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["--debug", "find-neurons", "planted", str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors")])
+
+
+def run_python(code: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_the_parser_imports_neither_torch_nor_transformers():
+    run = run_python(
+        "import sys, ttreg_hf, ttreg_hf.cli\n"
+        "ttreg_hf.cli.build_parser().format_help()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numpy')))"
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr[-2000:]
+
+
+def test_import_ttreg_hf_registers_the_classes_with_the_auto_classes(tmp_path):
+    """``import ttreg_hf`` alone (no attribute used), then `AutoModel` / `AutoConfig`: the classes are known."""
+    from ttreg_hf import Dinov2TTRegConfig
+
+    Dinov2TTRegModel(Dinov2TTRegConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                                       register_neurons={1: [3]})).save_pretrained(tmp_path / "model")
+    run = run_python(
+        "import ttreg_hf\n"
+        "from transformers import AutoConfig, AutoModel\n"
+        f"print(type(AutoConfig.from_pretrained({str(tmp_path / 'model')!r})).__name__,"
+        f" type(AutoModel.from_pretrained({str(tmp_path / 'model')!r})).__name__)"
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["Dinov2TTRegConfig", "Dinov2TTRegModel"]

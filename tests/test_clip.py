@@ -3,7 +3,7 @@
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from reference_edit import hooked_register_edit
+from reference_edit import AUTOGRAD_MODES, hooked_register_edit
 from transformers import AutoModel, CLIPConfig, CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from ttreg_hf import (
@@ -54,8 +54,9 @@ def test_edit_off_is_bit_identical_to_parent(checkpoint, pixels):
     assert all(torch.equal(a, e) for a, e in zip(actual.hidden_states, expected.hidden_states, strict=True))
 
 
+@pytest.mark.parametrize("autograd", AUTOGRAD_MODES)
 @pytest.mark.parametrize("semantics, patch_mode", [("paper", "zero"), ("reference", "mean"), ("paper", "only_outliers")])
-def test_matches_hooked_reference(checkpoint, pixels, semantics, patch_mode):
+def test_matches_hooked_reference(checkpoint, pixels, semantics, patch_mode, autograd):
     parent = CLIPVisionModel.from_pretrained(checkpoint).eval()
     model = CLIPVisionTTRegModel.from_pretrained(
         checkpoint, register_neurons=NEURONS, num_test_time_registers=2, register_scale=[1.0, 0.5],
@@ -67,14 +68,16 @@ def test_matches_hooked_reference(checkpoint, pixels, semantics, patch_mode):
         patch_mode=patch_mode,
     ):
         expected = parent(pixels, output_hidden_states=True)
-    actual = model(pixels, output_hidden_states=True)
+    with autograd():  # with autograd on the edit copies the activations, without it it edits them in place
+        actual = model(pixels, output_hidden_states=True)
     full = torch.cat([actual.last_hidden_state, actual.test_time_registers], dim=1)
+    assert full.requires_grad == (autograd is torch.enable_grad)
     torch.testing.assert_close(full, expected.last_hidden_state, atol=1e-5, rtol=0)
     torch.testing.assert_close(actual.pooler_output, expected.pooler_output, atol=1e-5, rtol=0)
     torch.testing.assert_close(actual.hidden_states[-2], expected.hidden_states[-2][:, :-2], atol=1e-5, rtol=0)
 
 
-def test_outputs_keep_parent_shapes_and_attention_covers_registers(checkpoint, pixels):
+def test_outputs_keep_parent_shapes_and_expose_the_registers(checkpoint, pixels):
     model = CLIPVisionTTRegModel.from_pretrained(
         checkpoint, register_neurons=NEURONS, num_test_time_registers=2, attn_implementation="eager"
     ).eval()
@@ -83,7 +86,8 @@ def test_outputs_keep_parent_shapes_and_attention_covers_registers(checkpoint, p
     assert outputs.pooler_output.shape == (3, 32)
     assert outputs.test_time_registers.shape == (3, 2, 32)
     assert [h.shape for h in outputs.hidden_states] == [(3, 5, 32)] * 4
-    assert [a.shape for a in outputs.attentions] == [(3, 2, 7, 7)] * 3
+    assert [a.shape for a in outputs.attentions] == [(3, 2, 5, 5)] * 3
+    assert [a.shape for a in outputs.test_time_register_attentions] == [(3, 2, 5, 2)] * 3
     assert model(pixels, return_dict=False)[0].shape == (3, 5, 32)
 
 
@@ -170,6 +174,8 @@ def test_recomputed_attention_equals_the_eager_attention(checkpoint, pixels):
     _, cache = run_with_cache(model, pixels, attentions="all")
     with torch.no_grad():
         eager = model(pixels, output_attentions=True).attentions
+        onto_registers = model(pixels, output_attentions=True).test_time_register_attentions
     for layer in range(VISION["num_hidden_layers"]):
         assert cache.attentions[layer].shape[-1] == 1 + 4 + 1  # CLS, patches, the test-time register
-        torch.testing.assert_close(cache.attentions[layer], eager[layer])
+        eager_rows = torch.cat((eager[layer], onto_registers[layer]), dim=-1)  # the register's own row is not output
+        torch.testing.assert_close(cache.attentions[layer][:, :, :-1], eager_rows)

@@ -40,7 +40,8 @@ def test_outputs_keep_the_parents_shapes_and_expose_the_registers(images):
     assert outputs.pooler_output.shape == expected.pooler_output.shape
     assert [h.shape for h in outputs.hidden_states] == [h.shape for h in expected.hidden_states]
     assert outputs.test_time_registers.shape == (4, 2, 32)
-    assert all(a.shape == (4, 2, 19, 19) for a in outputs.attentions)  # registers included: that is the sink
+    assert [a.shape for a in outputs.attentions] == [a.shape for a in expected.attentions] == [(4, 2, 17, 17)] * 3
+    assert [a.shape for a in outputs.test_time_register_attentions] == [(4, 2, 17, 2)] * 3  # the sink, on its own
     torch.testing.assert_close(outputs.pooler_output, outputs.last_hidden_state[:, 0])
 
 

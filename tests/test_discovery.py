@@ -6,12 +6,12 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndex, RegisterNeuronIndexError
-from ttreg_hf.analysis import patch_norms, run_with_cache
 from ttreg_hf.discovery import check_index_matches, find_register_neurons
 from ttreg_hf.images import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageFolder, normalize
-from ttreg_hf.planted import PLANTED_LAYER, build_planted_model, planted_index, textured_images
+from ttreg_hf.planted import PLANTED_LAYER, PLANTED_NEURONS, build_planted_model, planted_index, textured_images
 
 
 def planted_images(num_images: int, seed: int = 0) -> torch.Tensor:
@@ -30,21 +30,65 @@ def test_recovers_exactly_the_planted_neurons(planted_result):
     assert before > 0.01 and after == 0
 
 
-def test_scores_equal_an_in_memory_computation_from_every_activation():
-    model, images = build_planted_model(num_test_time_registers=0), planted_images(12)
+NEGATIVE_LAYER, NEGATIVE_NEURON = 4, 11
+
+
+@torch.no_grad()
+def with_a_negative_register_neuron(model: Dinov2TTRegModel) -> Dinov2TTRegModel:
+    """``model`` with a neuron of layer 4 that is large and negative at the outliers and writes nothing.
+
+    Layer 4's MLP is made linear (GELU is never below -0.17) and the neuron reads the outlier direction, negated.
+    """
+    outlier_direction = model.encoder.layer[PLANTED_LAYER].mlp.fc2.weight[:, PLANTED_NEURONS[0]]
+    mlp = model.encoder.layer[NEGATIVE_LAYER].mlp
+    mlp.activation_fn = nn.Identity()
+    mlp.fc1.weight[NEGATIVE_NEURON] = -3.0 * outlier_direction / outlier_direction.norm()
+    mlp.fc1.bias[NEGATIVE_NEURON] = 0.0
+    mlp.fc2.weight[:, NEGATIVE_NEURON] = 0.0
+    return model
+
+
+@torch.no_grad()
+def hooked_activations(model, images: torch.Tensor, detection_layer: int):
+    """Plain forward hooks on the parent's modules: the detection block's output and every MLP's activations (the
+    input of its output projection), all tokens."""
+    outputs, activations = {}, {}
+    layers = model.encoder.layer
+    handles = [layers[detection_layer].register_forward_hook(
+        lambda module, args, output: outputs.__setitem__("tokens", output[0] if isinstance(output, tuple) else output)
+    )]
+    handles += [
+        layer.mlp.fc2.register_forward_pre_hook(lambda module, args, i=i: activations.__setitem__(i, args[0]))
+        for i, layer in enumerate(layers)
+    ]
+    model(images)
+    for handle in handles:
+        handle.remove()
+    return outputs["tokens"], activations
+
+
+def test_scores_are_mean_absolute_activations_at_the_outliers():
+    """Algorithm 1 by hand: a neuron's score is its mean |activation| over an image's outlier patches, averaged over
+    the images with outliers. A neuron that is large and negative there scores high."""
+    model = with_a_negative_register_neuron(build_planted_model(num_test_time_registers=0))
+    images = planted_images(12)
     result = find_register_neurons(model, images, threshold=40.0, top_k=6, batch_size=5, eval_images=4)
-    _, cache = run_with_cache(model, images, mlp="all", blocks=[-1])
-    outliers = patch_norms(cache.block_outputs[5], cache.layout) > 40.0
-    images_with_outliers = outliers.any(dim=-1)
+    tokens, activations = hooked_activations(model, images, detection_layer=5)
+    outliers = tokens[:, 1:].norm(dim=-1) > 40.0  # patch tokens: CLS first, no test-time registers
+    images_with_outliers = outliers.any(dim=-1).nonzero().flatten()
     scores = torch.stack([
-        torch.stack([cache.layout.patches(cache.mlp_activations[layer])[i][outliers[i]].abs().mean(dim=0)
-                     for i in images_with_outliers.nonzero().flatten()]).mean(dim=0)
+        torch.stack([activations[layer][i, 1:][outliers[i]].abs().mean(dim=0) for i in images_with_outliers]).mean(dim=0)
         for layer in range(6)
     ])
-    expected = [(i // 384, i % 384, float(scores.flatten()[i])) for i in scores.flatten().topk(8).indices]
-    assert [(layer, neuron) for layer, neuron, _ in result.ranked] == [(layer, neuron) for layer, neuron, _ in expected]
-    assert [score for *_, score in result.ranked] == pytest.approx([score for *_, score in expected], rel=1e-5)
-    assert result.num_outlier_tokens == int(outliers.sum()) and result.num_images_with_outliers == int(images_with_outliers.sum())
+    negative = torch.cat([activations[NEGATIVE_LAYER][i, 1:][outliers[i], NEGATIVE_NEURON] for i in images_with_outliers])
+    assert negative.max() < -10, "the planted neuron is large and negative at every outlier"
+    top = scores.flatten().topk(8)
+    expected = {(i // 384, i % 384): score for i, score in zip(top.indices.tolist(), top.values.tolist())}
+    assert next(iter(expected)) == (NEGATIVE_LAYER, NEGATIVE_NEURON)
+    ranked = {(layer, neuron): score for layer, neuron, score in result.ranked}
+    assert ranked == pytest.approx(expected, rel=1e-5)  # the planted neurons tie: compared by name, not position
+    assert list(ranked.values()) == sorted(ranked.values(), reverse=True)
+    assert result.num_outlier_tokens == int(outliers.sum()) and result.num_images_with_outliers == len(images_with_outliers)
     evaluated = outliers[images_with_outliers][:4]
     assert result.eval_outlier_ratio[0] == pytest.approx(float(evaluated.float().mean()))
 

@@ -6,11 +6,15 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+from reference_edit import hooked_register_edit
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+from transformers import (
+    AutoConfig, AutoModel, BitImageProcessor, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model,
+)
 
 from ttreg_hf import (
     CLIPVisionTTRegModel, Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndex, RegisterNeuronIndexError,
@@ -24,6 +28,11 @@ PARENTS = {  # name -> (parent class, config, package class, MLP width)
     "clip": (CLIPVisionModel, CLIPVisionConfig(**TINY, intermediate_size=64), CLIPVisionTTRegModel, 64),
 }
 OUTPUT_FIELDS = ("last_hidden_state", "pooler_output", "test_time_registers")
+# the DINOv2 parent's own processor, unlike the family default (crop 224, ImageNet statistics)
+PARENT_PROCESSOR = dict(crop_size={"height": 448, "width": 448}, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.4])
+SETTINGS = dict(  # every register setting away from its default: an export must publish what the model runs
+    num_test_time_registers=2, register_scale=[1.0, -0.5], register_semantics="reference", register_patch_mode="mean"
+)
 
 REMOTE_LOADER = textwrap.dedent(
     """
@@ -64,16 +73,47 @@ def exported(tmp_path_factory):
         parent_class(config).save_pretrained(root / f"{name}-parent")
         index = tiny_index(name, details={"threshold": 2.5})
         index.save(root / f"{name}-index.safetensors")
-        out = export_model(root / f"{name}-parent", root / f"{name}-index.safetensors", root / name)
-        folders[name] = (root / f"{name}-parent", index, out)
+        folders[name] = (root / f"{name}-parent", index, root / name)
+    BitImageProcessor(**PARENT_PROCESSOR).save_pretrained(root / "dinov2-parent")
+    export_model(root / "dinov2-parent", root / "dinov2-index.safetensors", root / "dinov2")
+    with pytest.warns(UserWarning, match="has no preprocessor_config.json: wrote the default CLIPImageProcessor"):
+        export_model(root / "clip-parent", root / "clip-index.safetensors", root / "clip")  # the parent has none
     return folders
 
 
-def test_exports_load_with_plain_transformers_and_match_the_package(exported, images, tmp_path):
+@pytest.fixture(scope="module")
+def exported_with_settings(exported):
+    """``{name: export folder}`` of the same models loaded with `SETTINGS` (an export from a loaded model)."""
+    folders = {}
+    for name, (parent_dir, index, out) in exported.items():
+        model = PARENTS[name][2].from_pretrained(parent_dir, register_neurons=index, **SETTINGS).eval()
+        folders[name] = export_model(model, index, out.parent / f"{name}-settings")
+    return folders
+
+
+def hooked_parent_outputs(name, parent_dir, neurons, images) -> dict[str, torch.Tensor]:
+    """`OUTPUT_FIELDS` of the parent with the edit of `SETTINGS` done by hooks (`tests/reference_edit.py`)."""
+    parent = PARENTS[name][0].from_pretrained(parent_dir).eval()
+    layers = parent.encoder.layer if name == "dinov2" else parent.encoder.layers
+    num_registers = SETTINGS["num_test_time_registers"]
+    with torch.no_grad(), hooked_register_edit(
+        parent.embeddings, {layer: layers[layer].mlp.fc2 for layer in neurons}, neurons, num_registers=num_registers,
+        scale=SETTINGS["register_scale"], semantics=SETTINGS["register_semantics"],
+        patch_mode=SETTINGS["register_patch_mode"],
+    ):
+        outputs = parent(images)  # the registers are the last tokens
+    return {
+        "last_hidden_state": outputs.last_hidden_state[:, :-num_registers],
+        "pooler_output": outputs.pooler_output,
+        "test_time_registers": outputs.last_hidden_state[:, -num_registers:],
+    }
+
+
+def test_exports_load_with_plain_transformers_and_match_the_package(exported, exported_with_settings, images, tmp_path):
     save_file({"pixel_values": images}, tmp_path / "inputs.safetensors")
     (tmp_path / "load.py").write_text(REMOTE_LOADER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    folders = [str(out) for _, _, out in exported.values()]
+    folders = [str(out) for _, _, out in exported.values()] + [str(out) for out in exported_with_settings.values()]
     run = subprocess.run(
         [sys.executable, "-I", "load.py", *folders], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
@@ -88,6 +128,10 @@ def test_exports_load_with_plain_transformers_and_match_the_package(exported, im
             assert torch.allclose(remote[f"{out}.{field}"], getattr(expected, field), atol=1e-6), (name, field)
         assert not torch.allclose(remote[f"{out}.last_hidden_state"], plain.last_hidden_state, atol=1e-3), name
         assert torch.allclose(remote[f"{out}.off"], plain.last_hidden_state, atol=1e-6), name
+        with_settings = exported_with_settings[name]
+        for field, value in hooked_parent_outputs(name, parent_dir, index.neurons, images).items():
+            torch.testing.assert_close(remote[f"{with_settings}.{field}"], value, atol=1e-5, rtol=0, msg=f"{name} {field}")
+        assert torch.allclose(remote[f"{with_settings}.off"], plain.last_hidden_state, atol=1e-6), name
 
 
 @pytest.mark.parametrize("name", PARENTS)
@@ -103,6 +147,26 @@ def test_package_classes_load_an_export_without_remote_code(exported, images, na
             assert torch.equal(getattr(actual, field), getattr(expected, field)), field
 
 
+@pytest.mark.parametrize("name", PARENTS)
+def test_an_export_keeps_the_models_register_settings(exported, exported_with_settings, images, name):
+    parent_dir, index, _ = exported[name]
+    out = exported_with_settings[name]
+    expected = hooked_parent_outputs(name, parent_dir, index.neurons, images)
+    package_class = PARENTS[name][2]
+    for loaded in (package_class.from_pretrained(out), AutoModel.from_pretrained(out)):
+        assert type(loaded) is package_class
+        with torch.no_grad():
+            actual = loaded.eval()(images)
+        for field, value in expected.items():
+            torch.testing.assert_close(getattr(actual, field), value, atol=1e-5, rtol=0, msg=f"{name} {field}")
+    off = package_class.from_pretrained(out, num_test_time_registers=0).eval()  # the card's way to switch it off
+    with torch.no_grad():
+        plain = PARENTS[name][0].from_pretrained(parent_dir).eval()(images)
+        assert torch.equal(off(images).last_hidden_state, plain.last_hidden_state)
+    card = (out / "README.md").read_text()
+    assert "edit semantics: `reference`; test-time registers: 2" in card
+
+
 def test_the_folder_holds_config_index_preprocessor_card_and_self_contained_code(exported):
     _, index, out = exported["dinov2"]
     config = json.loads((out / "config.json").read_text())
@@ -112,8 +176,10 @@ def test_the_folder_holds_config_index_preprocessor_card_and_self_contained_code
     assert config["register_neurons"] == {"1": [3, 127, 5], "2": [7]}
     assert RegisterNeuronIndex.load(out / "model.safetensors") == index
     assert set(load_file(out / "model.safetensors")) == set(Dinov2TTRegModel.from_pretrained(out).state_dict())
+    parent_dir = exported["dinov2"][0]
+    assert (out / "preprocessor_config.json").read_bytes() == (parent_dir / "preprocessor_config.json").read_bytes()
     processor = json.loads((out / "preprocessor_config.json").read_text())
-    assert processor["image_processor_type"] == "BitImageProcessor" and processor["crop_size"]["height"] == 224
+    assert processor["crop_size"]["height"] == 448 and processor["image_mean"] == PARENT_PROCESSOR["image_mean"]
     clip_processor = json.loads((exported["clip"][2] / "preprocessor_config.json").read_text())
     assert clip_processor["image_processor_type"] == "CLIPImageProcessor"
     assert clip_processor["size"]["shortest_edge"] == 56
@@ -131,6 +197,7 @@ def test_the_folder_holds_config_index_preprocessor_card_and_self_contained_code
     assert "class RegisterNeuronEdit" in (out / "configuration_ttreg.py").read_text()  # generated, not hand-written
 
 
+@pytest.mark.filterwarnings("ignore:The model has no preprocessor_config.json")
 def test_the_card_takes_the_base_licence_from_the_table_or_the_caller(tmp_path):
     index = tiny_index("dinov2")
     package = Dinov2TTRegModel(Dinov2TTRegConfig(**TINY)).set_register_neurons(index)
@@ -138,6 +205,63 @@ def test_the_card_takes_the_base_licence_from_the_table_or_the_caller(tmp_path):
     assert "license: apache-2.0" in card and "base_model: facebook/dinov2-large" in card
     card = (export_model(package, index, tmp_path / "b", license="cc-by-4.0") / "README.md").read_text()
     assert "license: cc-by-4.0" in card
+
+
+@pytest.fixture
+def package_model():
+    index = tiny_index("dinov2")
+    return Dinov2TTRegModel(Dinov2TTRegConfig(**TINY)).set_register_neurons(index), index
+
+
+@pytest.mark.filterwarnings("ignore:The model has no preprocessor_config.json")
+def test_a_folder_with_other_files_is_refused_and_left_alone(package_model, tmp_path):
+    package, index = package_model
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    with pytest.raises(ExportError, match="not empty .*README.md"):
+        export_model(package, index, out)
+    (out / "pytorch_model.bin").write_bytes(b"stale")
+    with pytest.raises(ExportError, match="does not write .*pytorch_model.bin"):
+        export_model(package, index, out, overwrite=True)  # an upload would publish the stale file
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "pytorch_model.bin"]
+    assert (out / "README.md").read_text() == "my notes"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="is a file"):
+        export_model(package, index, tmp_path / "file")
+
+
+@pytest.mark.filterwarnings("ignore:The model has no preprocessor_config.json")
+def test_overwrite_rewrites_an_earlier_export_only(package_model, tmp_path):
+    package, index = package_model
+    out = export_model(package, index, tmp_path / "out")
+    with pytest.raises(ExportError, match="pass overwrite"):
+        export_model(package, index, out)
+    (out / "README.md").write_text("edited")
+    export_model(package, index, out, overwrite=True)
+    assert "edited" not in (out / "README.md").read_text()
+
+
+def test_the_parent_checkpoint_folder_is_always_refused(exported):
+    parent_dir, _, _ = exported["dinov2"]
+    before = {p.name: p.read_bytes() for p in parent_dir.iterdir()}
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match="parent checkpoint's own folder"):
+            export_model(parent_dir, parent_dir.parent / "dinov2-index.safetensors", parent_dir, overwrite=overwrite)
+    assert {p.name: p.read_bytes() for p in parent_dir.iterdir()} == before
+
+
+@pytest.mark.filterwarnings("ignore:The model has no preprocessor_config.json")
+def test_exported_files_follow_the_umask(package_model, tmp_path):
+    package, index = package_model
+    previous = os.umask(0o027)
+    try:
+        out = export_model(package, index, tmp_path / "out")
+        index_file = index.save(tmp_path / "index.safetensors")
+    finally:
+        os.umask(previous)
+    for path in [*out.iterdir(), index_file]:
+        assert path.stat().st_mode & 0o777 == 0o640, path.name
 
 
 def test_unexportable_inputs_are_clear_errors(exported, tmp_path):
@@ -153,11 +277,29 @@ def test_unexportable_inputs_are_clear_errors(exported, tmp_path):
         export_model(tmp_path / "bert", index, tmp_path / "d")
 
 
+def test_a_saved_package_model_exports_in_a_fresh_process(exported, tmp_path):
+    """`ttreg_hf.export` alone (its import is what loads `transformers`' auto classes) still knows our model types."""
+    parent_dir, index, _ = exported["dinov2"]
+    Dinov2TTRegModel.from_pretrained(parent_dir, register_neurons=index).save_pretrained(tmp_path / "ours")
+    code = (
+        "from ttreg_hf.export import export_model\n"
+        f"export_model({str(tmp_path / 'ours')!r}, {str(parent_dir.parent / 'dinov2-index.safetensors')!r}, "
+        f"{str(tmp_path / 'out')!r})"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert RegisterNeuronIndex.load(tmp_path / "out" / "model.safetensors") == index
+
+
 def test_the_cli_exports_a_checkpoint(exported, tmp_path):
     from ttreg_hf.cli import main
 
-    parent_dir, _, _ = exported["clip"]
-    index_file = parent_dir.parent / "clip-index.safetensors"
-    assert main(["export", str(parent_dir), "--index", str(index_file), "--out", str(tmp_path), "--repo-id", "me/x"]) == 0
-    assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModel"].endswith("CLIPVisionTTRegModel")
-    assert 'from_pretrained("me/x", trust_remote_code=True)' in (tmp_path / "README.md").read_text()
+    parent_dir, _, _ = exported["dinov2"]
+    index_file = parent_dir.parent / "dinov2-index.safetensors"
+    out = tmp_path / "out"
+    assert main(["export", str(parent_dir), "--index", str(index_file), "--out", str(out), "--repo-id", "me/x"]) == 0
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModel"].endswith("Dinov2TTRegModel")
+    assert 'from_pretrained("me/x", trust_remote_code=True)' in (out / "README.md").read_text()
+    assert main(["export", str(parent_dir), "--index", str(index_file), "--out", str(out)]) == 2  # not empty
+    assert main(["export", str(parent_dir), "--index", str(index_file), "--out", str(out), "--overwrite"]) == 0

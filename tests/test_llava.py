@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from reference_edit import hooked_register_edit
+from reference_edit import AUTOGRAD_MODES, hooked_register_edit
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
 from ttreg_hf import CLIPVisionTTRegModel, RegisterNeuronIndexError
@@ -47,6 +47,12 @@ def inputs():
     return dict(input_ids=input_ids, pixel_values=torch.randn(2, 3, 56, 56))
 
 
+def _hooked(tower):
+    """The parent's CLIP tower with the edit done by hooks: every hidden state ends with the register."""
+    down_projections = {layer: tower.encoder.layers[layer].mlp.fc2 for layer in NEURONS}
+    return hooked_register_edit(tower.embeddings, down_projections, NEURONS)
+
+
 def _generate(model, inputs):
     return model.generate(**inputs, max_new_tokens=4, do_sample=False)
 
@@ -64,32 +70,42 @@ def test_generate_with_register_and_baseline_switch(checkpoint, parent, inputs):
 
 @pytest.mark.parametrize("layer", [-2, [-3, -1]])
 @pytest.mark.parametrize("strategy", ["default", "full"])
-def test_projector_sees_the_processors_token_count(inputs, layer, strategy):
+def test_projector_sees_the_processors_tokens(inputs, layer, strategy):
     config = tiny_llava_config(vision_feature_layer=layer, vision_feature_select_strategy=strategy)
     parent = LlavaForConditionalGeneration(config).eval()
     model = LlavaForConditionalGeneration(with_test_time_register_tower(copy.deepcopy(config), register_neurons=NEURONS))
     model.load_state_dict(parent.state_dict())
-    features = model.eval().get_image_features(inputs["pixel_values"]).pooler_output
-    expected = parent.get_image_features(inputs["pixel_values"]).pooler_output
-    assert [f.shape for f in features] == [e.shape for e in expected]
-    assert features[0].shape[0] == NUM_PATCHES + (strategy == "full")
+    with torch.no_grad():
+        with _hooked(parent.model.vision_tower):
+            expected = parent.get_image_features(inputs["pixel_values"]).pooler_output  # the register included, last
+        features = model.eval().get_image_features(inputs["pixel_values"]).pooler_output
+    assert len(features) == len(expected) == 2
+    for actual, with_register in zip(features, expected, strict=True):
+        assert actual.shape[0] == NUM_PATCHES + (strategy == "full")
+        torch.testing.assert_close(actual, with_register[:-1], atol=1e-5, rtol=0)
 
 
-def test_image_features_match_hooked_reference(checkpoint, parent, inputs):
+@pytest.mark.parametrize("autograd", AUTOGRAD_MODES)
+def test_image_features_match_hooked_reference(checkpoint, parent, inputs, autograd):
     model = load_llava(checkpoint, register_neurons=NEURONS).eval()
-    tower = parent.model.vision_tower
-    down_projections = {layer: tower.encoder.layers[layer].mlp.fc2 for layer in NEURONS}
-    with hooked_register_edit(tower.embeddings, down_projections, NEURONS):
+    with torch.no_grad(), _hooked(parent.model.vision_tower):
         expected = parent.get_image_features(inputs["pixel_values"]).pooler_output  # the register included, last
-    actual = model.get_image_features(inputs["pixel_values"]).pooler_output
+    with autograd():  # with autograd on the edit copies the activations, without it it edits them in place
+        actual = model.get_image_features(inputs["pixel_values"]).pooler_output
+    assert actual[0].requires_grad == (autograd is torch.enable_grad)
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e[:-1], atol=1e-5, rtol=0)
 
 
-def test_original_llava_feature_read(checkpoint, inputs):
-    tower = vision_tower_with_registers(load_llava(checkpoint, register_neurons=NEURONS))
-    outputs = tower(inputs["pixel_values"], output_hidden_states=True)
-    assert outputs.hidden_states[-2][:, 1:].shape == (2, NUM_PATCHES, 32)
+def test_original_llava_feature_read(checkpoint, parent, inputs):
+    tower = vision_tower_with_registers(load_llava(checkpoint, register_neurons=NEURONS)).eval()
+    parent_tower = parent.model.vision_tower
+    with torch.no_grad():
+        with _hooked(parent_tower):
+            expected = parent_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:-1]
+        features = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:]
+    assert features.shape == (2, NUM_PATCHES, 32)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
 
 
 def test_save_load_round_trip_with_plain_transformers(checkpoint, inputs, tmp_path):

@@ -6,9 +6,10 @@ import json
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from open_clip.transformer import QuickGELU
-from reference_edit import hooked_register_edit
+from reference_edit import AUTOGRAD_MODES, hooked_register_edit
 from safetensors.torch import load_file, save_file
 
 from ttreg_hf import RegisterNeuronIndexError
@@ -51,6 +52,13 @@ def _parent_and_copy(name="tiny-vit", **settings):
     return parent, to_test_time_registers(copy.deepcopy(parent), **settings).eval()
 
 
+def _hooked(parent, **settings):
+    """The parent with the edit done by hooks, its registers appended where ours are (after `patch_dropout`)."""
+    blocks = parent.visual.transformer.resblocks
+    down_projections = {layer: blocks[layer].mlp.c_proj for layer in NEURONS}
+    return hooked_register_edit(parent.visual.patch_dropout, down_projections, NEURONS, **settings)
+
+
 @pytest.mark.parametrize("name", ["tiny-vit", "tiny-vit-avg"])
 def test_edit_off_is_bit_identical_to_parent(name, pixels):
     parent, model = _parent_and_copy(name, register_neurons=NEURONS, num_test_time_registers=0)
@@ -69,28 +77,40 @@ def test_conversion_keeps_weights_and_keys(pixels):
     assert to_test_time_registers(visual, register_neurons=NEURONS) is visual  # a bare tower, in place
 
 
-@pytest.mark.parametrize("semantics", ["paper", "reference"])
-def test_matches_hooked_reference(pixels, semantics):
-    parent, model = _parent_and_copy(register_neurons=NEURONS, num_test_time_registers=2, register_semantics=semantics)
+@pytest.mark.parametrize("autograd", AUTOGRAD_MODES)
+@pytest.mark.parametrize("semantics, patch_mode", [("paper", "zero"), ("reference", "mean")])
+def test_matches_hooked_reference(pixels, semantics, patch_mode, autograd):
+    parent, model = _parent_and_copy(
+        register_neurons=NEURONS, num_test_time_registers=2, register_scale=[1.0, -0.5], register_semantics=semantics,
+        register_patch_mode=patch_mode,
+    )
     parent.visual.output_tokens = model.visual.output_tokens = True
-    blocks = parent.visual.transformer.resblocks
-    down_projections = {layer: blocks[layer].mlp.c_proj for layer in NEURONS}
-    with hooked_register_edit(parent.visual.patch_dropout, down_projections, NEURONS, num_registers=2, semantics=semantics):
+    with torch.no_grad(), _hooked(parent, num_registers=2, scale=[1.0, -0.5], semantics=semantics, patch_mode=patch_mode):
         expected_pooled, expected_tokens = parent.visual(pixels)  # `tok` pool: CLS, tokens include the registers
-    pooled, tokens = model.visual(pixels)
+    with autograd():  # with autograd on the edit copies the activations, without it it edits them in place
+        pooled, tokens = model.visual(pixels)
+    assert tokens.requires_grad == (autograd is torch.enable_grad)
     torch.testing.assert_close(pooled, expected_pooled, atol=1e-5, rtol=0)
     torch.testing.assert_close(tokens, expected_tokens[:, :-2], atol=1e-5, rtol=0)
 
 
-def test_avg_pool_excludes_registers(pixels):
-    parent, model = _parent_and_copy("tiny-vit-avg", register_neurons=NEURONS)
+@pytest.mark.parametrize("autograd", AUTOGRAD_MODES)
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-vit-avg"])
+def test_encode_image_and_zero_shot_match_hooked_reference(name, pixels, autograd):
+    parent, model = _parent_and_copy(name, register_neurons=NEURONS)
     parent.visual.output_tokens = model.visual.output_tokens = True
-    down_projections = {layer: parent.visual.transformer.resblocks[layer].mlp.c_proj for layer in NEURONS}
-    with hooked_register_edit(parent.visual.patch_dropout, down_projections, NEURONS):
-        _, expected_tokens = parent.visual(pixels)
-    pooled, tokens = model.visual(pixels)
-    torch.testing.assert_close(tokens, expected_tokens[:, :-1], atol=1e-5, rtol=0)
-    torch.testing.assert_close(pooled, tokens.mean(dim=1) @ model.visual.proj, atol=1e-5, rtol=0)
+    with torch.no_grad(), _hooked(parent):
+        pooled_with_register, tokens_with_register = parent.encode_image(pixels)
+    expected_tokens = tokens_with_register[:, :-1]
+    # the parent's `avg` pool would average the register in: the expected pool is over the patches alone
+    expected = pooled_with_register if name == "tiny-vit" else expected_tokens.mean(dim=1) @ parent.visual.proj
+    with autograd():
+        pooled, tokens = model.encode_image(pixels)
+        model.visual.output_tokens = False
+        image_features, _, _ = model(pixels, torch.randint(0, 100, (5, 8)))
+    torch.testing.assert_close(tokens, expected_tokens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(image_features, F.normalize(expected, dim=-1), atol=1e-5, rtol=0)
 
 
 def test_encode_image_zero_shot_and_token_shapes(pixels):
@@ -105,14 +125,29 @@ def test_encode_image_zero_shot_and_token_shapes(pixels):
     assert pooled.shape == (3, 16) and tokens.shape == (3, 16, 32)
 
 
-def test_forward_intermediates_shapes(pixels):
-    _, model = _parent_and_copy(register_neurons=NEURONS)
-    nchw = model.visual.forward_intermediates(pixels, indices=2, output_extra_tokens=True)
-    assert [t.shape for t in nchw["image_intermediates"]] == [(3, 32, 4, 4)] * 2
-    assert [t.shape for t in nchw["image_intermediates_prefix"]] == [(3, 1, 32)] * 2
-    assert nchw["image_features"].shape == (3, 16)
-    nlc = model.forward_intermediates(pixels, image_indices=[0, 2], image_output_fmt="NLC", text=None)
-    assert [t.shape for t in nlc["image_intermediates"]] == [(3, 16, 32)] * 2
+NORMALIZED_NLC = dict(image_indices=[0, 2], image_output_fmt="NLC", normalize_intermediates=True)
+
+
+@pytest.mark.parametrize("autograd", AUTOGRAD_MODES)
+def test_forward_intermediates_match_hooked_reference(pixels, autograd):
+    parent, model = _parent_and_copy(register_neurons=NEURONS, num_test_time_registers=2, register_scale=[1.0, -0.5])
+    with torch.no_grad(), _hooked(parent, num_registers=2, scale=[1.0, -0.5]):  # NLC: the parent cannot make grids
+        expected = parent.visual.forward_intermediates(pixels, indices=2, output_fmt="NLC", output_extra_tokens=True)
+        normalized = parent.forward_intermediates(pixels, **NORMALIZED_NLC)
+    with autograd():
+        nchw = model.visual.forward_intermediates(pixels, indices=2, output_extra_tokens=True)
+        nlc = model.forward_intermediates(pixels, **NORMALIZED_NLC)
+    patches = [tokens[:, :-2] for tokens in expected["image_intermediates"]]  # the registers are the last two tokens
+    grids = [tokens.reshape(3, 4, 4, 32).permute(0, 3, 1, 2) for tokens in patches]
+    assert len(nchw["image_intermediates"]) == len(nlc["image_intermediates"]) == 2
+    for actual, grid in zip(nchw["image_intermediates"], grids, strict=True):
+        torch.testing.assert_close(actual, grid, atol=1e-5, rtol=0)
+    for actual, prefix in zip(nchw["image_intermediates_prefix"], expected["image_intermediates_prefix"], strict=True):
+        torch.testing.assert_close(actual, prefix, atol=1e-5, rtol=0)
+    torch.testing.assert_close(nchw["image_features"], expected["image_features"], atol=1e-5, rtol=0)
+    for actual, tokens in zip(nlc["image_intermediates"], normalized["image_intermediates"], strict=True):
+        torch.testing.assert_close(actual, tokens[:, :-2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(nlc["image_features"], normalized["image_features"], atol=1e-5, rtol=0)
 
 
 def test_batch_invariance(pixels):

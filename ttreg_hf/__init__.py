@@ -1,94 +1,135 @@
-"""Test-time registers for pretrained Vision Transformers, as drop-in `transformers` and OpenCLIP classes."""
+"""Test-time registers for pretrained Vision Transformers, as drop-in `transformers` and OpenCLIP classes.
 
-from transformers import AutoConfig, AutoModel
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+Importing the package is cheap (``ttreg --help`` must not wait for torch): the names below load on first use. The
+classes are registered with `AutoConfig` / `AutoModel` as soon as the package and `transformers`' auto classes are
+both imported, in either order, so ``import ttreg_hf`` followed by ``AutoModel.from_pretrained(...)`` works.
+"""
 
-from .configs import (
-    CLIPVisionTTRegConfig,
-    DeiTTTRegConfig,
-    DINOv3ViTTTRegConfig,
-    Dinov2TTRegConfig,
-    TestTimeRegisterConfig,
-    TestTimeRegisterConfigMixin,
-    ViTTTRegConfig,
-)
-from .configs.siglip import Siglip2VisionTTRegConfig, SiglipVisionTTRegConfig
-from .discovery import DiscoveryResult, find_register_neurons
-from .index import RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index, load_index, shipped_indices
-from .modeling.clip import CLIPVisionTTRegModel, CLIPVisionTTRegModelOutput, CLIPVisionTTRegModelWithProjection
-from .modeling.dinov2 import Dinov2TTRegModel
-from .modeling.dinov3 import DINOv3ViTTTRegModel
-from .modeling.edit import RegisterNeuronEdit
-from .modeling.layout import TokenLayout
-from .modeling.registers import (
-    PreTrainedTestTimeRegisterMixin,
-    RegisterSeams,
-    TestTimeRegisterMixin,
-    TestTimeRegisterModelOutput,
-    adopt,
-    check_pixel_values,
-)
-from .modeling.siglip import Siglip2VisionTTRegModel, SiglipVisionTTRegModel
-from .modeling.vit import DeiTTTRegModel, ViTTTRegModel
+import functools
+import importlib
+import importlib.abc
+import importlib.util
+import sys
 
 __version__ = "0.1.0"
 
+# the `transformers` families: model class -> (its module, its config class, the parent whose checkpoints it loads);
+# `AutoModel` builds the model class for the config class (for the CLIP projection model, the tower)
+_FAMILIES = {
+    "Dinov2TTRegModel": (".modeling.dinov2", "Dinov2TTRegConfig", "Dinov2Model"),
+    "CLIPVisionTTRegModel": (".modeling.clip", "CLIPVisionTTRegConfig", "CLIPVisionModel"),
+    "CLIPVisionTTRegModelWithProjection": (".modeling.clip", None, "CLIPVisionModelWithProjection"),
+    "SiglipVisionTTRegModel": (".modeling.siglip", "SiglipVisionTTRegConfig", "SiglipVisionModel"),
+    "Siglip2VisionTTRegModel": (".modeling.siglip", "Siglip2VisionTTRegConfig", "Siglip2VisionModel"),
+    "ViTTTRegModel": (".modeling.vit", "ViTTTRegConfig", "ViTModel"),
+    "DeiTTTRegModel": (".modeling.vit", "DeiTTTRegConfig", "DeiTModel"),
+    "DINOv3ViTTTRegModel": (".modeling.dinov3", "DINOv3ViTTTRegConfig", "DINOv3ViTModel"),
+}
+# public name -> defining module
+_EXPORTS = {
+    **{name: module for name, (module, _, _) in _FAMILIES.items()},
+    **dict.fromkeys(
+        (
+            "CLIPVisionTTRegConfig", "DeiTTTRegConfig", "DINOv3ViTTTRegConfig", "Dinov2TTRegConfig",
+            "TestTimeRegisterConfig", "TestTimeRegisterConfigMixin", "ViTTTRegConfig",
+        ),
+        ".configs",
+    ),
+    **dict.fromkeys(("Siglip2VisionTTRegConfig", "SiglipVisionTTRegConfig"), ".configs.siglip"),
+    **dict.fromkeys(("DiscoveryResult", "find_register_neurons"), ".discovery"),
+    **dict.fromkeys(
+        ("RegisterNeuronIndex", "RegisterNeuronIndexError", "find_shipped_index", "load_index", "shipped_indices"),
+        ".index",
+    ),
+    "CLIPVisionTTRegModelOutput": ".modeling.clip",
+    "RegisterNeuronEdit": ".modeling.edit",
+    "TokenLayout": ".modeling.layout",
+    **dict.fromkeys(
+        (
+            "PreTrainedTestTimeRegisterMixin", "RegisterAppender", "RegisterEditOffWarning", "RegisterSeams",
+            "TestTimeRegisterMixin", "TestTimeRegisterModelOutput", "adopt", "check_pixel_values",
+        ),
+        ".modeling.registers",
+    ),
+}
+__all__ = sorted(_EXPORTS)
+_AUTO_MODULE = "transformers.models.auto.modeling_auto"  # imported by every use of AutoConfig / AutoModel
 
-def _load_parent_checkpoints(model_class, parent_class_name: str) -> None:
-    """Give the class its parent's checkpoint key conversions (`transformers` looks them up by class name)."""
-    register_checkpoint_conversion_mapping(
-        model_class.__name__, get_checkpoint_conversion_mapping(parent_class_name) or [], overwrite=True
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    register_auto_classes()
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+@functools.cache
+def register_auto_classes() -> None:
+    """Make `AutoConfig` / `AutoModel` know the classes, and let them load their parents' checkpoints (once).
+
+    Runs on first use of a name of this package and when `transformers` imports its auto classes after this package.
+    Code of this package that calls `AutoConfig` / `AutoModel` on its own model types calls it first: when the
+    package's own imports are what import `transformers`' auto classes, registering then may be circular.
+    """
+    from transformers import AutoConfig, AutoModel
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+
+    # `transformers` looks the key conversions up by class name: each class gets its parent's
+    for name, (module_name, config_name, parent_name) in _FAMILIES.items():
+        module = importlib.import_module(module_name, __name__)
+        if name not in vars(module):  # half-imported: see `_RegisterWithAutoClasses`
+            raise ImportError(f"cannot import name {name!r} from partially initialized module {module.__name__!r}")
+        model_class = vars(module)[name]
+        register_checkpoint_conversion_mapping(
+            name, get_checkpoint_conversion_mapping(parent_name) or [], overwrite=True
+        )
+        if config_name is not None:
+            config_class = model_class.config_class
+            AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+            AutoModel.register(config_class, model_class, exist_ok=True)
+
+
+def _importing_this_package() -> bool:
+    """Whether one of the package's modules is half-imported."""
+    return any(
+        getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+        if name.startswith(f"{__name__}.")
     )
 
 
-def _register(config_class, model_class, parent_class_name: str) -> None:
-    """Make `AutoConfig` / `AutoModel` know the class, and let it load the parent's checkpoints."""
-    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-    AutoModel.register(config_class, model_class, exist_ok=True)
-    _load_parent_checkpoints(model_class, parent_class_name)
+class _RegisterWithAutoClasses(importlib.abc.MetaPathFinder):
+    """Register the classes right after `transformers` imports its auto classes. When one of this package's modules
+    is what imported them and the classes' modules are half-imported, registering is a circular import: it is left
+    to the next `register_auto_classes` call (a package name's first use, or the package code that needs it)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _AUTO_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            try:
+                register_auto_classes()
+            except ImportError:
+                if not _importing_this_package():
+                    raise
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
-_register(Dinov2TTRegConfig, Dinov2TTRegModel, "Dinov2Model")
-_register(CLIPVisionTTRegConfig, CLIPVisionTTRegModel, "CLIPVisionModel")
-_load_parent_checkpoints(CLIPVisionTTRegModelWithProjection, "CLIPVisionModelWithProjection")  # AutoModel: the tower
-_register(SiglipVisionTTRegConfig, SiglipVisionTTRegModel, "SiglipVisionModel")
-_register(Siglip2VisionTTRegConfig, Siglip2VisionTTRegModel, "Siglip2VisionModel")
-_register(ViTTTRegConfig, ViTTTRegModel, "ViTModel")
-_register(DeiTTTRegConfig, DeiTTTRegModel, "DeiTModel")
-_register(DINOv3ViTTTRegConfig, DINOv3ViTTTRegModel, "DINOv3ViTModel")
-
-__all__ = [
-    "CLIPVisionTTRegConfig",
-    "CLIPVisionTTRegModel",
-    "CLIPVisionTTRegModelOutput",
-    "CLIPVisionTTRegModelWithProjection",
-    "Dinov2TTRegConfig",
-    "Dinov2TTRegModel",
-    "DeiTTTRegConfig",
-    "DeiTTTRegModel",
-    "DINOv3ViTTTRegConfig",
-    "DINOv3ViTTTRegModel",
-    "ViTTTRegConfig",
-    "ViTTTRegModel",
-    "RegisterNeuronEdit",
-    "Siglip2VisionTTRegConfig",
-    "Siglip2VisionTTRegModel",
-    "SiglipVisionTTRegConfig",
-    "SiglipVisionTTRegModel",
-    "RegisterNeuronIndex",
-    "RegisterNeuronIndexError",
-    "PreTrainedTestTimeRegisterMixin",
-    "RegisterSeams",
-    "TestTimeRegisterConfig",
-    "TestTimeRegisterConfigMixin",
-    "TestTimeRegisterMixin",
-    "TestTimeRegisterModelOutput",
-    "TokenLayout",
-    "DiscoveryResult",
-    "adopt",
-    "check_pixel_values",
-    "find_register_neurons",
-    "find_shipped_index",
-    "load_index",
-    "shipped_indices",
-]
+if _AUTO_MODULE in sys.modules:
+    register_auto_classes()
+else:
+    sys.meta_path.insert(0, _RegisterWithAutoClasses())

@@ -1,23 +1,51 @@
 """The ``ttreg`` command line: ``find-neurons``, ``inspect``, ``demo`` and ``export``.
 
 A subcommand is one function that adds its parser and sets ``run``; decorate it with `subcommand` to add it.
+Building the parser imports neither torch nor transformers (``ttreg --help`` is instant); each command imports
+what it uses. Numbers are checked while parsing, output paths before any model is loaded.
+
+A user's mistake is one line on stderr, never a traceback. The rule: the package reports bad input as `ValueError`
+(with its subclasses `RegisterNeuronIndexError`, `ExportError`), files and downloads fail with `OSError`, a missing
+optional dependency with `ImportError`, and this module's own checks with `CommandError`; `main` prints exactly
+those (`USER_ERRORS`) as ``ttreg: error: ...``. Anything else is a bug and keeps its traceback; ``--debug`` re-raises
+user errors too.
 """
 
 import argparse
+import math
+import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-from .analysis.distributed import init_from_environment, is_main_process
-from .index import RegisterNeuronIndex, RegisterNeuronIndexError
-from .modeling.registers import TestTimeRegisterMixin
+from . import __version__
 
 PLANTED = "planted"
-MODEL_HELP = "a model name (see `ttreg_hf.hub.MODEL_NAMES`), a local Hugging Face folder, or 'planted'"
+MODEL_HELP = "a model name (see `ttreg_hf.hub.MODEL_NAMES`), a local Hugging Face DINOv2 or CLIP folder, or 'planted'"
+EXIT_OK, EXIT_BUG, EXIT_USER_ERROR, EXIT_NO_OUTLIERS = 0, 1, 2, 3
+EXIT_CODES = f"""exit status:
+  {EXIT_OK}  done
+  {EXIT_USER_ERROR}  a user's mistake, one line on stderr: a bad argument, a missing or unreadable file, an existing
+     output (pass --overwrite), an index that does not fit the model, a download that failed
+  {EXIT_NO_OUTLIERS}  find-neurons, demo: the model has no outlier tokens, so no register neurons; no index written
+  {EXIT_BUG}  an unexpected error, with its traceback: a bug, please report it"""
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+class CommandError(Exception):
+    """A mistake in the command line found by the CLI itself (an existing output file, an unknown MODEL folder)."""
+
+
+USER_ERRORS = (CommandError, ValueError, OSError, ImportError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with a bad argument reported in one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def subcommand(add_parser: Callable[[argparse._SubParsersAction], None]) -> Callable:
@@ -26,7 +54,53 @@ def subcommand(add_parser: Callable[[argparse._SubParsersAction], None]) -> Call
     return add_parser
 
 
-def load_model(spec: str, device: str, weights: str | None = None, **settings) -> TestTimeRegisterMixin:
+def integer(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite float above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def check_output(path: str | Path, overwrite: bool, *, folder: bool = False) -> Path:
+    """``path`` if a command can write it: not a folder (or, for ``folder``, not a file), in a writable folder, and
+    not already there unless ``overwrite``. Called before any model is loaded."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise CommandError(f"{path} is a file; --out names the folder to write.")
+    if not folder and path.is_dir():
+        raise CommandError(f"{path} is a folder; --out names the file to write.")
+    if not folder and path.exists() and not overwrite:
+        raise CommandError(f"{path} exists; pass --overwrite to replace it, or choose another --out.")
+    existing = path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CommandError(f"Cannot write {path}: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"Cannot write {path}: no write permission in {existing}.")
+    return path
+
+
+def load_model(spec: str, device: str, weights: str | None = None, **settings):
     """The test-time-register model for a CLI MODEL argument, in eval mode on ``device``.
 
     ``weights`` is a local checkpoint for a model name, in its upstream layout.
@@ -36,35 +110,88 @@ def load_model(spec: str, device: str, weights: str | None = None, **settings) -
 
         model = build_planted_model(**settings)
     elif Path(spec).is_dir():
-        from transformers import AutoModel
-
-        model = AutoModel.from_pretrained(spec, **settings)
-        if not isinstance(model, TestTimeRegisterMixin):
-            raise ValueError(f"{spec} holds a {type(model).__name__}, not a test-time-register model; pass a model name.")
+        model = _model_class_of_folder(Path(spec)).from_pretrained(spec, **settings)
     else:
+        from .hub import MODEL_NAMES, load_tt_model
+
+        if spec not in MODEL_NAMES:
+            raise CommandError(
+                f"Unknown model {spec!r}: MODEL is one of {', '.join(MODEL_NAMES)}, a local folder, or {PLANTED!r}."
+            )
         try:
-            from .hub import load_tt_model
-        except ImportError as error:
-            raise ValueError(f"Unknown model {spec!r}: this install knows only {PLANTED!r} and local folders.") from error
-        model = load_tt_model(spec, weights=weights, **settings)
+            model = load_tt_model(spec, weights=weights, **settings)
+        except OSError as error:
+            if weights is not None:
+                raise
+            raise CommandError(
+                f"Could not fetch the weights of {spec!r} ({_one_line(error)}); pass a local checkpoint with --weights FILE."
+            ) from error
     return model.to(device).eval()
 
 
-def _load_index(path: str, model: TestTimeRegisterMixin) -> RegisterNeuronIndex:
-    from .discovery import check_index_matches
+def _model_class_of_folder(folder: Path):
+    """The package's class for a folder of a DINOv2 or CLIP checkpoint (the parent's or ours)."""
+    import json
 
-    index = RegisterNeuronIndex.load(path)
-    check_index_matches(index, model)
+    from .export import MODEL_CLASSES
+
+    config = folder / "config.json"
+    if not config.is_file():
+        raise CommandError(f"{folder} is not a Hugging Face model folder (no config.json); MODEL is {MODEL_HELP}.")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type not in MODEL_CLASSES:
+        raise CommandError(f"{folder} holds a {model_type!r} model; MODEL is {MODEL_HELP}.")
+    return MODEL_CLASSES[model_type]
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"ttreg: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _index_before_loading(args: argparse.Namespace):
+    """The index that ``--index`` or MODEL's shipped one names, found before the weights are downloaded."""
+    from .index import RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index
+
+    if args.index:
+        return RegisterNeuronIndex.load(args.index)
+    if args.model == PLANTED:
+        from .planted import planted_index
+
+        return planted_index()
+    index = find_shipped_index(args.model)
+    if index is None:
+        raise RegisterNeuronIndexError(
+            f"No index is shipped for {args.model!r}: pass --index, made with `ttreg find-neurons`."
+        )
     return index
 
 
+def _check_fits(index, model) -> None:
+    from .discovery import check_index_matches
+    from .index import RegisterNeuronIndex
+
+    if isinstance(index, RegisterNeuronIndex):
+        check_index_matches(index, model)
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image-size", type=int, help="square input size (default: the model's, 224 for DINOv2)")
+    parser.add_argument("--image-size", type=integer(1), help="square input size (default: the model's, 224 for DINOv2)")
     parser.add_argument("--weights", help="local checkpoint for a model name, in its upstream layout (offline)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
-def _image_size(args: argparse.Namespace, model: TestTimeRegisterMixin) -> int:
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _image_size(args: argparse.Namespace, model) -> int:
     from .images import default_image_size
 
     return args.image_size or default_image_size(model)
@@ -77,27 +204,31 @@ def _find_neurons_parser(subparsers: argparse._SubParsersAction) -> None:
         help="find a checkpoint's register neurons and write an index",
         description="Find the register neurons of MODEL from the images in IMAGE_DIR and write a register-neuron index. "
         "Runs unchanged under `torchrun --nproc_per_node N` or `accelerate launch`, which split the images.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     parser.add_argument("image_dir", metavar="IMAGE_DIR", help="folder of images (JPEG, PNG, ...)")
     parser.add_argument("--out", required=True, help="index file to write (.safetensors)")
-    parser.add_argument("--threshold", type=float, help="outlier norm threshold (default: automatic)")
+    parser.add_argument("--threshold", type=positive_float, help="outlier norm threshold (default: automatic)")
     parser.add_argument("--detection-layer", type=int, default=-1, help="block whose output norms define outliers")
     parser.add_argument("--highest-layer", type=int, help="last layer searched (default: the detection layer)")
-    parser.add_argument("--top-k", type=int, help="number of neurons (default: smallest k that removes the outliers)")
-    parser.add_argument("--num-images", type=int, default=500, help="random subset of the images to use")
-    parser.add_argument("--calibration-images", type=int, default=64, help="images the automatic threshold comes from")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-k", type=integer(1), help="number of neurons (default: smallest k that removes the outliers)")
+    parser.add_argument("--num-images", type=integer(1), default=500, help="random subset of the images to use")
+    parser.add_argument("--calibration-images", type=integer(1), default=64, help="images the automatic threshold comes from")
+    parser.add_argument("--batch-size", type=integer(1), default=16)
+    parser.add_argument("--seed", type=integer(0), default=0)
     _add_common(parser)
     parser.set_defaults(run=_find_neurons)
 
 
 def _find_neurons(args: argparse.Namespace) -> int:
+    from .analysis.distributed import is_main_process
     from .discovery import find_register_neurons
     from .images import ImageFolder, image_statistics
 
-    model = load_model(args.model, args.device, args.weights, num_test_time_registers=0)
+    out = check_output(args.out, args.overwrite)
+    model = load_model(args.model, _device(args), args.weights, num_test_time_registers=0)
     images = ImageFolder(args.image_dir, _image_size(args, model), *image_statistics(model))
     result = find_register_neurons(
         model,
@@ -115,8 +246,8 @@ def _find_neurons(args: argparse.Namespace) -> int:
     if is_main_process():
         print(result.summary())
         if result.found:
-            print(f"Wrote {result.index.save(args.out)}")
-    return 0
+            print(f"Wrote {result.index.save(out)}")
+    return EXIT_OK if result.found else EXIT_NO_OUTLIERS
 
 
 @subcommand
@@ -126,11 +257,15 @@ def _inspect_parser(subparsers: argparse._SubParsersAction) -> None:
         help="plot patch norms and CLS attention without and with the test-time register",
         description="Write a figure of IMAGE through MODEL: the input, the last layer's patch-norm map and CLS "
         "attention map, without and with the test-time register, with the numbers.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     parser.add_argument("image", metavar="IMAGE", help="an image file")
-    parser.add_argument("--out", default="report.png", help="figure to write (.png, .pdf, .svg)")
-    parser.add_argument("--index", help="register-neuron index file (default: the one shipped for MODEL)")
+    parser.add_argument("--out", default="report.png", help="figure to write (.png, .pdf, .svg; default: report.png)")
+    parser.add_argument(
+        "--index", help="register-neuron index file (default: the one shipped for MODEL; the planted neurons for 'planted')"
+    )
     _add_common(parser)
     parser.set_defaults(run=_inspect)
 
@@ -138,25 +273,18 @@ def _inspect_parser(subparsers: argparse._SubParsersAction) -> None:
 def _inspect(args: argparse.Namespace) -> int:
     from .images import load_image
 
-    model = load_model(args.model, args.device, args.weights, num_test_time_registers=0)
-    index = _load_index(args.index, model) if args.index else _shipped_index(args.model, model)
+    out = check_output(args.out, args.overwrite)
+    if not Path(args.image).is_file():
+        raise CommandError(f"No image at {args.image}; check the path.")
+    index = _index_before_loading(args)
+    model = load_model(args.model, _device(args), args.weights, num_test_time_registers=0)
+    _check_fits(index, model)
     image = load_image(args.image, _image_size(args, model))
-    _report(model, image, index, args.out, title=f"{args.model}: {Path(args.image).name}")
-    return 0
+    _report(model, image, index, out, title=f"{args.model}: {Path(args.image).name}")
+    return EXIT_OK
 
 
-def _shipped_index(spec: str, model: TestTimeRegisterMixin) -> RegisterNeuronIndex:
-    from .discovery import check_index_matches
-    from .index import find_shipped_index
-
-    index = find_shipped_index(spec)
-    if index is None:
-        raise RegisterNeuronIndexError(f"No index is shipped for {spec!r}: pass --index, made with `ttreg find-neurons`.")
-    check_index_matches(index, model)
-    return index
-
-
-def _report(model, image: torch.Tensor, index, out: str, title: str) -> None:
+def _report(model, image, index, out: Path, title: str) -> None:
     from .images import image_statistics, normalize
     from .report import inspect_image, save_report
 
@@ -173,19 +301,24 @@ def _demo_parser(subparsers: argparse._SubParsersAction) -> None:
         help="discovery, edit and report end to end (default: offline, on the planted model)",
         description="Without arguments: build the planted model, find its register neurons on generated images, "
         "and write the inspect report of a generated image; offline, in well under a minute on a CPU. With --model: "
-        "the same on a real model, with its shipped index (or --index, or discovery on --images).",
+        "the same on a real model, with its shipped index (or --index, or discovery on --images). Writes report.png "
+        "(and index.safetensors when it ran discovery) into --out-dir.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=PLANTED, help=MODEL_HELP)
     parser.add_argument("--image", help="image to inspect (default: a generated one)")
     parser.add_argument("--images", help="folder of images for discovery (a real model without an index)")
     parser.add_argument("--index", help="register-neuron index file (skips discovery)")
-    parser.add_argument("--num-images", type=int, default=48, help="generated images for discovery on 'planted'")
-    parser.add_argument("--out", default="ttreg_demo.png", help="figure to write")
+    parser.add_argument("--num-images", type=integer(1), default=48, help="generated images for discovery on 'planted'")
+    parser.add_argument("--out-dir", default="ttreg_demo", help="folder to write into (default: ttreg_demo)")
     _add_common(parser)
     parser.set_defaults(run=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import torch
+
     threads = torch.get_num_threads()
     if args.model == PLANTED:
         torch.set_num_threads(1)  # the planted model's matrices are too small to gain from threads, and lose a lot
@@ -201,12 +334,17 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .planted import planted_index, textured_images
 
     start = time.perf_counter()
-    model = load_model(args.model, args.device, args.weights, num_test_time_registers=0)
+    discover = not args.index and (args.images or args.model == PLANTED)
+    out_dir = check_output(args.out_dir, args.overwrite, folder=True)
+    report_file = check_output(out_dir / "report.png", args.overwrite)
+    index_file = check_output(out_dir / "index.safetensors", args.overwrite) if discover else None
+    if args.image and not Path(args.image).is_file():
+        raise CommandError(f"No image at {args.image}; check the path.")
+    index = None if discover else _index_before_loading(args)
+    model = load_model(args.model, _device(args), args.weights, num_test_time_registers=0)
     size = _image_size(args, model)
     image = load_image(args.image, size) if args.image else textured_images(1, seed=2024, size=size)[0]
-    if args.index:
-        index = _load_index(args.index, model)
-    elif args.images or args.model == PLANTED:
+    if discover:
         images = (
             ImageFolder(args.images, size, *image_statistics(model))
             if args.images
@@ -215,15 +353,16 @@ def _run_demo(args: argparse.Namespace) -> int:
         result = find_register_neurons(model, images, checkpoint=args.model)
         print(result.summary())
         if not result.found:
-            return 1
+            return EXIT_NO_OUTLIERS
         index = result.index
+        print(f"Wrote {index.save(index_file)}")
         if args.model == PLANTED:
             print(_planted_recovery(index.neurons, planted_index()))
     else:
-        index = _shipped_index(args.model, model)
-    _report(model, image, index, args.out, title=f"ttreg demo: {args.model}")
+        _check_fits(index, model)
+    _report(model, image, index, report_file, title=f"ttreg demo: {args.model}")
     print(f"Done in {time.perf_counter() - start:.1f} s.")
-    return 0
+    return EXIT_OK
 
 
 def _planted_recovery(found: dict, planted: dict) -> str:
@@ -239,26 +378,48 @@ def _export_parser(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="write a Hub-ready folder that loads with `trust_remote_code=True` and no ttreg_hf",
         description="Write MODEL with the register-neuron index INDEX to OUT: config.json with auto_map, generated "
-        "configuration and modeling files, model.safetensors, the preprocessor config and a model card; upload it "
-        "with `huggingface_hub.upload_folder`.",
+        "configuration and modeling files, model.safetensors, the parent's preprocessor config and a model card; "
+        "upload it with `huggingface_hub.upload_folder`. OUT must be empty or new; with --overwrite, a folder "
+        "holding only files an export writes is rewritten. The parent checkpoint's own folder is always refused.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL", help="a DINOv2 or CLIP Hugging Face checkpoint id or local folder")
     parser.add_argument("--index", required=True, help="register-neuron index file, or a shipped index name")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--license", help="licence of the base checkpoint (default: known for common checkpoints)")
     parser.add_argument("--repo-id", help="the Hub repository, for the card's usage examples")
+    parser.add_argument("--overwrite", action="store_true", help="rewrite a folder of an earlier export")
     parser.set_defaults(run=_export)
 
 
 def _export(args: argparse.Namespace) -> int:
     from .export import export_model
 
-    print(f"Wrote {export_model(args.model, args.index, args.out, license=args.license, repo_id=args.repo_id)}")
-    return 0
+    check_output(args.out, args.overwrite, folder=True)
+    try:
+        out = export_model(
+            args.model, args.index, args.out, license=args.license, repo_id=args.repo_id, overwrite=args.overwrite
+        )
+    except OSError as error:
+        if Path(args.model).exists():
+            raise
+        raise CommandError(
+            f"Could not fetch {args.model!r} ({_one_line(error)}); pass a local checkpoint folder as MODEL."
+        ) from error
+    print(f"Wrote {out}")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ttreg", description="Test-time registers for pretrained Vision Transformers.")
+    parser = ArgumentParser(
+        prog="ttreg",
+        description="Test-time registers for pretrained Vision Transformers.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ttreg_hf {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in SUBCOMMANDS:
         add_parser(subparsers)
@@ -266,13 +427,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``ttreg``; returns the exit status (see `EXIT_CODES`)."""
     args = build_parser().parse_args(argv)
-    init_from_environment()
     try:
-        return args.run(args)
-    except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as error:
-        print(f"ttreg {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        from .analysis.distributed import init_from_environment
+
+        init_from_environment()
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.run(args)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"ttreg: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ across processes under ``torchrun`` / ``accelerate launch``.
 
 import functools
 import hashlib
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -101,7 +102,8 @@ def check_index_matches(index: RegisterNeuronIndex, model: TestTimeRegisterMixin
 def _batches(images: Images, indices: list[int], batch_size: int, model: torch.nn.Module, desc: str) -> Iterator[torch.Tensor]:
     parameter = next(model.parameters())
     starts = range(0, len(indices), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not is_main_process(), leave=False):
+    show_progress = is_main_process() and sys.stderr.isatty()  # no bars in logs and pipes
+    for start in tqdm(starts, desc=desc, disable=not show_progress, leave=False):
         batch = torch.stack([images[i] for i in indices[start : start + batch_size]])
         yield batch.to(parameter.device, parameter.dtype)
 

@@ -11,16 +11,17 @@ import importlib
 import inspect
 import json
 import re
+import warnings
 from importlib.util import resolve_name
 from pathlib import Path
 
-from safetensors.torch import save_file
 from transformers import AutoConfig, BitImageProcessor, CLIPImageProcessor, PreTrainedModel
+from transformers.utils import cached_file
 
-from . import __version__
+from . import __version__, register_auto_classes
 from .configs.clip import CLIPVisionTTRegConfig
 from .configs.dinov2 import Dinov2TTRegConfig
-from .index import METADATA_KEY, RegisterNeuronIndex, RegisterNeuronIndexError, load_index
+from .index import METADATA_KEY, RegisterNeuronIndex, RegisterNeuronIndexError, load_index, write_safetensors
 from .model_card import render_model_card
 from .modeling.clip import CLIPVisionTTRegModel
 from .modeling.dinov2 import Dinov2TTRegModel
@@ -28,6 +29,10 @@ from .modeling.registers import IndexSpec, PreTrainedTestTimeRegisterMixin
 
 PACKAGE = __name__.rpartition(".")[0]
 CONFIG_FILE, MODELING_FILE = "configuration_ttreg", "modeling_ttreg"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+EXPORTED_FILES = frozenset(
+    {f"{CONFIG_FILE}.py", f"{MODELING_FILE}.py", "config.json", "model.safetensors", PREPROCESSOR_FILE, "README.md"}
+)
 # package-only definitions, replaced in the remote code: it has no `precomputed/` folder beside it
 REMOTE_REPLACEMENTS = {
     f"{PACKAGE}.index": {
@@ -61,6 +66,7 @@ def export_model(
     base_model: str | None = None,
     license: str | None = None,
     repo_id: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``out``, ready for `huggingface_hub.upload_folder`: config, remote code, weights, preprocessor, card.
 
@@ -68,24 +74,73 @@ def export_model(
     whose register neurons are ``index``'s. ``index`` is an index file or shipped name (a plain dict has no
     provenance to publish). ``base_model`` (default: ``model`` when an id, else the index's HF checkpoint) names the
     base checkpoint and picks the default ``license``; ``repo_id`` goes into the card's usage examples.
+
+    ``out`` must be new or empty: an upload publishes everything in it. With ``overwrite``, a folder that holds only
+    files an export writes (`EXPORTED_FILES`, e.g. an earlier export) is rewritten; any other file is refused, never
+    touched. The parent checkpoint's own folder is always refused. The parent's ``preprocessor_config.json`` is
+    copied unchanged; a parent without one (random weights) gets the family's default, with a warning that says so.
     """
+    out = Path(out)
+    _check_export_folder(out, overwrite, source=model)
     index = _published_index(index)
     model = _model_with_index(model, index)
+    _check_export_folder(out, overwrite, source=model.config.name_or_path)
     if base_model is None:
         base_model = _checkpoint_id(model) or index.checkpoints.get("hf")
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, source in remote_code(type(model)).items():
         (out / f"{name}.py").write_text(source)
     _config_for_remote_code(model).save_pretrained(out)
     weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(index.to_json())}
-    save_file(weights, str(out / "model.safetensors"), metadata=metadata)
-    image_processor(model.config).save_pretrained(out)
+    write_safetensors(weights, out / "model.safetensors", metadata)
+    _write_preprocessor_config(model, out)
     (out / "README.md").write_text(
         render_model_card(model, index, base_model=base_model, license=license, repo_id=repo_id or "<user>/<repo>")
     )
     return out
+
+
+def _check_export_folder(out: Path, overwrite: bool, source) -> None:
+    """Refuse a file, the parent checkpoint's folder, and a non-empty folder (but with ``overwrite`` one that holds
+    only exported files), before anything is loaded or written."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file: export writes a folder.")
+    parent_folder = Path(source) if isinstance(source, (str, Path)) and str(source) else None
+    if parent_folder and parent_folder.is_dir() and parent_folder.resolve() == out.resolve():
+        raise ExportError(f"{out} is the parent checkpoint's own folder: export into a new folder.")
+    present = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    if present and not overwrite:
+        raise ExportError(
+            f"{out} is not empty ({', '.join(present)}): export into a new folder, or pass overwrite=True (--overwrite)."
+        )
+    foreign = [name for name in present if name not in EXPORTED_FILES]
+    if foreign:
+        raise ExportError(
+            f"{out} holds files an export does not write ({', '.join(foreign)}); an upload would publish them. "
+            "Export into a new folder."
+        )
+
+
+def _write_preprocessor_config(model: PreTrainedModel, out: Path) -> None:
+    """The parent's ``preprocessor_config.json`` verbatim, else the family's default, with a warning."""
+    source = model.config.name_or_path
+    found = source and cached_file(
+        source, PREPROCESSOR_FILE, _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if found:
+        (out / PREPROCESSOR_FILE).write_bytes(Path(found).read_bytes())
+        return
+    processor = image_processor(model.config)
+    processor.save_pretrained(out)
+    crop = processor.to_dict()["crop_size"]
+    warnings.warn(
+        f"{source or 'The model'} has no {PREPROCESSOR_FILE}: wrote the default {type(processor).__name__} "
+        f"(crop {crop['height']}x{crop['width']}, mean {list(processor.image_mean)}, std {list(processor.image_std)}); "
+        "check that it fits the weights before uploading.",
+        stacklevel=3,
+    )
 
 
 def _published_index(index: IndexSpec) -> RegisterNeuronIndex:
@@ -101,6 +156,7 @@ def _published_index(index: IndexSpec) -> RegisterNeuronIndex:
 def _model_with_index(model, index: RegisterNeuronIndex) -> PreTrainedTestTimeRegisterMixin:
     """The model to export: loaded with ``index``, or the given one once its neurons are checked against ``index``."""
     if isinstance(model, (str, Path)):
+        register_auto_classes()  # AutoConfig must know our own model types
         model_type = AutoConfig.from_pretrained(model).model_type
         if model_type not in MODEL_CLASSES:
             raise ExportError(

@@ -2,6 +2,7 @@
 
 import json
 import numbers
+import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -27,6 +28,14 @@ REWRITE_HINT = "Write the index again with `ttreg find-neurons` or `RegisterNeur
 MAX_KEY_DIGITS = 6  # no model has a million blocks; and `int` refuses strings over 4300 digits with a plain ValueError
 MAX_INDEX_CHARS = 1_000_000  # the JSON of an index is a few kB; a bigger header was not written as one
 MAX_DETAILS_DEPTH = 32  # `details` holds flat facts and score lists; deep nesting would only defeat recursion limits
+
+
+def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file`, with the permissions of any file the user writes (it creates files 0600)."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 class RegisterNeuronIndexError(ValueError):
@@ -187,7 +196,7 @@ class RegisterNeuronIndex:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({}, str(path), metadata={"format": "pt", METADATA_KEY: json.dumps(self.to_json())})
+        write_safetensors({}, path, {"format": "pt", METADATA_KEY: json.dumps(self.to_json())})
         return path
 
     @classmethod

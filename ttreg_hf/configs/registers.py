@@ -91,7 +91,9 @@ class TestTimeRegisterConfigMixin:
                 f"register_scale must be finite in float32 (|scale| <= {largest:.4g}), got {self.register_scale}; "
                 "the paper uses 1.0."
             )
-        if isinstance(self.register_scale, list) and len(self.register_scale) != self.num_test_time_registers:
+        # with 0 registers (edit off) the scales are unused and stay for later, like the index
+        num_registers = self.num_test_time_registers
+        if isinstance(self.register_scale, list) and num_registers and len(self.register_scale) != num_registers:
             raise ValueError(
                 f"register_scale has {len(self.register_scale)} values for {self.num_test_time_registers} test-time "
                 "registers: give one float for all of them or one per register."

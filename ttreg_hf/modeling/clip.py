@@ -28,9 +28,14 @@ class CLIPVisionTTRegModelOutput(TestTimeRegisterOutputMixin, CLIPVisionModelOut
     test_time_registers (`torch.FloatTensor` of shape `(batch_size, num_test_time_registers, hidden_size)`):
         The test-time registers' rows of the final sequence, stripped from `last_hidden_state`. `None` when the edit
         is off.
+    test_time_register_attentions (`tuple(torch.FloatTensor)`, one per layer, each of shape `(batch_size, num_heads,
+    sequence_length, num_test_time_registers)`):
+        The attention of every token onto the test-time registers, cut from `attentions`; see
+        `TestTimeRegisterModelOutput`.
     """
 
     test_time_registers: torch.FloatTensor | None = None
+    test_time_register_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class CLIPVisionTTRegEmbeddings(CLIPVisionEmbeddings):
@@ -123,4 +128,5 @@ class CLIPVisionTTRegModelWithProjection(PreTrainedTestTimeRegisterMixin, CLIPVi
             hidden_states=vision_outputs.hidden_states,
             attentions=vision_outputs.attentions,
             test_time_registers=vision_outputs.test_time_registers,
+            test_time_register_attentions=vision_outputs.test_time_register_attentions,
         )

@@ -39,5 +39,15 @@ class TokenLayout:
     def registers(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens[:, self.num_tokens_without_registers(tokens) :]
 
+    def strip_registers_from_attentions(self, attentions: torch.Tensor) -> torch.Tensor:
+        """``(..., tokens, tokens)`` attention maps without the registers' rows and columns: the parent's shape."""
+        end = attentions.shape[-1] - self.num_registers
+        return attentions[..., :end, :end]
+
+    def attentions_to_registers(self, attentions: torch.Tensor) -> torch.Tensor:
+        """The attention of every non-register token onto the registers, ``(..., tokens - registers, registers)``."""
+        end = attentions.shape[-1] - self.num_registers
+        return attentions[..., :end, end:]
+
     def patches(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens[:, self.num_prefix_tokens : self.num_tokens_without_registers(tokens)]

@@ -28,11 +28,14 @@ from .layout import TokenLayout
 IndexSpec = str | Path | Mapping | RegisterNeuronIndex
 
 
+REGISTER_FIELDS = ("test_time_registers", "test_time_register_attentions")
+
+
 class TestTimeRegisterOutputMixin:
-    """Keeps ``return_dict=False`` tuples the parent's: ``test_time_registers`` is a field, never a tuple entry."""
+    """Keeps ``return_dict=False`` tuples the parent's: the `REGISTER_FIELDS` are fields, never tuple entries."""
 
     def to_tuple(self) -> tuple:
-        return tuple(self[key] for key in self.keys() if key != "test_time_registers")
+        return tuple(self[key] for key in self.keys() if key not in REGISTER_FIELDS)
 
 
 @dataclasses.dataclass
@@ -41,9 +44,15 @@ class TestTimeRegisterModelOutput(TestTimeRegisterOutputMixin, BaseModelOutputWi
     test_time_registers (`torch.FloatTensor` of shape `(batch_size, num_test_time_registers, hidden_size)`):
         The test-time registers' rows of the final sequence, in the space of `last_hidden_state`, from which they are
         stripped. `None` when the edit is off.
+    test_time_register_attentions (`tuple(torch.FloatTensor)`, one per layer, each of shape `(batch_size, num_heads,
+    sequence_length, num_test_time_registers)`):
+        The attention of every token (`sequence_length` as in `attentions`, registers excluded) onto the test-time
+        registers, the columns cut from `attentions`: per row, `attentions` and these sum to 1. Returned with
+        `output_attentions=True` when the edit is on.
     """
 
     test_time_registers: torch.FloatTensor | None = None
+    test_time_register_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -195,14 +204,20 @@ class TestTimeRegisterMixin:
         return self
 
     def strip_test_time_registers(self, outputs: ModelOutput, output_class: type[ModelOutput]) -> ModelOutput:
-        """``outputs`` with the parent's shapes: registers cut from every token tensor, exposed on their own."""
+        """``outputs`` with the parent's shapes: registers cut from every token tensor and attention map, exposed in
+        their own fields. Without registers, the parent's tensors themselves (``retain_grad`` works on them)."""
         layout = self.token_layout
         fields = dict(outputs.items())
+        if not layout.num_registers:
+            return output_class(**fields)
         fields["last_hidden_state"] = layout.strip_registers(outputs.last_hidden_state)
+        fields["test_time_registers"] = layout.registers(outputs.last_hidden_state)
         if outputs.hidden_states is not None:
             fields["hidden_states"] = tuple(h if h is None else layout.strip_registers(h) for h in outputs.hidden_states)
-        if layout.num_registers:
-            fields["test_time_registers"] = layout.registers(outputs.last_hidden_state)
+        if outputs.attentions is not None:
+            attentions = outputs.attentions
+            fields["attentions"] = tuple(layout.strip_registers_from_attentions(a) for a in attentions)
+            fields["test_time_register_attentions"] = tuple(layout.attentions_to_registers(a) for a in attentions)
         return output_class(**fields)
 
 
@@ -211,8 +226,8 @@ class RegisterEditOffWarning(UserWarning):
 
 
 class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
-    """`TestTimeRegisterMixin` for `transformers` models: parent configs accepted, index resolution in
-    `from_pretrained`, buffer init."""
+    """`TestTimeRegisterMixin` for `transformers` models: parent configs accepted, the parent's init, index
+    resolution in `from_pretrained`."""
 
     def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
         config = self._register_config(config)
@@ -242,11 +257,21 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
         fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
         return cls.config_class(**fields, attn_implementation=config._attn_implementation)
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """`False`: to `transformers` a class defined outside it is custom code, whose modules keep their constructors'
+        torch init; ours initialise as the parent does (its `_init_weights`), fresh or missing from a checkpoint."""
+        return False
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, RegisterNeuronEdit):
-            module.reset_buffers()
+        # `transformers` initialises the model itself last, after the sub-models (e.g. `Dinov2Encoder`) that use their
+        # own `_init_weights` and never reach the edits: (re)fill every edit's buffers here, e.g. after a meta-device load
+        if module is self:
+            for edit in self.modules():
+                if isinstance(edit, RegisterNeuronEdit):
+                    edit.reset_buffers()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, register_neurons: IndexSpec | None = None, **kwargs):

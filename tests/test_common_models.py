@@ -1,0 +1,142 @@
+"""`transformers`' own common model tests (`ModelTesterMixin`) on every HF subclass, registers on and off.
+
+The common tests are not committed: `fetch_transformers_tests.py` unpacks them for the installed `transformers`
+(CI runs it before pytest). Tests that cannot apply by design are skipped with their reason in `SKIPS`.
+"""
+
+import importlib
+import importlib.util
+import re
+import sys
+import unittest
+
+import pytest
+from fetch_transformers_tests import FETCH_COMMAND, PACKAGE, package_dir
+
+from ttreg_hf import (
+    CLIPVisionTTRegConfig,
+    CLIPVisionTTRegModel,
+    CLIPVisionTTRegModelWithProjection,
+    Dinov2TTRegConfig,
+    Dinov2TTRegModel,
+)
+
+pytest.importorskip("parameterized", reason="the common tests need `parameterized`: pip install -e '.[test]'")
+
+
+def _import_common_tests():
+    directory = package_dir()
+    if not (directory / "test_modeling_common.py").is_file():
+        pytest.skip(f"transformers' common tests are not fetched: run `{FETCH_COMMAND}`", allow_module_level=True)
+    if PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            PACKAGE, directory / "__init__.py", submodule_search_locations=[str(directory)]
+        )
+        sys.modules[PACKAGE] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[PACKAGE])
+    return importlib.import_module(f"{PACKAGE}.test_modeling_common")
+
+
+common = _import_common_tests()
+
+SKIPS = {
+    "test_inputs_embeds": "vision models take pixel_values, not inputs_embeds",
+    "test_training": "needs a model with a loss: these are base models (transformers skips its own by class name)",
+    "test_training_gradient_checkpointing": "as test_training",
+    "test_training_gradient_checkpointing_use_reentrant_false": "as test_training",
+    "test_training_gradient_checkpointing_use_reentrant_true": "as test_training",
+}
+WITH_REGISTERS_SKIPS = {
+    "test_retain_grad_hidden_states_attentions": "with registers the parent-shaped hidden states and attentions are "
+    "slices of what the blocks compute on, so no gradient reaches them (without registers they are the parent's "
+    "tensors and this test runs)",
+}
+
+
+class TTRegModelTester:
+    """Tiny configs and random images for the common tests; ``seq_length`` is the parent's (registers stripped)."""
+
+    def __init__(self, parent, config_class, num_test_time_registers, register_neurons, batch_size=2, **config):
+        self.parent, self.config_class = parent, config_class
+        self.batch_size, self.is_training = batch_size, True
+        self.image_size, self.patch_size, self.num_channels = 16, 4, 3
+        self.hidden_size, self.num_hidden_layers, self.num_attention_heads = 32, 2, 4
+        self.mask_length = (self.image_size // self.patch_size) ** 2  # `bool_masked_pos` covers the patches
+        self.num_masks, self.seq_length = self.mask_length // 2, self.mask_length + 1
+        self.registers = dict(num_test_time_registers=num_test_time_registers, register_neurons=register_neurons)
+        self.config = config
+
+    def get_config(self):
+        return self.config_class(
+            image_size=self.image_size, patch_size=self.patch_size, num_channels=self.num_channels,
+            hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, initializer_range=0.02, **self.config, **self.registers,
+        )
+
+    def prepare_config_and_inputs_for_common(self):
+        pixel_values = common.floats_tensor([self.batch_size, self.num_channels, self.image_size, self.image_size])
+        return self.get_config(), {"pixel_values": pixel_values}
+
+
+class _TTRegModelTest(common.ModelTesterMixin):
+    """The common tests for one family; subclasses say which classes, which config and how many registers."""
+
+    config_class = None
+    config = {}
+    num_test_time_registers = 0
+    register_neurons = None
+    test_resize_embeddings = False
+    skips = {}
+
+    def setUp(self):
+        skips = {**SKIPS, **(WITH_REGISTERS_SKIPS if self.num_test_time_registers else {}), **self.skips}
+        for name, reason in skips.items():
+            if re.fullmatch(rf"{name}(_\d+(_.*)?)?", self._testMethodName):
+                self.skipTest(reason)
+        self.model_tester = TTRegModelTester(
+            self, self.config_class, self.num_test_time_registers, self.register_neurons, **self.config
+        )
+
+    def test_model_get_set_embeddings(self):
+        """The common test wants token embeddings (`nn.Embedding`); a vision model's input embeddings are its patch
+        embeddings, as transformers' own Dinov2 and CLIP vision tests check instead."""
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        for model_class in self.all_model_classes:
+            model = model_class(config)
+            self.assertIsInstance(model.get_input_embeddings(), common.nn.Module)
+            output_embeddings = model.get_output_embeddings()
+            self.assertTrue(output_embeddings is None or isinstance(output_embeddings, common.nn.Linear))
+
+
+class _Dinov2(_TTRegModelTest):
+    all_model_classes = (Dinov2TTRegModel,)
+    config_class = Dinov2TTRegConfig
+    config = dict(mlp_ratio=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    register_neurons = {0: [3, 40], 1: [7]}
+
+
+class _CLIP(_TTRegModelTest):
+    all_model_classes = (CLIPVisionTTRegModel, CLIPVisionTTRegModelWithProjection)
+    config_class = CLIPVisionTTRegConfig
+    config = dict(intermediate_size=37, projection_dim=16, dropout=0.1, attention_dropout=0.1)
+    register_neurons = {1: [2, 30]}
+
+
+class Dinov2TTRegModelTest(_Dinov2, unittest.TestCase):
+    skips = {
+        "test_reverse_loading_mapping": "Dinov2Model's converter for `mlp.weights_in` matches SwiGLU models only; "
+        "the SwiGLU variant (Dinov2TTRegModelTwoRegistersSwiGLUTest) runs it"
+    }
+
+
+class Dinov2TTRegModelTwoRegistersSwiGLUTest(_Dinov2, unittest.TestCase):
+    num_test_time_registers = 2
+    config = {**_Dinov2.config, "use_swiglu_ffn": True}
+
+
+class CLIPVisionTTRegModelTest(_CLIP, unittest.TestCase):
+    pass
+
+
+class CLIPVisionTTRegModelOneRegisterTest(_CLIP, unittest.TestCase):
+    num_test_time_registers = 1
