@@ -23,6 +23,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_compile_caches():
+    """Every test compiles from scratch: code shared by all families (the edit, the MLPs' forwards) would otherwise
+    pile up recompilations across tests and hit dynamo's per-function recompile limit."""
+    yield
+    torch._dynamo.reset()
+
+
 def tiny_dinov2_config(**overrides):
     """A 3-layer, 32-wide DINOv2 config with test-time-register fields (eager attention, so maps can be returned)."""
     from ttreg_hf import Dinov2TTRegConfig

@@ -76,7 +76,7 @@ def test_run_with_cache_keeps_gradients_when_asked(planted, pixel_values):
     output, cache = run_with_cache(planted, pixel_values[:1], mlp=[2], blocks=[2], keep_grad=True)
     activations = cache.mlp_activations[2]
     assert activations.requires_grad and cache.block_outputs[2].requires_grad
-    (gradient,) = torch.autograd.grad(output.pooler_output.sum(), activations)
+    (gradient,) = torch.autograd.grad(output.last_hidden_state.pow(2).sum(), activations)
     assert gradient.shape == activations.shape and gradient.abs().sum() > 0
 
 

@@ -103,7 +103,7 @@ def test_batch_invariance(checkpoint, pixels):
 def test_with_projection(checkpoint, pixels):
     parent = CLIPVisionModelWithProjection.from_pretrained(checkpoint).eval()
     model = CLIPVisionTTRegModelWithProjection.from_pretrained(checkpoint, register_neurons=NEURONS).eval()
-    assert isinstance(model.vision_model, CLIPVisionTTRegModel) and model.vision_model.config is model.config
+    assert isinstance(model.vision_model, CLIPVisionModel) and model.vision_model.config is model.config
     outputs = model(pixels)
     assert outputs.image_embeds.shape == (3, 16) and outputs.test_time_registers.shape == (3, 1, 32)
     tower = CLIPVisionTTRegModel.from_pretrained(checkpoint, register_neurons=NEURONS).eval()

@@ -110,8 +110,8 @@ def test_an_index_for_another_checkpoint_is_refused(tmp_path):
         ({"register_scale": float("nan")}, "register_scale must be finite"),
         ({"num_test_time_registers": -1}, "must be >= 0"),
         ({"num_test_time_registers": 2, "register_scale": [1.0]}, "1 values for 2 test-time registers"),
-        ({"register_semantics": "authors"}, "register_semantics must be one of"),
-        ({"register_patch_mode": "drop"}, "register_patch_mode must be one of"),
+        ({"register_semantics": "authors"}, "register_semantics.*one of"),
+        ({"register_patch_mode": "drop"}, "register_patch_mode.*one of"),
     ],
 )
 def test_bad_settings_are_clear_errors(settings, message):
@@ -162,17 +162,6 @@ def test_from_pretrained_by_hub_id_attaches_the_shipped_index(tmp_path):
     assert sum(len(ids) for ids in model.config.register_neurons.values()) == 45
     assert model.encoder.layer[17].mlp.register_edit.neuron_ids[:3] == (884, 133, 1427)
     assert model(torch.randn(1, 3, 28, 28)).test_time_registers.shape == (1, 1, 64)
-
-
-def test_config_edits_cannot_desync_the_outputs(images):
-    """Settings change through `set_register_neurons`; writing the config directly must not cut real tokens."""
-    model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
-    with torch.no_grad():
-        expected = model(images)
-        model.config.num_test_time_registers = 3
-        actual = model(images)
-    assert torch.equal(actual.last_hidden_state, expected.last_hidden_state)
-    assert actual.test_time_registers.shape == (4, 1, 32)
 
 
 def test_attention_mask_covers_the_registers(images):

@@ -162,7 +162,7 @@ def test_activation_follows_the_checkpoint():
     assert not checkpoint_uses_quick_gelu("ViT-B-16", "laion2b_s34b_b88k")
     model, _, _ = create_model_and_transforms("tiny-vit-quickgelu", register_neurons=NEURONS)
     mlp = model.visual.transformer.resblocks[0].mlp
-    assert isinstance(mlp.gelu, QuickGELU) and list(dict(mlp.named_children())) == ["c_fc", "gelu", "register_edit", "c_proj"]
+    assert isinstance(mlp.gelu, QuickGELU) and list(dict(mlp.named_children())) == ["c_fc", "gelu", "c_proj", "register_edit"]
 
 
 def test_direct_construction_and_state_dict_round_trip(pixels, tmp_path):

@@ -102,7 +102,7 @@ def test_attentions_have_the_parents_shape_and_registers_their_own_field(family,
     with torch.no_grad():
         outputs = model(pixels, output_attentions=True)
         expected = parent(pixels, output_attentions=True)
-        cache = run_with_cache(model, pixels, attentions="all")  # maps recomputed from the blocks' inputs
+        _, cache = run_with_cache(model, pixels, attentions="all")  # maps recomputed from the blocks' inputs
         as_tuple = model(pixels, return_dict=False, output_attentions=True)
         parent_tuple = parent(pixels, return_dict=False, output_attentions=True)
     assert [a.shape for a in outputs.attentions] == [a.shape for a in expected.attentions] == [(3, 2, 5, 5)] * 3

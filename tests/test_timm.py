@@ -224,7 +224,7 @@ def test_analysis_reads_timm_blocks():
 
     model = to_test_time_registers(VisionTransformer(**TINY, qk_norm=True), NEURONS).eval()
     pixels = _pixels("token")
-    cache = run_with_cache(model, pixels, mlp=[0], blocks=[2], attentions=[1])
+    _, cache = run_with_cache(model, pixels, mlp=[0], blocks=[2], attentions=[1])
     probabilities = []
     model.blocks[1].attn.fused_attn = False  # timm's own softmax, which feeds `attn_drop`
     model.blocks[1].attn.attn_drop.register_forward_hook(lambda module, args, output: probabilities.append(output))

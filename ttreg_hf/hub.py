@@ -58,8 +58,10 @@ def _openclip(
     from .modeling.open_clip import create_model_and_transforms  # open_clip is an optional dependency
 
     model_name, tag = OPENCLIP_CHECKPOINTS[name]
-    checkpoint = str(weights) if weights else tag if pretrained else None
-    model, _, _ = create_model_and_transforms(model_name, checkpoint, register_neurons=register_neurons, **settings)
+    pretrained_tag = str(weights) if weights else tag if pretrained else None
+    model, _, _ = create_model_and_transforms(
+        model_name, pretrained_tag, register_neurons=register_neurons, checkpoint=name, **settings
+    )
     return model.eval()
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .modeling.edit import SEMANTICS
+
 SCHEMA_VERSION = 1
 METADATA_KEY = "ttreg_index"
 # a checkout (torch.hub, editable install) has `precomputed/` beside the package; a wheel installs it inside
@@ -161,8 +163,6 @@ class RegisterNeuronIndex:
     details: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        from .configs.registers import SEMANTICS  # the configs import this module
-
         """Check every field's type and range: the one validation of an index, whether built or loaded."""
         _check_field("num_layers", self.num_layers, _is_size(self.num_layers), "an int >= 1, the model's number of blocks")
         _check_field("mlp_width", self.mlp_width, _is_size(self.mlp_width), "an int >= 1, the neurons per MLP")

@@ -2,19 +2,14 @@
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 from huggingface_hub.dataclasses import strict
 
 from ..index import RegisterNeuronIndex, check_neurons_fit, load_index, normalize_neurons, resolve_index
+from ..modeling.edit import PATCH_MODES, SEMANTICS, RegisterPatchMode, RegisterSemantics
 
-RegisterSemantics = Literal["paper", "reference"]
-RegisterPatchMode = Literal["zero", "mean", "only_outliers", "same"]
-SEMANTICS: tuple[str, ...] = get_args(RegisterSemantics)
-PATCH_MODES: tuple[str, ...] = get_args(RegisterPatchMode)
 
 MAX_TEST_TIME_REGISTERS = 64
 

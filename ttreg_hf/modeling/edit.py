@@ -1,12 +1,17 @@
 """The register-neuron edit: the one implementation every model family uses."""
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-from ..configs.registers import PATCH_MODES, SEMANTICS
 from .layout import TokenLayout
+
+RegisterSemantics = Literal["paper", "reference"]
+RegisterPatchMode = Literal["zero", "mean", "only_outliers", "same"]
+SEMANTICS: tuple[str, ...] = get_args(RegisterSemantics)
+PATCH_MODES: tuple[str, ...] = get_args(RegisterPatchMode)
 
 
 class RegisterNeuronEdit(nn.Module):

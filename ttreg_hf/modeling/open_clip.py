@@ -116,19 +116,26 @@ def checkpoint_uses_quick_gelu(model_name: str, pretrained: str | None) -> bool:
 
 
 def create_model_and_transforms(
-    model_name: str, pretrained: str | None = None, *, register_neurons: IndexSpec | None = None, **kwargs
+    model_name: str,
+    pretrained: str | None = None,
+    *,
+    register_neurons: IndexSpec | None = None,
+    checkpoint: str | None = None,
+    **kwargs,
 ):
     """`open_clip.create_model_and_transforms` with a test-time-register vision tower: ``(model, train, val)``.
 
-    ``register_neurons`` is required unless ``num_test_time_registers=0``; other register settings
+    ``register_neurons`` is required unless ``num_test_time_registers=0`` or an index ships for ``checkpoint`` (the
+    id it is looked up by; default ``"MODEL (PRETRAINED)"``); other register settings
     (``num_test_time_registers``, ``register_scale``, ...) go to the tower, everything else to open_clip. The
     activation follows the checkpoint: QuickGELU for weights open_clip marks so (OpenAI's), even under a GELU
     model name such as ``"ViT-B-16"`` (open_clip itself only warns); ``force_quick_gelu=False`` opts out.
     """
     settings = pop_register_settings(kwargs)
     config = tower_config(model_name, **settings)
+    checkpoint = checkpoint or (f"{model_name} ({pretrained})" if pretrained else model_name)
     config.attach_register_neurons(
-        register_neurons, checkpoint=f"{model_name} ({pretrained})", register_semantics=settings.get("register_semantics")
+        register_neurons, checkpoint=checkpoint, register_semantics=settings.get("register_semantics")
     )
     kwargs.setdefault("force_quick_gelu", checkpoint_uses_quick_gelu(model_name, pretrained))  # False opts out
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_name, pretrained, **kwargs)

@@ -14,7 +14,6 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings
-from .layout import TokenLayout
 from .registers import IndexSpec, RegisterAppender, RegisterSeams, TestTimeRegisterMixin, adopt
 
 
