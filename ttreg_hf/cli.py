@@ -5,9 +5,10 @@ Building the parser imports neither torch nor transformers (``ttreg --help`` is 
 what it uses. Numbers are checked while parsing, output paths before any model is loaded.
 
 A user's mistake is one line on stderr, never a traceback. The rule: the package reports bad input as `ValueError`
-(with its subclasses `RegisterNeuronIndexError`, `ExportError`), files and downloads fail with `OSError`, a missing
-optional dependency with `ImportError`, and this module's own checks with `CommandError`; `main` prints exactly
-those (`USER_ERRORS`) as ``ttreg: error: ...``. Anything else is a bug and keeps its traceback; ``--debug`` re-raises
+(with its subclasses `RegisterNeuronIndexError`, `ExportError`) or, for a config value of the wrong type or name,
+huggingface_hub's `StrictDataclassError`; files and downloads fail with `OSError`, a missing optional dependency
+with `ImportError`, and this module's own checks with `CommandError`; `main` prints exactly those (`USER_ERRORS`)
+as ``ttreg: error: ...``. Anything else is a bug and keeps its traceback; ``--debug`` re-raises
 user errors too.
 """
 
@@ -19,6 +20,8 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+
+from huggingface_hub.errors import StrictDataclassError
 
 from . import __version__
 
@@ -38,7 +41,7 @@ class CommandError(Exception):
     """A mistake in the command line found by the CLI itself (an existing output file, an unknown MODEL folder)."""
 
 
-USER_ERRORS = (CommandError, ValueError, OSError, ImportError)
+USER_ERRORS = (CommandError, ValueError, StrictDataclassError, OSError, ImportError)
 
 
 class ArgumentParser(argparse.ArgumentParser):
