@@ -119,6 +119,16 @@ def check_pixel_values(pixel_values: torch.Tensor, patch_size: int | Sequence[in
         )
 
 
+def check_image_size(pixel_values: torch.Tensor, image_size: int, interpolate_pos_encoding: bool) -> None:
+    """Refuse, like `check_pixel_values`, a size other than the position table's unless the caller interpolates."""
+    height, width = pixel_values.shape[-2:]
+    if not interpolate_pos_encoding and (height, width) != (image_size, image_size):
+        raise ValueError(
+            f"Image size {height}x{width} does not match the model's {image_size}x{image_size}: resize the images "
+            "(the model's image processor does), or pass `interpolate_pos_encoding=True`."
+        )
+
+
 class TestTimeRegisterMixin:
     """Gives a vision transformer test-time registers; a model family declares only where its parts are.
 

@@ -30,6 +30,7 @@ from .registers import (
     RegisterSeams,
     TestTimeRegisterModelOutput,
     adopt,
+    check_image_size,
     check_pixel_values,
 )
 
@@ -40,12 +41,7 @@ class SiglipVisionTTRegEmbeddings(SiglipVisionEmbeddings):
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         check_pixel_values(pixel_values, self.patch_size)
-        height, width = pixel_values.shape[-2:]
-        if not interpolate_pos_encoding and (height, width) != (self.image_size, self.image_size):
-            raise ValueError(
-                f"Image size {height}x{width} does not match the model's {self.image_size}x{self.image_size}: resize "
-                "the images (the model's image processor does), or pass `interpolate_pos_encoding=True`."
-            )
+        check_image_size(pixel_values, self.image_size, interpolate_pos_encoding)
         return self.token_layout.append_registers(super().forward(pixel_values, interpolate_pos_encoding))
 
 
