@@ -206,3 +206,15 @@ def test_unsupported_tower_is_a_clear_error():
         with_test_time_register_tower(config)
     with pytest.raises(TypeError, match="CLIPVisionModel.*LlavaForConditionalGeneration has none"):
         to_test_time_registers(LlavaForConditionalGeneration(config))
+
+
+def test_onevision_video_features_match_the_hooked_parent():
+    torch.manual_seed(0)
+    parent, _ = llava_onevision()
+    model = _upgraded(parent.eval(), register_neurons=NEURONS)
+    videos = torch.randn(1, 3, 3, 28, 28)  # frames are pooled on the patch grid: a register there would break it
+    with torch.no_grad():
+        with _hooked(parent):
+            expected = parent.get_video_features(videos).pooler_output
+        actual = model.get_video_features(videos).pooler_output
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)

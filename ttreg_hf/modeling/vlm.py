@@ -21,7 +21,8 @@ from .registers import IndexSpec, PreTrainedTestTimeRegisterMixin
 
 
 def _config_classes() -> dict[type[PreTrainedConfig], type[TestTimeRegisterConfigMixin]]:
-    """``{parent tower config class: our config class}``, ours mapping to itself (a saved upgraded model)."""
+    """``{tower config class: our config class for it}``, for the parents' (`CLIPVisionConfig`) and ours (a saved
+    upgraded model)."""
     pairs = {parent.config_class: family.config_class for parent, family in transformers_families().items()}
     return {**pairs, **{ours: ours for ours in pairs.values()}}
 
@@ -29,11 +30,11 @@ def _config_classes() -> dict[type[PreTrainedConfig], type[TestTimeRegisterConfi
 def _settings(config_class: type[TestTimeRegisterConfigMixin]) -> set[str]:
     """The fields ``config_class`` adds to its parent's: the register settings and the family's own (e.g.
     ``pool_registers``)."""
-    parent = next(parent for parent, ours in _config_classes().items() if ours is config_class and parent is not ours)
+    parent = next(base for base in config_class.__mro__[1:] if base in _config_classes())
     return {field.name for field in dataclasses.fields(config_class)} - {field.name for field in dataclasses.fields(parent)}
 
 
-def test_time_register_config(tower_config: PreTrainedConfig, **settings) -> TestTimeRegisterConfigMixin:
+def _with_settings(tower_config: PreTrainedConfig, **settings) -> TestTimeRegisterConfigMixin:
     """``tower_config`` (a `CLIPVisionConfig`, `SiglipVisionConfig`, ...) as its family's config: every field kept,
     plus the register ``settings``."""
     config_class = _config_classes()[type(tower_config)]
@@ -77,7 +78,7 @@ def with_test_time_register_tower(config: PreTrainedConfig, **settings) -> PreTr
     register ``settings``: the model built from it builds our tower wherever it builds its tower with `AutoModel`."""
     config = copy.deepcopy(config)
     owner, key = _tower_config_slot(config)
-    setattr(owner, key, test_time_register_config(getattr(owner, key), **settings))
+    setattr(owner, key, _with_settings(getattr(owner, key), **settings))
     return config
 
 
@@ -123,7 +124,7 @@ def _sharing_weights(family: type[PreTrainedModel], config: PreTrainedConfig, to
 
 
 def to_test_time_registers(
-    vlm: PreTrainedModel, register_neurons: IndexSpec | None = None, *, checkpoint: str | None = None, **settings
+    vlm: PreTrainedModel, register_neurons: IndexSpec | None = None, *, checkpoint: str = "", **settings
 ) -> PreTrainedModel:
     """Upgrade ``vlm``'s vision tower (a `CLIPVisionModel`, `SiglipVisionModel`, ... submodule) in place to its
     family's test-time-register class, sharing its weights; returns ``vlm``.
@@ -143,10 +144,10 @@ def to_test_time_registers(
         )
     family = transformers_families()[type(tower)]
     # built with the edit off, the index attached once the weights are in place: the edits are built on their device
-    upgraded = _sharing_weights(family, test_time_register_config(tower.config, register_neurons={}, **settings), tower)
+    upgraded = _sharing_weights(family, _with_settings(tower.config, register_neurons={}, **settings), tower)
     upgraded.config.attach_register_neurons(
         register_neurons,
-        checkpoint=checkpoint if checkpoint is not None else getattr(vlm, "name_or_path", ""),
+        checkpoint=checkpoint or vlm.name_or_path,
         register_semantics=settings.get("register_semantics"),
     )
     upgraded.refresh_test_time_registers()
@@ -172,8 +173,8 @@ def load_vlm(
     ``pool_registers``, ...) go to the tower, everything else to `from_pretrained`.
     """
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path)
-    every_setting = set().union(*map(_settings, set(_config_classes().values())))
-    settings = {name: kwargs.pop(name) for name in every_setting if name in kwargs}
+    every_family_setting = set().union(*map(_settings, set(_config_classes().values())))
+    settings = {name: kwargs.pop(name) for name in every_family_setting if name in kwargs}
     config = with_test_time_register_tower(config, **settings)
     getattr(*_tower_config_slot(config)).attach_register_neurons(
         register_neurons,
