@@ -218,3 +218,21 @@ def test_onevision_video_features_match_the_hooked_parent():
             expected = parent.get_video_features(videos).pooler_output
         actual = model.get_video_features(videos).pooler_output
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_the_index_is_attached_once_and_the_edits_built_once(monkeypatch):
+    from ttreg_hf.configs.registers import TestTimeRegisterConfigMixin
+    from ttreg_hf.modeling.edit import RegisterNeuronEdit
+
+    calls = {"attach": 0, "edits": 0}
+    for owner, name, key in ((TestTimeRegisterConfigMixin, "attach_register_neurons", "attach"), (RegisterNeuronEdit, "__init__", "edits")):
+        original = getattr(owner, name)
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+    parent, _ = llava_next()
+    to_test_time_registers(parent, register_neurons=NEURONS)
+    assert calls == {"attach": 1, "edits": len(NEURONS)}
