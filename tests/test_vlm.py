@@ -56,15 +56,18 @@ def llava_next():
         vision_config=CLIPVisionConfig(**TOWER, image_size=28), text_config=LlamaConfig(**TEXT),
         image_token_index=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS,
     )
-    return LlavaNextForConditionalGeneration(config), dict(pixel_values=torch.randn(2, 5, 3, 28, 28), image_sizes=IMAGE_SIZES)
+    images = dict(pixel_values=torch.randn(2, 5, 3, 28, 28), image_sizes=IMAGE_SIZES)  # a base image and up to 4 tiles
+    return LlavaNextForConditionalGeneration(config), images
 
 
 def llava_onevision():
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**TOWER, image_size=28, vision_use_head=False), text_config=Qwen2Config(**TEXT),
+        vision_config=SiglipVisionConfig(**TOWER, image_size=28, vision_use_head=False),
+        text_config=Qwen2Config(**TEXT),
         image_token_index=IMAGE_TOKEN, video_token_index=62, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
     )
-    return LlavaOnevisionForConditionalGeneration(config), dict(pixel_values=torch.randn(2, 5, 3, 28, 28), image_sizes=IMAGE_SIZES)
+    images = dict(pixel_values=torch.randn(2, 5, 3, 28, 28), image_sizes=IMAGE_SIZES)
+    return LlavaOnevisionForConditionalGeneration(config), images
 
 
 KINDS = [llava, llava_next, llava_onevision]
@@ -106,7 +109,9 @@ def _hooked(parent):
         cut.remove()
 
 
-@pytest.mark.parametrize("edit_off", [dict(register_neurons={}), dict(num_test_time_registers=0)], ids=["no-index", "0-registers"])
+@pytest.mark.parametrize(
+    "edit_off", [dict(register_neurons={}), dict(num_test_time_registers=0)], ids=["no-index", "0-registers"]
+)
 def test_edit_off_is_the_original(kind, edit_off):
     parent, inputs, _ = kind
     model = _upgraded(parent, **edit_off)
@@ -199,7 +204,9 @@ def test_mistakes_are_clear_errors_and_change_nothing():
 
 def test_unsupported_tower_is_a_clear_error():
     config = LlavaConfig(
-        vision_config=PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=PixtralVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        ),
         text_config=LlamaConfig(**TEXT),
     )
     with pytest.raises(TypeError, match="SiglipVisionModel.*has 0 .*vision_config: pixtral"):
@@ -225,7 +232,10 @@ def test_the_index_is_attached_once_and_the_edits_built_once(monkeypatch):
     from ttreg_hf.modeling.edit import RegisterNeuronEdit
 
     calls = {"attach": 0, "edits": 0}
-    for owner, name, key in ((TestTimeRegisterConfigMixin, "attach_register_neurons", "attach"), (RegisterNeuronEdit, "__init__", "edits")):
+    counted_methods = (
+        (TestTimeRegisterConfigMixin, "attach_register_neurons", "attach"), (RegisterNeuronEdit, "__init__", "edits")
+    )
+    for owner, name, key in counted_methods:
         original = getattr(owner, name)
 
         def counted(*args, _original=original, _key=key, **kwargs):

@@ -103,7 +103,7 @@ def transformers_families() -> dict[type, type]:
     `CLIPVisionTTRegModel`: the towers `to_test_time_registers` upgrades."""
     import transformers
 
-    return {getattr(transformers, parent): __getattr__(name) for name, (_, _, parent) in _FAMILIES.items()}
+    return {getattr(transformers, parent): __getattr__(ours) for ours, (_, _, parent) in _FAMILIES.items()}
 
 
 def _importing_this_package() -> bool:

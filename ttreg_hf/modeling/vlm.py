@@ -31,7 +31,7 @@ def _settings(config_class: type[TestTimeRegisterConfigMixin]) -> set[str]:
     """The fields ``config_class`` adds to its parent's: the register settings and the family's own (e.g.
     ``pool_registers``)."""
     parent = next(base for base in config_class.__mro__[1:] if base in _config_classes())
-    return {field.name for field in dataclasses.fields(config_class)} - {field.name for field in dataclasses.fields(parent)}
+    return {field.name for field in dataclasses.fields(config_class)} - {f.name for f in dataclasses.fields(parent)}
 
 
 def _with_settings(tower_config: PreTrainedConfig, **settings) -> TestTimeRegisterConfigMixin:
@@ -101,7 +101,8 @@ def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
             f"{type(vlm).__name__}.{upgraded[0]} already has test-time registers: change them with "
             "`vision_tower_with_registers(model).set_register_neurons(...)`."
         )
-    towers = [(path, module) for path, module in vlm.named_modules() if path and type(module) in transformers_families()]
+    families = transformers_families()
+    towers = [(path, module) for path, module in vlm.named_modules() if path and type(module) in families]
     if len(towers) != 1:
         found = f"{len(towers)} ({', '.join(path for path, _ in towers)})" if towers else "none"
         raise TypeError(
@@ -111,7 +112,9 @@ def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
     return towers[0]
 
 
-def _sharing_weights(family: type[PreTrainedModel], config: PreTrainedConfig, tower: PreTrainedModel) -> PreTrainedModel:
+def _sharing_weights(
+    family: type[PreTrainedModel], config: PreTrainedConfig, tower: PreTrainedModel
+) -> PreTrainedTestTimeRegisterMixin:
     """A ``family`` model of ``config`` built on the meta device (no init cost), then given ``tower``'s parameters and
     buffers themselves (the same tensors, so frozen weights, optimizers and devices carry over)."""
     with torch.device("meta"):
