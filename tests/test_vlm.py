@@ -202,6 +202,15 @@ def test_mistakes_are_clear_errors_and_change_nothing():
         to_test_time_registers(parent, register_neurons=NEURONS)
 
 
+def test_a_dispatched_tower_is_refused():
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    parent, _ = llava()
+    add_hook_to_module(parent.model.vision_tower.encoder.layers[1], AlignDevicesHook(execution_device="cpu"))
+    with pytest.raises(ValueError, match="model.vision_tower is dispatched by accelerate.*load_vlm"):
+        to_test_time_registers(parent, register_neurons=NEURONS)
+
+
 def test_unsupported_tower_is_a_clear_error():
     config = LlavaConfig(
         vision_config=PixtralVisionConfig(

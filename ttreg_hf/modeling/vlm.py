@@ -109,7 +109,14 @@ def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
             f"to_test_time_registers upgrades the one vision tower of a model, a {_tower_names()}; "
             f"{type(vlm).__name__} has {found}."
         )
-    return towers[0]
+    path, tower = towers[0]
+    if any(hasattr(module, "_hf_hook") for module in tower.modules()):
+        raise ValueError(
+            f"{type(vlm).__name__}.{path} is dispatched by accelerate (device_map, offloading), whose hooks an upgrade "
+            "would drop: upgrade before dispatching, or load with `load_vlm(..., device_map=...)`, which builds the "
+            "test-time-register tower from the start."
+        )
+    return path, tower
 
 
 def _sharing_weights(
@@ -135,8 +142,9 @@ def to_test_time_registers(
     The index is ``register_neurons`` (dict, file, shipped name), else the one shipped for ``checkpoint`` (default:
     ``vlm.name_or_path``); ``register_neurons={}`` or ``num_test_time_registers=0`` keeps the edit off (the original
     model, bit-identical). The other ``settings`` (``register_scale``, ...) go to the tower's config, which replaces
-    the original in ``vlm.config``, so ``save_pretrained`` saves what runs. Upgrade before wrapping the model
-    (device maps, adapters, gradient checkpointing): the new tower is a new module.
+    the original in ``vlm.config``, so ``save_pretrained`` saves what runs. The tower is a new module: upgrade before
+    wrapping the model (adapters, gradient checkpointing, `torch.compile`); a dispatched tower (``device_map``) is
+    refused, `load_vlm` builds one.
     """
     path, tower = _vision_tower(vlm)
     slots = [(owner, key) for owner, key in _sub_configs(vlm.config) if getattr(owner, key) is tower.config]
