@@ -42,6 +42,7 @@ _EXPORTS = {
         ".index",
     ),
     "CLIPVisionTTRegModelOutput": ".modeling.clip",
+    **dict.fromkeys(("load_vlm", "to_test_time_registers", "vision_tower_with_registers"), ".modeling.vlm"),
     "RegisterNeuronEdit": ".modeling.edit",
     "TokenLayout": ".modeling.layout",
     **dict.fromkeys(
@@ -94,6 +95,15 @@ def register_auto_classes() -> None:
             config_class = model_class.config_class
             AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
             AutoModel.register(config_class, model_class, exist_ok=True)
+
+
+@functools.cache
+def transformers_families() -> dict[type, type]:
+    """``{parent model class: our subclass of it}`` for every `transformers` family, e.g. `CLIPVisionModel` ->
+    `CLIPVisionTTRegModel`: the towers `to_test_time_registers` upgrades."""
+    import transformers
+
+    return {getattr(transformers, parent): __getattr__(ours) for ours, (_, _, parent) in _FAMILIES.items()}
 
 
 def _importing_this_package() -> bool:

@@ -1,0 +1,197 @@
+"""Vision-language models whose vision tower is the parent of one of our families (LLaVA, LLaVA-NeXT,
+LLaVA-OneVision, ...), with a test-time-register tower: upgraded in place (`to_test_time_registers`) or at load
+(`load_vlm`).
+
+The new tower strips the registers from every output it returns, so the language model sees exactly the image
+tokens the processor inserted, for every ``vision_feature_layer``, feature-select strategy and anyres packing.
+"""
+
+import copy
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
+
+from .. import transformers_families
+from ..configs.registers import TestTimeRegisterConfigMixin
+from .registers import IndexSpec, PreTrainedTestTimeRegisterMixin
+
+
+def _config_classes() -> dict[type[PreTrainedConfig], type[TestTimeRegisterConfigMixin]]:
+    """``{tower config class: our config class for it}``, for the parents' (`CLIPVisionConfig`) and ours (a saved
+    upgraded model)."""
+    pairs = {parent.config_class: family.config_class for parent, family in transformers_families().items()}
+    return {**pairs, **{ours: ours for ours in pairs.values()}}
+
+
+def _settings(config_class: type[TestTimeRegisterConfigMixin]) -> set[str]:
+    """The fields ``config_class`` adds to its parent's: the register settings and the family's own (e.g.
+    ``pool_registers``)."""
+    parent = next(base for base in config_class.__mro__[1:] if base in _config_classes())
+    return {field.name for field in dataclasses.fields(config_class)} - {f.name for f in dataclasses.fields(parent)}
+
+
+def _with_settings(tower_config: PreTrainedConfig, **settings) -> TestTimeRegisterConfigMixin:
+    """``tower_config`` (a `CLIPVisionConfig`, `SiglipVisionConfig`, ...) as its family's config: every field kept,
+    plus the register ``settings``."""
+    config_class = _config_classes()[type(tower_config)]
+    unknown = set(settings) - _settings(config_class)
+    if unknown:
+        raise TypeError(
+            f"{', '.join(sorted(unknown))} not a setting of {config_class.__name__}; its settings are "
+            f"{', '.join(sorted(_settings(config_class)))}."
+        )
+    fields = {k: v for k, v in tower_config.to_dict().items() if k not in ("model_type", "transformers_version")}
+    return config_class(**{**fields, **settings}, attn_implementation=tower_config._attn_implementation)
+
+
+def _sub_configs(config: PreTrainedConfig) -> Iterator[tuple[PreTrainedConfig, str]]:
+    """``(owner, key)`` for every sub-config below ``config`` (``vision_config``, ``text_config``, ...)."""
+    for key in config.sub_configs:
+        value = getattr(config, key, None)
+        if isinstance(value, PreTrainedConfig):
+            yield config, key
+            yield from _sub_configs(value)
+
+
+def _tower_names() -> str:
+    return ", ".join(parent.__name__ for parent in transformers_families())
+
+
+def _tower_config_slot(config: PreTrainedConfig) -> tuple[PreTrainedConfig, str]:
+    """``(owner, key)`` of the one sub-config of a VLM's ``config`` that configures a tower of one of our families."""
+    slots = [(owner, key) for owner, key in _sub_configs(config) if type(getattr(owner, key)) in _config_classes()]
+    if len(slots) != 1:
+        found = ", ".join(f"{key}: {getattr(owner, key).model_type}" for owner, key in _sub_configs(config))
+        raise TypeError(
+            f"Test-time registers plug into one vision tower of {_tower_names()}; this {type(config).__name__} has "
+            f"{len(slots)} ({found or 'no sub-configs'})."
+        )
+    return slots[0]
+
+
+def with_test_time_register_tower(config: PreTrainedConfig, **settings) -> PreTrainedConfig:
+    """A copy of a VLM's ``config`` (LLaVA, LLaVA-NeXT, ...) whose vision-tower config is its family's, with the
+    register ``settings``: the model built from it builds our tower wherever it builds its tower with `AutoModel`."""
+    config = copy.deepcopy(config)
+    owner, key = _tower_config_slot(config)
+    setattr(owner, key, _with_settings(getattr(owner, key), **settings))
+    return config
+
+
+def vision_tower_with_registers(model: nn.Module) -> PreTrainedTestTimeRegisterMixin:
+    """The test-time-register tower inside ``model``, e.g. to call `set_register_neurons` on it."""
+    towers = [module for module in model.modules() if isinstance(module, PreTrainedTestTimeRegisterMixin)]
+    if len(towers) != 1:
+        raise ValueError(
+            f"{type(model).__name__} has {len(towers)} vision towers with test-time registers, not one; give it one "
+            "with `to_test_time_registers(model, register_neurons=...)`."
+        )
+    return towers[0]
+
+
+def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
+    """The path and module of the one submodule of ``vlm`` whose class is the parent of one of our families."""
+    upgraded = [path for path, module in vlm.named_modules() if isinstance(module, PreTrainedTestTimeRegisterMixin)]
+    if upgraded:
+        raise ValueError(
+            f"{type(vlm).__name__}.{upgraded[0]} already has test-time registers: change them with "
+            "`vision_tower_with_registers(model).set_register_neurons(...)`."
+        )
+    families = transformers_families()
+    towers = [(path, module) for path, module in vlm.named_modules() if path and type(module) in families]
+    if len(towers) != 1:
+        found = f"{len(towers)} ({', '.join(path for path, _ in towers)})" if towers else "none"
+        raise TypeError(
+            f"to_test_time_registers upgrades the one vision tower of a model, a {_tower_names()}; "
+            f"{type(vlm).__name__} has {found}."
+        )
+    path, tower = towers[0]
+    if any(hasattr(module, "_hf_hook") for module in tower.modules()):
+        raise ValueError(
+            f"{type(vlm).__name__}.{path} is dispatched by accelerate (device_map, offloading), whose hooks an upgrade "
+            "would drop: upgrade before dispatching, or load with `load_vlm(..., device_map=...)`, which builds the "
+            "test-time-register tower from the start."
+        )
+    return path, tower
+
+
+def _sharing_weights(
+    family: type[PreTrainedModel], config: PreTrainedConfig, tower: PreTrainedModel
+) -> PreTrainedTestTimeRegisterMixin:
+    """A ``family`` model of ``config`` built on the meta device (no init cost), then given ``tower``'s parameters and
+    buffers themselves (the same tensors, so frozen weights, optimizers and devices carry over)."""
+    with torch.device("meta"):
+        model = family(config)
+    # not `load_state_dict(assign=True)`: it skips non-persistent buffers (`position_ids`) and resets `requires_grad`
+    for name, tensor in [*tower.named_parameters(remove_duplicate=False), *tower.named_buffers(remove_duplicate=False)]:
+        module, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(module), attribute, tensor)
+    return model.train(tower.training)
+
+
+def to_test_time_registers(
+    vlm: PreTrainedModel, register_neurons: IndexSpec | None = None, *, checkpoint: str = "", **settings
+) -> PreTrainedModel:
+    """Upgrade ``vlm``'s vision tower (a `CLIPVisionModel`, `SiglipVisionModel`, ... submodule) in place to its
+    family's test-time-register class, sharing its weights; returns ``vlm``.
+
+    The index is ``register_neurons`` (dict, file, shipped name), else the one shipped for ``checkpoint`` (default:
+    ``vlm.name_or_path``); ``register_neurons={}`` or ``num_test_time_registers=0`` keeps the edit off (the original
+    model, bit-identical). The other ``settings`` (``register_scale``, ...) go to the tower's config, which replaces
+    the original in ``vlm.config``, so ``save_pretrained`` saves what runs. The tower is a new module: upgrade before
+    wrapping the model (adapters, gradient checkpointing, `torch.compile`); a dispatched tower (``device_map``) is
+    refused, `load_vlm` builds one.
+    """
+    path, tower = _vision_tower(vlm)
+    slots = [(owner, key) for owner, key in _sub_configs(vlm.config) if getattr(owner, key) is tower.config]
+    if not slots:
+        raise ValueError(
+            f"{type(vlm).__name__}.config does not hold its tower's config, so save_pretrained would save the tower "
+            "without its registers: keep the tower's config among the model config's sub-configs."
+        )
+    family = transformers_families()[type(tower)]
+    # built with the edit off, the index attached once the weights are in place: the edits are built on their device
+    upgraded = _sharing_weights(family, _with_settings(tower.config, register_neurons={}, **settings), tower)
+    upgraded.config.attach_register_neurons(
+        register_neurons,
+        checkpoint=checkpoint or vlm.name_or_path,
+        register_semantics=settings.get("register_semantics"),
+    )
+    upgraded.refresh_test_time_registers()
+    vlm.set_submodule(path, upgraded)
+    for owner, key in slots:
+        setattr(owner, key, upgraded.config)
+    return vlm
+
+
+def load_vlm(
+    pretrained_model_name_or_path: str | Path,
+    *,
+    register_neurons: IndexSpec | None = None,
+    model_class: type = AutoModelForImageTextToText,
+    **kwargs,
+) -> PreTrainedModel:
+    """``model_class.from_pretrained`` of a VLM checkpoint (LLaVA, LLaVA-NeXT, LLaVA-OneVision, ...) with a
+    test-time-register vision tower, built as such (no upgrade after the load).
+
+    The index is ``register_neurons``, else the one saved in the checkpoint's config, else the shipped one for this
+    checkpoint id, and is resolved before any weights are downloaded. ``num_test_time_registers=0`` gives the
+    unmodified model (a baseline, bit-identical); the other register settings (``register_scale``,
+    ``pool_registers``, ...) go to the tower, everything else to `from_pretrained`.
+    """
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path)
+    every_family_setting = set().union(*map(_settings, set(_config_classes().values())))
+    settings = {name: kwargs.pop(name) for name in every_family_setting if name in kwargs}
+    config = with_test_time_register_tower(config, **settings)
+    getattr(*_tower_config_slot(config)).attach_register_neurons(
+        register_neurons,
+        checkpoint=str(pretrained_model_name_or_path),
+        register_semantics=settings.get("register_semantics"),
+    )
+    model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+    vision_tower_with_registers(model)  # a model that builds its tower without `AutoModel` has the parent's
+    return model
