@@ -69,6 +69,7 @@ class BlockSites:
         the constant 1 (zero weights, bias 1), so the product is the gate's activation. It needs a bias.
     query, key: the attention's query and key projections, for the attention sink (`None`: no sink in this block,
         e.g. under RoPE, which rotates the keys of the patches).
+    attention_out: the attention's output projection (optional), quieted with ``quiet_channels``.
     """
 
     mlp_in: Projection
@@ -76,6 +77,7 @@ class BlockSites:
     mlp_up: Projection | None = None
     query: Projection | None = None
     key: Projection | None = None
+    attention_out: Projection | None = None
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,8 @@ class PlantingSites:
     num_heads: attention heads (the sink writes one query and one key row per head).
     prefix_tokens: the learned tokens before the patches (CLS, distillation, trained registers), each a tensor
         whose last dimension is the width; none for SigLIP.
-    position_embedding: the position table added to every token, needed only when the patch projection has no
-        bias (OpenCLIP's): the anchor goes there instead.
+    position_embedding: the position table added to the tokens (optional): quieted with the patch projection, and
+        where the patch projection has no bias (OpenCLIP's), the anchor goes there instead.
     """
 
     patch_projection: nn.Conv2d | nn.Linear
@@ -125,13 +127,19 @@ def build_planted_model(seed: int = 0, **settings) -> Dinov2TTRegModel:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Dinov2TTRegModel(planted_config(**settings)).eval()
-    plant_register_neurons(planting_sites(model), PLANTED_LAYER, PLANTED_NEURONS, seed=seed)
+    plant_register_neurons(planting_sites(model), PLANTED_LAYER, PLANTED_NEURONS, seed=seed, quiet_channels=False)
     return model
 
 
 @torch.no_grad()
 def plant_register_neurons(
-    sites: PlantingSites, layer: int, neurons: Sequence[int], *, seed: int = 0, attention_sink: bool = True
+    sites: PlantingSites,
+    layer: int,
+    neurons: Sequence[int],
+    *,
+    seed: int = 0,
+    attention_sink: bool = True,
+    quiet_channels: bool = True,
 ) -> None:
     """Give a (randomly initialised) ViT register neurons: ``neurons`` of block ``layer`` write high-norm outliers.
 
@@ -140,8 +148,25 @@ def plant_register_neurons(
     neurons fire where that energy is low (uniform patches, never on a prefix token) and write a large vector along
     `OUTLIER`; with ``attention_sink``, every later block's queries match the outliers' keys. Only the channels and
     rows named here are written: every other weight keeps its value, so the planted neurons hide among the others.
+
+    ``quiet_channels`` first zeroes what the patch projection, the position table and every block's attention and
+    MLP outputs write into the planted channels (`ANCHOR` to `OUTLIER`), and what the MLPs read from them, so that
+    only the planted mechanism uses them: needed where the random init is large (CLIP's, OpenCLIP's, SigLIP's), whose
+    attention would blur the signal and whose neurons after ``layer`` would respond to the outliers as strongly as
+    the planted ones. `build_planted_model` predates it and keeps its published weights without it.
     """
     check_sites(sites, layer, neurons)
+    if quiet_channels:
+        planted_channels = slice(ANCHOR.start, OUTLIER.stop)
+        writers = [sites.patch_projection, *(p for b in sites.blocks for p in (b.attention_out, b.mlp_out) if p is not None)]
+        for projection in writers:
+            projection.weight[planted_channels] = 0.0
+            if projection.bias is not None:
+                projection.bias[planted_channels] = 0.0
+        if sites.position_embedding is not None:
+            sites.position_embedding[..., planted_channels] = 0.0
+        for projection in (p for b in sites.blocks for p in (b.mlp_in, b.mlp_up) if p is not None):
+            projection.weight[:, planted_channels] = 0.0  # no MLP neuron but the planted ones reads them
     plant_texture_energy(sites, torch.Generator().manual_seed(seed))
     blocks = sites.blocks
     outlier_direction = alternating(OUTLIER.stop - OUTLIER.start)
@@ -260,20 +285,20 @@ def textured_images(num_images: int, seed: int = 0, size: int = IMAGE_SIZE, unif
 
 
 
-def _blocks(layers, attention: Callable | None, mlp_in="fc1", mlp_out="fc2", mlp_up=None) -> list[BlockSites]:
+def _blocks(layers, attention: Callable, mlp_in="fc1", mlp_out="fc2", mlp_up=None, sink=True) -> list[BlockSites]:
     """`BlockSites` of blocks whose MLP keeps its projections as ``mlp_in`` / ``mlp_out`` (/ ``mlp_up``) and whose
-    ``attention(block)`` is the module with ``q_proj`` and ``k_proj`` (`None`: no sink)."""
+    ``attention(block)`` has ``q_proj``, ``k_proj`` and ``o_proj`` (or ``out_proj``); ``sink=False``: no sink."""
     sites = []
     for block in layers:
-        mlp = block.mlp
-        queries = None if attention is None else attention(block)
+        mlp, attn = block.mlp, attention(block)
         sites.append(
             BlockSites(
                 getattr(mlp, mlp_in),
                 getattr(mlp, mlp_out),
                 getattr(mlp, mlp_up) if mlp_up else None,
-                None if queries is None else queries.q_proj,
-                None if queries is None else queries.k_proj,
+                attn.q_proj if sink else None,
+                attn.k_proj if sink else None,
+                getattr(attn, "o_proj", None) or attn.out_proj,
             )
         )
     return sites
@@ -283,32 +308,44 @@ def _dinov2_sites(model) -> PlantingSites:
     embeddings, config = model.embeddings, model.config
     gated = ("gate_proj", "down_proj", "up_proj") if config.use_swiglu_ffn else ()
     blocks = _blocks(model.encoder.layer, lambda block: block.attention, *gated)
-    return PlantingSites(embeddings.patch_embeddings.projection, blocks, config.num_attention_heads, (embeddings.cls_token,))
+    return PlantingSites(
+        embeddings.patch_embeddings.projection, blocks, config.num_attention_heads, (embeddings.cls_token,),
+        embeddings.position_embeddings,
+    )
 
 
 def _clip_sites(model) -> PlantingSites:
-    tower = model.vision_model
+    tower = getattr(model, "vision_model", model)  # the projection model keeps the tower inside
     blocks = _blocks(tower.encoder.layers, lambda block: block.self_attn)
     embeddings = tower.embeddings
-    return PlantingSites(embeddings.patch_embedding, blocks, model.config.num_attention_heads, (embeddings.class_embedding,))
+    return PlantingSites(
+        embeddings.patch_embedding, blocks, model.config.num_attention_heads, (embeddings.class_embedding,),
+        embeddings.position_embedding.weight,
+    )
 
 
 def _siglip_sites(model) -> PlantingSites:
     blocks = _blocks(model.encoder.layers, lambda block: block.self_attn)
-    return PlantingSites(model.embeddings.patch_embedding, blocks, model.config.num_attention_heads)
+    embeddings = model.embeddings
+    return PlantingSites(
+        embeddings.patch_embedding, blocks, model.config.num_attention_heads, (), embeddings.position_embedding.weight
+    )
 
 
 def _vit_sites(model) -> PlantingSites:
     embeddings = model.embeddings
-    prefix = (embeddings.cls_token, *filter(None, [getattr(embeddings, "distillation_token", None)]))
+    prefix = tuple(t for t in (embeddings.cls_token, getattr(embeddings, "distillation_token", None)) if t is not None)
     blocks = _blocks(model.layers, lambda block: block.attention)
-    return PlantingSites(embeddings.patch_embeddings.projection, blocks, model.config.num_attention_heads, prefix)
+    return PlantingSites(
+        embeddings.patch_embeddings.projection, blocks, model.config.num_attention_heads, prefix,
+        embeddings.position_embeddings,
+    )
 
 
 def _dinov3_sites(model) -> PlantingSites:
     embeddings, config = model.embeddings, model.config
     gated = ("gate_proj", "down_proj", "up_proj") if config.use_gated_mlp else ("up_proj", "down_proj")
-    blocks = _blocks(model.model.layer, None, *gated)  # RoPE rotates the patches' keys: no sink
+    blocks = _blocks(model.model.layer, lambda block: block.attention, *gated, sink=False)  # RoPE rotates the keys
     prefix = (embeddings.cls_token, embeddings.register_tokens)
     return PlantingSites(embeddings.patch_embeddings, blocks, config.num_attention_heads, prefix)
 
@@ -321,6 +358,7 @@ def _open_clip_sites(model) -> PlantingSites:
             block.mlp[2],
             query=LinearRows.of(block.attn, slice(0, width), "in_proj_weight", "in_proj_bias"),
             key=LinearRows.of(block.attn, slice(width, 2 * width), "in_proj_weight", "in_proj_bias"),
+            attention_out=block.attn.out_proj,
         )
         for block in blocks
     ]
@@ -343,9 +381,9 @@ def _timm_sites(model) -> PlantingSites:
         else:
             mlp_in, mlp_up = mlp.fc1, None
         query, key = LinearRows.of(block.attn.qkv, slice(0, width)), LinearRows.of(block.attn.qkv, slice(width, 2 * width))
-        sites.append(BlockSites(mlp_in, mlp.fc2, mlp_up, query, key))
+        sites.append(BlockSites(mlp_in, mlp.fc2, mlp_up, query, key, block.attn.proj))
     prefix = tuple(token for token in (model.cls_token, model.reg_token) if token is not None)
-    return PlantingSites(model.patch_embed.proj, sites, model.blocks[0].attn.num_heads, prefix)
+    return PlantingSites(model.patch_embed.proj, sites, model.blocks[0].attn.num_heads, prefix, model.pos_embed)
 
 
 # one entry per family: the parent class (by qualified name: nothing is imported for the lookup) -> its sites

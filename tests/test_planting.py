@@ -1,0 +1,118 @@
+"""Generic planting: a register neuron planted in a tiny model of every family is what discovery finds, and attaching
+it removes the outliers."""
+
+import open_clip
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from ttreg_hf import (
+    CLIPVisionTTRegConfig,
+    CLIPVisionTTRegModel,
+    DeiTTTRegConfig,
+    DeiTTTRegModel,
+    DINOv3ViTTTRegConfig,
+    DINOv3ViTTTRegModel,
+    Dinov2TTRegConfig,
+    Dinov2TTRegModel,
+    Siglip2VisionTTRegConfig,
+    Siglip2VisionTTRegModel,
+    SiglipVisionTTRegConfig,
+    SiglipVisionTTRegModel,
+    ViTTTRegConfig,
+    ViTTTRegModel,
+    find_register_neurons,
+)
+from ttreg_hf.analysis import patch_norms, run_with_cache
+from ttreg_hf.images import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, normalize
+from ttreg_hf.modeling.open_clip import to_test_time_registers as open_clip_tt
+from ttreg_hf.modeling.timm import to_test_time_registers as timm_tt
+from ttreg_hf.planted import (
+    BlockSites,
+    PlantingSites,
+    plant_register_neurons,
+    planting_sites,
+    textured_images,
+)
+
+WIDTH, DEPTH, HEADS, MLP, PATCH, SIZE = 64, 4, 4, 128, 8, 96
+LAYER, NEURONS = 2, (21, 60)
+HF = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS, patch_size=PATCH, image_size=SIZE)
+OFF = dict(register_neurons={}, num_test_time_registers=1)
+
+
+def timm_vit(**arch):
+    return timm_tt(VisionTransformer(img_size=SIZE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
+                                     mlp_ratio=MLP / WIDTH, num_classes=0, **arch), num_test_time_registers=1)
+
+
+FAMILIES = {
+    "dinov2": lambda: Dinov2TTRegModel(Dinov2TTRegConfig(**HF, mlp_ratio=MLP // WIDTH, **OFF)),
+    "dinov2-swiglu": lambda: Dinov2TTRegModel(Dinov2TTRegConfig(**HF, mlp_ratio=MLP // WIDTH, use_swiglu_ffn=True, **OFF)),
+    "clip": lambda: CLIPVisionTTRegModel(CLIPVisionTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
+    "siglip": lambda: SiglipVisionTTRegModel(SiglipVisionTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
+    "vit": lambda: ViTTTRegModel(ViTTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
+    "deit": lambda: DeiTTTRegModel(DeiTTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
+    "dinov3": lambda: DINOv3ViTTTRegModel(DINOv3ViTTTRegConfig(**HF, intermediate_size=MLP, num_register_tokens=2, **OFF)),
+    "dinov3-gated": lambda: DINOv3ViTTTRegModel(
+        DINOv3ViTTTRegConfig(**HF, intermediate_size=MLP, use_gated_mlp=True, **OFF)
+    ),
+    "open_clip": lambda: open_clip_tt(
+        open_clip.transformer.VisionTransformer(SIZE, PATCH, WIDTH, DEPTH, HEADS, MLP / WIDTH, output_dim=16),
+        num_test_time_registers=1,
+    ),
+    "timm": lambda: timm_vit(),
+    "timm-registers-swiglu": lambda: timm_vit(reg_tokens=2, mlp_layer=__import__("timm").layers.SwiGLU),
+}
+
+
+@torch.no_grad()
+def planted(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    plant_register_neurons(planting_sites(model), LAYER, NEURONS)
+    return model
+
+
+def images(num_images: int, seed: int) -> torch.Tensor:
+    return normalize(textured_images(num_images, seed=seed, size=SIZE), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+
+def outlier_ratio(model, inputs, threshold: float) -> float:
+    kwargs = dict(inputs) if isinstance(inputs, dict) else {"pixel_values": inputs}
+    pixel_values = kwargs.pop("pixel_values")
+    _, cache = run_with_cache(model, pixel_values, blocks=[-1], **kwargs)
+    return float((patch_norms(cache.block_outputs[DEPTH - 1], cache.layout) > threshold).float().mean())
+
+
+def assert_recovered(model, discovery_images, held_out) -> None:
+    result = find_register_neurons(model, discovery_images)
+    assert result.found, result.summary()
+    assert {layer: set(ids) for layer, ids in result.index.neurons.items()} == {LAYER: set(NEURONS)}, result.summary()
+    before = outlier_ratio(model, held_out, result.threshold)
+    model.set_register_neurons(result.index)
+    after = outlier_ratio(model, held_out, result.threshold)
+    assert before > 0.01 and after == 0, (before, after)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_planted_neurons_are_found_and_their_edit_removes_the_outliers(family):
+    assert_recovered(planted(family), list(images(32, seed=0)), images(16, seed=1))
+
+
+def naflex(images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Each image as SigLIP2's processor gives it: patches flattened channel-last, a mask, the grid's shape."""
+    grid = SIZE // PATCH
+    patches = images.unflatten(2, (grid, PATCH)).unflatten(4, (grid, PATCH)).permute(0, 2, 4, 3, 5, 1).flatten(3).flatten(1, 2)
+    shape = torch.tensor([grid, grid])
+    return [{"pixel_values": p, "pixel_attention_mask": torch.ones(len(p), dtype=torch.long), "spatial_shapes": shape} for p in patches]
+
+
+def test_siglip2_naflex_inputs_go_to_discovery_as_keyword_inputs():
+    torch.manual_seed(0)
+    config = Siglip2VisionTTRegConfig(**{k: v for k, v in HF.items() if k != "image_size"}, intermediate_size=MLP, num_patches=(SIZE // PATCH) ** 2, **OFF)
+    model = Siglip2VisionTTRegModel(config).eval()
+    plant_register_neurons(planting_sites(model), LAYER, NEURONS)
+    held_out = naflex(images(16, seed=1))
+    batch = {key: torch.stack([image[key] for image in held_out]) for key in held_out[0]}
+    assert_recovered(model, naflex(images(32, seed=0)), batch)
