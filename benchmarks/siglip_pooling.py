@@ -1,8 +1,8 @@
 """Should SigLIP's attention-pooling (MAP) head see the test-time registers? Measured on a planted SigLIP.
 
-The planted model is `ttreg_hf.planted`'s mechanism (`plant_register_neurons`) on a SigLIP tower: register neurons at `PLANTED_LAYER` fire on
-uniform patches and write high-norm outliers; every later block, and the MAP head's probe, attends to them (as the
-trained heads of real SigLIPs attend to their high-norm tokens). The table compares `pooler_output` with the edit on,
+The planted model is `ttreg_hf.planted.plant_register_neurons` on a SigLIP tower: register neurons at `PLANTED_LAYER`
+fire on uniform patches and write high-norm outliers; every later block, and the MAP head's probe, attends to them (as
+the trained heads of real SigLIPs attend to their high-norm tokens). The table compares `pooler_output` with the edit on,
 the head pooling the registers or not, against two references: the ORIGINAL model (the same weights, no edit: what
 the text tower or the LLM was trained on) and a CLEAN one (the planted neurons silenced: no outlier ever written).
 
@@ -40,8 +40,7 @@ def build_planted_siglip(seed: int = 0, **settings) -> SiglipVisionTTRegModel:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = SiglipVisionTTRegModel(config).eval()
-    model.embeddings.position_embedding.weight[:, : OUTLIER.stop] = 0.0  # keep the planted channels clean
-    plant_register_neurons(planting_sites(model), PLANTED_LAYER, PLANTED_NEURONS, seed=seed)
+    plant_register_neurons(planting_sites(model), PLANTED_LAYER, PLANTED_NEURONS, seed=seed)  # quiet channels
     plant_pooling_sink(model.head)
     return model
 

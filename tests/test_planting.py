@@ -1,6 +1,9 @@
 """Generic planting: a register neuron planted in a tiny model of every family is what discovery finds, and attaching
 it removes the outliers."""
 
+import importlib.util
+from pathlib import Path
+
 import open_clip
 import pytest
 import torch
@@ -29,7 +32,9 @@ from ttreg_hf.modeling.open_clip import to_test_time_registers as open_clip_tt
 from ttreg_hf.modeling.timm import to_test_time_registers as timm_tt
 from ttreg_hf.planted import (
     BlockSites,
+    LinearRows,
     PlantingSites,
+    build_planted_model,
     plant_register_neurons,
     planting_sites,
     textured_images,
@@ -116,3 +121,67 @@ def test_siglip2_naflex_inputs_go_to_discovery_as_keyword_inputs():
     held_out = naflex(images(16, seed=1))
     batch = {key: torch.stack([image[key] for image in held_out]) for key in held_out[0]}
     assert_recovered(model, naflex(images(32, seed=0)), batch)
+
+
+def add_a_family_example():
+    path = Path(__file__).resolve().parents[1] / "examples" / "add_a_family.py"
+    spec = importlib.util.spec_from_file_location("add_a_family", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_users_own_vit_gets_planted_through_sites_it_names():
+    example = add_a_family_example()
+    torch.manual_seed(0)
+    model = example.TinyViTTTReg(width=WIDTH, depth=DEPTH, heads=HEADS, patch=PATCH, image=SIZE).eval()
+    with pytest.raises(TypeError, match="build a `PlantingSites`"):
+        planting_sites(model)
+
+    def block_sites(block):
+        attention = block.attn  # nn.MultiheadAttention: q, k, v rows packed in in_proj
+        rows = lambda start: LinearRows.of(attention, slice(start, start + WIDTH), "in_proj_weight", "in_proj_bias")
+        return BlockSites(block.mlp.fc1, block.mlp.fc2, query=rows(0), key=rows(WIDTH), attention_out=attention.out_proj)
+
+    sites = PlantingSites(
+        model.embed.proj, [block_sites(b) for b in model.blocks], HEADS, (model.embed.cls_token,), model.embed.pos_embed
+    )
+    plant_register_neurons(sites, LAYER, NEURONS)
+    assert_recovered(model, list(images(32, seed=0)), images(16, seed=1))
+
+
+def test_build_planted_model_is_the_generic_planting_of_its_dinov2():
+    model = build_planted_model(seed=3)
+    torch.manual_seed(3)
+    fresh = Dinov2TTRegModel(model.config).eval()
+    plant_register_neurons(planting_sites(fresh), 3, (37, 101, 222, 300), seed=3, quiet_channels=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    ("layer", "neurons", "message"),
+    [
+        (0, NEURONS, "planted layer must be one of 1-3"),
+        (DEPTH, NEURONS, "planted layer must be one of 1-3"),
+        (LAYER, (5, MLP), "distinct ids in 0-127"),
+        (LAYER, (5, 5), "distinct ids in 0-127"),
+        (LAYER, (), "distinct ids"),
+    ],
+)
+def test_what_planting_cannot_do_is_one_clear_error(layer, neurons, message):
+    sites = planting_sites(FAMILIES["vit"]())
+    with pytest.raises(ValueError, match=message):
+        plant_register_neurons(sites, layer, neurons)
+
+
+def test_a_narrow_model_or_a_projection_without_bias_is_refused():
+    narrow = ViTTTRegModel(ViTTTRegConfig(**{**HF, "hidden_size": 32, "num_attention_heads": 2}, intermediate_size=MLP, **OFF))
+    with pytest.raises(ValueError, match="width of at least 48"):
+        plant_register_neurons(planting_sites(narrow), LAYER, NEURONS)
+    unbiased = DINOv3ViTTTRegModel(DINOv3ViTTTRegConfig(**HF, intermediate_size=MLP, mlp_bias=False, **OFF))
+    with pytest.raises(ValueError, match="Block 2's MLP input projection has no bias"):
+        plant_register_neurons(planting_sites(unbiased), LAYER, NEURONS)
+    gated = FAMILIES["dinov3-gated"]()
+    gated.model.layer[LAYER].mlp.up_proj.bias = None
+    with pytest.raises(ValueError, match="Block 2's gated MLP has an up projection without bias"):
+        plant_register_neurons(planting_sites(gated), LAYER, NEURONS)

@@ -1,15 +1,18 @@
-"""A small DINOv2-shaped model with planted register neurons, and the images that make them fire.
+"""Planted register neurons: a synthetic test bench for register-neuron discovery on any ViT, and the images that
+make the neurons fire.
 
-No downloadable checkpoint shows high-norm outliers offline, so this one is built by hand, deterministically from a
-seed, to have the mechanism of the paper (Proposition 1):
+No downloadable checkpoint shows high-norm outliers offline, so `plant_register_neurons` builds the mechanism of the
+paper (Proposition 1) into a randomly initialised ViT, deterministically from a seed:
 
 * the patch embedding puts high-pass filter responses into the residual stream (zero on uniform patches);
-* layer 0's MLP turns them into a "texture energy" feature, ``GELU(h) + GELU(-h) ≈ |h|``;
-* the planted neurons of `PLANTED_LAYER` fire where the energy is low (uniform regions, never on CLS) and write a
-  large vector along an "outlier direction": high-norm outlier tokens;
-* every later layer's queries match keys along the outlier direction: the CLS token's attention sinks onto them.
+* block 0's MLP turns them into a "texture energy" feature, ``GELU(h) + GELU(-h) ≈ |h|``;
+* the planted neurons fire where the energy is low (uniform regions, never on a prefix token) and write a large
+  vector along an "outlier direction": high-norm outlier tokens;
+* every later block's queries match keys along the outlier direction: the attention sinks onto them.
 
-Every other weight is small and random, so the planted neurons must be found among many others.
+Every other weight keeps its random value, so the planted neurons must be found among many others. A model names the
+weights planting writes in `PlantingSites`; `planting_sites` knows the package's families. `build_planted_model` is
+the demo's DINOv2-shaped model with `PLANTED_NEURONS` at `PLANTED_LAYER`.
 """
 
 from collections.abc import Callable, Sequence
