@@ -7,6 +7,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from timm.layers import SwiGLU, SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
 
 from ttreg_hf import (
@@ -67,7 +68,8 @@ FAMILIES = {
         num_test_time_registers=1,
     ),
     "timm": lambda: timm_vit(),
-    "timm-registers-swiglu": lambda: timm_vit(reg_tokens=2, mlp_layer=__import__("timm").layers.SwiGLU),
+    "timm-registers-swiglu": lambda: timm_vit(reg_tokens=2, mlp_layer=SwiGLU),
+    "timm-swiglu-packed": lambda: timm_vit(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU),  # DINOv2 ViT-g's GluMlp
 }
 
 
@@ -97,7 +99,7 @@ def assert_recovered(model, discovery_images, held_out) -> None:
     before = outlier_ratio(model, held_out, result.threshold)
     model.set_register_neurons(result.index)
     after = outlier_ratio(model, held_out, result.threshold)
-    assert before > 0.01 and after == 0, (before, after)
+    assert before > 0.005 and after == 0, (before, after)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -105,18 +107,22 @@ def test_planted_neurons_are_found_and_their_edit_removes_the_outliers(family):
     assert_recovered(planted(family), list(images(32, seed=0)), images(16, seed=1))
 
 
+NAFLEX_PATCH = 12  # 3 divides its area: a filter laid out for channel-first patches is not zero on uniform ones
+
+
 def naflex(images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     """Each image as SigLIP2's processor gives it: patches flattened channel-last, a mask, the grid's shape."""
-    grid = SIZE // PATCH
-    patches = images.unflatten(2, (grid, PATCH)).unflatten(4, (grid, PATCH)).permute(0, 2, 4, 3, 5, 1).flatten(3).flatten(1, 2)
+    grid, patch = SIZE // NAFLEX_PATCH, NAFLEX_PATCH
+    patches = images.unflatten(2, (grid, patch)).unflatten(4, (grid, patch)).permute(0, 2, 4, 3, 5, 1).flatten(3).flatten(1, 2)
     shape = torch.tensor([grid, grid])
     return [{"pixel_values": p, "pixel_attention_mask": torch.ones(len(p), dtype=torch.long), "spatial_shapes": shape} for p in patches]
 
 
 def test_siglip2_naflex_inputs_go_to_discovery_as_keyword_inputs():
     torch.manual_seed(0)
-    config = Siglip2VisionTTRegConfig(**{k: v for k, v in HF.items() if k != "image_size"}, intermediate_size=MLP, num_patches=(SIZE // PATCH) ** 2, **OFF)
-    model = Siglip2VisionTTRegModel(config).eval()
+    arch = {**HF, "patch_size": NAFLEX_PATCH, "num_patches": (SIZE // NAFLEX_PATCH) ** 2}
+    arch.pop("image_size")
+    model = Siglip2VisionTTRegModel(Siglip2VisionTTRegConfig(**arch, intermediate_size=MLP, **OFF)).eval()
     plant_register_neurons(planting_sites(model), LAYER, NEURONS)
     held_out = naflex(images(16, seed=1))
     batch = {key: torch.stack([image[key] for image in held_out]) for key in held_out[0]}
@@ -185,3 +191,19 @@ def test_a_narrow_model_or_a_projection_without_bias_is_refused():
     gated.model.layer[LAYER].mlp.up_proj.bias = None
     with pytest.raises(ValueError, match="Block 2's gated MLP has an up projection without bias"):
         plant_register_neurons(planting_sites(gated), LAYER, NEURONS)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "vit", "deit"])
+def test_the_analysis_tools_read_each_familys_attention_as_the_model_computes_it(family):
+    model = planted(family)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():  # the norms apart: a reader that takes the wrong one shows
+        for norm in (m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    pixel_values = images(2, seed=0)
+    _, cache = run_with_cache(model, pixel_values, attentions="all")
+    with torch.no_grad():
+        eager = model(pixel_values, output_attentions=True).attentions
+    for layer in range(DEPTH):
+        torch.testing.assert_close(cache.attentions[layer], eager[layer])
