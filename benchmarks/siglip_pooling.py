@@ -2,8 +2,8 @@
 
 The planted model is `ttreg_hf.planted.plant_register_neurons` on a SigLIP tower: register neurons at `PLANTED_LAYER`
 fire on uniform patches and write high-norm outliers; every later block, and the MAP head's probe, attends to them (as
-the trained heads of real SigLIPs attend to their high-norm tokens). The table compares `pooler_output` with the edit on,
-the head pooling the registers or not, against two references: the ORIGINAL model (the same weights, no edit: what
+the trained heads of real SigLIPs attend to their high-norm tokens). The table compares `pooler_output` with the edit
+on, the head pooling the registers or not, against two references: the ORIGINAL model (the same weights, no edit: what
 the text tower or the LLM was trained on) and a CLEAN one (the planted neurons silenced: no outlier ever written).
 
     python benchmarks/siglip_pooling.py [--images 16]

@@ -259,7 +259,8 @@ def test_inspect_a_planted_folder_of_each_family_with_the_index_discovery_found(
 
     folder = tiny_planted_folder(family, tmp_path / family)
     model = load_model(str(folder), "cpu", num_test_time_registers=0)
-    assert type(model).__name__ == {"clip": "CLIPVisionTTRegModel", "siglip": "SiglipVisionTTRegModel", "deit": "DeiTTTRegModel"}[family]
+    classes = {"clip": "CLIPVisionTTRegModel", "siglip": "SiglipVisionTTRegModel", "deit": "DeiTTTRegModel"}
+    assert type(model).__name__ == classes[family]
     result = find_register_neurons(model, list(images(32, seed=0)))
     assert {layer: set(ids) for layer, ids in result.index.neurons.items()} == {LAYER: set(NEURONS)}
     index = result.index.save(tmp_path / "index.safetensors")

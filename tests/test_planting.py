@@ -54,12 +54,16 @@ def timm_vit(**arch):
 
 FAMILIES = {
     "dinov2": lambda: Dinov2TTRegModel(Dinov2TTRegConfig(**HF, mlp_ratio=MLP // WIDTH, **OFF)),
-    "dinov2-swiglu": lambda: Dinov2TTRegModel(Dinov2TTRegConfig(**HF, mlp_ratio=MLP // WIDTH, use_swiglu_ffn=True, **OFF)),
+    "dinov2-swiglu": lambda: Dinov2TTRegModel(
+        Dinov2TTRegConfig(**HF, mlp_ratio=MLP // WIDTH, use_swiglu_ffn=True, **OFF)
+    ),
     "clip": lambda: CLIPVisionTTRegModel(CLIPVisionTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
     "siglip": lambda: SiglipVisionTTRegModel(SiglipVisionTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
     "vit": lambda: ViTTTRegModel(ViTTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
     "deit": lambda: DeiTTTRegModel(DeiTTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
-    "dinov3": lambda: DINOv3ViTTTRegModel(DINOv3ViTTTRegConfig(**HF, intermediate_size=MLP, num_register_tokens=2, **OFF)),
+    "dinov3": lambda: DINOv3ViTTTRegModel(
+        DINOv3ViTTTRegConfig(**HF, intermediate_size=MLP, num_register_tokens=2, **OFF)
+    ),
     "dinov3-gated": lambda: DINOv3ViTTTRegModel(
         DINOv3ViTTTRegConfig(**HF, intermediate_size=MLP, use_gated_mlp=True, **OFF)
     ),
@@ -113,9 +117,10 @@ NAFLEX_PATCH = 12  # 3 divides its area: a filter laid out for channel-first pat
 def naflex(images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     """Each image as SigLIP2's processor gives it: patches flattened channel-last, a mask, the grid's shape."""
     grid, patch = SIZE // NAFLEX_PATCH, NAFLEX_PATCH
-    patches = images.unflatten(2, (grid, patch)).unflatten(4, (grid, patch)).permute(0, 2, 4, 3, 5, 1).flatten(3).flatten(1, 2)
-    shape = torch.tensor([grid, grid])
-    return [{"pixel_values": p, "pixel_attention_mask": torch.ones(len(p), dtype=torch.long), "spatial_shapes": shape} for p in patches]
+    patches = images.unflatten(2, (grid, patch)).unflatten(4, (grid, patch))  # (B, 3, rows, patch, columns, patch)
+    patches = patches.permute(0, 2, 4, 3, 5, 1).flatten(3).flatten(1, 2)
+    mask, shape = torch.ones(grid * grid, dtype=torch.long), torch.tensor([grid, grid])
+    return [{"pixel_values": p, "pixel_attention_mask": mask, "spatial_shapes": shape} for p in patches]
 
 
 def test_siglip2_naflex_inputs_go_to_discovery_as_keyword_inputs():
@@ -147,7 +152,9 @@ def test_a_users_own_vit_gets_planted_through_sites_it_names():
     def block_sites(block):
         attention = block.attn  # nn.MultiheadAttention: q, k, v rows packed in in_proj
         rows = lambda start: LinearRows.of(attention, slice(start, start + WIDTH), "in_proj_weight", "in_proj_bias")
-        return BlockSites(block.mlp.fc1, block.mlp.fc2, query=rows(0), key=rows(WIDTH), attention_out=attention.out_proj)
+        return BlockSites(
+            block.mlp.fc1, block.mlp.fc2, query=rows(0), key=rows(WIDTH), attention_out=attention.out_proj
+        )
 
     sites = PlantingSites(
         model.embed.proj, [block_sites(b) for b in model.blocks], HEADS, (model.embed.cls_token,), model.embed.pos_embed
@@ -181,7 +188,8 @@ def test_what_planting_cannot_do_is_one_clear_error(layer, neurons, message):
 
 
 def test_a_narrow_model_or_a_projection_without_bias_is_refused():
-    narrow = ViTTTRegModel(ViTTTRegConfig(**{**HF, "hidden_size": 32, "num_attention_heads": 2}, intermediate_size=MLP, **OFF))
+    narrow_arch = {**HF, "hidden_size": 32, "num_attention_heads": 2}
+    narrow = ViTTTRegModel(ViTTTRegConfig(**narrow_arch, intermediate_size=MLP, **OFF))
     with pytest.raises(ValueError, match="width of at least 48"):
         plant_register_neurons(planting_sites(narrow), LAYER, NEURONS)
     unbiased = DINOv3ViTTTRegModel(DINOv3ViTTTRegConfig(**HF, intermediate_size=MLP, mlp_bias=False, **OFF))

@@ -161,8 +161,8 @@ def plant_register_neurons(
     check_sites(sites, layer, neurons)
     if quiet_channels:
         planted_channels = slice(ANCHOR.start, OUTLIER.stop)
-        writers = [sites.patch_projection, *(p for b in sites.blocks for p in (b.attention_out, b.mlp_out) if p is not None)]
-        for projection in writers:
+        outputs = (p for block in sites.blocks for p in (block.attention_out, block.mlp_out) if p is not None)
+        for projection in (sites.patch_projection, *outputs):
             projection.weight[planted_channels] = 0.0
             if projection.bias is not None:
                 projection.bias[planted_channels] = 0.0
@@ -383,7 +383,8 @@ def _timm_sites(model) -> PlantingSites:
             mlp_in, mlp_up = LinearRows.of(mlp.fc1, gate), LinearRows.of(mlp.fc1, up)
         else:
             mlp_in, mlp_up = mlp.fc1, None
-        query, key = LinearRows.of(block.attn.qkv, slice(0, width)), LinearRows.of(block.attn.qkv, slice(width, 2 * width))
+        qkv = block.attn.qkv
+        query, key = LinearRows.of(qkv, slice(0, width)), LinearRows.of(qkv, slice(width, 2 * width))
         sites.append(BlockSites(mlp_in, mlp.fc2, mlp_up, query, key, block.attn.proj))
     prefix = tuple(token for token in (model.cls_token, model.reg_token) if token is not None)
     return PlantingSites(model.patch_embed.proj, sites, model.blocks[0].attn.num_heads, prefix, model.pos_embed)

@@ -31,7 +31,8 @@ def _clip(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _vit(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     attention, normed = block.attention, block.layernorm_before(hidden_states)
-    return _probabilities(attention.q_proj(normed), attention.k_proj(normed), attention.num_attention_heads, attention.scaling)
+    queries, keys = attention.q_proj(normed), attention.k_proj(normed)
+    return _probabilities(queries, keys, attention.num_attention_heads, attention.scaling)
 
 
 def _open_clip(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
