@@ -151,6 +151,8 @@ def plant_register_neurons(
     neurons fire where that energy is low (uniform patches, never on a prefix token) and write a large vector along
     `OUTLIER`; with ``attention_sink``, every later block's queries match the outliers' keys. Only the channels and
     rows named here are written: every other weight keeps its value, so the planted neurons hide among the others.
+    The MLP activation must be ≈ 0 for negative inputs and ≈ its input for large positive ones (GELU, QuickGELU, SiLU,
+    ReLU; for gated MLPs, that of the gate).
 
     ``quiet_channels`` first zeroes what the patch projection, the position table and every block's attention and
     MLP outputs write into the planted channels (`ANCHOR` to `OUTLIER`), and what the MLPs read from them, so that
