@@ -12,7 +12,7 @@ import torch
 
 from ttreg_hf.cli import load_model, main
 from ttreg_hf.planted import planted_index, build_planted_model
-from ttreg_hf.discovery import weights_fingerprint
+from ttreg_hf.discovery import find_register_neurons, weights_fingerprint
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronIndex
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -240,3 +240,36 @@ def test_import_ttreg_hf_registers_the_classes_with_the_auto_classes(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["Dinov2TTRegConfig", "Dinov2TTRegModel"]
+
+
+def tiny_planted_folder(family: str, folder: Path) -> Path:
+    """A tiny model of ``family`` with planted register neurons (`tests/test_planting.py`), saved to ``folder``."""
+    from test_planting import planted
+
+    planted(family).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "deit"])
+def test_inspect_a_planted_folder_of_each_family_with_the_index_discovery_found(family, tmp_path, capsys):
+    from PIL import Image
+
+    from test_planting import LAYER, NEURONS, SIZE, images
+    from ttreg_hf.planted import textured_images
+
+    folder = tiny_planted_folder(family, tmp_path / family)
+    model = load_model(str(folder), "cpu", num_test_time_registers=0)
+    classes = {"clip": "CLIPVisionTTRegModel", "siglip": "SiglipVisionTTRegModel", "deit": "DeiTTTRegModel"}
+    assert type(model).__name__ == classes[family]
+    result = find_register_neurons(model, list(images(32, seed=0)))
+    assert {layer: set(ids) for layer, ids in result.index.neurons.items()} == {LAYER: set(NEURONS)}
+    index = result.index.save(tmp_path / "index.safetensors")
+    image = tmp_path / "image.png"
+    Image.fromarray((textured_images(1, seed=7, size=SIZE)[0].permute(1, 2, 0) * 255).byte().numpy()).save(image)
+    out = tmp_path / "report.png"
+    assert main(["inspect", str(folder), str(image), "--index", str(index), "--out", str(out)]) == 0
+    original, edited = capsys.readouterr().out.splitlines()[:2]
+    outliers = lambda line: int(re.search(r"(\d+) outlier tokens", line).group(1))
+    assert original.startswith("original:") and outliers(original) >= 1
+    assert edited.startswith("with test-time register:") and outliers(edited) == 0
+    assert out.is_file() and out.stat().st_size > 10_000

@@ -26,7 +26,10 @@ from huggingface_hub.errors import StrictDataclassError
 from . import __version__
 
 PLANTED = "planted"
-MODEL_HELP = "a model name (see `ttreg_hf.hub.MODEL_NAMES`), a local Hugging Face DINOv2 or CLIP folder, or 'planted'"
+MODEL_HELP = (
+    "a model name (see `ttreg_hf.hub.MODEL_NAMES`), a local Hugging Face folder of a DINOv2, DINOv3, CLIP, SigLIP, "
+    "SigLIP2, ViT or DeiT checkpoint, or 'planted'"
+)
 EXIT_OK, EXIT_BUG, EXIT_USER_ERROR, EXIT_NO_OUTLIERS = 0, 1, 2, 3
 EXIT_CODES = f"""exit status:
   {EXIT_OK}  done
@@ -132,19 +135,30 @@ def load_model(spec: str, device: str, weights: str | None = None, **settings):
     return model.to(device).eval()
 
 
-def _model_class_of_folder(folder: Path):
-    """The package's class for a folder of a DINOv2 or CLIP checkpoint (the parent's or ours)."""
-    import json
+# config.json's ``model_type`` -> the package's class that loads the folder: the parent's checkpoints and ours
+FOLDER_MODEL_CLASSES = {
+    **dict.fromkeys(("dinov2", "dinov2_tt_reg"), "Dinov2TTRegModel"),
+    **dict.fromkeys(("clip", "clip_vision_model", "clip_vision_tt_reg"), "CLIPVisionTTRegModel"),
+    **dict.fromkeys(("siglip", "siglip_vision_model", "siglip_vision_tt_reg"), "SiglipVisionTTRegModel"),
+    **dict.fromkeys(("siglip2", "siglip2_vision_model", "siglip2_vision_tt_reg"), "Siglip2VisionTTRegModel"),
+    **dict.fromkeys(("vit", "vit_tt_reg"), "ViTTTRegModel"),
+    **dict.fromkeys(("deit", "deit_tt_reg"), "DeiTTTRegModel"),
+    **dict.fromkeys(("dinov3_vit", "dinov3_vit_tt_reg"), "DINOv3ViTTTRegModel"),
+}
 
-    from .export import MODEL_CLASSES
+
+def _model_class_of_folder(folder: Path):
+    """The package's class for a folder of a Hugging Face checkpoint of one of its families (the parent's or ours)."""
+    import importlib
+    import json
 
     config = folder / "config.json"
     if not config.is_file():
         raise CommandError(f"{folder} is not a Hugging Face model folder (no config.json); MODEL is {MODEL_HELP}.")
     model_type = json.loads(config.read_text()).get("model_type")
-    if model_type not in MODEL_CLASSES:
+    if model_type not in FOLDER_MODEL_CLASSES:
         raise CommandError(f"{folder} holds a {model_type!r} model; MODEL is {MODEL_HELP}.")
-    return MODEL_CLASSES[model_type]
+    return getattr(importlib.import_module(__package__), FOLDER_MODEL_CLASSES[model_type])
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -9,7 +9,7 @@ across processes under ``torchrun`` / ``accelerate launch``.
 import functools
 import hashlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +23,8 @@ from .index import RegisterNeuronIndex, RegisterNeuronIndexError
 from .modeling.registers import TestTimeRegisterMixin
 
 AUTOMATIC_THRESHOLD_RULE = f"automatic: max(median + {MAD_FACTOR:g} robust std, {MIN_NORM_RATIO:g} x median)"
-Images = Sequence[torch.Tensor]
+Images = Sequence[torch.Tensor] | Sequence[Mapping[str, torch.Tensor]]
+Inputs = torch.Tensor | dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -99,26 +100,39 @@ def check_index_matches(index: RegisterNeuronIndex, model: TestTimeRegisterMixin
         )
 
 
-def _batches(images: Images, indices: list[int], batch_size: int, model: torch.nn.Module, desc: str) -> Iterator[torch.Tensor]:
+def _batches(images: Images, indices: list[int], batch_size: int, model: torch.nn.Module, desc: str) -> Iterator[Inputs]:
     parameter = next(model.parameters())
     starts = range(0, len(indices), batch_size)
     show_progress = is_main_process() and sys.stderr.isatty()  # no bars in logs and pipes
     for start in tqdm(starts, desc=desc, disable=not show_progress, leave=False):
-        batch = torch.stack([images[i] for i in indices[start : start + batch_size]])
-        yield batch.to(parameter.device, parameter.dtype)
+        chosen = [images[i] for i in indices[start : start + batch_size]]
+        if isinstance(chosen[0], Mapping):  # one image's keyword inputs: stacked key by key
+            yield {key: _to_model(torch.stack([image[key] for image in chosen]), parameter) for key in chosen[0]}
+        else:
+            yield _to_model(torch.stack(chosen), parameter)
 
 
-def _detection_norms(model: TestTimeRegisterMixin, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
+def _to_model(tensor: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the model's device; floating-point ones in its dtype (masks and shapes keep theirs)."""
+    return tensor.to(parameter.device, parameter.dtype if tensor.is_floating_point() else tensor.dtype)
+
+
+def _forward(model: torch.nn.Module, inputs: Inputs):
+    """``model(pixel_values)``, or ``model(**inputs)`` for a dict of keyword inputs."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def _detection_norms(model: TestTimeRegisterMixin, inputs: Inputs, layer: int) -> torch.Tensor:
     with capture(model, blocks=[layer]) as cache:
-        model(pixel_values)
+        _forward(model, inputs)
     return patch_norms(cache.block_outputs[layer], cache.layout)
 
 
 @torch.no_grad()
 def _norm_histogram(model, images: Images, indices: list[int], layer: int, batch_size: int) -> NormHistogram:
     histogram = NormHistogram(next(model.parameters()).device)
-    for pixel_values in _batches(images, indices, batch_size, model, "patch norms"):
-        histogram.add(_detection_norms(model, pixel_values, layer))
+    for inputs in _batches(images, indices, batch_size, model, "patch norms"):
+        histogram.add(_detection_norms(model, inputs, layer))
     return histogram.all_reduce()
 
 
@@ -139,9 +153,9 @@ def _scan(model, images: Images, indices: list[int], detection: int, highest: in
     histogram = NormHistogram(device)
     scores = torch.zeros(highest + 1, model.config.mlp_width, dtype=torch.float64, device=device)
     outliers_per_image = [torch.zeros(0, device=device, dtype=torch.long)]
-    for pixel_values in _batches(images, indices, batch_size, model, "neuron scores"):
+    for inputs in _batches(images, indices, batch_size, model, "neuron scores"):
         with capture(model, mlp=range(highest + 1), blocks=[detection]) as cache:
-            model(pixel_values)
+            _forward(model, inputs)
         norms = patch_norms(cache.block_outputs[detection], cache.layout)
         histogram.add(norms)
         outliers = norms > threshold
@@ -157,8 +171,8 @@ def _scan(model, images: Images, indices: list[int], detection: int, highest: in
 @torch.no_grad()
 def _outlier_ratio(model, images: Images, indices: list[int], layer: int, threshold: float, batch_size: int) -> float:
     counts = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
-    for pixel_values in _batches(images, indices, batch_size, model, "outlier ratio"):
-        outliers = _detection_norms(model, pixel_values, layer) > threshold
+    for inputs in _batches(images, indices, batch_size, model, "outlier ratio"):
+        outliers = _detection_norms(model, inputs, layer) > threshold
         counts += torch.tensor((outliers.sum(), outliers.numel()), dtype=torch.float64, device=counts.device)
     all_reduce(counts)
     return float(counts[0] / counts[1].clamp(min=1))
@@ -213,7 +227,10 @@ def find_register_neurons(
     seed: int = 0,
     checkpoint: str = "",
 ) -> DiscoveryResult:
-    """Find the register neurons of ``model`` from ``images`` (a sequence of preprocessed ``(3, H, W)`` tensors).
+    """Find the register neurons of ``model`` from ``images``: a sequence of preprocessed ``(3, H, W)`` tensors, or of
+    dicts of one image's keyword inputs for models that take more than pixel values (SigLIP2's NaFlex
+    ``pixel_values``, ``pixel_attention_mask``, ``spatial_shapes``, each without the batch dimension), stacked key by
+    key into batches.
 
     Args:
         threshold: norm above which a patch token at ``detection_layer`` is an outlier (the authors use 30 for
@@ -253,7 +270,7 @@ def find_register_neurons(
         all_reduce(outliers_per_image)
         with_outliers = outliers_per_image.nonzero().flatten().tolist()
         scores = scan.scores
-        image_size = int(images[0].shape[-1])
+        image_size = None if isinstance(images[0], Mapping) else int(images[0].shape[-1])
         facts = dict(
             num_images=len(selected),
             num_images_with_outliers=len(with_outliers),

@@ -1,16 +1,23 @@
-"""A small DINOv2-shaped model with planted register neurons, and the images that make them fire.
+"""Planted register neurons: a synthetic test bench for register-neuron discovery on any ViT, and the images that
+make the neurons fire.
 
-No downloadable checkpoint shows high-norm outliers offline, so this one is built by hand, deterministically from a
-seed, to have the mechanism of the paper (Proposition 1):
+No downloadable checkpoint shows high-norm outliers offline, so `plant_register_neurons` builds the mechanism of the
+paper (Proposition 1) into a randomly initialised ViT, deterministically from a seed:
 
 * the patch embedding puts high-pass filter responses into the residual stream (zero on uniform patches);
-* layer 0's MLP turns them into a "texture energy" feature, ``GELU(h) + GELU(-h) ≈ |h|``;
-* the planted neurons of `PLANTED_LAYER` fire where the energy is low (uniform regions, never on CLS) and write a
-  large vector along an "outlier direction": high-norm outlier tokens;
-* every later layer's queries match keys along the outlier direction: the CLS token's attention sinks onto them.
+* block 0's MLP turns them into a "texture energy" feature, ``GELU(h) + GELU(-h) ≈ |h|``;
+* the planted neurons fire where the energy is low (uniform regions, never on a prefix token) and write a large
+  vector along an "outlier direction": high-norm outlier tokens;
+* every later block's queries match keys along the outlier direction: the attention sinks onto them.
 
-Every other weight is small and random, so the planted neurons must be found among many others.
+Every other weight keeps its random value, so the planted neurons must be found among many others. A model names the
+weights planting writes in `PlantingSites`; `planting_sites` knows the package's families. `build_planted_model` is
+the demo's DINOv2-shaped model with `PLANTED_NEURONS` at `PLANTED_LAYER`.
 """
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -23,16 +30,78 @@ PLANTED_NEURONS = (37, 101, 222, 300)
 IMAGE_SIZE = 224
 
 _WIDTH, _LAYERS, _HEADS = 96, 6, 4
-_ANCHOR = slice(0, 8)  # a constant pattern every token carries: keeps LayerNorm's scale steady, feeds the queries
-_HIGH_PASS = slice(8, 16)  # high-pass filter responses of the patch
-_ENERGY = 16  # texture energy, written by layer 0's MLP
-_CLS_MARK = 17  # set on CLS only; keeps the planted neurons off it
-_OUTLIER = slice(24, 48)  # the outlier direction
+
+# The residual-stream channels planting uses (a model needs a width of at least `OUTLIER.stop`); every other channel
+# keeps its random weights.
+ANCHOR = slice(0, 8)  # a constant pattern every token carries: keeps LayerNorm's scale steady, feeds the queries
+HIGH_PASS = slice(8, 16)  # high-pass filter responses of the patch (zero on uniform patches)
+ENERGY = 16  # texture energy, written by block 0's MLP (its neurons 0-15)
+PREFIX_MARK = 17  # set on the prefix tokens (CLS, trained registers) only; keeps the planted neurons off them
+OUTLIER = slice(24, 48)  # the outlier direction
 
 
-def _alternating(size: int) -> torch.Tensor:
+def alternating(size: int) -> torch.Tensor:
     """A unit vector of alternating signs: its mean is zero, so LayerNorm keeps it."""
     return torch.tensor([(-1.0) ** i for i in range(size)]) / size**0.5
+
+
+class LinearRows(NamedTuple):
+    """Rows of a packed projection as planting sees a Linear, e.g. the query rows of timm's ``qkv`` or of
+    ``nn.MultiheadAttention``'s ``in_proj``: views, so writing them writes the model's weights."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @classmethod
+    def of(cls, linear: nn.Module, rows: slice, weight: str = "weight", bias: str = "bias") -> "LinearRows":
+        """``rows`` of ``linear``'s ``weight`` and ``bias`` parameters (named as given)."""
+        bias_tensor = getattr(linear, bias, None)
+        return cls(getattr(linear, weight)[rows], None if bias_tensor is None else bias_tensor[rows])
+
+
+Projection = nn.Linear | LinearRows
+
+
+@dataclass(frozen=True)
+class BlockSites:
+    """The projections of one transformer block that planting writes to.
+
+    mlp_in: the MLP's input projection, whose output goes through the activation (for a gated MLP, the gate).
+    mlp_out: the MLP's output projection, which reads the hidden activations (after the gating).
+    mlp_up: for a gated MLP ``act(gate(x)) * up(x)``, the ``up`` projection; planting sets a planted neuron's row to
+        the constant 1 (zero weights, bias 1), so the product is the gate's activation. It needs a bias.
+    query, key: the attention's query and key projections, for the attention sink (`None`: no sink in this block,
+        e.g. under RoPE, which rotates the keys of the patches).
+    attention_out: the attention's output projection (optional), quieted with ``quiet_channels``.
+    """
+
+    mlp_in: Projection
+    mlp_out: Projection
+    mlp_up: Projection | None = None
+    query: Projection | None = None
+    key: Projection | None = None
+    attention_out: Projection | None = None
+
+
+@dataclass(frozen=True)
+class PlantingSites:
+    """Where a ViT keeps the weights `plant_register_neurons` writes; `planting_sites` knows the package's families.
+
+    patch_projection: the patch embedding, an ``nn.Conv2d`` over ``(3, H, W)`` images or an ``nn.Linear`` over
+        pre-patchified input flattened channel-last, ``(patch, patch, 3)`` (as SigLIP2's image processor does).
+    blocks: the transformer blocks' `BlockSites`, in order (pre-norm blocks with LayerNorm).
+    num_heads: attention heads (the sink writes one query and one key row per head).
+    prefix_tokens: the learned tokens before the patches (CLS, distillation, trained registers), each a tensor
+        whose last dimension is the width; none for SigLIP.
+    position_embedding: the position table added to the tokens (optional): quieted with the patch projection, and
+        where the patch projection has no bias (OpenCLIP's), the anchor goes there instead.
+    """
+
+    patch_projection: nn.Conv2d | nn.Linear
+    blocks: Sequence[BlockSites]
+    num_heads: int
+    prefix_tokens: Sequence[torch.Tensor] = ()
+    position_embedding: torch.Tensor | None = None
 
 
 def planted_config(**settings) -> Dinov2TTRegConfig:
@@ -61,63 +130,146 @@ def build_planted_model(seed: int = 0, **settings) -> Dinov2TTRegModel:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Dinov2TTRegModel(planted_config(**settings)).eval()
-        _plant_texture_energy(model, torch.Generator().manual_seed(seed))
-    _plant_register_neurons(model)
-    _plant_attention_sink(model)
+    plant_register_neurons(planting_sites(model), PLANTED_LAYER, PLANTED_NEURONS, seed=seed, quiet_channels=False)
     return model
 
 
-def _plant_texture_energy(model: Dinov2TTRegModel, generator: torch.Generator) -> None:
-    embeddings = model.embeddings
-    anchor = 12.0 * _alternating(_ANCHOR.stop - _ANCHOR.start)
-    projection = embeddings.patch_embeddings.projection
-    projection.bias[_ANCHOR] = anchor
-    for channel in range(_HIGH_PASS.start, _HIGH_PASS.stop):
-        signs = torch.ones(14 * 14)
-        signs[torch.randperm(14 * 14, generator=generator)[: 14 * 14 // 2]] = -1.0  # balanced: sums to zero
-        projection.weight[channel] = 0.08 * signs.view(1, 14, 14).expand(3, 14, 14)
-        projection.bias[channel] = 0.0
-    embeddings.cls_token[0, 0].zero_()
-    embeddings.cls_token[0, 0, _ANCHOR] = anchor
-    embeddings.cls_token[0, 0, _CLS_MARK] = 6.0
-    mlp = model.encoder.layer[0].mlp
-    for k, channel in enumerate(range(_HIGH_PASS.start, _HIGH_PASS.stop)):
+@torch.no_grad()
+def plant_register_neurons(
+    sites: PlantingSites,
+    layer: int,
+    neurons: Sequence[int],
+    *,
+    seed: int = 0,
+    attention_sink: bool = True,
+    quiet_channels: bool = True,
+) -> None:
+    """Give a (randomly initialised) ViT register neurons: ``neurons`` of block ``layer`` write high-norm outliers.
+
+    The patch projection puts high-pass responses of each patch into the residual stream (zero on uniform patches,
+    drawn with ``seed``); block 0's MLP turns them into a texture energy ``≈ |h|`` (its neurons 0-15); the planted
+    neurons fire where that energy is low (uniform patches, never on a prefix token) and write a large vector along
+    `OUTLIER`; with ``attention_sink``, every later block's queries match the outliers' keys. Only the channels and
+    rows named here are written: every other weight keeps its value, so the planted neurons hide among the others.
+    The MLP activation must be ≈ 0 for negative inputs and ≈ its input for large positive ones (GELU, QuickGELU, SiLU,
+    ReLU; for gated MLPs, that of the gate).
+
+    ``quiet_channels`` first zeroes what the patch projection, the position table and every block's attention and
+    MLP outputs write into the planted channels (`ANCHOR` to `OUTLIER`), and what the MLPs read from them, so that
+    only the planted mechanism uses them: needed where the random init is large (CLIP's, OpenCLIP's, SigLIP's), whose
+    attention would blur the signal and whose neurons after ``layer`` would respond to the outliers as strongly as
+    the planted ones. `build_planted_model` predates it and keeps its published weights without it.
+    """
+    check_sites(sites, layer, neurons)
+    if quiet_channels:
+        planted_channels = slice(ANCHOR.start, OUTLIER.stop)
+        outputs = (p for block in sites.blocks for p in (block.attention_out, block.mlp_out) if p is not None)
+        for projection in (sites.patch_projection, *outputs):
+            projection.weight[planted_channels] = 0.0
+            if projection.bias is not None:
+                projection.bias[planted_channels] = 0.0
+        if sites.position_embedding is not None:
+            sites.position_embedding[..., planted_channels] = 0.0
+        for projection in (p for b in sites.blocks for p in (b.mlp_in, b.mlp_up) if p is not None):
+            projection.weight[:, planted_channels] = 0.0  # no MLP neuron but the planted ones reads them
+    plant_texture_energy(sites, torch.Generator().manual_seed(seed))
+    blocks = sites.blocks
+    outlier_direction = alternating(OUTLIER.stop - OUTLIER.start)
+    reads = {ENERGY: -12.0, **({PREFIX_MARK: -4.0} if sites.prefix_tokens else {})}
+    for neuron in neurons:
+        _set_mlp_neuron(blocks[layer], neuron, reads, 3.0, OUTLIER, 40.0 * outlier_direction)
+    if attention_sink:
+        anchor_direction = alternating(ANCHOR.stop - ANCHOR.start)
+        for block in blocks[layer + 1 :]:
+            if block.query is None or block.key is None:
+                continue
+            head_dim = block.query.weight.shape[0] // sites.num_heads
+            for head in range(sites.num_heads):
+                _set_row(block.query, head * head_dim, ANCHOR, anchor_direction)
+                _set_row(block.key, head * head_dim, OUTLIER, outlier_direction)
+
+
+def plant_texture_energy(sites: PlantingSites, generator: torch.Generator) -> None:
+    """The anchor and the high-pass responses in the patch embedding; block 0's neurons 0-15 write their energy."""
+    projection = sites.patch_projection
+    anchor = 12.0 * alternating(ANCHOR.stop - ANCHOR.start)
+    if projection.bias is not None:
+        projection.bias[ANCHOR] = anchor
+    else:
+        sites.position_embedding[..., ANCHOR] = anchor  # every token's, the prefix tokens' included
+    if isinstance(projection, nn.Conv2d):
+        channels, patch_h, patch_w = projection.weight.shape[1:]
+        area = patch_h * patch_w
+    else:
+        area, channels = projection.in_features // 3, 3
+    for channel in range(HIGH_PASS.start, HIGH_PASS.stop):
+        signs = torch.ones(area)
+        signs[torch.randperm(area, generator=generator)[: area // 2]] = -1.0  # balanced: sums to zero
+        if isinstance(projection, nn.Conv2d):
+            projection.weight[channel] = 0.08 * signs.view(1, patch_h, patch_w).expand(channels, patch_h, patch_w)
+        else:
+            projection.weight[channel] = 0.08 * signs.repeat_interleave(channels)  # channel-last patches
+        if projection.bias is not None:
+            projection.bias[channel] = 0.0
+    for token in sites.prefix_tokens:
+        rows = token.view(-1, token.shape[-1])
+        rows.zero_()
+        if projection.bias is not None:
+            rows[:, ANCHOR] = anchor
+        rows[:, PREFIX_MARK] = 6.0
+    for k, channel in enumerate(range(HIGH_PASS.start, HIGH_PASS.stop)):
         for neuron, sign in ((2 * k, 1.0), (2 * k + 1, -1.0)):
-            mlp.fc1.weight[neuron].zero_()
-            mlp.fc1.weight[neuron, channel] = 2.0 * sign
-            mlp.fc1.bias[neuron] = 0.0
-            mlp.fc2.weight[:, neuron].zero_()
-            mlp.fc2.weight[_ENERGY, neuron] = 0.5
+            _set_mlp_neuron(sites.blocks[0], neuron, {channel: 2.0 * sign}, 0.0, slice(ENERGY, ENERGY + 1), 0.5)
 
 
-def _plant_register_neurons(model: Dinov2TTRegModel) -> None:
-    mlp = model.encoder.layer[PLANTED_LAYER].mlp
-    outlier_direction = _alternating(_OUTLIER.stop - _OUTLIER.start)
-    for neuron in PLANTED_NEURONS:
-        mlp.fc1.weight[neuron].zero_()
-        mlp.fc1.weight[neuron, _ENERGY] = -12.0
-        mlp.fc1.weight[neuron, _CLS_MARK] = -4.0
-        mlp.fc1.bias[neuron] = 3.0
-        mlp.fc2.weight[:, neuron].zero_()
-        mlp.fc2.weight[_OUTLIER, neuron] = 40.0 * outlier_direction
+def check_sites(sites: PlantingSites, layer: int, neurons: Sequence[int]) -> None:
+    """Refuse what planting cannot do, in one line naming the fix."""
+    width = sites.blocks[0].mlp_out.weight.shape[0]
+    mlp_width = sites.blocks[0].mlp_out.weight.shape[1]
+    if width < OUTLIER.stop:
+        raise ValueError(f"Planting needs a model width of at least {OUTLIER.stop}, got {width}.")
+    if not 0 < layer < len(sites.blocks):
+        raise ValueError(
+            f"The planted layer must be one of 1-{len(sites.blocks) - 1} (block 0 computes the texture energy the "
+            f"planted neurons read), got {layer}."
+        )
+    if not neurons or any(not 0 <= n < mlp_width for n in neurons) or len(set(neurons)) != len(neurons):
+        raise ValueError(f"Planted neurons must be distinct ids in 0-{mlp_width - 1}, got {list(neurons)}.")
+    if sites.blocks[layer].mlp_in.bias is None:
+        raise ValueError(f"Block {layer}'s MLP input projection has no bias: the planted neurons need one.")
+    if sites.patch_projection.bias is None and sites.position_embedding is None:
+        raise ValueError("The patch projection has no bias: give PlantingSites a position_embedding for the anchor.")
+    for index in (0, layer):
+        block = sites.blocks[index]
+        if block.mlp_up is not None and block.mlp_up.bias is None:
+            raise ValueError(
+                f"Block {index}'s gated MLP has an up projection without bias: planting sets a neuron's up row to the "
+                "constant 1 and needs one."
+            )
 
 
-def _plant_attention_sink(model: Dinov2TTRegModel) -> None:
-    head_dim = _WIDTH // _HEADS
-    anchor_direction = _alternating(_ANCHOR.stop - _ANCHOR.start)
-    outlier_direction = _alternating(_OUTLIER.stop - _OUTLIER.start)
-    for block in model.encoder.layer[PLANTED_LAYER + 1 :]:
-        attention = block.attention
-        for head in range(_HEADS):
-            row = head * head_dim
-            _set_row(attention.q_proj, row, _ANCHOR, 1.0 * anchor_direction)
-            _set_row(attention.k_proj, row, _OUTLIER, 1.0 * outlier_direction)
+def _set_mlp_neuron(
+    block: BlockSites, neuron: int, weights: dict[int, float], bias: float, outputs: slice, output_values
+) -> None:
+    """Neuron ``neuron`` reads only ``weights`` (channel: weight) plus ``bias`` and writes only ``outputs``."""
+    row = block.mlp_in.weight[neuron]
+    row.zero_()
+    for channel, weight in weights.items():
+        row[channel] = weight
+    if block.mlp_in.bias is not None:
+        block.mlp_in.bias[neuron] = bias
+    if block.mlp_up is not None:
+        block.mlp_up.weight[neuron].zero_()
+        block.mlp_up.bias[neuron] = 1.0
+    block.mlp_out.weight[:, neuron].zero_()
+    block.mlp_out.weight[outputs, neuron] = output_values
 
 
-def _set_row(linear: nn.Linear, row: int, columns: slice, values: torch.Tensor) -> None:
+def _set_row(linear: Projection, row: int, columns: slice, values: torch.Tensor) -> None:
     linear.weight[row].zero_()
     linear.weight[row, columns] = values
-    linear.bias[row] = 0.0
+    if linear.bias is not None:
+        linear.bias[row] = 0.0
 
 
 def textured_images(num_images: int, seed: int = 0, size: int = IMAGE_SIZE, uniform_regions: bool = True) -> torch.Tensor:
@@ -136,3 +288,132 @@ def textured_images(num_images: int, seed: int = 0, size: int = IMAGE_SIZE, unif
                 image[:, top : top + height, left : left + width] = torch.rand(3, 1, 1, generator=generator)
     return images
 
+
+
+def _blocks(layers, attention: Callable, mlp_in="fc1", mlp_out="fc2", mlp_up=None, sink=True) -> list[BlockSites]:
+    """`BlockSites` of blocks whose MLP keeps its projections as ``mlp_in`` / ``mlp_out`` (/ ``mlp_up``) and whose
+    ``attention(block)`` has ``q_proj``, ``k_proj`` and ``o_proj`` (or ``out_proj``); ``sink=False``: no sink."""
+    sites = []
+    for block in layers:
+        mlp, attn = block.mlp, attention(block)
+        sites.append(
+            BlockSites(
+                getattr(mlp, mlp_in),
+                getattr(mlp, mlp_out),
+                getattr(mlp, mlp_up) if mlp_up else None,
+                attn.q_proj if sink else None,
+                attn.k_proj if sink else None,
+                getattr(attn, "o_proj", None) or attn.out_proj,
+            )
+        )
+    return sites
+
+
+def _dinov2_sites(model) -> PlantingSites:
+    embeddings, config = model.embeddings, model.config
+    gated = ("gate_proj", "down_proj", "up_proj") if config.use_swiglu_ffn else ()
+    blocks = _blocks(model.encoder.layer, lambda block: block.attention, *gated)
+    return PlantingSites(
+        embeddings.patch_embeddings.projection, blocks, config.num_attention_heads, (embeddings.cls_token,),
+        embeddings.position_embeddings,
+    )
+
+
+def _clip_sites(model) -> PlantingSites:
+    tower = getattr(model, "vision_model", model)  # the projection model keeps the tower inside
+    blocks = _blocks(tower.encoder.layers, lambda block: block.self_attn)
+    embeddings = tower.embeddings
+    return PlantingSites(
+        embeddings.patch_embedding, blocks, model.config.num_attention_heads, (embeddings.class_embedding,),
+        embeddings.position_embedding.weight,
+    )
+
+
+def _siglip_sites(model) -> PlantingSites:
+    blocks = _blocks(model.encoder.layers, lambda block: block.self_attn)
+    embeddings = model.embeddings
+    return PlantingSites(
+        embeddings.patch_embedding, blocks, model.config.num_attention_heads, (), embeddings.position_embedding.weight
+    )
+
+
+def _vit_sites(model) -> PlantingSites:
+    embeddings = model.embeddings
+    prefix = tuple(t for t in (embeddings.cls_token, getattr(embeddings, "distillation_token", None)) if t is not None)
+    blocks = _blocks(model.layers, lambda block: block.attention)
+    return PlantingSites(
+        embeddings.patch_embeddings.projection, blocks, model.config.num_attention_heads, prefix,
+        embeddings.position_embeddings,
+    )
+
+
+def _dinov3_sites(model) -> PlantingSites:
+    embeddings, config = model.embeddings, model.config
+    gated = ("gate_proj", "down_proj", "up_proj") if config.use_gated_mlp else ("up_proj", "down_proj")
+    blocks = _blocks(model.model.layer, lambda block: block.attention, *gated, sink=False)  # RoPE rotates the keys
+    prefix = (embeddings.cls_token, embeddings.register_tokens)
+    return PlantingSites(embeddings.patch_embeddings, blocks, config.num_attention_heads, prefix)
+
+
+def _open_clip_sites(model) -> PlantingSites:
+    blocks, width = model.transformer.resblocks, model.transformer.width
+    sites = [
+        BlockSites(
+            block.mlp[0],
+            block.mlp[2],
+            query=LinearRows.of(block.attn, slice(0, width), "in_proj_weight", "in_proj_bias"),
+            key=LinearRows.of(block.attn, slice(width, 2 * width), "in_proj_weight", "in_proj_bias"),
+            attention_out=block.attn.out_proj,
+        )
+        for block in blocks
+    ]
+    heads = blocks[0].attn.num_heads
+    return PlantingSites(model.conv1, sites, heads, (model.class_embedding,), model.positional_embedding)
+
+
+def _timm_sites(model) -> PlantingSites:
+    from timm.layers import GluMlp, SwiGLU
+
+    sites = []
+    for block in model.blocks:
+        mlp, width = block.mlp, block.attn.qkv.in_features
+        if isinstance(mlp, SwiGLU):
+            mlp_in, mlp_up = mlp.fc1_g, mlp.fc1_x
+        elif isinstance(mlp, GluMlp):  # fc1 packs the two halves; ``gate_last``: the second half is activated
+            half = mlp.fc1.out_features // 2
+            gate, up = (slice(half, None), slice(0, half)) if mlp.gate_last else (slice(0, half), slice(half, None))
+            mlp_in, mlp_up = LinearRows.of(mlp.fc1, gate), LinearRows.of(mlp.fc1, up)
+        else:
+            mlp_in, mlp_up = mlp.fc1, None
+        qkv = block.attn.qkv
+        query, key = LinearRows.of(qkv, slice(0, width)), LinearRows.of(qkv, slice(width, 2 * width))
+        sites.append(BlockSites(mlp_in, mlp.fc2, mlp_up, query, key, block.attn.proj))
+    prefix = tuple(token for token in (model.cls_token, model.reg_token) if token is not None)
+    return PlantingSites(model.patch_embed.proj, sites, model.blocks[0].attn.num_heads, prefix, model.pos_embed)
+
+
+# one entry per family: the parent class (by qualified name: nothing is imported for the lookup) -> its sites
+PLANTING_SITES: dict[str, Callable[[nn.Module], PlantingSites]] = {
+    "transformers.models.dinov2.modeling_dinov2.Dinov2Model": _dinov2_sites,
+    "transformers.models.clip.modeling_clip.CLIPVisionModel": _clip_sites,
+    "transformers.models.clip.modeling_clip.CLIPVisionModelWithProjection": _clip_sites,
+    "transformers.models.siglip.modeling_siglip.SiglipVisionModel": _siglip_sites,
+    "transformers.models.siglip2.modeling_siglip2.Siglip2VisionModel": _siglip_sites,
+    "transformers.models.vit.modeling_vit.ViTModel": _vit_sites,
+    "transformers.models.deit.modeling_deit.DeiTModel": _vit_sites,
+    "transformers.models.dinov3_vit.modeling_dinov3_vit.DINOv3ViTModel": _dinov3_sites,
+    "open_clip.transformer.VisionTransformer": _open_clip_sites,
+    "timm.models.vision_transformer.VisionTransformer": _timm_sites,
+}
+
+
+def planting_sites(model: nn.Module) -> PlantingSites:
+    """The `PlantingSites` of a model of one of the package's families (or of its parent class)."""
+    for cls in type(model).__mro__:
+        sites = PLANTING_SITES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if sites is not None:
+            return sites(model)
+    raise TypeError(
+        f"No planting sites known for {type(model).__name__}; build a `PlantingSites` of its modules (see "
+        "`ttreg_hf.planted.PlantingSites`), or add an entry to `ttreg_hf.planted.PLANTING_SITES`."
+    )

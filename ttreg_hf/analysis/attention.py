@@ -29,6 +29,12 @@ def _clip(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     return _probabilities(attention.q_proj(normed), attention.k_proj(normed), attention.num_heads, attention.scale)
 
 
+def _vit(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    attention, normed = block.attention, block.layernorm_before(hidden_states)
+    queries, keys = attention.q_proj(normed), attention.k_proj(normed)
+    return _probabilities(queries, keys, attention.num_attention_heads, attention.scaling)
+
+
 def _open_clip(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     attention = block.attn  # nn.MultiheadAttention, batch first
     queries, keys, _ = nn.functional.linear(block.ln_1(hidden_states), attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
@@ -47,6 +53,10 @@ def _timm(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
 ATTENTION_READERS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
     "transformers.models.dinov2.modeling_dinov2.Dinov2Layer": _dinov2,
     "transformers.models.clip.modeling_clip.CLIPEncoderLayer": _clip,
+    "transformers.models.siglip.modeling_siglip.SiglipEncoderLayer": _clip,
+    "transformers.models.siglip2.modeling_siglip2.Siglip2EncoderLayer": _clip,  # without the padding mask
+    "transformers.models.vit.modeling_vit.ViTLayer": _vit,
+    "transformers.models.deit.modeling_deit.DeiTLayer": _vit,
     "open_clip.transformer.ResidualAttentionBlock": _open_clip,
     "timm.models.vision_transformer.Block": _timm,
 }

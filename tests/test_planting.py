@@ -1,0 +1,217 @@
+"""Generic planting: a register neuron planted in a tiny model of every family is what discovery finds, and attaching
+it removes the outliers."""
+
+import importlib.util
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from timm.layers import SwiGLU, SwiGLUPacked
+from timm.models.vision_transformer import VisionTransformer
+
+from ttreg_hf import (
+    CLIPVisionTTRegConfig,
+    CLIPVisionTTRegModel,
+    DeiTTTRegConfig,
+    DeiTTTRegModel,
+    DINOv3ViTTTRegConfig,
+    DINOv3ViTTTRegModel,
+    Dinov2TTRegConfig,
+    Dinov2TTRegModel,
+    Siglip2VisionTTRegConfig,
+    Siglip2VisionTTRegModel,
+    SiglipVisionTTRegConfig,
+    SiglipVisionTTRegModel,
+    ViTTTRegConfig,
+    ViTTTRegModel,
+    find_register_neurons,
+)
+from ttreg_hf.analysis import patch_norms, run_with_cache
+from ttreg_hf.images import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, normalize
+from ttreg_hf.modeling.open_clip import to_test_time_registers as open_clip_tt
+from ttreg_hf.modeling.timm import to_test_time_registers as timm_tt
+from ttreg_hf.planted import (
+    BlockSites,
+    LinearRows,
+    PlantingSites,
+    build_planted_model,
+    plant_register_neurons,
+    planting_sites,
+    textured_images,
+)
+
+WIDTH, DEPTH, HEADS, MLP, PATCH, SIZE = 64, 4, 4, 128, 8, 96
+LAYER, NEURONS = 2, (21, 60)
+HF = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS, patch_size=PATCH, image_size=SIZE)
+OFF = dict(register_neurons={}, num_test_time_registers=1)
+
+
+def timm_vit(**arch):
+    return timm_tt(VisionTransformer(img_size=SIZE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
+                                     mlp_ratio=MLP / WIDTH, num_classes=0, **arch), num_test_time_registers=1)
+
+
+FAMILIES = {
+    "dinov2": lambda: Dinov2TTRegModel(Dinov2TTRegConfig(**HF, mlp_ratio=MLP // WIDTH, **OFF)),
+    "dinov2-swiglu": lambda: Dinov2TTRegModel(
+        Dinov2TTRegConfig(**HF, mlp_ratio=MLP // WIDTH, use_swiglu_ffn=True, **OFF)
+    ),
+    "clip": lambda: CLIPVisionTTRegModel(CLIPVisionTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
+    "siglip": lambda: SiglipVisionTTRegModel(SiglipVisionTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
+    "vit": lambda: ViTTTRegModel(ViTTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
+    "deit": lambda: DeiTTTRegModel(DeiTTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
+    "dinov3": lambda: DINOv3ViTTTRegModel(
+        DINOv3ViTTTRegConfig(**HF, intermediate_size=MLP, num_register_tokens=2, **OFF)
+    ),
+    "dinov3-gated": lambda: DINOv3ViTTTRegModel(
+        DINOv3ViTTTRegConfig(**HF, intermediate_size=MLP, use_gated_mlp=True, **OFF)
+    ),
+    "open_clip": lambda: open_clip_tt(
+        open_clip.transformer.VisionTransformer(SIZE, PATCH, WIDTH, DEPTH, HEADS, MLP / WIDTH, output_dim=16),
+        num_test_time_registers=1,
+    ),
+    "timm": lambda: timm_vit(),
+    "timm-registers-swiglu": lambda: timm_vit(reg_tokens=2, mlp_layer=SwiGLU),
+    "timm-swiglu-packed": lambda: timm_vit(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU),  # DINOv2 ViT-g's GluMlp
+}
+
+
+@torch.no_grad()
+def planted(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    plant_register_neurons(planting_sites(model), LAYER, NEURONS)
+    return model
+
+
+def images(num_images: int, seed: int) -> torch.Tensor:
+    return normalize(textured_images(num_images, seed=seed, size=SIZE), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+
+def outlier_ratio(model, inputs, threshold: float) -> float:
+    kwargs = dict(inputs) if isinstance(inputs, dict) else {"pixel_values": inputs}
+    pixel_values = kwargs.pop("pixel_values")
+    _, cache = run_with_cache(model, pixel_values, blocks=[-1], **kwargs)
+    return float((patch_norms(cache.block_outputs[DEPTH - 1], cache.layout) > threshold).float().mean())
+
+
+def assert_recovered(model, discovery_images, held_out) -> None:
+    result = find_register_neurons(model, discovery_images)
+    assert result.found, result.summary()
+    assert {layer: set(ids) for layer, ids in result.index.neurons.items()} == {LAYER: set(NEURONS)}, result.summary()
+    before = outlier_ratio(model, held_out, result.threshold)
+    model.set_register_neurons(result.index)
+    after = outlier_ratio(model, held_out, result.threshold)
+    assert before > 0.005 and after == 0, (before, after)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_planted_neurons_are_found_and_their_edit_removes_the_outliers(family):
+    assert_recovered(planted(family), list(images(32, seed=0)), images(16, seed=1))
+
+
+NAFLEX_PATCH = 12  # 3 divides its area: a filter laid out for channel-first patches is not zero on uniform ones
+
+
+def naflex(images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Each image as SigLIP2's processor gives it: patches flattened channel-last, a mask, the grid's shape."""
+    grid, patch = SIZE // NAFLEX_PATCH, NAFLEX_PATCH
+    patches = images.unflatten(2, (grid, patch)).unflatten(4, (grid, patch))  # (B, 3, rows, patch, columns, patch)
+    patches = patches.permute(0, 2, 4, 3, 5, 1).flatten(3).flatten(1, 2)
+    mask, shape = torch.ones(grid * grid, dtype=torch.long), torch.tensor([grid, grid])
+    return [{"pixel_values": p, "pixel_attention_mask": mask, "spatial_shapes": shape} for p in patches]
+
+
+def test_siglip2_naflex_inputs_go_to_discovery_as_keyword_inputs():
+    torch.manual_seed(0)
+    arch = {**HF, "patch_size": NAFLEX_PATCH, "num_patches": (SIZE // NAFLEX_PATCH) ** 2}
+    arch.pop("image_size")
+    model = Siglip2VisionTTRegModel(Siglip2VisionTTRegConfig(**arch, intermediate_size=MLP, **OFF)).eval()
+    plant_register_neurons(planting_sites(model), LAYER, NEURONS)
+    held_out = naflex(images(16, seed=1))
+    batch = {key: torch.stack([image[key] for image in held_out]) for key in held_out[0]}
+    assert_recovered(model, naflex(images(32, seed=0)), batch)
+
+
+def add_a_family_example():
+    path = Path(__file__).resolve().parents[1] / "examples" / "add_a_family.py"
+    spec = importlib.util.spec_from_file_location("add_a_family", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_users_own_vit_gets_planted_through_sites_it_names():
+    example = add_a_family_example()
+    torch.manual_seed(0)
+    model = example.TinyViTTTReg(width=WIDTH, depth=DEPTH, heads=HEADS, patch=PATCH, image=SIZE).eval()
+    with pytest.raises(TypeError, match="build a `PlantingSites`"):
+        planting_sites(model)
+
+    def block_sites(block):
+        attention = block.attn  # nn.MultiheadAttention: q, k, v rows packed in in_proj
+        rows = lambda start: LinearRows.of(attention, slice(start, start + WIDTH), "in_proj_weight", "in_proj_bias")
+        return BlockSites(
+            block.mlp.fc1, block.mlp.fc2, query=rows(0), key=rows(WIDTH), attention_out=attention.out_proj
+        )
+
+    sites = PlantingSites(
+        model.embed.proj, [block_sites(b) for b in model.blocks], HEADS, (model.embed.cls_token,), model.embed.pos_embed
+    )
+    plant_register_neurons(sites, LAYER, NEURONS)
+    assert_recovered(model, list(images(32, seed=0)), images(16, seed=1))
+
+
+def test_build_planted_model_is_the_generic_planting_of_its_dinov2():
+    model = build_planted_model(seed=3)
+    torch.manual_seed(3)
+    fresh = Dinov2TTRegModel(model.config).eval()
+    plant_register_neurons(planting_sites(fresh), 3, (37, 101, 222, 300), seed=3, quiet_channels=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    ("layer", "neurons", "message"),
+    [
+        (0, NEURONS, "planted layer must be one of 1-3"),
+        (DEPTH, NEURONS, "planted layer must be one of 1-3"),
+        (LAYER, (5, MLP), "distinct ids in 0-127"),
+        (LAYER, (5, 5), "distinct ids in 0-127"),
+        (LAYER, (), "distinct ids"),
+    ],
+)
+def test_what_planting_cannot_do_is_one_clear_error(layer, neurons, message):
+    sites = planting_sites(FAMILIES["vit"]())
+    with pytest.raises(ValueError, match=message):
+        plant_register_neurons(sites, layer, neurons)
+
+
+def test_a_narrow_model_or_a_projection_without_bias_is_refused():
+    narrow_arch = {**HF, "hidden_size": 32, "num_attention_heads": 2}
+    narrow = ViTTTRegModel(ViTTTRegConfig(**narrow_arch, intermediate_size=MLP, **OFF))
+    with pytest.raises(ValueError, match="width of at least 48"):
+        plant_register_neurons(planting_sites(narrow), LAYER, NEURONS)
+    unbiased = DINOv3ViTTTRegModel(DINOv3ViTTTRegConfig(**HF, intermediate_size=MLP, mlp_bias=False, **OFF))
+    with pytest.raises(ValueError, match="Block 2's MLP input projection has no bias"):
+        plant_register_neurons(planting_sites(unbiased), LAYER, NEURONS)
+    gated = FAMILIES["dinov3-gated"]()
+    gated.model.layer[LAYER].mlp.up_proj.bias = None
+    with pytest.raises(ValueError, match="Block 2's gated MLP has an up projection without bias"):
+        plant_register_neurons(planting_sites(gated), LAYER, NEURONS)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "vit", "deit"])
+def test_the_analysis_tools_read_each_familys_attention_as_the_model_computes_it(family):
+    model = planted(family)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():  # the norms apart: a reader that takes the wrong one shows
+        for norm in (m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    pixel_values = images(2, seed=0)
+    _, cache = run_with_cache(model, pixel_values, attentions="all")
+    with torch.no_grad():
+        eager = model(pixel_values, output_attentions=True).attentions
+    for layer in range(DEPTH):
+        torch.testing.assert_close(cache.attentions[layer], eager[layer])
