@@ -285,5 +285,5 @@ def test_planted_siglip_pooling_justifies_the_default(monkeypatch):
     with_registers, without = results["edit, pool_registers=True"], results["edit, pool_registers=False"]
     assert original[1] > 3 and with_registers[1] < 1.1  # the planted outliers exist, and the edit moves them
     assert benchmark.compare(with_registers[0], original[0])[0] > 0.99 > benchmark.compare(without[0], original[0])[0]
-    assert benchmark.compare(without[0], clean[0])[0] > 0.95 > benchmark.compare(with_registers[0], clean[0])[0]
+    assert benchmark.compare(without[0], clean[0])[0] > benchmark.compare(with_registers[0], clean[0])[0] + 0.3
     assert SiglipVisionTTRegConfig().pool_registers
