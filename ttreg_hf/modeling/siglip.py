@@ -16,6 +16,7 @@ from transformers.models.siglip.modeling_siglip import (
     SiglipVisionEmbeddings,
 )
 from transformers.models.siglip2.modeling_siglip2 import (
+    Siglip2EncoderLayer,
     Siglip2MLP,
     Siglip2MultiheadAttentionPoolingHead,
     Siglip2VisionEmbeddings,
@@ -77,6 +78,24 @@ class Siglip2TTRegMLP(Siglip2MLP):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.register_edit(self.activation_fn(self.fc1(hidden_states)))
         return self.fc2(hidden_states)
+
+
+class Siglip2TTRegEncoderLayer(Siglip2EncoderLayer):
+    """`Siglip2EncoderLayer` that gives its MLP's edit the batch's token mask, an argument of every call: gradient
+    checkpointing recomputes the layer from its arguments, so the recomputed edit sees the same mask."""
+
+    mlp: Siglip2TTRegMLP
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        register_token_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if isinstance(self.mlp.register_edit, RegisterNeuronEdit):
+            self.mlp.register_edit.token_mask = register_token_mask
+        return super().forward(hidden_states, attention_mask, **kwargs)
 
 
 class _RegisterPoolingMixin:
@@ -165,12 +184,17 @@ class Siglip2VisionTTRegModel(_SiglipTTRegMixin, Siglip2VisionModel):
     config: Siglip2VisionTTRegConfig
     config_class = Siglip2VisionTTRegConfig
     _no_split_modules = [
-        *Siglip2VisionModel._no_split_modules, "Siglip2VisionTTRegEmbeddings", "Siglip2TTRegPoolingHead"
+        *Siglip2VisionModel._no_split_modules,
+        "Siglip2TTRegEncoderLayer",
+        "Siglip2VisionTTRegEmbeddings",
+        "Siglip2TTRegPoolingHead",
     ]
     _register_classes = (Siglip2VisionTTRegEmbeddings, Siglip2TTRegMLP, Siglip2TTRegPoolingHead)
 
     def __init__(self, config: Siglip2VisionTTRegConfig):
         super().__init__(config)
+        for layer in self.encoder.layers:
+            adopt(layer, Siglip2TTRegEncoderLayer)
         self.adopt_register_modules()
 
     @can_return_tuple
@@ -189,14 +213,7 @@ class Siglip2VisionTTRegModel(_SiglipTTRegMixin, Siglip2VisionModel):
                 "image processor's outputs together."
             )
         token_mask = self.token_layout.append_registers_to_mask(pixel_attention_mask)
-        self._set_token_mask(token_mask)
-        try:
-            outputs = super().forward(pixel_values, token_mask, spatial_shapes, return_dict=True, **kwargs)
-        finally:
-            self._set_token_mask(None)  # the mask belongs to this batch only
+        outputs = super().forward(
+            pixel_values, token_mask, spatial_shapes, register_token_mask=token_mask, return_dict=True, **kwargs
+        )
         return self.strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
-
-    def _set_token_mask(self, token_mask: torch.Tensor | None) -> None:
-        for mlp in self.register_edit_sites:
-            if isinstance(mlp.register_edit, RegisterNeuronEdit):
-                mlp.register_edit.token_mask = token_mask
