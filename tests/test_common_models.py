@@ -11,6 +11,7 @@ import sys
 import unittest
 
 import pytest
+import torch
 from fetch_transformers_tests import FETCH_COMMAND, PACKAGE, package_dir
 
 from ttreg_hf import (
@@ -98,24 +99,30 @@ class TTRegModelTester:
 
 class NaFlexTTRegModelTester(TTRegModelTester):
     """SigLIP2's variable-resolution inputs, as transformers' `Siglip2VisionModelTester` makes them: patchified images
-    padded to ``seq_length`` patches, each of its own ``spatial_shapes``, with their ``pixel_attention_mask``."""
+    of several ``spatial_shapes``, padded to ``seq_length`` patches, with their ``pixel_attention_mask``.
 
-    def __init__(self, *args, batch_size=3, **config):
+    A batch of 7: the eager-vs-SDPA test runs 7 images and fills a smaller batch with random shapes, empty ones too.
+    """
+
+    def __init__(self, *args, batch_size=7, **config):
         super().__init__(*args, batch_size=batch_size, **config)
-        self.seq_length = self.mask_length + 2  # the longest image's patches, and padding for the others
+        self.seq_length = self.mask_length + 2  # the padded length: no image fills it
 
     def geometry(self) -> dict:
         return {"num_patches": self.mask_length}  # the position-embedding grid, resized to each image's shape
 
     def prepare_config_and_inputs_for_common(self):
-        patch_dim = self.num_channels * self.patch_size**2
-        pixel_values = common.floats_tensor([self.batch_size, self.seq_length, patch_dim])
-        shapes = [(h, w) for h in range(1, self.seq_length) for w in range(1, self.seq_length) if h * w <= self.seq_length]
-        spatial_shapes = common.torch.tensor(shapes[:: len(shapes) // self.batch_size][: self.batch_size])
-        pixel_attention_mask = common.torch.zeros(self.batch_size, self.seq_length, dtype=common.torch.long)
+        length, patch_dim = self.seq_length, self.num_channels * self.patch_size**2
+        shapes = [(h, w) for h in range(1, length) for w in range(1, length) if h * w < length]
+        spatial_shapes = torch.tensor(shapes[:: len(shapes) // self.batch_size][: self.batch_size])
+        pixel_attention_mask = torch.zeros(self.batch_size, length, dtype=torch.long)
         for mask, (height, width) in zip(pixel_attention_mask, spatial_shapes):
             mask[: height * width] = 1
-        inputs = dict(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask, spatial_shapes=spatial_shapes)
+        inputs = dict(
+            pixel_values=common.floats_tensor([self.batch_size, length, patch_dim]),
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+        )
         return self.get_config(), inputs
 
 
@@ -219,6 +226,7 @@ class _Siglip2(_Siglip):
     all_model_classes = (Siglip2VisionTTRegModel,)
     config_class = Siglip2VisionTTRegConfig
     model_tester_class = NaFlexTTRegModelTester
+    additional_model_inputs = ["pixel_attention_mask", "spatial_shapes"]  # passed along `pixel_values`
 
 
 class ViTTTRegModelTest(_ViT, unittest.TestCase):
