@@ -81,8 +81,8 @@ class Siglip2TTRegMLP(Siglip2MLP):
 
 
 class Siglip2TTRegEncoderLayer(Siglip2EncoderLayer):
-    """`Siglip2EncoderLayer` that gives its MLP's edit the batch's token mask, an argument of every call: gradient
-    checkpointing recomputes the layer from its arguments, so the recomputed edit sees the same mask."""
+    """`Siglip2EncoderLayer` that lends its MLP's edit the batch's token mask for the duration of the call. The mask is
+    an argument of the layer: gradient checkpointing recomputes the layer from its arguments, mask included."""
 
     mlp: Siglip2TTRegMLP
 
@@ -93,9 +93,14 @@ class Siglip2TTRegEncoderLayer(Siglip2EncoderLayer):
         register_token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        if isinstance(self.mlp.register_edit, RegisterNeuronEdit):
-            self.mlp.register_edit.token_mask = register_token_mask
-        return super().forward(hidden_states, attention_mask, **kwargs)
+        edit = self.mlp.register_edit
+        if not isinstance(edit, RegisterNeuronEdit):
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        edit.token_mask = register_token_mask
+        try:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        finally:
+            edit.token_mask = None  # the mask belongs to this call only
 
 
 class _RegisterPoolingMixin:
