@@ -198,9 +198,13 @@ class Siglip2VisionTTRegModel(_SiglipTTRegMixin, Siglip2VisionModel):
 
     def __init__(self, config: Siglip2VisionTTRegConfig):
         super().__init__(config)
+        self.adopt_register_modules()
+
+    def adopt_register_modules(self) -> None:
+        """As for SigLIP, and the encoder layers, which pass each call's token mask to their edit."""
         for layer in self.encoder.layers:
             adopt(layer, Siglip2TTRegEncoderLayer)
-        self.adopt_register_modules()
+        super().adopt_register_modules()
 
     @can_return_tuple
     def forward(
