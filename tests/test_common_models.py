@@ -1,7 +1,9 @@
 """`transformers`' own common model tests (`ModelTesterMixin`) on every HF subclass, registers on and off.
 
 The common tests are not committed: `fetch_transformers_tests.py` unpacks them for the installed `transformers`
-(CI runs it before pytest). Tests that cannot apply by design are skipped with their reason in `SKIPS`.
+(CI runs it before pytest). Tests that cannot apply by design are skipped with their reason in `SKIPS` and in a
+family's ``skips``. Each family runs once with the edit off and once with test-time registers; its tester mirrors
+transformers' own (e.g. `Siglip2VisionModelTester` for SigLIP2's NaFlex inputs).
 """
 
 import importlib
@@ -11,14 +13,25 @@ import sys
 import unittest
 
 import pytest
+import torch
 from fetch_transformers_tests import FETCH_COMMAND, PACKAGE, package_dir
 
 from ttreg_hf import (
     CLIPVisionTTRegConfig,
     CLIPVisionTTRegModel,
     CLIPVisionTTRegModelWithProjection,
+    DeiTTTRegConfig,
+    DeiTTTRegModel,
     Dinov2TTRegConfig,
     Dinov2TTRegModel,
+    DINOv3ViTTTRegConfig,
+    DINOv3ViTTTRegModel,
+    Siglip2VisionTTRegConfig,
+    Siglip2VisionTTRegModel,
+    SiglipVisionTTRegConfig,
+    SiglipVisionTTRegModel,
+    ViTTTRegConfig,
+    ViTTTRegModel,
 )
 
 pytest.importorskip("parameterized", reason="the common tests need `parameterized`: pip install -e '.[test]'")
@@ -54,28 +67,65 @@ WITH_REGISTERS_SKIPS = {
 
 
 class TTRegModelTester:
-    """Tiny configs and random images for the common tests; ``seq_length`` is the parent's (registers stripped)."""
+    """Tiny configs and random images for the common tests; ``seq_length`` is the parent's (registers stripped):
+    ``num_prefix_tokens`` (CLS, distillation, trained registers) before the patches."""
 
-    def __init__(self, parent, config_class, num_test_time_registers, register_neurons, batch_size=2, **config):
+    def __init__(
+        self, parent, config_class, num_test_time_registers, register_neurons, num_prefix_tokens=1, batch_size=2,
+        **config,
+    ):
         self.parent, self.config_class = parent, config_class
         self.batch_size, self.is_training = batch_size, True
         self.image_size, self.patch_size, self.num_channels = 16, 4, 3
         self.hidden_size, self.num_hidden_layers, self.num_attention_heads = 32, 2, 4
         self.mask_length = (self.image_size // self.patch_size) ** 2  # `bool_masked_pos` covers the patches
-        self.num_masks, self.seq_length = self.mask_length // 2, self.mask_length + 1
+        self.num_masks, self.seq_length = self.mask_length // 2, self.mask_length + num_prefix_tokens
         self.registers = dict(num_test_time_registers=num_test_time_registers, register_neurons=register_neurons)
         self.config = config
 
     def get_config(self):
         return self.config_class(
-            image_size=self.image_size, patch_size=self.patch_size, num_channels=self.num_channels,
-            hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads, initializer_range=0.02, **self.config, **self.registers,
+            patch_size=self.patch_size, num_channels=self.num_channels, hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            initializer_range=0.02, **self.geometry(), **self.config, **self.registers,
         )
+
+    def geometry(self) -> dict:
+        """The config fields that size the image."""
+        return {"image_size": self.image_size}
 
     def prepare_config_and_inputs_for_common(self):
         pixel_values = common.floats_tensor([self.batch_size, self.num_channels, self.image_size, self.image_size])
         return self.get_config(), {"pixel_values": pixel_values}
+
+
+class NaFlexTTRegModelTester(TTRegModelTester):
+    """SigLIP2's variable-resolution inputs, as transformers' `Siglip2VisionModelTester` makes them: patchified images
+    of several ``spatial_shapes``, padded to ``seq_length`` patches, with their ``pixel_attention_mask``.
+
+    A batch of 7: the eager-vs-SDPA test runs 7 images and fills a smaller batch with random shapes, empty ones too.
+    """
+
+    def __init__(self, *args, batch_size=7, **config):
+        super().__init__(*args, batch_size=batch_size, **config)
+        self.seq_length = self.mask_length + 2  # the padded length: no image fills it
+
+    def geometry(self) -> dict:
+        return {"num_patches": self.mask_length}  # the position-embedding grid, resized to each image's shape
+
+    def prepare_config_and_inputs_for_common(self):
+        length, patch_dim = self.seq_length, self.num_channels * self.patch_size**2
+        shapes = [(h, w) for h in range(1, length) for w in range(1, length) if h * w < length]
+        spatial_shapes = torch.tensor(shapes[:: len(shapes) // self.batch_size][: self.batch_size])
+        pixel_attention_mask = torch.zeros(self.batch_size, length, dtype=torch.long)
+        for mask, (height, width) in zip(pixel_attention_mask, spatial_shapes):
+            mask[: height * width] = 1
+        inputs = dict(
+            pixel_values=common.floats_tensor([self.batch_size, length, patch_dim]),
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+        )
+        return self.get_config(), inputs
 
 
 class _TTRegModelTest(common.ModelTesterMixin):
@@ -85,6 +135,8 @@ class _TTRegModelTest(common.ModelTesterMixin):
     config = {}
     num_test_time_registers = 0
     register_neurons = None
+    num_prefix_tokens = 1
+    model_tester_class = TTRegModelTester
     test_resize_embeddings = False
     skips = {}
 
@@ -93,8 +145,9 @@ class _TTRegModelTest(common.ModelTesterMixin):
         for name, reason in skips.items():
             if re.fullmatch(rf"{name}(_\d+(_.*)?)?", self._testMethodName):
                 self.skipTest(reason)
-        self.model_tester = TTRegModelTester(
-            self, self.config_class, self.num_test_time_registers, self.register_neurons, **self.config
+        self.model_tester = self.model_tester_class(
+            self, self.config_class, self.num_test_time_registers, self.register_neurons, self.num_prefix_tokens,
+            **self.config,
         )
 
     def test_model_get_set_embeddings(self):
@@ -139,4 +192,86 @@ class CLIPVisionTTRegModelTest(_CLIP, unittest.TestCase):
 
 
 class CLIPVisionTTRegModelOneRegisterTest(_CLIP, unittest.TestCase):
+    num_test_time_registers = 1
+
+
+class _ViT(_TTRegModelTest):
+    all_model_classes = (ViTTTRegModel,)
+    config_class = ViTTTRegConfig
+    config = dict(intermediate_size=37, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    register_neurons = {0: [5], 1: [2, 30]}
+
+
+class _DeiT(_ViT):
+    all_model_classes = (DeiTTTRegModel,)
+    config_class = DeiTTTRegConfig
+    num_prefix_tokens = 2  # CLS and distillation token
+
+
+class _DINOv3(_TTRegModelTest):
+    all_model_classes = (DINOv3ViTTTRegModel,)
+    config_class = DINOv3ViTTTRegConfig
+    config = dict(intermediate_size=37, num_register_tokens=2)
+    num_prefix_tokens = 3  # CLS and the trained registers
+    register_neurons = {0: [3], 1: [7, 20]}
+
+
+class _Siglip(_TTRegModelTest):
+    all_model_classes = (SiglipVisionTTRegModel,)
+    config_class = SiglipVisionTTRegConfig
+    config = dict(intermediate_size=37, attention_dropout=0.1)
+    num_prefix_tokens = 0
+    register_neurons = {0: [4, 11], 1: [30]}
+    skips = dict.fromkeys(
+        ("test_cpu_offload", "test_disk_offload_bin", "test_disk_offload_safetensors"),
+        "the parent's: accelerate cannot offload the attention-pooling head's `nn.MultiheadAttention` (transformers' "
+        "SigLIP and SigLIP2 vision tests turn these off)",
+    )
+
+
+class _Siglip2(_Siglip):
+    all_model_classes = (Siglip2VisionTTRegModel,)
+    config_class = Siglip2VisionTTRegConfig
+    model_tester_class = NaFlexTTRegModelTester
+    additional_model_inputs = ["pixel_attention_mask", "spatial_shapes"]  # passed along `pixel_values`
+
+
+class ViTTTRegModelTest(_ViT, unittest.TestCase):
+    pass
+
+
+class ViTTTRegModelOneRegisterTest(_ViT, unittest.TestCase):
+    num_test_time_registers = 1
+
+
+class DeiTTTRegModelTest(_DeiT, unittest.TestCase):
+    pass
+
+
+class DeiTTTRegModelTwoRegistersTest(_DeiT, unittest.TestCase):
+    num_test_time_registers = 2
+
+
+class DINOv3ViTTTRegModelTest(_DINOv3, unittest.TestCase):
+    pass
+
+
+class DINOv3ViTTTRegModelTwoRegistersGatedTest(_DINOv3, unittest.TestCase):
+    num_test_time_registers = 2
+    config = {**_DINOv3.config, "use_gated_mlp": True}
+
+
+class SiglipVisionTTRegModelTest(_Siglip, unittest.TestCase):
+    pass
+
+
+class SiglipVisionTTRegModelOneRegisterTest(_Siglip, unittest.TestCase):
+    num_test_time_registers = 1
+
+
+class Siglip2VisionTTRegModelTest(_Siglip2, unittest.TestCase):
+    pass
+
+
+class Siglip2VisionTTRegModelOneRegisterTest(_Siglip2, unittest.TestCase):
     num_test_time_registers = 1

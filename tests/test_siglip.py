@@ -211,6 +211,22 @@ def test_siglip2_padded_batch_equals_each_image_alone(siglip2_checkpoint, semant
             torch.testing.assert_close(batched.pooler_output[i], alone.pooler_output[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_siglip2_gradient_checkpointing_recomputes_with_the_token_mask(siglip2_checkpoint, use_reentrant):
+    """Checkpointed layers are recomputed in backward, after the forward returned: the recomputed edit must see the
+    padded batch's mask again (without it, padding leaks into the register value and the gradients are wrong)."""
+    _, batch = naflex_batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = Siglip2VisionTTRegModel.from_pretrained(siglip2_checkpoint, register_neurons=NEURONS).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
+        outputs = model(*batch)
+        (outputs.pooler_output.square().mean() + outputs.test_time_registers.square().mean()).backward()
+        grads.append(model.get_parameter("encoder.layers.0.mlp.fc1.weight").grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+
+
 def test_siglip_compiles_fullgraph(siglip_checkpoint, pixels):
     model = SiglipVisionTTRegModel.from_pretrained(
         siglip_checkpoint, register_neurons=NEURONS, register_semantics="reference", register_patch_mode="only_outliers"

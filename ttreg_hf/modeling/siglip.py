@@ -16,6 +16,7 @@ from transformers.models.siglip.modeling_siglip import (
     SiglipVisionEmbeddings,
 )
 from transformers.models.siglip2.modeling_siglip2 import (
+    Siglip2EncoderLayer,
     Siglip2MLP,
     Siglip2MultiheadAttentionPoolingHead,
     Siglip2VisionEmbeddings,
@@ -73,6 +74,29 @@ class Siglip2TTRegMLP(Siglip2MLP):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.register_edit(self.activation_fn(self.fc1(hidden_states)))
         return self.fc2(hidden_states)
+
+
+class Siglip2TTRegEncoderLayer(Siglip2EncoderLayer):
+    """`Siglip2EncoderLayer` that lends its MLP's edit the batch's token mask for the duration of the call. The mask is
+    an argument of the layer: gradient checkpointing recomputes the layer from its arguments, mask included."""
+
+    mlp: Siglip2TTRegMLP
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        register_token_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        edit = self.mlp.register_edit
+        if not isinstance(edit, RegisterNeuronEdit):
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        edit.token_mask = register_token_mask
+        try:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        finally:
+            edit.token_mask = None  # the mask belongs to this call only
 
 
 class _RegisterPoolingMixin:
@@ -161,13 +185,22 @@ class Siglip2VisionTTRegModel(_SiglipTTRegMixin, Siglip2VisionModel):
     config: Siglip2VisionTTRegConfig
     config_class = Siglip2VisionTTRegConfig
     _no_split_modules = [
-        *Siglip2VisionModel._no_split_modules, "Siglip2VisionTTRegEmbeddings", "Siglip2TTRegPoolingHead"
+        *Siglip2VisionModel._no_split_modules,
+        "Siglip2TTRegEncoderLayer",
+        "Siglip2VisionTTRegEmbeddings",
+        "Siglip2TTRegPoolingHead",
     ]
     _register_classes = (Siglip2VisionTTRegEmbeddings, Siglip2TTRegMLP, Siglip2TTRegPoolingHead)
 
     def __init__(self, config: Siglip2VisionTTRegConfig):
         super().__init__(config)
         self.adopt_register_modules()
+
+    def adopt_register_modules(self) -> None:
+        """As for SigLIP, and the encoder layers, which pass each call's token mask to their edit."""
+        for layer in self.encoder.layers:
+            adopt(layer, Siglip2TTRegEncoderLayer)
+        super().adopt_register_modules()
 
     @can_return_tuple
     def forward(
@@ -185,14 +218,7 @@ class Siglip2VisionTTRegModel(_SiglipTTRegMixin, Siglip2VisionModel):
                 "image processor's outputs together."
             )
         token_mask = self.token_layout.append_registers_to_mask(pixel_attention_mask)
-        self._set_token_mask(token_mask)
-        try:
-            outputs = super().forward(pixel_values, token_mask, spatial_shapes, return_dict=True, **kwargs)
-        finally:
-            self._set_token_mask(None)  # the mask belongs to this batch only
+        outputs = super().forward(
+            pixel_values, token_mask, spatial_shapes, register_token_mask=token_mask, return_dict=True, **kwargs
+        )
         return self.strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
-
-    def _set_token_mask(self, token_mask: torch.Tensor | None) -> None:
-        for mlp in self.register_edit_sites:
-            if isinstance(mlp.register_edit, RegisterNeuronEdit):
-                mlp.register_edit.token_mask = token_mask
