@@ -3,8 +3,8 @@
 1. `TinyViT`: a plain-PyTorch ViT, as a user might have one (pre-norm blocks, CLS token, GELU MLPs).
 2. Its test-time-register family: a subclass of the embedding that appends the registers, a subclass of the MLP that
    calls ``register_edit`` right after the activation, and a model class that declares where those parts are.
-3. A register neuron planted in it (a neuron that fires on uniform patches and writes a high-norm token), found with
-   `find_register_neurons`, attached, and the outlier ratio before and after.
+3. Register neurons planted in it with `ttreg_hf.planted` (neurons that fire on uniform patches and write high-norm
+   tokens), found with `find_register_neurons`, attached, and the outlier ratio before and after.
 
 Run: ``python examples/add_a_family.py`` (a few seconds on a CPU).
 """
@@ -14,6 +14,8 @@ from torch import nn
 
 from ttreg_hf import RegisterSeams, TestTimeRegisterConfig, TestTimeRegisterMixin, adopt, find_register_neurons
 from ttreg_hf.analysis import patch_norms, run_with_cache
+from ttreg_hf.images import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, normalize
+from ttreg_hf.planted import BlockSites, LinearRows, PlantingSites, plant_register_neurons, textured_images
 
 # 1. The user's ViT ---------------------------------------------------------------------------------------------------
 
@@ -102,57 +104,29 @@ class TinyViTTTReg(TestTimeRegisterMixin, TinyViT):
         return self.token_layout.strip_registers(super().forward(images))
 
 
-# 3. Plant a register neuron, find it, attach it ----------------------------------------------------------------------
+# 3. Plant register neurons, find them, attach them ---------------------------------------------------------------
 
-PLANTED_LAYER, PLANTED_NEURON = 1, 77
-ANCHOR, EDGES, ENERGY, CLS_MARK, OUTLIER = slice(0, 8), slice(8, 12), 12, 13, slice(32, 64)
-
-
-def alternating(size: int) -> torch.Tensor:
-    """A unit vector with zero mean, which LayerNorm keeps."""
-    return torch.tensor([(-1.0) ** i for i in range(size)]) / size**0.5
+PLANTED_LAYER, PLANTED_NEURONS = 2, (21, 60)
+IMAGE_SIZE = 96
 
 
-@torch.no_grad()
-def plant_register_neuron(model: TinyViT) -> None:
-    """Patch embedding: edge filters (zero on uniform patches). Layer 0: |edges| into ENERGY. The planted neuron fires
-    where the energy is low (uniform patches, not CLS) and writes a large vector along OUTLIER."""
-    for parameter in model.parameters():
-        parameter.mul_(0.1)
-    for norm in [model.norm, *(m for b in model.blocks for m in (b.norm1, b.norm2))]:
-        norm.weight.fill_(1.0)
-    embed, anchor = model.embed, 8.0 * alternating(8)
-    embed.proj.bias[ANCHOR] = anchor
-    embed.cls_token[0, 0, ANCHOR] = anchor
-    embed.cls_token[0, 0, CLS_MARK] = 6.0
-    patch = model.patch_size
-    for channel in range(EDGES.start, EDGES.stop):
-        signs = torch.ones(patch * patch)
-        signs[torch.randperm(patch * patch)[: patch * patch // 2]] = -1.0
-        embed.proj.weight[channel] = 0.1 * signs.view(1, patch, patch).expand(3, -1, -1)
-        embed.proj.bias[channel] = 0.0
-    mlp = model.blocks[0].mlp
-    for k, channel in enumerate(range(EDGES.start, EDGES.stop)):
-        for neuron, sign in ((2 * k, 1.0), (2 * k + 1, -1.0)):
-            mlp.fc1.weight[neuron].zero_()
-            mlp.fc1.weight[neuron, channel], mlp.fc1.bias[neuron] = 2.0 * sign, 0.0
-            mlp.fc2.weight[:, neuron].zero_()
-            mlp.fc2.weight[ENERGY, neuron] = 0.5
-    mlp = model.blocks[PLANTED_LAYER].mlp
-    mlp.fc1.weight[PLANTED_NEURON].zero_()
-    mlp.fc1.weight[PLANTED_NEURON, ENERGY], mlp.fc1.weight[PLANTED_NEURON, CLS_MARK] = -12.0, -4.0
-    mlp.fc1.bias[PLANTED_NEURON] = 3.0
-    mlp.fc2.weight[:, PLANTED_NEURON].zero_()
-    mlp.fc2.weight[OUTLIER, PLANTED_NEURON] = 40.0 * alternating(OUTLIER.stop - OUTLIER.start)
+def planting_sites_of(model: TinyViT) -> PlantingSites:
+    """The modules `plant_register_neurons` writes to; `planting_sites(model)` knows them for ttreg_hf's own families."""
+    width = model.norm.normalized_shape[0]
+
+    def block_sites(block: Block) -> BlockSites:
+        attention = block.attn  # nn.MultiheadAttention: the query and key rows are packed in `in_proj`
+        rows = lambda start: LinearRows.of(attention, slice(start, start + width), "in_proj_weight", "in_proj_bias")
+        return BlockSites(block.mlp.fc1, block.mlp.fc2, query=rows(0), key=rows(width), attention_out=attention.out_proj)
+
+    embed = model.embed
+    heads = model.blocks[0].attn.num_heads
+    return PlantingSites(embed.proj, [block_sites(b) for b in model.blocks], heads, (embed.cls_token,), embed.pos_embed)
 
 
-def images_with_uniform_regions(num_images: int, size: int = 64, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.rand(num_images, 3, size, size, generator=generator)
-    for image in images:
-        top, left = (int(v) for v in torch.randint(0, size - 16, (2,), generator=generator))
-        image[:, top : top + 16, left : left + 16] = torch.rand(3, 1, 1, generator=generator)
-    return images
+def images(num_images: int, seed: int) -> torch.Tensor:
+    """Random textures with uniform regions (where planted neurons fire), normalized."""
+    return normalize(textured_images(num_images, seed=seed, size=IMAGE_SIZE), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
 
 def outlier_ratio(model: TinyViTTTReg, images: torch.Tensor, threshold: float) -> float:
@@ -163,15 +137,15 @@ def outlier_ratio(model: TinyViTTTReg, images: torch.Tensor, threshold: float) -
 
 def main() -> None:
     torch.manual_seed(0)
-    model = TinyViTTTReg().eval()
-    plant_register_neuron(model)
-    result = find_register_neurons(model, list(images_with_uniform_regions(64)))
+    model = TinyViTTTReg(image=IMAGE_SIZE).eval()
+    plant_register_neurons(planting_sites_of(model), PLANTED_LAYER, PLANTED_NEURONS)
+    result = find_register_neurons(model, list(images(32, seed=0)))
     print(result.summary())
-    held_out = images_with_uniform_regions(32, seed=1)
+    held_out = images(16, seed=1)
     before = outlier_ratio(model, held_out, result.threshold)
     model.set_register_neurons(result.index)
     after = outlier_ratio(model, held_out, result.threshold)
-    print(f"planted: layer {PLANTED_LAYER}, neuron {PLANTED_NEURON}; found: {dict(result.index.neurons)}")
+    print(f"planted: layer {PLANTED_LAYER}, neurons {list(PLANTED_NEURONS)}; found: {dict(result.index.neurons)}")
     print(f"outlier ratio on held-out images: {100 * before:.2f} % before, {100 * after:.2f} % with the test-time register")
 
 

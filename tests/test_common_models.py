@@ -1,20 +1,21 @@
 """`transformers`' own common model tests (`ModelTesterMixin`) on every HF subclass, registers on and off.
 
-The common tests are not committed: `fetch_transformers_tests.py` unpacks them for the installed `transformers`
-(CI runs it before pytest). Tests that cannot apply by design are skipped with their reason in `SKIPS` and in a
-family's ``skips``. Each family runs once with the edit off and once with test-time registers; its tester mirrors
+The common tests are not committed: `fetch_transformers_tests.py` unpacks them for the installed `transformers` on
+this module's first run (or by hand, e.g. before going offline). Tests that cannot apply by design are skipped with
+their reason in `SKIPS` and in a family's ``skips``. Each family runs once with the edit off and once with test-time registers; its tester mirrors
 transformers' own (e.g. `Siglip2VisionModelTester` for SigLIP2's NaFlex inputs).
 """
 
 import importlib
 import importlib.util
 import re
+import subprocess
 import sys
 import unittest
 
 import pytest
 import torch
-from fetch_transformers_tests import FETCH_COMMAND, PACKAGE, package_dir
+from fetch_transformers_tests import FETCH_COMMAND, PACKAGE, fetch
 
 from ttreg_hf import (
     CLIPVisionTTRegConfig,
@@ -38,9 +39,12 @@ pytest.importorskip("parameterized", reason="the common tests need `parameterize
 
 
 def _import_common_tests():
-    directory = package_dir()
-    if not (directory / "test_modeling_common.py").is_file():
-        pytest.skip(f"transformers' common tests are not fetched: run `{FETCH_COMMAND}`", allow_module_level=True)
+    """transformers' `test_modeling_common`, fetched from PyPI on first use (a package registry: allowed in tests)."""
+    try:
+        directory = fetch()
+    except (OSError, subprocess.CalledProcessError) as error:
+        reason = f"transformers' common tests could not be fetched ({error}): run `{FETCH_COMMAND}` online"
+        pytest.skip(reason, allow_module_level=True)
     if PACKAGE not in sys.modules:
         spec = importlib.util.spec_from_file_location(
             PACKAGE, directory / "__init__.py", submodule_search_locations=[str(directory)]
