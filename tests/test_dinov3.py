@@ -250,3 +250,17 @@ def test_changing_the_number_of_registers_reaches_the_rotation(images):
         actual = with_registers(model(images))
     assert actual.shape[1] == NUM_PREFIX + 16 + 3
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_recomputed_attention_with_rope_equals_the_eager_attention():
+    """The analysis tools' DINOv3 reader (RoPE on the patches, identity on the registers) against the eager maps."""
+    from ttreg_hf.analysis import run_with_cache
+
+    model = DINOv3ViTTTRegModel(tiny_config()).eval()
+    pixels = torch.randn(2, 3, *([ARCH["image_size"]] * 2))
+    _, cache = run_with_cache(model, pixels, blocks=None, attentions="all")
+    with torch.no_grad():
+        outputs = model(pixels, output_attentions=True)
+    for layer, (tokens, registers) in enumerate(zip(outputs.attentions, outputs.test_time_register_attentions)):
+        num_tokens = tokens.shape[-1]
+        torch.testing.assert_close(torch.cat((tokens, registers), dim=-1), cache.attentions[layer][:, :, :num_tokens])

@@ -29,6 +29,7 @@ INTERNALS: dict[str, tuple[str, ...]] = {
         "transformers.models.dinov3_vit.modeling_dinov3_vit.DINOv3ViTGatedMLP",
         "transformers.models.dinov3_vit.modeling_dinov3_vit.DINOv3ViTMLP",
         "transformers.models.dinov3_vit.modeling_dinov3_vit.DINOv3ViTRopePositionEmbedding",
+        "transformers.models.dinov3_vit.modeling_dinov3_vit.apply_rotary_pos_emb",
         "transformers.models.siglip.modeling_siglip.SiglipMLP",
         "transformers.models.siglip.modeling_siglip.SiglipMultiheadAttentionPoolingHead",
         "transformers.models.siglip.modeling_siglip.SiglipVisionEmbeddings",

@@ -41,8 +41,12 @@ def _first_output(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+def _block_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """The hidden states a block is called with, and its other keyword arguments."""
+    if args:
+        return args[0], kwargs
+    name = next(key for key, value in kwargs.items() if isinstance(value, torch.Tensor))
+    return kwargs[name], {key: value for key, value in kwargs.items() if key != name}
 
 
 @contextmanager
@@ -72,7 +76,8 @@ def observe(
     def on_attention(observer: Observer):
         def hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
             with torch.no_grad():
-                observer(attention_reader(block)(block, _block_input(args, kwargs)))
+                hidden_states, block_kwargs = _block_input(args, kwargs)
+                observer(attention_reader(block)(block, hidden_states, **block_kwargs))
 
         return hook
 
