@@ -33,6 +33,7 @@ INTERNALS: dict[str, tuple[str, ...]] = {
         "transformers.models.siglip.modeling_siglip.SiglipMLP",
         "transformers.models.siglip.modeling_siglip.SiglipMultiheadAttentionPoolingHead",
         "transformers.models.siglip.modeling_siglip.SiglipVisionEmbeddings",
+        "transformers.models.siglip2.modeling_siglip2.Siglip2EncoderLayer",
         "transformers.models.siglip2.modeling_siglip2.Siglip2MLP",
         "transformers.models.siglip2.modeling_siglip2.Siglip2MultiheadAttentionPoolingHead",
         "transformers.models.siglip2.modeling_siglip2.Siglip2VisionEmbeddings",
