@@ -106,19 +106,20 @@ def transformers_families() -> dict[type, type]:
     return {getattr(transformers, parent): __getattr__(ours) for ours, (_, _, parent) in _FAMILIES.items()}
 
 
-def _importing_this_package() -> bool:
-    """Whether one of the package's modules is half-imported."""
+def _half_imported() -> bool:
+    """Whether a module of this package or of `transformers` is half-imported."""
     return any(
         getattr(getattr(module, "__spec__", None), "_initializing", False)
         for name, module in list(sys.modules.items())
-        if name.startswith(f"{__name__}.")
+        if name.startswith((f"{__name__}.", "transformers."))
     )
 
 
 class _RegisterWithAutoClasses(importlib.abc.MetaPathFinder):
-    """Register the classes right after `transformers` imports its auto classes. When one of this package's modules
-    is what imported them and the classes' modules are half-imported, registering is a circular import: it is left
-    to the next `register_auto_classes` call (a package name's first use, or the package code that needs it)."""
+    """Register the classes right after `transformers` imports its auto classes. When a half-imported module (one of
+    this package's, or a `transformers` model module the classes subclass) is what imported them, registering is a
+    circular import: it is left to the next `register_auto_classes` call (a package name's first use, or the package
+    code that needs it)."""
 
     def find_spec(self, fullname, path, target=None):
         if fullname != _AUTO_MODULE:
@@ -132,7 +133,7 @@ class _RegisterWithAutoClasses(importlib.abc.MetaPathFinder):
             try:
                 register_auto_classes()
             except ImportError:
-                if not _importing_this_package():
+                if not _half_imported():
                     raise
 
         spec.loader.exec_module = exec_module

@@ -24,6 +24,7 @@ from torch import nn
 
 from .configs.dinov2 import Dinov2TTRegConfig
 from .modeling.dinov2 import Dinov2TTRegModel
+from .upstream import lookup_by_class
 
 PLANTED_LAYER = 3
 PLANTED_NEURONS = (37, 101, 222, 300)
@@ -409,10 +410,9 @@ PLANTING_SITES: dict[str, Callable[[nn.Module], PlantingSites]] = {
 
 def planting_sites(model: nn.Module) -> PlantingSites:
     """The `PlantingSites` of a model of one of the package's families (or of its parent class)."""
-    for cls in type(model).__mro__:
-        sites = PLANTING_SITES.get(f"{cls.__module__}.{cls.__qualname__}")
-        if sites is not None:
-            return sites(model)
+    sites = lookup_by_class(PLANTING_SITES, model)
+    if sites is not None:
+        return sites(model)
     raise TypeError(
         f"No planting sites known for {type(model).__name__}; build a `PlantingSites` of its modules (see "
         "`ttreg_hf.planted.PlantingSites`), or add an entry to `ttreg_hf.planted.PLANTING_SITES`."

@@ -6,7 +6,11 @@ package is listed here and that each resolves, and names the installed version o
 """
 
 import importlib
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
+from typing import TypeVar
+
+Entry = TypeVar("Entry")
 
 INTERNALS: dict[str, tuple[str, ...]] = {
     "transformers": (
@@ -75,3 +79,9 @@ def _version(distribution: str) -> str:
         return version(distribution)
     except PackageNotFoundError:
         return "not installed"
+
+
+def lookup_by_class(table: Mapping[str, Entry], obj: object) -> Entry | None:
+    """``table``'s entry for the nearest class of ``obj`` (its own, then its bases), keyed by qualified name
+    (``"module.Class"``): such a table names upstream classes without importing their optional packages."""
+    return next((table[key] for cls in type(obj).__mro__ if (key := f"{cls.__module__}.{cls.__qualname__}") in table), None)

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb
 
+from ..upstream import lookup_by_class
+
 
 def _probabilities(queries: torch.Tensor, keys: torch.Tensor, num_heads: int, scaling: float) -> torch.Tensor:
     """``softmax(q k^T * scaling)`` per head, ``(batch, heads, tokens, tokens)``."""
@@ -79,10 +81,9 @@ ATTENTION_READERS: dict[str, Reader] = {
 
 def attention_reader(block: nn.Module) -> Reader:
     """The function that recomputes ``block``'s attention probabilities from its input."""
-    for cls in type(block).__mro__:
-        reader = ATTENTION_READERS.get(f"{cls.__module__}.{cls.__qualname__}")
-        if reader is not None:
-            return reader
+    reader = lookup_by_class(ATTENTION_READERS, block)
+    if reader is not None:
+        return reader
     raise NotImplementedError(
         f"No attention reader for blocks of type {type(block).__name__}; add one to "
         "ttreg_hf.analysis.attention.ATTENTION_READERS."
