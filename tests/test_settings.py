@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 from conftest import tiny_dinov2_config
-from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+from transformers import CLIPVisionConfig, Dinov2Config, Dinov2Model
 
 from ttreg_hf import (
     CLIPVisionTTRegConfig,
