@@ -56,6 +56,13 @@ class TestTimeRegisterConfigMixin:
                 part["model_type"] = cls.model_type
         return config_dict, kwargs
 
+    @classmethod
+    def from_parent_config(cls, config, **settings):
+        """``config`` (the parent's config class, e.g. a `Dinov2Config`) as this class: every field and the attention
+        implementation kept, the register ``settings`` added."""
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
+        return cls(**{**fields, **settings}, attn_implementation=config._attn_implementation)
+
     @property
     def mlp_width(self) -> int:
         """Number of neurons in each MLP hidden layer, the range of a register-neuron index."""

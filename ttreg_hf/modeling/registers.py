@@ -264,8 +264,7 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
                 f"{cls.__name__} needs a {cls.config_class.__name__} (or a {parent_config_class.__name__}, which it "
                 f"converts), got a {type(config).__name__}."
             )
-        fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
-        return cls.config_class(**fields, attn_implementation=config._attn_implementation)
+        return cls.config_class.from_parent_config(config)
 
     @classmethod
     def is_custom_code(cls) -> bool:

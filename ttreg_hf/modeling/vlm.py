@@ -44,8 +44,7 @@ def _with_settings(tower_config: PreTrainedConfig, **settings) -> TestTimeRegist
             f"{', '.join(sorted(unknown))} not a setting of {config_class.__name__}; its settings are "
             f"{', '.join(sorted(_settings(config_class)))}."
         )
-    fields = {k: v for k, v in tower_config.to_dict().items() if k not in ("model_type", "transformers_version")}
-    return config_class(**{**fields, **settings}, attn_implementation=tower_config._attn_implementation)
+    return config_class.from_parent_config(tower_config, **settings)
 
 
 def _sub_configs(config: PreTrainedConfig) -> Iterator[tuple[PreTrainedConfig, str]]:
