@@ -8,6 +8,8 @@ Edits alone: the only work (b) and (c) do differently, timed by itself (every li
 activations of the row's shape), so the comparison is not lost in the forward's run-to-run noise.
 Peak memory: the extra peak of one (warmed-up) forward, each variant in a fresh process: the CUDA allocator's peak, or
 on the CPU the peak resident set size (`peak_memory.py`).
+Models: one row per family (`MODELS`), random weights except DINOv2 ViT-S/14 (the checkpoint in ../shared when there),
+a synthetic 45-neuron index except DINOv2 ViT-L/14 (the shipped one); 224 px images, SigLIP2 NaFlex 256 patches (16x16).
 
     python benchmarks/forward.py                  # the CPU table (fp32, batch 1 and 8)
     python benchmarks/forward.py --device cuda    # adds fp16/bf16, batch 64, eager and torch.compile
@@ -17,6 +19,7 @@ on the CPU the peak resident set size (`peak_memory.py`).
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -24,19 +27,43 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
+import open_clip
+import timm
 import torch
-from transformers import CLIPVisionModel, Dinov2Model
+from transformers import (
+    CLIPVisionModel,
+    DeiTModel,
+    Dinov2Model,
+    DINOv3ViTModel,
+    Siglip2VisionModel,
+    SiglipVisionModel,
+    ViTModel,
+)
 
-from ttreg_hf import CLIPVisionTTRegConfig, CLIPVisionTTRegModel, Dinov2TTRegModel, load_index
-from ttreg_hf.modeling.dinov2_original import convert_original_state_dict, dinov2_config, load_original_state_dict
+from ttreg_hf import (
+    CLIPVisionTTRegModel,
+    DeiTTTRegModel,
+    Dinov2TTRegModel,
+    DINOv3ViTTTRegModel,
+    Siglip2VisionTTRegModel,
+    SiglipVisionTTRegModel,
+    ViTTTRegModel,
+    load_index,
+)
+from ttreg_hf.modeling import open_clip as open_clip_registers
+from ttreg_hf.modeling import timm as timm_registers
+from ttreg_hf.modeling.dinov2_original import DINOV2_ARCHS, convert_original_state_dict, load_original_state_dict
 from ttreg_hf.modeling.edit import RegisterNeuronEdit
 
 from peak_memory import EXACT_CPU_ENV, extra_peak_mib  # benchmarks/peak_memory.py
 
 SHARED_VITS14 = Path(__file__).resolve().parents[2] / "shared/weights/dinov2_vits14_imgfocus.safetensors"
 VARIANTS = ("parent", "ttreg", "hooks")
+PIXELS = {"base": 224, "tiny": 32}  # the input images' side: the table's, the smoke test's
 
 
 def synthetic_index(num_layers: int, mlp_width: int, num_neurons: int = 45, seed: int = 0) -> dict[int, list[int]]:
@@ -58,8 +85,16 @@ def edit_neuron_by_neuron(output: torch.Tensor, neurons: list[int], num_register
     return output
 
 
+class HookSites(NamedTuple):
+    """Where the hook-based edit hooks into a parent model."""
+
+    appender: torch.nn.Module  # its output gets the registers appended
+    activations: list[torch.nn.Module]  # each block's MLP activation (after the gating where gated)
+    extra: tuple = ()  # (a module's ``register_*_hook`` method, the hook) for what else the registers need
+
+
 @contextlib.contextmanager
-def hook_edit(appender, activations, index, num_registers=1):
+def hook_edit(sites: HookSites, index: dict[int, list[int]], num_registers: int = 1):
     """The authors' way: append the registers with a hook, rewrite each listed activation output neuron by neuron."""
 
     def append(module, args, output):
@@ -68,8 +103,9 @@ def hook_edit(appender, activations, index, num_registers=1):
     def make_edit(neurons):
         return lambda module, args, output: edit_neuron_by_neuron(output, neurons, num_registers)
 
-    handles = [appender.register_forward_hook(append)]
-    handles += [activations[layer].register_forward_hook(make_edit(ids)) for layer, ids in index.items()]
+    handles = [sites.appender.register_forward_hook(append)]
+    handles += [sites.activations[layer].register_forward_hook(make_edit(ids)) for layer, ids in index.items()]
+    handles += [register_hook(hook) for register_hook, hook in sites.extra]
     try:
         yield
     finally:
@@ -77,103 +113,221 @@ def hook_edit(appender, activations, index, num_registers=1):
             handle.remove()
 
 
-def same_weights(parent: torch.nn.Module, ttreg_class: type) -> torch.nn.Module:
-    """A ``ttreg_class`` model holding the parent's weights."""
-    model = ttreg_class(parent.config).eval()
-    model.load_state_dict(parent.state_dict())
-    return model
-
-
 class HookedEdit(torch.nn.Module):
     """The parent model with the edit applied by forward hooks, registered and removed around every call."""
 
-    def __init__(self, model: torch.nn.Module, sites, index: dict[int, list[int]]):
+    def __init__(self, model: torch.nn.Module, sites: Callable[[torch.nn.Module], HookSites], index: dict):
         super().__init__()
         self.model, self.sites, self.index = model, sites, index
 
-    def forward(self, pixels: torch.Tensor):
-        appender, activations = self.sites(self.model)
-        with hook_edit(appender, activations, self.index):
-            return self.model(pixels)
+    def forward(self, *inputs: torch.Tensor):
+        with hook_edit(self.sites(self.model), self.index):
+            return self.model(*inputs)
 
 
-def dinov2(arch: str, variant: str, real_weights: bool) -> torch.nn.Module:
-    """One variant of a DINOv2 backbone; the same seed gives every variant the same weights."""
-    config = dinov2_config(arch, num_test_time_registers=1, register_semantics="paper", register_patch_mode="zero")
-    index = load_index("dinov2_vitl14").neurons if arch == "vitl14" else synthetic_index(
-        config.num_hidden_layers, config.mlp_width
+def images(fields: dict, batch: int, pixels: int) -> tuple[torch.Tensor]:
+    return (torch.randn(batch, 3, pixels, pixels),)
+
+
+def naflex_patches(fields: dict, batch: int, pixels: int) -> tuple[torch.Tensor, ...]:
+    """SigLIP2's NaFlex inputs for square images of ``fields["num_patches"]`` patches, none of them padding."""
+    side = int(fields["num_patches"] ** 0.5)
+    pixel_values = torch.randn(batch, side * side, 3 * fields["patch_size"] ** 2)
+    return pixel_values, torch.ones(batch, side * side, dtype=torch.long), torch.tensor([[side, side]] * batch)
+
+
+def config_depth_and_width(model: torch.nn.Module) -> tuple[int, int]:
+    """A `transformers` parent's depth and MLP width (its config is a ttreg_hf one, which knows the width)."""
+    return model.config.num_hidden_layers, model.config.mlp_width
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One row of the table: the parent model at a size, the ttreg_hf model on its weights, the hooks' sites."""
+
+    parent: Callable[[dict], torch.nn.Module]  # architecture fields -> the parent model (weights from the seed)
+    ttreg: Callable[[torch.nn.Module, dict], torch.nn.Module]  # (parent model, index) -> the ttreg_hf model
+    hook_sites: Callable[[torch.nn.Module], HookSites]
+    sizes: dict[str, dict]  # "base" (the table's) and "tiny" (the smoke test's) architecture fields
+    depth_and_width: Callable[[torch.nn.Module], tuple[int, int]] = config_depth_and_width  # the index's bounds
+    inputs: Callable[[dict, int, int], tuple[torch.Tensor, ...]] = images  # (fields, batch, pixels) -> inputs
+    shipped_index: str | None = None  # the index used at the base size instead of a synthetic one
+    real_weights: Callable[[torch.nn.Module], object] | None = None  # loads a real checkpoint at the base size
+
+    def build(self, variant: str, size: str = "base") -> torch.nn.Module:
+        """One variant; the same seed gives every variant the same weights."""
+        torch.manual_seed(0)
+        model = self.parent(self.sizes[size])
+        if size == "base" and self.has_real_weights:
+            self.real_weights(model)
+        if size == "base" and self.shipped_index:
+            index = load_index(self.shipped_index).neurons
+        else:
+            index = synthetic_index(*self.depth_and_width(model))
+        if variant == "ttreg":
+            return self.ttreg(model, index)
+        return model if variant == "parent" else HookedEdit(model, self.hook_sites, index)
+
+    @property
+    def has_real_weights(self) -> bool:
+        return self.real_weights is not None and SHARED_VITS14.is_file()
+
+
+def transformers_family(parent_class: type, ttreg_class: type, hook_sites, sizes: dict, **settings) -> Family:
+    """A row for a `transformers` parent: built from the ttreg_hf config (the parent ignores its register fields);
+    the ttreg_hf model is built from it with the index and loads the parent's weights."""
+
+    def ttreg(parent: torch.nn.Module, index: dict[int, list[int]]) -> torch.nn.Module:
+        model = ttreg_class(dataclasses.replace(parent.config, register_neurons=index)).eval()
+        model.load_state_dict(parent.state_dict())
+        return model
+
+    parent = lambda fields: parent_class(ttreg_class.config_class(**fields)).eval()  # noqa: E731
+    return Family(parent, ttreg, hook_sites, sizes, **settings)
+
+
+def mlp_activations(blocks: str, activation: str) -> Callable[[torch.nn.Module], list[torch.nn.Module]]:
+    """``model -> [the activation module of each block]`` for dotted paths (``"encoder.layer"``, ``"mlp.act"``)."""
+    return lambda model: [block.get_submodule(activation) for block in model.get_submodule(blocks)]
+
+
+def sites(appender: str, blocks: str, activation: str) -> Callable[[torch.nn.Module], HookSites]:
+    activations = mlp_activations(blocks, activation)
+    return lambda model: HookSites(model.get_submodule(appender), activations(model))
+
+
+def dinov3_sites(model: DINOv3ViTModel) -> HookSites:
+    """DINOv3's registers also get the identity rotation (RoPE rotates only the last ``len(cos)`` tokens)."""
+    unrotated = lambda module, args, rope: tuple(  # noqa: E731
+        torch.nn.functional.pad(part, (0, 0, 0, 1), value=value) for part, value in zip(rope, (1.0, 0.0))
     )
-    config.register_neurons = {str(k): list(v) for k, v in index.items()}
-    torch.manual_seed(0)
-    model = Dinov2Model(config).eval()
-    if real_weights:
-        model.load_state_dict(convert_original_state_dict(load_original_state_dict(SHARED_VITS14), config))
-    if variant != "hooks":
-        return same_weights(model, Dinov2TTRegModel) if variant == "ttreg" else model
-    return HookedEdit(model, lambda m: (m.embeddings, [block.mlp.activation_fn for block in m.encoder.layer]), index)
+    base = sites("embeddings", "model.layer", "mlp.act_fn")(model)
+    return base._replace(extra=((model.rope_embeddings.register_forward_hook, unrotated),))
 
 
-def clip_vitb16(variant: str, real_weights: bool) -> torch.nn.Module:
-    """One variant of the `transformers` CLIP ViT-B/16 vision tower (random weights)."""
-    config = CLIPVisionTTRegConfig(
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16,
-        image_size=224,
+def siglip2_sites(model: Siglip2VisionModel) -> HookSites:
+    """SigLIP2's attention mask gets an entry for the register."""
+    with_register = lambda module, args: (  # noqa: E731
+        args[0], torch.cat([args[1], args[1].new_ones(len(args[1]), 1)], dim=1), *args[2:]
     )
-    index = synthetic_index(config.num_hidden_layers, config.mlp_width)
-    config.register_neurons = {str(k): list(v) for k, v in index.items()}
-    torch.manual_seed(0)
-    model = CLIPVisionModel(config).eval()
-    if variant != "hooks":
-        return same_weights(model, CLIPVisionTTRegModel) if variant == "ttreg" else model
-    return HookedEdit(model, lambda m: (m.embeddings, [layer.mlp.activation_fn for layer in m.encoder.layers]), index)
+    base = sites("embeddings", "encoder.layers", "mlp.activation_fn")(model)
+    return base._replace(extra=((model.register_forward_pre_hook, with_register),))
 
 
-def openclip_vitb16(variant: str, real_weights: bool) -> torch.nn.Module:
-    """One variant of the open_clip ViT-B/16 `VisionTransformer` (random weights)."""
-    import open_clip
-
-    from ttreg_hf.modeling.open_clip import to_test_time_registers
-
-    torch.manual_seed(0)
-    visual = open_clip.create_model("ViT-B-16").visual.eval()
-    index = synthetic_index(len(visual.transformer.resblocks), visual.transformer.resblocks[0].mlp.c_fc.out_features)
-    if variant == "ttreg":
-        return to_test_time_registers(visual, index)
-    if variant == "parent":
-        return visual
-    return HookedEdit(visual, lambda m: (m.patch_dropout, [b.mlp.gelu for b in m.transformer.resblocks]), index)
+def dinov2_fields(arch: str) -> dict:
+    """The upstream ``dinov2_{arch}`` backbone's architecture (518 px position table), with `Dinov2Model`'s position
+    interpolation: the parent's, so that (a), (b) and (c) compute the same thing at 224 px."""
+    hidden_size, num_layers, num_heads, swiglu = DINOV2_ARCHS[arch]
+    return dict(
+        hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads, use_swiglu_ffn=swiglu,
+        image_size=518, patch_size=14, position_interpolation="transformers",
+    )
 
 
-MODELS = {  # name -> builder(variant, real_weights)
-    "DINOv2 ViT-S/14": lambda variant, real: dinov2("vits14", variant, real),
-    "DINOv2 ViT-B/14": lambda variant, real: dinov2("vitb14", variant, real),
-    "DINOv2 ViT-L/14": lambda variant, real: dinov2("vitl14", variant, real),
-    "CLIP ViT-B/16": clip_vitb16,
-    "OpenCLIP ViT-B/16": openclip_vitb16,
+def load_shared_vits14(model: Dinov2Model) -> None:
+    model.load_state_dict(convert_original_state_dict(load_original_state_dict(SHARED_VITS14), model.config))
+
+
+def open_clip_visual(fields: dict) -> torch.nn.Module:
+    return open_clip.create_model("ViT-B-16", **fields).visual.eval()
+
+
+# architecture fields: a base B/16 at 224 px, and a tiny one (32 px, 16 patches) for the smoke test
+B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16)
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, patch_size=8)
+VIT_SIZES = {"base": dict(B16, image_size=224), "tiny": dict(TINY, image_size=32)}
+TINY_DINOV2 = dict(
+    hidden_size=32, mlp_ratio=2, num_hidden_layers=4, num_attention_heads=2, image_size=48, patch_size=8,
+    position_interpolation="transformers",
+)  # a 6x6 position table: 32 px images are interpolated, as 224 px ones are at the base sizes
+TINY_OPEN_CLIP = dict(
+    embed_dim=16,
+    vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=4, head_width=16, mlp_ratio=2),
+    text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1),
+)
+TINY_TIMM = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2)
+
+
+def dinov2_family(arch: str, **settings) -> Family:
+    hook_sites = sites("embeddings", "encoder.layer", "mlp.activation_fn")
+    sizes = {"base": dinov2_fields(arch), "tiny": TINY_DINOV2}
+    return transformers_family(Dinov2Model, Dinov2TTRegModel, hook_sites, sizes, **settings)
+
+
+MODELS = {
+    "DINOv2 ViT-S/14": dinov2_family("vits14", real_weights=load_shared_vits14),
+    "DINOv2 ViT-B/14": dinov2_family("vitb14"),
+    "DINOv2 ViT-L/14": dinov2_family("vitl14", shipped_index="dinov2_vitl14"),
+    "CLIP ViT-B/16": transformers_family(
+        CLIPVisionModel, CLIPVisionTTRegModel, sites("embeddings", "encoder.layers", "mlp.activation_fn"), VIT_SIZES
+    ),
+    "OpenCLIP ViT-B/16": Family(
+        lambda fields: open_clip.create_model("ViT-B-16", **fields).visual.eval(),
+        open_clip_registers.to_test_time_registers,
+        sites("patch_dropout", "transformer.resblocks", "mlp.gelu"),
+        {"base": {}, "tiny": TINY_OPEN_CLIP},
+        depth_and_width=lambda visual: (
+            len(visual.transformer.resblocks), visual.transformer.resblocks[0].mlp.c_fc.out_features
+        ),
+    ),
+    "ViT-B/16": transformers_family(
+        ViTModel, ViTTTRegModel, sites("embeddings", "layers", "mlp.activation_fn"), VIT_SIZES
+    ),
+    "DeiT-B/16 distilled": transformers_family(
+        DeiTModel, DeiTTTRegModel, sites("embeddings", "layers", "mlp.activation_fn"), VIT_SIZES
+    ),
+    "DINOv3 ViT-B/16": transformers_family(
+        DINOv3ViTModel,
+        DINOv3ViTTTRegModel,
+        dinov3_sites,
+        {name: dict(fields, num_register_tokens=4) for name, fields in VIT_SIZES.items()},
+    ),
+    "SigLIP B/16": transformers_family(
+        SiglipVisionModel, SiglipVisionTTRegModel, sites("embeddings", "encoder.layers", "mlp.activation_fn"), VIT_SIZES
+    ),
+    "SigLIP2 B/16 NaFlex": transformers_family(
+        Siglip2VisionModel,
+        Siglip2VisionTTRegModel,
+        siglip2_sites,
+        {"base": dict(B16, num_patches=256), "tiny": dict(TINY, num_patches=16)},  # 224 px's 16x16 patches, 32 px's 4x4
+        inputs=naflex_patches,
+    ),
+    "timm ViT-B/16": Family(
+        lambda fields: timm.create_model("vit_base_patch16_224", **fields).eval(),
+        timm_registers.to_test_time_registers,
+        sites("patch_drop", "blocks", "mlp.act"),
+        {"base": {}, "tiny": TINY_TIMM},
+        depth_and_width=lambda model: (len(model.blocks), model.blocks[0].mlp.fc2.in_features),
+    ),
 }
-REAL_WEIGHTS = {"DINOv2 ViT-S/14"}  # models with a real checkpoint in ../shared
 
 
-def build(name: str, variant: str, device: str, dtype: torch.dtype, compiled: bool):
-    real = name in REAL_WEIGHTS and SHARED_VITS14.is_file()
-    model = MODELS[name](variant, real).to(device, dtype)
+def build(name: str, variant: str, device: str, dtype: torch.dtype, compiled: bool, size: str = "base"):
+    model = MODELS[name].build(variant, size).to(device, dtype)
     return torch.compile(model) if compiled else model
 
 
-def interleaved_times(functions: dict, inputs: torch.Tensor, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+def example_inputs(name: str, batch: int, device: str, dtype: torch.dtype, size: str = "base") -> tuple:
+    """The forward's inputs for ``batch`` images (224 px at the base size); floating-point ones in ``dtype``."""
+    family = MODELS[name]
+    inputs = family.inputs(family.sizes[size], batch, PIXELS[size])
+    return tuple(x.to(device, dtype) if x.is_floating_point() else x.to(device) for x in inputs)
+
+
+def interleaved_times(functions: dict, inputs: tuple, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
     """Run times in seconds, in rounds that call every function once, in an order rotating from round to round."""
-    sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
+    sync = torch.cuda.synchronize if inputs[0].is_cuda else (lambda: None)
     names = list(functions)
     times = {name: [] for name in names}
     with torch.inference_mode():
         for _ in range(warmup):
             for function in functions.values():
-                function(inputs)
+                function(*inputs)
         for round_ in range(repeats):
             for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                 sync()
                 start = time.perf_counter()
-                functions[name](inputs)
+                functions[name](*inputs)
                 sync()
                 times[name].append(time.perf_counter() - start)
     return times
@@ -184,16 +338,16 @@ def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str
     return statistics.median(n / d for n, d in zip(times[numerator], times[denominator]))
 
 
-def edits_alone(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def edits_alone(model: torch.nn.Module, inputs: tuple) -> tuple[tuple[torch.Tensor], dict]:
     """The edits of one forward on their own, on stand-in MLP activations: (b)'s fused edit vs (c)'s loop."""
     edits = [mlp.register_edit for mlp in model.register_edit_sites if isinstance(mlp.register_edit, RegisterNeuronEdit)]
     shapes = []
     handle = edits[0].register_forward_pre_hook(lambda module, args: shapes.append(args[0].shape))
     with torch.inference_mode():
-        model(pixels)
+        model(*inputs)
     handle.remove()
-    hidden = torch.randn(shapes[0], device=pixels.device, dtype=pixels.dtype)
-    return hidden, {
+    hidden = torch.randn(shapes[0], device=inputs[0].device, dtype=inputs[0].dtype)
+    return (hidden,), {
         "ttreg": lambda h: [edit(h) for edit in edits],
         "hooks": lambda h: [edit_neuron_by_neuron(h, list(edit.neuron_ids)) for edit in edits],
     }
@@ -208,10 +362,10 @@ def peak_memory_mib(name: str, variant: str, batch: int, device: str, dtype: str
 
 def _measure_peak_memory(name: str, variant: str, batch: int, device: str, dtype: str) -> None:
     model = build(name, variant, device, getattr(torch, dtype), compiled=False)
-    pixels = torch.randn(batch, 3, 224, 224, device=device, dtype=getattr(torch, dtype))
+    inputs = example_inputs(name, batch, device, getattr(torch, dtype))
     with torch.inference_mode():
-        model(pixels)  # warm-up: one-off allocations are not the forward's
-        print(extra_peak_mib(lambda: model(pixels), device))
+        model(*inputs)  # warm-up: one-off allocations are not the forward's
+        print(extra_peak_mib(lambda: model(*inputs), device))
 
 
 def settings(device: str, quick: bool, names: list[str] | None) -> list[tuple[str, int, torch.dtype, bool]]:
@@ -242,24 +396,24 @@ def main() -> None:
 
     repeats = 3 if args.quick else args.repeats
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, 224 px, {repeats} interleaved rounds")
+    print(f"torch {torch.__version__}, {where}, 224 px (SigLIP2: 256 patches), {repeats} interleaved rounds")
     print("| model | batch | dtype | compiled | parent (a) ms | ttreg_hf (b) ms | hooks (c) ms | b/a | c/a | "
           "edits alone ms b / c | peak MiB a / b / c |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, batch, dtype, compiled in settings(args.device, args.quick, args.model):
         functions = {v: build(name, v, args.device, dtype, compiled and v != "hooks") for v in VARIANTS}
-        pixels = torch.randn(batch, 3, 224, 224, device=args.device, dtype=dtype)
-        times = interleaved_times(functions, pixels, repeats)
+        inputs = example_inputs(name, batch, args.device, dtype)
+        times = interleaved_times(functions, inputs, repeats)
         a, b, c = (statistics.median(times[v]) * 1e3 for v in VARIANTS)
         edits = "-"
         if not compiled:
-            hidden, edit_functions = edits_alone(functions["ttreg"], pixels)
+            hidden, edit_functions = edits_alone(functions["ttreg"], inputs)
             edit_times = interleaved_times(edit_functions, hidden, repeats).values()
             edits = " / ".join(f"{statistics.median(t) * 1e3:.2f}" for t in edit_times)
         memory = "-" if args.no_memory or compiled else " / ".join(
             f"{peak_memory_mib(name, v, batch, args.device, str(dtype).removeprefix('torch.')):.0f}" for v in VARIANTS
         )
-        label = name + (" (real weights)" if name in REAL_WEIGHTS and SHARED_VITS14.is_file() else "")
+        label = name + (" (real weights)" if MODELS[name].has_real_weights else "")
         print(f"| {label} | {batch} | {str(dtype).removeprefix('torch.')} | {'yes' if compiled else 'no'} | "
               f"{a:.1f} | {b:.1f} | {c:.1f} | {paired_ratio(times, 'ttreg', 'parent'):.3f} | "
               f"{paired_ratio(times, 'hooks', 'parent'):.3f} | {edits} | {memory} |")

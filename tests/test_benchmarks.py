@@ -38,14 +38,27 @@ def test_forward_benchmark_quick_run_prints_a_table_row():
     assert len(ratios) == 2 and all(r > 0 for r in ratios)
 
 
-@pytest.mark.parametrize("name", ["DINOv2 ViT-S/14", "CLIP ViT-B/16", "OpenCLIP ViT-B/16"])
-def test_forward_benchmark_variants_compute_the_same_edit(name, load_script):
+FORWARD_MODELS = [
+    "DINOv2 ViT-S/14", "DINOv2 ViT-B/14", "DINOv2 ViT-L/14", "CLIP ViT-B/16", "OpenCLIP ViT-B/16", "ViT-B/16",
+    "DeiT-B/16 distilled", "DINOv3 ViT-B/16", "SigLIP B/16", "SigLIP2 B/16 NaFlex", "timm ViT-B/16",
+]
+
+
+def test_forward_benchmark_rows_are_all_smoke_tested(load_script):
+    assert list(load_script("forward").MODELS) == FORWARD_MODELS
+
+
+@pytest.mark.parametrize(
+    "name, size", [(name, "tiny") for name in FORWARD_MODELS] + [("DINOv2 ViT-S/14", "base")]  # real weights if there
+)
+def test_forward_benchmark_variants_compute_the_same_edit(name, size, load_script):
+    """(a) the parent, (b) ttreg_hf, (c) the hooks, as the benchmark builds them: (b) and (c) make the same edit."""
     forward = load_script("forward")
-    pixels = torch.randn(1, 3, 224, 224)
+    inputs = forward.example_inputs(name, 2, "cpu", torch.float32, size)
     outputs = {}
     with torch.inference_mode():
         for variant in forward.VARIANTS:
-            output = forward.build(name, variant, "cpu", torch.float32, compiled=False)(pixels)
+            output = forward.build(name, variant, "cpu", torch.float32, compiled=False, size=size)(*inputs)
             outputs[variant] = output if torch.is_tensor(output) else output.pooler_output
     torch.testing.assert_close(outputs["ttreg"], outputs["hooks"], atol=1e-5, rtol=0)
     assert not torch.allclose(outputs["ttreg"], outputs["parent"], atol=1e-3)
