@@ -94,21 +94,12 @@ def observe(
 
 @dataclass
 class ActivationCache:
-    """Tensors of the last forward(s), by 0-based layer; tokens are laid out as `layout` says."""
+    """Tensors of the last forward, by 0-based layer; tokens are laid out as `layout` says."""
 
     layout: TokenLayout
     mlp_activations: dict[int, torch.Tensor] = field(default_factory=dict)
     block_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
     attentions: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def cat(self, other: "ActivationCache") -> None:
-        """Append ``other``'s images (batch dimension) to this cache."""
-        for mine, theirs in zip(self._fields(), other._fields()):
-            for layer, tensor in theirs.items():
-                mine[layer] = torch.cat((mine[layer], tensor)) if layer in mine else tensor
-
-    def _fields(self) -> tuple[dict, dict, dict]:
-        return self.mlp_activations, self.block_outputs, self.attentions
 
 
 @contextmanager
