@@ -3,7 +3,6 @@
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPVisionEmbeddings, CLIPVisionModelOutput
 from transformers.utils.generic import can_return_tuple
@@ -11,6 +10,7 @@ from transformers.utils.generic import can_return_tuple
 from ..configs.clip import CLIPVisionTTRegConfig
 from .layout import TokenLayout
 from .registers import (
+    EditAfterActivationMixin,
     PreTrainedTestTimeRegisterMixin,
     RegisterSeams,
     TestTimeRegisterModelOutput,
@@ -50,14 +50,8 @@ class CLIPVisionTTRegEmbeddings(CLIPVisionEmbeddings):
         return self.token_layout.append_registers(super().forward(pixel_values, interpolate_pos_encoding))
 
 
-class CLIPTTRegMLP(CLIPMLP):
+class CLIPTTRegMLP(EditAfterActivationMixin, CLIPMLP):
     """`CLIPMLP` with the register-neuron edit right after the activation."""
-
-    register_edit: nn.Module
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.register_edit(self.activation_fn(self.fc1(hidden_states)))
-        return self.fc2(hidden_states)
 
 
 def adopt_register_modules(vision_model: CLIPVisionModel) -> None:

@@ -11,6 +11,7 @@ from transformers.utils.generic import can_return_tuple
 from ..configs.dinov2 import Dinov2TTRegConfig
 from .layout import TokenLayout
 from .registers import (
+    EditAfterActivationMixin,
     PreTrainedTestTimeRegisterMixin,
     RegisterSeams,
     TestTimeRegisterModelOutput,
@@ -48,14 +49,8 @@ class Dinov2TTRegEmbeddings(Dinov2Embeddings):
         return self.token_layout.append_registers(super().forward(pixel_values, bool_masked_pos))
 
 
-class Dinov2TTRegMLP(Dinov2MLP):
+class Dinov2TTRegMLP(EditAfterActivationMixin, Dinov2MLP):
     """`Dinov2MLP` with the register-neuron edit right after the activation."""
-
-    register_edit: nn.Module
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.register_edit(self.activation_fn(self.fc1(hidden_states)))
-        return self.fc2(hidden_states)
 
 
 class Dinov2TTRegSwiGLUFFN(Dinov2SwiGLUFFN):

@@ -89,6 +89,16 @@ class RegisterAppender(nn.Module):
         return self.token_layout.append_registers(self.module(tokens))
 
 
+class EditAfterActivationMixin:
+    """For the MLPs that compute ``fc2(activation_fn(fc1(x)))`` (DINOv2, CLIP, SigLIP, ViT, DeiT): their forward with the
+    register-neuron edit right after the activation. Mixed in before the parent MLP class, then adopted."""
+
+    register_edit: nn.Module
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.register_edit(self.activation_fn(self.fc1(hidden_states))))
+
+
 def adopt(module: nn.Module, subclass: type[nn.Module]) -> nn.Module:
     """Make ``module`` an instance of ``subclass``, which changes its forward but adds no parameters.
 

@@ -27,6 +27,7 @@ from ..configs.siglip import Siglip2VisionTTRegConfig, SiglipVisionTTRegConfig
 from .edit import RegisterNeuronEdit
 from .layout import TokenLayout
 from .registers import (
+    EditAfterActivationMixin,
     PreTrainedTestTimeRegisterMixin,
     RegisterSeams,
     TestTimeRegisterModelOutput,
@@ -56,24 +57,12 @@ class Siglip2VisionTTRegEmbeddings(Siglip2VisionEmbeddings):
         return self.token_layout.append_registers(super().forward(pixel_values, spatial_shapes))
 
 
-class SiglipTTRegMLP(SiglipMLP):
+class SiglipTTRegMLP(EditAfterActivationMixin, SiglipMLP):
     """`SiglipMLP` with the register-neuron edit right after the activation."""
 
-    register_edit: nn.Module
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.register_edit(self.activation_fn(self.fc1(hidden_states)))
-        return self.fc2(hidden_states)
-
-
-class Siglip2TTRegMLP(Siglip2MLP):
+class Siglip2TTRegMLP(EditAfterActivationMixin, Siglip2MLP):
     """`Siglip2MLP` with the register-neuron edit right after the activation."""
-
-    register_edit: nn.Module
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.register_edit(self.activation_fn(self.fc1(hidden_states)))
-        return self.fc2(hidden_states)
 
 
 class Siglip2TTRegEncoderLayer(Siglip2EncoderLayer):

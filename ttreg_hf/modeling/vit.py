@@ -13,7 +13,14 @@ from transformers.utils.generic import can_return_tuple
 
 from ..configs.vit import DeiTTTRegConfig, ViTTTRegConfig
 from .layout import TokenLayout
-from .registers import PreTrainedTestTimeRegisterMixin, RegisterSeams, TestTimeRegisterModelOutput, adopt, check_pixel_values
+from .registers import (
+    EditAfterActivationMixin,
+    PreTrainedTestTimeRegisterMixin,
+    RegisterSeams,
+    TestTimeRegisterModelOutput,
+    adopt,
+    check_pixel_values,
+)
 
 
 class ViTStyleTTRegEmbeddingsMixin:
@@ -31,20 +38,11 @@ class ViTStyleTTRegEmbeddingsMixin:
         return self.token_layout.append_registers(embeddings)
 
 
-class ViTStyleTTRegMLPMixin:
-    """``fc1 -> activation -> fc2`` with the register-neuron edit right after the activation."""
-
-    register_edit: nn.Module
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.register_edit(self.activation_fn(self.fc1(hidden_states))))
-
-
 class ViTTTRegEmbeddings(ViTStyleTTRegEmbeddingsMixin, ViTEmbeddings):
     """`ViTEmbeddings` followed by the test-time registers."""
 
 
-class ViTTTRegMLP(ViTStyleTTRegMLPMixin, ViTMLP):
+class ViTTTRegMLP(EditAfterActivationMixin, ViTMLP):
     """`ViTMLP` with the register-neuron edit right after the activation."""
 
 
@@ -52,7 +50,7 @@ class DeiTTTRegEmbeddings(ViTStyleTTRegEmbeddingsMixin, DeiTEmbeddings):
     """`DeiTEmbeddings` (CLS, distillation token, patches) followed by the test-time registers."""
 
 
-class DeiTTTRegMLP(ViTStyleTTRegMLPMixin, DeiTMLP):
+class DeiTTTRegMLP(EditAfterActivationMixin, DeiTMLP):
     """`DeiTMLP` with the register-neuron edit right after the activation."""
 
 
