@@ -47,8 +47,8 @@ _EXPORTS = {
     "TokenLayout": ".modeling.layout",
     **dict.fromkeys(
         (
-            "PreTrainedTestTimeRegisterMixin", "RegisterAppender", "RegisterEditOffWarning", "RegisterSeams",
-            "TestTimeRegisterMixin", "TestTimeRegisterModelOutput", "adopt", "check_pixel_values",
+            "EditAfterActivationMixin", "PreTrainedTestTimeRegisterMixin", "RegisterAppender", "RegisterEditOffWarning",
+            "RegisterSeams", "TestTimeRegisterMixin", "TestTimeRegisterModelOutput", "adopt", "check_pixel_values",
         ),
         ".modeling.registers",
     ),
