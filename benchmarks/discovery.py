@@ -32,7 +32,9 @@ def planted_images(num_images: int, model) -> torch.Tensor:
 
 
 def streaming(model, images, top_k: int, threshold: float | None) -> dict[int, list[int]]:
-    result = find_register_neurons(model, images, top_k=top_k, threshold=threshold, batch_size=BATCH_SIZE, eval_images=0)
+    result = find_register_neurons(
+        model, images, top_k=top_k, threshold=threshold, batch_size=BATCH_SIZE, eval_images=0
+    )
     return {layer: sorted(ids) for layer, ids in result.index.neurons.items()}
 
 
@@ -43,11 +45,20 @@ def log_everything(model, images, top_k: int, threshold: float) -> dict[int, lis
     logs = []
     for image in images:
         record = {"mlp": [], "blocks": []}
-        handles = [mlp.register_edit.register_forward_pre_hook(
-            lambda module, args, record=record: record["mlp"].append(args[0].cpu().clone())) for mlp in mlps]
-        handles += [block.register_forward_hook(
-            lambda module, args, output, record=record: record["blocks"].append(
-                (output[0] if isinstance(output, tuple) else output).cpu().clone())) for block in blocks]
+        handles = [
+            mlp.register_edit.register_forward_pre_hook(
+                lambda module, args, record=record: record["mlp"].append(args[0].cpu().clone())
+            )
+            for mlp in mlps
+        ]
+        handles += [
+            block.register_forward_hook(
+                lambda module, args, output, record=record: record["blocks"].append(
+                    (output[0] if isinstance(output, tuple) else output).cpu().clone()
+                )
+            )
+            for block in blocks
+        ]
         with torch.no_grad():
             outputs = model(image.unsqueeze(0), output_attentions=True)
         record["attentions"] = [attention.cpu().clone() for attention in outputs.attentions]
@@ -111,15 +122,21 @@ def main() -> None:
     # one threshold for both methods, the automatic one of the streaming tool on the first images
     threshold = find_register_neurons(model, planted_images(16, model), top_k=1, eval_images=0).threshold
     truth = {str(layer): sorted(ids) for layer, ids in planted_index().items()}
-    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; planted model, threshold {threshold:.3g}")
-    print("| images | streaming img/s | log-everything img/s | speed-up | bare forward img/s | streaming / bare | "
-          "extra peak MiB streaming / log-everything | same neurons | = planted |")
+    print(
+        f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; planted model, threshold {threshold:.3g}"
+    )
+    print(
+        "| images | streaming img/s | log-everything img/s | speed-up | bare forward img/s | streaming / bare | "
+        "extra peak MiB streaming / log-everything | same neurons | = planted |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for num_images in [16] if args.quick else [64, 256]:
         fast, slow, bare = (_in_fresh_process(method, num_images, threshold) for method in METHODS)
-        print(f"| {num_images} | {fast['ips']:.1f} | {slow['ips']:.1f} | {fast['ips'] / slow['ips']:.1f}x | "
-              f"{bare['ips']:.1f} | {fast['ips'] / bare['ips']:.2f} | {fast['peak']:.0f} / {slow['peak']:.0f} | "
-              f"{'yes' if fast['neurons'] == slow['neurons'] else 'no'} | {'yes' if fast['neurons'] == truth else 'no'} |")
+        print(
+            f"| {num_images} | {fast['ips']:.1f} | {slow['ips']:.1f} | {fast['ips'] / slow['ips']:.1f}x | "
+            f"{bare['ips']:.1f} | {fast['ips'] / bare['ips']:.2f} | {fast['peak']:.0f} / {slow['peak']:.0f} | "
+            f"{'yes' if fast['neurons'] == slow['neurons'] else 'no'} | {'yes' if fast['neurons'] == truth else 'no'} |"
+        )
 
 
 if __name__ == "__main__":

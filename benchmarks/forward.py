@@ -207,9 +207,10 @@ def dinov3_sites(model: DINOv3ViTModel) -> HookSites:
 
 def siglip2_sites(model: Siglip2VisionModel) -> HookSites:
     """SigLIP2's attention mask gets an entry for the register."""
-    with_register = lambda module, args: (  # noqa: E731
-        args[0], torch.cat([args[1], args[1].new_ones(len(args[1]), 1)], dim=1), *args[2:]
-    )
+
+    def with_register(module, args):
+        return (args[0], torch.cat([args[1], args[1].new_ones(len(args[1]), 1)], dim=1), *args[2:])
+
     base = sites("embeddings", "encoder.layers", "mlp.activation_fn")(model)
     return base._replace(extra=((model.register_forward_pre_hook, with_register),))
 
@@ -219,8 +220,13 @@ def dinov2_fields(arch: str) -> dict:
     interpolation: the parent's, so that (a), (b) and (c) compute the same thing at 224 px."""
     hidden_size, num_layers, num_heads, swiglu = DINOV2_ARCHS[arch]
     return dict(
-        hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads, use_swiglu_ffn=swiglu,
-        image_size=518, patch_size=14, position_interpolation="transformers",
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        use_swiglu_ffn=swiglu,
+        image_size=518,
+        patch_size=14,
+        position_interpolation="transformers",
     )
 
 
@@ -237,7 +243,12 @@ B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_at
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, patch_size=8)
 VIT_SIZES = {"base": dict(B16, image_size=224), "tiny": dict(TINY, image_size=32)}
 TINY_DINOV2 = dict(
-    hidden_size=32, mlp_ratio=2, num_hidden_layers=4, num_attention_heads=2, image_size=48, patch_size=8,
+    hidden_size=32,
+    mlp_ratio=2,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    image_size=48,
+    patch_size=8,
     position_interpolation="transformers",
 )  # a 6x6 position table: 32 px images are interpolated, as 224 px ones are at the base sizes
 TINY_OPEN_CLIP = dict(
@@ -267,7 +278,8 @@ MODELS = {
         sites("patch_dropout", "transformer.resblocks", "mlp.gelu"),
         {"base": {}, "tiny": TINY_OPEN_CLIP},
         depth_and_width=lambda visual: (
-            len(visual.transformer.resblocks), visual.transformer.resblocks[0].mlp.c_fc.out_features
+            len(visual.transformer.resblocks),
+            visual.transformer.resblocks[0].mlp.c_fc.out_features,
         ),
     ),
     "ViT-B/16": transformers_family(
@@ -340,7 +352,9 @@ def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str
 
 def edits_alone(model: torch.nn.Module, inputs: tuple) -> tuple[tuple[torch.Tensor], dict]:
     """The edits of one forward on their own, on stand-in MLP activations: (b)'s fused edit vs (c)'s loop."""
-    edits = [mlp.register_edit for mlp in model.register_edit_sites if isinstance(mlp.register_edit, RegisterNeuronEdit)]
+    edits = [
+        mlp.register_edit for mlp in model.register_edit_sites if isinstance(mlp.register_edit, RegisterNeuronEdit)
+    ]
     shapes = []
     handle = edits[0].register_forward_pre_hook(lambda module, args: shapes.append(args[0].shape))
     with torch.inference_mode():
@@ -397,8 +411,10 @@ def main() -> None:
     repeats = 3 if args.quick else args.repeats
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, 224 px (SigLIP2: 256 patches), {repeats} interleaved rounds")
-    print("| model | batch | dtype | compiled | parent (a) ms | ttreg_hf (b) ms | hooks (c) ms | b/a | c/a | "
-          "edits alone ms b / c | peak MiB a / b / c |")
+    print(
+        "| model | batch | dtype | compiled | parent (a) ms | ttreg_hf (b) ms | hooks (c) ms | b/a | c/a | "
+        "edits alone ms b / c | peak MiB a / b / c |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, batch, dtype, compiled in settings(args.device, args.quick, args.model):
         functions = {v: build(name, v, args.device, dtype, compiled and v != "hooks") for v in VARIANTS}
@@ -410,13 +426,20 @@ def main() -> None:
             hidden, edit_functions = edits_alone(functions["ttreg"], inputs)
             edit_times = interleaved_times(edit_functions, hidden, repeats).values()
             edits = " / ".join(f"{statistics.median(t) * 1e3:.2f}" for t in edit_times)
-        memory = "-" if args.no_memory or compiled else " / ".join(
-            f"{peak_memory_mib(name, v, batch, args.device, str(dtype).removeprefix('torch.')):.0f}" for v in VARIANTS
+        memory = (
+            "-"
+            if args.no_memory or compiled
+            else " / ".join(
+                f"{peak_memory_mib(name, v, batch, args.device, str(dtype).removeprefix('torch.')):.0f}"
+                for v in VARIANTS
+            )
         )
         label = name + (" (real weights)" if MODELS[name].has_real_weights else "")
-        print(f"| {label} | {batch} | {str(dtype).removeprefix('torch.')} | {'yes' if compiled else 'no'} | "
-              f"{a:.1f} | {b:.1f} | {c:.1f} | {paired_ratio(times, 'ttreg', 'parent'):.3f} | "
-              f"{paired_ratio(times, 'hooks', 'parent'):.3f} | {edits} | {memory} |")
+        print(
+            f"| {label} | {batch} | {str(dtype).removeprefix('torch.')} | {'yes' if compiled else 'no'} | "
+            f"{a:.1f} | {b:.1f} | {c:.1f} | {paired_ratio(times, 'ttreg', 'parent'):.3f} | "
+            f"{paired_ratio(times, 'hooks', 'parent'):.3f} | {edits} | {memory} |"
+        )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,13 @@ WIDTH, LAYERS, HEADS, PATCH = 96, 6, 4, 14
 def build_planted_siglip(seed: int = 0, **settings) -> SiglipVisionTTRegModel:
     """A SigLIP-shaped planted model (no CLS, MAP head); ``settings`` go to the config."""
     config = SiglipVisionTTRegConfig(
-        hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        image_size=IMAGE_SIZE, patch_size=PATCH, **{"register_neurons": {}, **settings},
+        hidden_size=WIDTH,
+        intermediate_size=4 * WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        **{"register_neurons": {}, **settings},
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -22,7 +22,9 @@ COMMANDS = {
     "ttreg find-neurons --help": [*CLI, "find-neurons", "--help"],
     "import ttreg_hf": [sys.executable, "-c", "import ttreg_hf"],
     "import ttreg_hf; from ttreg_hf import Dinov2TTRegModel": [
-        sys.executable, "-c", "import ttreg_hf; from ttreg_hf import Dinov2TTRegModel"
+        sys.executable,
+        "-c",
+        "import ttreg_hf; from ttreg_hf import Dinov2TTRegModel",
     ],
     "python -c pass (interpreter alone)": [sys.executable, "-c", "pass"],
 }

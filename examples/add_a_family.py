@@ -96,7 +96,9 @@ class TinyViTTTReg(TestTimeRegisterMixin, TinyViT):
         adopt(self.embed, RegisterAppendingPatchEmbed)
         for block in self.blocks:
             adopt(block.mlp, RegisterEditMlp)
-        self.config = TestTimeRegisterConfig(num_hidden_layers=len(self.blocks), mlp_width=4 * self.norm.normalized_shape[0])
+        self.config = TestTimeRegisterConfig(
+            num_hidden_layers=len(self.blocks), mlp_width=4 * self.norm.normalized_shape[0]
+        )
         self.set_register_neurons(register_neurons or {})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -116,8 +118,13 @@ def planting_sites_of(model: TinyViT) -> PlantingSites:
 
     def block_sites(block: Block) -> BlockSites:
         attention = block.attn  # nn.MultiheadAttention: the query and key rows are packed in `in_proj`
-        rows = lambda start: LinearRows.of(attention, slice(start, start + width), "in_proj_weight", "in_proj_bias")
-        return BlockSites(block.mlp.fc1, block.mlp.fc2, query=rows(0), key=rows(width), attention_out=attention.out_proj)
+
+        def rows(start: int) -> LinearRows:
+            return LinearRows.of(attention, slice(start, start + width), "in_proj_weight", "in_proj_bias")
+
+        return BlockSites(
+            block.mlp.fc1, block.mlp.fc2, query=rows(0), key=rows(width), attention_out=attention.out_proj
+        )
 
     embed = model.embed
     heads = model.blocks[0].attn.num_heads
@@ -126,7 +133,9 @@ def planting_sites_of(model: TinyViT) -> PlantingSites:
 
 def images(num_images: int, seed: int) -> torch.Tensor:
     """Random textures with uniform regions (where planted neurons fire), normalized."""
-    return normalize(textured_images(num_images, seed=seed, size=IMAGE_SIZE), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    return normalize(
+        textured_images(num_images, seed=seed, size=IMAGE_SIZE), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    )
 
 
 def outlier_ratio(model: TinyViTTTReg, images: torch.Tensor, threshold: float) -> float:
@@ -146,7 +155,9 @@ def main() -> None:
     model.set_register_neurons(result.index)
     after = outlier_ratio(model, held_out, result.threshold)
     print(f"planted: layer {PLANTED_LAYER}, neurons {list(PLANTED_NEURONS)}; found: {dict(result.index.neurons)}")
-    print(f"outlier ratio on held-out images: {100 * before:.2f} % before, {100 * after:.2f} % with the test-time register")
+    print(
+        f"outlier ratio on held-out images: {100 * before:.2f} % before, {100 * after:.2f} % with the test-time register"
+    )
 
 
 if __name__ == "__main__":

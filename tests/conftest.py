@@ -36,7 +36,11 @@ def tiny_dinov2_config(**overrides):
     from ttreg_hf import Dinov2TTRegConfig
 
     settings = dict(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=14,
         register_neurons={1: [3, 70, 5], 2: [7, 100]},
     )
     config = Dinov2TTRegConfig(**{**settings, **overrides})

@@ -38,9 +38,23 @@ def fetch(version: str = transformers.__version__) -> Path:
         return target
     with tempfile.TemporaryDirectory() as download:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--retries", "1", "--timeout", "30", "--no-deps",
-             "--no-binary", ":all:",
-             f"transformers=={version}", "-d", download],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--retries",
+                "1",
+                "--timeout",
+                "30",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"transformers=={version}",
+                "-d",
+                download,
+            ],
             check=True,
         )
         (sdist,) = Path(download).glob("transformers-*.tar.gz")

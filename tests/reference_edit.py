@@ -36,9 +36,7 @@ def _edit_one_image(acts, neurons, num_prefix, num_registers, scales, semantics,
         for t in reset_rows:
             if patch_mode == "zero":
                 acts[t, n] = 0
-            elif patch_mode == "mean":
-                acts[t, n] = mean
-            elif patch_mode == "only_outliers" and float(source[t, n]) > float(mean + std):
+            elif patch_mode == "mean" or patch_mode == "only_outliers" and float(source[t, n]) > float(mean + std):
                 acts[t, n] = mean
         for r in range(num_registers):
             acts[patch_end + r, n] = scales[r] * value_for[n]
@@ -46,7 +44,13 @@ def _edit_one_image(acts, neurons, num_prefix, num_registers, scales, semantics,
 
 @contextmanager
 def hooked_register_edit(
-    append_site, down_projections, neurons, num_registers=1, num_prefix=1, scale=1.0, semantics="paper",
+    append_site,
+    down_projections,
+    neurons,
+    num_registers=1,
+    num_prefix=1,
+    scale=1.0,
+    semantics="paper",
     patch_mode="zero",
 ):
     """Run the parent model with the edit done by hooks.
@@ -70,7 +74,9 @@ def hooked_register_edit(
         return pre_hook
 
     handles = [append_site.register_forward_hook(append)]
-    handles += [down_projections[layer].register_forward_pre_hook(make_pre_hook(list(ids))) for layer, ids in neurons.items()]
+    handles += [
+        down_projections[layer].register_forward_pre_hook(make_pre_hook(list(ids))) for layer, ids in neurons.items()
+    ]
     try:
         yield
     finally:

@@ -69,7 +69,9 @@ def test_run_with_cache_returns_the_forwards_output_and_its_internals(planted, p
         expected = planted(pixel_values)
     assert torch.equal(output.last_hidden_state, expected.last_hidden_state)
     assert torch.equal(planted.layernorm(cache.block_outputs[5]), expected.last_hidden_state)
-    assert cache.mlp_activations[0].shape == (len(pixel_values), 257, 384) and not cache.mlp_activations[0].requires_grad
+    assert (
+        cache.mlp_activations[0].shape == (len(pixel_values), 257, 384) and not cache.mlp_activations[0].requires_grad
+    )
 
 
 def test_run_with_cache_keeps_gradients_when_asked(planted, pixel_values):

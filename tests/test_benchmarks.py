@@ -28,7 +28,9 @@ def _load_script(name: str):
 
 def test_forward_benchmark_quick_run_prints_a_table_row():
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "forward.py"), "--quick", "--no-memory"], capture_output=True, text=True,
+        [sys.executable, str(BENCHMARKS / "forward.py"), "--quick", "--no-memory"],
+        capture_output=True,
+        text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -39,8 +41,17 @@ def test_forward_benchmark_quick_run_prints_a_table_row():
 
 
 FORWARD_MODELS = [
-    "DINOv2 ViT-S/14", "DINOv2 ViT-B/14", "DINOv2 ViT-L/14", "CLIP ViT-B/16", "OpenCLIP ViT-B/16", "ViT-B/16",
-    "DeiT-B/16 distilled", "DINOv3 ViT-B/16", "SigLIP B/16", "SigLIP2 B/16 NaFlex", "timm ViT-B/16",
+    "DINOv2 ViT-S/14",
+    "DINOv2 ViT-B/14",
+    "DINOv2 ViT-L/14",
+    "CLIP ViT-B/16",
+    "OpenCLIP ViT-B/16",
+    "ViT-B/16",
+    "DeiT-B/16 distilled",
+    "DINOv3 ViT-B/16",
+    "SigLIP B/16",
+    "SigLIP2 B/16 NaFlex",
+    "timm ViT-B/16",
 ]
 
 
@@ -49,7 +60,8 @@ def test_forward_benchmark_rows_are_all_smoke_tested(load_script):
 
 
 @pytest.mark.parametrize(
-    "name, size", [(name, "tiny") for name in FORWARD_MODELS] + [("DINOv2 ViT-S/14", "base")]  # real weights if there
+    "name, size",
+    [(name, "tiny") for name in FORWARD_MODELS] + [("DINOv2 ViT-S/14", "base")],  # real weights if there
 )
 def test_forward_benchmark_variants_compute_the_same_edit(name, size, load_script):
     """(a) the parent, (b) ttreg_hf, (c) the hooks, as the benchmark builds them: (b) and (c) make the same edit."""

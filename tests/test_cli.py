@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ttreg_hf.cli import load_model, main
-from ttreg_hf.planted import planted_index, build_planted_model
-from ttreg_hf.discovery import find_register_neurons, weights_fingerprint
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronIndex
+from ttreg_hf.cli import load_model, main
+from ttreg_hf.discovery import find_register_neurons, weights_fingerprint
+from ttreg_hf.planted import build_planted_model, planted_index
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ROOT = README.parent
@@ -60,7 +60,11 @@ def test_demo_prints_what_the_readme_shows(tmp_path, capsys, monkeypatch):
 def planted_index_file(tmp_path):
     model = build_planted_model()
     index = RegisterNeuronIndex(
-        planted_index(), 6, 384, details={"weights_fingerprint": weights_fingerprint(model)}, checkpoints={"hub": "planted"}
+        planted_index(),
+        6,
+        384,
+        details={"weights_fingerprint": weights_fingerprint(model)},
+        checkpoints={"hub": "planted"},
     )
     return index.save(tmp_path / "planted.safetensors")
 
@@ -128,7 +132,9 @@ def test_find_neurons_exit_codes_and_no_progress_bars_off_a_terminal(image_dir, 
 def test_a_plain_transformers_dinov2_folder_loads_as_the_package_class(tmp_path):
     from transformers import Dinov2Config, Dinov2Model
 
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56)).save_pretrained(tmp_path)
+    Dinov2Model(
+        Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56)
+    ).save_pretrained(tmp_path)
     model = load_model(str(tmp_path), "cpu", num_test_time_registers=0)
     assert type(model) is Dinov2TTRegModel and model.config.num_hidden_layers == 2
 
@@ -165,15 +171,36 @@ def mistakes(tmp_path, image_dir, image_file, planted_index_file):
         (["find-neurons", "planted", images, "--out", str(tmp_path)], "is a folder"),
         (["find-neurons", "planted", images, "--out", str(tmp_path / "a_file" / "x.safetensors")], "is a file"),
         (["find-neurons", "planted", images, "--out", str(planted_index_file)], "exists; pass --overwrite"),
-        (inspect + ["--index", str(tmp_path / "corrupt.safetensors"), "--out", str(tmp_path / "r.png")], "corrupt.safetensors"),
-        (inspect + ["--index", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "r.png")], "No register-neuron index"),
+        (
+            inspect + ["--index", str(tmp_path / "corrupt.safetensors"), "--out", str(tmp_path / "r.png")],
+            "corrupt.safetensors",
+        ),
+        (
+            inspect + ["--index", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "r.png")],
+            "No register-neuron index",
+        ),
         (inspect + ["--out", str(tmp_path / "existing.png")], "exists; pass --overwrite"),
         (["inspect", "planted", str(tmp_path / "no.jpg"), "--out", str(tmp_path / "r.png")], "No image at"),
-        (["inspect", "dinov2_vitb14", str(image_file), "--out", str(tmp_path / "r.png")], "No index is shipped for 'dinov2_vitb14'"),
-        (["demo", "--model", "dinov2_vitl14", "--out-dir", str(tmp_path / "d")], "Could not fetch the weights of 'dinov2_vitl14'"),
-        (["export", "facebook/dinov2-large", "--index", "dinov2_vitl14", "--out", str(tmp_path / "e")], "Could not fetch 'facebook/dinov2-large'"),
-        (["export", str(tmp_path / "bert"), "--index", "dinov2_vitl14", "--out", str(tmp_path / "a_file")], "is a file"),
-        (["export", str(tmp_path / "bert"), "--index", "dinov2_vitl14", "--out", str(tmp_path / "f")], "model type 'bert'"),
+        (
+            ["inspect", "dinov2_vitb14", str(image_file), "--out", str(tmp_path / "r.png")],
+            "No index is shipped for 'dinov2_vitb14'",
+        ),
+        (
+            ["demo", "--model", "dinov2_vitl14", "--out-dir", str(tmp_path / "d")],
+            "Could not fetch the weights of 'dinov2_vitl14'",
+        ),
+        (
+            ["export", "facebook/dinov2-large", "--index", "dinov2_vitl14", "--out", str(tmp_path / "e")],
+            "Could not fetch 'facebook/dinov2-large'",
+        ),
+        (
+            ["export", str(tmp_path / "bert"), "--index", "dinov2_vitl14", "--out", str(tmp_path / "a_file")],
+            "is a file",
+        ),
+        (
+            ["export", str(tmp_path / "bert"), "--index", "dinov2_vitl14", "--out", str(tmp_path / "f")],
+            "model type 'bert'",
+        ),
         (["export", str(tmp_path / "bert"), "--index", "nope", "--out", str(tmp_path / "g")], "nope"),
         (inspect + ["--index", str(large_index), "--out", str(tmp_path / "r.png")], "made for facebook/dinov2-large"),
         (["unknown-command"], "invalid choice"),
@@ -230,8 +257,11 @@ def test_import_ttreg_hf_registers_the_classes_with_the_auto_classes(tmp_path):
     """``import ttreg_hf`` alone (no attribute used), then `AutoModel` / `AutoConfig`: the classes are known."""
     from ttreg_hf import Dinov2TTRegConfig
 
-    Dinov2TTRegModel(Dinov2TTRegConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56,
-                                       register_neurons={1: [3]})).save_pretrained(tmp_path / "model")
+    Dinov2TTRegModel(
+        Dinov2TTRegConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56, register_neurons={1: [3]}
+        )
+    ).save_pretrained(tmp_path / "model")
     run = run_python(
         "import ttreg_hf\n"
         "from transformers import AutoConfig, AutoModel\n"
@@ -253,8 +283,8 @@ def tiny_planted_folder(family: str, folder: Path) -> Path:
 @pytest.mark.parametrize("family", ["clip", "siglip", "deit"])
 def test_inspect_a_planted_folder_of_each_family_with_the_index_discovery_found(family, tmp_path, capsys):
     from PIL import Image
-
     from test_planting import LAYER, NEURONS, SIZE, images
+
     from ttreg_hf.planted import textured_images
 
     folder = tiny_planted_folder(family, tmp_path / family)
@@ -269,7 +299,10 @@ def test_inspect_a_planted_folder_of_each_family_with_the_index_discovery_found(
     out = tmp_path / "report.png"
     assert main(["inspect", str(folder), str(image), "--index", str(index), "--out", str(out)]) == 0
     original, edited = capsys.readouterr().out.splitlines()[:2]
-    outliers = lambda line: int(re.search(r"(\d+) outlier tokens", line).group(1))
+
+    def outliers(line):
+        return int(re.search(r"(\d+) outlier tokens", line).group(1))
+
     assert original.startswith("original:") and outliers(original) >= 1
     assert edited.startswith("with test-time register:") and outliers(edited) == 0
     assert out.is_file() and out.stat().st_size > 10_000

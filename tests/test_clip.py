@@ -3,7 +3,6 @@
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from reference_edit import AUTOGRAD_MODES, hooked_register_edit
 from transformers import AutoModel, CLIPConfig, CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from ttreg_hf import (
@@ -13,9 +12,16 @@ from ttreg_hf import (
     RegisterNeuronIndexError,
 )
 
+from reference_edit import AUTOGRAD_MODES, hooked_register_edit
+
 NEURONS = {1: [3, 40, 5], 2: [7]}
 VISION = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=14,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
     projection_dim=16,
 )
 
@@ -55,17 +61,31 @@ def test_edit_off_is_bit_identical_to_parent(checkpoint, pixels):
 
 
 @pytest.mark.parametrize("autograd", AUTOGRAD_MODES)
-@pytest.mark.parametrize("semantics, patch_mode", [("paper", "zero"), ("reference", "mean"), ("paper", "only_outliers")])
+@pytest.mark.parametrize(
+    "semantics, patch_mode", [("paper", "zero"), ("reference", "mean"), ("paper", "only_outliers")]
+)
 def test_matches_hooked_reference(checkpoint, pixels, semantics, patch_mode, autograd):
     parent = CLIPVisionModel.from_pretrained(checkpoint).eval()
     model = CLIPVisionTTRegModel.from_pretrained(
-        checkpoint, register_neurons=NEURONS, num_test_time_registers=2, register_scale=[1.0, 0.5],
-        register_semantics=semantics, register_patch_mode=patch_mode,
+        checkpoint,
+        register_neurons=NEURONS,
+        num_test_time_registers=2,
+        register_scale=[1.0, 0.5],
+        register_semantics=semantics,
+        register_patch_mode=patch_mode,
     ).eval()
     down_projections = {layer: parent.encoder.layers[layer].mlp.fc2 for layer in NEURONS}
-    with torch.no_grad(), hooked_register_edit(
-        parent.embeddings, down_projections, NEURONS, num_registers=2, scale=[1.0, 0.5], semantics=semantics,
-        patch_mode=patch_mode,
+    with (
+        torch.no_grad(),
+        hooked_register_edit(
+            parent.embeddings,
+            down_projections,
+            NEURONS,
+            num_registers=2,
+            scale=[1.0, 0.5],
+            semantics=semantics,
+            patch_mode=patch_mode,
+        ),
     ):
         expected = parent(pixels, output_hidden_states=True)
     with autograd():  # with autograd on the edit copies the activations, without it it edits them in place
@@ -97,7 +117,9 @@ def test_batch_invariance(checkpoint, pixels):
     for i in range(len(pixels)):
         single = model(pixels[i : i + 1])
         torch.testing.assert_close(single.last_hidden_state, batched.last_hidden_state[i : i + 1], atol=1e-6, rtol=0)
-        torch.testing.assert_close(single.test_time_registers, batched.test_time_registers[i : i + 1], atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            single.test_time_registers, batched.test_time_registers[i : i + 1], atol=1e-6, rtol=0
+        )
 
 
 def test_with_projection(checkpoint, pixels):
@@ -107,7 +129,9 @@ def test_with_projection(checkpoint, pixels):
     outputs = model(pixels)
     assert outputs.image_embeds.shape == (3, 16) and outputs.test_time_registers.shape == (3, 1, 32)
     tower = CLIPVisionTTRegModel.from_pretrained(checkpoint, register_neurons=NEURONS).eval()
-    torch.testing.assert_close(outputs.image_embeds, parent.visual_projection(tower(pixels).pooler_output), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        outputs.image_embeds, parent.visual_projection(tower(pixels).pooler_output), atol=1e-6, rtol=0
+    )
     model.set_register_neurons({})
     assert torch.equal(model(pixels).image_embeds, parent(pixels).image_embeds)
 
@@ -153,7 +177,9 @@ def test_bad_images_are_clear_errors(checkpoint):
 def test_compiles_fullgraph(checkpoint, pixels):
     model = CLIPVisionTTRegModel.from_pretrained(checkpoint, register_neurons=NEURONS).eval()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(pixels).test_time_registers, model(pixels).test_time_registers, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        compiled(pixels).test_time_registers, model(pixels).test_time_registers, atol=1e-6, rtol=0
+    )
 
 
 def test_hub_entry_needs_an_index_and_builds_the_llava_tower():
@@ -170,7 +196,9 @@ def test_hub_entry_needs_an_index_and_builds_the_llava_tower():
 def test_recomputed_attention_equals_the_eager_attention(checkpoint, pixels):
     from ttreg_hf.analysis import run_with_cache
 
-    model = CLIPVisionTTRegModel.from_pretrained(checkpoint, register_neurons=NEURONS, attn_implementation="eager").eval()
+    model = CLIPVisionTTRegModel.from_pretrained(
+        checkpoint, register_neurons=NEURONS, attn_implementation="eager"
+    ).eval()
     _, cache = run_with_cache(model, pixels, attentions="all")
     with torch.no_grad():
         eager = model(pixels, output_attentions=True).attentions

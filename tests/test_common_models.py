@@ -15,7 +15,6 @@ import unittest
 
 import pytest
 import torch
-from fetch_transformers_tests import FETCH_COMMAND, PACKAGE, fetch
 
 from ttreg_hf import (
     CLIPVisionTTRegConfig,
@@ -34,6 +33,8 @@ from ttreg_hf import (
     ViTTTRegConfig,
     ViTTTRegModel,
 )
+
+from fetch_transformers_tests import FETCH_COMMAND, PACKAGE, fetch
 
 pytest.importorskip("parameterized", reason="the common tests need `parameterized`: pip install -e '.[test]'")
 
@@ -75,7 +76,13 @@ class TTRegModelTester:
     ``num_prefix_tokens`` (CLS, distillation, trained registers) before the patches."""
 
     def __init__(
-        self, parent, config_class, num_test_time_registers, register_neurons, num_prefix_tokens=1, batch_size=2,
+        self,
+        parent,
+        config_class,
+        num_test_time_registers,
+        register_neurons,
+        num_prefix_tokens=1,
+        batch_size=2,
         **config,
     ):
         self.parent, self.config_class = parent, config_class
@@ -89,9 +96,15 @@ class TTRegModelTester:
 
     def get_config(self):
         return self.config_class(
-            patch_size=self.patch_size, num_channels=self.num_channels, hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-            initializer_range=0.02, **self.geometry(), **self.config, **self.registers,
+            patch_size=self.patch_size,
+            num_channels=self.num_channels,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            initializer_range=0.02,
+            **self.geometry(),
+            **self.config,
+            **self.registers,
         )
 
     def geometry(self) -> dict:
@@ -150,7 +163,11 @@ class _TTRegModelTest(common.ModelTesterMixin):
             if re.fullmatch(rf"{name}(_\d+(_.*)?)?", self._testMethodName):
                 self.skipTest(reason)
         self.model_tester = self.model_tester_class(
-            self, self.config_class, self.num_test_time_registers, self.register_neurons, self.num_prefix_tokens,
+            self,
+            self.config_class,
+            self.num_test_time_registers,
+            self.register_neurons,
+            self.num_prefix_tokens,
             **self.config,
         )
 

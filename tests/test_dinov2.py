@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import tiny_dinov2_config
 from transformers import AutoConfig, AutoModel, Dinov2Config, Dinov2Model
 
 from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndexError
+
+from conftest import tiny_dinov2_config
 
 
 def assert_outputs_equal(actual, expected):
@@ -183,8 +184,13 @@ def test_loading_info_and_the_model_type(tmp_path):
 def test_offloaded_layers_run_and_match(tmp_path, images):
     model = Dinov2TTRegModel(tiny_dinov2_config(num_test_time_registers=0)).eval()
     model.save_pretrained(tmp_path / "model")
-    device_map = {"embeddings": "cpu", "encoder.layer.0": "cpu", "encoder.layer.1": "disk", "encoder.layer.2": "disk",
-                  "layernorm": "cpu"}
+    device_map = {
+        "embeddings": "cpu",
+        "encoder.layer.0": "cpu",
+        "encoder.layer.1": "disk",
+        "encoder.layer.2": "disk",
+        "layernorm": "cpu",
+    }
     kwargs = dict(register_neurons={1: [3, 70]}, num_test_time_registers=1, attn_implementation="eager")
     offloaded = Dinov2TTRegModel.from_pretrained(
         tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "offload", **kwargs
@@ -214,6 +220,8 @@ def test_hub_loader_keeps_the_callers_semantics(tmp_path):
     path = RegisterNeuronIndex(neurons={3: [1]}, num_layers=12, mlp_width=1536, semantics="reference").save(
         tmp_path / "index.safetensors"
     )
-    assert load_tt_model("dinov2_vits14", pretrained=False, register_neurons=path).config.register_semantics == "reference"
+    assert (
+        load_tt_model("dinov2_vits14", pretrained=False, register_neurons=path).config.register_semantics == "reference"
+    )
     chosen = load_tt_model("dinov2_vits14", pretrained=False, register_neurons=path, register_semantics="paper")
     assert chosen.config.register_semantics == "paper"

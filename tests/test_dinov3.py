@@ -5,16 +5,23 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from reference_edit import hooked_register_edit
 from transformers import AutoModel, DINOv3ViTConfig, DINOv3ViTModel
 
 from ttreg_hf import DINOv3ViTTTRegConfig, DINOv3ViTTTRegModel, RegisterNeuronIndexError
 from ttreg_hf.hub import load_tt_model
 from ttreg_hf.modeling.edit import PATCH_MODES, SEMANTICS
 
+from reference_edit import hooked_register_edit
+
 ARCH = dict(
-    hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128, image_size=32, patch_size=8,
-    num_register_tokens=4, layerscale_value=0.5,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    intermediate_size=128,
+    image_size=32,
+    patch_size=8,
+    num_register_tokens=4,
+    layerscale_value=0.5,
 )
 NUM_PREFIX = 5  # CLS and 4 trained registers
 
@@ -57,15 +64,22 @@ def hooked_unrotated_registers(parent, config):
     num_registers = config.num_test_time_registers
     down_projections = {layer: parent.model.layer[layer].mlp.down_proj for layer in config.register_neuron_index}
     with hooked_register_edit(
-        parent.embeddings, down_projections, config.register_neuron_index, num_registers=num_registers,
-        num_prefix=NUM_PREFIX, scale=config.register_scale, semantics=config.register_semantics,
+        parent.embeddings,
+        down_projections,
+        config.register_neuron_index,
+        num_registers=num_registers,
+        num_prefix=NUM_PREFIX,
+        scale=config.register_scale,
+        semantics=config.register_semantics,
         patch_mode=config.register_patch_mode,
     ):
         handles = [parent.embeddings.register_forward_hook(lambda m, a, out: registers_in_prefix(out, num_registers))]
         for projection in down_projections.values():
-            handles.append(projection.register_forward_pre_hook(
-                lambda m, args: (registers_last(args[0], num_registers), *args[1:]), prepend=True
-            ))
+            handles.append(
+                projection.register_forward_pre_hook(
+                    lambda m, args: (registers_last(args[0], num_registers), *args[1:]), prepend=True
+                )
+            )
             handles.append(projection.register_forward_hook(lambda m, a, out: registers_in_prefix(out, num_registers)))
         try:
             yield lambda tokens: registers_last(tokens, num_registers)

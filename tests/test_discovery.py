@@ -54,9 +54,13 @@ def hooked_activations(model, images: torch.Tensor, detection_layer: int):
     input of its output projection), all tokens."""
     outputs, activations = {}, {}
     layers = model.encoder.layer
-    handles = [layers[detection_layer].register_forward_hook(
-        lambda module, args, output: outputs.__setitem__("tokens", output[0] if isinstance(output, tuple) else output)
-    )]
+    handles = [
+        layers[detection_layer].register_forward_hook(
+            lambda module, args, output: outputs.__setitem__(
+                "tokens", output[0] if isinstance(output, tuple) else output
+            )
+        )
+    ]
     handles += [
         layer.mlp.fc2.register_forward_pre_hook(lambda module, args, i=i: activations.__setitem__(i, args[0]))
         for i, layer in enumerate(layers)
@@ -76,11 +80,17 @@ def test_scores_are_mean_absolute_activations_at_the_outliers():
     tokens, activations = hooked_activations(model, images, detection_layer=5)
     outliers = tokens[:, 1:].norm(dim=-1) > 40.0  # patch tokens: CLS first, no test-time registers
     images_with_outliers = outliers.any(dim=-1).nonzero().flatten()
-    scores = torch.stack([
-        torch.stack([activations[layer][i, 1:][outliers[i]].abs().mean(dim=0) for i in images_with_outliers]).mean(dim=0)
-        for layer in range(6)
-    ])
-    negative = torch.cat([activations[NEGATIVE_LAYER][i, 1:][outliers[i], NEGATIVE_NEURON] for i in images_with_outliers])
+    scores = torch.stack(
+        [
+            torch.stack([activations[layer][i, 1:][outliers[i]].abs().mean(dim=0) for i in images_with_outliers]).mean(
+                dim=0
+            )
+            for layer in range(6)
+        ]
+    )
+    negative = torch.cat(
+        [activations[NEGATIVE_LAYER][i, 1:][outliers[i], NEGATIVE_NEURON] for i in images_with_outliers]
+    )
     assert negative.max() < -10, "the planted neuron is large and negative at every outlier"
     top = scores.flatten().topk(8)
     expected = {(i // 384, i % 384): score for i, score in zip(top.indices.tolist(), top.values.tolist())}
@@ -88,7 +98,9 @@ def test_scores_are_mean_absolute_activations_at_the_outliers():
     ranked = {(layer, neuron): score for layer, neuron, score in result.ranked}
     assert ranked == pytest.approx(expected, rel=1e-5)  # the planted neurons tie: compared by name, not position
     assert list(ranked.values()) == sorted(ranked.values(), reverse=True)
-    assert result.num_outlier_tokens == int(outliers.sum()) and result.num_images_with_outliers == len(images_with_outliers)
+    assert result.num_outlier_tokens == int(outliers.sum()) and result.num_images_with_outliers == len(
+        images_with_outliers
+    )
     evaluated = outliers[images_with_outliers][:4]
     assert result.eval_outlier_ratio[0] == pytest.approx(float(evaluated.float().mean()))
 
@@ -131,7 +143,9 @@ def test_index_for_other_weights_is_refused(planted_result):
 
 
 def test_model_without_outliers_gets_no_outliers_found():
-    config = Dinov2TTRegConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, patch_size=14, image_size=112)
+    config = Dinov2TTRegConfig(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, patch_size=14, image_size=112
+    )
     result = find_register_neurons(Dinov2TTRegModel(config).eval(), torch.randn(6, 3, 112, 112))
     assert not result.found and result.index is None
     assert result.max_norm < result.threshold
@@ -158,13 +172,33 @@ def test_two_processes_find_the_same_index_as_one(tmp_path):
     for i, image in enumerate(textured_images(24, seed=0)):
         Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(folder / f"{i:02d}.png")
     out = tmp_path / "index.safetensors"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ttreg_hf.cli", "find-neurons", "planted", str(folder), "--out", str(out), "--batch-size", "8"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ttreg_hf.cli",
+        "find-neurons",
+        "planted",
+        str(folder),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=env, capture_output=True, timeout=240)
     two = RegisterNeuronIndex.load(out)
     model = build_planted_model(num_test_time_registers=0)
-    one = find_register_neurons(model, ImageFolder(folder, 224, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), batch_size=8).index
+    one = find_register_neurons(
+        model, ImageFolder(folder, 224, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), batch_size=8
+    ).index
     assert two.neurons == one.neurons == planted_index()
-    assert [score for *_, score in two.details["scores"]] == pytest.approx([score for *_, score in one.details["scores"]])
+    assert [score for *_, score in two.details["scores"]] == pytest.approx(
+        [score for *_, score in one.details["scores"]]
+    )
     assert two.details["num_outlier_tokens"] == one.details["num_outlier_tokens"]
     assert two.details["threshold"] == pytest.approx(one.details["threshold"])

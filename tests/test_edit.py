@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from conftest import tiny_dinov2_config
-from reference_edit import hooked_register_edit
 from transformers import Dinov2Model
 
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronEdit, TokenLayout
 from ttreg_hf.modeling.edit import PATCH_MODES, SEMANTICS
+
+from conftest import tiny_dinov2_config
+from reference_edit import hooked_register_edit
 
 
 def parent_of(model):
@@ -59,10 +60,13 @@ def test_swiglu_edit_sits_after_the_gating(images):
     config = tiny_dinov2_config(use_swiglu_ffn=True, register_neurons={0: [1, 9], 2: [30]})
     model = Dinov2TTRegModel(config).eval()
     parent = parent_of(model)
-    with torch.no_grad(), hooked_register_edit(
-        parent.embeddings,
-        {layer: parent.encoder.layer[layer].mlp.down_proj for layer in (0, 2)},
-        config.register_neuron_index,
+    with (
+        torch.no_grad(),
+        hooked_register_edit(
+            parent.embeddings,
+            {layer: parent.encoder.layer[layer].mlp.down_proj for layer in (0, 2)},
+            config.register_neuron_index,
+        ),
     ):
         expected = parent(images).last_hidden_state
         actual = with_registers(model(images))
@@ -98,8 +102,13 @@ def test_masked_patches_are_edited_like_the_reference(images):
     mask = torch.zeros(4, 16, dtype=torch.bool)
     mask[:, ::3] = True
     parent = parent_of(model)
-    with torch.no_grad(), hooked_register_edit(
-        parent.embeddings, {layer: parent.encoder.layer[layer].mlp.fc2 for layer in (1, 2)}, config.register_neuron_index
+    with (
+        torch.no_grad(),
+        hooked_register_edit(
+            parent.embeddings,
+            {layer: parent.encoder.layer[layer].mlp.fc2 for layer in (1, 2)},
+            config.register_neuron_index,
+        ),
     ):
         expected = parent(images, bool_masked_pos=mask).last_hidden_state
         actual = with_registers(model(images, bool_masked_pos=mask))
@@ -112,7 +121,9 @@ def test_compiled_with_dynamic_shapes_follows_eager():
     with torch.no_grad():
         for size in ((56, 56), (70, 42)):
             pixels = torch.randn(2, 3, *size)
-            torch.testing.assert_close(with_registers(compiled(pixels)), with_registers(model(pixels)), atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                with_registers(compiled(pixels)), with_registers(model(pixels)), atol=1e-6, rtol=0
+            )
 
 
 def test_compiled_fullgraph_equals_eager(images):
@@ -133,7 +144,9 @@ def test_compiled_with_the_default_backend_equals_eager(images):
     model = Dinov2TTRegModel(config).eval()
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
-        torch.testing.assert_close(with_registers(compiled(images)), with_registers(model(images)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            with_registers(compiled(images)), with_registers(model(images)), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_gradients_match_the_reference(images):
@@ -193,7 +206,9 @@ def test_a_scale_the_running_dtype_cannot_hold_is_refused_not_inf(images):
     with torch.no_grad():
         registers = model.to(torch.bfloat16)(images.bfloat16()).test_time_registers  # bfloat16 holds 1e5
         assert registers.isfinite().all() and registers.abs().max() > 1
-        with pytest.raises(ValueError, match=r"register_scale 100000 overflows torch.float16 \(largest 65504\).*float32"):
+        with pytest.raises(
+            ValueError, match=r"register_scale 100000 overflows torch.float16 \(largest 65504\).*float32"
+        ):
             model.to(torch.float16)(images.half())
     edit = RegisterNeuronEdit([0], TokenLayout(1, 1), [1e300])  # built directly, past any config check
     with pytest.raises(ValueError, match="register_scale 1e\\+300 overflows torch.float32"):

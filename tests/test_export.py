@@ -10,17 +10,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference_edit import hooked_register_edit
 from safetensors.torch import load_file, save_file
 from transformers import (
-    AutoConfig, AutoModel, BitImageProcessor, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model,
+    AutoConfig,
+    AutoModel,
+    BitImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
 )
 
 from ttreg_hf import (
-    CLIPVisionTTRegModel, Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndex, RegisterNeuronIndexError,
+    CLIPVisionTTRegModel,
+    Dinov2TTRegConfig,
+    Dinov2TTRegModel,
+    RegisterNeuronIndex,
+    RegisterNeuronIndexError,
 )
 from ttreg_hf.export import ExportError, export_model
 from ttreg_hf.model_card import BIBTEX, UNKNOWN_LICENCE
+
+from reference_edit import hooked_register_edit
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14)
 PARENTS = {  # name -> (parent class, config, package class, MLP width)
@@ -59,8 +70,12 @@ REMOTE_LOADER = textwrap.dedent(
 def tiny_index(name: str, **provenance) -> RegisterNeuronIndex:
     width = PARENTS[name][3]
     return RegisterNeuronIndex(
-        neurons={1: [3, width - 1, 5], 2: [7]}, num_layers=3, mlp_width=width, checkpoints={"hf": f"tiny/{name}"},
-        source=f"planted for a test of {name}", **provenance,
+        neurons={1: [3, width - 1, 5], 2: [7]},
+        num_layers=3,
+        mlp_width=width,
+        checkpoints={"hf": f"tiny/{name}"},
+        source=f"planted for a test of {name}",
+        **provenance,
     )
 
 
@@ -96,10 +111,17 @@ def hooked_parent_outputs(name, parent_dir, neurons, images) -> dict[str, torch.
     parent = PARENTS[name][0].from_pretrained(parent_dir).eval()
     layers = parent.encoder.layer if name == "dinov2" else parent.encoder.layers
     num_registers = SETTINGS["num_test_time_registers"]
-    with torch.no_grad(), hooked_register_edit(
-        parent.embeddings, {layer: layers[layer].mlp.fc2 for layer in neurons}, neurons, num_registers=num_registers,
-        scale=SETTINGS["register_scale"], semantics=SETTINGS["register_semantics"],
-        patch_mode=SETTINGS["register_patch_mode"],
+    with (
+        torch.no_grad(),
+        hooked_register_edit(
+            parent.embeddings,
+            {layer: layers[layer].mlp.fc2 for layer in neurons},
+            neurons,
+            num_registers=num_registers,
+            scale=SETTINGS["register_scale"],
+            semantics=SETTINGS["register_semantics"],
+            patch_mode=SETTINGS["register_patch_mode"],
+        ),
     ):
         outputs = parent(images)  # the registers are the last tokens
     return {
@@ -130,7 +152,9 @@ def test_exports_load_with_plain_transformers_and_match_the_package(exported, ex
         assert torch.allclose(remote[f"{out}.off"], plain.last_hidden_state, atol=1e-6), name
         with_settings = exported_with_settings[name]
         for field, value in hooked_parent_outputs(name, parent_dir, index.neurons, images).items():
-            torch.testing.assert_close(remote[f"{with_settings}.{field}"], value, atol=1e-5, rtol=0, msg=f"{name} {field}")
+            torch.testing.assert_close(
+                remote[f"{with_settings}.{field}"], value, atol=1e-5, rtol=0, msg=f"{name} {field}"
+            )
         assert torch.allclose(remote[f"{with_settings}.off"], plain.last_hidden_state, atol=1e-6), name
 
 
@@ -171,7 +195,8 @@ def test_the_folder_holds_config_index_preprocessor_card_and_self_contained_code
     _, index, out = exported["dinov2"]
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"] == {
-        "AutoConfig": "configuration_ttreg.Dinov2TTRegConfig", "AutoModel": "modeling_ttreg.Dinov2TTRegModel"
+        "AutoConfig": "configuration_ttreg.Dinov2TTRegConfig",
+        "AutoModel": "modeling_ttreg.Dinov2TTRegModel",
     }
     assert config["register_neurons"] == {"1": [3, 127, 5], "2": [7]}
     assert RegisterNeuronIndex.load(out / "model.safetensors") == index
@@ -184,8 +209,17 @@ def test_the_folder_holds_config_index_preprocessor_card_and_self_contained_code
     assert clip_processor["image_processor_type"] == "CLIPImageProcessor"
     assert clip_processor["size"]["shortest_edge"] == 56
     card = (out / "README.md").read_text()
-    for expected in ("planted for a test of dinov2", "tiny/dinov2", "| 1 | 3, 127, 5 |", "threshold: 2.5",
-                     "num_test_time_registers=0", "trust_remote_code=True", "2506.08010", BIBTEX, UNKNOWN_LICENCE):
+    for expected in (
+        "planted for a test of dinov2",
+        "tiny/dinov2",
+        "| 1 | 3, 127, 5 |",
+        "threshold: 2.5",
+        "num_test_time_registers=0",
+        "trust_remote_code=True",
+        "2506.08010",
+        BIBTEX,
+        UNKNOWN_LICENCE,
+    ):
         assert expected in card, expected
     for stem in ("configuration_ttreg", "modeling_ttreg"):
         source = (out / f"{stem}.py").read_text()

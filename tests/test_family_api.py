@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_dinov2_config
 from transformers import CLIPVisionModel, Dinov2Config, Dinov2Model
 
 from ttreg_hf import (
@@ -21,8 +20,12 @@ from ttreg_hf import (
 from ttreg_hf.configs import registers as config_registers
 from ttreg_hf.hub import load_tt_model
 
+from conftest import tiny_dinov2_config
+
 ROOT = Path(__file__).resolve().parents[1]
-CLIP_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14)
+CLIP_TINY = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14
+)
 
 
 def tiny_clip(model_class=CLIPVisionTTRegModel, **settings):
@@ -44,7 +47,11 @@ def test_public_seams_point_at_the_parts_the_registers_touch(build):
     assert len(blocks) == len(sites) == model.config.num_hidden_layers
     assert all(site in set(block.modules()) for site, block in zip(sites, blocks))
     listed = model.config.register_neuron_index
-    edits = {layer: site.register_edit for layer, site in enumerate(sites) if isinstance(site.register_edit, RegisterNeuronEdit)}
+    edits = {
+        layer: site.register_edit
+        for layer, site in enumerate(sites)
+        if isinstance(site.register_edit, RegisterNeuronEdit)
+    }
     assert {layer: edit.neuron_ids for layer, edit in edits.items()} == listed
     assert model.register_appender.token_layout == model.token_layout
     assert model.token_layout.num_prefix_tokens == model.num_prefix_tokens == 1
@@ -78,7 +85,9 @@ def counters(monkeypatch):
 
 
 def test_from_pretrained_reads_the_config_once_and_builds_the_edits_once(tmp_path, counters):
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=56)).save_pretrained(tmp_path)
+    Dinov2Model(
+        Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=56)
+    ).save_pretrained(tmp_path)
     model = Dinov2TTRegModel.from_pretrained(tmp_path, register_neurons={1: [2, 3], 2: [4]})
     assert {name: counter.calls for name, counter in counters.items()} == {"attach": 1, "edits": 2, "config reads": 1}
     assert model.encoder.layer[1].mlp.register_edit.neurons.tolist() == [2, 3]  # the buffers survived the load
@@ -185,7 +194,12 @@ FRAMEWORK_SEAMS = {"_init_weights", "_embeds", "_pool", "_pos_embed", "_apply"}
 def test_no_private_name_of_ttreg_hf_is_used_outside_the_module_that_defines_it():
     defined = private_names_by_module()
     offenders = []
-    for path in [*(ROOT / "ttreg_hf").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "examples").glob("*.py"), ROOT / "hubconf.py"]:
+    for path in [
+        *(ROOT / "ttreg_hf").rglob("*.py"),
+        *(ROOT / "benchmarks").glob("*.py"),
+        *(ROOT / "examples").glob("*.py"),
+        ROOT / "hubconf.py",
+    ]:
         own = defined.get(str(path.relative_to(ROOT)), set())
         others = set().union(*(names for module, names in defined.items() if module != str(path.relative_to(ROOT))))
         foreign = others - own - FRAMEWORK_SEAMS

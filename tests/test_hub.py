@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_dinov2_config
 from safetensors.torch import load_file, save_file
 from transformers import Dinov2Model
-from upstream_dinov2 import random_original_state_dict
 
 from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndexError
 from ttreg_hf.hub import MODEL_NAMES, dinov2_vits14_tt_reg, load_tt_model
 from ttreg_hf.modeling.dinov2_original import DinoVisionTransformerTTReg, convert_original_state_dict
+
+from conftest import tiny_dinov2_config
+from upstream_dinov2 import random_original_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 VITS14 = "weights/dinov2_vits14_imgfocus.safetensors"
@@ -35,13 +36,22 @@ print(json.dumps({{
 }}))
 """
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd="/", env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={"HF_HUB_OFFLINE": "1", "PATH": ""},
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary == {"cls": [2, 1024], "registers": [2, 1, 1024], "patches": [2, 4, 1024], "neurons": 45,
-                       "semantics": "reference"}
+    assert summary == {
+        "cls": [2, 1024],
+        "registers": [2, 1, 1024],
+        "patches": [2, 4, 1024],
+        "neurons": 45,
+        "semantics": "reference",
+    }
 
 
 def test_entries_without_a_shipped_index_ask_for_one():
@@ -60,7 +70,11 @@ def test_unknown_model_names_list_the_known_ones():
 @pytest.fixture
 def hub_model():
     config = Dinov2TTRegConfig(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, patch_size=14, register_neurons={2: [4, 9]},
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        patch_size=14,
+        register_neurons={2: [4, 9]},
         num_test_time_registers=2,
     )
     return DinoVisionTransformerTTReg(Dinov2TTRegModel(config).eval())
@@ -70,7 +84,7 @@ def test_upstream_interface_shapes_and_consistency(hub_model):
     pixels = torch.randn(2, 3, 56, 42)
     with torch.no_grad():
         features = hub_model.forward_features(pixels)
-        last, = hub_model.get_intermediate_layers(pixels, n=1)
+        (last,) = hub_model.get_intermediate_layers(pixels, n=1)
         grids = hub_model.get_intermediate_layers(pixels, n=[0, 3], reshape=True, return_class_token=True)
         raw = hub_model.get_intermediate_layers(pixels, n=2, norm=False)
         cls = hub_model(pixels)
@@ -161,8 +175,12 @@ def to_original_layout(model: Dinov2Model, chunked: bool) -> dict[str, torch.Ten
             continue
         i, name = key.removeprefix("encoder.layer.").split(".", 1)
         prefix = f"blocks.0.{i}." if chunked else f"blocks.{i}."
-        renames = {"attention.o_proj": "attn.proj", "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
-                   "mlp.down_proj": "mlp.w3"}
+        renames = {
+            "attention.o_proj": "attn.proj",
+            "layer_scale1.lambda1": "ls1.gamma",
+            "layer_scale2.lambda1": "ls2.gamma",
+            "mlp.down_proj": "mlp.w3",
+        }
         for new, old in renames.items():
             name = name.replace(new, old)
         original[prefix + name] = value
@@ -178,10 +196,15 @@ def to_original_layout(model: Dinov2Model, chunked: bool) -> dict[str, torch.Ten
                 )
     embeddings = model.embeddings
     original.update(
-        cls_token=embeddings.cls_token, pos_embed=embeddings.position_embeddings, mask_token=embeddings.mask_token,
-        **{"patch_embed.proj.weight": embeddings.patch_embeddings.projection.weight,
-           "patch_embed.proj.bias": embeddings.patch_embeddings.projection.bias,
-           "norm.weight": model.layernorm.weight, "norm.bias": model.layernorm.bias},
+        cls_token=embeddings.cls_token,
+        pos_embed=embeddings.position_embeddings,
+        mask_token=embeddings.mask_token,
+        **{
+            "patch_embed.proj.weight": embeddings.patch_embeddings.projection.weight,
+            "patch_embed.proj.bias": embeddings.patch_embeddings.projection.bias,
+            "norm.weight": model.layernorm.weight,
+            "norm.bias": model.layernorm.bias,
+        },
     )
     return original
 

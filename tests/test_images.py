@@ -78,7 +78,10 @@ def test_alpha_is_composited_on_white(tmp_path, mode, pixel, expected):
     assert torch.equal(loaded(path), rgb(*expected).expand(3, 4, 4))
 
 
-@pytest.mark.parametrize(("cmyk", "expected"), [((255, 0, 0, 0), (0, 255, 255)), ((0, 0, 0, 0), (255, 255, 255)), ((0, 255, 255, 0), (255, 0, 0))])
+@pytest.mark.parametrize(
+    ("cmyk", "expected"),
+    [((255, 0, 0, 0), (0, 255, 255)), ((0, 0, 0, 0), (255, 255, 255)), ((0, 255, 255, 0), (255, 0, 0))],
+)
 def test_cmyk(tmp_path, cmyk, expected):
     path = save(Image.new("CMYK", (4, 4), cmyk), tmp_path / "print.tif")
     assert torch.equal(loaded(path), rgb(*expected).expand(3, 4, 4))

@@ -31,8 +31,14 @@ def test_the_shipped_vitl14_index_is_the_published_one():
 
 def test_round_trip_keeps_everything(tmp_path):
     index = RegisterNeuronIndex(
-        neurons={"3": [5, 1]}, num_layers=4, mlp_width=8, semantics="paper", checkpoints={"hf": "me/model"},
-        image_size=224, source="test", details={"threshold": 12.5},
+        neurons={"3": [5, 1]},
+        num_layers=4,
+        mlp_width=8,
+        semantics="paper",
+        checkpoints={"hf": "me/model"},
+        image_size=224,
+        source="test",
+        details={"threshold": 12.5},
     )
     assert RegisterNeuronIndex.load(index.save(tmp_path / "i.safetensors")) == index
     assert index.neurons == {3: (5, 1)}
@@ -62,9 +68,15 @@ HOSTILE_INDICES = {  # name: (the JSON text in the file's metadata, what the one
     "a string": ('"index"', "must be a JSON object.*str"),
     "null": ("null", "must be a JSON object.*NoneType"),
     "nested past the recursion limit": (nested(100_000), "not valid JSON"),
-    "int literal over 4300 digits": (with_fields(num_layers=0).replace('"num_layers": 0', '"num_layers": ' + "9" * 5000), "not valid JSON"),
+    "int literal over 4300 digits": (
+        with_fields(num_layers=0).replace('"num_layers": 0', '"num_layers": ' + "9" * 5000),
+        "not valid JSON",
+    ),
     "over the size limit": (with_fields(source="x" * 1_100_000), "over the 1000000"),
-    "repeated JSON key": ('{"schema_version": 1, "neurons": {"1": [3], "1": [5]}, "num_layers": 2, "mlp_width": 8}', r"keys \['1'\] are given twice"),
+    "repeated JSON key": (
+        '{"schema_version": 1, "neurons": {"1": [3], "1": [5]}, "num_layers": 2, "mlp_width": 8}',
+        r"keys \['1'\] are given twice",
+    ),
     "no schema version": (with_fields(schema_version=...), "'schema_version' is None"),
     "schema version 2": (with_fields(schema_version=2), "'schema_version' is 2 .*reads schema version 1"),
     "schema version as a string": (with_fields(schema_version="1"), "'schema_version' is '1' \\(str\\)"),
@@ -122,7 +134,10 @@ HOSTILE_INDICES = {  # name: (the JSON text in the file's metadata, what the one
     "source as null": (with_fields(source=None), "'source' must be a string"),
     "details as a list": (with_fields(details=[1]), "'details' must be a mapping"),
     "details as a string": (with_fields(details="x"), "'details' must be a mapping"),
-    "details nested 40 deep": (with_fields(details={"a": json.loads(nested(40))}), "'details' must be a mapping nested at most 32"),
+    "details nested 40 deep": (
+        with_fields(details={"a": json.loads(nested(40))}),
+        "'details' must be a mapping nested at most 32",
+    ),
 }
 
 

@@ -4,11 +4,12 @@ import copy
 
 import pytest
 import torch
-from reference_edit import AUTOGRAD_MODES, hooked_register_edit
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from ttreg_hf import CLIPVisionTTRegModel, RegisterNeuronIndexError
 from ttreg_hf.modeling.llava import load_llava, vision_tower_with_registers, with_test_time_register_tower
+
+from reference_edit import AUTOGRAD_MODES, hooked_register_edit
 
 NEURONS = {0: [3, 40], 1: [5]}
 IMAGE_TOKEN = 63
@@ -20,8 +21,16 @@ def tiny_llava_config(**overrides) -> LlavaConfig:
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14
     )
     text = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-        vocab_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, image_seq_length=NUM_PATCHES, **overrides
@@ -73,7 +82,9 @@ def test_generate_with_register_and_baseline_switch(checkpoint, parent, inputs):
 def test_projector_sees_the_processors_tokens(inputs, layer, strategy):
     config = tiny_llava_config(vision_feature_layer=layer, vision_feature_select_strategy=strategy)
     parent = LlavaForConditionalGeneration(config).eval()
-    model = LlavaForConditionalGeneration(with_test_time_register_tower(copy.deepcopy(config), register_neurons=NEURONS))
+    model = LlavaForConditionalGeneration(
+        with_test_time_register_tower(copy.deepcopy(config), register_neurons=NEURONS)
+    )
     model.load_state_dict(parent.state_dict())
     with torch.no_grad():
         with _hooked(parent.model.vision_tower):

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from open_clip.transformer import QuickGELU
-from reference_edit import AUTOGRAD_MODES, hooked_register_edit
 from safetensors.torch import load_file, save_file
 
 from ttreg_hf import RegisterNeuronIndexError
@@ -19,6 +18,8 @@ from ttreg_hf.modeling.open_clip import (
     create_model_and_transforms,
     to_test_time_registers,
 )
+
+from reference_edit import AUTOGRAD_MODES, hooked_register_edit
 
 NEURONS = {0: [3, 70], 2: [5]}
 TEXT = dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1)
@@ -66,7 +67,9 @@ def test_edit_off_is_bit_identical_to_parent(name, pixels):
     assert torch.equal(model.encode_image(pixels), parent.encode_image(pixels))
     expected, actual = parent.visual.forward_intermediates(pixels), model.visual.forward_intermediates(pixels)
     assert torch.equal(actual["image_features"], expected["image_features"])
-    assert all(torch.equal(a, e) for a, e in zip(actual["image_intermediates"], expected["image_intermediates"], strict=True))
+    assert all(
+        torch.equal(a, e) for a, e in zip(actual["image_intermediates"], expected["image_intermediates"], strict=True)
+    )
 
 
 def test_conversion_keeps_weights_and_keys(pixels):
@@ -81,11 +84,17 @@ def test_conversion_keeps_weights_and_keys(pixels):
 @pytest.mark.parametrize("semantics, patch_mode", [("paper", "zero"), ("reference", "mean")])
 def test_matches_hooked_reference(pixels, semantics, patch_mode, autograd):
     parent, model = _parent_and_copy(
-        register_neurons=NEURONS, num_test_time_registers=2, register_scale=[1.0, -0.5], register_semantics=semantics,
+        register_neurons=NEURONS,
+        num_test_time_registers=2,
+        register_scale=[1.0, -0.5],
+        register_semantics=semantics,
         register_patch_mode=patch_mode,
     )
     parent.visual.output_tokens = model.visual.output_tokens = True
-    with torch.no_grad(), _hooked(parent, num_registers=2, scale=[1.0, -0.5], semantics=semantics, patch_mode=patch_mode):
+    with (
+        torch.no_grad(),
+        _hooked(parent, num_registers=2, scale=[1.0, -0.5], semantics=semantics, patch_mode=patch_mode),
+    ):
         expected_pooled, expected_tokens = parent.visual(pixels)  # `tok` pool: CLS, tokens include the registers
     with autograd():  # with autograd on the edit copies the activations, without it it edits them in place
         pooled, tokens = model.visual(pixels)
@@ -162,14 +171,26 @@ def test_activation_follows_the_checkpoint():
     assert not checkpoint_uses_quick_gelu("ViT-B-16", "laion2b_s34b_b88k")
     model, _, _ = create_model_and_transforms("tiny-vit-quickgelu", register_neurons=NEURONS)
     mlp = model.visual.transformer.resblocks[0].mlp
-    assert isinstance(mlp.gelu, QuickGELU) and list(dict(mlp.named_children())) == ["c_fc", "gelu", "c_proj", "register_edit"]
+    assert isinstance(mlp.gelu, QuickGELU) and list(dict(mlp.named_children())) == [
+        "c_fc",
+        "gelu",
+        "c_proj",
+        "register_edit",
+    ]
 
 
 def test_direct_construction_and_state_dict_round_trip(pixels, tmp_path):
     parent = open_clip.create_model("tiny-vit").visual.eval()
     model = OpenCLIPTTRegVisionTransformer(
-        image_size=32, patch_size=8, width=32, layers=3, heads=2, mlp_ratio=4.0, output_dim=16,
-        register_neurons=NEURONS, num_test_time_registers=0,
+        image_size=32,
+        patch_size=8,
+        width=32,
+        layers=3,
+        heads=2,
+        mlp_ratio=4.0,
+        output_dim=16,
+        register_neurons=NEURONS,
+        num_test_time_registers=0,
     ).eval()
     save_file(parent.state_dict(), tmp_path / "visual.safetensors")
     model.load_state_dict(load_file(tmp_path / "visual.safetensors"), strict=True)

@@ -20,7 +20,9 @@ FAMILIES = {
     "dinov2_swiglu": (Dinov2TTRegModel, Dinov2Model, Dinov2TTRegConfig, {"use_swiglu_ffn": True}),
     "clip": (CLIPVisionTTRegModel, CLIPVisionModel, CLIPVisionTTRegConfig, {"intermediate_size": 64}),
     "clip_projection": (
-        CLIPVisionTTRegModelWithProjection, CLIPVisionModelWithProjection, CLIPVisionTTRegConfig,
+        CLIPVisionTTRegModelWithProjection,
+        CLIPVisionModelWithProjection,
+        CLIPVisionTTRegConfig,
         {"intermediate_size": 64, "projection_dim": 16},
     ),
 }

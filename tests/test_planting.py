@@ -15,10 +15,10 @@ from ttreg_hf import (
     CLIPVisionTTRegModel,
     DeiTTTRegConfig,
     DeiTTTRegModel,
-    DINOv3ViTTTRegConfig,
-    DINOv3ViTTTRegModel,
     Dinov2TTRegConfig,
     Dinov2TTRegModel,
+    DINOv3ViTTTRegConfig,
+    DINOv3ViTTTRegModel,
     Siglip2VisionTTRegConfig,
     Siglip2VisionTTRegModel,
     SiglipVisionTTRegConfig,
@@ -48,8 +48,19 @@ OFF = dict(register_neurons={}, num_test_time_registers=1)
 
 
 def timm_vit(**arch):
-    return timm_tt(VisionTransformer(img_size=SIZE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
-                                     mlp_ratio=MLP / WIDTH, num_classes=0, **arch), num_test_time_registers=1)
+    return timm_tt(
+        VisionTransformer(
+            img_size=SIZE,
+            patch_size=PATCH,
+            embed_dim=WIDTH,
+            depth=DEPTH,
+            num_heads=HEADS,
+            mlp_ratio=MLP / WIDTH,
+            num_classes=0,
+            **arch,
+        ),
+        num_test_time_registers=1,
+    )
 
 
 FAMILIES = {
@@ -151,7 +162,10 @@ def test_a_users_own_vit_gets_planted_through_sites_it_names():
 
     def block_sites(block):
         attention = block.attn  # nn.MultiheadAttention: q, k, v rows packed in in_proj
-        rows = lambda start: LinearRows.of(attention, slice(start, start + WIDTH), "in_proj_weight", "in_proj_bias")
+
+        def rows(start):
+            return LinearRows.of(attention, slice(start, start + WIDTH), "in_proj_weight", "in_proj_bias")
+
         return BlockSites(
             block.mlp.fc1, block.mlp.fc2, query=rows(0), key=rows(WIDTH), attention_out=attention.out_proj
         )

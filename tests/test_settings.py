@@ -4,7 +4,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_dinov2_config
 from transformers import CLIPVisionConfig, Dinov2Config, Dinov2Model
 
 from ttreg_hf import (
@@ -17,8 +16,12 @@ from ttreg_hf import (
 from ttreg_hf.configs.registers import MAX_TEST_TIME_REGISTERS
 from ttreg_hf.modeling.registers import RegisterEditOffWarning
 
+from conftest import tiny_dinov2_config
+
 DINOV2 = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14)
-CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=14)
+CLIP = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=14
+)
 
 
 @pytest.mark.parametrize("scale", [1e308, -1e39, [1.0, 1e308]])
@@ -47,7 +50,8 @@ def test_the_most_registers_allowed_run(images):
 
 
 @pytest.mark.parametrize(
-    "neurons, keys", [({1: [3], "1": [5]}, "1 and '1'"), ({"1": [3], "01": [5]}, "'1' and '01'"), ({1: [3], "001": []}, "1 and '001'")]
+    "neurons, keys",
+    [({1: [3], "1": [5]}, "1 and '1'"), ({"1": [3], "01": [5]}, "'1' and '01'"), ({1: [3], "001": []}, "1 and '001'")],
 )
 def test_a_layer_given_twice_is_refused_not_merged(neurons, keys):
     with pytest.raises(ValueError, match=f"layer 1 is given twice \\(as {keys}\\)"):
@@ -100,7 +104,11 @@ def test_from_pretrained_converts_a_parent_config(tmp_path):
 @pytest.mark.parametrize(
     "model_class, config, names",
     [
-        (Dinov2TTRegModel, CLIPVisionConfig(**CLIP), "needs a Dinov2TTRegConfig \\(or a Dinov2Config.*got a CLIPVisionConfig"),
+        (
+            Dinov2TTRegModel,
+            CLIPVisionConfig(**CLIP),
+            "needs a Dinov2TTRegConfig \\(or a Dinov2Config.*got a CLIPVisionConfig",
+        ),
         (CLIPVisionTTRegModel, Dinov2TTRegConfig(**DINOV2), "needs a CLIPVisionTTRegConfig.*got a Dinov2TTRegConfig"),
     ],
 )
@@ -114,7 +122,9 @@ def test_registers_without_neurons_warn_that_the_edit_is_off():
         model = Dinov2TTRegModel(Dinov2TTRegConfig(**DINOV2))
     assert model.token_layout.num_registers == 0  # what the warning says: the parent's computation
     for settings in ({"register_neurons": {}}, {"num_test_time_registers": 0}, {"register_neurons": {1: [3]}}):
-        quiet(lambda: Dinov2TTRegModel(Dinov2TTRegConfig(**DINOV2, **settings)))  # off on purpose, or on
+        quiet(
+            lambda settings=settings: Dinov2TTRegModel(Dinov2TTRegConfig(**DINOV2, **settings))
+        )  # off on purpose, or on
 
 
 def test_loaders_that_attach_the_index_do_not_warn(tmp_path):

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference_edit import hooked_register_edit
 from transformers import (
     AutoModel,
     Siglip2Config,
@@ -17,6 +16,8 @@ from transformers import (
 )
 
 from ttreg_hf import Siglip2VisionTTRegModel, SiglipVisionTTRegConfig, SiglipVisionTTRegModel
+
+from reference_edit import hooked_register_edit
 
 NEURONS = {1: [3, 40, 5], 2: [7]}
 COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
@@ -112,7 +113,10 @@ def test_siglip_matches_hooked_reference(siglip_checkpoint, pixels, semantics, p
     parent = SiglipVisionModel.from_pretrained(siglip_checkpoint).eval()
     settings = dict(register_scale=[1.0, 0.5], register_semantics=semantics, register_patch_mode=patch_mode)
     model = SiglipVisionTTRegModel.from_pretrained(
-        siglip_checkpoint, register_neurons=NEURONS, num_test_time_registers=2, pool_registers=pool_registers,
+        siglip_checkpoint,
+        register_neurons=NEURONS,
+        num_test_time_registers=2,
+        pool_registers=pool_registers,
         **settings,
     ).eval()
     with torch.no_grad(), hooked(parent, 2, scale=[1.0, 0.5], semantics=semantics, patch_mode=patch_mode):
@@ -176,7 +180,10 @@ def test_siglip_batch_invariance_and_shapes(siglip_checkpoint, pixels):
 def test_siglip2_matches_hooked_reference(siglip2_checkpoint, semantics, patch_mode, pool_registers):
     parent = Siglip2VisionModel.from_pretrained(siglip2_checkpoint).eval()
     model = Siglip2VisionTTRegModel.from_pretrained(
-        siglip2_checkpoint, register_neurons=NEURONS, register_semantics=semantics, register_patch_mode=patch_mode,
+        siglip2_checkpoint,
+        register_neurons=NEURONS,
+        register_semantics=semantics,
+        register_patch_mode=patch_mode,
         pool_registers=pool_registers,
     ).eval()
     pixel_values, mask, shapes = naflex_image(3, 4, seed=0)
@@ -195,8 +202,12 @@ def test_siglip2_matches_hooked_reference(siglip2_checkpoint, semantics, patch_m
 @pytest.mark.parametrize("semantics, patch_mode", SETTINGS)
 def test_siglip2_padded_batch_equals_each_image_alone(siglip2_checkpoint, semantics, patch_mode, pool_registers):
     model = Siglip2VisionTTRegModel.from_pretrained(
-        siglip2_checkpoint, register_neurons=NEURONS, num_test_time_registers=2, register_semantics=semantics,
-        register_patch_mode=patch_mode, pool_registers=pool_registers,
+        siglip2_checkpoint,
+        register_neurons=NEURONS,
+        num_test_time_registers=2,
+        register_semantics=semantics,
+        register_patch_mode=patch_mode,
+        pool_registers=pool_registers,
     ).eval()
     images, batch = naflex_batch()
     with torch.no_grad():

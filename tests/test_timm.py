@@ -5,13 +5,14 @@ import copy
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from reference_edit import hooked_register_edit
 from timm.layers import SwiGLU, SwiGLUPacked
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 from torch import nn
 
 from ttreg_hf import RegisterNeuronIndexError, load_index
 from ttreg_hf.modeling.timm import TimmTTRegVisionTransformer, create_model, to_test_time_registers
+
+from reference_edit import hooked_register_edit
 
 NEURONS = {0: [3, 40], 2: [5]}
 TINY = dict(img_size=28, patch_size=7, embed_dim=32, depth=3, num_heads=2, num_classes=5)

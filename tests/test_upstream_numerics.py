@@ -10,15 +10,16 @@ import textwrap
 
 import pytest
 import torch
-from reference_edit import hooked_register_edit
 from safetensors.torch import load_file, save_file
 from transformers import Dinov2Model
-from upstream_dinov2 import UpstreamDinov2, random_original_state_dict
 
 from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndex
 from ttreg_hf.export import export_model
 from ttreg_hf.hub import dinov2_vits14_tt_reg, load_tt_model
 from ttreg_hf.modeling.dinov2_original import DinoVisionTransformerTTReg, convert_original_state_dict
+
+from reference_edit import hooked_register_edit
+from upstream_dinov2 import UpstreamDinov2, random_original_state_dict
 
 VITS14 = "weights/dinov2_vits14_imgfocus.safetensors"
 SIZES = [(224, 224), (448, 448), (224, 448)]  # 518, the table's own size: test_hub.py checks it against timm
@@ -37,11 +38,12 @@ def tiny_config(**settings) -> Dinov2TTRegConfig:
 def assert_features_match(features, expected, num_registers=0):
     end = expected["x_prenorm"].shape[1] - num_registers
     torch.testing.assert_close(features["x_norm_clstoken"], expected["x_norm_clstoken"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(features["x_norm_patchtokens"], expected["x_norm_patchtokens"][:, :end - 1], atol=1e-4,
-                               rtol=0)
+    torch.testing.assert_close(
+        features["x_norm_patchtokens"], expected["x_norm_patchtokens"][:, : end - 1], atol=1e-4, rtol=0
+    )
     torch.testing.assert_close(features["x_prenorm"], expected["x_prenorm"][:, :end], atol=1e-4, rtol=0)
     if num_registers:
-        registers = expected["x_norm_patchtokens"][:, end - 1:]
+        registers = expected["x_norm_patchtokens"][:, end - 1 :]
         torch.testing.assert_close(features["x_norm_regtokens"], registers, atol=1e-4, rtol=0)
 
 
@@ -101,8 +103,10 @@ def test_upstream_interpolation_at_any_size_including_the_tables_patch_count_non
     model.load_state_dict(convert_original_state_dict(original, config))
     pixels = torch.randn(2, 3, *size)
     with torch.no_grad():
-        assert_features_match(DinoVisionTransformerTTReg(model).forward_features(pixels),
-                              UpstreamDinov2(original, num_heads=2).eval()(pixels))
+        assert_features_match(
+            DinoVisionTransformerTTReg(model).forward_features(pixels),
+            UpstreamDinov2(original, num_heads=2).eval()(pixels),
+        )
 
 
 @pytest.mark.parametrize("size", [(224, 224), (224, 448), (518, 518)], ids=size_id)
@@ -130,8 +134,9 @@ def test_the_setting_is_saved_overridable_and_checked(tmp_path):
     assert Dinov2TTRegModel.from_pretrained(tmp_path).config.position_interpolation == "upstream"
     loaded = Dinov2TTRegModel.from_pretrained(tmp_path, position_interpolation="transformers")
     assert loaded.embeddings.config.position_interpolation == "transformers"
-    hub = load_tt_model("dinov2_vits14", pretrained=False, num_test_time_registers=0,
-                        position_interpolation="transformers")
+    hub = load_tt_model(
+        "dinov2_vits14", pretrained=False, num_test_time_registers=0, position_interpolation="transformers"
+    )
     assert hub.config.position_interpolation == "transformers"
     with pytest.raises(Exception, match="'position_interpolation' expected one of \\('transformers', 'upstream'\\)"):
         Dinov2TTRegConfig(position_interpolation="bicubic")
@@ -164,8 +169,9 @@ def test_exports_carry_the_setting_into_the_remote_code(tmp_path):
     save_file({"pixel_values": pixels}, tmp_path / "inputs.safetensors")
     (tmp_path / "load.py").write_text(REMOTE_LOADER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    run = subprocess.run([sys.executable, "-I", "load.py", str(out)], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-I", "load.py", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     with torch.no_grad():
         expected = model(pixels).last_hidden_state

@@ -4,12 +4,13 @@ the hook-based reference on the parent, and the rest of the family contract (sha
 import pytest
 import torch
 from torch import nn
-from reference_edit import hooked_register_edit
 from transformers import AutoModel, DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTModel, ViTConfig, ViTModel
 
 from ttreg_hf import DeiTTTRegConfig, DeiTTTRegModel, RegisterNeuronIndexError, ViTTTRegConfig, ViTTTRegModel
 from ttreg_hf.hub import load_tt_model
 from ttreg_hf.modeling.edit import PATCH_MODES, SEMANTICS
+
+from reference_edit import hooked_register_edit
 
 # family -> (config class, model class, parent model class, parent config class, tokens before the patches)
 FAMILIES = {

@@ -7,7 +7,6 @@ from contextlib import contextmanager
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from reference_edit import hooked_register_edit
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -32,12 +31,22 @@ from ttreg_hf import (
 )
 from ttreg_hf.modeling.vlm import with_test_time_register_tower
 
+from reference_edit import hooked_register_edit
+
 NEURONS = {0: [3, 40], 1: [5]}
 IMAGE_TOKEN, PAD = 63, 0
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, patch_size=14)
 TEXT = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-    vocab_size=64, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=PAD,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    vocab_size=64,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=PAD,
 )
 PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
 IMAGE_SIZES = torch.tensor([[56, 40], [30, 56]])  # two aspect ratios: different tiles, unpadding and token counts
@@ -45,16 +54,21 @@ IMAGE_SIZES = torch.tensor([[56, 40], [30, 56]])  # two aspect ratios: different
 
 def llava():
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**TOWER, image_size=56), text_config=LlamaConfig(**TEXT),
-        image_token_index=IMAGE_TOKEN, image_seq_length=16, vision_feature_layer=[-3, -1],
+        vision_config=CLIPVisionConfig(**TOWER, image_size=56),
+        text_config=LlamaConfig(**TEXT),
+        image_token_index=IMAGE_TOKEN,
+        image_seq_length=16,
+        vision_feature_layer=[-3, -1],
     )
     return LlavaForConditionalGeneration(config), dict(pixel_values=torch.randn(2, 3, 56, 56))
 
 
 def llava_next():
     config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**TOWER, image_size=28), text_config=LlamaConfig(**TEXT),
-        image_token_index=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS,
+        vision_config=CLIPVisionConfig(**TOWER, image_size=28),
+        text_config=LlamaConfig(**TEXT),
+        image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=PINPOINTS,
     )
     images = dict(pixel_values=torch.randn(2, 5, 3, 28, 28), image_sizes=IMAGE_SIZES)  # a base image and up to 4 tiles
     return LlavaNextForConditionalGeneration(config), images
@@ -64,7 +78,10 @@ def llava_onevision():
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(**TOWER, image_size=28, vision_use_head=False),
         text_config=Qwen2Config(**TEXT),
-        image_token_index=IMAGE_TOKEN, video_token_index=62, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=62,
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-2,
     )
     images = dict(pixel_values=torch.randn(2, 5, 3, 28, 28), image_sizes=IMAGE_SIZES)
     return LlavaOnevisionForConditionalGeneration(config), images
@@ -242,7 +259,8 @@ def test_the_index_is_attached_once_and_the_edits_built_once(monkeypatch):
 
     calls = {"attach": 0, "edits": 0}
     counted_methods = (
-        (TestTimeRegisterConfigMixin, "attach_register_neurons", "attach"), (RegisterNeuronEdit, "__init__", "edits")
+        (TestTimeRegisterConfigMixin, "attach_register_neurons", "attach"),
+        (RegisterNeuronEdit, "__init__", "edits"),
     )
     for owner, name, key in counted_methods:
         original = getattr(owner, name)

@@ -21,7 +21,9 @@ def upstream_position_embedding(pos_embed: torch.Tensor, height: int, width: int
     side = int(math.sqrt(table_patches))
     patch_pos = pos_embed[:, 1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
     patch_pos = nn.functional.interpolate(
-        patch_pos, scale_factor=(float(rows + 0.1) / side, float(columns + 0.1) / side), mode="bicubic",
+        patch_pos,
+        scale_factor=(float(rows + 0.1) / side, float(columns + 0.1) / side),
+        mode="bicubic",
         antialias=False,
     )
     assert patch_pos.shape[-2:] == (rows, columns)

@@ -30,8 +30,13 @@ _EXPORTS = {
     **{name: module for name, (module, _, _) in _FAMILIES.items()},
     **dict.fromkeys(
         (
-            "CLIPVisionTTRegConfig", "DeiTTTRegConfig", "DINOv3ViTTTRegConfig", "Dinov2TTRegConfig",
-            "TestTimeRegisterConfig", "TestTimeRegisterConfigMixin", "ViTTTRegConfig",
+            "CLIPVisionTTRegConfig",
+            "DeiTTTRegConfig",
+            "DINOv3ViTTTRegConfig",
+            "Dinov2TTRegConfig",
+            "TestTimeRegisterConfig",
+            "TestTimeRegisterConfigMixin",
+            "ViTTTRegConfig",
         ),
         ".configs",
     ),
@@ -47,8 +52,15 @@ _EXPORTS = {
     "TokenLayout": ".modeling.layout",
     **dict.fromkeys(
         (
-            "EditAfterActivationMixin", "PreTrainedTestTimeRegisterMixin", "RegisterAppender", "RegisterEditOffWarning",
-            "RegisterSeams", "TestTimeRegisterMixin", "TestTimeRegisterModelOutput", "adopt", "check_pixel_values",
+            "EditAfterActivationMixin",
+            "PreTrainedTestTimeRegisterMixin",
+            "RegisterAppender",
+            "RegisterEditOffWarning",
+            "RegisterSeams",
+            "TestTimeRegisterMixin",
+            "TestTimeRegisterModelOutput",
+            "adopt",
+            "check_pixel_values",
         ),
         ".modeling.registers",
     ),
@@ -79,8 +91,10 @@ def register_auto_classes() -> None:
     package's own imports are what import `transformers`' auto classes, registering then may be circular.
     """
     from transformers import AutoConfig, AutoModel
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
 
     # `transformers` looks the key conversions up by class name: each class gets its parent's
     for name, (module_name, config_name, parent_name) in _FAMILIES.items():

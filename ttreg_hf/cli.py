@@ -196,7 +196,9 @@ def _check_fits(index, model) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image-size", type=integer(1), help="square input size (default: the model's, 224 for DINOv2)")
+    parser.add_argument(
+        "--image-size", type=integer(1), help="square input size (default: the model's, 224 for DINOv2)"
+    )
     parser.add_argument("--weights", help="local checkpoint for a model name, in its upstream layout (offline)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -230,9 +232,13 @@ def _find_neurons_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threshold", type=positive_float, help="outlier norm threshold (default: automatic)")
     parser.add_argument("--detection-layer", type=int, default=-1, help="block whose output norms define outliers")
     parser.add_argument("--highest-layer", type=int, help="last layer searched (default: the detection layer)")
-    parser.add_argument("--top-k", type=integer(1), help="number of neurons (default: smallest k that removes the outliers)")
+    parser.add_argument(
+        "--top-k", type=integer(1), help="number of neurons (default: smallest k that removes the outliers)"
+    )
     parser.add_argument("--num-images", type=integer(1), default=500, help="random subset of the images to use")
-    parser.add_argument("--calibration-images", type=integer(1), default=64, help="images the automatic threshold comes from")
+    parser.add_argument(
+        "--calibration-images", type=integer(1), default=64, help="images the automatic threshold comes from"
+    )
     parser.add_argument("--batch-size", type=integer(1), default=16)
     parser.add_argument("--seed", type=integer(0), default=0)
     _add_common(parser)
@@ -281,7 +287,8 @@ def _inspect_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("image", metavar="IMAGE", help="an image file")
     parser.add_argument("--out", default="report.png", help="figure to write (.png, .pdf, .svg; default: report.png)")
     parser.add_argument(
-        "--index", help="register-neuron index file (default: the one shipped for MODEL; the planted neurons for 'planted')"
+        "--index",
+        help="register-neuron index file (default: the one shipped for MODEL; the planted neurons for 'planted')",
     )
     _add_common(parser)
     parser.set_defaults(run=_inspect)

@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .analysis.capture import capture, resolve_layers
-from .analysis.interventions import with_register_neurons
 from .analysis.distributed import all_reduce, is_main_process, rank_and_world_size
+from .analysis.interventions import with_register_neurons
 from .analysis.metrics import MAD_FACTOR, MIN_NORM_RATIO, NormHistogram, patch_norms, robust_threshold
 from .index import RegisterNeuronIndex, RegisterNeuronIndexError
 from .modeling.registers import TestTimeRegisterMixin
@@ -65,7 +65,9 @@ class DiscoveryResult:
                 "  The model has no high-norm outlier tokens, so it has no register neurons to find; no index written."
             )
         before, after = self.eval_outlier_ratio
-        neurons = "\n".join(f"    layer {layer}: {', '.join(map(str, ids))}" for layer, ids in self.index.neurons.items())
+        neurons = "\n".join(
+            f"    layer {layer}: {', '.join(map(str, ids))}" for layer, ids in self.index.neurons.items()
+        )
         ranked = ", ".join(f"L{layer}/N{neuron} {score:.3g}" for layer, neuron, score in self.ranked)
         return (
             f"Register-neuron discovery on {self.num_images} images\n  {norms}\n"
@@ -100,7 +102,9 @@ def check_index_matches(index: RegisterNeuronIndex, model: TestTimeRegisterMixin
         )
 
 
-def _batches(images: Images, indices: list[int], batch_size: int, model: torch.nn.Module, desc: str) -> Iterator[Inputs]:
+def _batches(
+    images: Images, indices: list[int], batch_size: int, model: torch.nn.Module, desc: str
+) -> Iterator[Inputs]:
     parameter = next(model.parameters())
     starts = range(0, len(indices), batch_size)
     show_progress = is_main_process() and sys.stderr.isatty()  # no bars in logs and pipes
@@ -146,7 +150,9 @@ class _Scan:
 
 
 @torch.no_grad()
-def _scan(model, images: Images, indices: list[int], detection: int, highest: int, threshold: float, batch_size: int) -> _Scan:
+def _scan(
+    model, images: Images, indices: list[int], detection: int, highest: int, threshold: float, batch_size: int
+) -> _Scan:
     """One forward per batch: the detection layer's norms give the outliers, the same forward's MLP activations
     (kept for one batch) are read at them."""
     device = next(model.parameters()).device
@@ -183,6 +189,7 @@ def _smallest_k(ratio_with, max_k: int, before: float, remaining_outliers: float
 
     Assumes more neurons never bring more outliers back; returns ``max_k`` when none is enough.
     """
+
     def enough(k: int) -> bool:
         return ratio_with(k) <= remaining_outliers * before
 
@@ -263,7 +270,9 @@ def find_register_neurons(
             calibration = _random_subset(selected, calibration_images, seed)
             histogram = _norm_histogram(model, images, calibration[rank::world_size], detection, batch_size)
             threshold = robust_threshold(histogram.median(), histogram.mad())
-            rule = AUTOMATIC_THRESHOLD_RULE + ("" if len(calibration) == len(selected) else f" of {len(calibration)} images")
+            rule = AUTOMATIC_THRESHOLD_RULE + (
+                "" if len(calibration) == len(selected) else f" of {len(calibration)} images"
+            )
         scan = _scan(model, images, selected[rank::world_size], detection, highest, threshold, batch_size)
         outliers_per_image = torch.zeros(len(selected), dtype=torch.float64, device=scan.scores.device)
         outliers_per_image[rank::world_size] = scan.outliers_per_image.double()
@@ -297,7 +306,9 @@ def find_register_neurons(
             if k == 0:
                 return before  # known from the scan
             model.set_register_neurons(_neurons_of(ranked[:k]), num_test_time_registers=num_registers)
-            return _outlier_ratio(model, images, [selected[i] for i in evaluation][rank::world_size], detection, threshold, batch_size)
+            return _outlier_ratio(
+                model, images, [selected[i] for i in evaluation][rank::world_size], detection, threshold, batch_size
+            )
 
         k = top_k or _smallest_k(ratio_with, len(ranked), before, remaining_outliers)
         after = ratio_with(k)
@@ -322,7 +333,9 @@ def find_register_neurons(
             source=f"ttreg find-neurons (ttreg_hf {_package_version()})",
             details=details,
         )
-        return DiscoveryResult(index=index, ranked=ranked[: max(k, 8)], top_k=k, eval_outlier_ratio=(before, after), **facts)
+        return DiscoveryResult(
+            index=index, ranked=ranked[: max(k, 8)], top_k=k, eval_outlier_ratio=(before, after), **facts
+        )
 
 
 def _package_version() -> str:

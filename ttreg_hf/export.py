@@ -126,7 +126,9 @@ def _write_preprocessor_config(model: PreTrainedModel, out: Path) -> None:
     """The parent's ``preprocessor_config.json`` verbatim, else the family's default, with a warning."""
     source = model.config.name_or_path
     found = source and cached_file(
-        source, PREPROCESSOR_FILE, _raise_exceptions_for_missing_entries=False,
+        source,
+        PREPROCESSOR_FILE,
+        _raise_exceptions_for_missing_entries=False,
         _raise_exceptions_for_connection_errors=False,
     )
     if found:
@@ -194,8 +196,12 @@ def image_processor(config) -> BitImageProcessor | CLIPImageProcessor:
     """The parent checkpoints' image processor: facebook/dinov2-*'s, or the CLIP one at the tower's image size."""
     if isinstance(config, Dinov2TTRegConfig):
         return BitImageProcessor(
-            size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
-            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_convert_rgb=True,
+            size={"shortest_edge": 256},
+            crop_size={"height": 224, "width": 224},
+            do_center_crop=True,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+            do_convert_rgb=True,
         )
     if isinstance(config, CLIPVisionTTRegConfig):
         size = config.image_size

@@ -46,13 +46,22 @@ OPENCLIP_CHECKPOINTS = {
 }
 CLIP_VITL14_336 = "openai/clip-vit-large-patch14-336"  # LLaVA-1.5's vision tower
 CLIP_VITL14_336_ARCH = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
-    patch_size=14, projection_dim=768,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
 )
 
 
 def _openclip(
-    name: str, pretrained: bool, weights: str | Path | None = None, register_neurons: IndexSpec | None = None, **settings
+    name: str,
+    pretrained: bool,
+    weights: str | Path | None = None,
+    register_neurons: IndexSpec | None = None,
+    **settings,
 ) -> nn.Module:
     """The whole open_clip model (image and text towers); ``weights`` is a local open_clip checkpoint file."""
     from .modeling.open_clip import create_model_and_transforms  # open_clip is an optional dependency
@@ -69,14 +78,29 @@ VIT_B16_ARCH = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=16
 )
 DINOV3_VITL16_ARCH = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
-    patch_size=16, num_register_tokens=4,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=16,
+    num_register_tokens=4,
 )
 SIGLIP_SO400M_ARCH = dict(  # LLaVA-OneVision's vision tower
-    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=14,
 )
 SIGLIP2_B16_NAFLEX_ARCH = dict(
-    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_patches=256, patch_size=16
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_patches=256,
+    patch_size=16,
 )
 # name -> (model class, `transformers` checkpoint, its architecture for random weights, model arguments)
 TRANSFORMERS_CHECKPOINTS = {
@@ -84,12 +108,18 @@ TRANSFORMERS_CHECKPOINTS = {
     "vit_base_patch16_224_in21k": (ViTTTRegModel, "google/vit-base-patch16-224-in21k", VIT_B16_ARCH, {}),
     # a classifier checkpoint: it holds no pooler, so the model gets none rather than a random one
     "deit_base_distilled_patch16_224": (
-        DeiTTTRegModel, "facebook/deit-base-distilled-patch16-224", VIT_B16_ARCH, {"add_pooling_layer": False}
+        DeiTTTRegModel,
+        "facebook/deit-base-distilled-patch16-224",
+        VIT_B16_ARCH,
+        {"add_pooling_layer": False},
     ),
     "dinov3_vitl16": (DINOv3ViTTTRegModel, "facebook/dinov3-vitl16-pretrain-lvd1689m", DINOV3_VITL16_ARCH, {}),
     "siglip_so400m_patch14_384": (SiglipVisionTTRegModel, "google/siglip-so400m-patch14-384", SIGLIP_SO400M_ARCH, {}),
     "siglip2_base_patch16_naflex": (
-        Siglip2VisionTTRegModel, "google/siglip2-base-patch16-naflex", SIGLIP2_B16_NAFLEX_ARCH, {}
+        Siglip2VisionTTRegModel,
+        "google/siglip2-base-patch16-naflex",
+        SIGLIP2_B16_NAFLEX_ARCH,
+        {},
     ),
 }
 
@@ -104,7 +134,9 @@ def _transformers(
             weights or checkpoint, register_neurons=register_neurons, **model_kwargs, **settings
         ).eval()
     config = model_class.config_class(**arch, **settings)
-    config.attach_register_neurons(register_neurons, checkpoint=name, register_semantics=settings.get("register_semantics"))
+    config.attach_register_neurons(
+        register_neurons, checkpoint=name, register_semantics=settings.get("register_semantics")
+    )
     return model_class(config, **model_kwargs).eval()
 
 

@@ -18,7 +18,11 @@ SCHEMA_VERSION = 1
 METADATA_KEY = "ttreg_index"
 # a checkout (torch.hub, editable install) has `precomputed/` beside the package; a wheel installs it inside
 PRECOMPUTED_DIR = next(
-    (path for path in (Path(__file__).resolve().parent / d for d in ("../precomputed", "precomputed")) if path.is_dir()),
+    (
+        path
+        for path in (Path(__file__).resolve().parent / d for d in ("../precomputed", "precomputed"))
+        if path.is_dir()
+    ),
     None,
 )
 FIND_NEURONS_HINT = (
@@ -55,7 +59,11 @@ def _is_size(value) -> bool:
 def _describe(value) -> str:
     """``value`` for an error message: its type and a repr short enough for one line."""
     text = repr(value)
-    return f"{text[:60]}... ({type(value).__name__}, {len(text)} characters)" if len(text) > 80 else f"{text} ({type(value).__name__})"
+    return (
+        f"{text[:60]}... ({type(value).__name__}, {len(text)} characters)"
+        if len(text) > 80
+        else f"{text} ({type(value).__name__})"
+    )
 
 
 def _layer_id(layer) -> int | None:
@@ -164,16 +172,26 @@ class RegisterNeuronIndex:
 
     def __post_init__(self):
         """Check every field's type and range: the one validation of an index, whether built or loaded."""
-        _check_field("num_layers", self.num_layers, _is_size(self.num_layers), "an int >= 1, the model's number of blocks")
+        _check_field(
+            "num_layers", self.num_layers, _is_size(self.num_layers), "an int >= 1, the model's number of blocks"
+        )
         _check_field("mlp_width", self.mlp_width, _is_size(self.mlp_width), "an int >= 1, the neurons per MLP")
-        _check_field("semantics", self.semantics, isinstance(self.semantics, str) and self.semantics in SEMANTICS, f"one of {SEMANTICS}")
+        _check_field(
+            "semantics",
+            self.semantics,
+            isinstance(self.semantics, str) and self.semantics in SEMANTICS,
+            f"one of {SEMANTICS}",
+        )
         _check_field(
             "checkpoints",
             self.checkpoints,
-            isinstance(self.checkpoints, dict) and all(isinstance(v, str) for v in [*self.checkpoints, *self.checkpoints.values()]),
+            isinstance(self.checkpoints, dict)
+            and all(isinstance(v, str) for v in [*self.checkpoints, *self.checkpoints.values()]),
             'a mapping of strings, e.g. {"hf": "facebook/dinov2-large"}',
         )
-        _check_field("image_size", self.image_size, self.image_size is None or _is_size(self.image_size), "null or an int >= 1")
+        _check_field(
+            "image_size", self.image_size, self.image_size is None or _is_size(self.image_size), "null or an int >= 1"
+        )
         _check_field("source", self.source, isinstance(self.source, str), "a string")
         _check_field(
             "details",
@@ -209,18 +227,24 @@ class RegisterNeuronIndex:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
         except (SafetensorError, OSError, ValueError) as error:
-            raise RegisterNeuronIndexError(f"{path} is not a readable safetensors file ({error}). {FIND_NEURONS_HINT}") from error
+            raise RegisterNeuronIndexError(
+                f"{path} is not a readable safetensors file ({error}). {FIND_NEURONS_HINT}"
+            ) from error
         if METADATA_KEY not in metadata:
             raise RegisterNeuronIndexError(f"{path} holds no register-neuron index (no {METADATA_KEY!r} metadata).")
         try:
             return cls._from_json(metadata[METADATA_KEY])
         except RegisterNeuronIndexError as error:
-            raise RegisterNeuronIndexError(f"The register-neuron index in {path} is corrupt. {error} {REWRITE_HINT}") from error
+            raise RegisterNeuronIndexError(
+                f"The register-neuron index in {path} is corrupt. {error} {REWRITE_HINT}"
+            ) from error
 
     @classmethod
     def _from_json(cls, text: str) -> "RegisterNeuronIndex":
         if len(text) > MAX_INDEX_CHARS:
-            raise RegisterNeuronIndexError(f"Its JSON has {len(text)} characters, over the {MAX_INDEX_CHARS} an index may have.")
+            raise RegisterNeuronIndexError(
+                f"Its JSON has {len(text)} characters, over the {MAX_INDEX_CHARS} an index may have."
+            )
         try:
             data = json.loads(text, object_pairs_hook=_dict_without_repeated_keys)
         except RegisterNeuronIndexError:

@@ -273,7 +273,9 @@ def _set_row(linear: Projection, row: int, columns: slice, values: torch.Tensor)
         linear.bias[row] = 0.0
 
 
-def textured_images(num_images: int, seed: int = 0, size: int = IMAGE_SIZE, uniform_regions: bool = True) -> torch.Tensor:
+def textured_images(
+    num_images: int, seed: int = 0, size: int = IMAGE_SIZE, uniform_regions: bool = True
+) -> torch.Tensor:
     """Random textures with a few uniform rectangles, ``(num_images, 3, size, size)`` in ``[0, 1]``.
 
     The rectangles are the low-information regions where the planted neurons fire; deterministic for a seed.
@@ -288,7 +290,6 @@ def textured_images(num_images: int, seed: int = 0, size: int = IMAGE_SIZE, unif
                 top, left = (int(v) for v in torch.randint(0, size - max(height, width), (2,), generator=generator))
                 image[:, top : top + height, left : left + width] = torch.rand(3, 1, 1, generator=generator)
     return images
-
 
 
 def _blocks(layers, attention: Callable, mlp_in="fc1", mlp_out="fc2", mlp_up=None, sink=True) -> list[BlockSites]:
@@ -315,7 +316,10 @@ def _dinov2_sites(model) -> PlantingSites:
     gated = ("gate_proj", "down_proj", "up_proj") if config.use_swiglu_ffn else ()
     blocks = _blocks(model.encoder.layer, lambda block: block.attention, *gated)
     return PlantingSites(
-        embeddings.patch_embeddings.projection, blocks, config.num_attention_heads, (embeddings.cls_token,),
+        embeddings.patch_embeddings.projection,
+        blocks,
+        config.num_attention_heads,
+        (embeddings.cls_token,),
         embeddings.position_embeddings,
     )
 
@@ -325,7 +329,10 @@ def _clip_sites(model) -> PlantingSites:
     blocks = _blocks(tower.encoder.layers, lambda block: block.self_attn)
     embeddings = tower.embeddings
     return PlantingSites(
-        embeddings.patch_embedding, blocks, model.config.num_attention_heads, (embeddings.class_embedding,),
+        embeddings.patch_embedding,
+        blocks,
+        model.config.num_attention_heads,
+        (embeddings.class_embedding,),
         embeddings.position_embedding.weight,
     )
 
@@ -343,7 +350,10 @@ def _vit_sites(model) -> PlantingSites:
     prefix = tuple(t for t in (embeddings.cls_token, getattr(embeddings, "distillation_token", None)) if t is not None)
     blocks = _blocks(model.layers, lambda block: block.attention)
     return PlantingSites(
-        embeddings.patch_embeddings.projection, blocks, model.config.num_attention_heads, prefix,
+        embeddings.patch_embeddings.projection,
+        blocks,
+        model.config.num_attention_heads,
+        prefix,
         embeddings.position_embeddings,
     )
 

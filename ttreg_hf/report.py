@@ -40,7 +40,9 @@ def _grid(values: torch.Tensor) -> torch.Tensor:
     return values.view(side, side).cpu()
 
 
-def inspect_image(model: TestTimeRegisterMixin, pixel_values: torch.Tensor, register_neurons: IndexSpec, **settings) -> list[Inspection]:
+def inspect_image(
+    model: TestTimeRegisterMixin, pixel_values: torch.Tensor, register_neurons: IndexSpec, **settings
+) -> list[Inspection]:
     """The last layer of ``model`` on one image ``(1, 3, H, W)``, with the edit off and with ``register_neurons``.
 
     Outliers are counted with one threshold for both: the automatic one of the run without the edit.
@@ -74,11 +76,16 @@ def save_report(image: torch.Tensor, inspections: list[Inspection], path: str | 
         row[0].imshow(image.permute(1, 2, 0).clamp(0, 1).cpu().numpy())
         row[0].set_title(f"input: {inspection.label}", fontsize=10)
         shown = row[1].imshow(inspection.norm_map.numpy(), cmap="viridis", vmin=0, vmax=norm_max)
-        row[1].set_title(f"patch norm, last layer\nmax/median {s.max_median_ratio:.1f}, {s.outliers_per_image:.0f} outliers", fontsize=10)
+        row[1].set_title(
+            f"patch norm, last layer\nmax/median {s.max_median_ratio:.1f}, {s.outliers_per_image:.0f} outliers",
+            fontsize=10,
+        )
         figure.colorbar(shown, ax=row[1], fraction=0.046, pad=0.04)
         shown = row[2].imshow(inspection.attention_map.numpy(), cmap="inferno", vmin=0, vmax=attention_max)
         register = "" if s.cls_register_share is None else f", register {100 * s.cls_register_share:.0f} %"
-        row[2].set_title(f"CLS attention, last layer\ntop patch {100 * s.cls_top_patch_share:.0f} %{register}", fontsize=10)
+        row[2].set_title(
+            f"CLS attention, last layer\ntop patch {100 * s.cls_top_patch_share:.0f} %{register}", fontsize=10
+        )
         figure.colorbar(shown, ax=row[2], fraction=0.046, pad=0.04)
         for axis in row:
             axis.set_xticks([])

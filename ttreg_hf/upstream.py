@@ -84,4 +84,6 @@ def _version(distribution: str) -> str:
 def lookup_by_class(table: Mapping[str, Entry], obj: object) -> Entry | None:
     """``table``'s entry for the nearest class of ``obj`` (its own, then its bases), keyed by qualified name
     (``"module.Class"``): such a table names upstream classes without importing their optional packages."""
-    return next((table[key] for cls in type(obj).__mro__ if (key := f"{cls.__module__}.{cls.__qualname__}") in table), None)
+    return next(
+        (table[key] for cls in type(obj).__mro__ if (key := f"{cls.__module__}.{cls.__qualname__}") in table), None
+    )

@@ -25,7 +25,9 @@ def _probabilities(queries: torch.Tensor, keys: torch.Tensor, num_heads: int, sc
 
 def _dinov2(block: nn.Module, hidden_states: torch.Tensor, **_) -> torch.Tensor:
     attention, normed = block.attention, block.norm1(hidden_states)
-    return _probabilities(attention.q_proj(normed), attention.k_proj(normed), attention.num_attention_heads, attention.scaling)
+    return _probabilities(
+        attention.q_proj(normed), attention.k_proj(normed), attention.num_attention_heads, attention.scaling
+    )
 
 
 def _clip(block: nn.Module, hidden_states: torch.Tensor, **_) -> torch.Tensor:
@@ -52,7 +54,9 @@ def _dinov3(block: nn.Module, hidden_states: torch.Tensor, position_embeddings=N
 
 def _open_clip(block: nn.Module, hidden_states: torch.Tensor, **_) -> torch.Tensor:
     attention = block.attn  # nn.MultiheadAttention, batch first
-    queries, keys, _ = nn.functional.linear(block.ln_1(hidden_states), attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
+    queries, keys, _ = nn.functional.linear(
+        block.ln_1(hidden_states), attention.in_proj_weight, attention.in_proj_bias
+    ).chunk(3, dim=-1)
     return _probabilities(queries, keys, attention.num_heads, attention.head_dim**-0.5)
 
 

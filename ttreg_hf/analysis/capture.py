@@ -32,7 +32,9 @@ def resolve_layers(layers: Layers, num_layers: int) -> list[int]:
     resolved = set()
     for layer in layers:
         if not -num_layers <= layer < num_layers:
-            raise ValueError(f"Layer {layer} is out of range: the model has {num_layers} layers (0-based, or negative).")
+            raise ValueError(
+                f"Layer {layer} is out of range: the model has {num_layers} layers (0-based, or negative)."
+            )
         resolved.add(layer % num_layers)
     return sorted(resolved)
 
@@ -116,7 +118,10 @@ def capture(
     cache = ActivationCache(model.token_layout)
 
     def keep(store: dict, layers: Layers) -> dict[int, Observer]:
-        return {layer: (lambda tensor, layer=layer: store.__setitem__(layer, tensor)) for layer in resolve_layers(layers, num_layers)}
+        return {
+            layer: (lambda tensor, layer=layer: store.__setitem__(layer, tensor))
+            for layer in resolve_layers(layers, num_layers)
+        }
 
     with observe(
         model,
@@ -143,8 +148,9 @@ def run_with_cache(
     and block outputs in the graph; otherwise nothing is recorded for autograd."""
     parameter = next(model.parameters())
     pixel_values = pixel_values.to(parameter.device, parameter.dtype)
-    with torch.set_grad_enabled(keep_grad), capture(
-        model, mlp=mlp, blocks=blocks, attentions=attentions, detach=not keep_grad
-    ) as cache:
+    with (
+        torch.set_grad_enabled(keep_grad),
+        capture(model, mlp=mlp, blocks=blocks, attentions=attentions, detach=not keep_grad) as cache,
+    ):
         output = model(pixel_values, **forward_kwargs)
     return output, cache

@@ -3,9 +3,9 @@
 Each is a context manager; the model is as before once the ``with`` block ends.
 """
 
+import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-import copy
 
 import torch
 
@@ -28,13 +28,17 @@ def rewrite_activations(model: TestTimeRegisterMixin, rewrites: Mapping[int, Rew
     sites = model.register_edit_sites
     with ExitStack() as stack:
         for layer, rewrite in rewrites.items():
-            hook = sites[layer].register_edit.register_forward_hook(lambda module, args, output, rewrite=rewrite: rewrite(output))
+            hook = sites[layer].register_edit.register_forward_hook(
+                lambda module, args, output, rewrite=rewrite: rewrite(output)
+            )
             stack.callback(hook.remove)
         yield
 
 
 @contextmanager
-def with_register_neurons(model: TestTimeRegisterMixin, register_neurons: IndexSpec, **settings) -> Iterator[TestTimeRegisterMixin]:
+def with_register_neurons(
+    model: TestTimeRegisterMixin, register_neurons: IndexSpec, **settings
+) -> Iterator[TestTimeRegisterMixin]:
     """Attach ``register_neurons`` (``{}``: edit off) with `set_register_neurons`; every previous setting comes back
     after."""
     saved = {name: copy.deepcopy(getattr(model.config, name)) for name in REGISTER_SETTINGS}
@@ -54,15 +58,21 @@ def shift_outliers(model: TestTimeRegisterMixin, neurons: Neurons, position: int
     """
     layout = model.token_layout
     if layout.num_registers:
-        raise ValueError("shift_outliers needs the test-time-register edit off: run it inside with_register_neurons(model, {}).")
+        raise ValueError(
+            "shift_outliers needs the test-time-register edit off: run it inside with_register_neurons(model, {})."
+        )
     target = layout.num_prefix_tokens + position
     shifted_layout = TokenLayout(layout.num_prefix_tokens, 1)
 
     def shift(edit: RegisterNeuronEdit):
         def rewrite(activations: torch.Tensor) -> torch.Tensor:
             if not layout.num_prefix_tokens <= target < activations.shape[1]:
-                raise ValueError(f"Patch position {position} is out of range: the image has {activations.shape[1] - layout.num_prefix_tokens} patches.")
-            moved = torch.cat((activations[:, :target], activations[:, target + 1 :], activations[:, target : target + 1]), dim=1)
+                raise ValueError(
+                    f"Patch position {position} is out of range: the image has {activations.shape[1] - layout.num_prefix_tokens} patches."
+                )
+            moved = torch.cat(
+                (activations[:, :target], activations[:, target + 1 :], activations[:, target : target + 1]), dim=1
+            )
             edited = edit(moved)
             return torch.cat((edited[:, :target], edited[:, -1:], edited[:, target:-1]), dim=1)
 

@@ -10,7 +10,6 @@ from huggingface_hub.dataclasses import strict
 from ..index import RegisterNeuronIndex, check_neurons_fit, load_index, normalize_neurons, resolve_index
 from ..modeling.edit import PATCH_MODES, SEMANTICS, RegisterPatchMode, RegisterSemantics
 
-
 MAX_TEST_TIME_REGISTERS = 64
 
 
@@ -50,7 +49,7 @@ class TestTimeRegisterConfigMixin:
         """The parent's config dict, its ``model_type`` (or its ``base_config_key`` part's) relabelled as ours:
         loading a parent checkpoint is what these classes are for, not a mismatch to warn about."""
         config_dict, kwargs = super().get_config_dict(*args, **kwargs)
-        parent_type = super(TestTimeRegisterConfigMixin, cls).model_type
+        parent_type = super().model_type
         for part in (config_dict, config_dict.get(cls.base_config_key or "") or {}):
             if part.get("model_type") == parent_type:
                 part["model_type"] = cls.model_type
@@ -120,10 +119,12 @@ class TestTimeRegisterConfigMixin:
             updates["register_neurons"] = {str(layer): list(ids) for layer, ids in index.items()}
         candidate = dataclasses.replace(self, **updates)
         candidate.validate_test_time_registers()
-        for name, value in updates.items():
+        for name in updates:
             setattr(self, name, getattr(candidate, name))
 
-    def attach_register_neurons(self, register_neurons=None, *, checkpoint: str, register_semantics: str | None = None) -> None:
+    def attach_register_neurons(
+        self, register_neurons=None, *, checkpoint: str, register_semantics: str | None = None
+    ) -> None:
         """The one path by which every loader attaches an index, before the model is built (so a model without one
         fails before any weights are downloaded): ``register_neurons`` if given, else the index this config holds
         (saved with the checkpoint), else the one shipped for ``checkpoint``; none while registers are on is an

@@ -84,7 +84,9 @@ class CLIPVisionTTRegModel(PreTrainedTestTimeRegisterMixin, CLIPVisionModel):
         self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool = False, **kwargs
     ) -> TestTimeRegisterModelOutput:
         self.refresh_test_time_registers()
-        outputs = super().forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs)
+        outputs = super().forward(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
         return self.strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
 
 

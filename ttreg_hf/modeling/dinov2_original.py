@@ -60,7 +60,9 @@ def dinov2_config(arch: str, **settings) -> Dinov2TTRegConfig:
     )
 
 
-def convert_original_state_dict(state_dict: dict[str, torch.Tensor], config: Dinov2TTRegConfig) -> dict[str, torch.Tensor]:
+def convert_original_state_dict(
+    state_dict: dict[str, torch.Tensor], config: Dinov2TTRegConfig
+) -> dict[str, torch.Tensor]:
     """Rename an original DINOv2 state dict (``blocks.N.attn.qkv`` ...) to `Dinov2Model`'s keys."""
     if "register_tokens" in state_dict:
         raise ValueError(

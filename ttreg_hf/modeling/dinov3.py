@@ -18,7 +18,13 @@ from transformers.utils.generic import can_return_tuple
 
 from ..configs.dinov3 import DINOv3ViTTTRegConfig
 from .layout import TokenLayout
-from .registers import PreTrainedTestTimeRegisterMixin, RegisterSeams, TestTimeRegisterModelOutput, adopt, check_pixel_values
+from .registers import (
+    PreTrainedTestTimeRegisterMixin,
+    RegisterSeams,
+    TestTimeRegisterModelOutput,
+    adopt,
+    check_pixel_values,
+)
 
 
 class DINOv3ViTTTRegEmbeddings(DINOv3ViTEmbeddings):

@@ -77,7 +77,9 @@ class RegisterNeuronEdit(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.largest_scale > torch.finfo(hidden_states.dtype).max:  # settings and dtype only: no sync, no graph break
+        if (
+            self.largest_scale > torch.finfo(hidden_states.dtype).max
+        ):  # settings and dtype only: no sync, no graph break
             raise ValueError(
                 f"register_scale {self.largest_scale:g} overflows {hidden_states.dtype} (largest "
                 f"{torch.finfo(hidden_states.dtype).max:g}): every register would be inf. Use a smaller scale or run "

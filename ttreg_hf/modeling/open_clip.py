@@ -40,7 +40,10 @@ def adopt_mlp(mlp: nn.Module) -> OpenCLIPTTRegMLP:
     """``mlp`` as an `OpenCLIPTTRegMLP` (weights and keys kept), after checking it has the expected structure."""
     layers = list(mlp.children())
     if not (
-        type(mlp) is nn.Sequential and len(layers) == 3 and isinstance(layers[0], nn.Linear) and isinstance(layers[2], nn.Linear)
+        type(mlp) is nn.Sequential
+        and len(layers) == 3
+        and isinstance(layers[0], nn.Linear)
+        and isinstance(layers[2], nn.Linear)
     ):
         raise TypeError(
             "Test-time registers expect open_clip's MLP `Sequential(c_fc: Linear, activation, c_proj: Linear)`, got "

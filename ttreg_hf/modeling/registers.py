@@ -194,7 +194,11 @@ class TestTimeRegisterMixin:
         for layer, mlp in enumerate(self.register_edit_sites):
             if layer in neurons and layout.num_registers:
                 edit = RegisterNeuronEdit(
-                    neurons[layer], layout, config.register_scales, config.register_semantics, config.register_patch_mode
+                    neurons[layer],
+                    layout,
+                    config.register_scales,
+                    config.register_semantics,
+                    config.register_patch_mode,
                 )
                 device = next(mlp.parameters()).device
                 mlp.register_edit = edit if device.type == "meta" else edit.to(device)  # offloaded MLPs sit on meta
@@ -233,7 +237,9 @@ class TestTimeRegisterMixin:
         fields["last_hidden_state"] = layout.strip_registers(outputs.last_hidden_state)
         fields["test_time_registers"] = layout.registers(outputs.last_hidden_state)
         if outputs.hidden_states is not None:
-            fields["hidden_states"] = tuple(h if h is None else layout.strip_registers(h) for h in outputs.hidden_states)
+            fields["hidden_states"] = tuple(
+                h if h is None else layout.strip_registers(h) for h in outputs.hidden_states
+            )
         if outputs.attentions is not None:
             attentions = outputs.attentions
             fields["attentions"] = tuple(layout.strip_registers_from_attentions(a) for a in attentions)
@@ -268,7 +274,7 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
         converted with every field kept and the register settings at their defaults."""
         if isinstance(config, cls.config_class):
             return config
-        parent_config_class = super(PreTrainedTestTimeRegisterMixin, cls).config_class
+        parent_config_class = super().config_class
         if not isinstance(config, parent_config_class):
             raise TypeError(
                 f"{cls.__name__} needs a {cls.config_class.__name__} (or a {parent_config_class.__name__}, which it "
@@ -293,7 +299,9 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
                     edit.reset_buffers()
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, register_neurons: IndexSpec | None = None, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *model_args, register_neurons: IndexSpec | None = None, **kwargs
+    ):
         """`PreTrainedModel.from_pretrained`, plus the register-neuron index.
 
         The index is, in order: ``register_neurons`` (dict, file, shipped name), the one saved in the checkpoint's
@@ -311,7 +319,9 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
                 setattr(config, key, value)
         else:
             hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
-            config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs, **overrides)
+            config = cls.config_class.from_pretrained(
+                config or pretrained_model_name_or_path, **hub_kwargs, **overrides
+            )
         config.attach_register_neurons(
             register_neurons,
             checkpoint=str(pretrained_model_name_or_path),

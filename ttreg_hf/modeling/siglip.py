@@ -36,6 +36,7 @@ from .registers import (
     check_pixel_values,
 )
 
+
 class SiglipVisionTTRegEmbeddings(SiglipVisionEmbeddings):
     """Appends the test-time registers after the position embedding (they get none)."""
 

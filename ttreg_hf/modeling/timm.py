@@ -201,4 +201,6 @@ def create_model(model_name: str, pretrained: bool = False, *, register_neurons:
 
 def register_config(model: VisionTransformer, **settings) -> TestTimeRegisterConfig:
     """The register settings of a timm `VisionTransformer`: its depth and MLP width (after the gating) bound the index."""
-    return TestTimeRegisterConfig(num_hidden_layers=len(model.blocks), mlp_width=model.blocks[0].mlp.fc2.in_features, **settings)
+    return TestTimeRegisterConfig(
+        num_hidden_layers=len(model.blocks), mlp_width=model.blocks[0].mlp.fc2.in_features, **settings
+    )
