@@ -1,22 +1,13 @@
 """torch.hub entry points: ``torch.hub.load("<owner>/ttreg_hf", "dinov2_vitl14_tt_reg")``.
 
-Every entry takes ``pretrained`` (False: random weights, offline), ``register_neurons`` (a dict, an index file or a
-shipped index name) and config fields such as ``num_test_time_registers`` (0 turns the edit off).
+One entry ``<name>_tt_reg`` per named checkpoint of every family (`ttreg_hf.hub.entry_points`, from the families'
+declarations; ``torch.hub.list`` shows them). Every entry takes ``pretrained`` (False: random weights, offline),
+``weights`` (a local checkpoint), ``register_neurons`` (a dict, an index file or a shipped index name) and config
+fields such as ``num_test_time_registers`` (0 turns the edit off); anything else is a `TypeError`.
 """
 
 dependencies = ["torch", "transformers", "safetensors", "huggingface_hub"]
 
-from ttreg_hf.hub import (  # noqa: E402,F401
-    clip_vitl14_336_tt_reg,
-    deit_base_distilled_patch16_224_tt_reg,
-    dinov2_vitb14_tt_reg,
-    dinov2_vitg14_tt_reg,
-    dinov2_vitl14_tt_reg,
-    dinov2_vits14_tt_reg,
-    dinov3_vitl16_tt_reg,
-    openclip_vitb16_tt_reg,
-    openclip_vitl14_tt_reg,
-    siglip2_base_patch16_naflex_tt_reg,
-    siglip_so400m_patch14_384_tt_reg,
-    vit_base_patch16_224_in21k_tt_reg,
-)
+import ttreg_hf.hub as _hub  # noqa: E402
+
+globals().update(_hub.entry_points())

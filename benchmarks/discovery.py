@@ -19,8 +19,7 @@ import time
 import torch
 
 from ttreg_hf.discovery import find_register_neurons
-from ttreg_hf.images import image_statistics, normalize
-from ttreg_hf.planted import build_planted_model, planted_index, textured_images
+from ttreg_hf.planted import build_planted_model, planted_index, planted_pixels, textured_images
 
 from peak_memory import extra_peak_mib  # benchmarks/peak_memory.py
 
@@ -28,7 +27,7 @@ BATCH_SIZE = 16
 
 
 def planted_images(num_images: int, model) -> torch.Tensor:
-    return normalize(textured_images(num_images, seed=0), *image_statistics(model))
+    return planted_pixels(textured_images(num_images, seed=0))
 
 
 def streaming(model, images, top_k: int, threshold: float | None) -> dict[int, list[int]]:

@@ -2,7 +2,8 @@
 
 1. `TinyViT`: a plain-PyTorch ViT, as a user might have one (pre-norm blocks, CLS token, GELU MLPs).
 2. Its test-time-register family: a subclass of the embedding that appends the registers, a subclass of the MLP that
-   calls ``register_edit`` right after the activation, and a model class that declares where those parts are.
+   calls ``register_edit`` right after the activation, a model class that declares where those parts are, and the
+   family's declaration (`Family`: its attention reader and planting sites), registered with `register_family`.
 3. Register neurons planted in it with `ttreg_hf.planted` (neurons that fire on uniform patches and write high-norm
    tokens), found with `find_register_neurons`, attached, and the outlier ratio before and after.
 
@@ -11,11 +12,27 @@ Run: ``python examples/add_a_family.py`` (a few seconds on a CPU).
 
 import torch
 from torch import nn
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ttreg_hf import RegisterSeams, TestTimeRegisterConfig, TestTimeRegisterMixin, adopt, find_register_neurons
+from ttreg_hf import (
+    Family,
+    RegisterSeams,
+    TestTimeRegisterConfig,
+    TestTimeRegisterMixin,
+    find_register_neurons,
+    register_family,
+)
 from ttreg_hf.analysis import patch_norms, run_with_cache
-from ttreg_hf.images import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, normalize
-from ttreg_hf.planted import BlockSites, LinearRows, PlantingSites, plant_register_neurons, textured_images
+from ttreg_hf.analysis.attention import attention_probabilities
+from ttreg_hf.images import normalize
+from ttreg_hf.planted import (
+    BlockSites,
+    LinearRows,
+    PlantingSites,
+    plant_register_neurons,
+    planting_sites,
+    textured_images,
+)
 
 # 1. The user's ViT ---------------------------------------------------------------------------------------------------
 
@@ -88,17 +105,17 @@ class RegisterEditMlp(Mlp):
 class TinyViTTTReg(TestTimeRegisterMixin, TinyViT):
     """`TinyViT` with test-time registers: same weights and keys, same output shape."""
 
-    register_seams = RegisterSeams(appender="embed", blocks="blocks", mlp="mlp")
+    register_seams = RegisterSeams(
+        appender="embed", blocks="blocks", mlp="mlp", modules=(RegisterAppendingPatchEmbed, RegisterEditMlp)
+    )
     num_prefix_tokens = 1
 
     def __init__(self, register_neurons=None, **kwargs):
         super().__init__(**kwargs)
-        adopt(self.embed, RegisterAppendingPatchEmbed)
-        for block in self.blocks:
-            adopt(block.mlp, RegisterEditMlp)
         self.config = TestTimeRegisterConfig(
             num_hidden_layers=len(self.blocks), mlp_width=4 * self.norm.normalized_shape[0]
         )
+        self.adopt_register_modules()  # the seams' modules become the subclasses declared above
         self.set_register_neurons(register_neurons or {})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -106,14 +123,17 @@ class TinyViTTTReg(TestTimeRegisterMixin, TinyViT):
         return self.token_layout.strip_registers(super().forward(images))
 
 
-# 3. Plant register neurons, find them, attach them ---------------------------------------------------------------
+def tiny_vit_attention(block: Block, hidden_states: torch.Tensor, **_) -> torch.Tensor:
+    """The block's attention probabilities, recomputed from its input (the analysis tools' attention maps)."""
+    attention, width = block.attn, hidden_states.shape[-1]
+    queries, keys, _ = nn.functional.linear(
+        block.norm1(hidden_states), attention.in_proj_weight, attention.in_proj_bias
+    ).split(width, dim=-1)
+    return attention_probabilities(queries, keys, attention.num_heads, (width // attention.num_heads) ** -0.5)
 
-PLANTED_LAYER, PLANTED_NEURONS = 2, (21, 60)
-IMAGE_SIZE = 96
 
-
-def planting_sites_of(model: TinyViT) -> PlantingSites:
-    """The modules `plant_register_neurons` writes to; `planting_sites(model)` knows them for ttreg_hf's own families."""
+def tiny_vit_planting_sites(model: TinyViT) -> PlantingSites:
+    """The modules `plant_register_neurons` writes to (the package's families declare theirs the same way)."""
     width = model.norm.normalized_shape[0]
 
     def block_sites(block: Block) -> BlockSites:
@@ -129,6 +149,22 @@ def planting_sites_of(model: TinyViT) -> PlantingSites:
     embed = model.embed
     heads = model.blocks[0].attn.num_heads
     return PlantingSites(embed.proj, [block_sites(b) for b in model.blocks], heads, (embed.cls_token,), embed.pos_embed)
+
+
+FAMILY = register_family(
+    Family(
+        name="tiny_vit",
+        model_classes=(TinyViTTTReg,),
+        attention_reader=tiny_vit_attention,
+        planting_sites=tiny_vit_planting_sites,
+    )
+)
+
+
+# 3. Plant register neurons, find them, attach them ---------------------------------------------------------------
+
+PLANTED_LAYER, PLANTED_NEURONS = 2, (21, 60)
+IMAGE_SIZE = 96
 
 
 def images(num_images: int, seed: int) -> torch.Tensor:
@@ -147,7 +183,7 @@ def outlier_ratio(model: TinyViTTTReg, images: torch.Tensor, threshold: float) -
 def main() -> None:
     torch.manual_seed(0)
     model = TinyViTTTReg(image=IMAGE_SIZE).eval()
-    plant_register_neurons(planting_sites_of(model), PLANTED_LAYER, PLANTED_NEURONS)
+    plant_register_neurons(planting_sites(model), PLANTED_LAYER, PLANTED_NEURONS)
     result = find_register_neurons(model, list(images(32, seed=0)))
     print(result.summary())
     held_out = images(16, seed=1)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel
 from ttreg_hf.analysis import (
@@ -15,7 +16,7 @@ from ttreg_hf.analysis import (
     with_register_neurons,
 )
 from ttreg_hf.analysis.metrics import NormHistogram
-from ttreg_hf.images import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, normalize
+from ttreg_hf.images import normalize
 from ttreg_hf.planted import build_planted_model, planted_index, textured_images
 
 

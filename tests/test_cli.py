@@ -135,7 +135,7 @@ def test_a_plain_transformers_dinov2_folder_loads_as_the_package_class(tmp_path)
     Dinov2Model(
         Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56)
     ).save_pretrained(tmp_path)
-    model = load_model(str(tmp_path), "cpu", num_test_time_registers=0)
+    model, _ = load_model(str(tmp_path), "cpu", num_test_time_registers=0)
     assert type(model) is Dinov2TTRegModel and model.config.num_hidden_layers == 2
 
 
@@ -166,7 +166,10 @@ def mistakes(tmp_path, image_dir, image_file, planted_index_file):
         (find + ["--image-size", "big"], "'big' is not an integer"),
         (["find-neurons", "planted", str(tmp_path / "nope"), "--out", out], "does not exist"),
         (["find-neurons", "dinov2_vitz99", images, "--out", out], "Unknown model 'dinov2_vitz99'"),
-        (["find-neurons", str(tmp_path / "bert"), images, "--out", out], "'bert' model; MODEL is"),
+        (
+            ["find-neurons", str(tmp_path / "bert"), images, "--out", out],
+            "'bert' model; folders of these model types load: dinov2",
+        ),
         (["find-neurons", str(tmp_path), images, "--out", out], "no config.json"),
         (["find-neurons", "planted", images, "--out", str(tmp_path)], "is a folder"),
         (["find-neurons", "planted", images, "--out", str(tmp_path / "a_file" / "x.safetensors")], "is a file"),
@@ -177,13 +180,13 @@ def mistakes(tmp_path, image_dir, image_file, planted_index_file):
         ),
         (
             inspect + ["--index", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "r.png")],
-            "No register-neuron index",
+            "missing.safetensors' is neither a file nor a shipped index",
         ),
         (inspect + ["--out", str(tmp_path / "existing.png")], "exists; pass --overwrite"),
         (["inspect", "planted", str(tmp_path / "no.jpg"), "--out", str(tmp_path / "r.png")], "No image at"),
         (
             ["inspect", "dinov2_vitb14", str(image_file), "--out", str(tmp_path / "r.png")],
-            "No index is shipped for 'dinov2_vitb14'",
+            "No register-neuron index is known for 'dinov2_vitb14'",
         ),
         (
             ["demo", "--model", "dinov2_vitl14", "--out-dir", str(tmp_path / "d")],
@@ -288,7 +291,7 @@ def test_inspect_a_planted_folder_of_each_family_with_the_index_discovery_found(
     from ttreg_hf.planted import textured_images
 
     folder = tiny_planted_folder(family, tmp_path / family)
-    model = load_model(str(folder), "cpu", num_test_time_registers=0)
+    model, _ = load_model(str(folder), "cpu", num_test_time_registers=0)
     classes = {"clip": "CLIPVisionTTRegModel", "siglip": "SiglipVisionTTRegModel", "deit": "DeiTTTRegModel"}
     assert type(model).__name__ == classes[family]
     result = find_register_neurons(model, list(images(32, seed=0)))

@@ -9,7 +9,7 @@ from transformers import AutoModel, DINOv3ViTConfig, DINOv3ViTModel
 
 from ttreg_hf import DINOv3ViTTTRegConfig, DINOv3ViTTTRegModel, RegisterNeuronIndexError
 from ttreg_hf.hub import load_tt_model
-from ttreg_hf.modeling.edit import PATCH_MODES, SEMANTICS
+from ttreg_hf.settings import PATCH_MODES, SEMANTICS
 
 from reference_edit import hooked_register_edit
 

@@ -7,10 +7,11 @@ import sys
 import pytest
 import torch
 from torch import nn
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndex, RegisterNeuronIndexError
 from ttreg_hf.discovery import check_index_matches, find_register_neurons
-from ttreg_hf.images import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageFolder, normalize
+from ttreg_hf.images import ImageFolder, normalize, statistics_preprocessor
 from ttreg_hf.planted import PLANTED_LAYER, PLANTED_NEURONS, build_planted_model, planted_index, textured_images
 
 
@@ -157,7 +158,9 @@ def test_real_vits14_is_a_negative_control(shared_dir):
 
     weights = shared_dir / "weights" / "dinov2_vits14_imgfocus.safetensors"
     model = load_tt_model("dinov2_vits14", weights=weights, num_test_time_registers=0)
-    images = ImageFolder(shared_dir / "images", 224, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    images = ImageFolder(
+        shared_dir / "images", statistics_preprocessor(224, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "ImageNet")
+    )
     result = find_register_neurons(model, images)
     assert not result.found
     assert result.max_norm / result.median_norm < 2
@@ -194,7 +197,9 @@ def test_two_processes_find_the_same_index_as_one(tmp_path):
     two = RegisterNeuronIndex.load(out)
     model = build_planted_model(num_test_time_registers=0)
     one = find_register_neurons(
-        model, ImageFolder(folder, 224, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), batch_size=8
+        model,
+        ImageFolder(folder, statistics_preprocessor(224, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "ImageNet")),
+        batch_size=8,
     ).index
     assert two.neurons == one.neurons == planted_index()
     assert [score for *_, score in two.details["scores"]] == pytest.approx(

@@ -5,7 +5,7 @@ import torch
 from transformers import Dinov2Model
 
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronEdit, TokenLayout
-from ttreg_hf.modeling.edit import PATCH_MODES, SEMANTICS
+from ttreg_hf.settings import PATCH_MODES, SEMANTICS
 
 from conftest import tiny_dinov2_config
 from reference_edit import hooked_register_edit

@@ -91,7 +91,7 @@ def exported(tmp_path_factory):
         folders[name] = (root / f"{name}-parent", index, root / name)
     BitImageProcessor(**PARENT_PROCESSOR).save_pretrained(root / "dinov2-parent")
     export_model(root / "dinov2-parent", root / "dinov2-index.safetensors", root / "dinov2")
-    with pytest.warns(UserWarning, match="has no preprocessor_config.json: wrote the default CLIPImageProcessor"):
+    with pytest.warns(UserWarning, match="has no preprocessor_config.json: wrote the clip default CLIPImageProcessor"):
         export_model(root / "clip-parent", root / "clip-index.safetensors", root / "clip")  # the parent has none
     return folders
 
@@ -228,7 +228,10 @@ def test_the_folder_holds_config_index_preprocessor_card_and_self_contained_code
         modules += [node.module for node in imports if isinstance(node, ast.ImportFrom)]
         assert not [m for m in modules if m.startswith("ttreg_hf")] and "sys.path" not in source, stem
         assert all(node.level in (0, 1) for node in imports if isinstance(node, ast.ImportFrom)), stem
-    assert "class RegisterNeuronEdit" in (out / "configuration_ttreg.py").read_text()  # generated, not hand-written
+    configuration, modeling = ((out / f"{stem}.py").read_text() for stem in ("configuration_ttreg", "modeling_ttreg"))
+    assert "class RegisterNeuronEdit" in modeling  # generated from the package, not hand-written
+    assert "class RegisterNeuronEdit" not in configuration and "nn.Module" not in configuration  # no model code there
+    assert "FAMILIES" not in configuration + modeling and "PlantingSites" not in modeling  # only what the classes use
 
 
 @pytest.mark.filterwarnings("ignore:The model has no preprocessor_config.json")

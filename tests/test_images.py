@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ttreg_hf.images import ImageFolder, load_image
+from ttreg_hf.images import ImageFolder, load_image, statistics_preprocessor
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -110,7 +110,7 @@ def test_a_decompression_bomb_is_one_clear_error(tmp_path, monkeypatch, pixels):
         load_image(path, 8)
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match=message):
-        ImageFolder(tmp_path, 8, (0, 0, 0), (1, 1, 1))
+        ImageFolder(tmp_path, statistics_preprocessor(8, (0, 0, 0), (1, 1, 1), "identity"))
 
 
 def test_broken_files_are_one_clear_error(tmp_path):

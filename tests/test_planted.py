@@ -1,9 +1,10 @@
 """The planted model shows the paper's mechanism, measured with the package's own metrics."""
 
 import pytest
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ttreg_hf.analysis import run_with_cache, summarize_layers
-from ttreg_hf.images import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, normalize
+from ttreg_hf.images import normalize
 from ttreg_hf.planted import build_planted_model, planted_index, textured_images
 
 

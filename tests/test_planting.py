@@ -9,6 +9,7 @@ import pytest
 import torch
 from timm.layers import SwiGLU, SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ttreg_hf import (
     CLIPVisionTTRegConfig,
@@ -28,13 +29,11 @@ from ttreg_hf import (
     find_register_neurons,
 )
 from ttreg_hf.analysis import patch_norms, run_with_cache
-from ttreg_hf.images import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, normalize
+from ttreg_hf.family import family_of
+from ttreg_hf.images import normalize
 from ttreg_hf.modeling.open_clip import to_test_time_registers as open_clip_tt
 from ttreg_hf.modeling.timm import to_test_time_registers as timm_tt
 from ttreg_hf.planted import (
-    BlockSites,
-    LinearRows,
-    PlantingSites,
     build_planted_model,
     plant_register_neurons,
     planting_sites,
@@ -153,28 +152,18 @@ def add_a_family_example():
     return module
 
 
-def test_a_users_own_vit_gets_planted_through_sites_it_names():
-    example = add_a_family_example()
+def test_a_users_own_vit_gets_planted_through_the_sites_its_family_declares():
+    example = add_a_family_example()  # declares and registers its family
     torch.manual_seed(0)
     model = example.TinyViTTTReg(width=WIDTH, depth=DEPTH, heads=HEADS, patch=PATCH, image=SIZE).eval()
-    with pytest.raises(TypeError, match="build a `PlantingSites`"):
-        planting_sites(model)
-
-    def block_sites(block):
-        attention = block.attn  # nn.MultiheadAttention: q, k, v rows packed in in_proj
-
-        def rows(start):
-            return LinearRows.of(attention, slice(start, start + WIDTH), "in_proj_weight", "in_proj_bias")
-
-        return BlockSites(
-            block.mlp.fc1, block.mlp.fc2, query=rows(0), key=rows(WIDTH), attention_out=attention.out_proj
-        )
-
-    sites = PlantingSites(
-        model.embed.proj, [block_sites(b) for b in model.blocks], HEADS, (model.embed.cls_token,), model.embed.pos_embed
-    )
-    plant_register_neurons(sites, LAYER, NEURONS)
+    assert family_of(model) is example.FAMILY
+    plant_register_neurons(planting_sites(model), LAYER, NEURONS)
     assert_recovered(model, list(images(32, seed=0)), images(16, seed=1))
+
+
+def test_a_model_of_no_family_has_no_planting_sites():
+    with pytest.raises(TypeError, match="build a `PlantingSites`"):
+        planting_sites(torch.nn.Linear(2, 2))
 
 
 def test_build_planted_model_is_the_generic_planting_of_its_dinov2():

@@ -25,6 +25,9 @@ def imported_internals() -> set[str]:
 def test_every_internal_we_import_is_listed():
     listed = {name for names in INTERNALS.values() for name in names}
     assert imported_internals() - listed == set(), "add these to ttreg_hf/upstream.py INTERNALS"
+    assert listed - imported_internals() == set(), (
+        "remove these from ttreg_hf/upstream.py INTERNALS: nothing imports them"
+    )
 
 
 def test_every_listed_internal_exists_in_the_installed_versions():

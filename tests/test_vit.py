@@ -8,7 +8,7 @@ from transformers import AutoModel, DeiTConfig, DeiTForImageClassificationWithTe
 
 from ttreg_hf import DeiTTTRegConfig, DeiTTTRegModel, RegisterNeuronIndexError, ViTTTRegConfig, ViTTTRegModel
 from ttreg_hf.hub import load_tt_model
-from ttreg_hf.modeling.edit import PATCH_MODES, SEMANTICS
+from ttreg_hf.settings import PATCH_MODES, SEMANTICS
 
 from reference_edit import hooked_register_edit
 

@@ -13,21 +13,15 @@ import sys
 
 __version__ = "0.1.0"
 
-# the `transformers` families: model class -> (its module, its config class, the parent whose checkpoints it loads);
-# `AutoModel` builds the model class for the config class (for the CLIP projection model, the tower)
-_FAMILIES = {
-    "Dinov2TTRegModel": (".modeling.dinov2", "Dinov2TTRegConfig", "Dinov2Model"),
-    "CLIPVisionTTRegModel": (".modeling.clip", "CLIPVisionTTRegConfig", "CLIPVisionModel"),
-    "CLIPVisionTTRegModelWithProjection": (".modeling.clip", None, "CLIPVisionModelWithProjection"),
-    "SiglipVisionTTRegModel": (".modeling.siglip", "SiglipVisionTTRegConfig", "SiglipVisionModel"),
-    "Siglip2VisionTTRegModel": (".modeling.siglip", "Siglip2VisionTTRegConfig", "Siglip2VisionModel"),
-    "ViTTTRegModel": (".modeling.vit", "ViTTTRegConfig", "ViTModel"),
-    "DeiTTTRegModel": (".modeling.vit", "DeiTTTRegConfig", "DeiTModel"),
-    "DINOv3ViTTTRegModel": (".modeling.dinov3", "DINOv3ViTTTRegConfig", "DINOv3ViTModel"),
-}
-# public name -> defining module
+# public name -> defining module (imported on first use)
 _EXPORTS = {
-    **{name: module for name, (module, _, _) in _FAMILIES.items()},
+    **dict.fromkeys(("Dinov2TTRegModel",), ".modeling.dinov2"),
+    **dict.fromkeys(
+        ("CLIPVisionTTRegModel", "CLIPVisionTTRegModelWithProjection", "CLIPVisionTTRegModelOutput"), ".modeling.clip"
+    ),
+    **dict.fromkeys(("SiglipVisionTTRegModel", "Siglip2VisionTTRegModel"), ".modeling.siglip"),
+    **dict.fromkeys(("ViTTTRegModel", "DeiTTTRegModel"), ".modeling.vit"),
+    **dict.fromkeys(("DINOv3ViTTTRegModel",), ".modeling.dinov3"),
     **dict.fromkeys(
         (
             "CLIPVisionTTRegConfig",
@@ -39,20 +33,21 @@ _EXPORTS = {
             "ViTTTRegConfig",
         ),
         ".configs",
-    ),
+    ),  # fmt: skip
     **dict.fromkeys(("Siglip2VisionTTRegConfig", "SiglipVisionTTRegConfig"), ".configs.siglip"),
     **dict.fromkeys(("DiscoveryResult", "find_register_neurons"), ".discovery"),
+    **dict.fromkeys(("Checkpoint", "Family", "families", "family_of", "register_family"), ".family"),
     **dict.fromkeys(
         ("RegisterNeuronIndex", "RegisterNeuronIndexError", "find_shipped_index", "load_index", "shipped_indices"),
         ".index",
     ),
-    "CLIPVisionTTRegModelOutput": ".modeling.clip",
     **dict.fromkeys(("load_vlm", "to_test_time_registers", "vision_tower_with_registers"), ".modeling.vlm"),
     "RegisterNeuronEdit": ".modeling.edit",
     "TokenLayout": ".modeling.layout",
     **dict.fromkeys(
         (
             "EditAfterActivationMixin",
+            "NoRegisterEdit",
             "PreTrainedTestTimeRegisterMixin",
             "RegisterAppender",
             "RegisterEditOffWarning",
@@ -63,7 +58,7 @@ _EXPORTS = {
             "check_pixel_values",
         ),
         ".modeling.registers",
-    ),
+    ),  # fmt: skip
 }
 __all__ = sorted(_EXPORTS)
 _AUTO_MODULE = "transformers.models.auto.modeling_auto"  # imported by every use of AutoConfig / AutoModel
@@ -84,40 +79,36 @@ def __dir__() -> list[str]:
 
 @functools.cache
 def register_auto_classes() -> None:
-    """Make `AutoConfig` / `AutoModel` know the classes, and let them load their parents' checkpoints (once).
+    """Make the Auto classes know every `transformers` family's classes, each wherever its parent class is (e.g.
+    `AutoModel` builds `Dinov2TTRegModel` for a `Dinov2TTRegConfig`), and let them load their parents' checkpoints.
 
     Runs on first use of a name of this package and when `transformers` imports its auto classes after this package.
     Code of this package that calls `AutoConfig` / `AutoModel` on its own model types calls it first: when the
     package's own imports are what import `transformers`' auto classes, registering then may be circular.
     """
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoBackbone, AutoConfig
     from transformers.conversion_mapping import (
         get_checkpoint_conversion_mapping,
         register_checkpoint_conversion_mapping,
     )
+    from transformers.models.auto import modeling_auto
 
-    # `transformers` looks the key conversions up by class name: each class gets its parent's
-    for name, (module_name, config_name, parent_name) in _FAMILIES.items():
-        module = importlib.import_module(module_name, __name__)
-        if name not in vars(module):  # half-imported: see `_RegisterWithAutoClasses`
-            raise ImportError(f"cannot import name {name!r} from partially initialized module {module.__name__!r}")
-        model_class = vars(module)[name]
-        register_checkpoint_conversion_mapping(
-            name, get_checkpoint_conversion_mapping(parent_name) or [], overwrite=True
-        )
-        if config_name is not None:
-            config_class = model_class.config_class
-            AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-            AutoModel.register(config_class, model_class, exist_ok=True)
+    from .family import transformers_families
 
-
-@functools.cache
-def transformers_families() -> dict[type, type]:
-    """``{parent model class: our subclass of it}`` for every `transformers` family, e.g. `CLIPVisionModel` ->
-    `CLIPVisionTTRegModel`: the towers `to_test_time_registers` upgrades."""
-    import transformers
-
-    return {getattr(transformers, parent): __getattr__(ours) for ours, (_, _, parent) in _FAMILIES.items()}
+    auto_classes = [
+        AutoBackbone,
+        *(getattr(modeling_auto, name) for name in modeling_auto.__all__ if name.startswith("AutoModel")),
+    ]
+    for family in transformers_families():
+        config_class = family.config_class
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        for model_class, parent in zip(family.model_classes, family.parents):
+            # `transformers` looks the key conversions up by class name: each class gets its parent's
+            conversions = get_checkpoint_conversion_mapping(parent.__name__) or []
+            register_checkpoint_conversion_mapping(model_class.__name__, conversions, overwrite=True)
+            for auto_class in auto_classes:
+                if auto_class._model_mapping.get(parent.config_class, None) is parent:
+                    auto_class.register(config_class, model_class, exist_ok=True)
 
 
 def _half_imported() -> bool:

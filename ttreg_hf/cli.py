@@ -27,8 +27,8 @@ from . import __version__
 
 PLANTED = "planted"
 MODEL_HELP = (
-    "a model name (see `ttreg_hf.hub.MODEL_NAMES`), a local Hugging Face folder of a DINOv2, DINOv3, CLIP, SigLIP, "
-    "SigLIP2, ViT or DeiT checkpoint, or 'planted'"
+    "a model name (`ttreg_hf.hub.model_names()`), a local Hugging Face folder of a checkpoint of one of the "
+    "`transformers` families (the parent's or ttreg_hf's), or 'planted'"
 )
 EXIT_OK, EXIT_BUG, EXIT_USER_ERROR, EXIT_NO_OUTLIERS = 0, 1, 2, 3
 EXIT_CODES = f"""exit status:
@@ -106,59 +106,76 @@ def check_output(path: str | Path, overwrite: bool, *, folder: bool = False) -> 
     return path
 
 
-def load_model(spec: str, device: str, weights: str | None = None, **settings):
-    """The test-time-register model for a CLI MODEL argument, in eval mode on ``device``.
+def load_model(spec: str, device: str, weights: str | None = None, image_size: int | None = None, **settings):
+    """The test-time-register model for a CLI MODEL argument, in eval mode on ``device``, and its checkpoint's
+    preprocessing (`ttreg_hf.images.Preprocessor`; ``image_size`` overrides its size).
 
-    ``weights`` is a local checkpoint for a model name, in its upstream layout.
+    ``weights`` is a local checkpoint for a model name, in its upstream layout. ``settings`` go to the loader
+    (``register_neurons``, ``num_test_time_registers``, ...); the index comes through the loaders' one attach path:
+    ``register_neurons``, else the one saved with the checkpoint, else the one shipped for it.
     """
+    from .family import checkpoints, family_of
+
     if spec == PLANTED:
-        from .planted import build_planted_model
+        from .planted import IMAGE_SIZE, build_planted_model, planted_preprocessor
 
+        register_neurons = settings.pop("register_neurons", None)  # any index: a dict, a file, ...
         model = build_planted_model(**settings)
-    elif Path(spec).is_dir():
-        model = _model_class_of_folder(Path(spec)).from_pretrained(spec, **settings)
-    else:
-        from .hub import MODEL_NAMES, load_tt_model
+        if register_neurons is not None:
+            model.set_register_neurons(register_neurons)
+        return model.to(device).eval(), planted_preprocessor(image_size or IMAGE_SIZE)
+    if Path(spec).is_dir():
+        family = _family_of_folder(Path(spec))
+        model = _with_index_hint(family.model_class.from_pretrained, spec, **settings)
+        return model.to(device).eval(), family.preprocessing(model, spec, image_size)
+    known = checkpoints()
+    if spec not in known:
+        raise CommandError(
+            f"Unknown model {spec!r}: MODEL is one of {', '.join(known)}, a local folder, or {PLANTED!r}."
+        )
+    from .hub import load_tt_model
 
-        if spec not in MODEL_NAMES:
-            raise CommandError(
-                f"Unknown model {spec!r}: MODEL is one of {', '.join(MODEL_NAMES)}, a local folder, or {PLANTED!r}."
-            )
-        try:
-            model = load_tt_model(spec, weights=weights, **settings)
-        except OSError as error:
-            if weights is not None:
-                raise
-            raise CommandError(
-                f"Could not fetch the weights of {spec!r} ({_one_line(error)}); pass a local checkpoint with --weights FILE."
-            ) from error
-    return model.to(device).eval()
-
-
-# config.json's ``model_type`` -> the package's class that loads the folder: the parent's checkpoints and ours
-FOLDER_MODEL_CLASSES = {
-    **dict.fromkeys(("dinov2", "dinov2_tt_reg"), "Dinov2TTRegModel"),
-    **dict.fromkeys(("clip", "clip_vision_model", "clip_vision_tt_reg"), "CLIPVisionTTRegModel"),
-    **dict.fromkeys(("siglip", "siglip_vision_model", "siglip_vision_tt_reg"), "SiglipVisionTTRegModel"),
-    **dict.fromkeys(("siglip2", "siglip2_vision_model", "siglip2_vision_tt_reg"), "Siglip2VisionTTRegModel"),
-    **dict.fromkeys(("vit", "vit_tt_reg"), "ViTTTRegModel"),
-    **dict.fromkeys(("deit", "deit_tt_reg"), "DeiTTTRegModel"),
-    **dict.fromkeys(("dinov3_vit", "dinov3_vit_tt_reg"), "DINOv3ViTTTRegModel"),
-}
+    try:
+        model = _with_index_hint(load_tt_model, spec, weights=weights, **settings)
+    except OSError as error:
+        if weights is not None:
+            raise
+        raise CommandError(
+            f"Could not fetch the weights of {spec!r} ({_one_line(error)}); pass a local checkpoint with --weights FILE."
+        ) from error
+    return model.to(device).eval(), family_of(model).preprocessing(model, known[spec].image_processor, image_size)
 
 
-def _model_class_of_folder(folder: Path):
-    """The package's class for a folder of a Hugging Face checkpoint of one of its families (the parent's or ours)."""
-    import importlib
+def _with_index_hint(load, *args, **kwargs):
+    """``load(*args, **kwargs)``; a missing index gets the command line's way to give one."""
+    from .index import RegisterNeuronIndexError
+
+    try:
+        return load(*args, **kwargs)
+    except RegisterNeuronIndexError as error:
+        if kwargs.get("register_neurons") is None:
+            raise RegisterNeuronIndexError(f"{error} On the command line: --index FILE.") from error
+        raise
+
+
+def _family_of_folder(folder: Path):
+    """The family whose class loads a folder of a Hugging Face checkpoint (the parent's or ours)."""
     import json
+
+    from .family import family_of_model_type, transformers_families
 
     config = folder / "config.json"
     if not config.is_file():
         raise CommandError(f"{folder} is not a Hugging Face model folder (no config.json); MODEL is {MODEL_HELP}.")
-    model_type = json.loads(config.read_text()).get("model_type")
-    if model_type not in FOLDER_MODEL_CLASSES:
-        raise CommandError(f"{folder} holds a {model_type!r} model; MODEL is {MODEL_HELP}.")
-    return getattr(importlib.import_module(__package__), FOLDER_MODEL_CLASSES[model_type])
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (ValueError, AttributeError) as error:
+        raise CommandError(f"{config} is not a JSON object of a model config ({_one_line(error)}).") from error
+    family = family_of_model_type(model_type)
+    if family is None:
+        known = ", ".join(t for family in transformers_families() for t in family.model_types)
+        raise CommandError(f"{folder} holds a {model_type!r} model; folders of these model types load: {known}.")
+    return family
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -169,35 +186,19 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _index_before_loading(args: argparse.Namespace):
-    """The index that ``--index`` or MODEL's shipped one names, found before the weights are downloaded."""
-    from .index import RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index
-
-    if args.index:
-        return RegisterNeuronIndex.load(args.index)
-    if args.model == PLANTED:
-        from .planted import planted_index
-
-        return planted_index()
-    index = find_shipped_index(args.model)
-    if index is None:
-        raise RegisterNeuronIndexError(
-            f"No index is shipped for {args.model!r}: pass --index, made with `ttreg find-neurons`."
-        )
-    return index
-
-
-def _check_fits(index, model) -> None:
+def _check_fits(index_file: str | None, model) -> None:
+    """An ``--index`` file that records the weights it was made for must be this model's."""
     from .discovery import check_index_matches
-    from .index import RegisterNeuronIndex
+    from .index import RegisterNeuronIndex, load_index
 
+    index = load_index(index_file) if index_file else None
     if isinstance(index, RegisterNeuronIndex):
         check_index_matches(index, model)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--image-size", type=integer(1), help="square input size (default: the model's, 224 for DINOv2)"
+        "--image-size", type=integer(1), help="square crop size (default: the checkpoint's image processor's)"
     )
     parser.add_argument("--weights", help="local checkpoint for a model name, in its upstream layout (offline)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -208,12 +209,6 @@ def _device(args: argparse.Namespace) -> str:
     import torch
 
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _image_size(args: argparse.Namespace, model) -> int:
-    from .images import default_image_size
-
-    return args.image_size or default_image_size(model)
 
 
 @subcommand
@@ -248,14 +243,15 @@ def _find_neurons_parser(subparsers: argparse._SubParsersAction) -> None:
 def _find_neurons(args: argparse.Namespace) -> int:
     from .analysis.distributed import is_main_process
     from .discovery import find_register_neurons
-    from .images import ImageFolder, image_statistics
+    from .images import ImageFolder
 
     out = check_output(args.out, args.overwrite)
-    model = load_model(args.model, _device(args), args.weights, num_test_time_registers=0)
-    images = ImageFolder(args.image_dir, _image_size(args, model), *image_statistics(model))
+    model, preprocessor = load_model(
+        args.model, _device(args), args.weights, args.image_size, num_test_time_registers=0
+    )
     result = find_register_neurons(
         model,
-        images,
+        ImageFolder(args.image_dir, preprocessor),
         threshold=args.threshold,
         detection_layer=args.detection_layer,
         highest_layer=args.highest_layer,
@@ -295,27 +291,36 @@ def _inspect_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .images import load_image
+    from .images import open_rgb
 
     out = check_output(args.out, args.overwrite)
     if not Path(args.image).is_file():
         raise CommandError(f"No image at {args.image}; check the path.")
-    index = _index_before_loading(args)
-    model = load_model(args.model, _device(args), args.weights, num_test_time_registers=0)
-    _check_fits(index, model)
-    image = load_image(args.image, _image_size(args, model))
-    _report(model, image, index, out, title=f"{args.model}: {Path(args.image).name}")
+    model, preprocessor = load_model(
+        args.model, _device(args), args.weights, args.image_size, register_neurons=_index_argument(args)
+    )
+    _check_fits(args.index, model)
+    _report(model, preprocessor, open_rgb(args.image), out, title=f"{args.model}: {Path(args.image).name}")
     return EXIT_OK
 
 
-def _report(model, image, index, out: Path, title: str) -> None:
-    from .images import image_statistics, normalize
+def _index_argument(args: argparse.Namespace):
+    """``--index``, or the planted truth for the planted model; `None` lets the loader find the checkpoint's own."""
+    if args.index or args.model != PLANTED:
+        return args.index
+    from .planted import planted_index
+
+    return planted_index()
+
+
+def _report(model, preprocessor, image, out: Path, title: str) -> None:
+    """Print and save the inspect report of the PIL ``image`` through ``model``, with the model's own index."""
     from .report import inspect_image, save_report
 
-    pixel_values = normalize(image.unsqueeze(0), *image_statistics(model))
-    inspections = inspect_image(model, pixel_values, index, num_test_time_registers=1)
+    inputs = preprocessor([image])
+    inspections = inspect_image(model, inputs)
     print("\n".join(inspection.describe() for inspection in inspections))
-    print(f"Wrote {save_report(image, inspections, out, title)}")
+    print(f"Wrote {save_report(preprocessor.to_images(inputs)[0], inspections, out, title)}")
 
 
 @subcommand
@@ -353,9 +358,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from PIL import Image
+
     from .discovery import find_register_neurons
-    from .images import ImageFolder, image_statistics, load_image, normalize
-    from .planted import planted_index, textured_images
+    from .images import ImageFolder, open_rgb
+    from .planted import planted_index, planted_pixels, textured_images
 
     start = time.perf_counter()
     discover = not args.index and (args.images or args.model == PLANTED)
@@ -364,27 +371,30 @@ def _run_demo(args: argparse.Namespace) -> int:
     index_file = check_output(out_dir / "index.safetensors", args.overwrite) if discover else None
     if args.image and not Path(args.image).is_file():
         raise CommandError(f"No image at {args.image}; check the path.")
-    index = None if discover else _index_before_loading(args)
-    model = load_model(args.model, _device(args), args.weights, num_test_time_registers=0)
-    size = _image_size(args, model)
-    image = load_image(args.image, size) if args.image else textured_images(1, seed=2024, size=size)[0]
+    settings = {"num_test_time_registers": 0} if discover else {"register_neurons": args.index}
+    model, preprocessor = load_model(args.model, _device(args), args.weights, args.image_size, **settings)
+    if args.image:
+        image = open_rgb(args.image)
+    else:
+        generated = textured_images(1, seed=2024, size=args.image_size or 224)[0]
+        image = Image.fromarray((generated.permute(1, 2, 0) * 255).round().byte().numpy())
     if discover:
         images = (
-            ImageFolder(args.images, size, *image_statistics(model))
-            if args.images
-            else normalize(textured_images(args.num_images, seed=0, size=size), *image_statistics(model))
+            ImageFolder(args.images, preprocessor)
+            if args.images  # the planted model's own generated images, with its hand-written statistics
+            else planted_pixels(textured_images(args.num_images, seed=0, size=args.image_size or 224))
         )
         result = find_register_neurons(model, images, checkpoint=args.model)
         print(result.summary())
         if not result.found:
             return EXIT_NO_OUTLIERS
-        index = result.index
-        print(f"Wrote {index.save(index_file)}")
+        print(f"Wrote {result.index.save(index_file)}")
         if args.model == PLANTED:
-            print(_planted_recovery(index.neurons, planted_index()))
+            print(_planted_recovery(result.index.neurons, planted_index()))
+        model.set_register_neurons(result.index, num_test_time_registers=1)
     else:
-        _check_fits(index, model)
-    _report(model, image, index, report_file, title=f"ttreg demo: {args.model}")
+        _check_fits(args.index, model)
+    _report(model, preprocessor, image, report_file, title=f"ttreg demo: {args.model}")
     print(f"Done in {time.perf_counter() - start:.1f} s.")
     return EXIT_OK
 

@@ -1,33 +1,134 @@
-"""Images in, pixel values out: folders, files and the normalization each model family expects."""
+"""Images in, model inputs out: files and folders read as a viewer shows them, and each checkpoint's own
+preprocessing (its image processor, open_clip's transform, timm's data config) turning them into model inputs."""
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 if TYPE_CHECKING:
     from PIL import Image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+Inputs = dict[str, torch.Tensor]
 
 
-def image_statistics(model: torch.nn.Module) -> tuple[Sequence[float], Sequence[float]]:
-    """The mean and std a model's images are normalized with: its own (open_clip towers carry them), OpenAI CLIP's for
-    other CLIP families, else ImageNet's."""
-    if getattr(model, "image_mean", None) is not None:
-        return model.image_mean, model.image_std
-    names = f"{getattr(model.config, 'model_type', '')} {type(model).__name__}".lower()
-    return (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD) if "clip" in names else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+@dataclass(frozen=True)
+class Preprocessor:
+    """Turns images into a model's inputs as its checkpoint's own preprocessing does.
+
+    description: where the preprocessing comes from (for messages and reports).
+    process: a list of RGB PIL images -> the batched keyword inputs (``pixel_values``, and for SigLIP2's NaFlex
+        ``pixel_attention_mask`` and ``spatial_shapes``).
+    mean, std: the normalization, undone by `to_images` to show what the model sees.
+    """
+
+    description: str
+    process: Callable[[list["Image.Image"]], Inputs]
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    def __call__(self, images: Sequence["Image.Image"]) -> Inputs:
+        return self.process(list(images))
+
+    def one(self, image: "Image.Image") -> torch.Tensor | Inputs:
+        """One image's inputs without the batch dimension: its ``pixel_values``, or a dict when there are more."""
+        inputs = {key: value[0] for key, value in self([image]).items()}
+        return inputs["pixel_values"] if inputs.keys() == {"pixel_values"} else inputs
+
+    def to_images(self, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The images the model sees, each ``(3, H, W)`` in ``[0, 1]`` (patchified NaFlex inputs reassembled)."""
+        pixel_values = inputs["pixel_values"].float()
+        mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
+        if "spatial_shapes" not in inputs:
+            return [(image * std + mean).clamp(0, 1) for image in pixel_values]
+        images = []
+        for patches, (rows, columns) in zip(pixel_values, inputs["spatial_shapes"].tolist()):
+            side = int((patches.shape[-1] // 3) ** 0.5)  # channel-last patches of side x side pixels
+            grid = patches[: rows * columns].view(rows, columns, side, side, 3).permute(4, 0, 2, 1, 3)
+            images.append((grid.reshape(3, rows * side, columns * side) * std + mean).clamp(0, 1))
+        return images
 
 
-def default_image_size(model: torch.nn.Module) -> int:
-    """The model's image size, but 224 for checkpoints trained at a larger size (DINOv2's 518), as their processors do."""
-    size = getattr(model.config, "image_size", None) or model.image_size  # open_clip towers: (height, width)
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    return size if size <= 336 else 224
+def image_processor_preprocessor(processor, description: str, image_size: int | None = None) -> Preprocessor:
+    """A `transformers` image processor as a `Preprocessor`; ``image_size`` resizes to that square crop, keeping
+    the processor's resize-to-crop ratio, resampling and normalization."""
+    overrides = _size_overrides(processor, image_size) if image_size else {}
+
+    def process(images: list["Image.Image"]) -> Inputs:
+        return dict(processor(images, return_tensors="pt", **overrides))
+
+    return Preprocessor(description, process, tuple(processor.image_mean), tuple(processor.image_std))
+
+
+def _size_overrides(processor, image_size: int) -> dict:
+    if getattr(processor, "max_num_patches", None) is not None:
+        raise ValueError(
+            f"{type(processor).__name__} sizes each image by its number of patches (max_num_patches="
+            f"{processor.max_num_patches}), not by an image size: leave the image size to the processor."
+        )
+    size, crop = dict(processor.size), getattr(processor, "crop_size", None)
+    crop_side = crop["height"] if crop and getattr(processor, "do_center_crop", False) else None
+    scale = image_size / crop_side if crop_side else None
+    if "shortest_edge" in size:
+        size = {"shortest_edge": round(size["shortest_edge"] * scale) if scale else image_size}
+    else:
+        side = round(size["height"] * scale) if scale else image_size
+        size = {"height": side, "width": side}
+    return {"size": size, **({"crop_size": {"height": image_size, "width": image_size}} if crop_side else {})}
+
+
+def transform_preprocessor(transform: Callable, description: str, mean, std) -> Preprocessor:
+    """A per-image torchvision transform (open_clip's, timm's) as a `Preprocessor`."""
+
+    def process(images: list["Image.Image"]) -> Inputs:
+        return {"pixel_values": torch.stack([transform(image) for image in images])}
+
+    return Preprocessor(description, process, tuple(mean), tuple(std))
+
+
+def statistics_preprocessor(image_size: int, mean, std, description: str) -> Preprocessor:
+    """Resize the shorter side to ``image_size`` (bicubic), center-crop a square, normalize with ``mean`` and
+    ``std``: hand-written preprocessing, for the planted model and as a fallback that says so."""
+
+    def process(images: list["Image.Image"]) -> Inputs:
+        return {"pixel_values": normalize(torch.stack([crop(image, image_size) for image in images]), mean, std)}
+
+    return Preprocessor(description, process, tuple(mean), tuple(std))
+
+
+def transformers_preprocessing(model: torch.nn.Module, source, image_size: int | None = None) -> Preprocessor:
+    """The preprocessing of a `transformers` family's checkpoint: the image processor of ``source`` (a folder or a
+    Hub id; `AutoImageProcessor`, never remote code), or the one ``source()`` returns (the processor a checkpoint's
+    authors document). Without one — a folder saved without ``preprocessor_config.json``, an id not cached offline —
+    the family's default processor, with a warning that names it."""
+    from transformers import AutoImageProcessor
+
+    from .family import family_of
+
+    if callable(source):
+        processor = source()
+        return image_processor_preprocessor(processor, f"{type(processor).__name__} (the checkpoint's)", image_size)
+    if source:
+        try:
+            processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=False)
+        except (OSError, ValueError):
+            pass
+        else:
+            return image_processor_preprocessor(processor, f"{source}'s {type(processor).__name__}", image_size)
+    family = family_of(model)
+    processor = family.default_image_processor(model.config)
+    description = f"the {family.name} default {type(processor).__name__}"
+    warnings.warn(
+        f"{source or 'This model'} has no image processor ({'preprocessor_config.json'}) that could be loaded; using "
+        f"{description} (mean {list(processor.image_mean)}, std {list(processor.image_std)}): check that it fits the "
+        "weights, or save the checkpoint's processor beside it.",
+        stacklevel=2,
+    )
+    return image_processor_preprocessor(processor, description, image_size)
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -35,16 +136,20 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """One image as ``(3, size, size)`` in ``[0, 1]``: shorter side resized to ``size``, then center-cropped."""
+def crop(image: "Image.Image", size: int) -> torch.Tensor:
+    """``image`` as ``(3, size, size)`` in ``[0, 1]``: shorter side resized to ``size`` (bicubic), center-cropped."""
     from PIL import Image
 
-    image = open_rgb(path)
     scale = size / min(image.size)
     image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC)
     left, top = (image.width - size) // 2, (image.height - size) // 2
     pixels = torch.frombuffer(bytearray(image.crop((left, top, left + size, top + size)).tobytes()), dtype=torch.uint8)
     return pixels.view(size, size, 3).permute(2, 0, 1).float() / 255
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """The image at ``path`` (`open_rgb`) as ``(3, size, size)`` in ``[0, 1]`` (`crop`)."""
+    return crop(open_rgb(path), size)
 
 
 def open_rgb(path: str | Path) -> "Image.Image":
@@ -108,10 +213,11 @@ def _check_readable(path: Path) -> None:
             raise _unreadable(path, error) from error
 
 
-class ImageFolder(Sequence[torch.Tensor]):
-    """The images of a folder (sorted by name), loaded lazily as normalized ``(3, size, size)`` pixel values."""
+class ImageFolder(Sequence[torch.Tensor | Inputs]):
+    """The images of a folder (sorted by name), each loaded when indexed and turned into one image's model inputs by
+    ``preprocessor`` (`Preprocessor.one`): its ``pixel_values``, or a dict of its inputs (SigLIP2's NaFlex)."""
 
-    def __init__(self, folder: str | Path, size: int, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, folder: str | Path, preprocessor: Preprocessor):
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"Image folder {folder} does not exist; pass a folder of images (JPEG, PNG, ...).")
@@ -120,10 +226,10 @@ class ImageFolder(Sequence[torch.Tensor]):
             raise ValueError(f"No images in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
         for path in self.paths:
             _check_readable(path)
-        self.size, self.mean, self.std = size, mean, std
+        self.preprocessor = preprocessor
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return normalize(load_image(self.paths[index], self.size).unsqueeze(0), self.mean, self.std)[0]
+    def __getitem__(self, index: int) -> torch.Tensor | Inputs:
+        return self.preprocessor.one(open_rgb(self.paths[index]))

@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .modeling.edit import SEMANTICS
+from .settings import SEMANTICS
 
 SCHEMA_VERSION = 1
 METADATA_KEY = "ttreg_index"

@@ -17,14 +17,18 @@ the demo's DINOv2-shaped model with `PLANTED_NEURONS` at `PLANTED_LAYER`.
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .configs.dinov2 import Dinov2TTRegConfig
-from .modeling.dinov2 import Dinov2TTRegModel
-from .upstream import lookup_by_class
+from .family import family_of
+from .images import Preprocessor, normalize, statistics_preprocessor
+
+if TYPE_CHECKING:
+    from .modeling.dinov2 import Dinov2TTRegModel
 
 PLANTED_LAYER = 3
 PLANTED_NEURONS = (37, 101, 222, 300)
@@ -126,8 +130,10 @@ def planted_index() -> dict[int, tuple[int, ...]]:
 
 
 @torch.no_grad()
-def build_planted_model(seed: int = 0, **settings) -> Dinov2TTRegModel:
+def build_planted_model(seed: int = 0, **settings) -> "Dinov2TTRegModel":
     """The planted model in eval mode; ``settings`` go to the config (e.g. ``register_neurons=planted_index()``)."""
+    from .modeling.dinov2 import Dinov2TTRegModel  # which imports this module for its planting sites
+
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Dinov2TTRegModel(planted_config(**settings)).eval()
@@ -292,7 +298,9 @@ def textured_images(
     return images
 
 
-def _blocks(layers, attention: Callable, mlp_in="fc1", mlp_out="fc2", mlp_up=None, sink=True) -> list[BlockSites]:
+def block_sites(
+    layers, attention: Callable, mlp_in: str = "fc1", mlp_out: str = "fc2", mlp_up: str | None = None, sink: bool = True
+) -> list[BlockSites]:
     """`BlockSites` of blocks whose MLP keeps its projections as ``mlp_in`` / ``mlp_out`` (/ ``mlp_up``) and whose
     ``attention(block)`` has ``q_proj``, ``k_proj`` and ``o_proj`` (or ``out_proj``); ``sink=False``: no sink."""
     sites = []
@@ -311,119 +319,24 @@ def _blocks(layers, attention: Callable, mlp_in="fc1", mlp_out="fc2", mlp_up=Non
     return sites
 
 
-def _dinov2_sites(model) -> PlantingSites:
-    embeddings, config = model.embeddings, model.config
-    gated = ("gate_proj", "down_proj", "up_proj") if config.use_swiglu_ffn else ()
-    blocks = _blocks(model.encoder.layer, lambda block: block.attention, *gated)
-    return PlantingSites(
-        embeddings.patch_embeddings.projection,
-        blocks,
-        config.num_attention_heads,
-        (embeddings.cls_token,),
-        embeddings.position_embeddings,
-    )
-
-
-def _clip_sites(model) -> PlantingSites:
-    tower = getattr(model, "vision_model", model)  # the projection model keeps the tower inside
-    blocks = _blocks(tower.encoder.layers, lambda block: block.self_attn)
-    embeddings = tower.embeddings
-    return PlantingSites(
-        embeddings.patch_embedding,
-        blocks,
-        model.config.num_attention_heads,
-        (embeddings.class_embedding,),
-        embeddings.position_embedding.weight,
-    )
-
-
-def _siglip_sites(model) -> PlantingSites:
-    blocks = _blocks(model.encoder.layers, lambda block: block.self_attn)
-    embeddings = model.embeddings
-    return PlantingSites(
-        embeddings.patch_embedding, blocks, model.config.num_attention_heads, (), embeddings.position_embedding.weight
-    )
-
-
-def _vit_sites(model) -> PlantingSites:
-    embeddings = model.embeddings
-    prefix = tuple(t for t in (embeddings.cls_token, getattr(embeddings, "distillation_token", None)) if t is not None)
-    blocks = _blocks(model.layers, lambda block: block.attention)
-    return PlantingSites(
-        embeddings.patch_embeddings.projection,
-        blocks,
-        model.config.num_attention_heads,
-        prefix,
-        embeddings.position_embeddings,
-    )
-
-
-def _dinov3_sites(model) -> PlantingSites:
-    embeddings, config = model.embeddings, model.config
-    gated = ("gate_proj", "down_proj", "up_proj") if config.use_gated_mlp else ("up_proj", "down_proj")
-    blocks = _blocks(model.model.layer, lambda block: block.attention, *gated, sink=False)  # RoPE rotates the keys
-    prefix = (embeddings.cls_token, embeddings.register_tokens)
-    return PlantingSites(embeddings.patch_embeddings, blocks, config.num_attention_heads, prefix)
-
-
-def _open_clip_sites(model) -> PlantingSites:
-    blocks, width = model.transformer.resblocks, model.transformer.width
-    sites = [
-        BlockSites(
-            block.mlp[0],
-            block.mlp[2],
-            query=LinearRows.of(block.attn, slice(0, width), "in_proj_weight", "in_proj_bias"),
-            key=LinearRows.of(block.attn, slice(width, 2 * width), "in_proj_weight", "in_proj_bias"),
-            attention_out=block.attn.out_proj,
-        )
-        for block in blocks
-    ]
-    heads = blocks[0].attn.num_heads
-    return PlantingSites(model.conv1, sites, heads, (model.class_embedding,), model.positional_embedding)
-
-
-def _timm_sites(model) -> PlantingSites:
-    from timm.layers import GluMlp, SwiGLU
-
-    sites = []
-    for block in model.blocks:
-        mlp, width = block.mlp, block.attn.qkv.in_features
-        if isinstance(mlp, SwiGLU):
-            mlp_in, mlp_up = mlp.fc1_g, mlp.fc1_x
-        elif isinstance(mlp, GluMlp):  # fc1 packs the two halves; ``gate_last``: the second half is activated
-            half = mlp.fc1.out_features // 2
-            gate, up = (slice(half, None), slice(0, half)) if mlp.gate_last else (slice(0, half), slice(half, None))
-            mlp_in, mlp_up = LinearRows.of(mlp.fc1, gate), LinearRows.of(mlp.fc1, up)
-        else:
-            mlp_in, mlp_up = mlp.fc1, None
-        qkv = block.attn.qkv
-        query, key = LinearRows.of(qkv, slice(0, width)), LinearRows.of(qkv, slice(width, 2 * width))
-        sites.append(BlockSites(mlp_in, mlp.fc2, mlp_up, query, key, block.attn.proj))
-    prefix = tuple(token for token in (model.cls_token, model.reg_token) if token is not None)
-    return PlantingSites(model.patch_embed.proj, sites, model.blocks[0].attn.num_heads, prefix, model.pos_embed)
-
-
-# one entry per family: the parent class (by qualified name: nothing is imported for the lookup) -> its sites
-PLANTING_SITES: dict[str, Callable[[nn.Module], PlantingSites]] = {
-    "transformers.models.dinov2.modeling_dinov2.Dinov2Model": _dinov2_sites,
-    "transformers.models.clip.modeling_clip.CLIPVisionModel": _clip_sites,
-    "transformers.models.clip.modeling_clip.CLIPVisionModelWithProjection": _clip_sites,
-    "transformers.models.siglip.modeling_siglip.SiglipVisionModel": _siglip_sites,
-    "transformers.models.siglip2.modeling_siglip2.Siglip2VisionModel": _siglip_sites,
-    "transformers.models.vit.modeling_vit.ViTModel": _vit_sites,
-    "transformers.models.deit.modeling_deit.DeiTModel": _vit_sites,
-    "transformers.models.dinov3_vit.modeling_dinov3_vit.DINOv3ViTModel": _dinov3_sites,
-    "open_clip.transformer.VisionTransformer": _open_clip_sites,
-    "timm.models.vision_transformer.VisionTransformer": _timm_sites,
-}
-
-
 def planting_sites(model: nn.Module) -> PlantingSites:
-    """The `PlantingSites` of a model of one of the package's families (or of its parent class)."""
-    sites = lookup_by_class(PLANTING_SITES, model)
-    if sites is not None:
-        return sites(model)
-    raise TypeError(
-        f"No planting sites known for {type(model).__name__}; build a `PlantingSites` of its modules (see "
-        "`ttreg_hf.planted.PlantingSites`), or add an entry to `ttreg_hf.planted.PLANTING_SITES`."
+    """The `PlantingSites` of a model of one of the families (or of its parent class), from its declaration."""
+    family = family_of(model)
+    if family is None or family.planting_sites is None:
+        raise TypeError(
+            f"No planting sites known for {type(model).__name__}; build a `PlantingSites` of its modules (see "
+            "`ttreg_hf.planted.PlantingSites`), or declare its family's `planting_sites` (`ttreg_hf.family`)."
+        )
+    return family.planting_sites(model)
+
+
+def planted_preprocessor(image_size: int = IMAGE_SIZE) -> Preprocessor:
+    """The planted model's preprocessing: hand-written, ImageNet's statistics (it is DINOv2-shaped)."""
+    return statistics_preprocessor(
+        image_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "the planted model's (ImageNet statistics)"
     )
+
+
+def planted_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Images in ``[0, 1]`` (e.g. `textured_images`) as the planted model's pixel values."""
+    return normalize(images, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)

@@ -1,62 +1,99 @@
 """The inspect report: patch norms and CLS attention of the last layer, without and with the test-time register."""
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .analysis.capture import run_with_cache
+from .analysis.capture import ActivationCache, run_with_cache
 from .analysis.interventions import with_register_neurons
-from .analysis.metrics import LayerSummary, automatic_threshold, cls_attention, patch_norms, summarize_layers
+from .analysis.metrics import (
+    LayerSummary,
+    attention_source,
+    automatic_threshold,
+    cls_attention,
+    patch_norms,
+    summarize_layers,
+)
 from .modeling.registers import IndexSpec, TestTimeRegisterMixin
 
 
 @dataclass(frozen=True)
 class Inspection:
-    """One image through one setting of the model: last-layer maps on the patch grid and their numbers."""
+    """One image through one setting of the model: last-layer maps on the patch grid and their numbers.
+
+    ``attention_source`` is ``"CLS"``, or ``"mean"`` for models without a CLS token (SigLIP): the attention each
+    token gets averaged over all tokens (`ttreg_hf.analysis.cls_attention`)."""
 
     label: str
     norm_map: torch.Tensor
     attention_map: torch.Tensor
     summary: LayerSummary
+    attention_source: str = "CLS"
 
     def describe(self) -> str:
         s = self.summary
         text = (
             f"{self.label}: max/median patch norm {s.max_median_ratio:.2f} (max {s.max_norm:.4g}, median {s.median_norm:.4g}), "
-            f"{s.outliers_per_image:.0f} outlier tokens; CLS attention: top patch {100 * s.cls_top_patch_share:.1f} %, "
-            f"outliers {100 * s.cls_outlier_share:.1f} %"
+            f"{s.outliers_per_image:.0f} outlier tokens; {self.attention_source} attention: top patch "
+            f"{100 * s.cls_top_patch_share:.1f} %, outliers {100 * s.cls_outlier_share:.1f} %"
         )
         if s.cls_register_share is not None:
             text += f", register {100 * s.cls_register_share:.1f} % (register norm {s.register_norm:.4g})"
         return text
 
 
-def _grid(values: torch.Tensor) -> torch.Tensor:
-    side = math.isqrt(values.numel())
-    if side * side != values.numel():
+def _grid(values: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
+    rows, columns = shape or (math.isqrt(values.numel()),) * 2
+    if rows * columns != values.numel():
         raise ValueError(f"{values.numel()} patches do not form a square grid; inspect square images.")
-    return values.view(side, side).cpu()
+    return values.view(rows, columns).cpu()
 
 
 def inspect_image(
-    model: TestTimeRegisterMixin, pixel_values: torch.Tensor, register_neurons: IndexSpec, **settings
+    model: TestTimeRegisterMixin, inputs: Mapping[str, torch.Tensor], register_neurons: IndexSpec | None = None
 ) -> list[Inspection]:
-    """The last layer of ``model`` on one image ``(1, 3, H, W)``, with the edit off and with ``register_neurons``.
+    """The last layer of ``model`` on one image's inputs (a batch of one: ``pixel_values``, and SigLIP2's NaFlex
+    ``pixel_attention_mask`` and ``spatial_shapes``), with the edit off and with ``register_neurons`` (default: the
+    model's own index). A padded NaFlex image is shown on its own patch grid, padding left out.
 
     Outliers are counted with one threshold for both: the automatic one of the run without the edit.
     """
+    inputs = dict(inputs)
+    pixel_values = inputs.pop("pixel_values")
+    shape = tuple(inputs["spatial_shapes"][0].tolist()) if "spatial_shapes" in inputs else None
     runs, threshold = [], None
     for label, neurons in (("original", {}), ("with test-time register", register_neurons)):
-        with with_register_neurons(model, neurons, **settings):
-            _, cache = run_with_cache(model, pixel_values, blocks=[-1], attentions=[-1])
+        with with_register_neurons(model, neurons):
+            _, cache = run_with_cache(model, pixel_values, blocks=[-1], attentions=[-1], **inputs)
         layer = max(cache.block_outputs)
+        if shape is not None:  # the image's own patches: the first rows x columns of the padded sequence
+            cache = _without_padding(cache, layer, shape[0] * shape[1])
         norms = patch_norms(cache.block_outputs[layer], cache.layout)[0]
         threshold = automatic_threshold(norms) if threshold is None else threshold
-        attention = cache.layout.patches(cls_attention(cache.attentions[layer]).unsqueeze(-1))[0, :, 0]
-        runs.append(Inspection(label, _grid(norms), _grid(attention), summarize_layers(cache, threshold)[0]))
+        attention = cache.layout.patches(cls_attention(cache.attentions[layer], cache.layout).unsqueeze(-1))[0, :, 0]
+        summary = summarize_layers(cache, threshold)[0]
+        runs.append(
+            Inspection(label, _grid(norms, shape), _grid(attention, shape), summary, attention_source(cache.layout))
+        )
     return runs
+
+
+def _without_padding(cache: ActivationCache, layer: int, num_patches: int) -> ActivationCache:
+    """``cache``'s layer ``layer`` with only the prefix, the first ``num_patches`` patches and the registers."""
+    layout = cache.layout
+    keep = torch.cat(
+        [
+            torch.arange(layout.num_prefix_tokens + num_patches),
+            torch.arange(-layout.num_registers, 0) + cache.block_outputs[layer].shape[1],
+        ]
+    ).to(cache.block_outputs[layer].device)
+    attentions = cache.attentions[layer].index_select(-2, keep).index_select(-1, keep)
+    return ActivationCache(
+        layout, block_outputs={layer: cache.block_outputs[layer][:, keep]}, attentions={layer: attentions}
+    )
 
 
 def save_report(image: torch.Tensor, inspections: list[Inspection], path: str | Path, title: str = "") -> Path:
@@ -84,7 +121,8 @@ def save_report(image: torch.Tensor, inspections: list[Inspection], path: str | 
         shown = row[2].imshow(inspection.attention_map.numpy(), cmap="inferno", vmin=0, vmax=attention_max)
         register = "" if s.cls_register_share is None else f", register {100 * s.cls_register_share:.0f} %"
         row[2].set_title(
-            f"CLS attention, last layer\ntop patch {100 * s.cls_top_patch_share:.0f} %{register}", fontsize=10
+            f"{inspection.attention_source} attention, last layer\ntop patch {100 * s.cls_top_patch_share:.0f} %{register}",
+            fontsize=10,
         )
         figure.colorbar(shown, ax=row[2], fraction=0.046, pad=0.04)
         for axis in row:

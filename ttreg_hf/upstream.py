@@ -6,11 +6,7 @@ package is listed here and that each resolves, and names the installed version o
 """
 
 import importlib
-from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
-from typing import TypeVar
-
-Entry = TypeVar("Entry")
 
 INTERNALS: dict[str, tuple[str, ...]] = {
     "transformers": (
@@ -18,9 +14,9 @@ INTERNALS: dict[str, tuple[str, ...]] = {
         "transformers.conversion_mapping.register_checkpoint_conversion_mapping",
         "transformers.image_utils.IMAGENET_DEFAULT_MEAN",
         "transformers.image_utils.IMAGENET_DEFAULT_STD",
-        "transformers.image_utils.OPENAI_CLIP_MEAN",
-        "transformers.image_utils.OPENAI_CLIP_STD",
+        "transformers.image_utils.PILImageResampling",
         "transformers.modeling_outputs.BaseModelOutputWithPooling",
+        "transformers.models.auto.modeling_auto",
         "transformers.models.clip.modeling_clip.CLIPMLP",
         "transformers.models.clip.modeling_clip.CLIPVisionEmbeddings",
         "transformers.models.clip.modeling_clip.CLIPVisionModelOutput",
@@ -49,6 +45,8 @@ INTERNALS: dict[str, tuple[str, ...]] = {
     ),
     "open_clip_torch": (
         "open_clip.pretrained.get_pretrained_cfg",
+        "open_clip.transform.PreprocessCfg",
+        "open_clip.transform.image_transform_v2",
         "open_clip.transformer.Transformer",
         "open_clip.transformer.VisionTransformer",
     ),
@@ -79,11 +77,3 @@ def _version(distribution: str) -> str:
         return version(distribution)
     except PackageNotFoundError:
         return "not installed"
-
-
-def lookup_by_class(table: Mapping[str, Entry], obj: object) -> Entry | None:
-    """``table``'s entry for the nearest class of ``obj`` (its own, then its bases), keyed by qualified name
-    (``"module.Class"``): such a table names upstream classes without importing their optional packages."""
-    return next(
-        (table[key] for cls in type(obj).__mro__ if (key := f"{cls.__module__}.{cls.__qualname__}") in table), None
-    )

@@ -2,12 +2,21 @@
 
 from .capture import ActivationCache, capture, observe, run_with_cache
 from .interventions import ablate_neurons, rewrite_activations, shift_outliers, with_register_neurons
-from .metrics import LayerSummary, automatic_threshold, cls_attention, max_median_ratio, patch_norms, summarize_layers
+from .metrics import (
+    LayerSummary,
+    attention_source,
+    automatic_threshold,
+    cls_attention,
+    max_median_ratio,
+    patch_norms,
+    summarize_layers,
+)
 
 __all__ = [
     "ActivationCache",
     "LayerSummary",
     "ablate_neurons",
+    "attention_source",
     "automatic_threshold",
     "capture",
     "cls_attention",

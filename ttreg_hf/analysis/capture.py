@@ -75,11 +75,13 @@ def observe(
 
         return hook
 
+    read_attention = attention_reader(model) if attentions else None
+
     def on_attention(observer: Observer):
         def hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
             with torch.no_grad():
                 hidden_states, block_kwargs = _block_input(args, kwargs)
-                observer(attention_reader(block)(block, hidden_states, **block_kwargs))
+                observer(read_attention(block, hidden_states, **block_kwargs))
 
         return hook
 

@@ -35,9 +35,17 @@ def automatic_threshold(norms: torch.Tensor) -> float:
     return robust_threshold(float(median), float((norms - median).abs().median()))
 
 
-def cls_attention(attentions: torch.Tensor) -> torch.Tensor:
-    """The CLS token's attention over all tokens, averaged over heads, ``(batch, tokens)``."""
-    return attentions[:, :, 0].float().mean(dim=1)
+def cls_attention(attentions: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """The CLS token's attention over all tokens, averaged over heads, ``(batch, tokens)``. A model without a CLS
+    token (SigLIP, ``layout.num_prefix_tokens == 0``) has no such row: there it is the attention each token gets,
+    averaged over all tokens (`attention_source` names which)."""
+    attentions = attentions.float().mean(dim=1)
+    return attentions[:, 0] if layout.num_prefix_tokens else attentions.mean(dim=1)
+
+
+def attention_source(layout: TokenLayout) -> str:
+    """What `cls_attention` reads for this layout: ``"CLS"``, or ``"mean"`` (over all tokens) without a CLS token."""
+    return "CLS" if layout.num_prefix_tokens else "mean"
 
 
 class NormHistogram:
@@ -120,7 +128,7 @@ def summarize_layers(cache: ActivationCache, threshold: float | None = None) -> 
         if layout.num_registers:
             fields["register_norm"] = float(layout.registers(tokens).float().norm(dim=-1).amax(dim=-1).mean())
         if layer in cache.attentions:
-            fields.update(_cls_shares(cls_attention(cache.attentions[layer]), outliers, layout))
+            fields.update(_cls_shares(cls_attention(cache.attentions[layer], layout), outliers, layout))
         summaries.append(LayerSummary(**fields))
     return summaries
 

@@ -4,13 +4,17 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-import torch
 from huggingface_hub.dataclasses import strict
 
 from ..index import RegisterNeuronIndex, check_neurons_fit, load_index, normalize_neurons, resolve_index
-from ..modeling.edit import PATCH_MODES, SEMANTICS, RegisterPatchMode, RegisterSemantics
-
-MAX_TEST_TIME_REGISTERS = 64
+from ..settings import (
+    FLOAT32_MAX,
+    MAX_TEST_TIME_REGISTERS,
+    PATCH_MODES,
+    SEMANTICS,
+    RegisterPatchMode,
+    RegisterSemantics,
+)
 
 
 @dataclass
@@ -86,10 +90,9 @@ class TestTimeRegisterConfigMixin:
                 f"uses 1), got {count!r}."
             )
         scales = self.register_scale if isinstance(self.register_scale, list) else [self.register_scale]
-        largest = torch.finfo(torch.float32).max
-        if not all(math.isfinite(scale) and abs(scale) <= largest for scale in scales):
+        if not all(math.isfinite(scale) and abs(scale) <= FLOAT32_MAX for scale in scales):
             raise ValueError(
-                f"register_scale must be finite in float32 (|scale| <= {largest:.4g}), got {self.register_scale}; "
+                f"register_scale must be finite in float32 (|scale| <= {FLOAT32_MAX:.4g}), got {self.register_scale}; "
                 "the paper uses 1.0."
             )
         # with 0 registers (edit off) the scales are unused and stay for later, like the index

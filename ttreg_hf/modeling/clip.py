@@ -3,11 +3,17 @@
 from dataclasses import dataclass
 
 import torch
-from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+from torch import nn
+from transformers import CLIPImageProcessor, CLIPVisionModel, CLIPVisionModelWithProjection
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPVisionEmbeddings, CLIPVisionModelOutput
 from transformers.utils.generic import can_return_tuple
 
+from ..analysis.attention import attention_probabilities
 from ..configs.clip import CLIPVisionTTRegConfig
+from ..family import Family
+from ..hub import transformers_checkpoint
+from ..images import transformers_preprocessing
+from ..planted import PlantingSites, block_sites
 from .layout import TokenLayout
 from .registers import (
     EditAfterActivationMixin,
@@ -15,7 +21,6 @@ from .registers import (
     RegisterSeams,
     TestTimeRegisterModelOutput,
     TestTimeRegisterOutputMixin,
-    adopt,
     check_image_size,
     check_pixel_values,
 )
@@ -54,13 +59,6 @@ class CLIPTTRegMLP(EditAfterActivationMixin, CLIPMLP):
     """`CLIPMLP` with the register-neuron edit right after the activation."""
 
 
-def adopt_register_modules(vision_model: CLIPVisionModel) -> None:
-    """Turn a `CLIPVisionModel`'s embeddings and MLPs into their register-aware subclasses (weights kept)."""
-    adopt(vision_model.embeddings, CLIPVisionTTRegEmbeddings)
-    for layer in vision_model.encoder.layers:
-        adopt(layer.mlp, CLIPTTRegMLP)
-
-
 class CLIPVisionTTRegModel(PreTrainedTestTimeRegisterMixin, CLIPVisionModel):
     """[`CLIPVisionModel`] with test-time registers: same weights, same output shapes, registers in their own field.
 
@@ -71,13 +69,10 @@ class CLIPVisionTTRegModel(PreTrainedTestTimeRegisterMixin, CLIPVisionModel):
 
     config: CLIPVisionTTRegConfig
     config_class = CLIPVisionTTRegConfig
-    register_seams = RegisterSeams(appender="embeddings", blocks="encoder.layers", mlp="mlp")
+    register_seams = RegisterSeams(
+        appender="embeddings", blocks="encoder.layers", mlp="mlp", modules=(CLIPVisionTTRegEmbeddings, CLIPTTRegMLP)
+    )
     _no_split_modules = [*CLIPVisionModel._no_split_modules, "CLIPVisionTTRegEmbeddings"]
-
-    def __init__(self, config: CLIPVisionTTRegConfig):
-        super().__init__(config)
-        adopt_register_modules(self)
-        self.refresh_test_time_registers()
 
     @can_return_tuple
     def forward(
@@ -96,13 +91,13 @@ class CLIPVisionTTRegModelWithProjection(PreTrainedTestTimeRegisterMixin, CLIPVi
 
     config: CLIPVisionTTRegConfig
     config_class = CLIPVisionTTRegConfig
-    register_seams = RegisterSeams(appender="vision_model.embeddings", blocks="vision_model.encoder.layers", mlp="mlp")
+    register_seams = RegisterSeams(
+        appender="vision_model.embeddings",
+        blocks="vision_model.encoder.layers",
+        mlp="mlp",
+        modules=CLIPVisionTTRegModel.register_seams.modules,
+    )
     _no_split_modules = CLIPVisionTTRegModel._no_split_modules
-
-    def __init__(self, config: CLIPVisionTTRegConfig):
-        super().__init__(config)
-        adopt_register_modules(self.vision_model)
-        self.refresh_test_time_registers()
 
     @can_return_tuple
     def forward(
@@ -122,3 +117,61 @@ class CLIPVisionTTRegModelWithProjection(PreTrainedTestTimeRegisterMixin, CLIPVi
             test_time_registers=vision_outputs.test_time_registers,
             test_time_register_attentions=vision_outputs.test_time_register_attentions,
         )
+
+
+# ---- the family's declaration ------------------------------------------------------------------------------------
+
+
+def clip_image_processor(config: CLIPVisionTTRegConfig) -> CLIPImageProcessor:
+    """OpenAI CLIP's preprocessing at the tower's image size: resize the shorter side (bicubic), center-crop, CLIP's
+    statistics."""
+    side = config.image_size
+    return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+
+def clip_attention(block: nn.Module, hidden_states: torch.Tensor, **_) -> torch.Tensor:
+    """CLIP's (and SigLIP's) encoder layer: pre-norm ``layer_norm1``, ``self_attn`` with ``q_proj`` / ``k_proj``."""
+    attention, normed = block.self_attn, block.layer_norm1(hidden_states)
+    return attention_probabilities(
+        attention.q_proj(normed), attention.k_proj(normed), attention.num_heads, attention.scale
+    )
+
+
+def clip_planting_sites(model: CLIPVisionModel | CLIPVisionModelWithProjection) -> PlantingSites:
+    tower = getattr(model, "vision_model", model)  # the projection model keeps the tower inside
+    blocks = block_sites(tower.encoder.layers, lambda block: block.self_attn)
+    embeddings = tower.embeddings
+    return PlantingSites(
+        embeddings.patch_embedding,
+        blocks,
+        model.config.num_attention_heads,
+        (embeddings.class_embedding,),
+        embeddings.position_embedding.weight,
+    )
+
+
+CLIP_VITL14_336_ARCH = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
+    patch_size=14, projection_dim=768,
+)  # fmt: skip
+
+FAMILIES = (
+    Family(
+        name="clip",
+        model_classes=(CLIPVisionTTRegModel, CLIPVisionTTRegModelWithProjection),
+        checkpoint_model_types=("clip", "clip_vision_model"),
+        attention_reader=clip_attention,
+        planting_sites=clip_planting_sites,
+        preprocessing=transformers_preprocessing,
+        default_image_processor=clip_image_processor,
+        checkpoints=(
+            transformers_checkpoint(
+                "clip_vitl14_336",
+                "OpenAI CLIP ViT-L/14 at 336 px, LLaVA-1.5's tower, with a test-time register (no shipped index: pass one).",
+                CLIPVisionTTRegModel,
+                "openai/clip-vit-large-patch14-336",
+                CLIP_VITL14_336_ARCH,
+            ),
+        ),
+    ),
+)

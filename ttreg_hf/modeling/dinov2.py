@@ -1,21 +1,27 @@
 """DINOv2 with test-time registers: the parent does the work; these classes add the registers and the edit."""
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
-from transformers import Dinov2Model
+from transformers import BitImageProcessor, Dinov2Model
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings, Dinov2MLP, Dinov2SwiGLUFFN
 from transformers.utils.generic import can_return_tuple
 
+from ..analysis.attention import attention_probabilities
 from ..configs.dinov2 import Dinov2TTRegConfig
+from ..family import Checkpoint, Family
+from ..images import transformers_preprocessing
+from ..planted import PlantingSites, block_sites
+from .dinov2_original import load_upstream_dinov2
 from .layout import TokenLayout
 from .registers import (
     EditAfterActivationMixin,
     PreTrainedTestTimeRegisterMixin,
     RegisterSeams,
     TestTimeRegisterModelOutput,
-    adopt,
     check_pixel_values,
 )
 
@@ -68,15 +74,13 @@ class Dinov2TTRegModel(PreTrainedTestTimeRegisterMixin, Dinov2Model):
 
     config: Dinov2TTRegConfig
     config_class = Dinov2TTRegConfig
-    register_seams = RegisterSeams(appender="embeddings", blocks="encoder.layer", mlp="mlp")
+    register_seams = RegisterSeams(
+        appender="embeddings",
+        blocks="encoder.layer",
+        mlp="mlp",
+        modules=(Dinov2TTRegEmbeddings, Dinov2TTRegMLP, Dinov2TTRegSwiGLUFFN),
+    )
     _no_split_modules = [*Dinov2Model._no_split_modules, "Dinov2TTRegEmbeddings"]
-
-    def __init__(self, config: Dinov2TTRegConfig):
-        super().__init__(config)
-        adopt(self.embeddings, Dinov2TTRegEmbeddings)
-        for layer in self.encoder.layer:
-            adopt(layer.mlp, Dinov2TTRegSwiGLUFFN if config.use_swiglu_ffn else Dinov2TTRegMLP)
-        self.refresh_test_time_registers()
 
     @can_return_tuple
     def forward(
@@ -92,3 +96,71 @@ class Dinov2TTRegModel(PreTrainedTestTimeRegisterMixin, Dinov2Model):
             pixel_values, bool_masked_pos=bool_masked_pos, attention_mask=attention_mask, return_dict=True, **kwargs
         )
         return self.strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
+
+
+# ---- the family's declaration ------------------------------------------------------------------------------------
+
+
+def dinov2_image_processor(config: Dinov2TTRegConfig | None = None) -> BitImageProcessor:
+    """The preprocessing of facebook/dinov2-* and of upstream DINOv2's evaluation: resize 256 (bicubic), crop 224,
+    ImageNet statistics (the same at every model size)."""
+    return BitImageProcessor(
+        size={"shortest_edge": 256},
+        crop_size={"height": 224, "width": 224},
+        do_center_crop=True,
+        resample=PILImageResampling.BICUBIC,
+        image_mean=IMAGENET_DEFAULT_MEAN,
+        image_std=IMAGENET_DEFAULT_STD,
+    )
+
+
+def dinov2_attention(block: nn.Module, hidden_states: torch.Tensor, **_) -> torch.Tensor:
+    attention, normed = block.attention, block.norm1(hidden_states)
+    queries, keys = attention.q_proj(normed), attention.k_proj(normed)
+    return attention_probabilities(queries, keys, attention.num_attention_heads, attention.scaling)
+
+
+def dinov2_planting_sites(model: Dinov2Model) -> PlantingSites:
+    embeddings, config = model.embeddings, model.config
+    gated = ("gate_proj", "down_proj", "up_proj") if config.use_swiglu_ffn else ()
+    blocks = block_sites(model.encoder.layer, lambda block: block.attention, *gated)
+    heads, prefix = config.num_attention_heads, (embeddings.cls_token,)
+    return PlantingSites(embeddings.patch_embeddings.projection, blocks, heads, prefix, embeddings.position_embeddings)
+
+
+def _upstream(arch: str, summary: str) -> Checkpoint:
+    return Checkpoint(
+        f"dinov2_{arch}",
+        summary,
+        partial(load_upstream_dinov2, arch),
+        tower=lambda hub_model: hub_model.dinov2,
+        image_processor=dinov2_image_processor,
+    )
+
+
+FAMILIES = (
+    Family(
+        name="dinov2",
+        model_classes=(Dinov2TTRegModel,),
+        checkpoint_model_types=("dinov2",),
+        attention_reader=dinov2_attention,
+        planting_sites=dinov2_planting_sites,
+        preprocessing=transformers_preprocessing,
+        default_image_processor=dinov2_image_processor,
+        checkpoints=(
+            _upstream(
+                "vits14", "DINOv2 ViT-S/14 with test-time registers (no shipped index: pass ``register_neurons``)."
+            ),
+            _upstream(
+                "vitb14", "DINOv2 ViT-B/14 with test-time registers (no shipped index: pass ``register_neurons``)."
+            ),
+            _upstream(
+                "vitl14", "DINOv2 ViT-L/14 with a test-time register and the authors' index (45 neurons, layers 12-17)."
+            ),
+            _upstream(
+                "vitg14",
+                "DINOv2 ViT-g/14 (SwiGLU) with test-time registers (no shipped index: pass ``register_neurons``).",
+            ),
+        ),
+    ),
+)

@@ -4,13 +4,18 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from ..configs.dinov2 import Dinov2TTRegConfig
-from .dinov2 import Dinov2TTRegModel
+from ..family import check_keywords
+from ..hub import check_downloadable
+
+if TYPE_CHECKING:
+    from .dinov2 import Dinov2TTRegModel
 
 # arch -> (hidden_size, num_hidden_layers, num_attention_heads, use_swiglu_ffn), as in dinov2/hub/backbones.py
 DINOV2_ARCHS = {
@@ -104,8 +109,10 @@ def load_original_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(weights, map_location="cpu", weights_only=True)
 
 
-def load_dinov2(config: Dinov2TTRegConfig, weights: str | Path | None) -> Dinov2TTRegModel:
+def load_dinov2(config: Dinov2TTRegConfig, weights: str | Path | None) -> "Dinov2TTRegModel":
     """`Dinov2TTRegModel` of ``config``: random weights when ``weights`` is None, else converted original ones."""
+    from .dinov2 import Dinov2TTRegModel  # the family module, which declares this module's checkpoints
+
     if weights is None:
         return Dinov2TTRegModel(config).eval()
     state_dict = convert_original_state_dict(load_original_state_dict(weights), config)
@@ -115,6 +122,22 @@ def load_dinov2(config: Dinov2TTRegConfig, weights: str | Path | None) -> Dinov2
     state_dict = {name: value.to(dtypes.get(name, value.dtype)) for name, value in state_dict.items()}
     model.load_state_dict(state_dict, assign=True)
     return model.set_register_neurons(config.register_neurons or {}).eval()
+
+
+def load_upstream_dinov2(
+    arch: str, *, pretrained: bool, weights: str | Path | None, register_neurons=None, **settings
+) -> "DinoVisionTransformerTTReg":
+    """The upstream torch.hub model ``dinov2_{arch}`` with test-time registers: random weights, ``weights`` (a local
+    original checkpoint) or, ``pretrained``, upstream's checkpoint from its URL; ``settings`` are config fields."""
+    fields = {field.name for field in dataclasses.fields(Dinov2TTRegConfig)}
+    check_keywords(settings, fields, f"dinov2_{arch}_tt_reg")
+    config = dinov2_config(arch, **settings)
+    semantics = settings.get("register_semantics")
+    config.attach_register_neurons(register_neurons, checkpoint=f"dinov2_{arch}", register_semantics=semantics)
+    if pretrained and weights is None:
+        weights = DINOV2_URL.format(arch=arch)
+        check_downloadable(weights)
+    return DinoVisionTransformerTTReg(load_dinov2(config, weights))
 
 
 class DinoVisionTransformerTTReg(nn.Module):
@@ -127,7 +150,7 @@ class DinoVisionTransformerTTReg(nn.Module):
 
     num_register_tokens = 0
 
-    def __init__(self, dinov2: Dinov2TTRegModel):
+    def __init__(self, dinov2: "Dinov2TTRegModel"):
         super().__init__()
         self.dinov2 = dinov2
         self.embed_dim = self.num_features = dinov2.config.hidden_size

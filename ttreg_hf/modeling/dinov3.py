@@ -7,22 +7,26 @@ test-time registers therefore get rows of the identity rotation (cos 1, sin 0): 
 
 import torch
 from torch import nn
-from transformers import DINOv3ViTModel
+from transformers import DINOv3ViTImageProcessor, DINOv3ViTModel
 from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTEmbeddings,
     DINOv3ViTGatedMLP,
     DINOv3ViTMLP,
     DINOv3ViTRopePositionEmbedding,
+    apply_rotary_pos_emb,
 )
 from transformers.utils.generic import can_return_tuple
 
 from ..configs.dinov3 import DINOv3ViTTTRegConfig
+from ..family import Family
+from ..hub import transformers_checkpoint
+from ..images import transformers_preprocessing
+from ..planted import PlantingSites, block_sites
 from .layout import TokenLayout
 from .registers import (
     PreTrainedTestTimeRegisterMixin,
     RegisterSeams,
     TestTimeRegisterModelOutput,
-    adopt,
     check_pixel_values,
 )
 
@@ -75,17 +79,18 @@ class DINOv3ViTTTRegModel(PreTrainedTestTimeRegisterMixin, DINOv3ViTModel):
     config: DINOv3ViTTTRegConfig
     config_class = DINOv3ViTTTRegConfig
     register_seams = RegisterSeams(
-        appender="embeddings", blocks="model.layer", mlp="mlp", layout_readers=("rope_embeddings",)
+        appender="embeddings",
+        blocks="model.layer",
+        mlp="mlp",
+        layout_readers=("rope_embeddings",),
+        modules=(
+            DINOv3ViTTTRegEmbeddings,
+            DINOv3ViTTTRegRopePositionEmbedding,
+            DINOv3ViTTTRegMLP,
+            DINOv3ViTTTRegGatedMLP,
+        ),
     )
     _no_split_modules = [*DINOv3ViTModel._no_split_modules, "DINOv3ViTTTRegEmbeddings"]
-
-    def __init__(self, config: DINOv3ViTTTRegConfig):
-        super().__init__(config)
-        adopt(self.embeddings, DINOv3ViTTTRegEmbeddings)
-        adopt(self.rope_embeddings, DINOv3ViTTTRegRopePositionEmbedding)
-        for layer in self.model.layer:
-            adopt(layer.mlp, DINOv3ViTTTRegGatedMLP if config.use_gated_mlp else DINOv3ViTTTRegMLP)
-        self.refresh_test_time_registers()
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -99,3 +104,57 @@ class DINOv3ViTTTRegModel(PreTrainedTestTimeRegisterMixin, DINOv3ViTModel):
         check_pixel_values(pixel_values, self.config.patch_size)  # here: the parent casts to float before embedding
         outputs = super().forward(pixel_values, bool_masked_pos=bool_masked_pos, return_dict=True, **kwargs)
         return self.strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
+
+
+# ---- the family's declaration ------------------------------------------------------------------------------------
+
+
+def dinov3_image_processor(config: DINOv3ViTTTRegConfig) -> DINOv3ViTImageProcessor:
+    """DINOv3's preprocessing: resize to the model's square size, ImageNet statistics."""
+    return DINOv3ViTImageProcessor(size={"height": config.image_size, "width": config.image_size})
+
+
+def dinov3_attention(block: nn.Module, hidden_states: torch.Tensor, position_embeddings=None, **_) -> torch.Tensor:
+    """With RoPE on the patches (and, through this family's rotation table, the identity on the test-time registers)."""
+    attention, normed = block.attention, block.norm1(hidden_states)
+    shape = (*normed.shape[:2], attention.num_heads, attention.head_dim)
+    queries = attention.q_proj(normed).view(shape).transpose(1, 2)
+    keys = attention.k_proj(normed).view(shape).transpose(1, 2)
+    if position_embeddings is not None:
+        queries, keys = apply_rotary_pos_emb(queries, keys, *position_embeddings)
+    return torch.softmax(queries.float() @ keys.float().transpose(-1, -2) * attention.scaling, dim=-1)
+
+
+def dinov3_planting_sites(model: DINOv3ViTModel) -> PlantingSites:
+    embeddings, config = model.embeddings, model.config
+    gated = ("gate_proj", "down_proj", "up_proj") if config.use_gated_mlp else ("up_proj", "down_proj")
+    blocks = block_sites(model.model.layer, lambda block: block.attention, *gated, sink=False)  # RoPE rotates the keys
+    prefix = (embeddings.cls_token, embeddings.register_tokens)
+    return PlantingSites(embeddings.patch_embeddings, blocks, config.num_attention_heads, prefix)
+
+
+DINOV3_VITL16_ARCH = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+    patch_size=16, num_register_tokens=4,
+)  # fmt: skip
+
+FAMILIES = (
+    Family(
+        name="dinov3",
+        model_classes=(DINOv3ViTTTRegModel,),
+        checkpoint_model_types=("dinov3_vit",),
+        attention_reader=dinov3_attention,
+        planting_sites=dinov3_planting_sites,
+        preprocessing=transformers_preprocessing,
+        default_image_processor=dinov3_image_processor,
+        checkpoints=(
+            transformers_checkpoint(
+                "dinov3_vitl16",
+                "DINOv3 ViT-L/16 (LVD-1689M; a gated hub repository) with a test-time register (no shipped index: pass one).",
+                DINOv3ViTTTRegModel,
+                "facebook/dinov3-vitl16-pretrain-lvd1689m",
+                DINOV3_VITL16_ARCH,
+            ),
+        ),
+    ),
+)

@@ -1,17 +1,12 @@
 """The register-neuron edit: the one implementation every model family uses."""
 
 from collections.abc import Sequence
-from typing import Literal, get_args
 
 import torch
 from torch import nn
 
+from ..settings import PATCH_MODES, SEMANTICS
 from .layout import TokenLayout
-
-RegisterSemantics = Literal["paper", "reference"]
-RegisterPatchMode = Literal["zero", "mean", "only_outliers", "same"]
-SEMANTICS: tuple[str, ...] = get_args(RegisterSemantics)
-PATCH_MODES: tuple[str, ...] = get_args(RegisterPatchMode)
 
 
 class RegisterNeuronEdit(nn.Module):
@@ -31,11 +26,9 @@ class RegisterNeuronEdit(nn.Module):
     mean over patch tokens); ``only_outliers`` (values above mean + 1 std of the patch tokens become the mean; the
     std is the unbiased one, as ``torch.std``); ``same`` (untouched).
 
-    ``token_mask`` (``(batch, tokens)``, registers included, true on real tokens), when a model family sets it for a
-    padded batch (variable-resolution inputs), keeps padding out of the register value and the patch statistics.
+    ``token_mask`` (``(batch, tokens)``, registers included, true on real tokens), given by the MLP of a family with
+    padded batches (variable-resolution inputs), keeps padding out of the register value and the patch statistics.
     """
-
-    token_mask: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -76,7 +69,7 @@ class RegisterNeuronEdit(nn.Module):
             f"semantics={self.semantics!r}, patch_mode={self.patch_mode!r}"
         )
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         if (
             self.largest_scale > torch.finfo(hidden_states.dtype).max
         ):  # settings and dtype only: no sync, no graph break
@@ -87,7 +80,7 @@ class RegisterNeuronEdit(nn.Module):
             )
         neurons = self.neurons.to(hidden_states.device, non_blocking=True)  # a no-op unless the MLP is offloaded
         activations = hidden_states.index_select(-1, neurons)  # (batch, tokens, listed neurons)
-        valid = None if self.token_mask is None else self.token_mask.to(activations.device, torch.bool).unsqueeze(-1)
+        valid = None if token_mask is None else token_mask.to(activations.device, torch.bool).unsqueeze(-1)
         num_kept = 0 if self.semantics == "paper" else self.layout.num_prefix_tokens
         end = self.layout.num_tokens_without_registers(activations)
         edited = torch.cat(

@@ -5,13 +5,21 @@ The weights and state-dict keys stay as they are: the registers are appended by 
 and ``c_proj`` of every block's MLP, and the registers are stripped before pooling and from `forward_intermediates`.
 """
 
+import inspect
+import warnings
+from functools import partial
+
 import open_clip
 import torch
 from open_clip.pretrained import get_pretrained_cfg
 from open_clip.transformer import Transformer, VisionTransformer
 from torch import nn
 
+from ..analysis.attention import attention_probabilities
 from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings
+from ..family import Checkpoint, Family, check_close_keywords, check_keywords
+from ..images import Preprocessor, transform_preprocessor
+from ..planted import BlockSites, LinearRows, PlantingSites
 from .layout import TokenLayout
 from .registers import IndexSpec, RegisterAppender, RegisterSeams, TestTimeRegisterMixin, adopt, check_pixel_values
 
@@ -36,20 +44,20 @@ class OpenCLIPTTRegMLP(nn.Sequential):
         return projection(self.register_edit(activation(fc(hidden_states))))
 
 
-def adopt_mlp(mlp: nn.Module) -> OpenCLIPTTRegMLP:
-    """``mlp`` as an `OpenCLIPTTRegMLP` (weights and keys kept), after checking it has the expected structure."""
-    layers = list(mlp.children())
-    if not (
-        type(mlp) is nn.Sequential
-        and len(layers) == 3
-        and isinstance(layers[0], nn.Linear)
-        and isinstance(layers[2], nn.Linear)
-    ):
-        raise TypeError(
-            "Test-time registers expect open_clip's MLP `Sequential(c_fc: Linear, activation, c_proj: Linear)`, got "
-            f"{mlp!r}; this open_clip model or version builds its blocks differently and is not supported."
-        )
-    return adopt(mlp, OpenCLIPTTRegMLP)
+def check_mlps(tower: VisionTransformer) -> None:
+    """Refuse blocks whose MLP is not open_clip's ``Sequential(c_fc: Linear, activation, c_proj: Linear)``."""
+    for block in tower.transformer.resblocks:
+        mlp, layers = block.mlp, list(block.mlp.children())
+        if not (
+            isinstance(mlp, nn.Sequential)
+            and len(layers) == 3
+            and isinstance(layers[0], nn.Linear)
+            and isinstance(layers[2], nn.Linear)
+        ):
+            raise TypeError(
+                "Test-time registers expect open_clip's MLP `Sequential(c_fc: Linear, activation, c_proj: Linear)`, "
+                f"got {mlp!r}; this open_clip model or version builds its blocks differently and is not supported."
+            )
 
 
 class OpenCLIPTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
@@ -62,7 +70,11 @@ class OpenCLIPTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
 
     config: TestTimeRegisterConfig
     register_seams = RegisterSeams(
-        appender="patch_dropout", blocks="transformer.resblocks", mlp="mlp", layout_readers=("transformer",)
+        appender="patch_dropout",
+        blocks="transformer.resblocks",
+        mlp="mlp",
+        layout_readers=("transformer",),
+        modules=(TTRegTransformer, OpenCLIPTTRegMLP),
     )
 
     def __init__(self, *args, **kwargs):
@@ -72,13 +84,12 @@ class OpenCLIPTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
         self.set_register_neurons(settings.pop("register_neurons", None), **settings)
 
     def adopt_register_modules(self) -> None:
-        """Give the tower its config, the appender, the intermediates' stripping and the edit slots (edit off)."""
+        """Give the tower its config and the appender around ``patch_dropout``, then adopt at the seams (edit off)."""
+        check_mlps(self)
         blocks = self.transformer.resblocks
         self.config = TestTimeRegisterConfig(num_hidden_layers=len(blocks), mlp_width=blocks[0].mlp[0].out_features)
         self.patch_dropout = RegisterAppender(self.patch_dropout)  # dropout never drops the registers
-        adopt(self.transformer, TTRegTransformer)
-        for block in blocks:
-            adopt_mlp(block.mlp)
+        super().adopt_register_modules()
         self.refresh_test_time_registers()
 
     def _embeds(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,6 +119,7 @@ def to_test_time_registers(model: nn.Module, register_neurons: IndexSpec | None 
             f"Test-time registers need open_clip's VisionTransformer tower (ViT-* models), not {type(visual).__name__}."
         )
     if not isinstance(visual, OpenCLIPTTRegVisionTransformer):
+        check_mlps(visual)  # before the class changes: a refused tower stays as it was
         adopt(visual, OpenCLIPTTRegVisionTransformer).adopt_register_modules()
     visual.set_register_neurons(register_neurons, **settings)
     return model
@@ -135,6 +147,7 @@ def create_model_and_transforms(
     model name such as ``"ViT-B-16"`` (open_clip itself only warns); ``force_quick_gelu=False`` opts out.
     """
     settings = pop_register_settings(kwargs)
+    check_close_keywords(kwargs, REGISTER_SETTINGS, "create_model_and_transforms")
     config = tower_config(model_name, **settings)
     checkpoint = checkpoint or (f"{model_name} ({pretrained})" if pretrained else model_name)
     config.attach_register_neurons(
@@ -156,3 +169,94 @@ def tower_config(model_name: str, **settings) -> TestTimeRegisterConfig:
     return TestTimeRegisterConfig(
         num_hidden_layers=int(vision.get("layers", 12)), mlp_width=int(width * vision.get("mlp_ratio", 4.0)), **settings
     )
+
+
+# ---- the family's declaration ------------------------------------------------------------------------------------
+
+
+def open_clip_preprocessing(model: VisionTransformer, source=None, image_size: int | None = None) -> Preprocessor:
+    """open_clip's evaluation transform of the checkpoint (the tower's ``preprocess_cfg``, which
+    `open_clip.create_model` sets from the pretrained tag or Hub config); a tower built without one gets open_clip's
+    defaults, with a warning that names them."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    config = getattr(model, "preprocess_cfg", None)
+    description = "open_clip's preprocess_cfg of the checkpoint"
+    if not config:
+        config = {"size": model.image_size}
+        description = "open_clip's default transform"
+        defaults = PreprocessCfg()
+        warnings.warn(
+            f"This open_clip tower has no preprocess_cfg (it was not built by open_clip.create_model); using "
+            f"{description} (mean {list(defaults.mean)}, std {list(defaults.std)}): check that it fits the weights.",
+            stacklevel=2,
+        )
+    config = PreprocessCfg(**{**config, **({"size": image_size} if image_size else {})})
+    return transform_preprocessor(image_transform_v2(config, is_train=False), description, config.mean, config.std)
+
+
+def open_clip_attention(block: nn.Module, hidden_states: torch.Tensor, **_) -> torch.Tensor:
+    attention = block.attn  # nn.MultiheadAttention, batch first
+    projected = nn.functional.linear(block.ln_1(hidden_states), attention.in_proj_weight, attention.in_proj_bias)
+    queries, keys, _ = projected.chunk(3, dim=-1)
+    return attention_probabilities(queries, keys, attention.num_heads, attention.head_dim**-0.5)
+
+
+def open_clip_planting_sites(model: VisionTransformer) -> PlantingSites:
+    blocks, width = model.transformer.resblocks, model.transformer.width
+    sites = [
+        BlockSites(
+            block.mlp[0],
+            block.mlp[2],
+            query=LinearRows.of(block.attn, slice(0, width), "in_proj_weight", "in_proj_bias"),
+            key=LinearRows.of(block.attn, slice(width, 2 * width), "in_proj_weight", "in_proj_bias"),
+            attention_out=block.attn.out_proj,
+        )
+        for block in blocks
+    ]
+    heads = blocks[0].attn.num_heads
+    return PlantingSites(model.conv1, sites, heads, (model.class_embedding,), model.positional_embedding)
+
+
+def load_open_clip_checkpoint(
+    name: str, model_name: str, tag: str, *, pretrained: bool, weights=None, register_neurons=None, **settings
+) -> nn.Module:
+    """The whole open_clip model of ``model_name`` (image and text towers), with weights ``tag`` (``pretrained``),
+    a local open_clip checkpoint file ``weights``, or random ones; ``settings`` are register settings."""
+    loader_arguments = inspect.signature(open_clip.create_model_and_transforms).parameters
+    check_keywords(settings, {*REGISTER_SETTINGS, *loader_arguments} - {"model_name", "pretrained"}, f"{name}_tt_reg")
+    pretrained_tag = str(weights) if weights else tag if pretrained else None
+    model, _, _ = create_model_and_transforms(
+        model_name, pretrained_tag, register_neurons=register_neurons, checkpoint=name, **settings
+    )
+    return model
+
+
+def _laion(name: str, model_name: str, tag: str, summary: str) -> Checkpoint:
+    load = partial(load_open_clip_checkpoint, name, model_name, tag)
+    return Checkpoint(name, summary, load, tower=lambda model: model.visual)
+
+
+FAMILIES = (
+    Family(
+        name="open_clip",
+        model_classes=(OpenCLIPTTRegVisionTransformer,),
+        attention_reader=open_clip_attention,
+        planting_sites=open_clip_planting_sites,
+        preprocessing=open_clip_preprocessing,
+        checkpoints=(  # the checkpoints of the paper; the torch.hub entries return the whole CLIP model
+            _laion(
+                "openclip_vitb16",
+                "ViT-B-16",
+                "laion2b_s34b_b88k",
+                "OpenCLIP ViT-B/16 (LAION-2B) with a test-time register: the whole CLIP model (no shipped index: pass one).",
+            ),
+            _laion(
+                "openclip_vitl14",
+                "ViT-L-14",
+                "laion2b_s32b_b82k",
+                "OpenCLIP ViT-L/14 (LAION-2B) with a test-time register: the whole CLIP model (no shipped index: pass one).",
+            ),
+        ),
+    ),
+)

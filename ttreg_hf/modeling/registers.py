@@ -8,6 +8,7 @@ stripping outputs, discovery and the analysis tools — reads the declaration.
 
 import copy
 import dataclasses
+import inspect
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from ..configs.registers import REGISTER_SETTINGS
+from ..family import check_close_keywords
 from ..index import RegisterNeuronIndex
 from .edit import RegisterNeuronEdit
 from .layout import TokenLayout
@@ -66,12 +68,16 @@ class RegisterSeams:
         after the activation function (after the gating for gated MLPs).
     layout_readers: from the model, further modules whose forward reads ``self.token_layout`` (e.g. one that strips
         the registers from intermediate outputs).
+    modules: the parameter-free subclasses of the parent's modules that give those parts their register behaviour.
+        `TestTimeRegisterMixin.adopt_register_modules` adopts each where a module of its direct base class stands:
+        at the appender, a layout reader, a block or a block's MLP.
     """
 
     appender: str
     blocks: str
     mlp: str
     layout_readers: tuple[str, ...] = ()
+    modules: tuple[type[nn.Module], ...] = ()
 
 
 class RegisterAppender(nn.Module):
@@ -89,14 +95,22 @@ class RegisterAppender(nn.Module):
         return self.token_layout.append_registers(self.module(tokens))
 
 
+class NoRegisterEdit(nn.Identity):
+    """The ``register_edit`` slot of an MLP whose layer lists no register neuron: its activations pass unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return hidden_states
+
+
 class EditAfterActivationMixin:
     """For the MLPs that compute ``fc2(activation_fn(fc1(x)))`` (DINOv2, CLIP, SigLIP, ViT, DeiT): their forward with the
-    register-neuron edit right after the activation. Mixed in before the parent MLP class, then adopted."""
+    register-neuron edit right after the activation. Mixed in before the parent MLP class, then adopted.
+    ``token_mask`` (padded batches) goes to the edit; see `RegisterNeuronEdit`."""
 
     register_edit: nn.Module
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.register_edit(self.activation_fn(self.fc1(hidden_states))))
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc2(self.register_edit(self.activation_fn(self.fc1(hidden_states)), token_mask))
 
 
 def adopt(module: nn.Module, subclass: type[nn.Module]) -> nn.Module:
@@ -110,6 +124,18 @@ def adopt(module: nn.Module, subclass: type[nn.Module]) -> nn.Module:
         raise TypeError(f"{subclass.__name__} does not subclass {type(module).__name__}.")
     module.__class__ = subclass
     return module
+
+
+def _subclass_to_adopt(module: nn.Module, subclasses: Sequence[type[nn.Module]]) -> type[nn.Module] | None:
+    """The one of ``subclasses`` whose direct base is ``module``'s class, if any."""
+    return next((subclass for subclass in subclasses if type(module) in subclass.__bases__), None)
+
+
+def forward_calls(module: nn.Module, attribute: str) -> bool:
+    """Whether the code of ``module``'s forward names ``attribute`` (e.g. ``register_edit``): how the plumbing checks
+    that a declared seam does its part. A forward that delegates the call to a helper must name it itself."""
+    forward = inspect.unwrap(type(module).forward)
+    return attribute in forward.__code__.co_names
 
 
 def check_pixel_values(pixel_values: torch.Tensor, patch_size: int | Sequence[int]) -> None:
@@ -143,8 +169,9 @@ class TestTimeRegisterMixin:
     """Gives a vision transformer test-time registers; a model family declares only where its parts are.
 
     A family sets ``register_seams`` and ``num_prefix_tokens``, keeps its settings in ``self.config`` (a
-    `TestTimeRegisterConfigMixin` with ``num_hidden_layers`` and ``mlp_width``), and calls
-    `refresh_test_time_registers` in ``__init__`` and first thing in its forward. The config is the one truth: the
+    `TestTimeRegisterConfigMixin` with ``num_hidden_layers`` and ``mlp_width``), calls `adopt_register_modules` and
+    `refresh_test_time_registers` once its parent is built (`PreTrainedTestTimeRegisterMixin` does both), and calls
+    `refresh_test_time_registers` first thing in its forward. The config is the one truth: the
     attached layout and edits are rebuilt from it whenever its register settings change, through
     `set_register_neurons` or by writing the fields, so ``save_pretrained`` saves exactly what runs.
     """
@@ -164,13 +191,44 @@ class TestTimeRegisterMixin:
 
     @property
     def register_edit_sites(self) -> list[nn.Module]:
-        """Every block's MLP, whose ``register_edit`` slot holds its layer's edit (``nn.Identity`` when unlisted)."""
+        """Every block's MLP, whose ``register_edit`` slot holds its layer's edit (`NoRegisterEdit` when unlisted)."""
         return [block.get_submodule(self.register_seams.mlp) for block in self.transformer_blocks]
 
     @property
     def token_layout(self) -> TokenLayout:
         """The layout of the sequence the blocks see."""
         return self.register_appender.token_layout
+
+    def adopt_register_modules(self) -> None:
+        """Adopt the declared subclasses (``register_seams.modules``) where their base classes stand at the seams:
+        the appender, the layout readers, every block and every block's MLP. Weights and keys stay the parent's."""
+        seams = self.register_seams
+        sites = [self.register_appender, *map(self.get_submodule, seams.layout_readers)]
+        for block in self.transformer_blocks:
+            sites += [block, block.get_submodule(seams.mlp)]
+        for module in sites:
+            subclass = _subclass_to_adopt(module, seams.modules)
+            if subclass is not None:
+                adopt(module, subclass)
+
+    def check_register_seams(self) -> None:
+        """Refuse seams that would leave the edit silently undone: an appender whose forward does not call
+        ``self.token_layout.append_registers`` or an MLP whose forward does not call ``self.register_edit``."""
+        seams, name = self.register_seams, type(self).__name__
+        appender = self.register_appender
+        if not forward_calls(appender, "append_registers"):
+            raise TypeError(
+                f"{name}.register_seams.appender is {seams.appender!r}, a {type(appender).__name__}, whose forward "
+                "does not call `self.token_layout.append_registers(...)`: no register would be appended. Name the "
+                "module after the position embedding, adopted as a subclass that appends (or a `RegisterAppender`)."
+            )
+        for layer, mlp in enumerate(self.register_edit_sites):
+            if not forward_calls(mlp, "register_edit"):
+                raise TypeError(
+                    f"{name}.register_seams.mlp is {seams.mlp!r}, and block {layer}'s is a {type(mlp).__name__}, whose "
+                    "forward does not call `self.register_edit(...)`: the edit would never run. Declare the MLP's "
+                    "subclass that calls it in `register_seams.modules`, or fix the path."
+                )
 
     def refresh_test_time_registers(self) -> None:
         """Build the layout and the edits from the config if its register settings changed since the last build.
@@ -186,9 +244,17 @@ class TestTimeRegisterMixin:
             self.__dict__["_built_register_settings"] = copy.deepcopy(settings)
 
     def _build_test_time_registers(self) -> None:
+        self.check_register_seams()
         config = self.config
         neurons = config.register_neuron_index
         layout = TokenLayout(self.num_prefix_tokens, config.num_test_time_registers if neurons else 0)
+        missing = [layer for layer in neurons if layer >= len(self.transformer_blocks)]
+        if missing and layout.num_registers:
+            raise ValueError(
+                f"Register neurons are listed for layers {missing}, but this model runs {len(self.transformer_blocks)} "
+                "blocks (the others were pruned, e.g. by timm's out_indices): their edit would never run. Keep the "
+                "blocks, or attach an index without those layers."
+            )
         for path in (self.register_seams.appender, *self.register_seams.layout_readers):
             self.get_submodule(path).token_layout = layout
         for layer, mlp in enumerate(self.register_edit_sites):
@@ -203,7 +269,7 @@ class TestTimeRegisterMixin:
                 device = next(mlp.parameters()).device
                 mlp.register_edit = edit if device.type == "meta" else edit.to(device)  # offloaded MLPs sit on meta
             else:
-                mlp.register_edit = nn.Identity()
+                mlp.register_edit = NoRegisterEdit()
 
     def set_register_neurons(
         self,
@@ -258,6 +324,8 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
     def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
         config = self._register_config(config)
         super().__init__(config, *inputs, **kwargs)
+        self.adopt_register_modules()
+        self.refresh_test_time_registers()
         if config.num_test_time_registers and config.register_neurons is None:
             warnings.warn(
                 f"{type(self).__name__} was built with num_test_time_registers={config.num_test_time_registers} but "
@@ -313,6 +381,7 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
         # config, as in the parent; `dtype` is the model's
         fields = {field.name for field in dataclasses.fields(cls.config_class)} - {"dtype"}
         overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in fields}
+        check_close_keywords(kwargs, fields, f"{cls.__name__}.from_pretrained")  # the rest: `transformers` checks them
         if isinstance(config, PreTrainedConfig):
             config = copy.deepcopy(cls._register_config(config))
             for key, value in overrides.items():

@@ -9,7 +9,7 @@ mask so that padding feeds neither the register value nor the patch statistics.
 
 import torch
 from torch import nn
-from transformers import Siglip2VisionModel, SiglipVisionModel
+from transformers import Siglip2ImageProcessor, Siglip2VisionModel, SiglipImageProcessor, SiglipVisionModel
 from transformers.models.siglip.modeling_siglip import (
     SiglipMLP,
     SiglipMultiheadAttentionPoolingHead,
@@ -23,15 +23,19 @@ from transformers.models.siglip2.modeling_siglip2 import (
 )
 from transformers.utils.generic import can_return_tuple
 
+from ..analysis.attention import attention_probabilities
 from ..configs.siglip import Siglip2VisionTTRegConfig, SiglipVisionTTRegConfig
-from .edit import RegisterNeuronEdit
+from ..family import Family
+from ..hub import transformers_checkpoint
+from ..images import transformers_preprocessing
+from ..planted import PlantingSites, block_sites
+from .clip import clip_attention
 from .layout import TokenLayout
 from .registers import (
     EditAfterActivationMixin,
     PreTrainedTestTimeRegisterMixin,
     RegisterSeams,
     TestTimeRegisterModelOutput,
-    adopt,
     check_image_size,
     check_pixel_values,
 )
@@ -67,8 +71,9 @@ class Siglip2TTRegMLP(EditAfterActivationMixin, Siglip2MLP):
 
 
 class Siglip2TTRegEncoderLayer(Siglip2EncoderLayer):
-    """`Siglip2EncoderLayer` that lends its MLP's edit the batch's token mask for the duration of the call. The mask is
-    an argument of the layer: gradient checkpointing recomputes the layer from its arguments, mask included."""
+    """`Siglip2EncoderLayer` whose MLP gets the batch's token mask (``register_token_mask``, real tokens and
+    registers) as an argument, for its edit. The parent's forward, which calls ``self.mlp(hidden_states)`` with
+    nothing else, with that one call changed; gradient checkpointing recomputes the layer from its arguments."""
 
     mlp: Siglip2TTRegMLP
 
@@ -79,14 +84,12 @@ class Siglip2TTRegEncoderLayer(Siglip2EncoderLayer):
         register_token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        edit = self.mlp.register_edit
-        if not isinstance(edit, RegisterNeuronEdit):
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        edit.token_mask = register_token_mask
-        try:
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        finally:
-            edit.token_mask = None  # the mask belongs to this call only
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states), register_token_mask)
 
 
 class _RegisterPoolingMixin:
@@ -120,21 +123,18 @@ class _SiglipTTRegMixin(PreTrainedTestTimeRegisterMixin):
     """What SigLIP and SigLIP2 share: no CLS, the same module tree, the MAP head's view of the registers."""
 
     num_prefix_tokens = 0
-    _register_classes: tuple[type[nn.Module], type[nn.Module], type[nn.Module]]  # embeddings, MLP, pooling head
+    register_modules: tuple[type[nn.Module], ...]  # embeddings, MLP, pooling head (and SigLIP2's encoder layer)
+
+    @property
+    def register_seams(self) -> RegisterSeams:
+        """The head, when the model has one, reads the layout (and ``pool_registers`` from the config)."""
+        readers = ("head",) if self.use_head else ()
+        return RegisterSeams("embeddings", "encoder.layers", "mlp", readers, self.register_modules)
 
     def adopt_register_modules(self) -> None:
-        """Turn the embeddings, MLPs and head into their register-aware subclasses (weights kept); build the edits.
-        The head reads the layout (and ``pool_registers`` from the config) when there is one."""
-        embeddings_class, mlp_class, head_class = self._register_classes
-        adopt(self.embeddings, embeddings_class)
-        for layer in self.encoder.layers:
-            adopt(layer.mlp, mlp_class)
+        super().adopt_register_modules()
         if self.use_head:
-            adopt(self.head, head_class).config = self.config
-        self.register_seams = RegisterSeams(
-            appender="embeddings", blocks="encoder.layers", mlp="mlp", layout_readers=("head",) if self.use_head else ()
-        )
-        self.refresh_test_time_registers()
+            self.head.config = self.config
 
 
 class SiglipVisionTTRegModel(_SiglipTTRegMixin, SiglipVisionModel):
@@ -147,11 +147,7 @@ class SiglipVisionTTRegModel(_SiglipTTRegMixin, SiglipVisionModel):
     config: SiglipVisionTTRegConfig
     config_class = SiglipVisionTTRegConfig
     _no_split_modules = [*SiglipVisionModel._no_split_modules, "SiglipVisionTTRegEmbeddings", "SiglipTTRegPoolingHead"]
-    _register_classes = (SiglipVisionTTRegEmbeddings, SiglipTTRegMLP, SiglipTTRegPoolingHead)
-
-    def __init__(self, config: SiglipVisionTTRegConfig):
-        super().__init__(config)
-        self.adopt_register_modules()
+    register_modules = (SiglipVisionTTRegEmbeddings, SiglipTTRegMLP, SiglipTTRegPoolingHead)
 
     @can_return_tuple
     def forward(
@@ -180,17 +176,12 @@ class Siglip2VisionTTRegModel(_SiglipTTRegMixin, Siglip2VisionModel):
         "Siglip2VisionTTRegEmbeddings",
         "Siglip2TTRegPoolingHead",
     ]
-    _register_classes = (Siglip2VisionTTRegEmbeddings, Siglip2TTRegMLP, Siglip2TTRegPoolingHead)
-
-    def __init__(self, config: Siglip2VisionTTRegConfig):
-        super().__init__(config)
-        self.adopt_register_modules()
-
-    def adopt_register_modules(self) -> None:
-        """As for SigLIP, and the encoder layers, which pass each call's token mask to their edit."""
-        for layer in self.encoder.layers:
-            adopt(layer, Siglip2TTRegEncoderLayer)
-        super().adopt_register_modules()
+    register_modules = (
+        Siglip2VisionTTRegEmbeddings,
+        Siglip2TTRegEncoderLayer,
+        Siglip2TTRegMLP,
+        Siglip2TTRegPoolingHead,
+    )
 
     @can_return_tuple
     def forward(
@@ -212,3 +203,91 @@ class Siglip2VisionTTRegModel(_SiglipTTRegMixin, Siglip2VisionModel):
             pixel_values, token_mask, spatial_shapes, register_token_mask=token_mask, return_dict=True, **kwargs
         )
         return self.strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
+
+
+# ---- the families' declarations ----------------------------------------------------------------------------------
+
+
+def siglip_image_processor(config: SiglipVisionTTRegConfig) -> SiglipImageProcessor:
+    """SigLIP's preprocessing: resize to the tower's square size (bicubic), mean and std 0.5."""
+    return SiglipImageProcessor(size={"height": config.image_size, "width": config.image_size})
+
+
+def siglip2_image_processor(config: Siglip2VisionTTRegConfig) -> Siglip2ImageProcessor:
+    """SigLIP2's NaFlex preprocessing: each image resized to at most ``num_patches`` patches, aspect ratio kept,
+    patchified and padded, with the mask and the patch grid of every image."""
+    return Siglip2ImageProcessor(patch_size=config.patch_size, max_num_patches=config.num_patches)
+
+
+def siglip2_attention(
+    block: nn.Module, hidden_states: torch.Tensor, register_token_mask: torch.Tensor | None = None, **_
+) -> torch.Tensor:
+    """As `clip_attention`, with the padding keys masked as the layer's attention masks them."""
+    attention, normed = block.self_attn, block.layer_norm1(hidden_states)
+    queries, keys = attention.q_proj(normed), attention.k_proj(normed)
+    return attention_probabilities(queries, keys, attention.num_heads, attention.scale, register_token_mask)
+
+
+def siglip_planting_sites(model: SiglipVisionModel | Siglip2VisionModel) -> PlantingSites:
+    blocks = block_sites(model.encoder.layers, lambda block: block.self_attn)
+    embeddings = model.embeddings
+    heads = model.config.num_attention_heads
+    return PlantingSites(embeddings.patch_embedding, blocks, heads, (), embeddings.position_embedding.weight)
+
+
+SIGLIP_SO400M_ARCH = dict(  # LLaVA-OneVision's vision tower
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=14,
+)
+SIGLIP2_B16_NAFLEX_ARCH = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_patches=256,
+    patch_size=16,
+)
+
+FAMILIES = (
+    Family(
+        name="siglip",
+        model_classes=(SiglipVisionTTRegModel,),
+        checkpoint_model_types=("siglip", "siglip_vision_model"),
+        attention_reader=clip_attention,
+        planting_sites=siglip_planting_sites,
+        preprocessing=transformers_preprocessing,
+        default_image_processor=siglip_image_processor,
+        checkpoints=(
+            transformers_checkpoint(
+                "siglip_so400m_patch14_384",
+                "SigLIP So400m/14 at 384 px, LLaVA-OneVision's tower, with a test-time register (no shipped index: pass one).",
+                SiglipVisionTTRegModel,
+                "google/siglip-so400m-patch14-384",
+                SIGLIP_SO400M_ARCH,
+            ),
+        ),
+    ),
+    Family(
+        name="siglip2",
+        model_classes=(Siglip2VisionTTRegModel,),
+        checkpoint_model_types=("siglip2", "siglip2_vision_model"),
+        attention_reader=siglip2_attention,
+        planting_sites=siglip_planting_sites,
+        preprocessing=transformers_preprocessing,
+        default_image_processor=siglip2_image_processor,
+        padding_mask="pixel_attention_mask",
+        checkpoints=(
+            transformers_checkpoint(
+                "siglip2_base_patch16_naflex",
+                "SigLIP2 B/16 NaFlex (variable resolution) with a test-time register (no shipped index: pass one).",
+                Siglip2VisionTTRegModel,
+                "google/siglip2-base-patch16-naflex",
+                SIGLIP2_B16_NAFLEX_ARCH,
+            ),
+        ),
+    ),
+)

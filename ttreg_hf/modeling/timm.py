@@ -13,7 +13,11 @@ from timm.layers import GluMlp, Mlp, SwiGLU
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..analysis.attention import attention_probabilities
 from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings
+from ..family import Family, check_close_keywords
+from ..images import Preprocessor, transform_preprocessor
+from ..planted import BlockSites, LinearRows, PlantingSites
 from .registers import IndexSpec, RegisterAppender, RegisterSeams, TestTimeRegisterMixin, adopt
 
 
@@ -72,7 +76,9 @@ class TimmTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
     """
 
     config: TestTimeRegisterConfig
-    register_seams = RegisterSeams(appender="patch_drop", blocks="blocks", mlp="mlp")
+    register_seams = RegisterSeams(
+        appender="patch_drop", blocks="blocks", mlp="mlp", modules=tuple(EDITABLE_MLPS.values())
+    )
 
     def __init__(self, *args, **kwargs):
         settings = pop_register_settings(kwargs)
@@ -83,11 +89,10 @@ class TimmTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
     def adopt_register_modules(self) -> None:
         """Give the model its config, the appender and the editing MLPs (edit off)."""
         check_editable_mlps(self)
-        for block in self.blocks:
-            adopt(block.mlp, EDITABLE_MLPS[type(block.mlp)])
         self.config = register_config(self)
         # after `_pos_embed`, in every forward; around `patch_drop`, so that patch dropout never drops the registers
         self.patch_drop = RegisterAppender(self.patch_drop)
+        super().adopt_register_modules()
         self.refresh_test_time_registers()
 
     def forward_features_with_registers(
@@ -187,6 +192,7 @@ def create_model(model_name: str, pretrained: bool = False, *, register_neurons:
     (``num_test_time_registers``, ``register_scale``, ...) go to the model, everything else to timm.
     """
     settings = pop_register_settings(kwargs)
+    check_close_keywords(kwargs, REGISTER_SETTINGS, "create_model")  # the rest: timm checks them
     with torch.device("meta"):  # the architecture's depth and MLP width, before any weights are downloaded
         config = register_config(timm.create_model(model_name, pretrained=False, **kwargs), **settings)
     architecture = model_name.split(".")[0]  # without timm's pretrained tag (".lvd142m")
@@ -204,3 +210,55 @@ def register_config(model: VisionTransformer, **settings) -> TestTimeRegisterCon
     return TestTimeRegisterConfig(
         num_hidden_layers=len(model.blocks), mlp_width=model.blocks[0].mlp.fc2.in_features, **settings
     )
+
+
+# ---- the family's declaration ------------------------------------------------------------------------------------
+
+
+def timm_preprocessing(model: VisionTransformer, source=None, image_size: int | None = None) -> Preprocessor:
+    """timm's evaluation transform from the model's data config (`timm.data.resolve_data_config`, from its
+    ``pretrained_cfg``)."""
+    config = timm.data.resolve_data_config(model=model)
+    if image_size:
+        config["input_size"] = (3, image_size, image_size)
+    description = f"timm's data config of {model.pretrained_cfg.get('hf_hub_id') or type(model).__name__}"
+    return transform_preprocessor(timm.data.create_transform(**config), description, config["mean"], config["std"])
+
+
+def timm_attention(block: nn.Module, hidden_states: torch.Tensor, **_) -> torch.Tensor:
+    attention = block.attn  # timm's `Attention` (pre-norm `Block`)
+    if type(attention).__name__ != "Attention":
+        raise NotImplementedError(f"No attention reader for timm's {type(attention).__name__}.")
+    qkv = attention.qkv(block.norm1(hidden_states)).unflatten(-1, (3, attention.num_heads, attention.head_dim))
+    queries, keys = attention.q_norm(qkv[..., 0, :, :]), attention.k_norm(qkv[..., 1, :, :])  # norms act per head
+    return attention_probabilities(queries.flatten(2), keys.flatten(2), attention.num_heads, attention.scale)
+
+
+def timm_planting_sites(model: VisionTransformer) -> PlantingSites:
+    sites = []
+    for block in model.blocks:
+        mlp, width = block.mlp, block.attn.qkv.in_features
+        if isinstance(mlp, SwiGLU):
+            mlp_in, mlp_up = mlp.fc1_g, mlp.fc1_x
+        elif isinstance(mlp, GluMlp):  # fc1 packs the two halves; ``gate_last``: the second half is activated
+            half = mlp.fc1.out_features // 2
+            gate, up = (slice(half, None), slice(0, half)) if mlp.gate_last else (slice(0, half), slice(half, None))
+            mlp_in, mlp_up = LinearRows.of(mlp.fc1, gate), LinearRows.of(mlp.fc1, up)
+        else:
+            mlp_in, mlp_up = mlp.fc1, None
+        qkv = block.attn.qkv
+        query, key = LinearRows.of(qkv, slice(0, width)), LinearRows.of(qkv, slice(width, 2 * width))
+        sites.append(BlockSites(mlp_in, mlp.fc2, mlp_up, query, key, block.attn.proj))
+    prefix = tuple(token for token in (model.cls_token, model.reg_token) if token is not None)
+    return PlantingSites(model.patch_embed.proj, sites, model.blocks[0].attn.num_heads, prefix, model.pos_embed)
+
+
+FAMILIES = (
+    Family(
+        name="timm",
+        model_classes=(TimmTTRegVisionTransformer,),
+        attention_reader=timm_attention,
+        planting_sites=timm_planting_sites,
+        preprocessing=timm_preprocessing,
+    ),
+)

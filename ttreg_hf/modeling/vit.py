@@ -6,19 +6,23 @@ here is one mixin, combined with the ViT and with the DeiT parent.
 
 import torch
 from torch import nn
-from transformers import DeiTModel, ViTModel
+from transformers import DeiTImageProcessor, DeiTModel, ViTImageProcessor, ViTModel
 from transformers.models.deit.modeling_deit import DeiTEmbeddings, DeiTMLP
 from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTMLP
 from transformers.utils.generic import can_return_tuple
 
+from ..analysis.attention import attention_probabilities
 from ..configs.vit import DeiTTTRegConfig, ViTTTRegConfig
+from ..family import Family
+from ..hub import transformers_checkpoint
+from ..images import transformers_preprocessing
+from ..planted import PlantingSites, block_sites
 from .layout import TokenLayout
 from .registers import (
     EditAfterActivationMixin,
     PreTrainedTestTimeRegisterMixin,
     RegisterSeams,
     TestTimeRegisterModelOutput,
-    adopt,
     check_pixel_values,
 )
 
@@ -57,16 +61,9 @@ class DeiTTTRegMLP(EditAfterActivationMixin, DeiTMLP):
 class ViTStyleTTRegModelMixin(PreTrainedTestTimeRegisterMixin):
     """The test-time-register side of [`ViTModel`] and of [`DeiTModel`], which share their layout and forward."""
 
-    register_seams = RegisterSeams(appender="embeddings", blocks="layers", mlp="mlp")
-    embeddings_class: type[nn.Module]
-    mlp_class: type[nn.Module]
-
     def __init__(self, config, add_pooling_layer: bool = True, use_mask_token: bool = False):
+        # the parent's signature, which callers inspect (e.g. for `use_mask_token`)
         super().__init__(config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
-        adopt(self.embeddings, self.embeddings_class)
-        for layer in self.layers:
-            adopt(layer.mlp, self.mlp_class)
-        self.refresh_test_time_registers()
 
     @can_return_tuple
     def forward(
@@ -99,8 +96,7 @@ class ViTTTRegModel(ViTStyleTTRegModelMixin, ViTModel):
 
     config: ViTTTRegConfig
     config_class = ViTTTRegConfig
-    embeddings_class = ViTTTRegEmbeddings
-    mlp_class = ViTTTRegMLP
+    register_seams = RegisterSeams("embeddings", "layers", "mlp", modules=(ViTTTRegEmbeddings, ViTTTRegMLP))
     _no_split_modules = [*ViTModel._no_split_modules, "ViTTTRegEmbeddings"]
 
 
@@ -112,7 +108,80 @@ class DeiTTTRegModel(ViTStyleTTRegModelMixin, DeiTModel):
 
     config: DeiTTTRegConfig
     config_class = DeiTTTRegConfig
-    embeddings_class = DeiTTTRegEmbeddings
-    mlp_class = DeiTTTRegMLP
+    register_seams = RegisterSeams("embeddings", "layers", "mlp", modules=(DeiTTTRegEmbeddings, DeiTTTRegMLP))
     num_prefix_tokens = 2
     _no_split_modules = [*DeiTModel._no_split_modules, "DeiTTTRegEmbeddings"]
+
+
+# ---- the families' declarations ----------------------------------------------------------------------------------
+
+
+def vit_image_processor(config: ViTTTRegConfig) -> ViTImageProcessor:
+    """ViT's preprocessing: resize to the model's square size (bilinear), mean and std 0.5."""
+    return ViTImageProcessor(size={"height": config.image_size, "width": config.image_size})
+
+
+def deit_image_processor(config: DeiTTTRegConfig) -> DeiTImageProcessor:
+    """DeiT's preprocessing: resize to 256/224 of the model's size (bicubic), center-crop it, ImageNet statistics."""
+    side = config.image_size
+    resized = round(side * 256 / 224)
+    return DeiTImageProcessor(size={"height": resized, "width": resized}, crop_size={"height": side, "width": side})
+
+
+def vit_attention(block: nn.Module, hidden_states: torch.Tensor, **_) -> torch.Tensor:
+    attention, normed = block.attention, block.layernorm_before(hidden_states)
+    queries, keys = attention.q_proj(normed), attention.k_proj(normed)
+    return attention_probabilities(queries, keys, attention.num_attention_heads, attention.scaling)
+
+
+def vit_planting_sites(model: ViTModel | DeiTModel) -> PlantingSites:
+    embeddings = model.embeddings
+    prefix = tuple(t for t in (embeddings.cls_token, getattr(embeddings, "distillation_token", None)) if t is not None)
+    blocks = block_sites(model.layers, lambda block: block.attention)
+    heads = model.config.num_attention_heads
+    return PlantingSites(embeddings.patch_embeddings.projection, blocks, heads, prefix, embeddings.position_embeddings)
+
+
+VIT_B16_ARCH = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=16
+)
+
+FAMILIES = (
+    Family(
+        name="vit",
+        model_classes=(ViTTTRegModel,),
+        checkpoint_model_types=("vit",),
+        attention_reader=vit_attention,
+        planting_sites=vit_planting_sites,
+        preprocessing=transformers_preprocessing,
+        default_image_processor=vit_image_processor,
+        checkpoints=(
+            transformers_checkpoint(
+                "vit_base_patch16_224_in21k",
+                "Google ViT-B/16 (ImageNet-21k) with a test-time register (no shipped index: pass one).",
+                ViTTTRegModel,
+                "google/vit-base-patch16-224-in21k",
+                VIT_B16_ARCH,
+            ),
+        ),
+    ),
+    Family(
+        name="deit",
+        model_classes=(DeiTTTRegModel,),
+        checkpoint_model_types=("deit",),
+        attention_reader=vit_attention,
+        planting_sites=vit_planting_sites,
+        preprocessing=transformers_preprocessing,
+        default_image_processor=deit_image_processor,
+        checkpoints=(
+            transformers_checkpoint(  # a classifier checkpoint: it holds no pooler, so the model gets none
+                "deit_base_distilled_patch16_224",
+                "DeiT-B/16 distilled, without a pooler, with a test-time register (no shipped index: pass one).",
+                DeiTTTRegModel,
+                "facebook/deit-base-distilled-patch16-224",
+                VIT_B16_ARCH,
+                add_pooling_layer=False,
+            ),
+        ),
+    ),
+)

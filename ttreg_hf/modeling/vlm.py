@@ -15,15 +15,23 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
 
-from .. import transformers_families
 from ..configs.registers import TestTimeRegisterConfigMixin
+from ..family import check_close_keywords, transformers_families
 from .registers import IndexSpec, PreTrainedTestTimeRegisterMixin
+
+
+def _tower_classes() -> dict[type[PreTrainedModel], type[PreTrainedTestTimeRegisterMixin]]:
+    """``{parent tower class: our subclass of it}``, e.g. `CLIPVisionModel` -> `CLIPVisionTTRegModel`: the towers
+    `to_test_time_registers` upgrades."""
+    return {
+        parent: ours for family in transformers_families() for ours, parent in zip(family.model_classes, family.parents)
+    }
 
 
 def _config_classes() -> dict[type[PreTrainedConfig], type[TestTimeRegisterConfigMixin]]:
     """``{tower config class: our config class for it}``, for the parents' (`CLIPVisionConfig`) and ours (a saved
     upgraded model)."""
-    pairs = {parent.config_class: family.config_class for parent, family in transformers_families().items()}
+    pairs = {parent.config_class: ours.config_class for parent, ours in _tower_classes().items()}
     return {**pairs, **{ours: ours for ours in pairs.values()}}
 
 
@@ -57,7 +65,7 @@ def _sub_configs(config: PreTrainedConfig) -> Iterator[tuple[PreTrainedConfig, s
 
 
 def _tower_names() -> str:
-    return ", ".join(parent.__name__ for parent in transformers_families())
+    return ", ".join(parent.__name__ for parent in _tower_classes())
 
 
 def _tower_config_slot(config: PreTrainedConfig) -> tuple[PreTrainedConfig, str]:
@@ -100,8 +108,7 @@ def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
             f"{type(vlm).__name__}.{upgraded[0]} already has test-time registers: change them with "
             "`vision_tower_with_registers(model).set_register_neurons(...)`."
         )
-    families = transformers_families()
-    towers = [(path, module) for path, module in vlm.named_modules() if path and type(module) in families]
+    towers = [(path, module) for path, module in vlm.named_modules() if path and type(module) in _tower_classes()]
     if len(towers) != 1:
         found = f"{len(towers)} ({', '.join(path for path, _ in towers)})" if towers else "none"
         raise TypeError(
@@ -152,7 +159,7 @@ def to_test_time_registers(
             f"{type(vlm).__name__}.config does not hold its tower's config, so save_pretrained would save the tower "
             "without its registers: keep the tower's config among the model config's sub-configs."
         )
-    family = transformers_families()[type(tower)]
+    family = _tower_classes()[type(tower)]
     # built with the edit off, the index attached once the weights are in place: the edits are built on their device
     upgraded = _sharing_weights(family, _with_settings(tower.config, register_neurons={}, **settings), tower)
     upgraded.config.attach_register_neurons(
@@ -185,6 +192,7 @@ def load_vlm(
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path)
     every_family_setting = set().union(*map(_settings, set(_config_classes().values())))
     settings = {name: kwargs.pop(name) for name in every_family_setting if name in kwargs}
+    check_close_keywords(kwargs, every_family_setting, "load_vlm")  # the rest: `from_pretrained` checks them
     config = with_test_time_register_tower(config, **settings)
     getattr(*_tower_config_slot(config)).attach_register_neurons(
         register_neurons,

@@ -1,0 +1,297 @@
+"""The family contract: every declared family (`ttreg_hf.family.families()`) through every entry point — its loaders,
+each CLI command, export, discovery and the analysis tools — so that a family added to the declarations is tested
+here without a line of this file changing (its tiny model goes in `tests/family_models.py`)."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from family_models import LAYER, NEURONS, SIZE, TINY, planted
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoImageProcessor
+
+from ttreg_hf.cli import load_model, main
+from ttreg_hf.family import FAMILY_MODULES, families, transformers_families
+from ttreg_hf.hub import entry_points
+from ttreg_hf.index import RegisterNeuronIndex
+from ttreg_hf.planted import textured_images
+
+FAMILIES = {family.name: family for family in families()}
+TRANSFORMERS = {family.name: family for family in transformers_families()}
+TYPO = "num_test_time_register"  # for num_test_time_registers: kept silently, it would leave the registers on
+
+
+def test_every_declared_family_has_a_tiny_model():
+    assert sorted(set(FAMILIES) - set(TINY)) == [], "add a tiny model of the family to tests/family_models.py"
+
+
+def test_every_package_family_module_declares_its_families():
+    declared = {family.model_class.__module__.rpartition(".")[2] for family in families()}
+    assert declared == set(FAMILY_MODULES)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    for i, image in enumerate(textured_images(12, seed=0, size=SIZE)):
+        save_image(image, folder / f"{i:02d}.png")
+    inspected = textured_images(1, seed=1, size=SIZE)[0]
+    inspected[:, 24:64, 32:72] = 0.4  # a uniform region large enough for outliers at any family's resolution
+    save_image(inspected, folder.parent / "inspected.png")
+    return folder
+
+
+def save_image(image: torch.Tensor, path: Path) -> None:
+    Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+
+
+def save_as_parent_checkpoint(name: str, folder: Path) -> Path:
+    """The planted tiny model of ``name`` saved as a checkpoint of its parent class (plain `transformers`: config,
+    weights) with the family's image processor, as the parent's checkpoints ship one."""
+    family, model = TRANSFORMERS[name], planted(name)
+    parent = family.parents[0]
+    register_fields = {"register_neurons", "num_test_time_registers", "register_scale", "register_semantics",
+                       "register_patch_mode", "pool_registers", "position_interpolation"}  # fmt: skip
+    fields = {k: v for k, v in model.config.to_dict().items() if k not in register_fields | {"model_type"}}
+    parent_model = parent(parent.config_class(**fields))
+    parent_model.load_state_dict(model.state_dict())
+    parent_model.save_pretrained(folder)
+    family.default_image_processor(model.config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipeline(image_dir, tmp_path_factory):
+    """``pipeline(name)``: the CLI run on the family's parent checkpoint — find-neurons, the model saved with the
+    index it found, inspect, export — once per family; a dict of what each step gave."""
+    runs = {}
+
+    def run(name: str) -> dict:
+        if name in runs:
+            return runs[name]
+        root = tmp_path_factory.mktemp(name)
+        parent = save_as_parent_checkpoint(name, root / "parent")
+        index_file = root / "index.safetensors"
+        assert main(["find-neurons", str(parent), str(image_dir), "--out", str(index_file)]) == 0
+        ours = root / "ours"
+        model = TRANSFORMERS[name].model_class.from_pretrained(parent, register_neurons=index_file).eval()
+        model.save_pretrained(ours)
+        AutoImageProcessor.from_pretrained(parent).save_pretrained(ours)
+        report = root / "report.png"
+        image = image_dir.parent / "inspected.png"
+        inspect_status = main(["inspect", str(ours), str(image), "--out", str(report)])
+        export = root / "export"
+        export_status = main(["export", str(ours), "--index", str(index_file), "--out", str(export)])
+        runs[name] = dict(parent=parent, index=index_file, ours=ours, model=model, image=image, report=report,
+                          inspect_status=inspect_status, export=export, export_status=export_status)  # fmt: skip
+        return runs[name]
+
+    return run
+
+
+def model_inputs(folder: Path, image: Path) -> dict[str, torch.Tensor]:
+    return dict(AutoImageProcessor.from_pretrained(folder)([Image.open(image).convert("RGB")], return_tensors="pt"))
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_find_neurons_on_a_parent_checkpoint_finds_the_planted_neurons(name, pipeline):
+    index = RegisterNeuronIndex.load(pipeline(name)["index"])
+    assert {layer: set(ids) for layer, ids in index.neurons.items()} == {LAYER: set(NEURONS)}
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_the_cli_preprocesses_with_the_checkpoints_own_image_processor(name, pipeline):
+    run = pipeline(name)
+    _, preprocessor = load_model(str(run["ours"]), "cpu")
+    computed = preprocessor([Image.open(run["image"]).convert("RGB")])
+    expected = model_inputs(run["ours"], run["image"])
+    assert computed.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(computed[key], expected[key]), key
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_inspect_uses_the_index_saved_in_the_folder(name, pipeline, capsys):
+    run = pipeline(name)
+    assert run["inspect_status"] == 0 and run["report"].stat().st_size > 10_000
+    capsys.readouterr()  # what the pipeline printed, maybe in an earlier test: inspect again, and read this run
+    assert main(["inspect", str(run["ours"]), str(run["image"]), "--out", str(run["report"]), "--overwrite"]) == 0
+    original, edited = capsys.readouterr().out.splitlines()[:2]
+    outliers = [int(re.search(r"(\d+) outlier tokens", line).group(1)) for line in (original, edited)]
+    assert outliers[0] >= 1 and outliers[1] == 0, (original, edited)
+    original_max = float(re.search(r"\(max ([\d.]+)", original).group(1))
+    register_norm = float(re.search(r"register norm ([\d.]+)", edited).group(1))
+    assert register_norm > original_max / 2, (original, edited)  # the outliers' norm moved onto the register
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_an_export_reloads_bit_equal(name, pipeline):
+    run = pipeline(name)
+    assert run["export_status"] == 0
+    reloaded = TRANSFORMERS[name].model_class.from_pretrained(run["export"]).eval()
+    inputs = model_inputs(run["ours"], run["image"])
+    with torch.no_grad():
+        expected, actual = run["model"](**inputs), reloaded(**inputs)
+    assert torch.equal(actual.last_hidden_state, expected.last_hidden_state)
+    assert torch.equal(actual.test_time_registers, expected.test_time_registers)
+
+
+def test_every_export_loads_with_transformers_alone(pipeline, tmp_path):
+    """In one fresh process where ``import ttreg_hf`` fails: ``AutoModel.from_pretrained(export,
+    trust_remote_code=True)`` gives the package model's outputs, for every family."""
+    cases = {}
+    for name in TRANSFORMERS:
+        run = pipeline(name)
+        inputs = model_inputs(run["ours"], run["image"])
+        with torch.no_grad():
+            expected = run["model"](**inputs).last_hidden_state
+        save_file({**inputs, "expected": expected.contiguous()}, tmp_path / f"{name}.safetensors")
+        cases[name] = str(run["export"])
+    script = f"""
+import sys, json, torch
+sys.modules["ttreg_hf"] = None  # the export must not need the package
+from safetensors.torch import load_file
+from transformers import AutoModel
+failures = []
+for name, folder in json.loads({json.dumps(json.dumps(cases))}).items():
+    tensors = load_file(f"{tmp_path}/{{name}}.safetensors")
+    expected = tensors.pop("expected")
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        actual = model(**tensors).last_hidden_state
+    if not torch.allclose(actual, expected, atol=1e-5, rtol=0):
+        failures.append(name)
+print(json.dumps(failures))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_misspelled_setting_is_a_type_error_in_every_loader(name, tmp_path):
+    family = FAMILIES[name]
+    entries = [entry_points()[f"{checkpoint.name}_tt_reg"] for checkpoint in family.checkpoints]
+    loaders = [lambda entry=entry: entry(pretrained=False, **{TYPO: 0}) for entry in entries]
+    if name in TRANSFORMERS:
+        folder = save_as_parent_checkpoint(name, tmp_path / name)
+        loaders.append(lambda: family.model_class.from_pretrained(folder, **{TYPO: 0}))
+        loaders.append(lambda: family.model_class.from_pretrained(folder, register_neurons={1: [2]}, **{TYPO: 0}))
+    if name == "open_clip":
+        from ttreg_hf.modeling.open_clip import create_model_and_transforms
+
+        loaders.append(lambda: create_model_and_transforms("ViT-S-32", **{TYPO: 0}))
+    if name == "timm":
+        from ttreg_hf.modeling.timm import create_model
+
+        loaders.append(lambda: create_model("vit_tiny_patch16_224", **{TYPO: 0}))
+    assert loaders, f"{name} has no loader to try"
+    for load in loaders:
+        with pytest.raises(
+            TypeError, match=f"unexpected keyword argument '{TYPO}'; did you mean 'num_test_time_registers'"
+        ):
+            load()
+
+
+def eager_attentions(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Every block's attention probabilities as the model itself computes them, by each library's own means."""
+    if getattr(model, "config", None) is not None and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+        return model(**inputs, output_attentions=True).attentions
+    captured = []
+    if hasattr(model, "transformer"):  # open_clip: nn.MultiheadAttention asked for its weights, per head
+
+        def keep(block, args):
+            x = block.ln_1(args[0])
+            captured.append(block.attn(x, x, x, need_weights=True, average_attn_weights=False)[1])
+
+        hooks = [block.register_forward_pre_hook(keep) for block in model.transformer.resblocks]
+    else:  # timm: the unfused attention, whose probabilities go through `attn_drop`
+        for block in model.blocks:
+            block.attn.fused_attn = False
+        hooks = [
+            block.attn.attn_drop.register_forward_hook(lambda m, a, out: captured.append(out)) for block in model.blocks
+        ]
+    try:
+        model(inputs["pixel_values"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return tuple(captured)
+
+
+def analysis_inputs(name: str) -> dict[str, torch.Tensor]:
+    """Two images as the family's model takes them; SigLIP2's from its processor, padded (one is 2:1)."""
+    images = textured_images(2, seed=3, size=SIZE)
+    if name != "siglip2":
+        return {"pixel_values": (images - 0.5) / 0.25}
+    pictures = [Image.fromarray((image.permute(1, 2, 0) * 255).byte().numpy()) for image in images]
+    pictures[1] = pictures[1].resize((SIZE, SIZE // 2))
+    inputs = dict(
+        TRANSFORMERS["siglip2"].default_image_processor(TINY["siglip2"]().config)(pictures, return_tensors="pt")
+    )
+    assert not inputs["pixel_attention_mask"].all()  # the batch is padded
+    return inputs
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_analysis_tools_read_the_attention_the_model_computes(name):
+    from ttreg_hf.analysis import run_with_cache
+
+    model = planted(name)
+    with torch.no_grad():  # the norms apart: a reader that takes the wrong one shows
+        for norm in (m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    inputs = analysis_inputs(name)
+    keywords = {key: value for key, value in inputs.items() if key != "pixel_values"}
+    _, cache = run_with_cache(model, inputs["pixel_values"], attentions="all", **keywords)
+    with torch.no_grad():
+        eager = eager_attentions(model, inputs)
+    assert len(eager) == len(cache.attentions) > 0
+    for layer, attention in enumerate(eager):
+        torch.testing.assert_close(cache.attentions[layer], attention.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_open_clip_and_timm_preprocess_as_their_libraries_do():
+    import open_clip
+    import timm
+
+    from ttreg_hf.modeling.open_clip import to_test_time_registers as open_clip_tt
+    from ttreg_hf.modeling.timm import to_test_time_registers as timm_tt
+
+    picture = Image.fromarray((textured_images(1, seed=5, size=300)[0].permute(1, 2, 0) * 255).byte().numpy())
+    clip, _, preprocess = open_clip.create_model_and_transforms("ViT-S-32")
+    open_clip_tt(clip, num_test_time_registers=0)
+    ours = FAMILIES["open_clip"].preprocessing(clip.visual, None)([picture])["pixel_values"]
+    assert torch.equal(ours, preprocess(picture).unsqueeze(0))
+    vit = timm_tt(timm.create_model("vit_tiny_patch16_224", pretrained=False), num_test_time_registers=0)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=vit))
+    ours = FAMILIES["timm"].preprocessing(vit, None)([picture])["pixel_values"]
+    assert torch.equal(ours, transform(picture).unsqueeze(0))
+
+
+def test_the_readme_names_every_torch_hub_entry():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+    def named(entry: str) -> bool:  # the README writes the four DINOv2 sizes as dinov2_vit{s,b,l,g}14_...
+        return entry in readme or re.sub(r"_vit[sblg]14_", "_vit{s,b,l,g}14_", entry) in readme
+
+    assert [entry for entry in entry_points() if not named(entry)] == [], "the README's model table lacks these"
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_every_class_takes_its_parents_constructor_arguments(name):
+    """`transformers` inspects constructors (its tests look for `use_mask_token`): a drop-in keeps their names.
+    (The OpenCLIP and timm classes take their parents' arguments through ``**kwargs``, as those libraries build them.)"""
+    import inspect
+
+    family = TRANSFORMERS[name]
+    for cls, parent in zip(family.model_classes, family.parents):
+        ours, theirs = (set(inspect.signature(c.__init__).parameters) for c in (cls, parent))
+        assert theirs <= ours, (cls.__name__, sorted(theirs - ours))
