@@ -98,6 +98,44 @@ def test_upstream_interface_shapes_and_consistency(hub_model):
     assert hub_model.num_register_tokens == 0 and hub_model.embed_dim == 32 and hub_model.patch_size == 14
 
 
+def test_upstream_attributes_are_the_models_own_parts(hub_model):
+    dinov2 = hub_model.dinov2
+    embeddings = dinov2.embeddings
+    assert hub_model.blocks is dinov2.encoder.layer and hub_model.norm is dinov2.layernorm
+    assert hub_model.patch_embed is embeddings.patch_embeddings
+    assert hub_model.patch_embed.proj is embeddings.patch_embeddings.projection
+    assert hub_model.patch_embed.patch_size == (14, 14)
+    assert hub_model.pos_embed is embeddings.position_embeddings and hub_model.cls_token is embeddings.cls_token
+    assert hub_model.mask_token is embeddings.mask_token
+    assert (hub_model.num_heads, hub_model.n_blocks, hub_model.num_features) == (2, 4, 32)
+    assert hub_model.num_register_tokens == 0 and hub_model.register_tokens is None
+    assert hub_model.num_test_time_registers == 2
+    assert all(key.startswith("dinov2.") for key in hub_model.state_dict())  # the aliases add no keys
+
+    pixels = torch.randn(2, 3, 56, 42)
+    masks = torch.zeros(2, 12, dtype=torch.bool)
+    masks[:, 3] = True
+    seen = []
+    hub_model.blocks[1].register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with torch.no_grad():
+        features = hub_model.forward_features(pixels, masks=masks)
+        x = hub_model.prepare_tokens_with_masks(pixels, masks)  # research code's own loop over the blocks
+        for block in hub_model.blocks:
+            x = block(x)
+        x = hub_model.norm(x)
+        table = hub_model.interpolate_pos_encoding(x[:, :13], 56, 42)
+    assert seen == [(2, 15, 32), (2, 15, 32)]  # the hook fired in both forwards, on 1 + 12 patches + 2 registers
+    assert torch.equal(x[:, 0], features["x_norm_clstoken"])
+    assert torch.equal(x[:, 1:-2], features["x_norm_patchtokens"])
+    assert torch.equal(x[:, -2:], features["x_norm_regtokens"])
+    assert table.shape == (1, 13, 32)
+
+    hub_model.head = torch.nn.Linear(32, 5)  # upstream's forward applies `head` to the CLS embedding
+    assert hub_model(pixels).shape == (2, 5)
+    hub_model.dinov2.set_register_neurons({})
+    assert hub_model.num_test_time_registers == 0
+
+
 def test_intermediate_layers_are_upstreams_blocks_and_bad_choices_are_refused():
     model = DinoVisionTransformerTTReg(Dinov2TTRegModel(tiny_dinov2_config(num_test_time_registers=0)).eval())
     pixels = torch.randn(2, 3, 42, 56)

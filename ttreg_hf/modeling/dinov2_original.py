@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from transformers.models.dinov2.modeling_dinov2 import Dinov2PatchEmbeddings
 
 from ..configs.dinov2 import Dinov2TTRegConfig
 from .dinov2 import Dinov2TTRegModel
+from .registers import adopt
 
 # arch -> (hidden_size, num_hidden_layers, num_attention_heads, use_swiglu_ffn), as in dinov2/hub/backbones.py
 DINOV2_ARCHS = {
@@ -117,15 +119,42 @@ def load_dinov2(config: Dinov2TTRegConfig, weights: str | Path | None) -> Dinov2
     return model.set_register_neurons(config.register_neurons or {}).eval()
 
 
-class DinoVisionTransformerTTReg(nn.Module):
-    """The interface of the upstream DINOv2 torch.hub models over a `Dinov2TTRegModel`.
+class _PatchEmbed(Dinov2PatchEmbeddings):
+    """`Dinov2PatchEmbeddings` that also answers to upstream `PatchEmbed`'s name for its convolution, ``proj``: an
+    alias of ``projection``, no state of its own (adopted by `DinoVisionTransformerTTReg`)."""
 
-    ``model(x)`` is the normalized CLS embedding; `forward_features` and `get_intermediate_layers` return what the
-    upstream methods return. Test-time registers never appear in token sequences (``num_register_tokens`` is 0):
-    they are in ``x_norm_regtokens`` only.
+    @property
+    def proj(self) -> nn.Conv2d:
+        return self.projection
+
+
+class DinoVisionTransformerTTReg(nn.Module):
+    """The interface of the upstream DINOv2 torch.hub models (`DinoVisionTransformer`) over a `Dinov2TTRegModel`.
+
+    ``model(x)`` is ``head`` (an `nn.Identity`, as upstream; replace it to add one) of the normalized CLS embedding;
+    `forward_features` and `get_intermediate_layers` return what the upstream methods return, the test-time
+    registers stripped from every token sequence: they are in ``x_norm_regtokens`` only.
+
+    Upstream's attributes that research code reads are read-only aliases of the wrapped model's parts (the same
+    modules and Parameters, no state-dict keys of their own; assign through the aliased attribute): ``blocks``
+    (``dinov2.encoder.layer``), ``norm`` (``dinov2.layernorm``), ``patch_embed`` (``dinov2.embeddings.patch_embeddings``,
+    with upstream's ``proj`` for its ``projection``), ``pos_embed``, ``cls_token`` and ``mask_token`` (of
+    ``dinov2.embeddings``; the first is its ``position_embeddings``). The blocks are `transformers`' `Dinov2Layer`s,
+    not upstream's `Block`s: ``block(x)`` maps a token sequence to the next, as upstream's does (and takes an optional
+    ``attention_mask``), but their parts have `transformers`' names: ``attention.{q,k,v,o}_proj`` for ``attn.qkv`` and
+    ``attn.proj``, ``layer_scale1.lambda1`` for ``ls1.gamma`` (``norm1``, ``mlp.fc1`` and ``mlp.fc2`` as upstream).
+
+    Registers: ``num_register_tokens`` (0) and ``register_tokens`` (None) describe upstream's trained registers, which
+    sit between CLS and the patches; research code slices ``[:, 1 + num_register_tokens:]`` from the outputs of
+    `forward_features` and `get_intermediate_layers`, which hold no test-time registers, so 0 keeps those slices
+    right. ``num_test_time_registers`` is how many run now (0 with the edit off): zero-initialised tokens appended
+    after the patches. `prepare_tokens_with_masks` returns the sequence the blocks run on, ``[CLS, patches, test-time
+    registers]``, so ``for block in model.blocks: x = block(x)`` computes what `forward_features` does, with the
+    registers as the last ``num_test_time_registers`` tokens.
     """
 
     num_register_tokens = 0
+    register_tokens = None
 
     def __init__(self, dinov2: Dinov2TTRegModel):
         super().__init__()
@@ -133,6 +162,50 @@ class DinoVisionTransformerTTReg(nn.Module):
         self.embed_dim = self.num_features = dinov2.config.hidden_size
         self.patch_size = dinov2.config.patch_size
         self.n_blocks = dinov2.config.num_hidden_layers
+        self.num_heads = dinov2.config.num_attention_heads
+        self.head = nn.Identity()
+        adopt(dinov2.embeddings.patch_embeddings, _PatchEmbed)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.dinov2.encoder.layer
+
+    @property
+    def norm(self) -> nn.LayerNorm:
+        return self.dinov2.layernorm
+
+    @property
+    def patch_embed(self) -> _PatchEmbed:
+        return self.dinov2.embeddings.patch_embeddings
+
+    @property
+    def pos_embed(self) -> nn.Parameter:
+        return self.dinov2.embeddings.position_embeddings
+
+    @property
+    def cls_token(self) -> nn.Parameter:
+        return self.dinov2.embeddings.cls_token
+
+    @property
+    def mask_token(self) -> nn.Parameter | None:
+        return self.dinov2.embeddings.mask_token
+
+    @property
+    def num_test_time_registers(self) -> int:
+        """How many test-time registers the blocks run with under the config as it is now (0 with the edit off)."""
+        self.dinov2.refresh_test_time_registers()
+        return self.dinov2.token_layout.num_registers
+
+    def interpolate_pos_encoding(self, x: torch.Tensor, w: int, h: int) -> torch.Tensor:
+        """Upstream's: the position table for the tokens ``x`` (CLS and patches) of a ``w`` x ``h`` image (upstream's
+        ``w`` is the height), resized as ``dinov2.config.position_interpolation`` says."""
+        return self.dinov2.embeddings.interpolate_pos_encoding(x, w, h)
+
+    def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """The tokens the first block gets: CLS and patches (``masks`` ones replaced by ``mask_token``) with their
+        position embedding, then the test-time registers."""
+        self.dinov2.refresh_test_time_registers()
+        return self.dinov2.embeddings(x, bool_masked_pos=masks)
 
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
         outputs = self.dinov2(x, bool_masked_pos=masks, output_hidden_states=[-1])
@@ -148,7 +221,7 @@ class DinoVisionTransformerTTReg(nn.Module):
 
     def forward(self, x: torch.Tensor, is_training: bool = False):
         features = self.forward_features(x)
-        return features if is_training else features["x_norm_clstoken"]
+        return features if is_training else self.head(features["x_norm_clstoken"])
 
     def _blocks_to_take(self, n: int | Sequence[int]) -> list[int]:
         """Upstream's choice: the last ``n`` blocks for an int, else the listed 0-based blocks, in block order.
