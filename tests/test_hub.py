@@ -136,6 +136,18 @@ def test_upstream_attributes_are_the_models_own_parts(hub_model):
     assert hub_model.num_test_time_registers == 0
 
 
+def test_unknown_arguments_are_refused_with_the_closest_name():
+    for entry, kwargs, closest in [
+        (dinov2_vits14_tt_reg, {"img_size": 224}, "image_size"),
+        (dinov2_vits14_tt_reg, {"num_test_time_register": 0}, "num_test_time_registers"),
+        (dinov2_vits14_tt_reg, {"weight": "backbone.pth"}, "weights"),
+    ]:
+        with pytest.raises(TypeError, match=f"Unexpected keyword argument '.*': did you mean '{closest}'"):
+            entry(pretrained=False, **kwargs)
+    with pytest.raises(TypeError, match="'zzz': give pretrained, weights, register_neurons or Dinov2TTRegConfig"):
+        dinov2_vits14_tt_reg(pretrained=False, zzz=1)
+
+
 def test_intermediate_layers_are_upstreams_blocks_and_bad_choices_are_refused():
     model = DinoVisionTransformerTTReg(Dinov2TTRegModel(tiny_dinov2_config(num_test_time_registers=0)).eval())
     pixels = torch.randn(2, 3, 42, 56)

@@ -8,36 +8,19 @@ name) if given, else the shipped one for that checkpoint, else an error that say
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from urllib.parse import urlparse
 
-import torch
-from huggingface_hub.constants import is_offline_mode
 from torch import nn
 
 from .modeling.clip import CLIPVisionTTRegModel
-from .modeling.dinov2_original import DINOV2_ARCHS, DINOV2_URL, DinoVisionTransformerTTReg, dinov2_config, load_dinov2
+from .modeling.dinov2_original import (
+    DINOV2_ARCHS,
+    DinoVisionTransformerTTReg,
+    load_dinov2_backbone,
+)
 from .modeling.dinov3 import DINOv3ViTTTRegModel
 from .modeling.registers import IndexSpec, TestTimeRegisterMixin
 from .modeling.siglip import Siglip2VisionTTRegModel, SiglipVisionTTRegModel
 from .modeling.vit import DeiTTTRegModel, ViTTTRegModel
-
-
-def _check_downloadable(url: str) -> None:
-    """Offline (``HF_HUB_OFFLINE=1``), a URL that torch.hub has not cached is an error, not a network attempt."""
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
-    if is_offline_mode() and not cached.is_file():
-        raise OSError(f"offline (HF_HUB_OFFLINE is set) and {url} is not in torch.hub's cache {cached.parent}")
-
-
-def _dinov2(arch: str, pretrained: bool, weights: str | Path | None, register_neurons: IndexSpec | None, **settings):
-    config = dinov2_config(arch, **settings)
-    semantics = settings.get("register_semantics")
-    config.attach_register_neurons(register_neurons, checkpoint=f"dinov2_{arch}", register_semantics=semantics)
-    if pretrained and weights is None:
-        weights = DINOV2_URL.format(arch=arch)
-        _check_downloadable(weights)
-    return load_dinov2(config, weights)
-
 
 # name -> (open_clip model name, LAION-2B pretrained tag), the checkpoints of the paper
 OPENCLIP_CHECKPOINTS = {
@@ -145,7 +128,7 @@ def _openclip_tower(name: str, **kwargs) -> nn.Module:
 
 
 _LOADERS: dict[str, Callable[..., TestTimeRegisterMixin]] = {
-    **{f"dinov2_{arch}": partial(_dinov2, arch) for arch in DINOV2_ARCHS},
+    **{f"dinov2_{arch}": partial(load_dinov2_backbone, arch) for arch in DINOV2_ARCHS},
     **{name: partial(_openclip_tower, name) for name in OPENCLIP_CHECKPOINTS},
     **{name: partial(_transformers, name) for name in TRANSFORMERS_CHECKPOINTS},
 }

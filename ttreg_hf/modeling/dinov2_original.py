@@ -1,18 +1,21 @@
 """DINOv2 as facebookresearch/dinov2 ships it: checkpoint layout, architectures, and its torch.hub interface."""
 
 import dataclasses
+import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub.constants import is_offline_mode
 from safetensors.torch import load_file
 from torch import nn
 from transformers.models.dinov2.modeling_dinov2 import Dinov2PatchEmbeddings
 
 from ..configs.dinov2 import Dinov2TTRegConfig
 from .dinov2 import Dinov2TTRegModel
-from .registers import adopt
+from .registers import IndexSpec, adopt
 
 # arch -> (hidden_size, num_hidden_layers, num_attention_heads, use_swiglu_ffn), as in dinov2/hub/backbones.py
 DINOV2_ARCHS = {
@@ -45,13 +48,14 @@ _TOP_RENAMES = {
 }
 
 
-def dinov2_config(arch: str, **settings) -> Dinov2TTRegConfig:
+def dinov2_config(arch: str, register_neurons: IndexSpec | None = None, **settings) -> Dinov2TTRegConfig:
     """The configuration of the upstream ``dinov2_{arch}`` backbone (518 px position table, patch 14, upstream
-    position interpolation unless ``settings`` say ``position_interpolation="transformers"``)."""
+    position interpolation unless ``settings`` say ``position_interpolation="transformers"``), with
+    ``register_neurons`` or the index shipped for ``dinov2_{arch}`` attached (or refused, before any download)."""
     if arch not in DINOV2_ARCHS:
         raise ValueError(f"Unknown DINOv2 architecture {arch!r}; choose one of {sorted(DINOV2_ARCHS)}.")
     hidden_size, num_layers, num_heads, swiglu = DINOV2_ARCHS[arch]
-    return Dinov2TTRegConfig(
+    config = Dinov2TTRegConfig(
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
@@ -60,6 +64,9 @@ def dinov2_config(arch: str, **settings) -> Dinov2TTRegConfig:
         patch_size=14,
         **{"position_interpolation": "upstream", **settings},
     )
+    semantics = settings.get("register_semantics")
+    config.attach_register_neurons(register_neurons, checkpoint=f"dinov2_{arch}", register_semantics=semantics)
+    return config
 
 
 def convert_original_state_dict(
@@ -94,10 +101,22 @@ def convert_original_state_dict(
     return converted
 
 
+def check_downloadable(url: str) -> None:
+    """Offline (``HF_HUB_OFFLINE=1``), a URL that torch.hub has not cached is an error, not a network attempt."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if is_offline_mode() and not cached.is_file():
+        raise OSError(
+            f"offline (HF_HUB_OFFLINE is set) and {url} is not in torch.hub's cache {cached.parent}: put the file "
+            "there, or pass a local copy (`weights=`)"
+        )
+
+
 def load_original_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
-    """An original-layout state dict from a URL, a ``.pth`` (loaded with ``weights_only=True``) or a ``.safetensors``."""
+    """An original-layout state dict from a URL (torch.hub's cache; offline, only from there), a ``.pth`` (loaded with
+    ``weights_only=True``) or a ``.safetensors``."""
     weights = str(weights)
     if weights.startswith(("http://", "https://")):
+        check_downloadable(weights)
         return torch.hub.load_state_dict_from_url(weights, map_location="cpu", weights_only=True)
     if not Path(weights).is_file():
         raise FileNotFoundError(f"No checkpoint at {weights}: give a URL, a .pth or a .safetensors file.")
@@ -266,3 +285,34 @@ class DinoVisionTransformerTTReg(nn.Module):
             grid = (height // self.patch_size, width // self.patch_size)
             outputs = [out.reshape(batch, *grid, -1).permute(0, 3, 1, 2).contiguous() for out in outputs]
         return tuple(zip(outputs, class_tokens)) if return_class_token else tuple(outputs)
+
+
+_CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(Dinov2TTRegConfig)) | {"attn_implementation"}
+_BACKBONE_ARGUMENTS = ("pretrained", "weights", "register_neurons")
+
+
+def check_arguments(settings: Iterable[str], arguments: Sequence[str]) -> None:
+    """Refuse, as upstream's hub entries do, a keyword argument that is neither one of ``arguments`` nor a field of
+    `Dinov2TTRegConfig`: a typo must not silently keep a default. The error names the closest valid name."""
+    valid = sorted({*arguments, *_CONFIG_FIELDS})
+    for name in settings:
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = (
+                f"did you mean {close[0]!r}?" if close else f"give {', '.join(arguments)} or Dinov2TTRegConfig fields."
+            )
+            raise TypeError(f"Unexpected keyword argument {name!r}: {hint}")
+
+
+def load_dinov2_backbone(
+    arch: str,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    register_neurons: IndexSpec | None = None,
+    **settings,
+) -> Dinov2TTRegModel:
+    """The ``dinov2_{arch}`` backbone: upstream's checkpoint (``pretrained``), a local ``weights`` file in its layout,
+    or random weights; ``register_neurons`` or the index shipped for it; ``settings`` are config fields."""
+    check_arguments(settings, _BACKBONE_ARGUMENTS)
+    config = dinov2_config(arch, register_neurons, **settings)
+    return load_dinov2(config, DINOV2_URL.format(arch=arch) if pretrained and weights is None else weights)
