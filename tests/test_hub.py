@@ -11,8 +11,13 @@ from safetensors.torch import load_file, save_file
 from transformers import Dinov2Model
 
 from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndexError
-from ttreg_hf.hub import MODEL_NAMES, dinov2_vits14_tt_reg, load_tt_model
-from ttreg_hf.modeling.dinov2_original import DinoVisionTransformerTTReg, convert_original_state_dict
+from ttreg_hf.hub import MODEL_NAMES, dinov2_vits14_tt_reg, dinov2_vits14_tt_reg_lc, load_tt_model
+from ttreg_hf.modeling.dinov2_original import (
+    DINOV2_LINEAR_HEAD_URL,
+    DinoVisionTransformerTTReg,
+    convert_original_state_dict,
+    load_dinov2_linear_head,
+)
 
 from conftest import tiny_dinov2_config
 from upstream_dinov2 import random_original_state_dict
@@ -136,9 +141,53 @@ def test_upstream_attributes_are_the_models_own_parts(hub_model):
     assert hub_model.num_test_time_registers == 0
 
 
+@pytest.fixture(scope="module")
+def vits14_file(tmp_path_factory):
+    """Random ViT-S/14 weights in the original layout (a backbone `weights=` file that a fresh clone has too)."""
+    path = tmp_path_factory.mktemp("vits14") / "vits14.safetensors"
+    save_file(random_original_state_dict(dim=384, depth=12, patch_size=14, table_side=37), path)
+    return path
+
+
+def test_linear_heads_load_from_upstreams_urls_through_torch_hubs_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # torch.hub's cache: tmp_path/hub/checkpoints
+    heads = {layers: torch.nn.Linear((1 + layers) * 384, 1000) for layers in (1, 4)}
+    # offline, nothing cached: one error, about the head, before the backbone (not cached either) is looked at
+    with pytest.raises(OSError, match=r"offline .*dinov2_vits14_linear4_head\.pth .*`head_weights=` for a head"):
+        dinov2_vits14_tt_reg_lc(num_test_time_registers=0)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    for layers, head in heads.items():
+        url = DINOV2_LINEAR_HEAD_URL.format(arch="vits14", layers="4" if layers == 4 else "")
+        torch.save(head.state_dict(), tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1])
+        loaded = load_dinov2_linear_head("vits14", layers)
+        assert torch.equal(loaded.weight, head.weight) and torch.equal(loaded.bias, head.bias)
+    assert DINOV2_LINEAR_HEAD_URL.format(arch="vitg14", layers="") == (
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_linear_head.pth"
+    )
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_head_weights_from_a_local_file(vits14_file, tmp_path, suffix):
+    head = torch.nn.Linear(2 * 384, 1000)
+    path = tmp_path / f"head{suffix}"
+    if suffix == ".pth":
+        torch.save(head.state_dict(), path)
+    else:
+        save_file(head.state_dict(), path)
+    model = dinov2_vits14_tt_reg_lc(weights=vits14_file, head_weights=path, layers=1, num_test_time_registers=0)
+    assert torch.equal(model.linear_head.weight, head.weight) and model.layers == 1
+    assert model.backbone.dinov2.config.position_interpolation == "upstream"
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 28, 42)).shape == (2, 1000)
+    with pytest.raises(ValueError, match="holds a 1-layer head of dinov2_vits14, not a 4-layer one: pass layers=1"):
+        dinov2_vits14_tt_reg_lc(weights=vits14_file, head_weights=path, num_test_time_registers=0)
+
+
 def test_unknown_arguments_are_refused_with_the_closest_name():
     for entry, kwargs, closest in [
-        (dinov2_vits14_tt_reg, {"img_size": 224}, "image_size"),
+        (dinov2_vits14_tt_reg_lc, {"head_weight": "head.pth"}, "head_weights"),
+        (dinov2_vits14_tt_reg_lc, {"layer": 1}, "layers"),
+        (dinov2_vits14_tt_reg_lc, {"img_size": 224}, "image_size"),
         (dinov2_vits14_tt_reg, {"num_test_time_register": 0}, "num_test_time_registers"),
         (dinov2_vits14_tt_reg, {"weight": "backbone.pth"}, "weights"),
     ]:
@@ -146,6 +195,8 @@ def test_unknown_arguments_are_refused_with_the_closest_name():
             entry(pretrained=False, **kwargs)
     with pytest.raises(TypeError, match="'zzz': give pretrained, weights, register_neurons or Dinov2TTRegConfig"):
         dinov2_vits14_tt_reg(pretrained=False, zzz=1)
+    with pytest.raises(ValueError, match="layers=2: upstream's linear heads read the last 1 or 4 blocks"):
+        dinov2_vits14_tt_reg_lc(pretrained=False, layers=2, num_test_time_registers=0)
 
 
 def test_intermediate_layers_are_upstreams_blocks_and_bad_choices_are_refused():

@@ -1,4 +1,5 @@
-"""Named models and the torch.hub entry points (`hubconf.py` re-exports the ``*_tt_reg`` functions).
+"""Named models and the torch.hub entry points (`hubconf.py` re-exports the ``*_tt_reg`` and ``*_tt_reg_lc``
+functions).
 
 Each entry is a short factory over one private builder per family, as in facebookresearch/dinov2's
 ``hub/backbones.py``. The register-neuron index is ``register_neurons`` (a dict, an index file or a shipped index
@@ -15,7 +16,9 @@ from .modeling.clip import CLIPVisionTTRegModel
 from .modeling.dinov2_original import (
     DINOV2_ARCHS,
     DinoVisionTransformerTTReg,
+    DinoVisionTransformerTTRegClassifier,
     load_dinov2_backbone,
+    load_dinov2_linear_classifier,
 )
 from .modeling.dinov3 import DINOv3ViTTTRegModel
 from .modeling.registers import IndexSpec, TestTimeRegisterMixin
@@ -176,6 +179,26 @@ def dinov2_vitl14_tt_reg(pretrained: bool = True, **kwargs) -> DinoVisionTransfo
 def dinov2_vitg14_tt_reg(pretrained: bool = True, **kwargs) -> DinoVisionTransformerTTReg:
     """DINOv2 ViT-g/14 (SwiGLU) with test-time registers (no shipped index: pass ``register_neurons``)."""
     return _dinov2_hub("vitg14", pretrained=pretrained, **kwargs)
+
+
+def dinov2_vits14_tt_reg_lc(pretrained: bool = True, layers: int = 4, **kwargs) -> DinoVisionTransformerTTRegClassifier:
+    """Upstream's ImageNet-1k linear classifier (``layers`` 1 or 4) on DINOv2 ViT-S/14 with test-time registers."""
+    return load_dinov2_linear_classifier("vits14", layers, pretrained=pretrained, **kwargs)
+
+
+def dinov2_vitb14_tt_reg_lc(pretrained: bool = True, layers: int = 4, **kwargs) -> DinoVisionTransformerTTRegClassifier:
+    """Upstream's ImageNet-1k linear classifier (``layers`` 1 or 4) on DINOv2 ViT-B/14 with test-time registers."""
+    return load_dinov2_linear_classifier("vitb14", layers, pretrained=pretrained, **kwargs)
+
+
+def dinov2_vitl14_tt_reg_lc(pretrained: bool = True, layers: int = 4, **kwargs) -> DinoVisionTransformerTTRegClassifier:
+    """Upstream's ImageNet-1k linear classifier (``layers`` 1 or 4) on DINOv2 ViT-L/14 with test-time registers."""
+    return load_dinov2_linear_classifier("vitl14", layers, pretrained=pretrained, **kwargs)
+
+
+def dinov2_vitg14_tt_reg_lc(pretrained: bool = True, layers: int = 4, **kwargs) -> DinoVisionTransformerTTRegClassifier:
+    """Upstream's ImageNet-1k linear classifier (``layers`` 1 or 4) on DINOv2 ViT-g/14 with test-time registers."""
+    return load_dinov2_linear_classifier("vitg14", layers, pretrained=pretrained, **kwargs)
 
 
 def openclip_vitb16_tt_reg(pretrained: bool = True, **kwargs) -> nn.Module:

@@ -25,6 +25,10 @@ DINOV2_ARCHS = {
     "vitg14": (1536, 40, 24, True),
 }
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_{arch}/dinov2_{arch}_pretrain.pth"
+# upstream's ImageNet-1k linear heads (dinov2/hub/classifiers.py): "" for the 1-layer head, "4" for the 4-layer one
+DINOV2_LINEAR_HEAD_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_{arch}/dinov2_{arch}_linear{layers}_head.pth"
+HEAD_LAYERS = (1, 4)
+NUM_CLASSES = 1000
 
 _BLOCK_KEY = re.compile(r"^blocks\.(?:\d+\.)?(\d+)\.(.+)$")  # plain or chunked (`blocks.<chunk>.<i>.`) blocks
 _BLOCK_RENAMES = {
@@ -107,7 +111,7 @@ def check_downloadable(url: str) -> None:
     if is_offline_mode() and not cached.is_file():
         raise OSError(
             f"offline (HF_HUB_OFFLINE is set) and {url} is not in torch.hub's cache {cached.parent}: put the file "
-            "there, or pass a local copy (`weights=`)"
+            "there, or pass a local copy (`weights=` for a backbone, `head_weights=` for a head)"
         )
 
 
@@ -287,8 +291,37 @@ class DinoVisionTransformerTTReg(nn.Module):
         return tuple(zip(outputs, class_tokens)) if return_class_token else tuple(outputs)
 
 
+class DinoVisionTransformerTTRegClassifier(nn.Module):
+    """Upstream's ImageNet-1k linear classifier (``dinov2_vit*14_lc``) over a `DinoVisionTransformerTTReg`.
+
+    ``model(x)`` is the logits of ``linear_head`` on the layer-normed CLS tokens of the last ``layers`` blocks and the
+    mean of the last block's patch tokens, concatenated, as upstream's `_LinearClassifierWrapper` computes them (its
+    ``layers=1`` branch reads `forward_features`: the same normed output of the last block). The test-time registers
+    are in none of them, as upstream's own registers are in none of them. ``backbone``, ``linear_head`` and ``layers``
+    are upstream's attribute names.
+    """
+
+    def __init__(self, backbone: DinoVisionTransformerTTReg, linear_head: nn.Linear, layers: int = 4):
+        super().__init__()
+        if linear_head.in_features != (1 + layers) * backbone.embed_dim:
+            raise ValueError(
+                f"A {layers}-layer head reads {(1 + layers) * backbone.embed_dim} features ((1 + layers) * embed_dim), "
+                f"but this one has {linear_head.in_features}."
+            )
+        self.backbone = backbone
+        self.linear_head = linear_head
+        self.layers = layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = self.backbone.get_intermediate_layers(x, n=self.layers, return_class_token=True)
+        class_tokens = [class_token for _, class_token in blocks]
+        last_patches = blocks[-1][0]
+        return self.linear_head(torch.cat([*class_tokens, last_patches.mean(dim=1)], dim=1))
+
+
 _CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(Dinov2TTRegConfig)) | {"attn_implementation"}
 _BACKBONE_ARGUMENTS = ("pretrained", "weights", "register_neurons")
+_CLASSIFIER_ARGUMENTS = (*_BACKBONE_ARGUMENTS, "layers", "head_weights")
 
 
 def check_arguments(settings: Iterable[str], arguments: Sequence[str]) -> None:
@@ -316,3 +349,47 @@ def load_dinov2_backbone(
     check_arguments(settings, _BACKBONE_ARGUMENTS)
     config = dinov2_config(arch, register_neurons, **settings)
     return load_dinov2(config, DINOV2_URL.format(arch=arch) if pretrained and weights is None else weights)
+
+
+def load_dinov2_linear_head(
+    arch: str, layers: int = 4, pretrained: bool = True, head_weights: str | Path | None = None
+) -> nn.Linear:
+    """Upstream's ImageNet-1k linear head for ``dinov2_{arch}`` (``layers`` 1 or 4): from a local ``head_weights``
+    file (``.pth`` or ``.safetensors``, keys ``weight`` and ``bias``), else from upstream's URL (``pretrained``),
+    else random."""
+    if layers not in HEAD_LAYERS:
+        raise ValueError(f"layers={layers!r}: upstream's linear heads read the last 1 or 4 blocks.")
+    embed_dim = DINOV2_ARCHS[arch][0]
+    head = nn.Linear((1 + layers) * embed_dim, NUM_CLASSES)
+    if pretrained and head_weights is None:
+        head_weights = DINOV2_LINEAR_HEAD_URL.format(arch=arch, layers="4" if layers == 4 else "")
+    if head_weights is not None:
+        state_dict = load_original_state_dict(head_weights)
+        in_features = state_dict.get("weight", head.weight).shape[-1]
+        fits = [other for other in HEAD_LAYERS if other != layers and (1 + other) * embed_dim == in_features]
+        if fits:
+            raise ValueError(
+                f"{head_weights} holds a {fits[0]}-layer head of dinov2_{arch}, not a {layers}-layer one: pass "
+                f"layers={fits[0]}."
+            )
+        head.load_state_dict(state_dict)
+    return head
+
+
+def load_dinov2_linear_classifier(
+    arch: str,
+    layers: int = 4,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    head_weights: str | Path | None = None,
+    register_neurons: IndexSpec | None = None,
+    **settings,
+) -> DinoVisionTransformerTTRegClassifier:
+    """Upstream's ``dinov2_{arch}_lc`` with test-time registers: the backbone as `load_dinov2_backbone` loads it, the
+    head as `load_dinov2_linear_head` does. Arguments and the index are checked first, then the small head is
+    loaded (offline, a head missing from the cache fails before the backbone loads), then the backbone."""
+    check_arguments(settings, _CLASSIFIER_ARGUMENTS)
+    config = dinov2_config(arch, register_neurons, **settings)
+    head = load_dinov2_linear_head(arch, layers, pretrained, head_weights)
+    backbone = load_dinov2(config, DINOV2_URL.format(arch=arch) if pretrained and weights is None else weights)
+    return DinoVisionTransformerTTRegClassifier(DinoVisionTransformerTTReg(backbone), head, layers).eval()
