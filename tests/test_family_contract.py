@@ -176,7 +176,7 @@ print(json.dumps(failures))
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_misspelled_setting_is_a_type_error_in_every_loader(name, tmp_path):
     family = FAMILIES[name]
-    entries = [entry_points()[f"{checkpoint.name}_tt_reg"] for checkpoint in family.checkpoints]
+    entries = [entry_points()[checkpoint.entry_name] for checkpoint in family.checkpoints]
     loaders = [lambda entry=entry: entry(pretrained=False, **{TYPO: 0}) for entry in entries]
     if name in TRANSFORMERS:
         folder = save_as_parent_checkpoint(name, tmp_path / name)

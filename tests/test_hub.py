@@ -11,8 +11,13 @@ from safetensors.torch import load_file, save_file
 from transformers import Dinov2Model
 
 from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndexError
-from ttreg_hf.hub import MODEL_NAMES, dinov2_vits14_tt_reg, load_tt_model
-from ttreg_hf.modeling.dinov2_original import DinoVisionTransformerTTReg, convert_original_state_dict
+from ttreg_hf.hub import MODEL_NAMES, dinov2_vits14_tt_reg, dinov2_vits14_tt_reg_lc, load_tt_model
+from ttreg_hf.modeling.dinov2_original import (
+    DINOV2_LINEAR_HEAD_URL,
+    DinoVisionTransformerTTReg,
+    convert_original_state_dict,
+    load_dinov2_linear_head,
+)
 
 from conftest import tiny_dinov2_config
 from upstream_dinov2 import random_original_state_dict
@@ -96,6 +101,102 @@ def test_upstream_interface_shapes_and_consistency(hub_model):
     torch.testing.assert_close(raw[-1], features["x_prenorm"][:, 1:])
     assert [(grid.shape, cls_token.shape) for grid, cls_token in grids] == [((2, 32, 4, 3), (2, 32))] * 2
     assert hub_model.num_register_tokens == 0 and hub_model.embed_dim == 32 and hub_model.patch_size == 14
+
+
+def test_upstream_attributes_are_the_models_own_parts(hub_model):
+    dinov2 = hub_model.dinov2
+    embeddings = dinov2.embeddings
+    assert hub_model.blocks is dinov2.encoder.layer and hub_model.norm is dinov2.layernorm
+    assert hub_model.patch_embed is embeddings.patch_embeddings
+    assert hub_model.patch_embed.proj is embeddings.patch_embeddings.projection
+    assert hub_model.patch_embed.patch_size == (14, 14)
+    assert hub_model.pos_embed is embeddings.position_embeddings and hub_model.cls_token is embeddings.cls_token
+    assert hub_model.mask_token is embeddings.mask_token
+    assert (hub_model.num_heads, hub_model.n_blocks, hub_model.num_features) == (2, 4, 32)
+    assert hub_model.num_register_tokens == 0 and hub_model.register_tokens is None
+    assert hub_model.num_test_time_registers == 2
+    assert all(key.startswith("dinov2.") for key in hub_model.state_dict())  # the aliases add no keys
+
+    pixels = torch.randn(2, 3, 56, 42)
+    masks = torch.zeros(2, 12, dtype=torch.bool)
+    masks[:, 3] = True
+    seen = []
+    hub_model.blocks[1].register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with torch.no_grad():
+        features = hub_model.forward_features(pixels, masks=masks)
+        x = hub_model.prepare_tokens_with_masks(pixels, masks)  # research code's own loop over the blocks
+        for block in hub_model.blocks:
+            x = block(x)
+        x = hub_model.norm(x)
+        table = hub_model.interpolate_pos_encoding(x[:, :13], 56, 42)
+    assert seen == [(2, 15, 32), (2, 15, 32)]  # the hook fired in both forwards, on 1 + 12 patches + 2 registers
+    assert torch.equal(x[:, 0], features["x_norm_clstoken"])
+    assert torch.equal(x[:, 1:-2], features["x_norm_patchtokens"])
+    assert torch.equal(x[:, -2:], features["x_norm_regtokens"])
+    assert table.shape == (1, 13, 32)
+
+    hub_model.head = torch.nn.Linear(32, 5)  # upstream's forward applies `head` to the CLS embedding
+    assert hub_model(pixels).shape == (2, 5)
+    hub_model.dinov2.set_register_neurons({})
+    assert hub_model.num_test_time_registers == 0
+
+
+@pytest.fixture(scope="module")
+def vits14_file(tmp_path_factory):
+    """Random ViT-S/14 weights in the original layout (a backbone `weights=` file that a fresh clone has too)."""
+    path = tmp_path_factory.mktemp("vits14") / "vits14.safetensors"
+    save_file(random_original_state_dict(dim=384, depth=12, patch_size=14, table_side=37), path)
+    return path
+
+
+def test_linear_heads_load_from_upstreams_urls_through_torch_hubs_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # torch.hub's cache: tmp_path/hub/checkpoints
+    heads = {layers: torch.nn.Linear((1 + layers) * 384, 1000) for layers in (1, 4)}
+    # offline, nothing cached: one error, about the head, before the backbone (not cached either) is looked at
+    with pytest.raises(OSError, match=r"offline .*dinov2_vits14_linear4_head\.pth .*`head_weights=` for a head"):
+        dinov2_vits14_tt_reg_lc(num_test_time_registers=0)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    for layers, head in heads.items():
+        url = DINOV2_LINEAR_HEAD_URL.format(arch="vits14", layers="4" if layers == 4 else "")
+        torch.save(head.state_dict(), tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1])
+        loaded = load_dinov2_linear_head("vits14", layers)
+        assert torch.equal(loaded.weight, head.weight) and torch.equal(loaded.bias, head.bias)
+    assert DINOV2_LINEAR_HEAD_URL.format(arch="vitg14", layers="") == (
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_linear_head.pth"
+    )
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_head_weights_from_a_local_file(vits14_file, tmp_path, suffix):
+    head = torch.nn.Linear(2 * 384, 1000)
+    path = tmp_path / f"head{suffix}"
+    if suffix == ".pth":
+        torch.save(head.state_dict(), path)
+    else:
+        save_file(head.state_dict(), path)
+    model = dinov2_vits14_tt_reg_lc(weights=vits14_file, head_weights=path, layers=1, num_test_time_registers=0)
+    assert torch.equal(model.linear_head.weight, head.weight) and model.layers == 1
+    assert model.backbone.dinov2.config.position_interpolation == "upstream"
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 28, 42)).shape == (2, 1000)
+    with pytest.raises(ValueError, match="holds a 1-layer head of dinov2_vits14, not a 4-layer one: pass layers=1"):
+        dinov2_vits14_tt_reg_lc(weights=vits14_file, head_weights=path, num_test_time_registers=0)
+
+
+def test_unknown_arguments_are_refused_with_the_closest_name():
+    for entry, kwargs, closest in [
+        (dinov2_vits14_tt_reg_lc, {"head_weight": "head.pth"}, "head_weights"),
+        (dinov2_vits14_tt_reg_lc, {"layer": 1}, "layers"),
+        (dinov2_vits14_tt_reg_lc, {"img_size": 224}, "image_size"),
+        (dinov2_vits14_tt_reg, {"num_test_time_register": 0}, "num_test_time_registers"),
+        (dinov2_vits14_tt_reg, {"weight": "backbone.pth"}, "weights"),
+    ]:
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '.*'; did you mean '{closest}'"):
+            entry(pretrained=False, **kwargs)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'zzz'; valid ones: .*num_test_time_registers"):
+        dinov2_vits14_tt_reg(pretrained=False, zzz=1)
+    with pytest.raises(ValueError, match="layers=2: upstream's linear heads read the last 1 or 4 blocks"):
+        dinov2_vits14_tt_reg_lc(pretrained=False, layers=2, num_test_time_registers=0)
 
 
 def test_intermediate_layers_are_upstreams_blocks_and_bad_choices_are_refused():

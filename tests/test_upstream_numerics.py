@@ -11,12 +11,17 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Dinov2Model
+from torch import nn
+from transformers import Dinov2ForImageClassification, Dinov2Model
 
 from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndex
 from ttreg_hf.export import export_model
 from ttreg_hf.hub import dinov2_vits14_tt_reg, load_tt_model
-from ttreg_hf.modeling.dinov2_original import DinoVisionTransformerTTReg, convert_original_state_dict
+from ttreg_hf.modeling.dinov2_original import (
+    DinoVisionTransformerTTReg,
+    DinoVisionTransformerTTRegClassifier,
+    convert_original_state_dict,
+)
 
 from reference_edit import hooked_register_edit
 from upstream_dinov2 import UpstreamDinov2, random_original_state_dict
@@ -92,6 +97,78 @@ def test_hub_model_is_upstream_dinov2_with_the_hooked_edit(hub_models, upstream,
         unedited = upstream(pixels)
     assert_features_match(features, expected, num_registers=1)
     assert not torch.allclose(features["x_norm_patchtokens"], unedited["x_norm_patchtokens"], atol=1e-3)
+
+
+LAYERS = (1, 4)  # upstream's linear heads read the last 1 or 4 blocks
+
+
+def linear_heads() -> dict[int, nn.Linear]:
+    return {layers: nn.Linear((1 + layers) * 384, 1000) for layers in LAYERS}
+
+
+def upstream_head_inputs(normed: list[torch.Tensor], num_registers: int = 0) -> dict[int, torch.Tensor]:
+    """Upstream's `_LinearClassifierWrapper` input by hand, from every block's normed output: the CLS tokens of the
+    last ``layers`` blocks and the mean of the last block's patch tokens (its last ``num_registers`` tokens left out)."""
+    patches = normed[-1][:, 1 : normed[-1].shape[1] - num_registers]
+    return {
+        layers: torch.cat([*(out[:, 0] for out in normed[-layers:]), patches.mean(dim=1)], dim=1) for layers in LAYERS
+    }
+
+
+def upstream_normed_blocks(upstream: UpstreamDinov2, pixels: torch.Tensor) -> list[torch.Tensor]:
+    x, normed = upstream.prepare_tokens(pixels), []
+    for block in upstream.blocks:
+        x = block(x)
+        normed.append(upstream.norm(x))
+    return normed
+
+
+def test_linear_classifiers_are_upstreams_with_the_edit_off(hub_models, upstream):
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        inputs = upstream_head_inputs(upstream_normed_blocks(upstream, pixels))
+        for layers, head in linear_heads().items():
+            model = DinoVisionTransformerTTRegClassifier(hub_models["off"], head, layers)
+            torch.testing.assert_close(model(pixels), head(inputs[layers]), atol=1e-4, rtol=0)
+
+
+def test_linear_classifiers_with_the_edit_keep_their_shape_and_no_register_in_the_patch_mean(hub_models, upstream):
+    semantics = hub_models["on"].dinov2.config.register_semantics
+    pixels = torch.randn(1, 3, 224, 224)
+    fc2 = {layer: upstream.blocks[layer].mlp.fc2 for layer in NEURONS}
+    with torch.no_grad(), hooked_register_edit(upstream.tokens, fc2, NEURONS, semantics=semantics):
+        normed = upstream_normed_blocks(upstream, pixels)  # the register is the last token
+    inputs, register_in_the_mean = upstream_head_inputs(normed, num_registers=1), upstream_head_inputs(normed)
+    with torch.no_grad():
+        for layers, head in linear_heads().items():
+            logits = DinoVisionTransformerTTRegClassifier(hub_models["on"], head, layers)(pixels)
+            assert logits.shape == (1, 1000)
+            torch.testing.assert_close(logits, head(inputs[layers]), atol=1e-4, rtol=0)
+            assert not torch.allclose(logits, head(register_in_the_mean[layers]), atol=1e-3)
+
+
+def test_linear_classifiers_with_the_edit_off_are_bit_equal_to_the_parent(real_weights):
+    """With `transformers`' numerics, layers=1 is `Dinov2ForImageClassification`, the parent's task model (upstream's
+    1-layer head), and layers=4 the same on the parent's last four hidden states."""
+    backbone = load_tt_model(
+        "dinov2_vits14", weights=real_weights, num_test_time_registers=0, position_interpolation="transformers"
+    )
+    heads = linear_heads()
+    config = copy.deepcopy(backbone.config)
+    config.num_labels = 1000
+    with torch.device("meta"):
+        parent = Dinov2ForImageClassification(config)
+    state_dict = {f"dinov2.{key}": value for key, value in backbone.state_dict().items()}
+    state_dict.update({f"classifier.{key}": value for key, value in heads[1].state_dict().items()})
+    parent.load_state_dict(state_dict, assign=True)
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        outputs = parent.eval()(pixels, output_hidden_states=True)
+        normed = [parent.dinov2.layernorm(hidden) for hidden in outputs.hidden_states[1:]]
+        expected = {1: outputs.logits, 4: heads[4](upstream_head_inputs(normed)[4])}
+        for layers, head in heads.items():
+            model = DinoVisionTransformerTTRegClassifier(DinoVisionTransformerTTReg(backbone), head, layers)
+            assert torch.equal(model(pixels), expected[layers])
 
 
 @pytest.mark.parametrize("size", [(56, 56), (28, 112), (112, 28), (70, 70), (42, 98), (98, 42)], ids=size_id)

@@ -28,7 +28,7 @@ FAMILY_MODULES = {
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A named pretrained model: a `load_tt_model` name and the torch.hub entry ``{name}_tt_reg``.
+    """A named pretrained model: a `load_tt_model` name and a torch.hub entry (``{name}_tt_reg`` unless ``entry``).
 
     load: ``load(pretrained=..., weights=..., register_neurons=..., **settings)`` -> what the torch.hub entry returns.
     tower: what `load_tt_model` returns of that object: the test-time-register model (by default, the object).
@@ -41,6 +41,11 @@ class Checkpoint:
     load: Callable
     tower: Callable = lambda model: model
     image_processor: str | Callable | None = None
+    entry: str | None = None
+
+    @property
+    def entry_name(self) -> str:
+        return self.entry or f"{self.name}_tt_reg"
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,9 @@ def family_of_model_type(model_type: str) -> Family | None:
 def checkpoints() -> dict[str, Checkpoint]:
     """Every named checkpoint of every family, by name."""
     return {checkpoint.name: checkpoint for family in families() for checkpoint in family.checkpoints}
+
+
+LOADER_ARGUMENTS = ("pretrained", "weights", "register_neurons")  # what every checkpoint loader takes besides settings
 
 
 def check_keywords(given: Iterable[str], valid: Collection[str], callee: str) -> None:

@@ -11,22 +11,12 @@ import dataclasses
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from urllib.parse import urlparse
 
-import torch
-from huggingface_hub.constants import is_offline_mode
 from torch import nn
 
-from .family import Checkpoint, check_keywords, checkpoints
+from .family import LOADER_ARGUMENTS, Checkpoint, check_keywords, checkpoints
 
 ENTRY_SUFFIX = "_tt_reg"
-
-
-def check_downloadable(url: str) -> None:
-    """Offline (``HF_HUB_OFFLINE=1``), a URL that torch.hub has not cached is an error, not a network attempt."""
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
-    if is_offline_mode() and not cached.is_file():
-        raise OSError(f"offline (HF_HUB_OFFLINE is set) and {url} is not in torch.hub's cache {cached.parent}")
 
 
 def transformers_checkpoint(name: str, summary: str, model_class: type, hub_id: str, arch: dict, **model_kwargs):
@@ -44,7 +34,8 @@ def _load_transformers(
         source = weights or hub_id
         return model_class.from_pretrained(source, register_neurons=register_neurons, **model_kwargs, **settings)
     config_class = model_class.config_class
-    check_keywords(settings, {field.name for field in dataclasses.fields(config_class)}, f"{name}{ENTRY_SUFFIX}")
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    check_keywords(settings, {*fields, *LOADER_ARGUMENTS}, f"{name}{ENTRY_SUFFIX}")
     config = config_class(**arch, **settings)
     config.attach_register_neurons(
         register_neurons, checkpoint=name, register_semantics=settings.get("register_semantics")
@@ -87,7 +78,7 @@ def _entry(checkpoint: Checkpoint) -> Callable[..., nn.Module]:
     def entry(pretrained: bool = True, **kwargs) -> nn.Module:
         return checkpoint.load(pretrained=pretrained, **{"weights": None, "register_neurons": None, **kwargs}).eval()
 
-    entry.__name__ = entry.__qualname__ = f"{checkpoint.name}{ENTRY_SUFFIX}"
+    entry.__name__ = entry.__qualname__ = checkpoint.entry_name
     entry.__doc__ = (
         f"{checkpoint.summary}\n\n``pretrained=False``: random weights (offline); ``weights``: a local checkpoint; "
         "``register_neurons``: a dict, an index file or a shipped index name; other keywords: config fields such as "
@@ -98,13 +89,13 @@ def _entry(checkpoint: Checkpoint) -> Callable[..., nn.Module]:
 
 def entry_points() -> dict[str, Callable[..., nn.Module]]:
     """``{"<name>_tt_reg": the torch.hub entry}`` for every named checkpoint."""
-    return {f"{name}{ENTRY_SUFFIX}": _entry(checkpoint) for name, checkpoint in checkpoints().items()}
+    return {checkpoint.entry_name: _entry(checkpoint) for checkpoint in checkpoints().values()}
 
 
 def __getattr__(name: str):
     """The entries and `MODEL_NAMES`, built on first use (they import every family)."""
     if name == "MODEL_NAMES":
         return model_names()
-    if name.endswith(ENTRY_SUFFIX) and name in (entries := entry_points()):
+    if ENTRY_SUFFIX in name and name in (entries := entry_points()):
         return entries[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

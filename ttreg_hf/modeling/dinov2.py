@@ -15,7 +15,7 @@ from ..configs.dinov2 import Dinov2TTRegConfig
 from ..family import Checkpoint, Family
 from ..images import transformers_preprocessing
 from ..planted import PlantingSites, block_sites
-from .dinov2_original import load_upstream_dinov2
+from .dinov2_original import load_dinov2_linear_classifier, load_upstream_dinov2
 from .layout import TokenLayout
 from .registers import (
     EditAfterActivationMixin,
@@ -128,14 +128,25 @@ def dinov2_planting_sites(model: Dinov2Model) -> PlantingSites:
     return PlantingSites(embeddings.patch_embeddings.projection, blocks, heads, prefix, embeddings.position_embeddings)
 
 
-def _upstream(arch: str, summary: str) -> Checkpoint:
-    return Checkpoint(
+def _upstream(arch: str, summary: str) -> tuple[Checkpoint, Checkpoint]:
+    """Upstream's ``dinov2_{arch}`` backbone and its ImageNet-1k linear classifier ``dinov2_{arch}_lc``."""
+    backbone = Checkpoint(
         f"dinov2_{arch}",
         summary,
         partial(load_upstream_dinov2, arch),
         tower=lambda hub_model: hub_model.dinov2,
         image_processor=dinov2_image_processor,
     )
+    classifier = Checkpoint(
+        f"dinov2_{arch}_lc",
+        f"Upstream's ImageNet-1k linear classifier on {summary.partition(' with ')[0]}, with test-time registers; "
+        "``layers`` 1 or 4 (default); ``head_weights``: a local head file.",
+        partial(load_dinov2_linear_classifier, arch),
+        tower=lambda classifier: classifier.backbone.dinov2,
+        image_processor=dinov2_image_processor,
+        entry=f"dinov2_{arch}_tt_reg_lc",
+    )
+    return backbone, classifier
 
 
 FAMILIES = (
@@ -148,16 +159,16 @@ FAMILIES = (
         preprocessing=transformers_preprocessing,
         default_image_processor=dinov2_image_processor,
         checkpoints=(
-            _upstream(
+            *_upstream(
                 "vits14", "DINOv2 ViT-S/14 with test-time registers (no shipped index: pass ``register_neurons``)."
             ),
-            _upstream(
+            *_upstream(
                 "vitb14", "DINOv2 ViT-B/14 with test-time registers (no shipped index: pass ``register_neurons``)."
             ),
-            _upstream(
+            *_upstream(
                 "vitl14", "DINOv2 ViT-L/14 with a test-time register and the authors' index (45 neurons, layers 12-17)."
             ),
-            _upstream(
+            *_upstream(
                 "vitg14",
                 "DINOv2 ViT-g/14 (SwiGLU) with test-time registers (no shipped index: pass ``register_neurons``).",
             ),

@@ -5,17 +5,20 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub.constants import is_offline_mode
 from safetensors.torch import load_file
 from torch import nn
+from transformers.models.dinov2.modeling_dinov2 import Dinov2PatchEmbeddings
 
 from ..configs.dinov2 import Dinov2TTRegConfig
-from ..family import check_keywords
-from ..hub import check_downloadable
+from ..family import LOADER_ARGUMENTS, check_keywords
+from .registers import IndexSpec, adopt
 
 if TYPE_CHECKING:
-    from .dinov2 import Dinov2TTRegModel
+    from .dinov2 import Dinov2TTRegModel  # the family module, which declares this module's checkpoints
 
 # arch -> (hidden_size, num_hidden_layers, num_attention_heads, use_swiglu_ffn), as in dinov2/hub/backbones.py
 DINOV2_ARCHS = {
@@ -25,6 +28,10 @@ DINOV2_ARCHS = {
     "vitg14": (1536, 40, 24, True),
 }
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_{arch}/dinov2_{arch}_pretrain.pth"
+# upstream's ImageNet-1k linear heads (dinov2/hub/classifiers.py): "" for the 1-layer head, "4" for the 4-layer one
+DINOV2_LINEAR_HEAD_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_{arch}/dinov2_{arch}_linear{layers}_head.pth"
+HEAD_LAYERS = (1, 4)
+NUM_CLASSES = 1000
 
 _BLOCK_KEY = re.compile(r"^blocks\.(?:\d+\.)?(\d+)\.(.+)$")  # plain or chunked (`blocks.<chunk>.<i>.`) blocks
 _BLOCK_RENAMES = {
@@ -48,13 +55,14 @@ _TOP_RENAMES = {
 }
 
 
-def dinov2_config(arch: str, **settings) -> Dinov2TTRegConfig:
+def dinov2_config(arch: str, register_neurons: IndexSpec | None = None, **settings) -> Dinov2TTRegConfig:
     """The configuration of the upstream ``dinov2_{arch}`` backbone (518 px position table, patch 14, upstream
-    position interpolation unless ``settings`` say ``position_interpolation="transformers"``)."""
+    position interpolation unless ``settings`` say ``position_interpolation="transformers"``), with
+    ``register_neurons`` or the index shipped for ``dinov2_{arch}`` attached (or refused, before any download)."""
     if arch not in DINOV2_ARCHS:
         raise ValueError(f"Unknown DINOv2 architecture {arch!r}; choose one of {sorted(DINOV2_ARCHS)}.")
     hidden_size, num_layers, num_heads, swiglu = DINOV2_ARCHS[arch]
-    return Dinov2TTRegConfig(
+    config = Dinov2TTRegConfig(
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
@@ -63,6 +71,9 @@ def dinov2_config(arch: str, **settings) -> Dinov2TTRegConfig:
         patch_size=14,
         **{"position_interpolation": "upstream", **settings},
     )
+    semantics = settings.get("register_semantics")
+    config.attach_register_neurons(register_neurons, checkpoint=f"dinov2_{arch}", register_semantics=semantics)
+    return config
 
 
 def convert_original_state_dict(
@@ -97,10 +108,22 @@ def convert_original_state_dict(
     return converted
 
 
+def check_downloadable(url: str) -> None:
+    """Offline (``HF_HUB_OFFLINE=1``), a URL that torch.hub has not cached is an error, not a network attempt."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if is_offline_mode() and not cached.is_file():
+        raise OSError(
+            f"offline (HF_HUB_OFFLINE is set) and {url} is not in torch.hub's cache {cached.parent}: put the file "
+            "there, or pass a local copy (`weights=` for a backbone, `head_weights=` for a head)"
+        )
+
+
 def load_original_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
-    """An original-layout state dict from a URL, a ``.pth`` (loaded with ``weights_only=True``) or a ``.safetensors``."""
+    """An original-layout state dict from a URL (torch.hub's cache; offline, only from there), a ``.pth`` (loaded with
+    ``weights_only=True``) or a ``.safetensors``."""
     weights = str(weights)
     if weights.startswith(("http://", "https://")):
+        check_downloadable(weights)
         return torch.hub.load_state_dict_from_url(weights, map_location="cpu", weights_only=True)
     if not Path(weights).is_file():
         raise FileNotFoundError(f"No checkpoint at {weights}: give a URL, a .pth or a .safetensors file.")
@@ -111,7 +134,7 @@ def load_original_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
 
 def load_dinov2(config: Dinov2TTRegConfig, weights: str | Path | None) -> "Dinov2TTRegModel":
     """`Dinov2TTRegModel` of ``config``: random weights when ``weights`` is None, else converted original ones."""
-    from .dinov2 import Dinov2TTRegModel  # the family module, which declares this module's checkpoints
+    from .dinov2 import Dinov2TTRegModel
 
     if weights is None:
         return Dinov2TTRegModel(config).eval()
@@ -124,31 +147,42 @@ def load_dinov2(config: Dinov2TTRegConfig, weights: str | Path | None) -> "Dinov
     return model.set_register_neurons(config.register_neurons or {}).eval()
 
 
-def load_upstream_dinov2(
-    arch: str, *, pretrained: bool, weights: str | Path | None, register_neurons=None, **settings
-) -> "DinoVisionTransformerTTReg":
-    """The upstream torch.hub model ``dinov2_{arch}`` with test-time registers: random weights, ``weights`` (a local
-    original checkpoint) or, ``pretrained``, upstream's checkpoint from its URL; ``settings`` are config fields."""
-    fields = {field.name for field in dataclasses.fields(Dinov2TTRegConfig)}
-    check_keywords(settings, fields, f"dinov2_{arch}_tt_reg")
-    config = dinov2_config(arch, **settings)
-    semantics = settings.get("register_semantics")
-    config.attach_register_neurons(register_neurons, checkpoint=f"dinov2_{arch}", register_semantics=semantics)
-    if pretrained and weights is None:
-        weights = DINOV2_URL.format(arch=arch)
-        check_downloadable(weights)
-    return DinoVisionTransformerTTReg(load_dinov2(config, weights))
+class _PatchEmbed(Dinov2PatchEmbeddings):
+    """`Dinov2PatchEmbeddings` that also answers to upstream `PatchEmbed`'s name for its convolution, ``proj``: an
+    alias of ``projection``, no state of its own (adopted by `DinoVisionTransformerTTReg`)."""
+
+    @property
+    def proj(self) -> nn.Conv2d:
+        return self.projection
 
 
 class DinoVisionTransformerTTReg(nn.Module):
-    """The interface of the upstream DINOv2 torch.hub models over a `Dinov2TTRegModel`.
+    """The interface of the upstream DINOv2 torch.hub models (`DinoVisionTransformer`) over a `Dinov2TTRegModel`.
 
-    ``model(x)`` is the normalized CLS embedding; `forward_features` and `get_intermediate_layers` return what the
-    upstream methods return. Test-time registers never appear in token sequences (``num_register_tokens`` is 0):
-    they are in ``x_norm_regtokens`` only.
+    ``model(x)`` is ``head`` (an `nn.Identity`, as upstream; replace it to add one) of the normalized CLS embedding;
+    `forward_features` and `get_intermediate_layers` return what the upstream methods return, the test-time
+    registers stripped from every token sequence: they are in ``x_norm_regtokens`` only.
+
+    Upstream's attributes that research code reads are read-only aliases of the wrapped model's parts (the same
+    modules and Parameters, no state-dict keys of their own; assign through the aliased attribute): ``blocks``
+    (``dinov2.encoder.layer``), ``norm`` (``dinov2.layernorm``), ``patch_embed`` (``dinov2.embeddings.patch_embeddings``,
+    with upstream's ``proj`` for its ``projection``), ``pos_embed``, ``cls_token`` and ``mask_token`` (of
+    ``dinov2.embeddings``; the first is its ``position_embeddings``). The blocks are `transformers`' `Dinov2Layer`s,
+    not upstream's `Block`s: ``block(x)`` maps a token sequence to the next, as upstream's does (and takes an optional
+    ``attention_mask``), but their parts have `transformers`' names: ``attention.{q,k,v,o}_proj`` for ``attn.qkv`` and
+    ``attn.proj``, ``layer_scale1.lambda1`` for ``ls1.gamma`` (``norm1``, ``mlp.fc1`` and ``mlp.fc2`` as upstream).
+
+    Registers: ``num_register_tokens`` (0) and ``register_tokens`` (None) describe upstream's trained registers, which
+    sit between CLS and the patches; research code slices ``[:, 1 + num_register_tokens:]`` from the outputs of
+    `forward_features` and `get_intermediate_layers`, which hold no test-time registers, so 0 keeps those slices
+    right. ``num_test_time_registers`` is how many run now (0 with the edit off): zero-initialised tokens appended
+    after the patches. `prepare_tokens_with_masks` returns the sequence the blocks run on, ``[CLS, patches, test-time
+    registers]``, so ``for block in model.blocks: x = block(x)`` computes what `forward_features` does, with the
+    registers as the last ``num_test_time_registers`` tokens.
     """
 
     num_register_tokens = 0
+    register_tokens = None
 
     def __init__(self, dinov2: "Dinov2TTRegModel"):
         super().__init__()
@@ -156,6 +190,50 @@ class DinoVisionTransformerTTReg(nn.Module):
         self.embed_dim = self.num_features = dinov2.config.hidden_size
         self.patch_size = dinov2.config.patch_size
         self.n_blocks = dinov2.config.num_hidden_layers
+        self.num_heads = dinov2.config.num_attention_heads
+        self.head = nn.Identity()
+        adopt(dinov2.embeddings.patch_embeddings, _PatchEmbed)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.dinov2.encoder.layer
+
+    @property
+    def norm(self) -> nn.LayerNorm:
+        return self.dinov2.layernorm
+
+    @property
+    def patch_embed(self) -> _PatchEmbed:
+        return self.dinov2.embeddings.patch_embeddings
+
+    @property
+    def pos_embed(self) -> nn.Parameter:
+        return self.dinov2.embeddings.position_embeddings
+
+    @property
+    def cls_token(self) -> nn.Parameter:
+        return self.dinov2.embeddings.cls_token
+
+    @property
+    def mask_token(self) -> nn.Parameter | None:
+        return self.dinov2.embeddings.mask_token
+
+    @property
+    def num_test_time_registers(self) -> int:
+        """How many test-time registers the blocks run with under the config as it is now (0 with the edit off)."""
+        self.dinov2.refresh_test_time_registers()
+        return self.dinov2.token_layout.num_registers
+
+    def interpolate_pos_encoding(self, x: torch.Tensor, w: int, h: int) -> torch.Tensor:
+        """Upstream's: the position table for the tokens ``x`` (CLS and patches) of a ``w`` x ``h`` image (upstream's
+        ``w`` is the height), resized as ``dinov2.config.position_interpolation`` says."""
+        return self.dinov2.embeddings.interpolate_pos_encoding(x, w, h)
+
+    def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """The tokens the first block gets: CLS and patches (``masks`` ones replaced by ``mask_token``) with their
+        position embedding, then the test-time registers."""
+        self.dinov2.refresh_test_time_registers()
+        return self.dinov2.embeddings(x, bool_masked_pos=masks)
 
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
         outputs = self.dinov2(x, bool_masked_pos=masks, output_hidden_states=[-1])
@@ -171,7 +249,7 @@ class DinoVisionTransformerTTReg(nn.Module):
 
     def forward(self, x: torch.Tensor, is_training: bool = False):
         features = self.forward_features(x)
-        return features if is_training else features["x_norm_clstoken"]
+        return features if is_training else self.head(features["x_norm_clstoken"])
 
     def _blocks_to_take(self, n: int | Sequence[int]) -> list[int]:
         """Upstream's choice: the last ``n`` blocks for an int, else the listed 0-based blocks, in block order.
@@ -216,3 +294,98 @@ class DinoVisionTransformerTTReg(nn.Module):
             grid = (height // self.patch_size, width // self.patch_size)
             outputs = [out.reshape(batch, *grid, -1).permute(0, 3, 1, 2).contiguous() for out in outputs]
         return tuple(zip(outputs, class_tokens)) if return_class_token else tuple(outputs)
+
+
+class DinoVisionTransformerTTRegClassifier(nn.Module):
+    """Upstream's ImageNet-1k linear classifier (``dinov2_vit*14_lc``) over a `DinoVisionTransformerTTReg`.
+
+    ``model(x)`` is the logits of ``linear_head`` on the layer-normed CLS tokens of the last ``layers`` blocks and the
+    mean of the last block's patch tokens, concatenated, as upstream's `_LinearClassifierWrapper` computes them (its
+    ``layers=1`` branch reads `forward_features`: the same normed output of the last block). The test-time registers
+    are in none of them, as upstream's own registers are in none of them. ``backbone``, ``linear_head`` and ``layers``
+    are upstream's attribute names.
+    """
+
+    def __init__(self, backbone: DinoVisionTransformerTTReg, linear_head: nn.Linear, layers: int = 4):
+        super().__init__()
+        if linear_head.in_features != (1 + layers) * backbone.embed_dim:
+            raise ValueError(
+                f"A {layers}-layer head reads {(1 + layers) * backbone.embed_dim} features ((1 + layers) * embed_dim), "
+                f"but this one has {linear_head.in_features}."
+            )
+        self.backbone = backbone
+        self.linear_head = linear_head
+        self.layers = layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = self.backbone.get_intermediate_layers(x, n=self.layers, return_class_token=True)
+        class_tokens = [class_token for _, class_token in blocks]
+        last_patches = blocks[-1][0]
+        return self.linear_head(torch.cat([*class_tokens, last_patches.mean(dim=1)], dim=1))
+
+
+_CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(Dinov2TTRegConfig)) | {"attn_implementation"}
+_HEAD_ARGUMENTS = ("layers", "head_weights")
+
+
+def load_dinov2_backbone(
+    arch: str,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    register_neurons: IndexSpec | None = None,
+    **settings,
+) -> "Dinov2TTRegModel":
+    """The ``dinov2_{arch}`` backbone: upstream's checkpoint (``pretrained``), a local ``weights`` file in its layout,
+    or random weights; ``register_neurons`` or the index shipped for it; ``settings`` are config fields."""
+    check_keywords(settings, {*_CONFIG_FIELDS, *LOADER_ARGUMENTS}, f"dinov2_{arch}_tt_reg")
+    config = dinov2_config(arch, register_neurons, **settings)
+    return load_dinov2(config, DINOV2_URL.format(arch=arch) if pretrained and weights is None else weights)
+
+
+def load_dinov2_linear_head(
+    arch: str, layers: int = 4, pretrained: bool = True, head_weights: str | Path | None = None
+) -> nn.Linear:
+    """Upstream's ImageNet-1k linear head for ``dinov2_{arch}`` (``layers`` 1 or 4): from a local ``head_weights``
+    file (``.pth`` or ``.safetensors``, keys ``weight`` and ``bias``), else from upstream's URL (``pretrained``),
+    else random."""
+    if layers not in HEAD_LAYERS:
+        raise ValueError(f"layers={layers!r}: upstream's linear heads read the last 1 or 4 blocks.")
+    embed_dim = DINOV2_ARCHS[arch][0]
+    head = nn.Linear((1 + layers) * embed_dim, NUM_CLASSES)
+    if pretrained and head_weights is None:
+        head_weights = DINOV2_LINEAR_HEAD_URL.format(arch=arch, layers="4" if layers == 4 else "")
+    if head_weights is not None:
+        state_dict = load_original_state_dict(head_weights)
+        in_features = state_dict.get("weight", head.weight).shape[-1]
+        fits = [other for other in HEAD_LAYERS if other != layers and (1 + other) * embed_dim == in_features]
+        if fits:
+            raise ValueError(
+                f"{head_weights} holds a {fits[0]}-layer head of dinov2_{arch}, not a {layers}-layer one: pass "
+                f"layers={fits[0]}."
+            )
+        head.load_state_dict(state_dict)
+    return head
+
+
+def load_dinov2_linear_classifier(
+    arch: str,
+    layers: int = 4,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    head_weights: str | Path | None = None,
+    register_neurons: IndexSpec | None = None,
+    **settings,
+) -> DinoVisionTransformerTTRegClassifier:
+    """Upstream's ``dinov2_{arch}_lc`` with test-time registers: the backbone as `load_dinov2_backbone` loads it, the
+    head as `load_dinov2_linear_head` does. Arguments and the index are checked first, then the small head is
+    loaded (offline, a head missing from the cache fails before the backbone loads), then the backbone."""
+    check_keywords(settings, {*_CONFIG_FIELDS, *LOADER_ARGUMENTS, *_HEAD_ARGUMENTS}, f"dinov2_{arch}_tt_reg_lc")
+    config = dinov2_config(arch, register_neurons, **settings)
+    head = load_dinov2_linear_head(arch, layers, pretrained, head_weights)
+    backbone = load_dinov2(config, DINOV2_URL.format(arch=arch) if pretrained and weights is None else weights)
+    return DinoVisionTransformerTTRegClassifier(DinoVisionTransformerTTReg(backbone), head, layers).eval()
+
+
+def load_upstream_dinov2(arch: str, **kwargs) -> DinoVisionTransformerTTReg:
+    """The torch.hub model ``dinov2_{arch}_tt_reg``: `load_dinov2_backbone`'s model behind upstream's interface."""
+    return DinoVisionTransformerTTReg(load_dinov2_backbone(arch, **kwargs))

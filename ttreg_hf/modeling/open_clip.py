@@ -17,7 +17,7 @@ from torch import nn
 
 from ..analysis.attention import attention_probabilities
 from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings
-from ..family import Checkpoint, Family, check_close_keywords, check_keywords
+from ..family import LOADER_ARGUMENTS, Checkpoint, Family, check_close_keywords, check_keywords
 from ..images import Preprocessor, transform_preprocessor
 from ..planted import BlockSites, LinearRows, PlantingSites
 from .layout import TokenLayout
@@ -224,7 +224,8 @@ def load_open_clip_checkpoint(
     """The whole open_clip model of ``model_name`` (image and text towers), with weights ``tag`` (``pretrained``),
     a local open_clip checkpoint file ``weights``, or random ones; ``settings`` are register settings."""
     loader_arguments = inspect.signature(open_clip.create_model_and_transforms).parameters
-    check_keywords(settings, {*REGISTER_SETTINGS, *loader_arguments} - {"model_name", "pretrained"}, f"{name}_tt_reg")
+    valid = {*REGISTER_SETTINGS, *LOADER_ARGUMENTS, *loader_arguments} - {"model_name"}
+    check_keywords(settings, valid, f"{name}_tt_reg")
     pretrained_tag = str(weights) if weights else tag if pretrained else None
     model, _, _ = create_model_and_transforms(
         model_name, pretrained_tag, register_neurons=register_neurons, checkpoint=name, **settings
