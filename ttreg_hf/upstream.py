@@ -56,6 +56,11 @@ INTERNALS: dict[str, tuple[str, ...]] = {
         "timm.layers.GluMlp",
         "timm.layers.Mlp",
         "timm.layers.SwiGLU",
+        "timm.models.FeatureDictNet",
+        "timm.models.FeatureGraphNet",
+        "timm.models.FeatureHookNet",
+        "timm.models._features.FeatureGetterNet",
+        "timm.models.deit.VisionTransformerDistilled",
         "timm.models.vision_transformer.VisionTransformer",
     ),
 }
