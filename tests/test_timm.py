@@ -220,13 +220,21 @@ def test_matches_hf_dinov2_on_real_weights(shared_dir):
         "vit_small_patch14_dinov2", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), num_classes=0,
         register_neurons=index,
     ).eval()  # fmt: skip
+    feature_maps = create_model(
+        "vit_small_patch14_dinov2", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
+        register_neurons=index, features_only=True, out_indices=(5, 8),
+    ).eval()  # fmt: skip
     reference = load_tt_model("dinov2_vits14", weights=weights, register_neurons=index)
     pixels = torch.randn(1, 3, 518, 518)  # the size both parents agree at (no position interpolation)
     with torch.no_grad():
         features, registers = model.forward_features_with_registers(pixels)
-        expected = reference(pixel_values=pixels)
+        maps = feature_maps(pixels)
+        expected = reference(pixel_values=pixels, output_hidden_states=True)
     torch.testing.assert_close(features, expected.last_hidden_state, atol=1e-4, rtol=0)
     torch.testing.assert_close(registers, expected.test_time_registers, atol=1e-4, rtol=0)
+    for feature_map, layer in zip(maps, (5, 8), strict=True):  # block outputs, the registers stripped, as NCHW maps
+        patches = expected.hidden_states[layer + 1][:, 1:]
+        torch.testing.assert_close(feature_map, patches.unflatten(1, (37, 37)).permute(0, 3, 1, 2), atol=1e-4, rtol=0)
 
 
 @torch.no_grad()
