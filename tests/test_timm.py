@@ -3,14 +3,22 @@
 import copy
 
 import pytest
+import timm
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from timm.layers import SwiGLU, SwiGLUPacked
+from timm.models._features import FeatureGetterNet
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 from torch import nn
 
 from ttreg_hf import RegisterNeuronIndexError, load_index
-from ttreg_hf.modeling.timm import TimmTTRegVisionTransformer, create_model, to_test_time_registers
+from ttreg_hf.modeling.timm import (
+    TimmTTRegVisionTransformer,
+    TimmTTRegVisionTransformerDistilled,
+    create_model,
+    to_test_time_registers,
+)
 
 from reference_edit import hooked_register_edit
 
@@ -30,7 +38,9 @@ ARCHS = {
     "dynamic_img_size": dict(dynamic_img_size=True),
     "swiglu_packed": dict(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU),
     "swiglu": dict(mlp_layer=SwiGLU),
+    "distilled": {},  # DeiT's VisionTransformerDistilled: CLS and distillation token
 }
+CLASSES = {"distilled": VisionTransformerDistilled}  # VisionTransformer unless named
 
 
 def _pixels(arch: str, batch: int = 3) -> torch.Tensor:
@@ -39,7 +49,7 @@ def _pixels(arch: str, batch: int = 3) -> torch.Tensor:
 
 
 def _parent_and_model(arch: str = "token", **settings) -> tuple[VisionTransformer, TimmTTRegVisionTransformer]:
-    parent = VisionTransformer(**TINY, **ARCHS[arch]).eval()
+    parent = CLASSES.get(arch, VisionTransformer)(**TINY, **ARCHS[arch]).eval()
     return parent, to_test_time_registers(copy.deepcopy(parent), **settings).eval()
 
 
@@ -210,13 +220,21 @@ def test_matches_hf_dinov2_on_real_weights(shared_dir):
         "vit_small_patch14_dinov2", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), num_classes=0,
         register_neurons=index,
     ).eval()  # fmt: skip
+    feature_maps = create_model(
+        "vit_small_patch14_dinov2", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
+        register_neurons=index, features_only=True, out_indices=(5, 8),
+    ).eval()  # fmt: skip
     reference = load_tt_model("dinov2_vits14", weights=weights, register_neurons=index)
     pixels = torch.randn(1, 3, 518, 518)  # the size both parents agree at (no position interpolation)
     with torch.no_grad():
         features, registers = model.forward_features_with_registers(pixels)
-        expected = reference(pixel_values=pixels)
+        maps = feature_maps(pixels)
+        expected = reference(pixel_values=pixels, output_hidden_states=True)
     torch.testing.assert_close(features, expected.last_hidden_state, atol=1e-4, rtol=0)
     torch.testing.assert_close(registers, expected.test_time_registers, atol=1e-4, rtol=0)
+    for feature_map, layer in zip(maps, (5, 8), strict=True):  # block outputs, the registers stripped, as NCHW maps
+        patches = expected.hidden_states[layer + 1][:, 1:]
+        torch.testing.assert_close(feature_map, patches.unflatten(1, (37, 37)).permute(0, 3, 1, 2), atol=1e-4, rtol=0)
 
 
 @torch.no_grad()
@@ -234,3 +252,84 @@ def test_analysis_reads_timm_blocks():
     assert cache.attentions[1].shape == (3, 2, 18, 18) and cache.mlp_activations[0].shape == (3, 18, 128)
     final = torch.cat((tokens, registers), dim=1)
     torch.testing.assert_close(model.norm(cache.block_outputs[2]), final, atol=1e-5, rtol=0)
+
+
+# timm names for the features_only tests, shrunk to TINY's geometry: a plain ViT, DINOv2 with trained registers (5
+# prefix tokens; layer scale at 1, not its 1e-5 init, so that the edit shows), DeiT distilled (2 prefix tokens)
+FEATURE_MODELS = {
+    "vit_small_patch16_224": {},
+    "vit_small_patch14_reg4_dinov2": dict(init_values=1.0),
+    "deit_tiny_distilled_patch16_224": {},
+}
+TIMM_TINY = dict(img_size=28, patch_size=7, embed_dim=32, depth=3, num_heads=2)
+FEATURES = dict(features_only=True, out_indices=(0, -2))  # blocks 0 and 1: block 2, with a listed layer, is pruned
+
+
+def _load_from(model: nn.Module, source: nn.Module) -> nn.Module:
+    """``model``, a features_only wrapper (keys under ``model.``, pruned ones absent), with ``source``'s weights."""
+    weights = source.state_dict()
+    model.load_state_dict({key: weights[key.removeprefix("model.")] for key in model.state_dict()})
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", FEATURE_MODELS)
+@torch.no_grad()
+def test_features_only_is_the_parents_off_and_our_intermediates_on(name):
+    tiny = {**TIMM_TINY, **FEATURE_MODELS[name]}
+    full = timm.create_model(name, **tiny).eval()  # the weights every model below gets
+    parent = _load_from(timm.create_model(name, **tiny, **FEATURES), full)
+    off = _load_from(create_model(name, register_neurons=NEURONS, num_test_time_registers=0, **tiny, **FEATURES), full)
+    on = _load_from(create_model(name, register_neurons=NEURONS, num_test_time_registers=2, **tiny, **FEATURES), full)
+    assert type(on) is type(parent) is FeatureGetterNet and isinstance(on.model, TimmTTRegVisionTransformer)
+    assert on.feature_info.channels() == parent.feature_info.channels() and len(on.model.blocks) == 2  # pruned
+    assert on.model.config.register_neuron_index == {0: (3, 40), 2: (5,)}  # the index of the whole architecture
+    pixels = _pixels("token")
+    expected = parent(pixels)
+    assert [y.shape for y in expected] == [(3, 32, 4, 4)] * 2
+    torch.testing.assert_close(off(pixels), expected, atol=0, rtol=0)
+    features = on(pixels)
+    assert [y.shape for y in features] == [y.shape for y in expected]
+    assert (features[1] - expected[1]).abs().max() > 1e-3  # the edit changes the features
+    whole = to_test_time_registers(copy.deepcopy(full), NEURONS, num_test_time_registers=2)
+    intermediates = whole.forward_intermediates(pixels, indices=[0, 1], intermediates_only=True)
+    torch.testing.assert_close(features, intermediates, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_timm_built_feature_models_convert_in_place():
+    full = timm.create_model("vit_small_patch16_224", **TIMM_TINY).eval()
+    reference = _load_from(
+        create_model("vit_small_patch16_224", register_neurons=NEURONS, **TIMM_TINY, **FEATURES), full
+    )
+    wrapper = _load_from(timm.create_model("vit_small_patch16_224", **TIMM_TINY, **FEATURES), full)
+    assert to_test_time_registers(wrapper, NEURONS) is wrapper  # pruned before the conversion: layer 2 still fits
+    wrapped_after = FeatureGetterNet(to_test_time_registers(copy.deepcopy(full), NEURONS), out_indices=(0, -2))
+    pixels = _pixels("token")
+    expected = reference(pixels)
+    torch.testing.assert_close(wrapper(pixels), expected, atol=0, rtol=0)
+    torch.testing.assert_close(wrapped_after(pixels), expected, atol=0, rtol=0)
+
+
+def test_create_model_makes_deit_distilled_and_refuses_other_models_up_front():
+    model = create_model("deit_tiny_distilled_patch16_224", register_neurons=NEURONS, **TIMM_TINY, num_classes=5)
+    assert type(model) is TimmTTRegVisionTransformerDistilled and model.token_layout.num_prefix_tokens == 2
+    assert model(torch.randn(2, 3, 28, 28)).shape == (2, 5)
+    assert model.forward_features(torch.randn(2, 3, 28, 28)).shape == (2, 2 + 16, 32)
+    for kwargs in ({}, dict(features_only=True)):
+        with pytest.raises(TypeError, match="need timm's VisionTransformer .* got (ResNet|timm's FeatureListNet)"):
+            create_model("resnet18", register_neurons=NEURONS, **kwargs)
+    for feature_cls in ("hook", "fx"):
+        with pytest.raises(TypeError, match="feature_cls='getter'"):
+            create_model("vit_small_patch16_224", register_neurons=NEURONS, feature_cls=feature_cls, **TIMM_TINY,
+                         **FEATURES)  # fmt: skip
+    hooked = timm.create_model("vit_small_patch16_224", feature_cls="hook", **TIMM_TINY, **FEATURES)
+    with pytest.raises(TypeError, match="raw outputs, which carry the test-time registers"):
+        to_test_time_registers(hooked, NEURONS)
+
+    class MyViT(VisionTransformer):
+        pass
+
+    own = MyViT(**TINY)
+    with pytest.raises(TypeError, match="MyViT subclasses timm's VisionTransformer.*derive from both"):
+        to_test_time_registers(own, NEURONS)
+    assert type(own) is MyViT

@@ -248,13 +248,6 @@ class TestTimeRegisterMixin:
         config = self.config
         neurons = config.register_neuron_index
         layout = TokenLayout(self.num_prefix_tokens, config.num_test_time_registers if neurons else 0)
-        missing = [layer for layer in neurons if layer >= len(self.transformer_blocks)]
-        if missing and layout.num_registers:
-            raise ValueError(
-                f"Register neurons are listed for layers {missing}, but this model runs {len(self.transformer_blocks)} "
-                "blocks (the others were pruned, e.g. by timm's out_indices): their edit would never run. Keep the "
-                "blocks, or attach an index without those layers."
-            )
         for path in (self.register_seams.appender, *self.register_seams.layout_readers):
             self.get_submodule(path).token_layout = layout
         for layer, mlp in enumerate(self.register_edit_sites):

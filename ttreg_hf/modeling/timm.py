@@ -4,12 +4,16 @@ The weights and state-dict keys stay timm's: the registers are appended by a par
 (right after ``_pos_embed``, so they get no position and patch dropout never drops them), every block's MLP is
 adopted by a parameter-free subclass that edits the hidden activations right before ``drop1`` (after the activation,
 after the gating for `GluMlp` / `SwiGLUPacked` / `SwiGLU`), and the registers are stripped from `forward_features`
-(hence from every pooling of `forward_head`) and from `forward_intermediates`.
+(hence from every pooling of `forward_head`) and from `forward_intermediates`, which is what timm's
+``features_only`` wrapper (`FeatureGetterNet`, timm's default for ViTs) returns.
 """
 
 import timm
 import torch
 from timm.layers import GluMlp, Mlp, SwiGLU
+from timm.models import FeatureDictNet, FeatureGraphNet, FeatureHookNet
+from timm.models._features import FeatureGetterNet  # not re-exported by timm.models
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -160,20 +164,61 @@ class TimmTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
         return intermediates if intermediates_only else (features, intermediates)
 
 
+class TimmTTRegVisionTransformerDistilled(TimmTTRegVisionTransformer, VisionTransformerDistilled):
+    """timm's [`VisionTransformerDistilled`] (DeiT ``deit_*_distilled_*``) with test-time registers.
+
+    The parent's two prefix tokens (CLS, distillation) stay first, its own ``num_prefix_tokens`` (2) is the layout's,
+    and its `forward_head` reads them from the stripped tokens.
+    """
+
+
+def vision_transformer(model: nn.Module) -> VisionTransformer:
+    """The `VisionTransformer` that test-time registers go into: ``model``, or the one timm's ``features_only`` wrapper
+    (`FeatureGetterNet`) holds; a clear `TypeError` for anything else."""
+    if isinstance(model, FeatureGetterNet):
+        model = model.model
+    elif isinstance(model, (FeatureHookNet, FeatureGraphNet)):
+        raise TypeError(
+            f"timm's {type(model).__name__} (feature_cls='hook' / 'fx') returns the blocks' raw outputs, which carry "
+            "the test-time registers: use timm's default ViT feature wrapper, feature_cls='getter' "
+            "(`features_only=True` without `feature_cls`), whose features come from `forward_intermediates` with the "
+            "registers stripped."
+        )
+    if isinstance(model, TimmTTRegVisionTransformer) or type(model) in _ours():
+        return model
+    supported = "timm's VisionTransformer (vit_* models) and VisionTransformerDistilled (deit_*_distilled_*)"
+    if isinstance(model, VisionTransformer):
+        raise TypeError(
+            f"{type(model).__name__} subclasses timm's VisionTransformer and may build its tokens or heads differently, "
+            f"so test-time registers do not convert it: supported are {supported}. For your own subclass, derive from "
+            "both, e.g. `class MyTTReg(TimmTTRegVisionTransformer, MyViT)`, and check it against the parent."
+        )
+    got = type(model).__name__
+    if isinstance(model, FeatureDictNet):  # and FeatureListNet: timm wraps CNN-style models so, never a ViT
+        got = f"timm's {got}, the features_only wrapper of a model that is not a ViT"
+    raise TypeError(f"Test-time registers need {supported}, optionally in timm's features_only wrapper; got {got}.")
+
+
+def _ours() -> dict[type, type]:
+    """``{timm class: ours}`` for the family's classes; exact classes: a subclass of timm's may build its tokens or
+    read its outputs differently."""
+    family = FAMILIES[0]
+    return dict(zip(family.parents, family.model_classes))
+
+
 def to_test_time_registers(model: nn.Module, register_neurons: IndexSpec | None = None, **settings) -> nn.Module:
-    """Turn a timm `VisionTransformer` into a `TimmTTRegVisionTransformer`, in place (weights and keys kept).
+    """Turn a timm `VisionTransformer` (or `VisionTransformerDistilled`) into a `TimmTTRegVisionTransformer`, in place
+    (weights and keys kept); a ``features_only`` model (timm's `FeatureGetterNet`) has its ViT converted.
 
     Returns ``model``. ``settings`` are `TestTimeRegisterConfig` fields such as ``num_test_time_registers`` (0: edit off).
     Without ``register_neurons`` the edit stays off until `set_register_neurons` gets an index.
     """
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(
-            f"Test-time registers need timm's VisionTransformer (vit_* models), not {type(model).__name__}."
-        )
-    if not isinstance(model, TimmTTRegVisionTransformer):
-        check_editable_mlps(model)  # before the class changes: a refused model stays as it was
-        adopt(model, TimmTTRegVisionTransformer).adopt_register_modules()
-    return model.set_register_neurons(register_neurons, **settings)
+    vit = vision_transformer(model)
+    if not isinstance(vit, TimmTTRegVisionTransformer):
+        check_editable_mlps(vit)  # before the class changes: a refused model stays as it was
+        adopt(vit, _ours()[type(vit)]).adopt_register_modules()
+    vit.set_register_neurons(register_neurons, **settings)
+    return model
 
 
 # timm's DINOv2 weights are facebook's, converted with the neuron order kept: the shipped indices apply as they are
@@ -184,7 +229,8 @@ DINOV2_HUB_NAMES = {
 
 
 def create_model(model_name: str, pretrained: bool = False, *, register_neurons: IndexSpec | None = None, **kwargs):
-    """`timm.create_model` giving a `TimmTTRegVisionTransformer`.
+    """`timm.create_model` giving a `TimmTTRegVisionTransformer`, or with ``features_only=True`` timm's feature
+    wrapper around one (``out_indices`` as in timm; features of the parent's shapes, registers stripped).
 
     The index is ``register_neurons`` (a dict, a file, a shipped name), else the shipped one for the checkpoint
     (timm's DINOv2 models share the DINOv2 indices, e.g. ``vit_large_patch14_dinov2`` gets ``dinov2_vitl14``'s);
@@ -193,8 +239,10 @@ def create_model(model_name: str, pretrained: bool = False, *, register_neurons:
     """
     settings = pop_register_settings(kwargs)
     check_close_keywords(kwargs, REGISTER_SETTINGS, "create_model")  # the rest: timm checks them
-    with torch.device("meta"):  # the architecture's depth and MLP width, before any weights are downloaded
-        config = register_config(timm.create_model(model_name, pretrained=False, **kwargs), **settings)
+    with torch.device("meta"):  # the architecture, refused or measured before any weights are downloaded
+        skeleton = vision_transformer(timm.create_model(model_name, pretrained=False, **kwargs))
+    check_editable_mlps(skeleton)
+    config = register_config(skeleton, **settings)
     architecture = model_name.split(".")[0]  # without timm's pretrained tag (".lvd142m")
     config.attach_register_neurons(
         register_neurons,
@@ -206,9 +254,14 @@ def create_model(model_name: str, pretrained: bool = False, *, register_neurons:
 
 
 def register_config(model: VisionTransformer, **settings) -> TestTimeRegisterConfig:
-    """The register settings of a timm `VisionTransformer`: its depth and MLP width (after the gating) bound the index."""
+    """The register settings of a timm `VisionTransformer`: its depth and MLP width (after the gating) bound the index.
+
+    The depth is the architecture's, one `feature_info` entry per block, which ``features_only`` pruning
+    (`prune_intermediate_layers`, blocks after the last ``out_indices`` dropped) leaves whole: the checkpoint's index
+    stays valid, and the edits of the pruned blocks go with them.
+    """
     return TestTimeRegisterConfig(
-        num_hidden_layers=len(model.blocks), mlp_width=model.blocks[0].mlp.fc2.in_features, **settings
+        num_hidden_layers=len(model.feature_info), mlp_width=model.blocks[0].mlp.fc2.in_features, **settings
     )
 
 
@@ -256,7 +309,7 @@ def timm_planting_sites(model: VisionTransformer) -> PlantingSites:
 FAMILIES = (
     Family(
         name="timm",
-        model_classes=(TimmTTRegVisionTransformer,),
+        model_classes=(TimmTTRegVisionTransformer, TimmTTRegVisionTransformerDistilled),
         attention_reader=timm_attention,
         planting_sites=timm_planting_sites,
         preprocessing=timm_preprocessing,
