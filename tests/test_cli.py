@@ -89,7 +89,7 @@ def test_inspect_writes_the_figure(tmp_path, planted_index_file, image_file, cap
     assert capsys.readouterr().out == with_index
 
 
-@pytest.mark.parametrize("command", ["find-neurons", "inspect", "demo", "export"])
+@pytest.mark.parametrize("command", ["find-neurons", "inspect", "demo", "export", "push-index"])
 def test_every_subcommand_has_help_with_the_exit_codes(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
