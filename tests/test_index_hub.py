@@ -8,6 +8,7 @@ from huggingface_hub import HfApi, constants
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronIndex, RegisterNeuronIndexError, load_index
 from ttreg_hf.cli import main
 from ttreg_hf.index import INDEX_FILENAME
+from ttreg_hf.modeling.edit import warn_once
 
 from conftest import tiny_dinov2_config
 from fake_hub import FakeHub
@@ -43,6 +44,7 @@ def hub(monkeypatch, tmp_path):
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        warn_once.cache_clear()
         yield fake
 
 
@@ -170,6 +172,7 @@ def test_every_loader_takes_a_repo_id_through_the_one_attach_path(hub, tmp_path)
     Dinov2TTRegModel(tiny_dinov2_config(register_neurons=None, num_test_time_registers=0)).save_pretrained(folder)
     model = Dinov2TTRegModel.from_pretrained(folder, register_neurons="me/idx", num_test_time_registers=1)
     assert model.config.register_neuron_index == index.neurons
+    assert model.config.register_index_provenance == index.provenance
     model.set_register_neurons("me/idx@v2")
     assert model.config.register_neuron_index == {0: (1,)}
 

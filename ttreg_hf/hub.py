@@ -14,6 +14,7 @@ import torch
 from huggingface_hub.constants import is_offline_mode
 from torch import nn
 
+from .configs.registers import warn_if_other_weights
 from .modeling.clip import CLIPVisionTTRegModel
 from .modeling.dinov2_original import DINOV2_ARCHS, DINOV2_URL, DinoVisionTransformerTTReg, dinov2_config, load_dinov2
 from .modeling.dinov3 import DINOv3ViTTTRegModel
@@ -36,7 +37,9 @@ def _dinov2(arch: str, pretrained: bool, weights: str | Path | None, register_ne
     if pretrained and weights is None:
         weights = DINOV2_URL.format(arch=arch)
         _check_downloadable(weights)
-    return load_dinov2(config, weights)
+    model = load_dinov2(config, weights)
+    warn_if_other_weights(model)
+    return model
 
 
 # name -> (open_clip model name, LAION-2B pretrained tag), the checkpoints of the paper

@@ -17,6 +17,7 @@ as does `RegisterNeuronIndex.from_pretrained`. However it arrives, a file is onl
 safetensors header and checked field by field; the model's depth and width are checked when it is attached.
 """
 
+import hashlib
 import importlib
 import json
 import numbers
@@ -25,8 +26,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from os import PathLike
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 from huggingface_hub import hf_hub_download, parse_hf_uri
@@ -170,6 +172,17 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the weights (names, shapes and a strided sample of values): which checkpoint an index is for."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        flat = parameter.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        digest.update(f"{name}{tuple(parameter.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def check_neurons_fit(neurons: Mapping[int, Sequence[int]], num_layers: int, mlp_width: int, what: str = "") -> None:
     """Raise a clear error when a layer or neuron is outside a model of this depth and MLP width."""
     for layer, ids in neurons.items():
@@ -234,6 +247,26 @@ class RegisterNeuronIndex:
     @property
     def num_neurons(self) -> int:
         return sum(len(ids) for ids in self.neurons.values())
+
+    @property
+    def provenance(self) -> dict:
+        """Where the index applies, as a model's config keeps it (``register_index_provenance``): the image size and
+        checkpoint ids it was found at, and the weights fingerprint `ttreg find-neurons` records (or `None`)."""
+        fingerprint = self.details.get("weights_fingerprint")
+        return {
+            "image_size": self.image_size,
+            "checkpoints": dict(self.checkpoints),
+            "weights_fingerprint": fingerprint if isinstance(fingerprint, str) else None,
+        }
+
+    def made_for(self, checkpoint: str) -> bool:
+        """Whether ``checkpoint`` (a Hub id, a model name, or a local folder) is one the index records; an index that
+        records none applies anywhere. A local folder matches an id that ends with its name (``.../dinov2-large``
+        for ``facebook/dinov2-large``)."""
+        ids = set(self.checkpoints.values())
+        if not ids or checkpoint in ids:
+            return True
+        return _is_dir(Path(checkpoint)) and Path(checkpoint).name in {PurePosixPath(i).name for i in ids}
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -572,3 +605,28 @@ def _is_dir(path: Path) -> bool:
         return path.is_dir()
     except (OSError, ValueError):
         return False
+
+
+PROVENANCE_FIELDS = ("image_size", "checkpoints", "weights_fingerprint")
+
+
+def check_provenance(provenance) -> None:
+    """Raise unless ``provenance`` is `None` or what `RegisterNeuronIndex.provenance` gives (a config may be hostile)."""
+    if provenance is None:
+        return
+    name = "register_index_provenance"
+    valid = isinstance(provenance, Mapping) and set(provenance) <= set(PROVENANCE_FIELDS)
+    if valid:
+        image_size, checkpoints = provenance.get("image_size"), provenance.get("checkpoints", {})
+        fingerprint = provenance.get("weights_fingerprint")
+        valid = (
+            (image_size is None or _is_size(image_size))
+            and isinstance(checkpoints, Mapping)
+            and all(isinstance(v, str) for v in [*checkpoints, *checkpoints.values()])
+            and (fingerprint is None or isinstance(fingerprint, str))
+        )
+    if not valid:
+        raise RegisterNeuronIndexError(
+            f"{name} must be null or a mapping of {list(PROVENANCE_FIELDS)} (an int image size or null, a mapping of "
+            f"strings, a string or null), as an index file gives it; got {_describe(provenance)}."
+        )

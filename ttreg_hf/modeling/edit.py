@@ -1,5 +1,8 @@
 """The register-neuron edit: the one implementation every model family uses."""
 
+import functools
+import math
+import warnings
 from collections.abc import Sequence
 from typing import Literal, get_args
 
@@ -12,6 +15,35 @@ RegisterSemantics = Literal["paper", "reference"]
 RegisterPatchMode = Literal["zero", "mean", "only_outliers", "same"]
 SEMANTICS: tuple[str, ...] = get_args(RegisterSemantics)
 PATCH_MODES: tuple[str, ...] = get_args(RegisterPatchMode)
+IMAGE_SIZE_TOLERANCE = 1.5  # an index applies within 1.5x of the image side it was found at, either way
+
+
+class RegisterIndexMismatchWarning(UserWarning):
+    """A register-neuron index used outside where it was found: another checkpoint, other weights, or an image size
+    far from its own (an index found at 518 px misses outliers at 224 px on DINOv2-S/B)."""
+
+
+@functools.cache
+def warn_once(message: str, category: type[Warning] = RegisterIndexMismatchWarning) -> None:
+    """``warnings.warn`` the first time this process sees ``message``."""
+    warnings.warn(message, category, stacklevel=3)
+
+
+def warn_if_far_from_found_size(found_at: tuple[int, int] | None, num_patches: int) -> None:
+    """Warn once when ``num_patches`` patch tokens (a square image's, or the same area) put the image side more than
+    `IMAGE_SIZE_TOLERANCE` times away from the ``found_at = (image size, patch size)`` of the attached index, in
+    pixels. Python ints only: no host sync, nothing traced under `torch.compile` (which skips the check)."""
+    if found_at is None or torch.compiler.is_compiling():
+        return
+    image_size, patch_size = found_at
+    side = math.sqrt(num_patches) * patch_size
+    if not 1 / IMAGE_SIZE_TOLERANCE <= side / image_size <= IMAGE_SIZE_TOLERANCE:
+        warn_once(
+            f"The register-neuron index was found at {image_size} px; this model runs at about {side:.0f} px "
+            f"({num_patches} patches of {patch_size} px), more than {IMAGE_SIZE_TOLERANCE}x away, where it may miss "
+            f"outlier neurons (an index found at 518 px misses outliers at 224 px on DINOv2-S/B). Run at about "
+            f"{image_size} px, or find the neurons at this size with `ttreg find-neurons --image-size`."
+        )
 
 
 class RegisterNeuronEdit(nn.Module):
@@ -36,6 +68,9 @@ class RegisterNeuronEdit(nn.Module):
     """
 
     token_mask: torch.Tensor | None = None
+    # (image size, patch size) in pixels that the attached index was found at, on one edit of the model (the plumbing
+    # sets it from the config): its forward warns once when the image is far from that size
+    found_at: tuple[int, int] | None = None
 
     def __init__(
         self,
@@ -90,6 +125,7 @@ class RegisterNeuronEdit(nn.Module):
         valid = None if self.token_mask is None else self.token_mask.to(activations.device, torch.bool).unsqueeze(-1)
         num_kept = 0 if self.semantics == "paper" else self.layout.num_prefix_tokens
         end = self.layout.num_tokens_without_registers(activations)
+        warn_if_far_from_found_size(self.found_at, end - self.layout.num_prefix_tokens)
         edited = torch.cat(
             (
                 activations[:, :num_kept],

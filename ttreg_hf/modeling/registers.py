@@ -20,7 +20,7 @@ from transformers import PreTrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from ..configs.registers import REGISTER_SETTINGS
+from ..configs.registers import REGISTER_SETTINGS, warn_if_other_weights
 from ..index import RegisterNeuronIndex
 from .edit import RegisterNeuronEdit
 from .layout import TokenLayout
@@ -200,6 +200,7 @@ class TestTimeRegisterMixin:
                     config.register_semantics,
                     config.register_patch_mode,
                 )
+                edit.found_at = config.register_index_found_at if layer == min(neurons) else None  # warns once
                 device = next(mlp.parameters()).device
                 mlp.register_edit = edit if device.type == "meta" else edit.to(device)  # offloaded MLPs sit on meta
             else:
@@ -213,18 +214,23 @@ class TestTimeRegisterMixin:
         register_scale: float | list[float] | None = None,
         register_semantics: str | None = None,
         register_patch_mode: str | None = None,
+        register_index_provenance: dict | None = None,
     ) -> "TestTimeRegisterMixin":
-        """Attach an index (a dict, a file, a shipped name or a `RegisterNeuronIndex`): written to the config, then
-        built. Settings left as `None` keep their config value, except the semantics, which follows an index file's.
-        `set_register_neurons({})` turns the edit off. Nothing changes when a setting is invalid."""
+        """Attach an index (a dict, a file, a shipped name, a Hub repo id or a `RegisterNeuronIndex`): written to the
+        config, then built. Settings left as `None` keep their config value, except the semantics and provenance,
+        which follow an index file's. `set_register_neurons({})` turns the edit off. Nothing changes when a setting
+        is invalid."""
         self.config.update_test_time_registers(
             register_neurons,
             num_test_time_registers=num_test_time_registers,
             register_scale=register_scale,
             register_semantics=register_semantics,
             register_patch_mode=register_patch_mode,
+            register_index_provenance=register_index_provenance,
         )
         self.refresh_test_time_registers()
+        if register_neurons is not None:
+            warn_if_other_weights(self)
         return self
 
     def strip_test_time_registers(self, outputs: ModelOutput, output_class: type[ModelOutput]) -> ModelOutput:
@@ -327,7 +333,9 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
             checkpoint=str(pretrained_model_name_or_path),
             register_semantics=overrides.get("register_semantics"),
         )
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        warn_if_other_weights(loaded[0] if isinstance(loaded, tuple) else loaded)  # with `output_loading_info=True`
+        return loaded
 
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
