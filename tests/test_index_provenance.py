@@ -7,10 +7,16 @@ import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
-from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndex, RegisterNeuronIndexError
+from ttreg_hf import (
+    Dinov2TTRegConfig,
+    Dinov2TTRegModel,
+    RegisterIndexMismatchWarning,
+    RegisterNeuronIndex,
+    RegisterNeuronIndexError,
+)
 from ttreg_hf.analysis.interventions import with_register_neurons
 from ttreg_hf.index import find_shipped_index, weights_fingerprint
-from ttreg_hf.modeling.edit import RegisterIndexMismatchWarning, warn_once
+from ttreg_hf.modeling.edit import warn_once
 
 from conftest import tiny_dinov2_config
 

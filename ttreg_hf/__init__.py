@@ -48,7 +48,7 @@ _EXPORTS = {
     ),
     "CLIPVisionTTRegModelOutput": ".modeling.clip",
     **dict.fromkeys(("load_vlm", "to_test_time_registers", "vision_tower_with_registers"), ".modeling.vlm"),
-    "RegisterNeuronEdit": ".modeling.edit",
+    **dict.fromkeys(("RegisterIndexMismatchWarning", "RegisterNeuronEdit"), ".modeling.edit"),
     "TokenLayout": ".modeling.layout",
     **dict.fromkeys(
         (
