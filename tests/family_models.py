@@ -36,6 +36,16 @@ OFF = dict(register_neurons={}, num_test_time_registers=1)  # registers asked fo
 NAFLEX = {**HF, "patch_size": NAFLEX_PATCH, "num_patches": (SIZE // NAFLEX_PATCH) ** 2}
 del NAFLEX["image_size"]
 
+
+def timm_vit(**arch) -> torch.nn.Module:
+    """A tiny timm ViT with test-time registers asked for (edit off); ``arch`` goes to `VisionTransformer`."""
+    vit = VisionTransformer(
+        img_size=SIZE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_ratio=MLP / WIDTH,
+        num_classes=0, **arch,
+    )  # fmt: skip
+    return timm_tt(vit, num_test_time_registers=1)
+
+
 TINY = {
     "dinov2": lambda: Dinov2TTRegModel(Dinov2TTRegConfig(**HF, mlp_ratio=MLP // WIDTH, **OFF)),
     "clip": lambda: CLIPVisionTTRegModel(CLIPVisionTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
@@ -50,25 +60,19 @@ TINY = {
         open_clip.transformer.VisionTransformer(SIZE, PATCH, WIDTH, DEPTH, HEADS, MLP / WIDTH, output_dim=16),
         num_test_time_registers=1,
     ),
-    "timm": lambda: timm_tt(
-        VisionTransformer(
-            img_size=SIZE,
-            patch_size=PATCH,
-            embed_dim=WIDTH,
-            depth=DEPTH,
-            num_heads=HEADS,
-            mlp_ratio=MLP / WIDTH,
-            num_classes=0,
-        ),
-        num_test_time_registers=1,
-    ),  # fmt: skip
+    "timm": lambda: timm_vit(),
 }
 
 
 @torch.no_grad()
-def planted(family: str, seed: int = 0) -> torch.nn.Module:
-    """The tiny model of ``family`` in eval mode, with `NEURONS` of block `LAYER` planted as register neurons."""
+def plant(build, seed: int = 0) -> torch.nn.Module:
+    """``build()`` in eval mode, with `NEURONS` of block `LAYER` planted as register neurons (seeded)."""
     torch.manual_seed(seed)
-    model = TINY[family]().eval()
+    model = build().eval()
     plant_register_neurons(planting_sites(model), LAYER, NEURONS, seed=seed)
     return model
+
+
+def planted(family: str, seed: int = 0) -> torch.nn.Module:
+    """The tiny model of ``family`` with its planted register neurons."""
+    return plant(TINY[family], seed)

@@ -89,7 +89,7 @@ def test_inspect_writes_the_figure(tmp_path, planted_index_file, image_file, cap
     assert capsys.readouterr().out == with_index
 
 
-@pytest.mark.parametrize("command", ["find-neurons", "inspect", "demo", "export"])
+@pytest.mark.parametrize("command", ["find-neurons", "inspect", "demo", "export", "push-index"])
 def test_every_subcommand_has_help_with_the_exit_codes(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -180,7 +180,7 @@ def mistakes(tmp_path, image_dir, image_file, planted_index_file):
         ),
         (
             inspect + ["--index", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "r.png")],
-            "missing.safetensors' is neither a file nor a shipped index",
+            "No register-neuron index at",
         ),
         (inspect + ["--out", str(tmp_path / "existing.png")], "exists; pass --overwrite"),
         (["inspect", "planted", str(tmp_path / "no.jpg"), "--out", str(tmp_path / "r.png")], "No image at"),

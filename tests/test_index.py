@@ -1,12 +1,13 @@
 """Register-neuron index files: schema, validation and the shipped DINOv2 ViT-L/14 index."""
 
 import json
+from pathlib import Path
 
 import pytest
 from safetensors.torch import save_file
 
 from ttreg_hf import RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index, load_index, shipped_indices
-from ttreg_hf.index import METADATA_KEY
+from ttreg_hf.index import INDEX_FILENAME, METADATA_KEY
 
 PUBLISHED_VITL14 = {  # nickjiang2378/test-time-registers @ 860df43, LARGE_REGISTER_NEURONS
     17: (884, 133, 1427, 3464, 2373, 2436, 841, 3574, 2129, 3355, 4047, 3341, 1330, 4031, 844, 944, 464),
@@ -179,7 +180,7 @@ def test_damaged_files_are_one_clear_error(tmp_path):
 
 @pytest.mark.parametrize("spec", ["a\0b.safetensors", "x" * 5000, "missing.safetensors"])
 def test_unusable_paths_are_one_clear_error(spec):
-    with pytest.raises(RegisterNeuronIndexError, match="neither a file nor a shipped index"):
+    with pytest.raises(RegisterNeuronIndexError, match="no such file or folder|not an existing file or folder, not a"):
         load_index(spec)
 
 
@@ -221,7 +222,7 @@ def test_files_that_are_not_indices(tmp_path):
         RegisterNeuronIndex.load(write_metadata(tmp_path / "weights.safetensors", {}))
     with pytest.raises(RegisterNeuronIndexError, match="No register-neuron index at"):
         RegisterNeuronIndex.load(tmp_path / "missing.safetensors")
-    with pytest.raises(RegisterNeuronIndexError, match="neither a file nor a shipped index"):
+    with pytest.raises(RegisterNeuronIndexError, match="not an existing file or folder, not a shipped index"):
         load_index("dinov2_vitx99")
 
 
@@ -230,3 +231,81 @@ def test_check_fits_names_the_checkpoint():
     index.check_fits(24, 4096)
     with pytest.raises(RegisterNeuronIndexError, match="made for facebook/dinov2-large.*12 layers and MLP width 1536"):
         index.check_fits(12, 1536)
+
+
+HOSTILE_SPECS = {  # a string that is no local file, no shipped name and no usable Hub location: what the error says
+    "dot-dot in the path": (
+        "a/b/c/../d.safetensors",
+        r"'c/\.\./d\.safetensors' is not a file name inside a repository",
+    ),
+    "dot in the path": ("a/b/./c.safetensors", "is not a file name inside a repository"),
+    "empty path segment": ("a/b/c//d.safetensors", "not a Hub repo id .*empty segments"),
+    "owner only": ("owner/", "not a Hub repo id .*'namespace/name'"),
+    "an at sign": ("@", "not a Hub repo id"),
+    "empty revision": ("owner/repo@", "Empty revision after .@."),
+    "empty revision before a path": ("owner/repo@/x.safetensors", "Empty revision after .@."),
+    "revision after the path": ("owner/repo/x.safetensors@v1", "the revision goes right after the repo id"),
+    "a dataset": ("datasets/owner/repo", "names a dataset; an index lives in a model repository"),
+    "double dash": ("owner--x/repo", "Cannot have -- or \\.\\."),
+    "a space": ("owner/my repo", "not a Hub repo id"),
+    "relative path": (
+        "../missing/index.safetensors",
+        "No register-neuron index at ../missing/index.safetensors: no such",
+    ),
+    "missing file in a folder": ("runs/index.safetensors", "there is no file runs/index.safetensors"),
+    "a NUL byte": ("owner/re\0po", "no such file or folder"),
+}
+
+
+@pytest.mark.parametrize(("spec", "message"), HOSTILE_SPECS.values(), ids=HOSTILE_SPECS.keys())
+def test_hostile_index_specs_are_one_clear_error_before_any_download(spec, message):
+    with pytest.raises(RegisterNeuronIndexError, match=message) as error:
+        load_index(spec)
+    text = str(error.value)
+    assert "\n" not in text and "Hugging Face cache" not in text  # refused before asking the Hub (or its cache)
+    assert error.value.__cause__ is None
+
+
+def test_a_local_path_wins_over_a_repo_id_and_hf_uris_mean_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    index = RegisterNeuronIndex({1: [3]}, num_layers=2, mlp_width=8)
+    index.save(tmp_path / "owner" / "repo" / INDEX_FILENAME)
+    other = RegisterNeuronIndex({1: [4]}, num_layers=2, mlp_width=8)
+    other.save(tmp_path / "owner" / "repo" / "run.safetensors")
+    assert load_index("owner/repo") == index == RegisterNeuronIndex.from_pretrained("owner/repo")  # a folder
+    assert load_index("owner/repo/run.safetensors") == other  # a file
+    assert RegisterNeuronIndex.from_pretrained(Path("owner/repo"), filename="run.safetensors") == other
+    with pytest.raises(RegisterNeuronIndexError, match="not in the Hugging Face cache and HF_HUB_OFFLINE is set"):
+        load_index("hf://owner/repo")  # the Hub, whatever is on disk (tests run offline)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        RegisterNeuronIndexError, match=f"No register-neuron index in empty: it holds no {INDEX_FILENAME}"
+    ):
+        load_index("empty")  # a folder
+    with pytest.raises(RegisterNeuronIndexError, match="no such file or folder"):
+        load_index(Path("owner/nothing"))  # a Path is never a repo id
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"pretrained_index_name_or_path": "not a repo"}, "neither a folder nor a Hub repo id"),
+        ({"pretrained_index_name_or_path": "solo"}, "neither a folder nor a Hub repo id 'owner/name'"),
+        ({"pretrained_index_name_or_path": "owner/repo", "revision": ""}, "revision must be a branch, tag or commit"),
+        ({"pretrained_index_name_or_path": "owner/repo", "filename": "../x.safetensors"}, "not a file name inside"),
+        ({"pretrained_index_name_or_path": "owner/repo", "filename": "/etc/x"}, "not a file name inside"),
+    ],
+)
+def test_from_pretrained_refuses_bad_arguments_clearly(arguments, message):
+    with pytest.raises(RegisterNeuronIndexError, match=message):
+        RegisterNeuronIndex.from_pretrained(**arguments)
+
+
+def test_offline_and_not_cached_is_one_line_that_says_how_to_fix_it():
+    with pytest.raises(RegisterNeuronIndexError) as error:
+        load_index("someone/some-index@v1")
+    assert str(error.value) == (
+        f"The {INDEX_FILENAME} of Hub repository 'someone/some-index' at revision 'v1' is not in the Hugging Face "
+        f"cache and HF_HUB_OFFLINE is set: download it once online (`hf download someone/some-index {INDEX_FILENAME} "
+        "--revision v1`), or pass a local index file."
+    )

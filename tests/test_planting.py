@@ -4,26 +4,32 @@ it removes the outliers."""
 import importlib.util
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
+from family_models import (
+    DEPTH,
+    HEADS,
+    HF,
+    LAYER,
+    MLP,
+    NAFLEX_PATCH,
+    NEURONS,
+    OFF,
+    PATCH,
+    SIZE,
+    TINY,
+    WIDTH,
+    plant,
+    timm_vit,
+)
 from timm.layers import SwiGLU, SwiGLUPacked
-from timm.models.vision_transformer import VisionTransformer
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ttreg_hf import (
-    CLIPVisionTTRegConfig,
-    CLIPVisionTTRegModel,
-    DeiTTTRegConfig,
-    DeiTTTRegModel,
     Dinov2TTRegConfig,
     Dinov2TTRegModel,
     DINOv3ViTTTRegConfig,
     DINOv3ViTTTRegModel,
-    Siglip2VisionTTRegConfig,
-    Siglip2VisionTTRegModel,
-    SiglipVisionTTRegConfig,
-    SiglipVisionTTRegModel,
     ViTTTRegConfig,
     ViTTTRegModel,
     find_register_neurons,
@@ -31,68 +37,24 @@ from ttreg_hf import (
 from ttreg_hf.analysis import patch_norms, run_with_cache
 from ttreg_hf.family import family_of
 from ttreg_hf.images import normalize
-from ttreg_hf.modeling.open_clip import to_test_time_registers as open_clip_tt
-from ttreg_hf.modeling.timm import to_test_time_registers as timm_tt
-from ttreg_hf.planted import (
-    build_planted_model,
-    plant_register_neurons,
-    planting_sites,
-    textured_images,
-)
+from ttreg_hf.planted import build_planted_model, plant_register_neurons, planting_sites, textured_images
 
-WIDTH, DEPTH, HEADS, MLP, PATCH, SIZE = 64, 4, 4, 128, 8, 96
-LAYER, NEURONS = 2, (21, 60)
-HF = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS, patch_size=PATCH, image_size=SIZE)
-OFF = dict(register_neurons={}, num_test_time_registers=1)
-
-
-def timm_vit(**arch):
-    return timm_tt(
-        VisionTransformer(
-            img_size=SIZE,
-            patch_size=PATCH,
-            embed_dim=WIDTH,
-            depth=DEPTH,
-            num_heads=HEADS,
-            mlp_ratio=MLP / WIDTH,
-            num_classes=0,
-            **arch,
-        ),
-        num_test_time_registers=1,
-    )
-
-
+# every family's tiny model (SigLIP2's NaFlex inputs have their own test below), and the MLP variants
 FAMILIES = {
-    "dinov2": lambda: Dinov2TTRegModel(Dinov2TTRegConfig(**HF, mlp_ratio=MLP // WIDTH, **OFF)),
+    **{name: build for name, build in TINY.items() if name != "siglip2"},
     "dinov2-swiglu": lambda: Dinov2TTRegModel(
         Dinov2TTRegConfig(**HF, mlp_ratio=MLP // WIDTH, use_swiglu_ffn=True, **OFF)
-    ),
-    "clip": lambda: CLIPVisionTTRegModel(CLIPVisionTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
-    "siglip": lambda: SiglipVisionTTRegModel(SiglipVisionTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
-    "vit": lambda: ViTTTRegModel(ViTTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
-    "deit": lambda: DeiTTTRegModel(DeiTTTRegConfig(**HF, intermediate_size=MLP, **OFF)),
-    "dinov3": lambda: DINOv3ViTTTRegModel(
-        DINOv3ViTTTRegConfig(**HF, intermediate_size=MLP, num_register_tokens=2, **OFF)
     ),
     "dinov3-gated": lambda: DINOv3ViTTTRegModel(
         DINOv3ViTTTRegConfig(**HF, intermediate_size=MLP, use_gated_mlp=True, **OFF)
     ),
-    "open_clip": lambda: open_clip_tt(
-        open_clip.transformer.VisionTransformer(SIZE, PATCH, WIDTH, DEPTH, HEADS, MLP / WIDTH, output_dim=16),
-        num_test_time_registers=1,
-    ),
-    "timm": lambda: timm_vit(),
     "timm-registers-swiglu": lambda: timm_vit(reg_tokens=2, mlp_layer=SwiGLU),
     "timm-swiglu-packed": lambda: timm_vit(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU),  # DINOv2 ViT-g's GluMlp
 }
 
 
-@torch.no_grad()
 def planted(family: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = FAMILIES[family]().eval()
-    plant_register_neurons(planting_sites(model), LAYER, NEURONS)
-    return model
+    return plant(FAMILIES[family])
 
 
 def images(num_images: int, seed: int) -> torch.Tensor:
@@ -121,9 +83,6 @@ def test_planted_neurons_are_found_and_their_edit_removes_the_outliers(family):
     assert_recovered(planted(family), list(images(32, seed=0)), images(16, seed=1))
 
 
-NAFLEX_PATCH = 12  # 3 divides its area: a filter laid out for channel-first patches is not zero on uniform ones
-
-
 def naflex(images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     """Each image as SigLIP2's processor gives it: patches flattened channel-last, a mask, the grid's shape."""
     grid, patch = SIZE // NAFLEX_PATCH, NAFLEX_PATCH
@@ -134,11 +93,7 @@ def naflex(images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
 
 
 def test_siglip2_naflex_inputs_go_to_discovery_as_keyword_inputs():
-    torch.manual_seed(0)
-    arch = {**HF, "patch_size": NAFLEX_PATCH, "num_patches": (SIZE // NAFLEX_PATCH) ** 2}
-    arch.pop("image_size")
-    model = Siglip2VisionTTRegModel(Siglip2VisionTTRegConfig(**arch, intermediate_size=MLP, **OFF)).eval()
-    plant_register_neurons(planting_sites(model), LAYER, NEURONS)
+    model = plant(TINY["siglip2"])
     held_out = naflex(images(16, seed=1))
     batch = {key: torch.stack([image[key] for image in held_out]) for key in held_out[0]}
     assert_recovered(model, naflex(images(32, seed=0)), batch)

@@ -38,7 +38,14 @@ _EXPORTS = {
     **dict.fromkeys(("DiscoveryResult", "find_register_neurons"), ".discovery"),
     **dict.fromkeys(("Checkpoint", "Family", "families", "family_of", "register_family"), ".family"),
     **dict.fromkeys(
-        ("RegisterNeuronIndex", "RegisterNeuronIndexError", "find_shipped_index", "load_index", "shipped_indices"),
+        (
+            "RegisterIndexMismatchWarning",
+            "RegisterNeuronIndex",
+            "RegisterNeuronIndexError",
+            "find_shipped_index",
+            "load_index",
+            "shipped_indices",
+        ),
         ".index",
     ),
     **dict.fromkeys(("load_vlm", "to_test_time_registers", "vision_tower_with_registers"), ".modeling.vlm"),

@@ -1,4 +1,4 @@
-"""The ``ttreg`` command line: ``find-neurons``, ``inspect``, ``demo`` and ``export``.
+"""The ``ttreg`` command line: ``find-neurons``, ``inspect``, ``demo``, ``export`` and ``push-index``.
 
 A subcommand is one function that adds its parser and sets ``run``; decorate it with `subcommand` to add it.
 Building the parser imports neither torch nor transformers (``ttreg --help`` is instant); each command imports
@@ -186,16 +186,6 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _check_fits(index_file: str | None, model) -> None:
-    """An ``--index`` file that records the weights it was made for must be this model's."""
-    from .discovery import check_index_matches
-    from .index import RegisterNeuronIndex, load_index
-
-    index = load_index(index_file) if index_file else None
-    if isinstance(index, RegisterNeuronIndex):
-        check_index_matches(index, model)
-
-
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-size", type=integer(1), help="square crop size (default: the checkpoint's image processor's)"
@@ -236,6 +226,12 @@ def _find_neurons_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--batch-size", type=integer(1), default=16)
     parser.add_argument("--seed", type=integer(0), default=0)
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        type=hub_repo_id,
+        help="also upload the index with a model card to this Hub repository (as `ttreg push-index` does)",
+    )
     _add_common(parser)
     parser.set_defaults(run=_find_neurons)
 
@@ -246,6 +242,11 @@ def _find_neurons(args: argparse.Namespace) -> int:
     from .images import ImageFolder
 
     out = check_output(args.out, args.overwrite)
+    if args.push_to_hub:
+        from huggingface_hub import is_offline_mode
+
+        if is_offline_mode():
+            raise CommandError("--push-to-hub needs the Hub, and HF_HUB_OFFLINE is set: unset it, or push later.")
     model, preprocessor = load_model(
         args.model, _device(args), args.weights, args.image_size, num_test_time_registers=0
     )
@@ -266,6 +267,8 @@ def _find_neurons(args: argparse.Namespace) -> int:
         print(result.summary())
         if result.found:
             print(f"Wrote {result.index.save(out)}")
+            if args.push_to_hub:
+                _push_index(result.index, args.push_to_hub)
     return EXIT_OK if result.found else EXIT_NO_OUTLIERS
 
 
@@ -284,7 +287,8 @@ def _inspect_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="report.png", help="figure to write (.png, .pdf, .svg; default: report.png)")
     parser.add_argument(
         "--index",
-        help="register-neuron index file (default: the one shipped for MODEL; the planted neurons for 'planted')",
+        help="register-neuron index: a file, a shipped name or a Hub repo id owner/name[@revision][/path] (default: "
+        "the one shipped for MODEL; the planted neurons for 'planted')",
     )
     _add_common(parser)
     parser.set_defaults(run=_inspect)
@@ -299,7 +303,6 @@ def _inspect(args: argparse.Namespace) -> int:
     model, preprocessor = load_model(
         args.model, _device(args), args.weights, args.image_size, register_neurons=_index_argument(args)
     )
-    _check_fits(args.index, model)
     _report(model, preprocessor, open_rgb(args.image), out, title=f"{args.model}: {Path(args.image).name}")
     return EXIT_OK
 
@@ -338,7 +341,7 @@ def _demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=PLANTED, help=MODEL_HELP)
     parser.add_argument("--image", help="image to inspect (default: a generated one)")
     parser.add_argument("--images", help="folder of images for discovery (a real model without an index)")
-    parser.add_argument("--index", help="register-neuron index file (skips discovery)")
+    parser.add_argument("--index", help="register-neuron index file, shipped name or Hub repo id (skips discovery)")
     parser.add_argument("--num-images", type=integer(1), default=48, help="generated images for discovery on 'planted'")
     parser.add_argument("--out-dir", default="ttreg_demo", help="folder to write into (default: ttreg_demo)")
     _add_common(parser)
@@ -392,8 +395,6 @@ def _run_demo(args: argparse.Namespace) -> int:
         if args.model == PLANTED:
             print(_planted_recovery(result.index.neurons, planted_index()))
         model.set_register_neurons(result.index, num_test_time_registers=1)
-    else:
-        _check_fits(args.index, model)
     _report(model, preprocessor, image, report_file, title=f"ttreg demo: {args.model}")
     print(f"Done in {time.perf_counter() - start:.1f} s.")
     return EXIT_OK
@@ -443,6 +444,59 @@ def _export(args: argparse.Namespace) -> int:
         ) from error
     print(f"Wrote {out}")
     return EXIT_OK
+
+
+def hub_repo_id(text: str) -> str:
+    """An argparse ``type``: a Hub repository id ``owner/name``, checked before any model is loaded."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError as error:
+        raise argparse.ArgumentTypeError(_one_line(error)) from None
+    if "/" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'owner/name'")
+    return text
+
+
+@subcommand
+def _push_index_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "push-index",
+        help="upload a register-neuron index alone, with a model card, to a Hub repository",
+        description="Upload INDEX to the Hub model repository REPO_ID as register_neurons.safetensors, with a model "
+        "card generated from its provenance (checkpoint, how it was found, threshold, outlier ratios, package "
+        "version) and tagged `ttreg-index`; the repository is created if missing. The weights are not uploaded: "
+        "load it with `register_neurons=REPO_ID` or `--index REPO_ID`. Logs in as `huggingface_hub` does (HF_TOKEN or "
+        "`hf auth login`); HF_ENDPOINT names another Hub.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("index", metavar="INDEX", help="register-neuron index file (or a shipped name)")
+    parser.add_argument("repo_id", metavar="REPO_ID", type=hub_repo_id, help="Hub repository, owner/name")
+    parser.add_argument("--revision", help="branch to commit to, created from main if missing (default: main)")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--commit-message", help="the commit's message")
+    parser.set_defaults(run=_push_index_command)
+
+
+def _push_index_command(args: argparse.Namespace) -> int:
+    from .index import load_index
+
+    _push_index(
+        load_index(args.index),
+        args.repo_id,
+        revision=args.revision,
+        private=args.private or None,
+        message=args.commit_message,
+    )
+    return EXIT_OK
+
+
+def _push_index(index, repo_id: str, revision: str | None = None, private: bool | None = None, message=None) -> None:
+    commit = index.push_to_hub(repo_id, revision=revision, private=private, commit_message=message)
+    print(f"Pushed the index to {repo_id}{f' (revision {revision})' if revision else ''}: {commit.commit_url}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,6 @@ across processes under ``torchrun`` / ``accelerate launch``.
 """
 
 import functools
-import hashlib
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from .analysis.capture import capture, resolve_layers
 from .analysis.distributed import all_reduce, is_main_process, rank_and_world_size
 from .analysis.interventions import with_register_neurons
 from .analysis.metrics import MAD_FACTOR, MIN_NORM_RATIO, NormHistogram, patch_norms, robust_threshold
-from .index import RegisterNeuronIndex, RegisterNeuronIndexError
+from .index import RegisterNeuronIndex, RegisterNeuronIndexError, weights_fingerprint
 from .modeling.registers import TestTimeRegisterMixin
 
 AUTOMATIC_THRESHOLD_RULE = f"automatic: max(median + {MAD_FACTOR:g} robust std, {MIN_NORM_RATIO:g} x median)"
@@ -77,17 +76,6 @@ class DiscoveryResult:
             f"  best scores (mean |activation| at outliers): {ranked}\n"
             f"  outlier ratio on the evaluation images: {100 * before:.2f} % before, {100 * after:.2f} % with the edit"
         )
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the weights (names, shapes and a strided sample of values): which checkpoint an index is for."""
-    digest = hashlib.sha256()
-    for name, parameter in model.named_parameters():
-        flat = parameter.detach().flatten()
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
-        digest.update(f"{name}{tuple(parameter.shape)}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def check_index_matches(index: RegisterNeuronIndex, model: TestTimeRegisterMixin) -> None:

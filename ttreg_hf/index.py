@@ -1,21 +1,50 @@
-"""Register-neuron indices: JSON in the ``__metadata__`` header of a safetensors file (no tensors needed, no code run)."""
+"""Register-neuron indices: JSON in the ``__metadata__`` header of a safetensors file (no tensors needed, no code run).
 
+An index spec (``register_neurons=`` of every loader, ``model.set_register_neurons``, the CLI's ``--index``) is
+resolved by `load_index`, in this order:
+
+1. a ``{layer: [neuron, ...]}`` mapping or a `RegisterNeuronIndex`: as it is;
+2. an existing local path: a file is the index, a folder must hold `INDEX_FILENAME`; a `Path` is always local;
+3. the name of a shipped index (`shipped_indices`, e.g. ``"dinov2_vitl14"``);
+4. a Hugging Face Hub location, as `huggingface_hub.parse_hf_uri` reads it: ``owner/name[@revision][/path]``, also
+   with ``hf://`` in front or as a huggingface.co URL. A ``path`` ending in ``.safetensors`` names the file; any
+   other path is a folder holding `INDEX_FILENAME`; no path is `INDEX_FILENAME` at the root. The file comes through
+   `huggingface_hub.hf_hub_download` (its cache, ``HF_HUB_OFFLINE``, ``HF_TOKEN``, ``HF_ENDPOINT`` mirrors).
+
+Anything else is one `RegisterNeuronIndexError` that names the three string forms. A local path that could also be
+read as a repo id (a folder ``owner/name`` in the working directory) wins; ``hf://owner/name`` always means the Hub,
+as does `RegisterNeuronIndex.from_pretrained`. However it arrives, a file is only ever read as JSON in the
+safetensors header and checked field by field; the model's depth and width are checked when it is attached.
+"""
+
+import functools
+import hashlib
+import importlib
 import json
 import numbers
 import os
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from os import PathLike
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import errors as hub_errors
+from huggingface_hub import hf_hub_download, parse_hf_uri
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from .settings import SEMANTICS
 
 SCHEMA_VERSION = 1
 METADATA_KEY = "ttreg_index"
+INDEX_FILENAME = "register_neurons.safetensors"  # the index file of a Hub repository (`ttreg push-index` writes it)
+MAX_INDEX_FILE_BYTES = 16 * 2**20  # an index is a few kB; a Hub file over this is something else (a model's weights)
+HUB_FORM = "owner/name[@revision][/path/to/index.safetensors]"
 # a checkout (torch.hub, editable install) has `precomputed/` beside the package; a wheel installs it inside
 PRECOMPUTED_DIR = next(
     (
@@ -26,9 +55,13 @@ PRECOMPUTED_DIR = next(
     None,
 )
 FIND_NEURONS_HINT = (
-    "Pass `register_neurons={layer: [neuron, ...]}` or the path of an index file (a `.safetensors` written by "
-    "`ttreg find-neurons`), find one with `ttreg find-neurons MODEL IMAGE_DIR --out index.safetensors`, or pass "
+    "Pass `register_neurons={layer: [neuron, ...]}`, the path of an index file (a `.safetensors` written by "
+    "`ttreg find-neurons`) or a Hub repo id holding one (owner/name), find one with `ttreg find-neurons MODEL IMAGE_DIR --out index.safetensors`, or pass "
     "`num_test_time_registers=0` to run the model without test-time registers."
+)
+SPEC_FORMS = (
+    f"an existing index file (or a folder holding {INDEX_FILENAME}), a shipped index name, or a Hugging Face Hub "
+    f"repo id {HUB_FORM}"
 )
 REWRITE_HINT = "Write the index again with `ttreg find-neurons` or `RegisterNeuronIndex(...).save(path)`."
 MAX_KEY_DIGITS = 6  # no model has a million blocks; and `int` refuses strings over 4300 digits with a plain ValueError
@@ -42,6 +75,17 @@ def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str])
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+class RegisterIndexMismatchWarning(UserWarning):
+    """A register-neuron index used outside where it was found: another checkpoint, other weights, or an image size
+    far from its own (an index found at 518 px misses outliers at 224 px on DINOv2-S/B)."""
+
+
+@functools.cache
+def warn_once(message: str, category: type[Warning] = RegisterIndexMismatchWarning) -> None:
+    """``warnings.warn`` the first time this process sees ``message``."""
+    warnings.warn(message, category, stacklevel=3)
 
 
 class RegisterNeuronIndexError(ValueError):
@@ -141,6 +185,17 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the weights (names, shapes and a strided sample of values): which checkpoint an index is for."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        flat = parameter.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        digest.update(f"{name}{tuple(parameter.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def check_neurons_fit(neurons: Mapping[int, Sequence[int]], num_layers: int, mlp_width: int, what: str = "") -> None:
     """Raise a clear error when a layer or neuron is outside a model of this depth and MLP width."""
     for layer, ids in neurons.items():
@@ -206,38 +261,142 @@ class RegisterNeuronIndex:
     def num_neurons(self) -> int:
         return sum(len(ids) for ids in self.neurons.values())
 
+    @property
+    def provenance(self) -> dict:
+        """Where the index applies, as a model's config keeps it (``register_index_provenance``): the image size and
+        checkpoint ids it was found at, and the weights fingerprint `ttreg find-neurons` records (or `None`)."""
+        fingerprint = self.details.get("weights_fingerprint")
+        return {
+            "image_size": self.image_size,
+            "checkpoints": dict(self.checkpoints),
+            "weights_fingerprint": fingerprint if isinstance(fingerprint, str) else None,
+        }
+
+    def made_for(self, checkpoint: str) -> bool:
+        """Whether ``checkpoint`` (a Hub id, a model name, or a local folder) is one the index records; an index that
+        records none applies anywhere. A local folder matches an id that ends with its name (``.../dinov2-large``
+        for ``facebook/dinov2-large``)."""
+        ids = set(self.checkpoints.values())
+        if not ids or checkpoint in ids:
+            return True
+        return _is_dir(Path(checkpoint)) and Path(checkpoint).name in {PurePosixPath(i).name for i in ids}
+
     def to_json(self) -> dict:
         data = asdict(self)
         data["neurons"] = {str(layer): list(ids) for layer, ids in self.neurons.items()}
         return {"schema_version": SCHEMA_VERSION, **data}
 
+    def _metadata(self) -> dict[str, str]:
+        return {"format": "pt", METADATA_KEY: json.dumps(self.to_json())}
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_safetensors({}, path, {"format": "pt", METADATA_KEY: json.dumps(self.to_json())})
+        write_safetensors({}, path, self._metadata())
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "RegisterNeuronIndex":
-        """Read an index file; anything but a valid index is a `RegisterNeuronIndexError` naming the problem."""
+    def load(cls, path: str | Path, *, name: str | None = None) -> "RegisterNeuronIndex":
+        """Read an index file; anything but a valid index is a `RegisterNeuronIndexError` naming the problem (and the
+        file as ``name``, when given, e.g. its place on the Hub rather than in the cache)."""
         path = Path(path)
+        name = name or str(path)
         if not _is_file(path):
-            raise RegisterNeuronIndexError(f"No register-neuron index at {path}. {FIND_NEURONS_HINT}")
+            raise RegisterNeuronIndexError(f"No register-neuron index at {name}. {FIND_NEURONS_HINT}")
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
         except (SafetensorError, OSError, ValueError) as error:
             raise RegisterNeuronIndexError(
-                f"{path} is not a readable safetensors file ({error}). {FIND_NEURONS_HINT}"
+                f"{name} is not a readable safetensors file ({error}). {FIND_NEURONS_HINT}"
             ) from error
         if METADATA_KEY not in metadata:
-            raise RegisterNeuronIndexError(f"{path} holds no register-neuron index (no {METADATA_KEY!r} metadata).")
+            raise RegisterNeuronIndexError(f"{name} holds no register-neuron index (no {METADATA_KEY!r} metadata).")
         try:
             return cls._from_json(metadata[METADATA_KEY])
         except RegisterNeuronIndexError as error:
             raise RegisterNeuronIndexError(
-                f"The register-neuron index in {path} is corrupt. {error} {REWRITE_HINT}"
+                f"The register-neuron index in {name} is corrupt. {error} {REWRITE_HINT}"
             ) from error
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_index_name_or_path: str | PathLike,
+        *,
+        filename: str = INDEX_FILENAME,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: bool | str | None = None,
+    ) -> "RegisterNeuronIndex":
+        """The index ``filename`` (default `INDEX_FILENAME`; a path inside the repository) of a Hub repository
+        ``owner/name`` at ``revision`` (a branch, tag or commit; default ``main``), or of a local folder, as
+        ``transformers``' ``from_pretrained`` reads a model. Downloads go through `huggingface_hub.hf_hub_download`
+        (its cache, ``HF_HUB_OFFLINE``, tokens, ``HF_ENDPOINT``); a file over `MAX_INDEX_FILE_BYTES` is refused
+        before it is downloaded. Every failure is one `RegisterNeuronIndexError` that says what to do."""
+        source = pretrained_index_name_or_path
+        _check_repo_filename(filename, str(source))
+        if isinstance(source, PathLike) or _is_dir(Path(source)):
+            return _load_from_folder(Path(source), filename)
+        if not isinstance(source, str):
+            raise TypeError(f"from_pretrained takes a Hub repo id or a folder, got {_describe(source)}.")
+        try:
+            validate_repo_id(source)
+        except hub_errors.HFValidationError as error:
+            raise RegisterNeuronIndexError(
+                f"{source!r} is neither a folder nor a Hub repo id 'owner/name' ({_first_line(error)})."
+            ) from None
+        if "/" not in source:
+            raise RegisterNeuronIndexError(f"{source!r} is neither a folder nor a Hub repo id 'owner/name'.")
+        if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+            raise RegisterNeuronIndexError(f"revision must be a branch, tag or commit, got {_describe(revision)}.")
+        hub_kwargs = dict(
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        path = _download_index(source, filename, **hub_kwargs)
+        return cls.load(path, name=_hub_name(source, filename, revision))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ):
+        """Upload the index alone, as `INDEX_FILENAME`, with a model card generated from its provenance, to the Hub
+        model repository ``repo_id`` (created if missing, as ``huggingface_hub``'s ``push_to_hub`` does), in one
+        commit on ``revision`` (a branch, created from ``main`` if missing; default ``main``). The weights it is for
+        stay where they are: load it with ``register_neurons="owner/name"``. Returns the `CommitInfo`."""
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        # by name: `transformers` reads every `from .x import` of an exported model's remote code (this module is part
+        # of it) as a file that must sit beside it, and the card is the package's business, not the remote code's
+        render_index_card = importlib.import_module(f"{__name__.rpartition('.')[0]}.model_card").render_index_card
+        api = HfApi(token=token, library_name="ttreg_hf")
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision is not None and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        files = {INDEX_FILENAME: save({}, metadata=self._metadata()), "README.md": render_index_card(self, repo_id)}
+        return api.create_commit(
+            repo_id,
+            [
+                CommitOperationAdd(path, content if isinstance(content, bytes) else content.encode())
+                for path, content in files.items()
+            ],
+            commit_message=commit_message
+            or f"Upload a register-neuron index ({self.num_neurons} neurons) with ttreg_hf",
+            revision=revision,
+            create_pr=create_pr,
+        )
 
     @classmethod
     def _from_json(cls, text: str) -> "RegisterNeuronIndex":
@@ -308,21 +467,179 @@ def resolve_index(register_neurons, *, checkpoint: str, saved: bool, num_registe
 
 
 def load_index(spec: "str | Path | Mapping | RegisterNeuronIndex") -> RegisterNeuronIndex | dict[int, tuple[int, ...]]:
-    """An index from a shipped name (``"dinov2_vitl14"``), a file path, or a plain ``{layer: [neuron, ...]}`` dict."""
+    """An index from a mapping, a local file or folder, a shipped name or a Hub location, resolved by the rule in
+    this module's docstring; a plain ``{layer: [neuron, ...]}`` dict comes back normalized."""
     if isinstance(spec, RegisterNeuronIndex):
         return spec
     if isinstance(spec, Mapping):
         return normalize_neurons(spec)
     if not isinstance(spec, (str, PathLike)):
         raise TypeError(
-            f"register_neurons must be a dict {{layer: [neuron, ...]}}, an index file, a shipped index name or a "
-            f"RegisterNeuronIndex, got {_describe(spec)}."
+            f"register_neurons must be a dict {{layer: [neuron, ...]}}, an index file, a shipped index name, a Hub "
+            f"repo id or a RegisterNeuronIndex, got {_describe(spec)}."
         )
-    if _is_file(Path(spec)):
-        return RegisterNeuronIndex.load(spec)
-    shipped = shipped_indices()
-    if str(spec) not in shipped:
+    text = os.fspath(spec) if isinstance(spec, PathLike) else spec
+    if not isinstance(text, str):  # a PathLike of bytes
+        raise TypeError(f"register_neurons must be a str path, got {_describe(spec)}.")
+    hub_only = text.startswith(hub_constants.HF_PROTOCOL)
+    if not hub_only and _is_file(Path(text)):
+        return RegisterNeuronIndex.load(text)
+    if not hub_only and _is_dir(Path(text)):
+        return _load_from_folder(Path(text), INDEX_FILENAME)
+    if isinstance(spec, PathLike):
         raise RegisterNeuronIndexError(
-            f"{spec!r} is neither a file nor a shipped index ({', '.join(shipped) or 'none'}). {FIND_NEURONS_HINT}"
+            f"No register-neuron index at {text}: no such file or folder. {FIND_NEURONS_HINT}"
         )
-    return RegisterNeuronIndex.load(shipped[str(spec)])
+    shipped = shipped_indices()
+    if text in shipped:
+        return RegisterNeuronIndex.load(shipped[text])
+    repo_id, revision, filename = _hub_location(text, shipped)
+    path = _download_index(repo_id, filename, revision=revision)
+    return RegisterNeuronIndex.load(path, name=_hub_name(repo_id, filename, revision))
+
+
+def _hub_location(spec: str, shipped: Mapping[str, Path]) -> tuple[str, str | None, str]:
+    """``(repo id, revision or None, file in the repo)`` of a Hub location string, or the error naming every form."""
+    neither = (
+        f"{spec!r} is not a register-neuron index: not an existing file or folder, not a shipped index "
+        f"({', '.join(shipped) or 'none'}), and not a Hub repo id {HUB_FORM}"
+    )
+    if spec.startswith(("/", "./", "../", "~")) or "\\" in spec or "\0" in spec:  # a path, never a repo id
+        raise RegisterNeuronIndexError(
+            f"No register-neuron index at {spec}: no such file or folder. {FIND_NEURONS_HINT}"
+        )
+    if "/" not in spec:
+        raise RegisterNeuronIndexError(f"{neither}. {FIND_NEURONS_HINT}")
+    looks_like_a_file = spec.count("/") == 1 and spec.endswith(".safetensors") and "@" not in spec
+    if looks_like_a_file:  # "folder/index.safetensors" is a missing file, not a repository named "index.safetensors"
+        raise RegisterNeuronIndexError(
+            f"{neither}: there is no file {spec}; a Hub file is named owner/name/path/to/index.safetensors."
+        )
+    uri = spec if spec.startswith(hub_constants.HF_PROTOCOL) or "://" in spec else hub_constants.HF_PROTOCOL + spec
+    try:
+        location = parse_hf_uri(uri, endpoint=hub_constants.ENDPOINT)
+    except ValueError as error:  # HfUriError
+        raise RegisterNeuronIndexError(f"{neither}: {_first_line(getattr(error, 'msg', error))}") from None
+    if location.type != "model":
+        raise RegisterNeuronIndexError(f"{spec!r} names a {location.type}; an index lives in a model repository.")
+    path = location.path_in_repo
+    if "@" in path:
+        raise RegisterNeuronIndexError(
+            f"{spec!r}: the revision goes right after the repo id, {HUB_FORM} (e.g. owner/name@v1/index.safetensors)."
+        )
+    filename = path if path.endswith(".safetensors") else f"{path}/{INDEX_FILENAME}" if path else INDEX_FILENAME
+    _check_repo_filename(filename, spec)
+    return location.id, location.revision, filename
+
+
+def _check_repo_filename(filename: str, spec: str) -> None:
+    """Refuse a file name in a repository that is empty, absolute, or steps out of it (``..``)."""
+    if not isinstance(filename, str):
+        raise TypeError(f"filename must be a str, a path inside the repository; got {_describe(filename)}.")
+    if filename.startswith("/") or any(p in ("", ".", "..") for p in filename.split("/")) or "\\" in filename:
+        raise RegisterNeuronIndexError(
+            f"{spec!r}: {filename!r} is not a file name inside a repository (no empty, '.' or '..' parts)."
+        )
+
+
+def _hub_name(repo_id: str, filename: str, revision: str | None) -> str:
+    return f"{repo_id}/{filename}" + (f" (revision {revision})" if revision else "") + " on the Hub"
+
+
+def _load_from_folder(folder: Path, filename: str) -> RegisterNeuronIndex:
+    path = folder / filename
+    if not _is_file(path):
+        what = "no such folder" if not _is_dir(folder) else f"it holds no {filename}"
+        raise RegisterNeuronIndexError(
+            f"No register-neuron index in {folder}: {what} (an index folder or repository holds {INDEX_FILENAME}). "
+            f"{FIND_NEURONS_HINT}"
+        )
+    return RegisterNeuronIndex.load(path)
+
+
+def _download_index(repo_id: str, filename: str, **hub_kwargs) -> Path:
+    """The cached path of ``filename`` in Hub repository ``repo_id``, downloaded if needed; every failure is one
+    `RegisterNeuronIndexError` that names the file and the fix (no traceback of `huggingface_hub`'s)."""
+    revision = hub_kwargs.get("revision")
+    where = f"{filename} of Hub repository {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        preview = hf_hub_download(repo_id, filename, dry_run=True, library_name="ttreg_hf", **hub_kwargs)
+        if preview.will_download and (preview.file_size or 0) > MAX_INDEX_FILE_BYTES:
+            raise RegisterNeuronIndexError(
+                f"The {where} has {preview.file_size} bytes: an index file has a few kB (at most "
+                f"{MAX_INDEX_FILE_BYTES}), so this is not one (a model's weights?). Name the index file of the repo."
+            )
+        return Path(hf_hub_download(repo_id, filename, library_name="ttreg_hf", **hub_kwargs))
+    except hub_errors.LocalEntryNotFoundError:
+        if hub_constants.is_offline_mode() or hub_kwargs.get("local_files_only"):
+            fix = "HF_HUB_OFFLINE is set" if hub_constants.is_offline_mode() else "local_files_only=True"
+            raise RegisterNeuronIndexError(
+                f"The {where} is not in the Hugging Face cache and {fix}: download it once online (`hf download "
+                f"{repo_id} {filename}{f' --revision {revision}' if revision else ''}`), or pass a local index file."
+            ) from None
+        raise RegisterNeuronIndexError(
+            f"Could not reach {hub_constants.ENDPOINT} for the {where}, and it is not in the Hugging Face cache: "
+            "check the connection (or HF_ENDPOINT), or pass a local index file."
+        ) from None
+    except hub_errors.GatedRepoError:
+        raise RegisterNeuronIndexError(
+            f"Hub repository {repo_id!r} is gated: accept its conditions on its page, then log in (`hf auth login` "
+            "or HF_TOKEN)."
+        ) from None
+    except hub_errors.RepositoryNotFoundError:
+        raise RegisterNeuronIndexError(
+            f"No Hub repository {repo_id!r} at {hub_constants.ENDPOINT} (if it is private, log in with `hf auth "
+            "login` or set HF_TOKEN)."
+        ) from None
+    except hub_errors.RevisionNotFoundError:
+        raise RegisterNeuronIndexError(
+            f"Hub repository {repo_id!r} has no revision {revision!r} (a branch, tag or commit)."
+        ) from None
+    except hub_errors.RemoteEntryNotFoundError:
+        raise RegisterNeuronIndexError(
+            f"Hub repository {repo_id!r}{f' at revision {revision!r}' if revision else ''} has no {filename}: an "
+            f"index repository holds {INDEX_FILENAME} (`ttreg push-index` writes it); name another file as "
+            f"{repo_id}/path/to/index.safetensors."
+        ) from None
+    except (OSError, ValueError) as error:  # other HTTP errors (HfHubHTTPError is an OSError), invalid arguments
+        if isinstance(error, RegisterNeuronIndexError):
+            raise
+        raise RegisterNeuronIndexError(f"Could not download the {where}: {_first_line(error)}") from None
+
+
+def _first_line(error: BaseException | str) -> str:
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300] if lines else type(error).__name__
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+PROVENANCE_FIELDS = ("image_size", "checkpoints", "weights_fingerprint")
+
+
+def check_provenance(provenance) -> None:
+    """Raise unless ``provenance`` is `None` or what `RegisterNeuronIndex.provenance` gives (a config may be hostile)."""
+    if provenance is None:
+        return
+    name = "register_index_provenance"
+    valid = isinstance(provenance, Mapping) and set(provenance) <= set(PROVENANCE_FIELDS)
+    if valid:
+        image_size, checkpoints = provenance.get("image_size"), provenance.get("checkpoints", {})
+        fingerprint = provenance.get("weights_fingerprint")
+        valid = (
+            (image_size is None or _is_size(image_size))
+            and isinstance(checkpoints, Mapping)
+            and all(isinstance(v, str) for v in [*checkpoints, *checkpoints.values()])
+            and (fingerprint is None or isinstance(fingerprint, str))
+        )
+    if not valid:
+        raise RegisterNeuronIndexError(
+            f"{name} must be null or a mapping of {list(PROVENANCE_FIELDS)} (an int image size or null, a mapping of "
+            f"strings, a string or null), as an index file gives it; got {_describe(provenance)}."
+        )

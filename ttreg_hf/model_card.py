@@ -1,10 +1,11 @@
-"""The README model card of an exported model: what it is, its index and provenance, usage, licence, citation."""
+"""Model cards: an exported model's (what it is, its index and provenance, usage, licence, citation) and an index
+repository's (`RegisterNeuronIndex.push_to_hub`). Both describe the index with `index_section`."""
 
 from string import Template
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .index import METADATA_KEY, RegisterNeuronIndex
+from .index import INDEX_FILENAME, METADATA_KEY, RegisterNeuronIndex
 
 PAPER_URL = "https://arxiv.org/abs/2506.08010"
 BIBTEX = """@misc{jiang2025visiontransformersdontneed,
@@ -51,14 +52,7 @@ go away without retraining. Outputs keep the base model's shapes; the registers 
 
 ## Register-neuron index
 
-| layer (0-based) | MLP neurons |
-|---|---|
-$neuron_rows
-
-- register neurons: $num_neurons; edit semantics: `$semantics`; test-time registers: $num_registers
-- made for: $made_for (${num_layers} layers, MLP width ${mlp_width}); image size: $image_size
-- source: $source
-$details
+$index_section
 The index is stored in `config.json` (`register_neurons`) and in the `$metadata_key` metadata of `model.safetensors`.
 
 ## Usage
@@ -100,6 +94,55 @@ $bibtex
 """)
 
 
+INDEX_SECTION = Template("""| layer (0-based) | MLP neurons |
+|---|---|
+$neuron_rows
+
+- register neurons: $num_neurons; edit semantics: `$semantics`$registers
+- made for: $made_for (${num_layers} layers, MLP width ${mlp_width}); image size: $image_size
+- source: $source
+$details""")
+# how discovery found it (`find_register_neurons`' details), in words; other details are listed as they are
+FOUND_WITH = {
+    "threshold": lambda d: (
+        f"threshold: {d['threshold']:g}" + (f" ({d['threshold_rule']})" if "threshold_rule" in d else "")
+    ),
+    "eval_outlier_ratio_before": lambda d: (
+        f"outlier tokens on the evaluation images: {100 * d['eval_outlier_ratio_before']:.2f} % before, "
+        f"{100 * d.get('eval_outlier_ratio_after', float('nan')):.2f} % with the edit"
+    ),
+    "package_version": lambda d: f"found with ttreg_hf {d['package_version']}",
+}
+SHOWN_WITH = {"threshold_rule": "threshold", "eval_outlier_ratio_after": "eval_outlier_ratio_before"}
+
+
+def index_section(index: RegisterNeuronIndex, *, semantics: str, num_registers: int | None = None) -> str:
+    """The index in a card: its neurons as a table, then where it applies and how it was found (its provenance)."""
+    details = []
+    for key, value in index.details.items():
+        if key in FOUND_WITH:
+            try:
+                details.append(FOUND_WITH[key](index.details))
+                continue
+            except (TypeError, ValueError):  # a value of an unexpected type is shown as it is
+                pass
+        elif SHOWN_WITH.get(key) in index.details:
+            continue
+        details.append(f"{key}: {value}")
+    return INDEX_SECTION.substitute(
+        neuron_rows="\n".join(f"| {layer} | {', '.join(map(str, ids))} |" for layer, ids in index.neurons.items()),
+        num_neurons=index.num_neurons,
+        semantics=semantics,
+        registers="" if num_registers is None else f"; test-time registers: {num_registers}",
+        made_for=", ".join(f"{key}: `{value}`" for key, value in index.checkpoints.items()) or "not recorded",
+        num_layers=index.num_layers,
+        mlp_width=index.mlp_width,
+        image_size=f"{index.image_size} px" if index.image_size else "not recorded",
+        source=index.source or "not recorded",
+        details="".join(f"- {line}\n" for line in details),
+    )
+
+
 def render_model_card(
     model, index: RegisterNeuronIndex, *, base_model: str | None, license: str | None, repo_id: str
 ) -> str:
@@ -113,23 +156,15 @@ def render_model_card(
         pipeline_tag="image-feature-extraction",
         tags=["vision", "test-time-registers", "ttreg_hf"],
     )
-    made_for = ", ".join(f"{key}: `{value}`" for key, value in index.checkpoints.items()) or "not recorded"
-    details = "".join(f"- {key}: {value}\n" for key, value in index.details.items())
     body = BODY.substitute(
         title=f"{base_name} with test-time registers",
         base_link=f"`{base_model}`" if base_model else "A pretrained vision transformer",
         base_url=f"https://huggingface.co/{base_model}" if base_model else PAPER_URL,
         paper=PAPER_URL,
         num_registers=model.config.num_test_time_registers,
-        neuron_rows="\n".join(f"| {layer} | {', '.join(map(str, ids))} |" for layer, ids in index.neurons.items()),
-        num_neurons=index.num_neurons,
-        semantics=model.config.register_semantics,
-        made_for=made_for,
-        num_layers=index.num_layers,
-        mlp_width=index.mlp_width,
-        image_size=index.image_size or "not recorded",
-        source=index.source or "not recorded",
-        details=details,
+        index_section=index_section(
+            index, semantics=model.config.register_semantics, num_registers=model.config.num_test_time_registers
+        ),
         metadata_key=METADATA_KEY,
         repo_id=repo_id,
         model_class=type(model).__name__,
@@ -138,6 +173,65 @@ def render_model_card(
             if license
             else f"The weights are {base_name}'s: for their licence, {UNKNOWN_LICENCE}."
         ),
+        bibtex=BIBTEX,
+    )
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+INDEX_TAGS = ["ttreg-index", "test-time-registers", "register-neurons", "ttreg_hf", "vision"]
+INDEX_BODY = Template("""
+# Register-neuron index for $base_name
+
+Which MLP neurons of $base_link write its high-norm outlier tokens. With this index,
+[test-time registers]($paper) ("Vision Transformers Don't Need Trained Registers", Jiang, Dravid, Efros, Gandelsman,
+2025) move those activations onto an extra token at inference and the outliers go away, without retraining. The index
+is `$filename`, a few kB: JSON in the header of a safetensors file (no tensors, no code). The weights stay in their own
+repository; this one holds only the index and this card.
+
+## Usage
+
+```python
+$usage
+```
+
+Every `ttreg_hf` loader takes `register_neurons="$repo_id"` (`"$repo_id@REVISION"` for a branch, tag or commit), and
+so does `model.set_register_neurons(...)`; on the command line, `ttreg inspect MODEL IMAGE --index $repo_id`. It is
+downloaded once through the Hugging Face cache, so it also loads offline (`HF_HUB_OFFLINE=1`) afterwards. A model of
+another depth or MLP width refuses it; another checkpoint, other weights, or an image size far from $image_size warn.
+
+## Register-neuron index
+
+$index_section
+## Citation
+
+```bibtex
+$bibtex
+```
+""")
+
+
+def render_index_card(index: RegisterNeuronIndex, repo_id: str) -> str:
+    """The card of an index repository, generated from the index's provenance: metadata tags that find it
+    (``ttreg-index``, the ``base_model`` when it records a Hub checkpoint id), usage, the index, the citation."""
+    from .hub import MODEL_NAMES  # the names `ttreg find-neurons` records as "hub"
+
+    base_model = index.checkpoints.get("hf")
+    hub_name = index.checkpoints.get("hub")
+    data = ModelCardData(library_name="ttreg_hf", base_model=base_model, tags=INDEX_TAGS)
+    if hub_name in MODEL_NAMES:
+        usage = f'from ttreg_hf.hub import load_tt_model\n\nmodel = load_tt_model("{hub_name}", register_neurons="{repo_id}")'
+    base_name = base_model or hub_name or "a vision transformer"
+    if hub_name not in MODEL_NAMES:
+        usage = f'model.set_register_neurons("{repo_id}")  # any ttreg_hf model of {base_name}'
+    body = INDEX_BODY.substitute(
+        base_name=base_name,
+        base_link=f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else f"`{base_name}`",
+        paper=PAPER_URL,
+        filename=INDEX_FILENAME,
+        usage=usage,
+        repo_id=repo_id,
+        image_size=f"{index.image_size} px" if index.image_size else "the one it was found at",
+        index_section=index_section(index, semantics=index.semantics),
         bibtex=BIBTEX,
     )
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))

@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
 
-from ..index import RegisterNeuronIndex, check_neurons_fit, load_index, normalize_neurons, resolve_index
+from ..index import (
+    RegisterNeuronIndex,
+    check_neurons_fit,
+    check_provenance,
+    load_index,
+    normalize_neurons,
+    resolve_index,
+    warn_once,
+)
 from ..settings import (
     FLOAT32_MAX,
     MAX_TEST_TIME_REGISTERS,
@@ -33,6 +41,11 @@ class TestTimeRegisterConfigMixin:
         `"paper"` (Algorithm 2 of the paper) or `"reference"` (the authors' released code); see `RegisterNeuronEdit`.
     register_patch_mode (`str`, *optional*, defaults to `"zero"`):
         What reset tokens get: `"zero"`, `"mean"`, `"only_outliers"` or `"same"`.
+    register_index_provenance (`dict`, *optional*):
+        Where the index in `register_neurons` applies, copied from its file whenever one is attached (`None` for a
+        plain dict): `image_size` (pixels) and `checkpoints` (ids) it was found at, and its `weights_fingerprint`.
+        Only read to warn (`RegisterIndexMismatchWarning`) when the model runs far from that image size or holds
+        other weights; the edit does not depend on it.
     """
 
     register_neurons: dict | None = None
@@ -40,6 +53,7 @@ class TestTimeRegisterConfigMixin:
     register_scale: float | int | list[float | int] = 1.0
     register_semantics: RegisterSemantics = "paper"
     register_patch_mode: RegisterPatchMode = "zero"
+    register_index_provenance: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.register_neurons is not None:
@@ -76,6 +90,15 @@ class TestTimeRegisterConfigMixin:
         return normalize_neurons(self.register_neurons or {})
 
     @property
+    def register_index_found_at(self) -> tuple[int, int] | None:
+        """``(image size, patch size)`` in pixels that the attached index was found at, when both are known (the
+        index records its image size; the config has an int ``patch_size``)."""
+        image_size = (self.register_index_provenance or {}).get("image_size")
+        patch_size = getattr(self, "patch_size", None)
+        both_known = image_size is not None and isinstance(patch_size, int) and patch_size > 0
+        return (image_size, patch_size) if both_known else None
+
+    @property
     def register_scales(self) -> tuple[float, ...]:
         if isinstance(self.register_scale, list):
             return tuple(float(s) for s in self.register_scale)
@@ -107,18 +130,22 @@ class TestTimeRegisterConfigMixin:
         if self.register_patch_mode not in PATCH_MODES:
             raise ValueError(f"register_patch_mode must be one of {PATCH_MODES}, got {self.register_patch_mode!r}.")
         check_neurons_fit(self.register_neuron_index, self.num_hidden_layers, self.mlp_width)
+        check_provenance(self.register_index_provenance)
 
     def update_test_time_registers(self, register_neurons=None, **settings) -> None:
-        """Write an index (a dict, a file, a shipped name or a `RegisterNeuronIndex`; `None` keeps the current one)
-        and the settings that are not `None`; an index file's semantics applies unless ``register_semantics`` is
-        given. Everything is validated before anything is written."""
+        """Write an index (a dict, a file, a shipped name, a Hub repo id or a `RegisterNeuronIndex`; `None` keeps the
+        current one) and the settings that are not `None`; an index file's semantics and provenance apply unless
+        ``register_semantics`` / ``register_index_provenance`` are given, and a plain dict has no provenance.
+        Everything is validated before anything is written."""
         updates = {name: value for name, value in settings.items() if value is not None}
         if register_neurons is not None:
             index = load_index(register_neurons)
             if isinstance(index, RegisterNeuronIndex):
                 index.check_fits(self.num_hidden_layers, self.mlp_width)
                 updates.setdefault("register_semantics", index.semantics)
+                updates.setdefault("register_index_provenance", index.provenance)
                 index = index.neurons
+            updates.setdefault("register_index_provenance", None)
             updates["register_neurons"] = {str(layer): list(ids) for layer, ids in index.items()}
         candidate = dataclasses.replace(self, **updates)
         candidate.validate_test_time_registers()
@@ -131,13 +158,22 @@ class TestTimeRegisterConfigMixin:
         """The one path by which every loader attaches an index, before the model is built (so a model without one
         fails before any weights are downloaded): ``register_neurons`` if given, else the index this config holds
         (saved with the checkpoint), else the one shipped for ``checkpoint``; none while registers are on is an
-        error that says how to make one."""
+        error that says how to make one. An index file that records other checkpoint ids than ``checkpoint`` warns
+        once (`RegisterIndexMismatchWarning`), with both."""
         index = resolve_index(
             register_neurons,
             checkpoint=checkpoint,
             saved=bool(self.register_neurons),
             num_registers=self.num_test_time_registers,
         )
+        index = None if index is None else load_index(index)
+        if isinstance(index, RegisterNeuronIndex) and not index.made_for(checkpoint):
+            found_for = ", ".join(dict.fromkeys(index.checkpoints.values()))
+            warn_once(
+                f"This register-neuron index was found for {found_for}, not for {checkpoint!r}: other weights have "
+                "other register neurons. Find this checkpoint's with `ttreg find-neurons`, or ignore this warning if "
+                "it is the same checkpoint under another name."
+            )
         self.update_test_time_registers(index, register_semantics=register_semantics)
 
 

@@ -144,7 +144,8 @@ def load_dinov2(config: Dinov2TTRegConfig, weights: str | Path | None) -> "Dinov
     dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}  # upstream's fp32, whatever the file's
     state_dict = {name: value.to(dtypes.get(name, value.dtype)) for name, value in state_dict.items()}
     model.load_state_dict(state_dict, assign=True)
-    return model.set_register_neurons(config.register_neurons or {}).eval()
+    provenance = config.register_index_provenance  # with the index: where it was found, for the warnings
+    return model.set_register_neurons(config.register_neurons or {}, register_index_provenance=provenance).eval()
 
 
 class _PatchEmbed(Dinov2PatchEmbeddings):

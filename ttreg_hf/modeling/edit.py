@@ -1,12 +1,33 @@
 """The register-neuron edit: the one implementation every model family uses."""
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from ..index import warn_once
 from ..settings import PATCH_MODES, SEMANTICS
 from .layout import TokenLayout
+
+IMAGE_SIZE_TOLERANCE = 1.5  # an index applies within 1.5x of the image side it was found at, either way
+
+
+def warn_if_far_from_found_size(found_at: tuple[int, int] | None, num_patches: int) -> None:
+    """Warn once when ``num_patches`` patch tokens (a square image's, or the same area) put the image side more than
+    `IMAGE_SIZE_TOLERANCE` times away from the ``found_at = (image size, patch size)`` of the attached index, in
+    pixels. Python ints only: no host sync, nothing traced under `torch.compile` (which skips the check)."""
+    if found_at is None or torch.compiler.is_compiling():
+        return
+    image_size, patch_size = found_at
+    side = math.sqrt(num_patches) * patch_size
+    if not 1 / IMAGE_SIZE_TOLERANCE <= side / image_size <= IMAGE_SIZE_TOLERANCE:
+        warn_once(
+            f"The register-neuron index was found at {image_size} px; this model runs at about {side:.0f} px "
+            f"({num_patches} patches of {patch_size} px), more than {IMAGE_SIZE_TOLERANCE}x away, where it may miss "
+            f"outlier neurons (an index found at 518 px misses outliers at 224 px on DINOv2-S/B). Run at about "
+            f"{image_size} px, or find the neurons at this size with `ttreg find-neurons --image-size`."
+        )
 
 
 class RegisterNeuronEdit(nn.Module):
@@ -29,6 +50,10 @@ class RegisterNeuronEdit(nn.Module):
     ``token_mask`` (``(batch, tokens)``, registers included, true on real tokens), given by the MLP of a family with
     padded batches (variable-resolution inputs), keeps padding out of the register value and the patch statistics.
     """
+
+    # (image size, patch size) in pixels that the attached index was found at, on one edit of the model (the plumbing
+    # sets it from the config): its forward warns once when the image is far from that size
+    found_at: tuple[int, int] | None = None
 
     def __init__(
         self,
@@ -83,6 +108,8 @@ class RegisterNeuronEdit(nn.Module):
         valid = None if token_mask is None else token_mask.to(activations.device, torch.bool).unsqueeze(-1)
         num_kept = 0 if self.semantics == "paper" else self.layout.num_prefix_tokens
         end = self.layout.num_tokens_without_registers(activations)
+        warn_if_far_from_found_size(self.found_at, end - self.layout.num_prefix_tokens)
+        warn_if_far_from_found_size(self.found_at, end - self.layout.num_prefix_tokens)
         edited = torch.cat(
             (
                 activations[:, :num_kept],

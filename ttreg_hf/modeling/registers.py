@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 
 from ..configs.registers import REGISTER_SETTINGS
 from ..family import check_close_keywords
-from ..index import RegisterNeuronIndex
+from ..index import RegisterNeuronIndex, warn_once, weights_fingerprint
 from .edit import RegisterNeuronEdit
 from .layout import TokenLayout
 
@@ -259,6 +259,7 @@ class TestTimeRegisterMixin:
                     config.register_semantics,
                     config.register_patch_mode,
                 )
+                edit.found_at = config.register_index_found_at if layer == min(neurons) else None  # warns once
                 device = next(mlp.parameters()).device
                 mlp.register_edit = edit if device.type == "meta" else edit.to(device)  # offloaded MLPs sit on meta
             else:
@@ -272,18 +273,23 @@ class TestTimeRegisterMixin:
         register_scale: float | list[float] | None = None,
         register_semantics: str | None = None,
         register_patch_mode: str | None = None,
+        register_index_provenance: dict | None = None,
     ) -> "TestTimeRegisterMixin":
-        """Attach an index (a dict, a file, a shipped name or a `RegisterNeuronIndex`): written to the config, then
-        built. Settings left as `None` keep their config value, except the semantics, which follows an index file's.
-        `set_register_neurons({})` turns the edit off. Nothing changes when a setting is invalid."""
+        """Attach an index (a dict, a file, a shipped name, a Hub repo id or a `RegisterNeuronIndex`): written to the
+        config, then built. Settings left as `None` keep their config value, except the semantics and provenance,
+        which follow an index file's. `set_register_neurons({})` turns the edit off. Nothing changes when a setting
+        is invalid."""
         self.config.update_test_time_registers(
             register_neurons,
             num_test_time_registers=num_test_time_registers,
             register_scale=register_scale,
             register_semantics=register_semantics,
             register_patch_mode=register_patch_mode,
+            register_index_provenance=register_index_provenance,
         )
         self.refresh_test_time_registers()
+        if register_neurons is not None:
+            warn_if_other_weights(self)
         return self
 
     def strip_test_time_registers(self, outputs: ModelOutput, output_class: type[ModelOutput]) -> ModelOutput:
@@ -304,6 +310,27 @@ class TestTimeRegisterMixin:
             fields["attentions"] = tuple(layout.strip_registers_from_attentions(a) for a in attentions)
             fields["test_time_register_attentions"] = tuple(layout.attentions_to_registers(a) for a in attentions)
         return output_class(**fields)
+
+
+def warn_if_other_weights(model: torch.nn.Module) -> None:
+    """Warn once (`RegisterIndexMismatchWarning`) when the attached index records a weights fingerprint that is not
+    ``model``'s. Called by the loaders once the weights are in place: one strided sample of at most 4096 values per
+    parameter, copied to the host once per load (milliseconds for a ViT-L), and only for an index that records a
+    fingerprint. The fingerprint hashes parameter names and float32 values, so a model in another dtype, or on the
+    meta device, is not compared (the same weights in bfloat16 would always differ)."""
+    fingerprint = (model.config.register_index_provenance or {}).get("weights_fingerprint")
+    parameters = list(model.parameters())
+    if not fingerprint or any(p.device.type == "meta" or p.dtype != torch.float32 for p in parameters):
+        return
+    own = weights_fingerprint(model)
+    if own != fingerprint:
+        found_for = ", ".join(model.config.register_index_provenance.get("checkpoints", {}).values())
+        warn_once(
+            f"This register-neuron index was found on other weights ({found_for or 'fingerprint ' + fingerprint}; "
+            f"this model's fingerprint is {own}, the index's {fingerprint}): the neurons may "
+            "not be this checkpoint's. The fingerprint hashes parameter names too, so the same weights in another "
+            "model class differ. Find this checkpoint's neurons with `ttreg find-neurons`."
+        )
 
 
 class RegisterEditOffWarning(UserWarning):
@@ -389,7 +416,9 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
             checkpoint=str(pretrained_model_name_or_path),
             register_semantics=overrides.get("register_semantics"),
         )
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        warn_if_other_weights(loaded[0] if isinstance(loaded, tuple) else loaded)  # with `output_loading_info=True`
+        return loaded
 
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
