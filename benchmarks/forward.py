@@ -20,6 +20,7 @@ a synthetic 45-neuron index except DINOv2 ViT-L/14 (the shipped one); 224 px ima
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import random
@@ -34,33 +35,18 @@ from typing import NamedTuple
 import open_clip
 import timm
 import torch
-from transformers import (
-    CLIPVisionModel,
-    DeiTModel,
-    Dinov2Model,
-    DINOv3ViTModel,
-    Siglip2VisionModel,
-    SiglipVisionModel,
-    ViTModel,
-)
+from transformers import Dinov2Model, DINOv3ViTModel, Siglip2VisionModel
 
-from ttreg_hf import (
-    CLIPVisionTTRegModel,
-    DeiTTTRegModel,
-    Dinov2TTRegModel,
-    DINOv3ViTTTRegModel,
-    Siglip2VisionTTRegModel,
-    SiglipVisionTTRegModel,
-    ViTTTRegModel,
-    load_index,
-)
+from ttreg_hf import families, load_index
 from ttreg_hf.modeling import open_clip as open_clip_registers
 from ttreg_hf.modeling import timm as timm_registers
 from ttreg_hf.modeling.dinov2_original import DINOV2_ARCHS, convert_original_state_dict, load_original_state_dict
 from ttreg_hf.modeling.edit import RegisterNeuronEdit
+from ttreg_hf.planted import planting_sites
 
 from peak_memory import EXACT_CPU_ENV, extra_peak_mib  # benchmarks/peak_memory.py
 
+FAMILIES = {family.name: family for family in families()}
 SHARED_VITS14 = Path(__file__).resolve().parents[2] / "shared/weights/dinov2_vits14_imgfocus.safetensors"
 VARIANTS = ("parent", "ttreg", "hooks")
 PIXELS = {"base": 224, "tiny": 32}  # the input images' side: the table's, the smoke test's
@@ -89,22 +75,23 @@ class HookSites(NamedTuple):
     """Where the hook-based edit hooks into a parent model."""
 
     appender: torch.nn.Module  # its output gets the registers appended
-    activations: list[torch.nn.Module]  # each block's MLP activation (after the gating where gated)
+    projections: list[torch.nn.Module]  # each block's MLP output projection: its input is the activations
     extra: tuple = ()  # (a module's ``register_*_hook`` method, the hook) for what else the registers need
 
 
 @contextlib.contextmanager
 def hook_edit(sites: HookSites, index: dict[int, list[int]], num_registers: int = 1):
-    """The authors' way: append the registers with a hook, rewrite each listed activation output neuron by neuron."""
+    """The authors' way: append the registers with a hook, rewrite each listed layer's MLP activations (the input of
+    its output projection) neuron by neuron."""
 
     def append(module, args, output):
         return torch.cat([output, output.new_zeros(output.shape[0], num_registers, output.shape[-1])], dim=1)
 
     def make_edit(neurons):
-        return lambda module, args, output: edit_neuron_by_neuron(output, neurons, num_registers)
+        return lambda module, args: (edit_neuron_by_neuron(args[0], neurons, num_registers), *args[1:])
 
     handles = [sites.appender.register_forward_hook(append)]
-    handles += [sites.activations[layer].register_forward_hook(make_edit(ids)) for layer, ids in index.items()]
+    handles += [sites.projections[layer].register_forward_pre_hook(make_edit(ids)) for layer, ids in index.items()]
     handles += [register_hook(hook) for register_hook, hook in sites.extra]
     try:
         yield
@@ -173,46 +160,55 @@ class Family:
         return self.real_weights is not None and SHARED_VITS14.is_file()
 
 
-def transformers_family(parent_class: type, ttreg_class: type, hook_sites, sizes: dict, **settings) -> Family:
-    """A row for a `transformers` parent: built from the ttreg_hf config (the parent ignores its register fields);
-    the ttreg_hf model is built from it with the index and loads the parent's weights."""
+def hook_sites(family_name: str) -> Callable[[torch.nn.Module], HookSites]:
+    """The sites of a family's parent model, from its declaration: the appender its seams name, the MLP output
+    projections its planting sites name; the hooks some parents need for a register (`EXTRA_HOOKS`)."""
+    family, extra = FAMILIES[family_name], EXTRA_HOOKS.get(family_name, lambda model: ())
+
+    def sites(model: torch.nn.Module) -> HookSites:
+        seams = inspect.getattr_static(family.model_class, "register_seams")
+        if isinstance(seams, property):  # seams that depend on the model (SigLIP's optional head): a meta copy's
+            with torch.device("meta"):
+                seams = family.model_class(dataclasses.replace(model.config, num_test_time_registers=0)).register_seams
+        appender, projections = model.get_submodule(seams.appender), [b.mlp_out for b in planting_sites(model).blocks]
+        return HookSites(appender, projections, extra(model))
+
+    return sites
+
+
+def transformers_family(family_name: str, sizes: dict, **settings) -> Family:
+    """A row for a `transformers` family's parent: built from the ttreg_hf config (the parent ignores its register
+    fields); the ttreg_hf model is built from it with the index and loads the parent's weights."""
+    family = FAMILIES[family_name]
 
     def ttreg(parent: torch.nn.Module, index: dict[int, list[int]]) -> torch.nn.Module:
-        model = ttreg_class(dataclasses.replace(parent.config, register_neurons=index)).eval()
+        model = family.model_class(dataclasses.replace(parent.config, register_neurons=index)).eval()
         model.load_state_dict(parent.state_dict())
         return model
 
-    parent = lambda fields: parent_class(ttreg_class.config_class(**fields)).eval()  # noqa: E731
-    return Family(parent, ttreg, hook_sites, sizes, **settings)
+    parent = lambda fields: family.parents[0](family.config_class(**fields)).eval()  # noqa: E731
+    return Family(parent, ttreg, hook_sites(family_name), sizes, **settings)
 
 
-def mlp_activations(blocks: str, activation: str) -> Callable[[torch.nn.Module], list[torch.nn.Module]]:
-    """``model -> [the activation module of each block]`` for dotted paths (``"encoder.layer"``, ``"mlp.act"``)."""
-    return lambda model: [block.get_submodule(activation) for block in model.get_submodule(blocks)]
-
-
-def sites(appender: str, blocks: str, activation: str) -> Callable[[torch.nn.Module], HookSites]:
-    activations = mlp_activations(blocks, activation)
-    return lambda model: HookSites(model.get_submodule(appender), activations(model))
-
-
-def dinov3_sites(model: DINOv3ViTModel) -> HookSites:
+def dinov3_unrotated_register(model: DINOv3ViTModel) -> tuple:
     """DINOv3's registers also get the identity rotation (RoPE rotates only the last ``len(cos)`` tokens)."""
     unrotated = lambda module, args, rope: tuple(  # noqa: E731
         torch.nn.functional.pad(part, (0, 0, 0, 1), value=value) for part, value in zip(rope, (1.0, 0.0))
     )
-    base = sites("embeddings", "model.layer", "mlp.act_fn")(model)
-    return base._replace(extra=((model.rope_embeddings.register_forward_hook, unrotated),))
+    return ((model.rope_embeddings.register_forward_hook, unrotated),)
 
 
-def siglip2_sites(model: Siglip2VisionModel) -> HookSites:
+def siglip2_mask_with_register(model: Siglip2VisionModel) -> tuple:
     """SigLIP2's attention mask gets an entry for the register."""
 
     def with_register(module, args):
         return (args[0], torch.cat([args[1], args[1].new_ones(len(args[1]), 1)], dim=1), *args[2:])
 
-    base = sites("embeddings", "encoder.layers", "mlp.activation_fn")(model)
-    return base._replace(extra=((model.register_forward_pre_hook, with_register),))
+    return ((model.register_forward_pre_hook, with_register),)
+
+
+# what the hook-based edit needs beyond appending and editing, by family: what the parent model lacks for a register
+EXTRA_HOOKS = {"dinov3": dinov3_unrotated_register, "siglip2": siglip2_mask_with_register}
 
 
 def dinov2_fields(arch: str) -> dict:
@@ -260,54 +256,39 @@ TINY_TIMM = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, 
 
 
 def dinov2_family(arch: str, **settings) -> Family:
-    hook_sites = sites("embeddings", "encoder.layer", "mlp.activation_fn")
-    sizes = {"base": dinov2_fields(arch), "tiny": TINY_DINOV2}
-    return transformers_family(Dinov2Model, Dinov2TTRegModel, hook_sites, sizes, **settings)
+    return transformers_family("dinov2", {"base": dinov2_fields(arch), "tiny": TINY_DINOV2}, **settings)
 
 
 MODELS = {
     "DINOv2 ViT-S/14": dinov2_family("vits14", real_weights=load_shared_vits14),
     "DINOv2 ViT-B/14": dinov2_family("vitb14"),
     "DINOv2 ViT-L/14": dinov2_family("vitl14", shipped_index="dinov2_vitl14"),
-    "CLIP ViT-B/16": transformers_family(
-        CLIPVisionModel, CLIPVisionTTRegModel, sites("embeddings", "encoder.layers", "mlp.activation_fn"), VIT_SIZES
-    ),
+    "CLIP ViT-B/16": transformers_family("clip", VIT_SIZES),
     "OpenCLIP ViT-B/16": Family(
         lambda fields: open_clip.create_model("ViT-B-16", **fields).visual.eval(),
         open_clip_registers.to_test_time_registers,
-        sites("patch_dropout", "transformer.resblocks", "mlp.gelu"),
+        hook_sites("open_clip"),
         {"base": {}, "tiny": TINY_OPEN_CLIP},
         depth_and_width=lambda visual: (
             len(visual.transformer.resblocks),
             visual.transformer.resblocks[0].mlp.c_fc.out_features,
         ),
     ),
-    "ViT-B/16": transformers_family(
-        ViTModel, ViTTTRegModel, sites("embeddings", "layers", "mlp.activation_fn"), VIT_SIZES
-    ),
-    "DeiT-B/16 distilled": transformers_family(
-        DeiTModel, DeiTTTRegModel, sites("embeddings", "layers", "mlp.activation_fn"), VIT_SIZES
-    ),
+    "ViT-B/16": transformers_family("vit", VIT_SIZES),
+    "DeiT-B/16 distilled": transformers_family("deit", VIT_SIZES),
     "DINOv3 ViT-B/16": transformers_family(
-        DINOv3ViTModel,
-        DINOv3ViTTTRegModel,
-        dinov3_sites,
-        {name: dict(fields, num_register_tokens=4) for name, fields in VIT_SIZES.items()},
+        "dinov3", {name: dict(fields, num_register_tokens=4) for name, fields in VIT_SIZES.items()}
     ),
-    "SigLIP B/16": transformers_family(
-        SiglipVisionModel, SiglipVisionTTRegModel, sites("embeddings", "encoder.layers", "mlp.activation_fn"), VIT_SIZES
-    ),
+    "SigLIP B/16": transformers_family("siglip", VIT_SIZES),
     "SigLIP2 B/16 NaFlex": transformers_family(
-        Siglip2VisionModel,
-        Siglip2VisionTTRegModel,
-        siglip2_sites,
+        "siglip2",
         {"base": dict(B16, num_patches=256), "tiny": dict(TINY, num_patches=16)},  # 224 px's 16x16 patches, 32 px's 4x4
         inputs=naflex_patches,
     ),
     "timm ViT-B/16": Family(
         lambda fields: timm.create_model("vit_base_patch16_224", **fields).eval(),
         timm_registers.to_test_time_registers,
-        sites("patch_drop", "blocks", "mlp.act"),
+        hook_sites("timm"),
         {"base": {}, "tiny": TINY_TIMM},
         depth_and_width=lambda model: (len(model.blocks), model.blocks[0].mlp.fc2.in_features),
     ),

@@ -4,8 +4,9 @@ A family module (``ttreg_hf/modeling/<family>.py``) ends with ``FAMILIES = (Fami
 the parent checkpoints' ``model_type``s, its attention reader, its planting sites, where its images' preprocessing
 comes from and its named checkpoints. Every table of the package — the Auto-class registrations, the CLI's folder
 loading, export, the analysis tools' attention maps, planting, the torch.hub entries, the benchmarks — is derived
-from these declarations (`families`, `family_of`), so a new family is one module in `FAMILY_MODULES` and its tests.
-A family of your own is added with `register_family`.
+from these declarations (`families`, `family_of`), so a new family is its module, a line in `FAMILY_MODULES`, its
+public names in ``ttreg_hf/__init__.py`` and its tiny model in ``tests/family_models.py`` (which puts it through every
+contract test). A family of your own, outside the package, is added with `register_family`.
 """
 
 import difflib

@@ -123,7 +123,7 @@ def transformers_preprocessing(model: torch.nn.Module, source, image_size: int |
     processor = family.default_image_processor(model.config)
     description = f"the {family.name} default {type(processor).__name__}"
     warnings.warn(
-        f"{source or 'This model'} has no image processor ({'preprocessor_config.json'}) that could be loaded; using "
+        f"{source or 'This model'} has no image processor (preprocessor_config.json) that could be loaded; using "
         f"{description} (mean {list(processor.image_mean)}, std {list(processor.image_std)}): check that it fits the "
         "weights, or save the checkpoint's processor beside it.",
         stacklevel=2,
