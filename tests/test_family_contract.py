@@ -295,3 +295,27 @@ def test_every_class_takes_its_parents_constructor_arguments(name):
     for cls, parent in zip(family.model_classes, family.parents):
         ours, theirs = (set(inspect.signature(c.__init__).parameters) for c in (cls, parent))
         assert theirs <= ours, (cls.__name__, sorted(theirs - ours))
+
+
+def test_a_corrupt_image_processor_is_an_error_not_a_fallback(tmp_path):
+    folder = save_as_parent_checkpoint("vit", tmp_path / "vit")
+    (folder / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(
+        ValueError, match="Cannot read the image processor .*preprocessor_config.json.*fix or remove it"
+    ):
+        load_model(str(folder), "cpu", num_test_time_registers=0)
+    (folder / "preprocessor_config.json").unlink()  # absent: the family default, with a warning that names it
+    with pytest.warns(UserWarning, match="has no image processor .* the vit default ViTImageProcessor"):
+        load_model(str(folder), "cpu", num_test_time_registers=0)
+
+
+def test_register_family_takes_new_names_and_replaces_its_own(monkeypatch):
+    from ttreg_hf.family import Family, register_family
+
+    monkeypatch.setattr("ttreg_hf.family._REGISTERED", [])  # the families registered here go with the test
+
+    with pytest.raises(ValueError, match="'dinov2' is the name of one of the package's families"):
+        register_family(Family("dinov2", FAMILIES["dinov2"].model_classes))
+    first = register_family(Family("mine", FAMILIES["vit"].model_classes))
+    again = register_family(Family("mine", FAMILIES["vit"].model_classes))  # a re-run cell: replaces, no duplicate
+    assert [family for family in families() if family.name == "mine"] == [again] and again is not first

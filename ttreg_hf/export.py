@@ -18,12 +18,12 @@ from transformers.utils import cached_file
 
 from . import register_auto_classes
 from .family import family_of, family_of_model_type, transformers_families
+from .images import PREPROCESSOR_FILE
 from .index import METADATA_KEY, RegisterNeuronIndex, RegisterNeuronIndexError, load_index, write_safetensors
 from .model_card import render_model_card
 from .modeling.registers import IndexSpec, PreTrainedTestTimeRegisterMixin
 from .remote_code import CONFIG_FILE, MODELING_FILE, remote_code
 
-PREPROCESSOR_FILE = "preprocessor_config.json"
 EXPORTED_FILES = frozenset(
     {f"{CONFIG_FILE}.py", f"{MODELING_FILE}.py", "config.json", "model.safetensors", PREPROCESSOR_FILE, "README.md"}
 )

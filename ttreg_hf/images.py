@@ -12,6 +12,7 @@ import torch
 if TYPE_CHECKING:
     from PIL import Image
 
+PREPROCESSOR_FILE = "preprocessor_config.json"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 Inputs = dict[str, torch.Tensor]
 
@@ -113,17 +114,19 @@ def transformers_preprocessing(model: torch.nn.Module, source, image_size: int |
         processor = source()
         return image_processor_preprocessor(processor, f"{type(processor).__name__} (the checkpoint's)", image_size)
     if source:
+        saved = Path(source) / PREPROCESSOR_FILE
         try:
             processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=False)
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError) as error:
+            if saved.is_file():  # there, but unreadable: an error, never a silent fallback
+                raise ValueError(f"Cannot read the image processor {saved} ({error}); fix or remove it.") from error
         else:
             return image_processor_preprocessor(processor, f"{source}'s {type(processor).__name__}", image_size)
     family = family_of(model)
     processor = family.default_image_processor(model.config)
     description = f"the {family.name} default {type(processor).__name__}"
     warnings.warn(
-        f"{source or 'This model'} has no image processor (preprocessor_config.json) that could be loaded; using "
+        f"{source or 'This model'} has no image processor ({PREPROCESSOR_FILE}) that could be loaded; using "
         f"{description} (mean {list(processor.image_mean)}, std {list(processor.image_std)}): check that it fits the "
         "weights, or save the checkpoint's processor beside it.",
         stacklevel=2,
