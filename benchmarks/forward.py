@@ -40,7 +40,11 @@ from transformers import Dinov2Model, DINOv3ViTModel, Siglip2VisionModel
 from ttreg_hf import families, load_index
 from ttreg_hf.modeling import open_clip as open_clip_registers
 from ttreg_hf.modeling import timm as timm_registers
-from ttreg_hf.modeling.dinov2_original import DINOV2_ARCHS, convert_original_state_dict, load_original_state_dict
+from ttreg_hf.modeling.dinov2_original import (
+    convert_original_state_dict,
+    dinov2_architecture,
+    load_original_state_dict,
+)
 from ttreg_hf.modeling.edit import RegisterNeuronEdit
 from ttreg_hf.planted import planting_sites
 
@@ -212,18 +216,9 @@ EXTRA_HOOKS = {"dinov3": dinov3_unrotated_register, "siglip2": siglip2_mask_with
 
 
 def dinov2_fields(arch: str) -> dict:
-    """The upstream ``dinov2_{arch}`` backbone's architecture (518 px position table), with `Dinov2Model`'s position
-    interpolation: the parent's, so that (a), (b) and (c) compute the same thing at 224 px."""
-    hidden_size, num_layers, num_heads, swiglu = DINOV2_ARCHS[arch]
-    return dict(
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        use_swiglu_ffn=swiglu,
-        image_size=518,
-        patch_size=14,
-        position_interpolation="transformers",
-    )
+    """The upstream ``dinov2_{arch}`` backbone's architecture, with `Dinov2Model`'s position interpolation: the
+    parent's, so that (a), (b) and (c) compute the same thing at 224 px."""
+    return {**dinov2_architecture(arch), "position_interpolation": "transformers"}
 
 
 def load_shared_vits14(model: Dinov2Model) -> None:

@@ -55,22 +55,26 @@ _TOP_RENAMES = {
 }
 
 
-def dinov2_config(arch: str, register_neurons: IndexSpec | None = None, **settings) -> Dinov2TTRegConfig:
-    """The configuration of the upstream ``dinov2_{arch}`` backbone (518 px position table, patch 14, upstream
-    position interpolation unless ``settings`` say ``position_interpolation="transformers"``), with
-    ``register_neurons`` or the index shipped for ``dinov2_{arch}`` attached (or refused, before any download)."""
+def dinov2_architecture(arch: str) -> dict:
+    """The config fields of the upstream ``dinov2_{arch}`` backbone's architecture (518 px position table, patch 14)."""
     if arch not in DINOV2_ARCHS:
         raise ValueError(f"Unknown DINOv2 architecture {arch!r}; choose one of {sorted(DINOV2_ARCHS)}.")
     hidden_size, num_layers, num_heads, swiglu = DINOV2_ARCHS[arch]
-    config = Dinov2TTRegConfig(
+    return dict(
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         use_swiglu_ffn=swiglu,
         image_size=518,
         patch_size=14,
-        **{"position_interpolation": "upstream", **settings},
     )
+
+
+def dinov2_config(arch: str, register_neurons: IndexSpec | None = None, **settings) -> Dinov2TTRegConfig:
+    """The configuration of the upstream ``dinov2_{arch}`` backbone (518 px position table, patch 14, upstream
+    position interpolation unless ``settings`` say ``position_interpolation="transformers"``), with
+    ``register_neurons`` or the index shipped for ``dinov2_{arch}`` attached (or refused, before any download)."""
+    config = Dinov2TTRegConfig(**dinov2_architecture(arch), **{"position_interpolation": "upstream", **settings})
     semantics = settings.get("register_semantics")
     config.attach_register_neurons(register_neurons, checkpoint=f"dinov2_{arch}", register_semantics=semantics)
     return config
