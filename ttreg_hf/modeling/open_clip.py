@@ -11,12 +11,13 @@ from functools import partial
 
 import open_clip
 import torch
+from open_clip.model import CLIPVisionCfg
 from open_clip.pretrained import get_pretrained_cfg
 from open_clip.transformer import Transformer, VisionTransformer
 from torch import nn
 
 from ..analysis.attention import attention_probabilities
-from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings
+from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings, square_patch_size
 from ..family import LOADER_ARGUMENTS, Checkpoint, Family, check_close_keywords, check_keywords
 from ..images import Preprocessor, transform_preprocessor
 from ..planted import BlockSites, LinearRows, PlantingSites
@@ -87,7 +88,11 @@ class OpenCLIPTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
         """Give the tower its config and the appender around ``patch_dropout``, then adopt at the seams (edit off)."""
         check_mlps(self)
         blocks = self.transformer.resblocks
-        self.config = TestTimeRegisterConfig(num_hidden_layers=len(blocks), mlp_width=blocks[0].mlp[0].out_features)
+        self.config = TestTimeRegisterConfig(
+            num_hidden_layers=len(blocks),
+            mlp_width=blocks[0].mlp[0].out_features,
+            patch_size=square_patch_size(self.patch_size),
+        )
         self.patch_dropout = RegisterAppender(self.patch_dropout)  # dropout never drops the registers
         super().adopt_register_modules()
         self.refresh_test_time_registers()
@@ -161,13 +166,21 @@ def create_model_and_transforms(
 
 def tower_config(model_name: str, **settings) -> TestTimeRegisterConfig:
     """The register settings of open_clip model ``model_name``'s vision tower, from open_clip's model config (no
-    download): its depth and MLP width bound the index."""
+    weights downloaded), read as open_clip reads it (`CLIPVisionCfg`): its depth and MLP width bound the index."""
     vision = (open_clip.get_model_config(model_name) or {}).get("vision_cfg")
     if vision is None:
         raise ValueError(f"Unknown open_clip model {model_name!r}; see `open_clip.list_models()`.")
-    width = int(vision.get("width", 768))
+    vision = CLIPVisionCfg(**vision)
+    if vision.timm_model_name or not isinstance(vision.layers, int):
+        raise ValueError(
+            f"open_clip model {model_name!r} has a {'timm' if vision.timm_model_name else 'ResNet'} image tower: "
+            "test-time registers need open_clip's VisionTransformer (ViT-* models)."
+        )
     return TestTimeRegisterConfig(
-        num_hidden_layers=int(vision.get("layers", 12)), mlp_width=int(width * vision.get("mlp_ratio", 4.0)), **settings
+        num_hidden_layers=vision.layers,
+        mlp_width=int(vision.width * vision.mlp_ratio),
+        patch_size=square_patch_size(vision.patch_size),
+        **settings,
     )
 
 
