@@ -53,7 +53,8 @@ go away without retraining. Outputs keep the base model's shapes; the registers 
 ## Register-neuron index
 
 $index_section
-The index is stored in `config.json` (`register_neurons`) and in the `$metadata_key` metadata of `model.safetensors`.
+The index is stored in `config.json` (`register_neurons`), in the `$metadata_key` metadata of `model.safetensors`, and
+alone in `$index_file`: this repository is also an index repo id (`register_neurons="$repo_id"` of any `ttreg_hf` loader).
 
 ## Usage
 
@@ -166,6 +167,7 @@ def render_model_card(
             index, semantics=model.config.register_semantics, num_registers=model.config.num_test_time_registers
         ),
         metadata_key=METADATA_KEY,
+        index_file=INDEX_FILENAME,
         repo_id=repo_id,
         model_class=type(model).__name__,
         licence_text=(
