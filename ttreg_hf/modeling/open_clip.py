@@ -8,9 +8,14 @@ and ``c_proj`` of every block's MLP, and the registers are stripped before pooli
 import inspect
 import warnings
 from functools import partial
+from pathlib import Path
 
 import open_clip
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from open_clip.factory import parse_model_name
 from open_clip.model import CLIPVisionCfg
 from open_clip.pretrained import get_pretrained_cfg
 from open_clip.transformer import Transformer, VisionTransformer
@@ -20,6 +25,7 @@ from ..analysis.attention import attention_probabilities
 from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings, square_patch_size
 from ..family import LOADER_ARGUMENTS, Checkpoint, Family, check_close_keywords, check_keywords
 from ..images import Preprocessor, transform_preprocessor
+from ..index import INDEX_FILENAME
 from ..planted import BlockSites, LinearRows, PlantingSites
 from .layout import TokenLayout
 from .registers import IndexSpec, RegisterAppender, RegisterSeams, TestTimeRegisterMixin, adopt, check_pixel_values
@@ -145,8 +151,10 @@ def create_model_and_transforms(
 ):
     """`open_clip.create_model_and_transforms` with a test-time-register vision tower: ``(model, train, val)``.
 
-    ``register_neurons`` is required unless ``num_test_time_registers=0`` or an index ships for ``checkpoint`` (the
-    id it is looked up by; default ``"MODEL (PRETRAINED)"``); other register settings
+    Without ``register_neurons``, the index is the one in the repository or folder of an ``"hf-hub:owner/name"`` or
+    ``"local-dir:folder"`` model (`repo_index`: an OpenCLIP export's, `ttreg_hf.export_open_clip`), else the one
+    shipped for ``checkpoint`` (the id it is looked up by; default ``"MODEL (PRETRAINED)"``); none is an error unless
+    ``num_test_time_registers=0``. Other register settings
     (``num_test_time_registers``, ``register_scale``, ...) go to the tower, everything else to open_clip. The
     activation follows the checkpoint: QuickGELU for weights open_clip marks so (OpenAI's), even under a GELU
     model name such as ``"ViT-B-16"`` (open_clip itself only warns); ``force_quick_gelu=False`` opts out.
@@ -154,6 +162,9 @@ def create_model_and_transforms(
     settings = pop_register_settings(kwargs)
     check_close_keywords(kwargs, REGISTER_SETTINGS, "create_model_and_transforms")
     config = tower_config(model_name, **settings)
+    saved = repo_index(model_name) if register_neurons is None else None
+    if saved is not None:  # saved with the weights, as a `transformers` config saves one: the checkpoint's own
+        config.update_test_time_registers(saved, **settings)
     checkpoint = checkpoint or (f"{model_name} ({pretrained})" if pretrained else model_name)
     config.attach_register_neurons(
         register_neurons, checkpoint=checkpoint, register_semantics=settings.get("register_semantics")
@@ -162,6 +173,22 @@ def create_model_and_transforms(
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_name, pretrained, **kwargs)
     settings = {name: getattr(config, name) for name in REGISTER_SETTINGS}
     return to_test_time_registers(model, **settings), preprocess_train, preprocess_val
+
+
+def repo_index(model_name: str) -> Path | str | None:
+    """The index of the repository or folder that an open_clip ``"hf-hub:owner/name"`` or ``"local-dir:folder"``
+    model name names, as an index spec, when it holds `INDEX_FILENAME`; `None` when it does not (a Hub file that is
+    neither in the cache nor reachable counts as absent) and for other names."""
+    schema, source = parse_model_name(model_name)
+    if schema == "local-dir":
+        return Path(source) if (Path(source) / INDEX_FILENAME).is_file() else None
+    if schema != "hf-hub":
+        return None
+    try:
+        hf_hub_download(source, INDEX_FILENAME, dry_run=True, library_name="ttreg_hf")
+    except EntryNotFoundError:  # not in the repository, or offline and not cached
+        return None
+    return f"{hub_constants.HF_PROTOCOL}{source}"  # the Hub's, even where a local folder has the same name
 
 
 def tower_config(model_name: str, **settings) -> TestTimeRegisterConfig:
