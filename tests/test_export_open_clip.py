@@ -143,6 +143,8 @@ def test_a_loaded_model_exports_its_settings_and_the_config_must_rebuild_it(expo
     assert isinstance(theirs.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
     quick.visual.set_register_neurons(None, num_test_time_registers=0)
     assert all(torch.equal(a, b) for a, b in zip(_outputs(theirs, inputs), _outputs(quick, inputs), strict=True))
+    half, _, _ = create_model_and_transforms(TINY, register_neurons=index, precision="bf16")  # LayerNormFp32
+    assert export_open_clip(half, index, tmp_path / "bf16", model_config=TINY).is_dir()  # precision loads, not config
     with pytest.raises(ExportError, match="pooling|pool_type"):
         export_open_clip(model, index, tmp_path / "avg", model_config={**TINY_CONFIG, "vision_cfg": {
             **TINY_CONFIG["vision_cfg"], "pool_type": "avg"}})  # fmt: skip
@@ -184,7 +186,7 @@ def test_unexportable_inputs_are_clear_errors(exported, tmp_path):
     base, index, out = exported
     with pytest.raises(RegisterNeuronIndexError, match="provenance"):
         export_open_clip(TINY, NEURONS, tmp_path / "a")
-    with pytest.raises(ExportError, match="Unknown open_clip model 'ViT-Nope'"):
+    with pytest.raises(ValueError, match="Unknown open_clip model 'ViT-Nope'"):
         export_open_clip("ViT-Nope", index, tmp_path / "b")
     with pytest.raises(ValueError, match="'RN50' has a ResNet image tower"):
         export_open_clip("RN50", index, tmp_path / "r")
@@ -199,6 +201,17 @@ def test_unexportable_inputs_are_clear_errors(exported, tmp_path):
         export_open_clip(
             to_test_time_registers(copy.deepcopy(base), {1: [2]}), index, tmp_path / "f", model_config=TINY
         )
+    bare = to_test_time_registers(open_clip.model.CLIP(**TINY_CONFIG), index)  # not built by create_model
+    with pytest.raises(ExportError, match="no preprocessing config .*set_model_preprocess_cfg"):
+        export_open_clip(bare, index, tmp_path / "j", model_config=TINY)
+    for text, message in (
+        ("[1]", "is not a model config"),
+        ('{"model_cfg": {"vision_cfg": {"x": 1}}}', "no vision_cfg"),
+    ):
+        (tmp_path / "hostile").mkdir(exist_ok=True)
+        (tmp_path / "hostile" / "open_clip_config.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            export_open_clip(f"local-dir:{tmp_path / 'hostile'}", index, tmp_path / "k")
     with pytest.raises(ExportError, match="model_config must be JSON"):
         export_open_clip(model, index, tmp_path / "h", model_config={**TINY_CONFIG, "embed_dim": torch.tensor(16)})
     deeper = RegisterNeuronIndex(neurons=NEURONS, num_layers=4, mlp_width=128)  # the same neurons, another model
@@ -206,7 +219,7 @@ def test_unexportable_inputs_are_clear_errors(exported, tmp_path):
         export_open_clip(model, deeper, tmp_path / "i", model_config=TINY)
     with pytest.raises(ExportError, match="cannot build a model"):
         export_open_clip(model, index, tmp_path / "g", model_config={"vision_cfg": {}})
-    assert not any((tmp_path / name).exists() for name in "abcdefghir")
+    assert not any((tmp_path / name).exists() for name in "abcdefghijkr")
 
 
 def test_the_cli_exports_an_open_clip_model(exported, tmp_path, capsys):

@@ -20,16 +20,24 @@ from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 from open_clip.factory import parse_model_name
 from open_clip.pretrained import get_pretrained_cfg
 from open_clip.push_to_hf_hub import save_config_for_hf
+from open_clip.transformer import LayerNorm, LayerNormFp32
 from torch import nn
 
 from .export import ExportError, check_export_folder, published_index, write_staged
 from .index import INDEX_FILENAME, RegisterNeuronIndex, write_safetensors
 from .model_card import render_open_clip_card
-from .modeling.open_clip import OpenCLIPTTRegVisionTransformer, checkpoint_uses_quick_gelu, create_model_and_transforms
+from .modeling.open_clip import (
+    OpenCLIPTTRegVisionTransformer,
+    checkpoint_uses_quick_gelu,
+    create_model_and_transforms,
+    open_clip_model_config,
+)
 from .modeling.registers import IndexSpec, RegisterAppender
 
 OPEN_CLIP_EXPORTED_FILES = frozenset({HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, INDEX_FILENAME, "README.md"})
 SCALARS = (bool, int, float, str, type(None))
+# the layer norms open_clip picks by its `precision=` argument (a load option, not the config): one architecture
+PRECISION_VARIANTS = (LayerNorm, LayerNormFp32)
 NOT_PLAIN = object()  # an attribute `_check_rebuilds` does not compare (a tensor, a module, a dict)
 
 
@@ -101,9 +109,7 @@ def _source_folder(model, pretrained) -> Path | None:
 
 def _named_config(model_name: str, pretrained: str | None) -> dict:
     """open_clip's model config of ``model_name``, with ``quick_gelu`` where the ``pretrained`` weights need it."""
-    config = open_clip.get_model_config(model_name)
-    if config is None:
-        raise ExportError(f"Unknown open_clip model {model_name!r}; see `open_clip.list_models()`.")
+    config = open_clip_model_config(model_name)
     if checkpoint_uses_quick_gelu(model_name, pretrained):
         config["quick_gelu"] = True
     return config
@@ -133,6 +139,11 @@ def _config_of_loaded(model: nn.Module, index: RegisterNeuronIndex, model_config
         raise ExportError(
             f"Cannot export a {type(model).__name__}: pass an open_clip model name, or an open_clip model whose "
             "`visual` is ttreg_hf's (`ttreg_hf.modeling.open_clip.to_test_time_registers(model, index)`)."
+        )
+    if not getattr(visual, "preprocess_cfg", None):
+        raise ExportError(
+            "The model has no preprocessing config (it was not built by open_clip.create_model): set the one of its "
+            "weights with `open_clip.model.set_model_preprocess_cfg(model, {...})`."
         )
     index.check_fits(visual.config.num_hidden_layers, visual.config.mlp_width)
     if visual.config.register_neuron_index != index.neurons:
@@ -188,14 +199,16 @@ def _check_rebuilds(model: nn.Module, folder: Path) -> None:
         ours = ours.module if isinstance(ours, RegisterAppender) else ours  # our wrapper of open_clip's module
         difference = _difference(ours, theirs)
         if difference:
+            hint = ' (OpenAI weights need "quick_gelu": true)' if "GELU" in difference else ""
             raise ExportError(
                 f"open_clip would build {name or 'the model'} from this model_config with {difference}: pass the "
-                'config the model was built from (OpenAI weights need "quick_gelu": true).'
+                f"config the model was built from{hint}."
             )
 
 
 def _difference(ours: nn.Module | None, theirs: nn.Module) -> str | None:
-    if not isinstance(ours, type(theirs)):
+    same_but_precision = isinstance(ours, PRECISION_VARIANTS) and isinstance(theirs, PRECISION_VARIANTS)
+    if not (isinstance(ours, type(theirs)) or same_but_precision):
         return f"a {type(theirs).__name__}, not the model's {type(ours).__name__}"
     if ours.extra_repr() != theirs.extra_repr():
         return f"({theirs.extra_repr()}), not the model's ({ours.extra_repr()})"

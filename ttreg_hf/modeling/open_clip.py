@@ -191,17 +191,34 @@ def repo_index(model_name: str) -> Path | str | None:
     return f"{hub_constants.HF_PROTOCOL}{source}"  # the Hub's, even where a local folder has the same name
 
 
+def open_clip_model_config(model_name: str) -> dict:
+    """open_clip's model config of ``model_name``: a built-in one, or the ``model_cfg`` of the
+    ``open_clip_config.json`` of an ``"hf-hub:"`` or ``"local-dir:"`` model. An unknown name, or a file that holds no
+    config with ``vision_cfg`` and ``text_cfg`` objects, is a `ValueError` that names it."""
+    try:
+        config = open_clip.get_model_config(model_name)
+    except (AttributeError, TypeError, ValueError) as error:  # a file that is not JSON, or not an object
+        raise ValueError(f"The open_clip config of {model_name!r} is not a model config ({error}).") from error
+    if config is None:
+        raise ValueError(f"Unknown open_clip model {model_name!r}; see `open_clip.list_models()`.")
+    if not (isinstance(config, dict) and all(isinstance(config.get(f"{t}_cfg"), dict) for t in ("vision", "text"))):
+        raise ValueError(f"The open_clip config of {model_name!r} has no vision_cfg and text_cfg objects.")
+    return config
+
+
 def tower_config(model_name: str, **settings) -> TestTimeRegisterConfig:
     """The register settings of open_clip model ``model_name``'s vision tower, from open_clip's model config (no
     weights downloaded), read as open_clip reads it (`CLIPVisionCfg`): its depth and MLP width bound the index."""
-    vision = (open_clip.get_model_config(model_name) or {}).get("vision_cfg")
-    if vision is None:
-        raise ValueError(f"Unknown open_clip model {model_name!r}; see `open_clip.list_models()`.")
-    vision = CLIPVisionCfg(**vision)
-    if vision.timm_model_name or not isinstance(vision.layers, int):
+    vision = open_clip_model_config(model_name)["vision_cfg"]
+    try:
+        vision = CLIPVisionCfg(**vision)
+    except TypeError as error:
+        raise ValueError(f"The vision_cfg of open_clip model {model_name!r} is not open_clip's: {error}") from error
+    tower = "timm" if vision.timm_model_name else "ResNet" if isinstance(vision.layers, (list, tuple)) else None
+    if tower:
         raise ValueError(
-            f"open_clip model {model_name!r} has a {'timm' if vision.timm_model_name else 'ResNet'} image tower: "
-            "test-time registers need open_clip's VisionTransformer (ViT-* models)."
+            f"open_clip model {model_name!r} has a {tower} image tower: test-time registers need open_clip's "
+            "VisionTransformer (ViT-* models)."
         )
     return TestTimeRegisterConfig(
         num_hidden_layers=vision.layers,
