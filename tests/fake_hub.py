@@ -4,6 +4,7 @@ repository, commit files (preupload, then the ndjson commit), create a branch, a
 drives `huggingface_hub` itself, pointed at this server as it would be at a mirror (``HF_ENDPOINT``).
 
 Bounded: loopback only, request bodies up to `MAX_BODY` bytes, a socket timeout per request, shut down after the test.
+Tests use it through its `hub` fixture: ``pytest_plugins = ["fake_hub"]`` in the test module.
 """
 
 import base64
@@ -14,6 +15,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
+import pytest
+from huggingface_hub import constants
+
+from ttreg_hf.modeling.edit import warn_once
+
+TOKEN = "hf_fake_token_for_tests"
 MAX_BODY = 4 * 2**20
 REQUEST_TIMEOUT_S = 10
 
@@ -188,3 +195,21 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._send(200, content, {"Content-Type": "application/octet-stream", **headers}, head=head)
 
     return Handler
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A fake Hub on 127.0.0.1 as `huggingface_hub`'s endpoint (as ``HF_ENDPOINT`` makes it), online, with an empty
+    cache of its own and a token in ``HF_TOKEN``. ``HF_ENDPOINT`` is read when `huggingface_hub` is imported, so the
+    constants it set are patched."""
+    with FakeHub() as fake:
+        monkeypatch.setattr(constants, "ENDPOINT", fake.url)
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        warn_once.cache_clear()
+        yield fake

@@ -200,6 +200,7 @@ def test_the_folder_holds_config_index_preprocessor_card_and_self_contained_code
     }
     assert config["register_neurons"] == {"1": [3, 127, 5], "2": [7]}
     assert RegisterNeuronIndex.load(out / "model.safetensors") == index
+    assert RegisterNeuronIndex.from_pretrained(out) == index  # the index alone: an export is an index repository
     assert set(load_file(out / "model.safetensors")) == set(Dinov2TTRegModel.from_pretrained(out).state_dict())
     parent_dir = exported["dinov2"][0]
     assert (out / "preprocessor_config.json").read_bytes() == (parent_dir / "preprocessor_config.json").read_bytes()
@@ -215,6 +216,7 @@ def test_the_folder_holds_config_index_preprocessor_card_and_self_contained_code
         "| 1 | 3, 127, 5 |",
         "threshold: 2.5",
         "num_test_time_registers=0",
+        "alone in `register_neurons.safetensors`",
         "trust_remote_code=True",
         "2506.08010",
         BIBTEX,

@@ -8,12 +8,11 @@ from huggingface_hub import HfApi, constants
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronIndex, RegisterNeuronIndexError, load_index
 from ttreg_hf.cli import main
 from ttreg_hf.index import INDEX_FILENAME
-from ttreg_hf.modeling.edit import warn_once
 
 from conftest import tiny_dinov2_config
-from fake_hub import FakeHub
+from fake_hub import TOKEN
 
-TOKEN = "hf_fake_token_for_tests"
+pytest_plugins = ["fake_hub"]  # its `hub` fixture
 
 
 @pytest.fixture
@@ -28,24 +27,6 @@ def image_dir(tmp_path):
     for i, image in enumerate(textured_images(4, seed=2024)):
         Image.fromarray((image.permute(1, 2, 0) * 255).byte().numpy()).save(folder / f"{i}.png")
     return folder
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A fake Hub on 127.0.0.1 as `huggingface_hub`'s endpoint (as ``HF_ENDPOINT`` makes it), online, with an empty
-    cache of its own and a token in ``HF_TOKEN``. ``HF_ENDPOINT`` is read when `huggingface_hub` is imported, so the
-    constants it set are patched."""
-    with FakeHub() as fake:
-        monkeypatch.setattr(constants, "ENDPOINT", fake.url)
-        monkeypatch.setattr(
-            constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake.url + "/{repo_id}/resolve/{revision}/{filename}"
-        )
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-        warn_once.cache_clear()
-        yield fake
 
 
 def found_index(**changes) -> RegisterNeuronIndex:

@@ -97,6 +97,31 @@ def test_an_image_far_from_the_index_size_warns_once_with_both(found_at, runs_at
         )
 
 
+@pytest.mark.parametrize("family", ["open_clip", "timm"])
+@pytest.mark.parametrize(("found_at", "warns"), [(32, False), (224, True)])
+def test_open_clip_and_timm_towers_check_the_image_size_too(family, found_at, warns):
+    """Their `TestTimeRegisterConfig` gets the tower's patch size, so the index's image size is checked (32 px runs)."""
+    if family == "open_clip":
+        from ttreg_hf.modeling.open_clip import OpenCLIPTTRegVisionTransformer
+
+        tower = OpenCLIPTTRegVisionTransformer(
+            image_size=32, patch_size=8, width=32, layers=3, heads=2, mlp_ratio=4.0, output_dim=16
+        )
+    else:
+        from ttreg_hf.modeling.timm import TimmTTRegVisionTransformer
+
+        tower = TimmTTRegVisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+    tower.set_register_neurons(index_for_tiny(image_size=found_at))
+    assert tower.config.patch_size == 8
+    with warnings.catch_warnings(record=True) as record, torch.no_grad():
+        warnings.simplefilter("always")
+        tower.eval()(torch.randn(1, 3, 32, 32))
+    messages = mismatch_warnings(record)
+    assert len(messages) == warns
+    if warns:
+        assert "found at 224 px; this model runs at about 32 px (16 patches of 8 px)" in messages[0]
+
+
 def test_the_size_check_is_not_traced_under_compile():
     model = Dinov2TTRegModel(tiny_dinov2_config(register_neurons=None)).eval()
     model.set_register_neurons(index_for_tiny(image_size=560))  # 10x the input: eager would warn

@@ -26,6 +26,7 @@ from huggingface_hub.errors import StrictDataclassError
 from . import __version__
 
 PLANTED = "planted"
+OPEN_CLIP_PREFIX = "open_clip:"  # `ttreg export open_clip:NAME`: an OpenCLIP model, as open_clip names it
 MODEL_HELP = (
     "a model name (`ttreg_hf.hub.model_names()`), a local Hugging Face folder of a checkpoint of one of the "
     "`transformers` families (the parent's or ttreg_hf's), or 'planted'"
@@ -413,13 +414,23 @@ def _export_parser(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="write a Hub-ready folder that loads with `trust_remote_code=True` and no ttreg_hf",
         description="Write MODEL with the register-neuron index INDEX to OUT: config.json with auto_map, generated "
-        "configuration and modeling files, model.safetensors, the parent's preprocessor config and a model card; "
-        "upload it with `huggingface_hub.upload_folder`. OUT must be empty or new; with --overwrite, a folder "
-        "holding only files an export writes is rewritten. The parent checkpoint's own folder is always refused.",
+        "configuration and modeling files, model.safetensors, the parent's preprocessor config, the index alone "
+        "(register_neurons.safetensors) and a model card; an OpenCLIP model (open_clip:NAME) in open_clip's own layout "
+        "instead (open_clip_config.json, open_clip_model.safetensors), with the index and a card. Upload it with "
+        "`huggingface_hub.upload_folder`. OUT must be empty or new; with --overwrite, a folder holding only files an "
+        "export writes is rewritten. The parent checkpoint's own folder is always refused.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL", help="a DINOv2 or CLIP Hugging Face checkpoint id or local folder")
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help=f"a Hugging Face checkpoint id or local folder of a `transformers` family, or {OPEN_CLIP_PREFIX}NAME: an "
+        "OpenCLIP model as open_clip names it (ViT-B-16 with --pretrained, hf-hub:owner/name, local-dir:folder)",
+    )
+    parser.add_argument(
+        "--pretrained", help=f"open_clip's pretrained tag or checkpoint file of a {OPEN_CLIP_PREFIX}NAME model"
+    )
     parser.add_argument("--index", required=True, help="register-neuron index file, or a shipped index name")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--license", help="licence of the base checkpoint (default: known for common checkpoints)")
@@ -429,9 +440,13 @@ def _export_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    check_output(args.out, args.overwrite, folder=True)
+    if args.model.startswith(OPEN_CLIP_PREFIX):
+        return _export_open_clip(args)
+    if args.pretrained:
+        raise CommandError(f"--pretrained is for OpenCLIP models ({OPEN_CLIP_PREFIX}NAME), not {args.model!r}.")
     from .export import export_model
 
-    check_output(args.out, args.overwrite, folder=True)
     try:
         out = export_model(
             args.model, args.index, args.out, license=args.license, repo_id=args.repo_id, overwrite=args.overwrite
@@ -442,6 +457,25 @@ def _export(args: argparse.Namespace) -> int:
         raise CommandError(
             f"Could not fetch {args.model!r} ({_one_line(error)}); pass a local checkpoint folder as MODEL."
         ) from error
+    print(f"Wrote {out}")
+    return EXIT_OK
+
+
+def _export_open_clip(args: argparse.Namespace) -> int:
+    from .export_open_clip import export_open_clip
+
+    name = args.model.removeprefix(OPEN_CLIP_PREFIX)
+    if not name:
+        raise CommandError(f"No model after {OPEN_CLIP_PREFIX!r}: e.g. {OPEN_CLIP_PREFIX}ViT-B-16 --pretrained openai.")
+    out = export_open_clip(
+        name,
+        args.index,
+        args.out,
+        pretrained=args.pretrained,
+        license=args.license,
+        repo_id=args.repo_id,
+        overwrite=args.overwrite,
+    )
     print(f"Wrote {out}")
     return EXIT_OK
 

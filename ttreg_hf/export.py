@@ -11,6 +11,8 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from transformers import AutoConfig, PreTrainedModel
@@ -19,13 +21,28 @@ from transformers.utils import cached_file
 from . import register_auto_classes
 from .family import family_of, family_of_model_type, transformers_families
 from .images import PREPROCESSOR_FILE
-from .index import METADATA_KEY, RegisterNeuronIndex, RegisterNeuronIndexError, load_index, write_safetensors
+from .index import (
+    INDEX_FILENAME,
+    METADATA_KEY,
+    RegisterNeuronIndex,
+    RegisterNeuronIndexError,
+    load_index,
+    write_safetensors,
+)
 from .model_card import render_model_card
 from .modeling.registers import IndexSpec, PreTrainedTestTimeRegisterMixin
 from .remote_code import CONFIG_FILE, MODELING_FILE, remote_code
 
 EXPORTED_FILES = frozenset(
-    {f"{CONFIG_FILE}.py", f"{MODELING_FILE}.py", "config.json", "model.safetensors", PREPROCESSOR_FILE, "README.md"}
+    {
+        f"{CONFIG_FILE}.py",
+        f"{MODELING_FILE}.py",
+        "config.json",
+        "model.safetensors",
+        PREPROCESSOR_FILE,
+        INDEX_FILENAME,
+        "README.md",
+    }
 )
 
 
@@ -43,7 +60,8 @@ def export_model(
     repo_id: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``out``, ready for `huggingface_hub.upload_folder`: config, remote code, weights, preprocessor, card.
+    """Write ``out``, ready for `huggingface_hub.upload_folder`: config, remote code, weights, preprocessor, the
+    index alone (`INDEX_FILENAME`: the repository is also an index repo id), card.
 
     ``model`` is a checkpoint id or folder (DINOv2 or CLIP, the parent's or ours) or a loaded model of this package
     whose register neurons are ``index``'s. ``index`` is an index file or shipped name (a plain dict has no
@@ -56,22 +74,30 @@ def export_model(
     copied unchanged; a parent without one (random weights) gets the family's default, with a warning that says so.
     """
     out = Path(out)
-    _check_export_folder(out, overwrite, source=model)
-    index = _published_index(index)
+    check_export_folder(out, overwrite, source=model)
+    index = published_index(index)
     model = _model_with_index(model, index)
-    _check_export_folder(out, overwrite, source=model.config.name_or_path)
+    check_export_folder(out, overwrite, source=model.config.name_or_path)
     if base_model is None:
         base_model = _checkpoint_id(model) or index.checkpoints.get("hf")
+    return write_staged(
+        out, partial(_write_export, model, index, base_model=base_model, license=license, repo_id=repo_id)
+    )
+
+
+def write_staged(out: Path, write: Callable[[Path], None]) -> Path:
+    """``write(staging)`` into a new folder beside ``out``, then everything it wrote moved into ``out``: an export
+    that fails while writing leaves ``out`` as it was. Returns ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:
-        _write_export(model, index, Path(staging), base_model, license, repo_id or "<user>/<repo>")
+        write(Path(staging))
         out.mkdir(exist_ok=True)
         for path in sorted(Path(staging).iterdir()):
             os.replace(path, out / path.name)
     return out
 
 
-def _write_export(model, index: RegisterNeuronIndex, folder: Path, base_model, license, repo_id: str) -> None:
+def _write_export(model, index: RegisterNeuronIndex, folder: Path, *, base_model, license, repo_id) -> None:
     for name, source in remote_code(type(model)).items():
         (folder / f"{name}.py").write_text(source)
     _config_for_remote_code(model).save_pretrained(folder)
@@ -79,14 +105,15 @@ def _write_export(model, index: RegisterNeuronIndex, folder: Path, base_model, l
     metadata = {"format": "pt", METADATA_KEY: json.dumps(index.to_json())}
     write_safetensors(weights, folder / "model.safetensors", metadata)
     _write_preprocessor_config(model, folder)
+    index.save(folder / INDEX_FILENAME)
     (folder / "README.md").write_text(
-        render_model_card(model, index, base_model=base_model, license=license, repo_id=repo_id)
+        render_model_card(model, index, base_model=base_model, license=license, repo_id=repo_id or "<user>/<repo>")
     )
 
 
-def _check_export_folder(out: Path, overwrite: bool, source) -> None:
-    """Refuse a file, the parent checkpoint's folder, and a non-empty folder (but with ``overwrite`` one that holds
-    only exported files), before anything is loaded or written."""
+def check_export_folder(out: Path, overwrite: bool, source, exported: frozenset[str] = EXPORTED_FILES) -> None:
+    """Refuse a file, the parent checkpoint's folder ``source``, and a non-empty folder (but with ``overwrite`` one that
+    holds only files of ``exported``, an earlier export's), before anything is loaded or written."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file: export writes a folder.")
     parent_folder = Path(source) if isinstance(source, (str, Path)) and str(source) else None
@@ -97,7 +124,7 @@ def _check_export_folder(out: Path, overwrite: bool, source) -> None:
         raise ExportError(
             f"{out} is not empty ({', '.join(present)}): export into a new folder, or pass overwrite=True (--overwrite)."
         )
-    foreign = [name for name in present if name not in EXPORTED_FILES]
+    foreign = [name for name in present if name not in exported]
     if foreign:
         raise ExportError(
             f"{out} holds files an export does not write ({', '.join(foreign)}); an upload would publish them. "
@@ -127,7 +154,8 @@ def _write_preprocessor_config(model: PreTrainedModel, out: Path) -> None:
     )
 
 
-def _published_index(index: IndexSpec) -> RegisterNeuronIndex:
+def published_index(index: IndexSpec) -> RegisterNeuronIndex:
+    """``index`` loaded as a `RegisterNeuronIndex`; a plain dict is refused: an export publishes the provenance."""
     loaded = load_index(index)
     if not isinstance(loaded, RegisterNeuronIndex):
         raise RegisterNeuronIndexError(

@@ -1,6 +1,8 @@
-"""Model cards: an exported model's (what it is, its index and provenance, usage, licence, citation) and an index
-repository's (`RegisterNeuronIndex.push_to_hub`). Both describe the index with `index_section`."""
+"""Model cards: an exported model's (what it is, its index and provenance, usage, licence, citation), for the
+`transformers` families and for OpenCLIP, and an index repository's (`RegisterNeuronIndex.push_to_hub`). All describe
+the index with `index_section`."""
 
+import dataclasses
 from string import Template
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -53,7 +55,8 @@ go away without retraining. Outputs keep the base model's shapes; the registers 
 ## Register-neuron index
 
 $index_section
-The index is stored in `config.json` (`register_neurons`) and in the `$metadata_key` metadata of `model.safetensors`.
+The index is stored in `config.json` (`register_neurons`), in the `$metadata_key` metadata of `model.safetensors`, and
+alone in `$index_file`: this repository is also an index repo id (`register_neurons="$repo_id"` of any `ttreg_hf` loader).
 
 ## Usage
 
@@ -147,7 +150,7 @@ def render_model_card(
     model, index: RegisterNeuronIndex, *, base_model: str | None, license: str | None, repo_id: str
 ) -> str:
     """The card's text: YAML metadata for the Hub, then the body above."""
-    license = license or BASE_LICENCES.get(base_model or "")
+    license, licence_text = _licence(base_model, license)
     base_name = base_model or "the base checkpoint"
     data = ModelCardData(
         license=license,
@@ -166,13 +169,117 @@ def render_model_card(
             index, semantics=model.config.register_semantics, num_registers=model.config.num_test_time_registers
         ),
         metadata_key=METADATA_KEY,
+        index_file=INDEX_FILENAME,
         repo_id=repo_id,
         model_class=type(model).__name__,
-        licence_text=(
-            f"The weights are {base_name}'s, under its licence: `{license}`."
-            if license
-            else f"The weights are {base_name}'s: for their licence, {UNKNOWN_LICENCE}."
+        licence_text=licence_text,
+        bibtex=BIBTEX,
+    )
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _licence(base_model: str | None, license: str | None) -> tuple[str | None, str]:
+    """The licence tag (``license``, else the known one of ``base_model``) and the card's sentence about it."""
+    license = license or BASE_LICENCES.get(base_model or "")
+    base_name = base_model or "the base checkpoint"
+    if license:
+        return license, f"The weights are {base_name}'s, under its licence: `{license}`."
+    return None, f"The weights are {base_name}'s: for their licence, {UNKNOWN_LICENCE}."
+
+
+OPEN_CLIP_BODY = Template("""
+# $title
+
+[$base_link]($base_url) with **test-time registers**, from
+["Vision Transformers Don't Need Trained Registers"]($paper) (Jiang, Dravid, Efros, Gandelsman, 2025), in open_clip's
+own layout: `$config_file` (the model config open_clip builds it from, and the preprocessing) and `$weights_file`
+(the whole CLIP model's weights, the base checkpoint's, unchanged). At inference $num_registers zero-initialised
+token(s) are appended after the patch tokens of the image tower, and the activations of the register neurons listed
+below are moved onto them: the high-norm outlier tokens go away without retraining. Outputs keep open_clip's shapes.
+
+## Register-neuron index
+
+$index_section
+The index is `$index_file` (JSON in the header of a safetensors file, no tensors): this repository is also an index
+repo id (`register_neurons="$repo_id"` of any `ttreg_hf` loader).
+
+## Usage
+
+With the `ttreg_hf` package installed, the index in this repository is found by default:
+
+```python
+from ttreg_hf.modeling.open_clip import create_model_and_transforms
+
+model, _, preprocess = create_model_and_transforms("hf-hub:$repo_id"$settings)
+image_features = model.encode_image(preprocess(image).unsqueeze(0))
+```
+
+With open_clip alone, the same weights load as the base model, without test-time registers (what
+`num_test_time_registers=0` gives with `ttreg_hf`):
+
+```python
+import open_clip
+
+model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:$repo_id")
+tokenizer = open_clip.get_tokenizer("hf-hub:$repo_id")
+```
+
+## Licence
+
+$licence_text
+
+## Citation
+
+```bibtex
+$bibtex
+```
+""")
+
+
+def render_open_clip_card(
+    config,
+    index: RegisterNeuronIndex,
+    *,
+    base_model: str | None,
+    license: str | None,
+    repo_id: str,
+    config_file: str,
+    weights_file: str,
+) -> str:
+    """The card of an OpenCLIP export in open_clip's layout (``config_file``, ``weights_file``). ``config`` is the
+    vision tower's `TestTimeRegisterConfig`: its settings that the index does not carry and that differ from the
+    defaults go into the usage example."""
+    license, licence_text = _licence(base_model, license)
+    base_name = base_model or "the base checkpoint"
+    data = ModelCardData(
+        license=license,
+        library_name="open_clip",
+        base_model=base_model,
+        pipeline_tag="zero-shot-image-classification",
+        tags=["clip", "vision", "test-time-registers", "ttreg_hf"],
+    )
+    defaults = {field.name: field.default for field in dataclasses.fields(config)}
+    defaults["register_semantics"] = index.semantics  # the index file carries it
+    settings = {
+        name: getattr(config, name)
+        for name in ("num_test_time_registers", "register_scale", "register_semantics", "register_patch_mode")
+        if getattr(config, name) != defaults[name]
+    }
+    body = OPEN_CLIP_BODY.substitute(
+        title=f"{base_name} with test-time registers",
+        base_link=f"`{base_model}`" if base_model else "An OpenCLIP model",
+        base_url=f"https://huggingface.co/{base_model}" if base_model else PAPER_URL,
+        paper=PAPER_URL,
+        config_file=config_file,
+        weights_file=weights_file,
+        num_registers=config.num_test_time_registers,
+        index_section=index_section(
+            index, semantics=config.register_semantics, num_registers=config.num_test_time_registers
         ),
+        index_file=INDEX_FILENAME,
+        repo_id=repo_id,
+        settings="".join(f", {name}={value!r}" for name, value in settings.items()),
+        licence_text=licence_text,
         bibtex=BIBTEX,
     )
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))

@@ -187,10 +187,21 @@ class TestTimeRegisterConfig(TestTimeRegisterConfigMixin):
         Number of transformer blocks.
     mlp_width (`int`):
         Number of neurons in each MLP hidden layer (after the gating for gated MLPs).
+    patch_size (`int`, *optional*):
+        Side of a square patch in pixels, set from the tower (`None` for non-square or unknown patches): with the
+        index's image size it gives `register_index_found_at`, the size the index is checked against.
     """
 
     num_hidden_layers: int = 12
     mlp_width: int = 3072
+    patch_size: int | None = None
+
+
+def square_patch_size(patch_size) -> int | None:
+    """A tower's patch size (an int or a ``(height, width)`` pair) as `TestTimeRegisterConfig.patch_size`: the side
+    of a square patch, `None` for a non-square one."""
+    height, width = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+    return int(height) if height == width else None
 
 
 REGISTER_SETTINGS = tuple(field.name for field in dataclasses.fields(TestTimeRegisterConfigMixin))

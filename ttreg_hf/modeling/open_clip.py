@@ -8,17 +8,24 @@ and ``c_proj`` of every block's MLP, and the registers are stripped before pooli
 import inspect
 import warnings
 from functools import partial
+from pathlib import Path
 
 import open_clip
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from open_clip.factory import parse_model_name
+from open_clip.model import CLIPVisionCfg
 from open_clip.pretrained import get_pretrained_cfg
 from open_clip.transformer import Transformer, VisionTransformer
 from torch import nn
 
 from ..analysis.attention import attention_probabilities
-from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings
+from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings, square_patch_size
 from ..family import LOADER_ARGUMENTS, Checkpoint, Family, check_close_keywords, check_keywords
 from ..images import Preprocessor, transform_preprocessor
+from ..index import INDEX_FILENAME
 from ..planted import BlockSites, LinearRows, PlantingSites
 from .layout import TokenLayout
 from .registers import IndexSpec, RegisterAppender, RegisterSeams, TestTimeRegisterMixin, adopt, check_pixel_values
@@ -87,7 +94,11 @@ class OpenCLIPTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
         """Give the tower its config and the appender around ``patch_dropout``, then adopt at the seams (edit off)."""
         check_mlps(self)
         blocks = self.transformer.resblocks
-        self.config = TestTimeRegisterConfig(num_hidden_layers=len(blocks), mlp_width=blocks[0].mlp[0].out_features)
+        self.config = TestTimeRegisterConfig(
+            num_hidden_layers=len(blocks),
+            mlp_width=blocks[0].mlp[0].out_features,
+            patch_size=square_patch_size(self.patch_size),
+        )
         self.patch_dropout = RegisterAppender(self.patch_dropout)  # dropout never drops the registers
         super().adopt_register_modules()
         self.refresh_test_time_registers()
@@ -140,8 +151,10 @@ def create_model_and_transforms(
 ):
     """`open_clip.create_model_and_transforms` with a test-time-register vision tower: ``(model, train, val)``.
 
-    ``register_neurons`` is required unless ``num_test_time_registers=0`` or an index ships for ``checkpoint`` (the
-    id it is looked up by; default ``"MODEL (PRETRAINED)"``); other register settings
+    Without ``register_neurons``, the index is the one in the repository or folder of an ``"hf-hub:owner/name"`` or
+    ``"local-dir:folder"`` model (`repo_index`: an OpenCLIP export's, `ttreg_hf.export_open_clip`), else the one
+    shipped for ``checkpoint`` (the id it is looked up by; default ``"MODEL (PRETRAINED)"``); none is an error unless
+    ``num_test_time_registers=0``. Other register settings
     (``num_test_time_registers``, ``register_scale``, ...) go to the tower, everything else to open_clip. The
     activation follows the checkpoint: QuickGELU for weights open_clip marks so (OpenAI's), even under a GELU
     model name such as ``"ViT-B-16"`` (open_clip itself only warns); ``force_quick_gelu=False`` opts out.
@@ -149,6 +162,9 @@ def create_model_and_transforms(
     settings = pop_register_settings(kwargs)
     check_close_keywords(kwargs, REGISTER_SETTINGS, "create_model_and_transforms")
     config = tower_config(model_name, **settings)
+    saved = repo_index(model_name) if register_neurons is None else None
+    if saved is not None:  # saved with the weights, as a `transformers` config saves one: the checkpoint's own
+        config.update_test_time_registers(saved, **settings)
     checkpoint = checkpoint or (f"{model_name} ({pretrained})" if pretrained else model_name)
     config.attach_register_neurons(
         register_neurons, checkpoint=checkpoint, register_semantics=settings.get("register_semantics")
@@ -159,15 +175,56 @@ def create_model_and_transforms(
     return to_test_time_registers(model, **settings), preprocess_train, preprocess_val
 
 
+def repo_index(model_name: str) -> Path | str | None:
+    """The index of the repository or folder that an open_clip ``"hf-hub:owner/name"`` or ``"local-dir:folder"``
+    model name names, as an index spec, when it holds `INDEX_FILENAME`; `None` when it does not (a Hub file that is
+    neither in the cache nor reachable counts as absent) and for other names."""
+    schema, source = parse_model_name(model_name)
+    if schema == "local-dir":
+        return Path(source) if (Path(source) / INDEX_FILENAME).is_file() else None
+    if schema != "hf-hub":
+        return None
+    try:
+        hf_hub_download(source, INDEX_FILENAME, dry_run=True, library_name="ttreg_hf")
+    except EntryNotFoundError:  # not in the repository, or offline and not cached
+        return None
+    return f"{hub_constants.HF_PROTOCOL}{source}"  # the Hub's, even where a local folder has the same name
+
+
+def open_clip_model_config(model_name: str) -> dict:
+    """open_clip's model config of ``model_name``: a built-in one, or the ``model_cfg`` of the
+    ``open_clip_config.json`` of an ``"hf-hub:"`` or ``"local-dir:"`` model. An unknown name, or a file that holds no
+    config with ``vision_cfg`` and ``text_cfg`` objects, is a `ValueError` that names it."""
+    try:
+        config = open_clip.get_model_config(model_name)
+    except (AttributeError, TypeError, ValueError) as error:  # a file that is not JSON, or not an object
+        raise ValueError(f"The open_clip config of {model_name!r} is not a model config ({error}).") from error
+    if config is None:
+        raise ValueError(f"Unknown open_clip model {model_name!r}; see `open_clip.list_models()`.")
+    if not (isinstance(config, dict) and all(isinstance(config.get(f"{t}_cfg"), dict) for t in ("vision", "text"))):
+        raise ValueError(f"The open_clip config of {model_name!r} has no vision_cfg and text_cfg objects.")
+    return config
+
+
 def tower_config(model_name: str, **settings) -> TestTimeRegisterConfig:
     """The register settings of open_clip model ``model_name``'s vision tower, from open_clip's model config (no
-    download): its depth and MLP width bound the index."""
-    vision = (open_clip.get_model_config(model_name) or {}).get("vision_cfg")
-    if vision is None:
-        raise ValueError(f"Unknown open_clip model {model_name!r}; see `open_clip.list_models()`.")
-    width = int(vision.get("width", 768))
+    weights downloaded), read as open_clip reads it (`CLIPVisionCfg`): its depth and MLP width bound the index."""
+    vision = open_clip_model_config(model_name)["vision_cfg"]
+    try:
+        vision = CLIPVisionCfg(**vision)
+    except TypeError as error:
+        raise ValueError(f"The vision_cfg of open_clip model {model_name!r} is not open_clip's: {error}") from error
+    tower = "timm" if vision.timm_model_name else "ResNet" if isinstance(vision.layers, (list, tuple)) else None
+    if tower:
+        raise ValueError(
+            f"open_clip model {model_name!r} has a {tower} image tower: test-time registers need open_clip's "
+            "VisionTransformer (ViT-* models)."
+        )
     return TestTimeRegisterConfig(
-        num_hidden_layers=int(vision.get("layers", 12)), mlp_width=int(width * vision.get("mlp_ratio", 4.0)), **settings
+        num_hidden_layers=vision.layers,
+        mlp_width=int(vision.width * vision.mlp_ratio),
+        patch_size=square_patch_size(vision.patch_size),
+        **settings,
     )
 
 

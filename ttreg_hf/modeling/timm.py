@@ -18,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..analysis.attention import attention_probabilities
-from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings
+from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings, square_patch_size
 from ..family import Family, check_close_keywords
 from ..images import Preprocessor, transform_preprocessor
 from ..planted import BlockSites, LinearRows, PlantingSites
@@ -261,7 +261,10 @@ def register_config(model: VisionTransformer, **settings) -> TestTimeRegisterCon
     stays valid, and the edits of the pruned blocks go with them.
     """
     return TestTimeRegisterConfig(
-        num_hidden_layers=len(model.feature_info), mlp_width=model.blocks[0].mlp.fc2.in_features, **settings
+        num_hidden_layers=len(model.feature_info),
+        mlp_width=model.blocks[0].mlp.fc2.in_features,
+        patch_size=square_patch_size(model.patch_embed.patch_size),
+        **settings,
     )
 
 
