@@ -45,6 +45,13 @@ INTERNALS: dict[str, tuple[str, ...]] = {
         "transformers.utils.generic.can_return_tuple",
     ),
     "open_clip_torch": (
+        "open_clip.constants.HF_CONFIG_NAME",
+        "open_clip.constants.HF_SAFE_WEIGHTS_NAME",
+        "open_clip.factory.parse_model_name",
+        "open_clip.model.CLIPVisionCfg",
+        "open_clip.push_to_hf_hub.save_config_for_hf",
+        "open_clip.transformer.LayerNorm",
+        "open_clip.transformer.LayerNormFp32",
         "open_clip.pretrained.get_pretrained_cfg",
         "open_clip.transform.PreprocessCfg",
         "open_clip.transform.image_transform_v2",
