@@ -2,13 +2,14 @@
 
 import pytest
 import torch
+from torch import nn
 from transformers import Dinov2Model
 
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronEdit, TokenLayout
 from ttreg_hf.settings import PATCH_MODES, SEMANTICS
 
 from conftest import tiny_dinov2_config
-from reference_edit import hooked_register_edit
+from reference_edit import AUTOGRAD_MODES, hooked_register_edit
 
 
 def parent_of(model):
@@ -214,3 +215,89 @@ def test_a_scale_the_running_dtype_cannot_hold_is_refused_not_inf(images):
     with pytest.raises(ValueError, match="register_scale 1e\\+300 overflows torch.float32"):
         edit(torch.randn(1, 4, 8))
     assert RegisterNeuronEdit([0], TokenLayout(1, 1), [1e30])(torch.randn(1, 4, 8)).isfinite().all()
+
+
+@pytest.mark.parametrize("mode", AUTOGRAD_MODES)
+def test_a_relu_mlp_is_edited_like_the_reference_in_every_autograd_mode(mode, images):
+    """ReLU's backward reads its output, the activations the edit writes: editing them in place while autograd holds
+    them would fail at backward ("modified by an inplace operation"). GELU's reads its input, so only a ReLU MLP
+    checks the edit's choice; in eval mode, as for saliency maps, where the choice must not follow ``training``."""
+    config = tiny_dinov2_config(hidden_act="relu", register_patch_mode="mean")
+    model = Dinov2TTRegModel(config).eval()
+    parent = parent_of(model)
+    with mode():
+        actual = with_registers(model(images))
+        expected = hooked_output(parent, config, images)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    if actual.requires_grad:
+        actual.square().mean().backward()
+        expected.square().mean().backward()
+        name = "encoder.layer.1.mlp.fc1.weight"
+        torch.testing.assert_close(
+            model.get_parameter(name).grad, parent.get_parameter(name).grad, atol=1e-6, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize(
+    "mode, trainable, in_place",
+    [(torch.enable_grad, True, False), (torch.enable_grad, False, True), (torch.no_grad, True, True)]
+    + [(torch.inference_mode, True, True)],
+    ids=["autograd", "frozen weights", "no_grad", "inference_mode"],
+)
+def test_the_edit_is_in_place_exactly_when_autograd_does_not_hold_the_activations(mode, trainable, in_place):
+    """No second full-size copy at inference (the activations are the largest tensor of a ViT's forward), and never
+    an in-place write to activations autograd saved."""
+    projection = nn.Linear(8, 16).requires_grad_(trainable)
+    edit = RegisterNeuronEdit([1, 3], TokenLayout(1, 1), [1.0])
+    with mode():
+        activations = torch.relu(projection(torch.randn(2, 5, 8)))
+        edited = edit(activations)
+    assert (edited is activations) == in_place
+    if edited.requires_grad:
+        edited.sum().backward()
+        assert projection.weight.grad is not None
+
+
+@pytest.mark.parametrize("patch_mode", PATCH_MODES)
+@pytest.mark.parametrize("semantics", SEMANTICS)
+def test_an_image_without_real_patches_is_finite_and_edited_as_alone(semantics, patch_mode):
+    """In a padded batch, an image whose patches are all padding (and one with no real token at all) has mean 0 and
+    no outlier; one without a real token gets register value 0. Finite, and the same in the batch as alone."""
+    edit = RegisterNeuronEdit([1, 3], TokenLayout(0, 1), [1.0], semantics, patch_mode)
+    activations = torch.randn(3, 7, 6) * 5
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[0, 4:6] = False  # padded
+    mask[1, :6] = False  # every patch is padding; the register is real
+    mask[2] = False  # nothing is real
+    with torch.no_grad():
+        together = edit(activations.clone(), mask)
+        alone = [edit(activations[i : i + 1].clone(), mask[i : i + 1])[0] for i in range(3)]
+    assert together.isfinite().all()
+    for image in range(3):
+        assert torch.equal(together[image], alone[image])
+    assert torch.equal(together[2, -1, [1, 3]], torch.zeros(2))
+    if patch_mode == "mean":
+        assert torch.equal(together[1, :6][:, [1, 3]], torch.zeros(6, 2))
+
+
+def test_a_compiled_model_follows_a_settings_change_or_says_how(images):
+    """A compiled graph cannot rebuild the edits: with ``fullgraph=True`` a changed config is refused, naming the
+    fix, and followed once refreshed; without, dynamo falls back to the eager frame, which rebuilds."""
+    model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        compiled(images)
+        model.config.num_test_time_registers = 2
+        with pytest.raises(Exception, match=r"changed since its edits were built.*refresh_test_time_registers\(\)"):
+            compiled(images)
+        model.refresh_test_time_registers()
+        followed = with_registers(compiled(images))
+        assert followed.shape[1] == 17 + 2
+        torch.testing.assert_close(followed, with_registers(model(images)), atol=1e-6, rtol=0)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")
+        compiled(images)
+        model.config.register_neurons["2"].append(9)  # written in place
+        followed = with_registers(compiled(images))
+        assert model.get_submodule("encoder.layer.2.mlp.register_edit").neuron_ids == (7, 100, 9)
+        torch.testing.assert_close(followed, with_registers(model(images)), atol=1e-6, rtol=0)

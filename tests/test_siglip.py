@@ -314,3 +314,43 @@ def test_planted_siglip_pooling_justifies_the_default(monkeypatch):
     assert benchmark.compare(with_registers[0], original[0])[0] > 0.99 > benchmark.compare(without[0], original[0])[0]
     assert benchmark.compare(without[0], clean[0])[0] > benchmark.compare(with_registers[0], clean[0])[0] + 0.3
     assert SiglipVisionTTRegConfig().pool_registers
+
+
+def test_siglip2_with_registers_asked_for_and_no_index_is_the_parent_on_a_padded_batch(siglip2_checkpoint):
+    """Registers asked for, edit off: the parent's computation bit for bit on a padded NaFlex batch, attention maps
+    included (a mask lengthened for registers that are not there would show in them)."""
+    parent = Siglip2VisionModel.from_pretrained(siglip2_checkpoint, attn_implementation="eager").eval()
+    model = Siglip2VisionTTRegModel.from_pretrained(
+        siglip2_checkpoint, register_neurons={}, num_test_time_registers=1, attn_implementation="eager"
+    ).eval()
+    _, batch = naflex_batch()
+    with torch.no_grad():
+        actual = model(*batch, output_hidden_states=True, output_attentions=True)
+        expected = parent(*batch, output_hidden_states=True, output_attentions=True)
+    assert_bit_identical(actual, expected)
+    assert all(torch.equal(a, e) for a, e in zip(actual.attentions, expected.attentions, strict=True))
+
+
+def test_siglip2_refuses_spatial_shapes_that_disagree_with_the_batch_or_the_mask(siglip2_checkpoint):
+    """The parent takes each image's rows x columns patches first and pads the rest; shapes that say otherwise
+    are silently mangled there (a wrong position grid, padding attended), and refused here."""
+    model = Siglip2VisionTTRegModel.from_pretrained(siglip2_checkpoint, register_neurons=NEURONS).eval()
+    parent = Siglip2VisionModel.from_pretrained(siglip2_checkpoint).eval()
+    _, (pixel_values, mask, shapes) = naflex_batch()  # 3x4 and 2x3 patches, padded to 12
+    shuffled = mask.clone()
+    shuffled[1] = shuffled[1].flip(0)  # the second image's real patches last
+    cases = [
+        (mask, shapes[:1], r"shape \(batch, 2\) = \(2, 2\)"),
+        (mask, shapes.float(), "integer tensor"),
+        (mask, torch.tensor([[3, 4], [0, 6]]), "image 1 is 0x6 patches, which does not fit"),
+        (mask, torch.tensor([[3, 4], [4, 4]]), "image 1 is 4x4 patches, which does not fit the 12 patches"),
+        (mask, torch.tensor([[3, 4], [2, 2]]), r"image 1 is 2x2 = 4 patches, but its pixel_attention_mask marks 6"),
+        (shuffled, shapes, r"image 1 is 2x3 = 6 patches, but .*the first 6 must be real"),
+        (mask * 2, shapes, r"image 0 is 3x4 = 12 patches, but .*marks 0 real patches"),
+        (None, shapes, r"image 1 is 2x3 = 6 patches, but no pixel_attention_mask marks the rest as padding"),
+    ]
+    with torch.no_grad():
+        parent(pixel_values, mask, torch.tensor([[3, 4], [2, 2]]))  # no error there: a 2x2 grid on 6 patches
+        for case_mask, case_shapes, match in cases:
+            with pytest.raises(ValueError, match=match):
+                model(pixel_values, case_mask, case_shapes)

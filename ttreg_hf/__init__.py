@@ -59,6 +59,7 @@ _EXPORTS = {
             "RegisterAppender",
             "RegisterEditOffWarning",
             "RegisterSeams",
+            "StaleRegisterSettingsError",
             "TestTimeRegisterMixin",
             "TestTimeRegisterModelOutput",
             "adopt",

@@ -4,8 +4,13 @@ Works through the public seams of `TestTimeRegisterMixin`, so every model family
 the output of each MLP's ``register_edit`` slot (what the output projection receives, after the edit if one is
 attached), the block outputs are the residual stream after each of `transformer_blocks`, and the attention maps are
 recomputed from each block's input (see `attention.py`). Hooks exist only inside the ``with`` block.
+
+What is read is what each forward runs: a settings change inside the block (which rebuilds the edits at the next
+forward) is followed, because the hooks are re-attached to whatever module each MLP's slot holds when it runs, and
+the layout is read from the register appender during the forward.
 """
 
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -14,29 +19,50 @@ import torch
 from torch import nn
 
 from ..modeling.layout import TokenLayout
-from ..modeling.registers import TestTimeRegisterMixin
+from ..modeling.registers import TestTimeRegisterMixin, check_pixel_values
 from .attention import attention_reader
 
-Layers = Iterable[int] | str | None
+Layers = Iterable[int] | int | str | None
 Observer = Callable[[torch.Tensor], None]
+SlotFunction = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | None]  # (activations, token mask)
+
+
+def resolve_layer(layer: object, num_layers: int) -> int:
+    """One layer number (negative ones count from the end) as a 0-based layer, or a clear `ValueError`."""
+    try:
+        index = operator.index(layer)
+    except TypeError:
+        index = None
+    if index is None or isinstance(layer, bool):
+        raise ValueError(f"Layers must be 'all', None or layer numbers (ints), got {layer!r}.")
+    if not -num_layers <= index < num_layers:
+        raise ValueError(f"Layer {index} is out of range: the model has {num_layers} layers (0-based, or negative).")
+    return index % num_layers
 
 
 def resolve_layers(layers: Layers, num_layers: int) -> list[int]:
-    """``"all"``, ``None`` (none) or layer numbers (negative ones count from the end) as sorted 0-based layers."""
+    """``"all"``, ``None`` (none), a layer number or layer numbers (negative ones count from the end) as sorted
+    0-based layers."""
     if layers is None:
         return []
-    if layers == "all":
+    if isinstance(layers, str) and layers == "all":
         return list(range(num_layers))
-    if isinstance(layers, str):
-        raise ValueError(f"Layers must be 'all', None or layer numbers, got {layers!r}.")
-    resolved = set()
-    for layer in layers:
-        if not -num_layers <= layer < num_layers:
-            raise ValueError(
-                f"Layer {layer} is out of range: the model has {num_layers} layers (0-based, or negative)."
-            )
-        resolved.add(layer % num_layers)
-    return sorted(resolved)
+    if isinstance(layers, str) or not isinstance(layers, Iterable):
+        layers = [layers]
+    return sorted({resolve_layer(layer, num_layers) for layer in layers})
+
+
+def resolve_layer_map(mapping: Mapping, num_layers: int, what: str) -> dict[int, object]:
+    """``{layer: value}`` with 0-based layers; a layer named twice (``3`` and ``-1`` of 4) is an error."""
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{what} must be a mapping {{layer: ...}}, got {type(mapping).__name__}.")
+    resolved, keys = {}, {}
+    for key, value in mapping.items():
+        layer = resolve_layer(key, num_layers)
+        if layer in keys:
+            raise ValueError(f"Layer {layer} is given twice in {what} (as {keys[layer]!r} and {key!r}).")
+        resolved[layer], keys[layer] = value, key
+    return resolved
 
 
 def _first_output(output):
@@ -51,6 +77,44 @@ def _block_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
     return kwargs[name], {key: value for key, value in kwargs.items() if key != name}
 
 
+class _EditSlotHook:
+    """Calls ``function(activations, token_mask)`` on the output of whatever module ``mlp.register_edit`` holds when
+    the MLP runs (a settings change replaces that module, not the MLP); a tensor it returns replaces the output."""
+
+    def __init__(self, mlp: nn.Module, function: SlotFunction):
+        self.mlp, self.function = mlp, function
+        self.edit = self.handle = None
+        self.follow = mlp.register_forward_pre_hook(self._follow)
+        self._follow()
+
+    def _follow(self, *_) -> None:
+        edit = self.mlp.register_edit
+        if edit is not self.edit:
+            if self.handle is not None:
+                self.handle.remove()
+            self.edit, self.handle = edit, edit.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
+        token_mask = kwargs.get("token_mask", args[1] if len(args) > 1 else None)
+        return self.function(output, token_mask)
+
+    def remove(self) -> None:
+        self.follow.remove()
+        self.handle.remove()
+
+
+@contextmanager
+def hook_edit_slot(mlp: nn.Module, function: SlotFunction) -> Iterator[None]:
+    """Inside the ``with`` block, every call of ``mlp``'s edit slot passes its output and the token mask it got
+    (``(batch, tokens)``, true on real tokens and registers; `None` unless the batch is padded) to ``function``; a
+    tensor it returns replaces the output. The one hook point of the analysis tools."""
+    hook = _EditSlotHook(mlp, function)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
 @contextmanager
 def observe(
     model: TestTimeRegisterMixin,
@@ -63,17 +127,19 @@ def observe(
     """Call each observer with its layer's tensor during every forward inside the ``with`` block.
 
     ``mlp[layer]`` gets ``(batch, tokens, mlp_width)``, ``blocks[layer]`` ``(batch, tokens, width)`` and
-    ``attentions[layer]`` ``(batch, heads, tokens, tokens)``; tokens include the test-time registers, if any.
-    ``detach=False`` hands over the MLP activations and block outputs still attached to the autograd graph.
+    ``attentions[layer]`` ``(batch, heads, tokens, tokens)``; tokens include the test-time registers, if any, and a
+    padded batch's padding. Layers may be negative. ``detach=False`` hands over the MLP activations and block
+    outputs still attached to the autograd graph.
     """
     sites, block_list = model.register_edit_sites, model.transformer_blocks
+    mlp, blocks, attentions = (
+        resolve_layer_map(observers, len(block_list), name)
+        for observers, name in ((mlp, "mlp"), (blocks, "blocks"), (attentions, "attentions"))
+    )
 
-    def on_output(observer: Observer):
-        def hook(module: nn.Module, args: tuple, output) -> None:
-            tensor = _first_output(output)
-            observer(tensor.detach() if detach else tensor)
-
-        return hook
+    def hand_over(observer: Observer, output) -> None:
+        tensor = _first_output(output)
+        observer(tensor.detach() if detach else tensor)
 
     read_attention = attention_reader(model) if attentions else None
 
@@ -87,9 +153,10 @@ def observe(
 
     with ExitStack() as stack:
         for layer, observer in mlp.items():
-            stack.callback(sites[layer].register_edit.register_forward_hook(on_output(observer)).remove)
+            stack.enter_context(hook_edit_slot(sites[layer], lambda output, _, o=observer: hand_over(o, output)))
         for layer, observer in blocks.items():
-            stack.callback(block_list[layer].register_forward_hook(on_output(observer)).remove)
+            hook = block_list[layer].register_forward_hook(lambda _, args, output, o=observer: hand_over(o, output))
+            stack.callback(hook.remove)
         for layer, observer in attentions.items():
             hook = on_attention(observer)
             stack.callback(block_list[layer].register_forward_pre_hook(hook, with_kwargs=True).remove)
@@ -98,12 +165,15 @@ def observe(
 
 @dataclass
 class ActivationCache:
-    """Tensors of the last forward, by 0-based layer; tokens are laid out as `layout` says."""
+    """Tensors of the last forward, by 0-based layer; tokens are laid out as `layout` says (the layout that forward
+    ran with). ``token_mask`` (``(batch, tokens)``, true on real tokens and registers) marks a padded batch's padding
+    (SigLIP2 NaFlex); `None` when every token is real."""
 
     layout: TokenLayout
     mlp_activations: dict[int, torch.Tensor] = field(default_factory=dict)
     block_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
     attentions: dict[int, torch.Tensor] = field(default_factory=dict)
+    token_mask: torch.Tensor | None = None
 
 
 @contextmanager
@@ -115,8 +185,10 @@ def capture(
     attentions: Layers = None,
     detach: bool = True,
 ) -> Iterator[ActivationCache]:
-    """Keep the chosen layers' tensors of the latest forward in an `ActivationCache` (see `observe` for ``detach``)."""
+    """Keep the chosen layers' tensors of the latest forward in an `ActivationCache` (see `observe` for ``detach``),
+    with the layout and the padding mask that forward ran with."""
     num_layers = len(model.transformer_blocks)
+    model.refresh_test_time_registers()
     cache = ActivationCache(model.token_layout)
 
     def keep(store: dict, layers: Layers) -> dict[int, Observer]:
@@ -125,13 +197,18 @@ def capture(
             for layer in resolve_layers(layers, num_layers)
         }
 
-    with observe(
-        model,
-        mlp=keep(cache.mlp_activations, mlp),
-        blocks=keep(cache.block_outputs, blocks),
-        attentions=keep(cache.attentions, attentions),
-        detach=detach,
-    ):
+    def read_layout(appender: nn.Module, args: tuple, output) -> None:
+        cache.layout = appender.token_layout
+
+    def read_mask(activations: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        cache.token_mask = None if token_mask is None else token_mask.bool()
+
+    observers = dict(mlp=keep(cache.mlp_activations, mlp), blocks=keep(cache.block_outputs, blocks))
+    observers["attentions"] = keep(cache.attentions, attentions)
+    with ExitStack() as stack:
+        stack.callback(model.register_appender.register_forward_hook(read_layout).remove)
+        stack.enter_context(hook_edit_slot(model.register_edit_sites[0], read_mask))
+        stack.enter_context(observe(model, **observers, detach=detach))
         yield cache
 
 
@@ -145,11 +222,23 @@ def run_with_cache(
     keep_grad: bool = False,
     **forward_kwargs,
 ) -> tuple[object, ActivationCache]:
-    """One forward of ``pixel_values`` (moved to the model's device and dtype): ``(output, cache)``, as
-    TransformerLens' ``run_with_cache``. ``keep_grad=True`` runs with autograd and keeps the cached MLP activations
-    and block outputs in the graph; otherwise nothing is recorded for autograd."""
+    """One forward of ``pixel_values`` (moved to the model's device, floating-point images cast to its dtype; integer
+    images are refused, as the model refuses them): ``(output, cache)``, as TransformerLens' ``run_with_cache``.
+    Tensors among ``forward_kwargs`` (SigLIP2's ``pixel_attention_mask``, ``spatial_shapes``) move to the device too.
+    ``keep_grad=True`` runs with autograd and keeps the cached MLP activations and block outputs in the graph;
+    otherwise nothing is recorded for autograd."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(
+            f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}: run the images through the "
+            "model's image processor and pass its outputs (`run_with_cache(model, **inputs)`)."
+        )
+    check_pixel_values(pixel_values, patch_size=1)  # the model's own dtype check: only the dtype is checked here
     parameter = next(model.parameters())
     pixel_values = pixel_values.to(parameter.device, parameter.dtype)
+    forward_kwargs = {
+        key: value.to(parameter.device) if isinstance(value, torch.Tensor) else value
+        for key, value in forward_kwargs.items()
+    }
     with (
         torch.set_grad_enabled(keep_grad),
         capture(model, mlp=mlp, blocks=blocks, attentions=attentions, detach=not keep_grad) as cache,

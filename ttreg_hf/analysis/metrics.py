@@ -35,12 +35,20 @@ def automatic_threshold(norms: torch.Tensor) -> float:
     return robust_threshold(float(median), float((norms - median).abs().median()))
 
 
-def cls_attention(attentions: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+def cls_attention(
+    attentions: torch.Tensor, layout: TokenLayout, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """The CLS token's attention over all tokens, averaged over heads, ``(batch, tokens)``. A model without a CLS
     token (SigLIP, ``layout.num_prefix_tokens == 0``) has no such row: there it is the attention each token gets,
-    averaged over all tokens (`attention_source` names which)."""
+    averaged over all tokens (`attention_source` names which) — over the real ones when ``token_mask`` (``(batch,
+    tokens)``, true on real tokens, e.g. `ActivationCache.token_mask`) marks a padded batch's padding."""
     attentions = attentions.float().mean(dim=1)
-    return attentions[:, 0] if layout.num_prefix_tokens else attentions.mean(dim=1)
+    if layout.num_prefix_tokens:
+        return attentions[:, 0]
+    if token_mask is None:
+        return attentions.mean(dim=1)
+    real = token_mask.to(attentions.device, torch.float32).unsqueeze(-1)
+    return (attentions * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
 
 
 def attention_source(layout: TokenLayout) -> str:
@@ -107,28 +115,47 @@ class LayerSummary:
     cls_register_share: float | None = None
 
 
+def real_patches(cache: ActivationCache, tokens: torch.Tensor) -> torch.Tensor:
+    """Which patches of ``tokens`` (a tensor of ``cache``'s forward) are real, ``(batch, patches)``: all of them
+    unless ``cache.token_mask`` marks padding."""
+    if cache.token_mask is None:
+        return torch.ones(cache.layout.patches(tokens).shape[:2], dtype=torch.bool, device=tokens.device)
+    return cache.layout.patches(cache.token_mask.unsqueeze(-1)).squeeze(-1).bool()
+
+
 def summarize_layers(cache: ActivationCache, threshold: float | None = None) -> list[LayerSummary]:
     """A `LayerSummary` for every layer with block outputs in ``cache``; outliers are patches above ``threshold``.
 
-    Without a threshold each layer gets `automatic_threshold` of its own patch norms.
+    Without a threshold each layer gets `automatic_threshold` of its own patch norms. Only real patches count: the
+    padding of a padded batch (``cache.token_mask``) is neither a patch nor an outlier, so each image gives what it
+    gives alone; an image without a real patch is left out of the averages.
     """
+    if threshold is not None and (not isinstance(threshold, (int, float)) or math.isnan(threshold)):
+        raise ValueError(f"threshold must be a number (a patch norm) or None (automatic), got {threshold!r}.")
     layout, summaries = cache.layout, []
     for layer, tokens in sorted(cache.block_outputs.items()):
         norms = patch_norms(tokens, layout)
-        layer_threshold = automatic_threshold(norms) if threshold is None else threshold
-        outliers = norms > layer_threshold
+        real = real_patches(cache, tokens).to(norms.device)
+        images = real.any(dim=-1)  # with a real patch
+        if not images.any():
+            raise ValueError(f"Layer {layer} has no real patch in this batch: every image is padding.")
+        layer_threshold = automatic_threshold(norms[real]) if threshold is None else threshold
+        outliers = ((norms > layer_threshold) & real)[images]
+        maxima = norms.masked_fill(~real, float("-inf"))[images].amax(dim=-1)
+        medians = norms.masked_fill(~real, float("nan"))[images].nanmedian(dim=-1).values
         fields = {
             "layer": layer,
-            "max_norm": float(norms.amax(dim=-1).mean()),
-            "median_norm": float(norms.median(dim=-1).values.mean()),
-            "max_median_ratio": float(max_median_ratio(norms).mean()),
+            "max_norm": float(maxima.mean()),
+            "median_norm": float(medians.mean()),
+            "max_median_ratio": float((maxima / medians).mean()),
             "outliers_per_image": float(outliers.sum(dim=-1).float().mean()),
             "threshold": layer_threshold,
         }
         if layout.num_registers:
-            fields["register_norm"] = float(layout.registers(tokens).float().norm(dim=-1).amax(dim=-1).mean())
+            fields["register_norm"] = float(layout.registers(tokens[images]).float().norm(dim=-1).amax(dim=-1).mean())
         if layer in cache.attentions:
-            fields.update(_cls_shares(cls_attention(cache.attentions[layer], layout), outliers, layout))
+            attention = cls_attention(cache.attentions[layer], layout, cache.token_mask)[images]
+            fields.update(_cls_shares(attention, outliers, layout))
         summaries.append(LayerSummary(**fields))
     return summaries
 

@@ -49,6 +49,7 @@ class RegisterNeuronEdit(nn.Module):
 
     ``token_mask`` (``(batch, tokens)``, registers included, true on real tokens), given by the MLP of a family with
     padded batches (variable-resolution inputs), keeps padding out of the register value and the patch statistics.
+    An image with no real patch has mean 0 and no outlier; one with no real token at all gets register value 0.
     """
 
     # (image size, patch size) in pixels that the attached index was found at, on one edit of the model (the plumbing
@@ -109,7 +110,6 @@ class RegisterNeuronEdit(nn.Module):
         num_kept = 0 if self.semantics == "paper" else self.layout.num_prefix_tokens
         end = self.layout.num_tokens_without_registers(activations)
         warn_if_far_from_found_size(self.found_at, end - self.layout.num_prefix_tokens)
-        warn_if_far_from_found_size(self.found_at, end - self.layout.num_prefix_tokens)
         edited = torch.cat(
             (
                 activations[:, :num_kept],
@@ -126,13 +126,17 @@ class RegisterNeuronEdit(nn.Module):
     def _register_value(self, activations: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Per image, shape ``(batch, 1, listed neurons)``; ``valid`` (``(batch, tokens, 1)``) leaves padding out."""
         if self.semantics == "paper":
-            if valid is not None:
-                activations = activations.masked_fill(~valid, float("-inf"))
-            return activations.amax(dim=1, keepdim=True)
-        flat = activations.flatten(1)
-        magnitude = activations.abs() if valid is None else activations.abs().masked_fill(~valid, -1)
-        largest = flat.gather(1, magnitude.flatten(1).argmax(dim=1, keepdim=True))
-        return largest.unsqueeze(-1).expand(-1, 1, activations.shape[-1])
+            if valid is None:
+                return activations.amax(dim=1, keepdim=True)
+            value = activations.masked_fill(~valid, float("-inf")).amax(dim=1, keepdim=True)
+        else:
+            flat = activations.flatten(1)
+            magnitude = activations.abs() if valid is None else activations.abs().masked_fill(~valid, -1)
+            largest = flat.gather(1, magnitude.flatten(1).argmax(dim=1, keepdim=True))
+            value = largest.unsqueeze(-1).expand(-1, 1, activations.shape[-1])
+            if valid is None:
+                return value
+        return torch.where(valid.any(dim=1, keepdim=True), value, 0)  # no real token: nothing to move
 
     def _reset(self, tokens: torch.Tensor, patches: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         if self.patch_mode == "same":
@@ -142,11 +146,11 @@ class RegisterNeuronEdit(nn.Module):
         patches = patches.float()
         if valid is None:
             mean, std = patches.mean(dim=1, keepdim=True), patches.std(dim=1, keepdim=True)
-        else:  # over the real patches only
+        else:  # over the real patches only; with none, the mean is 0 and the std NaN (as torch.std of one value): no outlier
             valid_patches = self.layout.patches(valid).float()
             count = valid_patches.sum(dim=1, keepdim=True)
-            mean = (patches * valid_patches).sum(dim=1, keepdim=True) / count
-            std = (((patches - mean) ** 2 * valid_patches).sum(dim=1, keepdim=True) / (count - 1)).sqrt()
+            mean = (patches * valid_patches).sum(dim=1, keepdim=True) / count.clamp(min=1)
+            std = (((patches - mean) ** 2 * valid_patches).sum(dim=1, keepdim=True) / (count - 1).clamp(min=0)).sqrt()
         if self.patch_mode == "mean":
             return mean.to(tokens.dtype).expand_as(tokens)
         threshold = mean + std

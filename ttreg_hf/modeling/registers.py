@@ -233,15 +233,23 @@ class TestTimeRegisterMixin:
     def refresh_test_time_registers(self) -> None:
         """Build the layout and the edits from the config if its register settings changed since the last build.
 
-        One comparison when nothing changed; skipped inside `torch.compile`, whose graph holds the edits it traced.
+        One comparison when nothing changed. Under `torch.compile` the comparison is guarded (a settings change
+        recompiles), but a graph cannot build modules: a changed setting there raises `StaleRegisterSettingsError`
+        (with ``fullgraph=False`` dynamo then runs the frame eagerly, which rebuilds, so the change is followed).
         """
-        if torch.compiler.is_compiling():
-            return
         settings = tuple(getattr(self.config, name) for name in REGISTER_SETTINGS)
-        if settings != self.__dict__.get("_built_register_settings"):
-            self.config.validate_test_time_registers()
-            self._build_test_time_registers()
-            self.__dict__["_built_register_settings"] = copy.deepcopy(settings)
+        if settings == self.__dict__.get("_built_register_settings"):
+            return
+        if torch.compiler.is_compiling():
+            raise StaleRegisterSettingsError(
+                f"The register settings of this {type(self).__name__}'s config changed since its edits were built, and "
+                "a compiled graph cannot rebuild them. Call `model.refresh_test_time_registers()` on the uncompiled "
+                "model (or change settings with `model.set_register_neurons(...)`, which rebuilds at once): the "
+                "compiled model then recompiles with the new settings."
+            )
+        self.config.validate_test_time_registers()
+        self._build_test_time_registers()
+        self.__dict__["_built_register_settings"] = copy.deepcopy(settings)
 
     def _build_test_time_registers(self) -> None:
         self.check_register_seams()
@@ -331,6 +339,10 @@ def warn_if_other_weights(model: torch.nn.Module) -> None:
             "not be this checkpoint's. The fingerprint hashes parameter names too, so the same weights in another "
             "model class differ. Find this checkpoint's neurons with `ttreg find-neurons`."
         )
+
+
+class StaleRegisterSettingsError(RuntimeError):
+    """A compiled model called after its config's register settings changed, before the edits were rebuilt."""
 
 
 class RegisterEditOffWarning(UserWarning):

@@ -160,6 +160,52 @@ class SiglipVisionTTRegModel(_SiglipTTRegMixin, SiglipVisionModel):
         return self.strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
 
 
+def check_spatial_shapes(
+    pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None, spatial_shapes: torch.Tensor
+) -> None:
+    """Refuse NaFlex inputs whose ``spatial_shapes`` (rows, columns of each image) disagree with the batch or the
+    mask, which the parent silently mangles: each image's rows x columns patches come first, then padding. Eager
+    only (it reads values; under `torch.compile` it is skipped, as nothing can be refused there without a sync)."""
+    if torch.compiler.is_compiling():
+        return
+    batch, length = pixel_values.shape[:2]
+    if (
+        not isinstance(spatial_shapes, torch.Tensor)
+        or spatial_shapes.shape != (batch, 2)
+        or spatial_shapes.is_floating_point()
+    ):
+        got = tuple(spatial_shapes.shape) if isinstance(spatial_shapes, torch.Tensor) else type(spatial_shapes)
+        raise ValueError(
+            f"spatial_shapes must be an integer tensor of shape (batch, 2) = ({batch}, 2), each image's patch rows and "
+            f"columns, got {got}; pass the image processor's outputs together."
+        )
+    shapes = spatial_shapes.tolist()
+    for image, (rows, columns) in enumerate(shapes):
+        if rows < 1 or columns < 1 or rows * columns > length:
+            raise ValueError(
+                f"spatial_shapes says image {image} is {rows}x{columns} patches, which does not fit the "
+                f"{length} patches of pixel_values; pass the image processor's outputs together."
+            )
+    counts = spatial_shapes.prod(dim=-1, keepdim=True)
+    expected = torch.arange(length, device=counts.device) < counts  # the real patches' places
+    mask = torch.ones_like(expected) if pixel_attention_mask is None else pixel_attention_mask.to(expected.device)
+    wrong = ((mask == 1) != expected) | ((mask != 0) & (mask != 1))
+    if bool(wrong.any()):
+        image = int(wrong.any(dim=-1).nonzero()[0, 0])
+        rows, columns = shapes[image]
+        found = (
+            "no pixel_attention_mask marks the rest as padding"
+            if pixel_attention_mask is None
+            else f"its pixel_attention_mask marks {int((mask[image] == 1).sum())} real patches (1) and "
+            f"{int((mask[image] == 0).sum())} padding (0) of {length}, where the first {rows * columns} must be real "
+            "and the rest padding"
+        )
+        raise ValueError(
+            f"spatial_shapes says image {image} is {rows}x{columns} = {rows * columns} patches, but {found}: pass the "
+            "image processor's outputs (pixel_values, pixel_attention_mask, spatial_shapes) together."
+        )
+
+
 class Siglip2VisionTTRegModel(_SiglipTTRegMixin, Siglip2VisionModel):
     """[`Siglip2VisionModel`] with test-time registers: same weights, same output shapes, registers in their own field.
 
@@ -198,6 +244,7 @@ class Siglip2VisionTTRegModel(_SiglipTTRegMixin, Siglip2VisionModel):
                 f"{tuple(pixel_values.shape)}: the mask needs one entry per patch, (batch, max_num_patches); pass the "
                 "image processor's outputs together."
             )
+        check_spatial_shapes(pixel_values, pixel_attention_mask, spatial_shapes)
         token_mask = self.token_layout.append_registers_to_mask(pixel_attention_mask)
         outputs = super().forward(
             pixel_values, token_mask, spatial_shapes, register_token_mask=token_mask, return_dict=True, **kwargs
