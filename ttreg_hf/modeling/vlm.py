@@ -133,9 +133,15 @@ def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
         )
     if len(towers) != 1:
         found = f"{len(towers)} ({', '.join(path for path, _ in towers)})" if towers else "none"
+        several = (
+            ": towers with other weights need other indices, so build the model from our configs instead (e.g. a "
+            "`Dinov2TTRegConfig` with its `register_neurons` for each)"
+            if towers
+            else ""
+        )
         raise TypeError(
             f"to_test_time_registers upgrades the one vision tower of a model, a {_tower_names()}; "
-            f"{type(vlm).__name__} has {found}."
+            f"{type(vlm).__name__} has {found}{several}."
         )
     path, tower = towers[0]
     if any(hasattr(module, "_hf_hook") for module in tower.modules()):
@@ -176,6 +182,11 @@ class WithRegisterTowerMixin(TestTimeRegisterLoadingMixin):
         super().__init__(self.convert_config(config), *inputs, **kwargs)
         path, tower = _vision_tower(self)
         _set_tower(self, path, tower_with_registers(tower, tower.config))
+
+    def set_register_neurons(self, register_neurons: IndexSpec | None, **settings) -> "WithRegisterTowerMixin":
+        """The tower's `set_register_neurons` (it writes the config, which this model saves)."""
+        vision_tower_with_registers(self).set_register_neurons(register_neurons, **settings)
+        return self
 
 
 def to_test_time_registers(
