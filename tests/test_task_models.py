@@ -290,8 +290,10 @@ def test_a_classifier_loads_a_parent_checkpoint_with_a_new_head_and_the_index(tm
     assert model.dinov2.config is model.config and model.config.register_neurons == {"1": [3, 40], "2": [7]}
     backbone = Dinov2TTRegBackbone.from_pretrained(tmp_path, register_neurons=NEURONS, out_indices=[1, 3])
     assert backbone.out_features == ["stage1", "stage3"]
-    with pytest.raises(TypeError, match="'num_test_time_register'; did you mean 'num_test_time_registers'"):
-        Dinov2TTRegForImageClassification.from_pretrained(tmp_path, num_test_time_register=0)
+    with pytest.raises(TypeError, match="'num_lables'; did you mean 'num_labels'"):
+        Dinov2TTRegForImageClassification.from_pretrained(tmp_path, register_neurons=NEURONS, num_lables=5)
+    with pytest.raises(TypeError, match="'out_indice'; did you mean 'out_indices'"):
+        Dinov2TTRegBackbone.from_pretrained(tmp_path, register_neurons=NEURONS, out_indice=[1])
 
 
 # a loaded parent, its inputs, the output to compare, the Auto class that reloads it, the class it reloads as

@@ -434,13 +434,15 @@ class TestTimeRegisterLoadingMixin:
         config = kwargs.pop("config", None)
         config_class = cls.config_class
         settings = register_settings(config_class.register_config_class())
-        fields = ({field.name for field in dataclasses.fields(config_class)} | settings) - set(MODEL_KEYWORDS)
+        fields = {field.name for field in dataclasses.fields(config_class)} | settings
         overrides = {
             key: kwargs.pop(key)
             for key in list(kwargs)
-            if key in fields or (not key.startswith("_") and key not in MODEL_KEYWORDS and hasattr(config_class, key))
+            if key not in MODEL_KEYWORDS and (key in fields or (not key.startswith("_") and hasattr(config_class, key)))
         }
-        check_close_keywords(kwargs, fields, f"{cls.__name__}.from_pretrained")  # the rest: `transformers` checks them
+        properties = {name for name, value in inspect.getmembers(config_class) if isinstance(value, property)}
+        known = {name for name in fields | properties if not name.startswith("_")} - set(MODEL_KEYWORDS)
+        check_close_keywords(kwargs, known, f"{cls.__name__}.from_pretrained")  # the rest: `transformers` checks them
         if isinstance(config, PreTrainedConfig):
             config = copy.deepcopy(cls.convert_config(config))
         else:
