@@ -92,10 +92,6 @@ TASK_TESTS = (
     "test_model_outputs_equivalence",
     "test_batching_equivalence",
 )
-TASK_ONLY = (
-    "the base model of the family runs every common test; a classifier, the parent's head on that model, runs those "
-    "of what the head adds (TASK_TESTS)"
-)
 WITH_REGISTERS_SKIPS = {
     "test_retain_grad_hidden_states_attentions": "with registers the parent-shaped hidden states and attentions are "
     "slices of what the blocks compute on, so no gradient reaches them (without registers they are the parent's "
@@ -193,17 +189,12 @@ class _TTRegModelTest(common.ModelTesterMixin):
     test_resize_embeddings = False
     skips = {}
     common_skips = SKIPS
-    only = None  # the names of the tests to run, when not all
 
     def setUp(self):
         skips = {**self.common_skips, **(WITH_REGISTERS_SKIPS if self.num_test_time_registers else {}), **self.skips}
         for name, reason in skips.items():
             if re.fullmatch(rf"{name}(_\d+(_.*)?)?", self._testMethodName):
                 self.skipTest(reason)
-        if self.only is not None and not any(
-            re.fullmatch(rf"{name}(_\d+(_.*)?)?", self._testMethodName) for name in self.only
-        ):
-            self.skipTest(TASK_ONLY)
         self.model_tester = self.model_tester_class(
             self,
             self.config_class,
@@ -341,14 +332,20 @@ class Siglip2VisionTTRegModelOneRegisterTest(_Siglip2, unittest.TestCase):
 
 
 class _Classifier:
-    """The classifiers' tests (`TASK_TESTS`), with registers; labels as transformers gives its own classifiers (it
-    recognises them by class name)."""
+    """The classifiers' tests, with registers: the base model of the family runs every common test, a classifier (the
+    parent's head on that model) those of what the head adds, `TASK_TESTS`; the others are not collected. Labels as
+    transformers gives its own classifiers (it recognises them by class name)."""
 
-    only = TASK_TESTS
     num_test_time_registers = 1
     # the parents' classifiers leave parts unused (DINOv2's mask token, CLIP's post-layernorm, SigLIP's pooling head)
     test_all_params_have_gradient = False
     common_skips = {name: reason for name, reason in SKIPS.items() if not name.startswith("test_training")}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in dir(cls):
+            if name.startswith("test") and not any(re.fullmatch(rf"{task}(_\d+(_.*)?)?", name) for task in TASK_TESTS):
+                setattr(cls, name, None)
 
     def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
         inputs_dict = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
