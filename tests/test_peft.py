@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ttreg_hf import Dinov2TTRegForImageClassification, RegisterNeuronEdit
+from ttreg_hf import Dinov2TTRegForImageClassification, RegisterNeuronEdit, to_test_time_registers
 
 from conftest import tiny_dinov2_config
 
@@ -94,3 +94,15 @@ def test_the_adapter_file_holds_no_edit_state_and_reloads_to_the_same_outputs(bu
         assert type(merged) is Dinov2TTRegForImageClassification and len(_edits(merged)) == 2
         torch.testing.assert_close(merged(images).logits, expected, atol=1e-5, rtol=0)
         assert (build_classifier()(images).logits - expected).abs().max() > 1e-3  # the adapters change the model
+
+
+def test_adapters_come_after_the_registers():
+    """`to_test_time_registers` on a parent classifier already wrapped by LoRA is refused, naming the way round."""
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14)
+    parent = Dinov2ForImageClassification(config)
+    wrapped = peft.get_peft_model(parent, peft.LoraConfig(**LORA))
+    with pytest.raises(TypeError, match=r"q_proj\.base_layer.*give it registers before"):
+        to_test_time_registers(wrapped, register_neurons={1: [3]})
+    assert type(parent.dinov2).__name__ == "Dinov2Model"

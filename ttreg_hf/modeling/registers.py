@@ -178,7 +178,8 @@ def build_sharing_weights(model_class: type[nn.Module], module: nn.Module, *args
     if ours.keys() != theirs.keys():
         raise TypeError(
             f"{model_class.__name__} built from {type(module).__name__}'s config has other parameters "
-            f"({sorted(ours.keys() ^ theirs.keys())[:4]} ...): it cannot take that module's weights."
+            f"({', '.join(sorted(ours.keys() ^ theirs.keys())[:3])}, ...): it cannot take that module's weights. A "
+            "module wrapped by adapters or quantization is no longer the parent's: give it registers before."
         )
     # not `load_state_dict(assign=True)`: it skips non-persistent buffers (`position_ids`) and resets `requires_grad`
     for name, tensor in [*theirs.items(), *module.named_buffers(remove_duplicate=False)]:
