@@ -64,6 +64,22 @@ TINY = {
 }
 
 
+# the text tower of the composite models (`CLIPTTRegModel`, ...): one small layer
+TEXT = dict(
+    hidden_size=WIDTH, intermediate_size=MLP, num_hidden_layers=1, num_attention_heads=HEADS, vocab_size=99,
+    max_position_embeddings=16,
+)  # fmt: skip
+
+
+def tiny_model(family: str, model_class: type) -> torch.nn.Module:
+    """A tiny ``model_class`` (one of ``family``'s classes) on the family's tiny tower config, edit off: a classifier
+    or backbone on that config itself, a composite model with it as its ``vision_config`` and a one-layer text tower."""
+    config = TINY[family]().config
+    if not isinstance(config, model_class.config_class):
+        config = model_class.config_class(vision_config=config.to_dict(), text_config=TEXT)
+    return model_class(config).eval()
+
+
 @torch.no_grad()
 def plant(build, seed: int = 0) -> torch.nn.Module:
     """``build()`` in eval mode, with `NEURONS` of block `LAYER` planted as register neurons (seeded)."""

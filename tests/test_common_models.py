@@ -3,7 +3,9 @@
 The common tests are not committed: `fetch_transformers_tests.py` unpacks them for the installed `transformers` on
 this module's first run (or by hand, e.g. before going offline). Tests that cannot apply by design are skipped with
 their reason in `SKIPS` and in a family's ``skips``. Each family runs once with the edit off and once with test-time registers; its tester mirrors
-transformers' own (e.g. `Siglip2VisionModelTester` for SigLIP2's NaFlex inputs).
+transformers' own (e.g. `Siglip2VisionModelTester` for SigLIP2's NaFlex inputs). The classifiers run the tests of
+what they add to the base model, a parent head (`TASK_TESTS`: training with labels, outputs, save and load), and the
+backbones `BackboneTesterMixin`, all with registers.
 """
 
 import importlib
@@ -17,22 +19,35 @@ import pytest
 import torch
 
 from ttreg_hf import (
+    CLIPTTRegConfig,
+    CLIPTTRegForImageClassification,
     CLIPVisionTTRegConfig,
     CLIPVisionTTRegModel,
     CLIPVisionTTRegModelWithProjection,
     DeiTTTRegConfig,
+    DeiTTTRegForImageClassification,
+    DeiTTTRegForImageClassificationWithTeacher,
     DeiTTTRegModel,
+    Dinov2TTRegBackbone,
     Dinov2TTRegConfig,
+    Dinov2TTRegForImageClassification,
     Dinov2TTRegModel,
+    DINOv3ViTTTRegBackbone,
     DINOv3ViTTTRegConfig,
     DINOv3ViTTTRegModel,
+    Siglip2TTRegConfig,
+    Siglip2TTRegForImageClassification,
     Siglip2VisionTTRegConfig,
     Siglip2VisionTTRegModel,
+    SiglipTTRegConfig,
+    SiglipTTRegForImageClassification,
     SiglipVisionTTRegConfig,
     SiglipVisionTTRegModel,
     ViTTTRegConfig,
+    ViTTTRegForImageClassification,
     ViTTTRegModel,
 )
+from ttreg_hf.configs.registers import TestTimeRegisterCompositeConfigMixin
 
 from fetch_transformers_tests import FETCH_COMMAND, PACKAGE, fetch
 
@@ -56,6 +71,7 @@ def _import_common_tests():
 
 
 common = _import_common_tests()
+backbone_common = importlib.import_module(f"{PACKAGE}.test_backbone_common")
 
 SKIPS = {
     "test_inputs_embeds": "vision models take pixel_values, not inputs_embeds",
@@ -64,6 +80,18 @@ SKIPS = {
     "test_training_gradient_checkpointing_use_reentrant_false": "as test_training",
     "test_training_gradient_checkpointing_use_reentrant_true": "as test_training",
 }
+# what a classifier adds to its base model, which runs the whole suite: a parent head, trained with labels
+TASK_TESTS = (
+    "test_training",
+    "test_training_gradient_checkpointing",
+    "test_training_gradient_checkpointing_use_reentrant_false",
+    "test_training_gradient_checkpointing_use_reentrant_true",
+    "test_save_load",
+    "test_attention_outputs",
+    "test_hidden_states_output",
+    "test_model_outputs_equivalence",
+    "test_batching_equivalence",
+)
 WITH_REGISTERS_SKIPS = {
     "test_retain_grad_hidden_states_attentions": "with registers the parent-shaped hidden states and attentions are "
     "slices of what the blocks compute on, so no gradient reaches them (without registers they are the parent's "
@@ -95,7 +123,7 @@ class TTRegModelTester:
         self.config = config
 
     def get_config(self):
-        return self.config_class(
+        vision = dict(
             patch_size=self.patch_size,
             num_channels=self.num_channels,
             hidden_size=self.hidden_size,
@@ -106,6 +134,10 @@ class TTRegModelTester:
             **self.config,
             **self.registers,
         )
+        if issubclass(self.config_class, TestTimeRegisterCompositeConfigMixin):  # a one-layer text tower beside it
+            text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, vocab_size=99)
+            return self.config_class(vision_config=vision, text_config=text)
+        return self.config_class(**vision)
 
     def geometry(self) -> dict:
         """The config fields that size the image."""
@@ -156,9 +188,10 @@ class _TTRegModelTest(common.ModelTesterMixin):
     model_tester_class = TTRegModelTester
     test_resize_embeddings = False
     skips = {}
+    common_skips = SKIPS
 
     def setUp(self):
-        skips = {**SKIPS, **(WITH_REGISTERS_SKIPS if self.num_test_time_registers else {}), **self.skips}
+        skips = {**self.common_skips, **(WITH_REGISTERS_SKIPS if self.num_test_time_registers else {}), **self.skips}
         for name, reason in skips.items():
             if re.fullmatch(rf"{name}(_\d+(_.*)?)?", self._testMethodName):
                 self.skipTest(reason)
@@ -296,3 +329,87 @@ class Siglip2VisionTTRegModelTest(_Siglip2, unittest.TestCase):
 
 class Siglip2VisionTTRegModelOneRegisterTest(_Siglip2, unittest.TestCase):
     num_test_time_registers = 1
+
+
+class _Classifier:
+    """The classifiers' tests, with registers: the base model of the family runs every common test, a classifier (the
+    parent's head on that model) those of what the head adds, `TASK_TESTS`; the others are not collected. Labels as
+    transformers gives its own classifiers (it recognises them by class name)."""
+
+    num_test_time_registers = 1
+    # the parents' classifiers leave parts unused (DINOv2's mask token, CLIP's post-layernorm, SigLIP's pooling head)
+    test_all_params_have_gradient = False
+    common_skips = {name: reason for name, reason in SKIPS.items() if not name.startswith("test_training")}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in dir(cls):
+            if name.startswith("test") and not any(re.fullmatch(rf"{task}(_\d+(_.*)?)?", name) for task in TASK_TESTS):
+                setattr(cls, name, None)
+
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        inputs_dict = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
+        if return_labels and "labels" in common.inspect.signature(model_class.forward).parameters:
+            inputs_dict["labels"] = torch.zeros(self.model_tester.batch_size, dtype=torch.long)
+        return inputs_dict
+
+
+class Dinov2TTRegForImageClassificationTest(_Classifier, _Dinov2, unittest.TestCase):
+    all_model_classes = (Dinov2TTRegForImageClassification,)
+
+
+class ViTTTRegForImageClassificationTest(_Classifier, _ViT, unittest.TestCase):
+    all_model_classes = (ViTTTRegForImageClassification,)
+
+
+class DeiTTTRegForImageClassificationTest(_Classifier, _DeiT, unittest.TestCase):
+    all_model_classes = (DeiTTTRegForImageClassification,)
+
+
+class DeiTTTRegForImageClassificationWithTeacherTest(_Classifier, _DeiT, unittest.TestCase):
+    all_model_classes = (DeiTTTRegForImageClassificationWithTeacher,)
+    skips = dict.fromkeys(
+        [name for name in TASK_TESTS if name.startswith("test_training")],
+        "DeiTForImageClassificationWithTeacher has no loss (inference only); transformers' DeiT tests leave it out",
+    )
+
+
+class CLIPTTRegForImageClassificationTest(_Classifier, _CLIP, unittest.TestCase):
+    all_model_classes = (CLIPTTRegForImageClassification,)
+    config_class = CLIPTTRegConfig
+
+
+class SiglipTTRegForImageClassificationTest(_Classifier, _Siglip, unittest.TestCase):
+    all_model_classes = (SiglipTTRegForImageClassification,)
+    config_class = SiglipTTRegConfig
+
+
+class Siglip2TTRegForImageClassificationTest(_Classifier, _Siglip2, unittest.TestCase):
+    all_model_classes = (Siglip2TTRegForImageClassification,)
+    config_class = Siglip2TTRegConfig
+
+
+class _Backbone(backbone_common.BackboneTesterMixin):
+    """transformers' backbone tests, with registers (its Dinov2 and DINOv3 backbone tests mirrored)."""
+
+    has_attentions = False  # as transformers' own: their attentions come from the common model tests
+    num_test_time_registers = 2
+
+    def setUp(self):
+        self.model_tester = TTRegModelTester(
+            self, self.config_class, self.num_test_time_registers, self.register_neurons, **self.config
+        )
+
+
+class Dinov2TTRegBackboneTest(_Backbone, unittest.TestCase):
+    all_model_classes = (Dinov2TTRegBackbone,)
+    config_class = Dinov2TTRegConfig
+    config = _Dinov2.config
+    register_neurons = _Dinov2.register_neurons
+
+
+class DINOv3ViTTTRegBackboneTest(_Backbone, unittest.TestCase):
+    all_model_classes = (DINOv3ViTTTRegBackbone,)
+    config_class = DINOv3ViTTTRegConfig
+    config = _DINOv3.config
+    register_neurons = _DINOv3.register_neurons

@@ -188,7 +188,7 @@ def private_names_by_module() -> dict[str, set[str]]:
 
 
 # transformers / open_clip / torch methods our classes override: the parents' seams, not our private names
-FRAMEWORK_SEAMS = {"_init_weights", "_embeds", "_pool", "_pos_embed", "_apply"}
+FRAMEWORK_SEAMS = {"_init_weights", "_embeds", "_pool", "_pos_embed", "_apply", "_no_split_modules"}
 
 
 def test_no_private_name_of_ttreg_hf_is_used_outside_the_module_that_defines_it():

@@ -2,6 +2,7 @@
 each CLI command, export, discovery and the analysis tools — so that a family added to the declarations is tested
 here without a line of this file changing (its tiny model goes in `tests/family_models.py`)."""
 
+import inspect
 import json
 import re
 import subprocess
@@ -10,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from family_models import LAYER, NEURONS, SIZE, TINY, planted
+from family_models import LAYER, NEURONS, SIZE, TINY, planted, tiny_model
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoImageProcessor
 
+from ttreg_hf import vision_tower_with_registers
 from ttreg_hf.cli import load_model, main
 from ttreg_hf.family import FAMILY_MODULES, families, transformers_families
 from ttreg_hf.hub import entry_points
@@ -289,8 +291,6 @@ def test_the_readme_names_every_torch_hub_entry():
 def test_every_class_takes_its_parents_constructor_arguments(name):
     """`transformers` inspects constructors (its tests look for `use_mask_token`): a drop-in keeps their names.
     (The OpenCLIP and timm classes take their parents' arguments through ``**kwargs``, as those libraries build them.)"""
-    import inspect
-
     family = TRANSFORMERS[name]
     for cls, parent in zip(family.model_classes, family.parents):
         ours, theirs = (set(inspect.signature(c.__init__).parameters) for c in (cls, parent))
@@ -319,3 +319,42 @@ def test_register_family_takes_new_names_and_replaces_its_own(monkeypatch):
     first = register_family(Family("mine", FAMILIES["vit"].model_classes))
     again = register_family(Family("mine", FAMILIES["vit"].model_classes))  # a re-run cell: replaces, no duplicate
     assert [family for family in families() if family.name == "mine"] == [again] and again is not first
+
+
+def _tensors(outputs, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a model's (nested) outputs, by its path."""
+    if isinstance(outputs, torch.Tensor):
+        return {prefix: outputs}
+    items = outputs.items() if hasattr(outputs, "items") else enumerate(outputs) if isinstance(outputs, tuple) else ()
+    return {path: t for key, value in items for path, t in _tensors(value, f"{prefix}.{key}").items()}
+
+
+@pytest.mark.parametrize(
+    "name, model_class",
+    [(name, cls) for name, family in TRANSFORMERS.items() for cls in family.model_classes],
+    ids=lambda value: getattr(value, "__name__", value),
+)
+def test_every_class_is_its_parent_with_the_edit_off_and_keeps_its_shapes_with_it_on(name, model_class):
+    """Every output tensor (logits and loss, feature maps, zero-shot logits, hidden states, attentions) of every class
+    equals its parent's bit for bit with the edit off; with the edit on each keeps the parent's shape, the registers only in
+    their own fields."""
+    torch.manual_seed(0)
+    ours = tiny_model(name, model_class)
+    ours.set_attn_implementation("eager")
+    parent = TRANSFORMERS[name].parents[TRANSFORMERS[name].model_classes.index(model_class)](ours.config).eval()
+    parent.load_state_dict(ours.state_dict())
+    inputs, arguments = analysis_inputs(name), inspect.signature(parent.forward).parameters
+    if "input_ids" in arguments:  # zero-shot: two prompts
+        inputs["input_ids"] = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    if "labels" in arguments:  # classifiers: the loss too
+        inputs["labels"] = torch.tensor([0, 1])
+    with torch.no_grad():
+        expected = _tensors(parent(**inputs, output_hidden_states=True, output_attentions=True))
+        off = _tensors(ours(**inputs, output_hidden_states=True, output_attentions=True))
+        vision_tower_with_registers(ours).set_register_neurons({LAYER: list(NEURONS)})
+        on = _tensors(ours(**inputs, output_hidden_states=True, output_attentions=True))
+    assert any(".attentions" in key for key in expected) and any("hidden_states" in key for key in expected)
+    assert off.keys() == expected.keys() and [key for key in off if not torch.equal(off[key], expected[key])] == []
+    parents_fields = {key: tensor for key, tensor in on.items() if "test_time_register" not in key}
+    assert {k: t.shape for k, t in parents_fields.items()} == {k: t.shape for k, t in expected.items()}
+    assert any(not torch.equal(on[key], expected[key]) for key in expected)  # the edit ran

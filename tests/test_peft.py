@@ -1,17 +1,15 @@
 """Fine-tuning with PEFT LoRA through the edit: gradients, the adapter file, reloading and merging.
 
-The classifier comes from one fixture, `build_classifier`. Until the package has `*ForImageClassification` classes it
-is a stand-in shaped like `Dinov2ForImageClassification` (``dinov2`` tower, ``classifier`` head on CLS and mean patch
-token, ``.logits``); switching to the real class is a change of that fixture only.
+The classifier comes from one fixture, `build_classifier`: a tiny `Dinov2TTRegForImageClassification` (``dinov2``
+tower, ``classifier`` head on the CLS and the mean patch token, registers left out).
 """
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers.modeling_outputs import ImageClassifierOutput
 
-from ttreg_hf import Dinov2TTRegModel, RegisterNeuronEdit
+from ttreg_hf import Dinov2TTRegForImageClassification, RegisterNeuronEdit, to_test_time_registers
 
 from conftest import tiny_dinov2_config
 
@@ -21,27 +19,14 @@ NUM_LABELS = 3
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"], modules_to_save=["classifier"])
 
 
-class TinyDinov2TTRegClassifier(nn.Module):
-    """Stand-in for a DINOv2 image classifier with test-time registers: `Dinov2ForImageClassification`'s head on
-    `Dinov2TTRegModel` (whose patch tokens come without the registers)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.dinov2 = Dinov2TTRegModel(config)
-        self.classifier = nn.Linear(2 * config.hidden_size, NUM_LABELS)
-
-    def forward(self, pixel_values: torch.Tensor) -> ImageClassifierOutput:
-        tokens = self.dinov2(pixel_values).last_hidden_state
-        return ImageClassifierOutput(logits=self.classifier(torch.cat((tokens[:, 0], tokens[:, 1:].mean(1)), dim=1)))
-
-
 @pytest.fixture
 def build_classifier():
     """Builds the same tiny classifier every call (edit on: 2 registers, neurons in layers 1 and 2)."""
 
     def build() -> nn.Module:
         torch.manual_seed(0)
-        return TinyDinov2TTRegClassifier(tiny_dinov2_config(num_test_time_registers=2)).eval()
+        config = tiny_dinov2_config(num_test_time_registers=2, num_labels=NUM_LABELS)
+        return Dinov2TTRegForImageClassification(config).eval()
 
     return build
 
@@ -106,6 +91,18 @@ def test_the_adapter_file_holds_no_edit_state_and_reloads_to_the_same_outputs(bu
         expected = model(images).logits
         assert torch.equal(reloaded(images).logits, expected)
         merged = reloaded.merge_and_unload()
-        assert type(merged) is TinyDinov2TTRegClassifier and len(_edits(merged)) == 2
+        assert type(merged) is Dinov2TTRegForImageClassification and len(_edits(merged)) == 2
         torch.testing.assert_close(merged(images).logits, expected, atol=1e-5, rtol=0)
         assert (build_classifier()(images).logits - expected).abs().max() > 1e-3  # the adapters change the model
+
+
+def test_adapters_come_after_the_registers():
+    """`to_test_time_registers` on a parent classifier already wrapped by LoRA is refused, naming the way round."""
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14)
+    parent = Dinov2ForImageClassification(config)
+    wrapped = peft.get_peft_model(parent, peft.LoraConfig(**LORA))
+    with pytest.raises(TypeError, match=r"q_proj\.base_layer.*give it registers before"):
+        to_test_time_registers(wrapped, register_neurons={1: [3]})
+    assert type(parent.dinov2).__name__ == "Dinov2Model"

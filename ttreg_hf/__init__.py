@@ -15,15 +15,44 @@ __version__ = "0.1.0"
 
 # public name -> defining module (imported on first use)
 _EXPORTS = {
-    **dict.fromkeys(("Dinov2TTRegModel",), ".modeling.dinov2"),
     **dict.fromkeys(
-        ("CLIPVisionTTRegModel", "CLIPVisionTTRegModelWithProjection", "CLIPVisionTTRegModelOutput"), ".modeling.clip"
+        ("Dinov2TTRegModel", "Dinov2TTRegBackbone", "Dinov2TTRegForImageClassification"), ".modeling.dinov2"
     ),
-    **dict.fromkeys(("SiglipVisionTTRegModel", "Siglip2VisionTTRegModel"), ".modeling.siglip"),
-    **dict.fromkeys(("ViTTTRegModel", "DeiTTTRegModel"), ".modeling.vit"),
-    **dict.fromkeys(("DINOv3ViTTTRegModel",), ".modeling.dinov3"),
     **dict.fromkeys(
         (
+            "CLIPTTRegForImageClassification",
+            "CLIPTTRegModel",
+            "CLIPVisionTTRegModel",
+            "CLIPVisionTTRegModelOutput",
+            "CLIPVisionTTRegModelWithProjection",
+        ),
+        ".modeling.clip",
+    ),
+    **dict.fromkeys(
+        (
+            "Siglip2TTRegForImageClassification",
+            "Siglip2TTRegModel",
+            "Siglip2VisionTTRegModel",
+            "SiglipTTRegForImageClassification",
+            "SiglipTTRegModel",
+            "SiglipVisionTTRegModel",
+        ),
+        ".modeling.siglip",
+    ),
+    **dict.fromkeys(
+        (
+            "DeiTTTRegForImageClassification",
+            "DeiTTTRegForImageClassificationWithTeacher",
+            "DeiTTTRegModel",
+            "ViTTTRegForImageClassification",
+            "ViTTTRegModel",
+        ),
+        ".modeling.vit",
+    ),
+    **dict.fromkeys(("DINOv3ViTTTRegModel", "DINOv3ViTTTRegBackbone"), ".modeling.dinov3"),
+    **dict.fromkeys(
+        (
+            "CLIPTTRegConfig",
             "CLIPVisionTTRegConfig",
             "DeiTTTRegConfig",
             "DINOv3ViTTTRegConfig",
@@ -34,7 +63,10 @@ _EXPORTS = {
         ),
         ".configs",
     ),  # fmt: skip
-    **dict.fromkeys(("Siglip2VisionTTRegConfig", "SiglipVisionTTRegConfig"), ".configs.siglip"),
+    **dict.fromkeys(
+        ("Siglip2TTRegConfig", "Siglip2VisionTTRegConfig", "SiglipTTRegConfig", "SiglipVisionTTRegConfig"),
+        ".configs.siglip",
+    ),
     **dict.fromkeys(("DiscoveryResult", "find_register_neurons"), ".discovery"),
     **dict.fromkeys(("Checkpoint", "Family", "families", "family_of", "register_family"), ".family"),
     **dict.fromkeys(
@@ -48,7 +80,9 @@ _EXPORTS = {
         ),
         ".index",
     ),
-    **dict.fromkeys(("load_vlm", "to_test_time_registers", "vision_tower_with_registers"), ".modeling.vlm"),
+    **dict.fromkeys(
+        ("WithRegisterTowerMixin", "load_vlm", "to_test_time_registers", "vision_tower_with_registers"), ".modeling.vlm"
+    ),
     "RegisterNeuronEdit": ".modeling.edit",
     "TokenLayout": ".modeling.layout",
     **dict.fromkeys(
@@ -60,6 +94,8 @@ _EXPORTS = {
             "RegisterEditOffWarning",
             "RegisterSeams",
             "StaleRegisterSettingsError",
+            "StripRegistersMixin",
+            "TestTimeRegisterLoadingMixin",
             "TestTimeRegisterMixin",
             "TestTimeRegisterModelOutput",
             "adopt",
@@ -87,8 +123,10 @@ def __dir__() -> list[str]:
 
 @functools.cache
 def register_auto_classes() -> None:
-    """Make the Auto classes know every `transformers` family's classes, each wherever its parent class is (e.g.
-    `AutoModel` builds `Dinov2TTRegModel` for a `Dinov2TTRegConfig`), and let them load their parents' checkpoints.
+    """Make the Auto classes know every `transformers` family's classes, each wherever its parent class is, keyed by
+    its config class (e.g. `AutoModel` builds `Dinov2TTRegModel` for a `Dinov2TTRegConfig`, `AutoBackbone`
+    `Dinov2TTRegBackbone`, `AutoModelForImageClassification` builds both DeiT classifiers, as for `DeiTConfig`), and
+    let them load their parents' checkpoints.
 
     Runs on first use of a name of this package and when `transformers` imports its auto classes after this package.
     Code of this package that calls `AutoConfig` / `AutoModel` on its own model types calls it first: when the
@@ -101,6 +139,7 @@ def register_auto_classes() -> None:
     )
     from transformers.models.auto import modeling_auto
 
+    from .configs.registers import ARCHITECTURES
     from .family import transformers_families
 
     auto_classes = [
@@ -108,15 +147,24 @@ def register_auto_classes() -> None:
         *(getattr(modeling_auto, name) for name in modeling_auto.__all__ if name.startswith("AutoModel")),
     ]
     for family in transformers_families():
-        config_class = family.config_class
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        for model_class, parent in zip(family.model_classes, family.parents):
+        ours = dict(zip(family.parents, family.model_classes))
+        config_classes = {parent.config_class: model.config_class for parent, model in ours.items()}
+        for parent, model_class in ours.items():
             # `transformers` looks the key conversions up by class name: each class gets its parent's
             conversions = get_checkpoint_conversion_mapping(parent.__name__) or []
             register_checkpoint_conversion_mapping(model_class.__name__, conversions, overwrite=True)
+            ARCHITECTURES[parent.__name__] = model_class.__name__
+        for parent_config, config_class in config_classes.items():
+            AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
             for auto_class in auto_classes:
-                if auto_class._model_mapping.get(parent.config_class, None) is parent:
-                    auto_class.register(config_class, model_class, exist_ok=True)
+                parents = auto_class._model_mapping.get(parent_config, None)  # a class, or several (DeiT's)
+                if parents is None:
+                    continue
+                if not isinstance(parents, tuple):
+                    if parents in ours:
+                        auto_class.register(config_class, ours[parents], exist_ok=True)
+                elif all(parent in ours for parent in parents):
+                    auto_class.register(config_class, tuple(ours[parent] for parent in parents), exist_ok=True)
 
 
 def _half_imported() -> bool:

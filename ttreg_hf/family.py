@@ -55,9 +55,10 @@ class Family:
 
     name: a short name (``"dinov2"``).
     model_classes: the family's classes; the first is the base model (`AutoModel`'s, the one the CLI loads folders
-        as). Each subclasses its parent class (`parent_class`) and declares its ``register_seams``.
+        as). Each subclasses its parent class (`parent_class`): the towers (base model, backbone) declare their
+        ``register_seams``, the others (classifiers, `CLIPModel`) hold one (`WithRegisterTowerMixin`).
     checkpoint_model_types: the ``model_type``s of ``config.json`` files whose checkpoints load as this family
-        (the parent's, and composite models' such as ``"clip"``); ours (the config class's) is added.
+        (the parent's, and composite models' such as ``"clip"``); ours (the config classes') are added.
     attention_reader: ``reader(block, hidden_states, **block_kwargs)`` -> the block's attention probabilities
         ``(batch, heads, tokens, tokens)``, recomputed from its input for the analysis tools (`None`: no maps).
     planting_sites: ``planting_sites(model)`` -> the `ttreg_hf.planted.PlantingSites` of a model of the family or
@@ -96,7 +97,8 @@ class Family:
     @property
     def model_types(self) -> tuple[str, ...]:
         """The ``model_type``s of the checkpoints that load as this family: the parents' and ours."""
-        own = (self.config_class.model_type,) if self.config_class is not None else ()
+        configs = (getattr(cls, "config_class", None) for cls in self.model_classes)
+        own = dict.fromkeys(config.model_type for config in configs if config is not None)
         return (*self.checkpoint_model_types, *own)
 
 

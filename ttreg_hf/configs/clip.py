@@ -1,9 +1,9 @@
-"""CLIP vision towers with test-time registers: the configuration of the `transformers` tower."""
+"""CLIP with test-time registers: the configurations of the `transformers` vision tower and of the whole model."""
 
 from huggingface_hub.dataclasses import strict
-from transformers import CLIPVisionConfig
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
-from .registers import TestTimeRegisterConfigMixin
+from .registers import TestTimeRegisterCompositeConfigMixin, TestTimeRegisterConfigMixin
 
 
 @strict
@@ -24,3 +24,22 @@ class CLIPVisionTTRegConfig(TestTimeRegisterConfigMixin, CLIPVisionConfig):
     @property
     def mlp_width(self) -> int:
         return self.intermediate_size
+
+
+@strict
+class CLIPTTRegConfig(TestTimeRegisterCompositeConfigMixin, CLIPConfig):
+    r"""
+    [`CLIPConfig`] whose `vision_config` is a [`CLIPVisionTTRegConfig`], which holds the test-time-register settings:
+    the configuration of [`CLIPTTRegModel`] and [`CLIPTTRegForImageClassification`]. A `CLIPVisionConfig` (or its
+    dict) is converted.
+
+    Example:
+
+    ```python
+    >>> from ttreg_hf import CLIPTTRegConfig, CLIPTTRegModel
+    >>> config = CLIPTTRegConfig(vision_config={"register_neurons": {5: [599, 1869]}})
+    >>> model = CLIPTTRegModel(config)
+    ```"""
+
+    model_type = "clip_tt_reg"
+    sub_configs_defaults = {"vision_config": CLIPVisionTTRegConfig, "text_config": CLIPTextConfig}

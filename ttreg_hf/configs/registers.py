@@ -61,24 +61,26 @@ class TestTimeRegisterConfigMixin:
         parent_post_init = getattr(super(), "__post_init__", None)  # absent on plain (non-`transformers`) dataclasses
         if parent_post_init is not None:
             parent_post_init(**kwargs)
+            _name_our_architectures(self)
 
     @classmethod
     def get_config_dict(cls, *args, **kwargs):
-        """The parent's config dict, its ``model_type`` (or its ``base_config_key`` part's) relabelled as ours:
-        loading a parent checkpoint is what these classes are for, not a mismatch to warn about."""
-        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
-        parent_type = super().model_type
-        for part in (config_dict, config_dict.get(cls.base_config_key or "") or {}):
-            if part.get("model_type") == parent_type:
-                part["model_type"] = cls.model_type
-        return config_dict, kwargs
+        return _relabelled_config_dict(cls, super(), *args, **kwargs)
 
     @classmethod
     def from_parent_config(cls, config, **settings):
         """``config`` (the parent's config class, e.g. a `Dinov2Config`) as this class: every field and the attention
         implementation kept, the register ``settings`` added."""
-        fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
-        return cls(**{**fields, **settings}, attn_implementation=config._attn_implementation)
+        return cls(**{**_fields(config), **settings}, attn_implementation=config._attn_implementation)
+
+    @property
+    def register_config(self) -> "TestTimeRegisterConfigMixin":
+        """The config that holds the register settings: this one (a composite config's is its ``vision_config``)."""
+        return self
+
+    @classmethod
+    def register_config_class(cls) -> type:
+        return cls
 
     @property
     def mlp_width(self) -> int:
@@ -202,6 +204,77 @@ def square_patch_size(patch_size) -> int | None:
     of a square patch, `None` for a non-square one."""
     height, width = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
     return int(height) if height == width else None
+
+
+class TestTimeRegisterCompositeConfigMixin:
+    """For the config of a composite model (CLIP's, SigLIP's: text and vision towers) whose ``vision_config`` is a
+    test-time-register config: that sub-config holds the register settings (``register_config``), and one of the
+    parent's vision config class is converted. Mixed in before the parent's config class, which lists ours in
+    ``sub_configs_defaults``."""
+
+    register_config_key = "vision_config"
+
+    def __post_init__(self, **kwargs):
+        key, ours = self.register_config_key, self.register_config_class()
+        vision = getattr(self, key)
+        if vision is not None and not isinstance(vision, (dict, ours)):
+            parent = next(base for base in ours.__mro__[1:] if not issubclass(base, TestTimeRegisterConfigMixin))
+            if not isinstance(vision, parent):
+                raise TypeError(
+                    f"{key} must be a {parent.__name__} (or a {ours.__name__}), got a {type(vision).__name__}."
+                )
+            setattr(self, key, ours.from_parent_config(vision))
+        super().__post_init__(**kwargs)
+        _name_our_architectures(self)
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        return _relabelled_config_dict(cls, super(), *args, **kwargs)
+
+    @classmethod
+    def from_parent_config(cls, config):
+        """``config`` (the parent's, e.g. a `CLIPConfig`) as this class: every field and the attention implementation
+        kept, each sub-config the same object except a vision config of the parent's class, converted."""
+        sub_configs = {key: getattr(config, key) for key in cls.sub_configs}
+        return cls(**{**_fields(config), **sub_configs}, attn_implementation=config._attn_implementation)
+
+    @property
+    def register_config(self) -> TestTimeRegisterConfigMixin:
+        """The sub-config that holds the register settings."""
+        return getattr(self, self.register_config_key)
+
+    @classmethod
+    def register_config_class(cls) -> type:
+        return cls.sub_configs[cls.register_config_key]
+
+
+# parent class name -> ours ("DeiTForImageClassificationWithTeacher" -> "DeiTTTRegForImageClassificationWithTeacher"),
+# filled by `ttreg_hf.register_auto_classes`: a parent model upgraded in place (`to_test_time_registers`) saves our
+# config with its own class name in ``architectures``, by which an Auto class with several classes for one config
+# (DeiT's two classifiers) picks one
+ARCHITECTURES: dict[str, str] = {}
+
+
+def _name_our_architectures(config) -> None:
+    """``config.architectures`` with our class for each parent class."""
+    if config.architectures:
+        config.architectures = [ARCHITECTURES.get(name, name) for name in config.architectures]
+
+
+def _fields(config) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
+
+
+def _relabelled_config_dict(cls, parent, *args, **kwargs):
+    """The parent's config dict (``parent``: ``super()`` of ``cls``), its ``model_type`` (or its ``base_config_key``
+    part's) relabelled as ours: loading a parent checkpoint is what these classes are for, not a mismatch to warn
+    about."""
+    config_dict, kwargs = parent.get_config_dict(*args, **kwargs)
+    parent_type = parent.model_type
+    for part in (config_dict, config_dict.get(cls.base_config_key or "") or {}):
+        if part.get("model_type") == parent_type:
+            part["model_type"] = cls.model_type
+    return config_dict, kwargs
 
 
 REGISTER_SETTINGS = tuple(field.name for field in dataclasses.fields(TestTimeRegisterConfigMixin))

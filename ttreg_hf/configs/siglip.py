@@ -1,9 +1,16 @@
-"""SigLIP and SigLIP2 vision towers with test-time registers: configurations."""
+"""SigLIP and SigLIP2 with test-time registers: configurations of the vision towers and of the whole models."""
 
 from huggingface_hub.dataclasses import strict
-from transformers import Siglip2VisionConfig, SiglipVisionConfig
+from transformers import (
+    Siglip2Config,
+    Siglip2TextConfig,
+    Siglip2VisionConfig,
+    SiglipConfig,
+    SiglipTextConfig,
+    SiglipVisionConfig,
+)
 
-from .registers import TestTimeRegisterConfigMixin
+from .registers import TestTimeRegisterCompositeConfigMixin, TestTimeRegisterConfigMixin
 
 
 @strict
@@ -45,3 +52,25 @@ class Siglip2VisionTTRegConfig(TestTimeRegisterConfigMixin, Siglip2VisionConfig)
     @property
     def mlp_width(self) -> int:
         return self.intermediate_size
+
+
+@strict
+class SiglipTTRegConfig(TestTimeRegisterCompositeConfigMixin, SiglipConfig):
+    r"""
+    [`SiglipConfig`] whose `vision_config` is a [`SiglipVisionTTRegConfig`], which holds the test-time-register
+    settings: the configuration of [`SiglipTTRegModel`] and [`SiglipTTRegForImageClassification`].
+    """
+
+    model_type = "siglip_tt_reg"
+    sub_configs_defaults = {"vision_config": SiglipVisionTTRegConfig, "text_config": SiglipTextConfig}
+
+
+@strict
+class Siglip2TTRegConfig(TestTimeRegisterCompositeConfigMixin, Siglip2Config):
+    r"""
+    [`Siglip2Config`] whose `vision_config` is a [`Siglip2VisionTTRegConfig`], which holds the test-time-register
+    settings: the configuration of [`Siglip2TTRegModel`] and [`Siglip2TTRegForImageClassification`].
+    """
+
+    model_type = "siglip2_tt_reg"
+    sub_configs_defaults = {"vision_config": Siglip2VisionTTRegConfig, "text_config": Siglip2TextConfig}

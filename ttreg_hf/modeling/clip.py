@@ -1,15 +1,25 @@
-"""CLIP vision towers with test-time registers: the parent does the work; these classes add the registers and the edit."""
+"""CLIP with test-time registers: the parent does the work; these classes add the registers and the edit.
+
+`CLIPVisionTTRegModel` (and `...WithProjection`) is the vision tower; `CLIPTTRegModel` (zero-shot) and
+`CLIPTTRegForImageClassification` are the parents on our tower, with a `CLIPTTRegConfig` that saves and reloads it.
+"""
 
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import CLIPImageProcessor, CLIPVisionModel, CLIPVisionModelWithProjection
+from transformers import (
+    CLIPForImageClassification,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+)
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPVisionEmbeddings, CLIPVisionModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from ..analysis.attention import attention_probabilities
-from ..configs.clip import CLIPVisionTTRegConfig
+from ..configs.clip import CLIPTTRegConfig, CLIPVisionTTRegConfig
 from ..family import Family
 from ..hub import transformers_checkpoint
 from ..images import transformers_preprocessing
@@ -24,6 +34,7 @@ from .registers import (
     check_image_size,
     check_pixel_values,
 )
+from .vlm import WithRegisterTowerMixin
 
 
 @dataclass
@@ -119,6 +130,23 @@ class CLIPVisionTTRegModelWithProjection(PreTrainedTestTimeRegisterMixin, CLIPVi
         )
 
 
+class CLIPTTRegModel(WithRegisterTowerMixin, CLIPModel):
+    """[`CLIPModel`] whose `vision_model` is a `CLIPVisionTTRegModel`: image embeddings (and zero-shot logits) from the
+    CLS token of a tower with test-time registers; `vision_model_output` carries `test_time_registers`. Its
+    `CLIPTTRegConfig` saves and reloads the registers (`AutoModel`, `AutoModelForZeroShotImageClassification`)."""
+
+    config: CLIPTTRegConfig
+    config_class = CLIPTTRegConfig
+
+
+class CLIPTTRegForImageClassification(WithRegisterTowerMixin, CLIPForImageClassification):
+    """[`CLIPForImageClassification`] on a `CLIPVisionTTRegModel`: the head reads the mean of the patch tokens, the
+    registers left out; labels and loss as in the parent."""
+
+    config: CLIPTTRegConfig
+    config_class = CLIPTTRegConfig
+
+
 # ---- the family's declaration ------------------------------------------------------------------------------------
 
 
@@ -158,7 +186,12 @@ CLIP_VITL14_336_ARCH = dict(
 FAMILIES = (
     Family(
         name="clip",
-        model_classes=(CLIPVisionTTRegModel, CLIPVisionTTRegModelWithProjection),
+        model_classes=(
+            CLIPVisionTTRegModel,
+            CLIPVisionTTRegModelWithProjection,
+            CLIPTTRegModel,
+            CLIPTTRegForImageClassification,
+        ),
         checkpoint_model_types=("clip", "clip_vision_model"),
         attention_reader=clip_attention,
         planting_sites=clip_planting_sites,

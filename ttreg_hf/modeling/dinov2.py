@@ -1,13 +1,19 @@
-"""DINOv2 with test-time registers: the parent does the work; these classes add the registers and the edit."""
+"""DINOv2 with test-time registers: the parent does the work; these classes add the registers and the edit.
+
+`Dinov2TTRegModel` is the tower; `Dinov2TTRegBackbone` gives depth and segmentation models (DPT, Depth Anything,
+Mask2Former) feature maps of the parent's shapes; `Dinov2TTRegForImageClassification` is the parent classifier on our
+tower.
+"""
 
 import math
 from functools import partial
 
 import torch
 from torch import nn
-from transformers import BitImageProcessor, Dinov2Model
+from transformers import BitImageProcessor, Dinov2Backbone, Dinov2ForImageClassification, Dinov2Model
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
-from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings, Dinov2MLP, Dinov2SwiGLUFFN
+from transformers.modeling_outputs import BackboneOutput
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings, Dinov2Encoder, Dinov2MLP, Dinov2SwiGLUFFN
 from transformers.utils.generic import can_return_tuple
 
 from ..analysis.attention import attention_probabilities
@@ -21,9 +27,11 @@ from .registers import (
     EditAfterActivationMixin,
     PreTrainedTestTimeRegisterMixin,
     RegisterSeams,
+    StripRegistersMixin,
     TestTimeRegisterModelOutput,
     check_pixel_values,
 )
+from .vlm import WithRegisterTowerMixin
 
 
 class Dinov2TTRegEmbeddings(Dinov2Embeddings):
@@ -98,6 +106,44 @@ class Dinov2TTRegModel(PreTrainedTestTimeRegisterMixin, Dinov2Model):
         return self.strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
 
 
+class Dinov2TTRegEncoder(StripRegistersMixin, Dinov2Encoder):
+    """`Dinov2Encoder` whose outputs come without the test-time registers: the backbone makes feature maps of them."""
+
+
+class Dinov2TTRegBackbone(PreTrainedTestTimeRegisterMixin, Dinov2Backbone):
+    """[`Dinov2Backbone`] with test-time registers, for DPT, Depth Anything, Mask2Former and any model that takes a
+    backbone (`AutoBackbone`, `load_backbone`, a ``backbone_config``): the encoder drops the registers from the hidden
+    states before the parent makes its feature maps, so maps, hidden states and attentions have the parent's shapes
+    and no head sees a register. The output is the parent's `BackboneOutput` (the registers are not returned: read
+    them with `Dinov2TTRegModel`)."""
+
+    config: Dinov2TTRegConfig
+    config_class = Dinov2TTRegConfig
+    register_seams = RegisterSeams(
+        appender="embeddings",
+        blocks="encoder.layer",
+        mlp="mlp",
+        layout_readers=("encoder",),
+        modules=(*Dinov2TTRegModel.register_seams.modules, Dinov2TTRegEncoder),
+    )
+    _no_split_modules = Dinov2TTRegModel._no_split_modules
+
+    def forward(
+        self, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> BackboneOutput:
+        self.refresh_test_time_registers()
+        attention_mask = self.token_layout.append_registers_to_mask(attention_mask)
+        return super().forward(pixel_values, attention_mask=attention_mask, **kwargs)
+
+
+class Dinov2TTRegForImageClassification(WithRegisterTowerMixin, Dinov2ForImageClassification):
+    """[`Dinov2ForImageClassification`] on a `Dinov2TTRegModel` (``dinov2``): the head reads the CLS token and the
+    mean of the patch tokens, the registers left out; labels and loss as in the parent."""
+
+    config: Dinov2TTRegConfig
+    config_class = Dinov2TTRegConfig
+
+
 # ---- the family's declaration ------------------------------------------------------------------------------------
 
 
@@ -152,7 +198,7 @@ def _upstream(arch: str, summary: str) -> tuple[Checkpoint, Checkpoint]:
 FAMILIES = (
     Family(
         name="dinov2",
-        model_classes=(Dinov2TTRegModel,),
+        model_classes=(Dinov2TTRegModel, Dinov2TTRegBackbone, Dinov2TTRegForImageClassification),
         checkpoint_model_types=("dinov2",),
         attention_reader=dinov2_attention,
         planting_sites=dinov2_planting_sites,

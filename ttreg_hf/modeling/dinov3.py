@@ -7,9 +7,11 @@ test-time registers therefore get rows of the identity rotation (cos 1, sin 0): 
 
 import torch
 from torch import nn
-from transformers import DINOv3ViTImageProcessor, DINOv3ViTModel
+from transformers import DINOv3ViTBackbone, DINOv3ViTImageProcessor, DINOv3ViTModel
 from transformers.models.dinov3_vit.modeling_dinov3_vit import (
+    DINOv3ViTBackboneOutput,
     DINOv3ViTEmbeddings,
+    DINOv3ViTEncoder,
     DINOv3ViTGatedMLP,
     DINOv3ViTMLP,
     DINOv3ViTRopePositionEmbedding,
@@ -26,6 +28,7 @@ from .layout import TokenLayout
 from .registers import (
     PreTrainedTestTimeRegisterMixin,
     RegisterSeams,
+    StripRegistersMixin,
     TestTimeRegisterModelOutput,
     check_pixel_values,
 )
@@ -69,15 +72,29 @@ class DINOv3ViTTTRegGatedMLP(DINOv3ViTGatedMLP):
         return self.down_proj(self.register_edit(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
 
 
-class DINOv3ViTTTRegModel(PreTrainedTestTimeRegisterMixin, DINOv3ViTModel):
+class DINOv3ViTTTRegEncoder(StripRegistersMixin, DINOv3ViTEncoder):
+    """`DINOv3ViTEncoder` whose outputs come without the test-time registers: the backbone makes feature maps of them."""
+
+
+class _DINOv3ViTTTRegMixin(PreTrainedTestTimeRegisterMixin):
+    """What the model and the backbone share: the same module tree, CLS and trained registers before the patches."""
+
+    config: DINOv3ViTTTRegConfig
+    config_class = DINOv3ViTTTRegConfig
+    _no_split_modules = [*DINOv3ViTModel._no_split_modules, "DINOv3ViTTTRegEmbeddings"]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.config.num_register_tokens
+
+
+class DINOv3ViTTTRegModel(_DINOv3ViTTTRegMixin, DINOv3ViTModel):
     """[`DINOv3ViTModel`] with test-time registers: same weights, same output shapes, registers in their own field.
 
     The tokens are ``[CLS | num_register_tokens trained registers | patches | test-time registers]``; `pooler_output`
     is the CLS token, as in the parent.
     """
 
-    config: DINOv3ViTTTRegConfig
-    config_class = DINOv3ViTTTRegConfig
     register_seams = RegisterSeams(
         appender="embeddings",
         blocks="model.layer",
@@ -90,11 +107,6 @@ class DINOv3ViTTTRegModel(PreTrainedTestTimeRegisterMixin, DINOv3ViTModel):
             DINOv3ViTTTRegGatedMLP,
         ),
     )
-    _no_split_modules = [*DINOv3ViTModel._no_split_modules, "DINOv3ViTTTRegEmbeddings"]
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 1 + self.config.num_register_tokens
 
     @can_return_tuple
     def forward(
@@ -104,6 +116,25 @@ class DINOv3ViTTTRegModel(PreTrainedTestTimeRegisterMixin, DINOv3ViTModel):
         check_pixel_values(pixel_values, self.config.patch_size)  # here: the parent casts to float before embedding
         outputs = super().forward(pixel_values, bool_masked_pos=bool_masked_pos, return_dict=True, **kwargs)
         return self.strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
+
+
+class DINOv3ViTTTRegBackbone(_DINOv3ViTTTRegMixin, DINOv3ViTBackbone):
+    """[`DINOv3ViTBackbone`] with test-time registers (see `Dinov2TTRegBackbone`): the encoder drops the registers
+    before the parent makes its feature maps (and class tokens, and ``last_hidden_state``), so every tensor has the
+    parent's shape."""
+
+    register_seams = RegisterSeams(
+        appender="embeddings",
+        blocks="model.layer",
+        mlp="mlp",
+        layout_readers=("rope_embeddings", "model"),
+        modules=(*DINOv3ViTTTRegModel.register_seams.modules, DINOv3ViTTTRegEncoder),
+    )
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> DINOv3ViTBackboneOutput:
+        self.refresh_test_time_registers()
+        check_pixel_values(pixel_values, self.config.patch_size)
+        return super().forward(pixel_values, **kwargs)
 
 
 # ---- the family's declaration ------------------------------------------------------------------------------------
@@ -141,7 +172,7 @@ DINOV3_VITL16_ARCH = dict(
 FAMILIES = (
     Family(
         name="dinov3",
-        model_classes=(DINOv3ViTTTRegModel,),
+        model_classes=(DINOv3ViTTTRegModel, DINOv3ViTTTRegBackbone),
         checkpoint_model_types=("dinov3_vit",),
         attention_reader=dinov3_attention,
         planting_sites=dinov3_planting_sites,

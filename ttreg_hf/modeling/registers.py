@@ -17,12 +17,12 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import PreTrainedConfig
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from ..configs.registers import REGISTER_SETTINGS
-from ..family import check_close_keywords
+from ..family import check_close_keywords, parent_class
 from ..index import RegisterNeuronIndex, warn_once, weights_fingerprint
 from .edit import RegisterNeuronEdit
 from .layout import TokenLayout
@@ -57,6 +57,46 @@ class TestTimeRegisterModelOutput(TestTimeRegisterOutputMixin, BaseModelOutputWi
     test_time_register_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+@dataclasses.dataclass
+class TestTimeRegisterEncoderOutput(TestTimeRegisterOutputMixin, BaseModelOutput):
+    r"""
+    An encoder's `BaseModelOutput` without the test-time registers (see `StripRegistersMixin`), with them in
+    `test_time_registers` and `test_time_register_attentions` (see `TestTimeRegisterModelOutput`).
+    """
+
+    test_time_registers: torch.FloatTensor | None = None
+    test_time_register_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def strip_registers(outputs: ModelOutput, layout: TokenLayout, output_class: type[ModelOutput]) -> ModelOutput:
+    """``outputs`` as an ``output_class`` with the parent's shapes: the registers cut from ``last_hidden_state``, every
+    hidden state and every attention map, and exposed in the register fields. Without registers, the parent's tensors
+    themselves (``retain_grad`` works on them)."""
+    fields = dict(outputs.items())
+    if not layout.num_registers:
+        return output_class(**fields)
+    fields["last_hidden_state"] = layout.strip_registers(outputs.last_hidden_state)
+    fields["test_time_registers"] = layout.registers(outputs.last_hidden_state)
+    if outputs.hidden_states is not None:
+        fields["hidden_states"] = tuple(h if h is None else layout.strip_registers(h) for h in outputs.hidden_states)
+    if outputs.attentions is not None:
+        attentions = outputs.attentions
+        fields["attentions"] = tuple(layout.strip_registers_from_attentions(a) for a in attentions)
+        fields["test_time_register_attentions"] = tuple(layout.attentions_to_registers(a) for a in attentions)
+    return output_class(**fields)
+
+
+class StripRegistersMixin:
+    """For an encoder whose outputs its model reads as patch grids (a backbone's feature maps): its forward returns
+    them without the registers (`TestTimeRegisterEncoderOutput`). Mixed in before the parent encoder class and
+    declared as a layout reader; an encoder that is a `PreTrainedModel` is rebuilt as the subclass, not adopted."""
+
+    token_layout: TokenLayout
+
+    def forward(self, *args, **kwargs) -> TestTimeRegisterEncoderOutput:
+        return strip_registers(super().forward(*args, **kwargs), self.token_layout, TestTimeRegisterEncoderOutput)
+
+
 @dataclass(frozen=True)
 class RegisterSeams:
     """Where a model family keeps the parts test-time registers touch, as dotted attribute paths.
@@ -70,7 +110,8 @@ class RegisterSeams:
         the registers from intermediate outputs).
     modules: the parameter-free subclasses of the parent's modules that give those parts their register behaviour.
         `TestTimeRegisterMixin.adopt_register_modules` adopts each where a module of its direct base class stands:
-        at the appender, a layout reader, a block or a block's MLP.
+        at the appender, a layout reader, a block or a block's MLP. A layout reader that is a `PreTrainedModel` (an
+        encoder, whose class `transformers` tracks) is rebuilt as the subclass on the same weights instead.
     """
 
     appender: str
@@ -124,6 +165,31 @@ def adopt(module: nn.Module, subclass: type[nn.Module]) -> nn.Module:
         raise TypeError(f"{subclass.__name__} does not subclass {type(module).__name__}.")
     module.__class__ = subclass
     return module
+
+
+def build_sharing_weights(model_class: type[nn.Module], module: nn.Module, *args, **kwargs) -> nn.Module:
+    """``model_class(*args, **kwargs)`` built on the meta device (no init cost), then given ``module``'s parameters and
+    buffers themselves (the same tensors, so frozen weights, optimizers and devices carry over), in ``module``'s
+    training mode: how a `PreTrainedModel` part becomes ours without changing its class. The edits inside are then
+    built on the weights' device."""
+    with torch.device("meta"):
+        model = model_class(*args, **kwargs)
+    ours, theirs = (dict(m.named_parameters(remove_duplicate=False)) for m in (model, module))
+    if ours.keys() != theirs.keys():
+        raise TypeError(
+            f"{model_class.__name__} built from {type(module).__name__}'s config has other parameters "
+            f"({', '.join(sorted(ours.keys() ^ theirs.keys())[:3])}, ...): it cannot take that module's weights. A "
+            "module wrapped by adapters or quantization is no longer the parent's: give it registers before."
+        )
+    # not `load_state_dict(assign=True)`: it skips non-persistent buffers (`position_ids`) and resets `requires_grad`
+    for name, tensor in [*theirs.items(), *module.named_buffers(remove_duplicate=False)]:
+        owner, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(owner), attribute, tensor)
+    for part in model.modules():
+        if isinstance(part, TestTimeRegisterMixin):  # its edits were built on the meta device
+            part.__dict__.pop("_built_register_settings", None)
+            part.refresh_test_time_registers()
+    return model.train(module.training)
 
 
 def _subclass_to_adopt(module: nn.Module, subclasses: Sequence[type[nn.Module]]) -> type[nn.Module] | None:
@@ -201,8 +267,14 @@ class TestTimeRegisterMixin:
 
     def adopt_register_modules(self) -> None:
         """Adopt the declared subclasses (``register_seams.modules``) where their base classes stand at the seams:
-        the appender, the layout readers, every block and every block's MLP. Weights and keys stay the parent's."""
+        the appender, the layout readers, every block and every block's MLP. Weights and keys stay the parent's.
+        A layout reader that is a `PreTrainedModel` is rebuilt as its subclass first (`build_sharing_weights`)."""
         seams = self.register_seams
+        for path in seams.layout_readers:
+            module = self.get_submodule(path)
+            subclass = _subclass_to_adopt(module, seams.modules)
+            if subclass is not None and isinstance(module, PreTrainedModel):
+                self.set_submodule(path, build_sharing_weights(subclass, module, module.config))
         sites = [self.register_appender, *map(self.get_submodule, seams.layout_readers)]
         for block in self.transformer_blocks:
             sites += [block, block.get_submodule(seams.mlp)]
@@ -303,21 +375,7 @@ class TestTimeRegisterMixin:
     def strip_test_time_registers(self, outputs: ModelOutput, output_class: type[ModelOutput]) -> ModelOutput:
         """``outputs`` with the parent's shapes: registers cut from every token tensor and attention map, exposed in
         their own fields. Without registers, the parent's tensors themselves (``retain_grad`` works on them)."""
-        layout = self.token_layout
-        fields = dict(outputs.items())
-        if not layout.num_registers:
-            return output_class(**fields)
-        fields["last_hidden_state"] = layout.strip_registers(outputs.last_hidden_state)
-        fields["test_time_registers"] = layout.registers(outputs.last_hidden_state)
-        if outputs.hidden_states is not None:
-            fields["hidden_states"] = tuple(
-                h if h is None else layout.strip_registers(h) for h in outputs.hidden_states
-            )
-        if outputs.attentions is not None:
-            attentions = outputs.attentions
-            fields["attentions"] = tuple(layout.strip_registers_from_attentions(a) for a in attentions)
-            fields["test_time_register_attentions"] = tuple(layout.attentions_to_registers(a) for a in attentions)
-        return output_class(**fields)
+        return strip_registers(outputs, self.token_layout, output_class)
 
 
 def warn_if_other_weights(model: torch.nn.Module) -> None:
@@ -349,27 +407,13 @@ class RegisterEditOffWarning(UserWarning):
     """A model built with test-time registers asked for (``num_test_time_registers > 0``) but no index: edit off."""
 
 
-class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
-    """`TestTimeRegisterMixin` for `transformers` models: parent configs accepted, the parent's init, index
-    resolution in `from_pretrained`."""
-
-    def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
-        config = self._register_config(config)
-        super().__init__(config, *inputs, **kwargs)
-        self.adopt_register_modules()
-        self.refresh_test_time_registers()
-        if config.num_test_time_registers and config.register_neurons is None:
-            warnings.warn(
-                f"{type(self).__name__} was built with num_test_time_registers={config.num_test_time_registers} but "
-                "no register_neurons, so the edit is off and it computes what its parent class does. Attach an index "
-                "with `model.set_register_neurons(...)` (a dict, an index file or a shipped name), or set "
-                "num_test_time_registers=0 to build the parent on purpose.",
-                RegisterEditOffWarning,
-                stacklevel=3,
-            )
+class TestTimeRegisterLoadingMixin:
+    """What every `transformers` class of the package does on top of its parent: parent configs accepted (and
+    converted), the parent's weight init, and `from_pretrained` resolving the register-neuron index. The register
+    settings live in ``config.register_config``: the config itself, or a composite config's ``vision_config``."""
 
     @classmethod
-    def _register_config(cls, config: PreTrainedConfig) -> PreTrainedConfig:
+    def convert_config(cls, config: PreTrainedConfig) -> PreTrainedConfig:
         """``config`` as a ``cls.config_class``: a parent config (a `Dinov2Config` for `Dinov2TTRegModel`) is
         converted with every field kept and the register settings at their defaults."""
         if isinstance(config, cls.config_class):
@@ -388,6 +432,74 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
         torch init; ours initialise as the parent does (its `_init_weights`), fresh or missing from a checkpoint."""
         return False
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *model_args, register_neurons: IndexSpec | None = None, **kwargs
+    ):
+        """`PreTrainedModel.from_pretrained`, plus the register-neuron index.
+
+        The index is, in order: ``register_neurons`` (dict, file, shipped name), the one saved in the checkpoint's
+        config, or the shipped index for this checkpoint id. Without one, loading fails (before any weights are
+        downloaded) unless ``num_test_time_registers=0``. The config is read once, and the edits built once. As in
+        the parent, keyword arguments that name config attributes (``num_labels``, ``out_indices``, the register
+        settings) go to the config.
+        """
+        config = kwargs.pop("config", None)
+        config_class = cls.config_class
+        settings = register_settings(config_class.register_config_class())
+        fields = {field.name for field in dataclasses.fields(config_class)} | settings
+        overrides = {
+            key: kwargs.pop(key)
+            for key in list(kwargs)
+            if key not in MODEL_KEYWORDS and (key in fields or (not key.startswith("_") and hasattr(config_class, key)))
+        }
+        properties = {name for name, value in inspect.getmembers(config_class) if isinstance(value, property)}
+        known = {name for name in fields | properties if not name.startswith("_")} - set(MODEL_KEYWORDS)
+        check_close_keywords(kwargs, known, f"{cls.__name__}.from_pretrained")  # the rest: `transformers` checks them
+        if isinstance(config, PreTrainedConfig):
+            config = copy.deepcopy(cls.convert_config(config))
+        else:
+            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+            config = config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
+        for key, value in overrides.items():
+            setattr(config.register_config if key in settings else config, key, value)
+        config.register_config.attach_register_neurons(
+            register_neurons,
+            checkpoint=str(pretrained_model_name_or_path),
+            register_semantics=overrides.get("register_semantics"),
+        )
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        for model in (loaded[0] if isinstance(loaded, tuple) else loaded).modules():  # `output_loading_info=True`
+            if isinstance(model, TestTimeRegisterMixin):
+                warn_if_other_weights(model)
+        return loaded
+
+
+class PreTrainedTestTimeRegisterMixin(TestTimeRegisterLoadingMixin, TestTimeRegisterMixin):
+    """`TestTimeRegisterMixin` for `transformers` models: `TestTimeRegisterLoadingMixin`, and the edits built after the
+    parent's init (and rebuilt after a meta-device load)."""
+
+    def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
+        config = self.convert_config(config)
+        super().__init__(config, *inputs, **kwargs)
+        self.adopt_register_modules()
+        self.refresh_test_time_registers()
+        if config.num_test_time_registers and config.register_neurons is None:
+            warnings.warn(
+                f"{type(self).__name__} was built with num_test_time_registers={config.num_test_time_registers} but "
+                "no register_neurons, so the edit is off and it computes what its parent class does. Attach an index "
+                "with `model.set_register_neurons(...)` (a dict, an index file or a shipped name), or set "
+                "num_test_time_registers=0 to build the parent on purpose.",
+                RegisterEditOffWarning,
+                stacklevel=3,
+            )
+
+    @classmethod
+    def constructor_arguments(cls, parent_model: PreTrainedModel) -> dict:
+        """The keyword arguments besides the config that build this class in the shape of ``parent_model`` (e.g. a
+        `ViTModel` without a pooler): what `build_sharing_weights` passes when a parent part becomes ours."""
+        return {}
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -398,39 +510,13 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterMixin):
                 if isinstance(edit, RegisterNeuronEdit):
                     edit.reset_buffers()
 
-    @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path, *model_args, register_neurons: IndexSpec | None = None, **kwargs
-    ):
-        """`PreTrainedModel.from_pretrained`, plus the register-neuron index.
 
-        The index is, in order: ``register_neurons`` (dict, file, shipped name), the one saved in the checkpoint's
-        config, or the shipped index for this checkpoint id. Without one, loading fails (before any weights are
-        downloaded) unless ``num_test_time_registers=0``. The config is read once, and the edits built once.
-        """
-        config = kwargs.pop("config", None)
-        # the config fields among the keyword arguments (``num_test_time_registers=0``, ``image_size=...``) go to the
-        # config, as in the parent; `dtype` is the model's
-        fields = {field.name for field in dataclasses.fields(cls.config_class)} - {"dtype"}
-        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in fields}
-        check_close_keywords(kwargs, fields, f"{cls.__name__}.from_pretrained")  # the rest: `transformers` checks them
-        if isinstance(config, PreTrainedConfig):
-            config = copy.deepcopy(cls._register_config(config))
-            for key, value in overrides.items():
-                setattr(config, key, value)
-        else:
-            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
-            config = cls.config_class.from_pretrained(
-                config or pretrained_model_name_or_path, **hub_kwargs, **overrides
-            )
-        config.attach_register_neurons(
-            register_neurons,
-            checkpoint=str(pretrained_model_name_or_path),
-            register_semantics=overrides.get("register_semantics"),
-        )
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-        warn_if_other_weights(loaded[0] if isinstance(loaded, tuple) else loaded)  # with `output_loading_info=True`
-        return loaded
+def register_settings(config_class: type) -> set[str]:
+    """The fields a test-time-register config class adds to its parent's: the register settings and the family's own
+    (``pool_registers``, ``position_interpolation``)."""
+    parent = parent_class(config_class)
+    return {field.name for field in dataclasses.fields(config_class)} - {f.name for f in dataclasses.fields(parent)}
 
 
+MODEL_KEYWORDS = ("dtype", "torch_dtype")  # config attributes that `from_pretrained` gives the model, not the config
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")

@@ -9,7 +9,16 @@ mask so that padding feeds neither the register value nor the patch statistics.
 
 import torch
 from torch import nn
-from transformers import Siglip2ImageProcessor, Siglip2VisionModel, SiglipImageProcessor, SiglipVisionModel
+from transformers import (
+    Siglip2ForImageClassification,
+    Siglip2ImageProcessor,
+    Siglip2Model,
+    Siglip2VisionModel,
+    SiglipForImageClassification,
+    SiglipImageProcessor,
+    SiglipModel,
+    SiglipVisionModel,
+)
 from transformers.models.siglip.modeling_siglip import (
     SiglipMLP,
     SiglipMultiheadAttentionPoolingHead,
@@ -24,7 +33,7 @@ from transformers.models.siglip2.modeling_siglip2 import (
 from transformers.utils.generic import can_return_tuple
 
 from ..analysis.attention import attention_probabilities
-from ..configs.siglip import Siglip2VisionTTRegConfig, SiglipVisionTTRegConfig
+from ..configs.siglip import Siglip2TTRegConfig, Siglip2VisionTTRegConfig, SiglipTTRegConfig, SiglipVisionTTRegConfig
 from ..family import Family
 from ..hub import transformers_checkpoint
 from ..images import transformers_preprocessing
@@ -39,6 +48,7 @@ from .registers import (
     check_image_size,
     check_pixel_values,
 )
+from .vlm import WithRegisterTowerMixin
 
 
 class SiglipVisionTTRegEmbeddings(SiglipVisionEmbeddings):
@@ -252,6 +262,38 @@ class Siglip2VisionTTRegModel(_SiglipTTRegMixin, Siglip2VisionModel):
         return self.strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
 
 
+class SiglipTTRegModel(WithRegisterTowerMixin, SiglipModel):
+    """[`SiglipModel`] whose `vision_model` is a `SiglipVisionTTRegModel`: image embeddings (and zero-shot logits) from
+    its attention-pooling head (``pool_registers`` as configured); `vision_model_output` carries
+    `test_time_registers`. Its `SiglipTTRegConfig` saves and reloads the registers."""
+
+    config: SiglipTTRegConfig
+    config_class = SiglipTTRegConfig
+
+
+class SiglipTTRegForImageClassification(WithRegisterTowerMixin, SiglipForImageClassification):
+    """[`SiglipForImageClassification`] on a `SiglipVisionTTRegModel`: the head reads the mean of the patch tokens, the
+    registers left out; labels and loss as in the parent."""
+
+    config: SiglipTTRegConfig
+    config_class = SiglipTTRegConfig
+
+
+class Siglip2TTRegModel(WithRegisterTowerMixin, Siglip2Model):
+    """[`Siglip2Model`] whose `vision_model` is a `Siglip2VisionTTRegModel` (NaFlex inputs, see there)."""
+
+    config: Siglip2TTRegConfig
+    config_class = Siglip2TTRegConfig
+
+
+class Siglip2TTRegForImageClassification(WithRegisterTowerMixin, Siglip2ForImageClassification):
+    """[`Siglip2ForImageClassification`] on a `Siglip2VisionTTRegModel`: the head reads the mean of the real patch
+    tokens (``pixel_attention_mask``), the registers left out; labels and loss as in the parent."""
+
+    config: Siglip2TTRegConfig
+    config_class = Siglip2TTRegConfig
+
+
 # ---- the families' declarations ----------------------------------------------------------------------------------
 
 
@@ -302,7 +344,7 @@ SIGLIP2_B16_NAFLEX_ARCH = dict(
 FAMILIES = (
     Family(
         name="siglip",
-        model_classes=(SiglipVisionTTRegModel,),
+        model_classes=(SiglipVisionTTRegModel, SiglipTTRegModel, SiglipTTRegForImageClassification),
         checkpoint_model_types=("siglip", "siglip_vision_model"),
         attention_reader=clip_attention,
         planting_sites=siglip_planting_sites,
@@ -320,7 +362,7 @@ FAMILIES = (
     ),
     Family(
         name="siglip2",
-        model_classes=(Siglip2VisionTTRegModel,),
+        model_classes=(Siglip2VisionTTRegModel, Siglip2TTRegModel, Siglip2TTRegForImageClassification),
         checkpoint_model_types=("siglip2", "siglip2_vision_model"),
         attention_reader=siglip2_attention,
         planting_sites=siglip_planting_sites,

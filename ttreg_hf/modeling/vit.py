@@ -1,12 +1,20 @@
 """ViT and DeiT with test-time registers: the parent does the work; these classes add the registers and the edit.
 
 `transformers` generates DeiT's modules from ViT's (``modular_deit.py``): same forwards, own classes. So each piece
-here is one mixin, combined with the ViT and with the DeiT parent.
+here is one mixin, combined with the ViT and with the DeiT parent. The classifiers are the parents' on our towers.
 """
 
 import torch
 from torch import nn
-from transformers import DeiTImageProcessor, DeiTModel, ViTImageProcessor, ViTModel
+from transformers import (
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    DeiTImageProcessor,
+    DeiTModel,
+    ViTForImageClassification,
+    ViTImageProcessor,
+    ViTModel,
+)
 from transformers.models.deit.modeling_deit import DeiTEmbeddings, DeiTMLP
 from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTMLP
 from transformers.utils.generic import can_return_tuple
@@ -25,6 +33,7 @@ from .registers import (
     TestTimeRegisterModelOutput,
     check_pixel_values,
 )
+from .vlm import WithRegisterTowerMixin
 
 
 class ViTStyleTTRegEmbeddingsMixin:
@@ -64,6 +73,14 @@ class ViTStyleTTRegModelMixin(PreTrainedTestTimeRegisterMixin):
     def __init__(self, config, add_pooling_layer: bool = True, use_mask_token: bool = False):
         # the parent's signature, which callers inspect (e.g. for `use_mask_token`)
         super().__init__(config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
+
+    @classmethod
+    def constructor_arguments(cls, parent_model: ViTModel | DeiTModel) -> dict:
+        """A classifier's tower has no pooler; a masked-image-modeling one has a mask token."""
+        return dict(
+            add_pooling_layer=parent_model.pooler is not None,
+            use_mask_token=parent_model.embeddings.mask_token is not None,
+        )
 
     @can_return_tuple
     def forward(
@@ -113,6 +130,30 @@ class DeiTTTRegModel(ViTStyleTTRegModelMixin, DeiTModel):
     _no_split_modules = [*DeiTModel._no_split_modules, "DeiTTTRegEmbeddings"]
 
 
+class ViTTTRegForImageClassification(WithRegisterTowerMixin, ViTForImageClassification):
+    """[`ViTForImageClassification`] on a `ViTTTRegModel` (``vit``): the head reads the CLS token; labels and loss as in
+    the parent."""
+
+    config: ViTTTRegConfig
+    config_class = ViTTTRegConfig
+
+
+class DeiTTTRegForImageClassification(WithRegisterTowerMixin, DeiTForImageClassification):
+    """[`DeiTForImageClassification`] on a `DeiTTTRegModel` (``deit``): the head reads the CLS token; labels and loss
+    as in the parent."""
+
+    config: DeiTTTRegConfig
+    config_class = DeiTTTRegConfig
+
+
+class DeiTTTRegForImageClassificationWithTeacher(WithRegisterTowerMixin, DeiTForImageClassificationWithTeacher):
+    """[`DeiTForImageClassificationWithTeacher`] on a `DeiTTTRegModel` (``deit``): the CLS head and the distillation
+    head read their tokens, both before the patches; the logits are their mean, as in the parent (inference only)."""
+
+    config: DeiTTTRegConfig
+    config_class = DeiTTTRegConfig
+
+
 # ---- the families' declarations ----------------------------------------------------------------------------------
 
 
@@ -149,7 +190,7 @@ VIT_B16_ARCH = dict(
 FAMILIES = (
     Family(
         name="vit",
-        model_classes=(ViTTTRegModel,),
+        model_classes=(ViTTTRegModel, ViTTTRegForImageClassification),
         checkpoint_model_types=("vit",),
         attention_reader=vit_attention,
         planting_sites=vit_planting_sites,
@@ -167,7 +208,11 @@ FAMILIES = (
     ),
     Family(
         name="deit",
-        model_classes=(DeiTTTRegModel,),
+        model_classes=(
+            DeiTTTRegModel,
+            DeiTTTRegForImageClassification,
+            DeiTTTRegForImageClassificationWithTeacher,
+        ),
         checkpoint_model_types=("deit",),
         attention_reader=vit_attention,
         planting_sites=vit_planting_sites,

@@ -1,30 +1,53 @@
-"""Vision-language models whose vision tower is the parent of one of our families (LLaVA, LLaVA-NeXT,
-LLaVA-OneVision, ...), with a test-time-register tower: upgraded in place (`to_test_time_registers`) or at load
-(`load_vlm`).
+"""Models built around a vision tower that is the parent of one of our families — VLMs (LLaVA, LLaVA-NeXT,
+LLaVA-OneVision, ...), depth and segmentation models on a backbone (DPT, Depth Anything, Mask2Former), classifiers,
+`CLIPModel` — with a test-time-register tower: upgraded in place (`to_test_time_registers`), at load (`load_vlm`), or
+built so (`WithRegisterTowerMixin`, our classifiers and dual encoders).
 
 The new tower strips the registers from every output it returns, so the language model sees exactly the image
-tokens the processor inserted, for every ``vision_feature_layer``, feature-select strategy and anyres packing.
+tokens the processor inserted, for every ``vision_feature_layer``, feature-select strategy and anyres packing, and a
+head, a neck or a pooling sees the parent's tokens and feature maps.
 """
 
 import copy
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
 
-from ..configs.registers import TestTimeRegisterConfigMixin
+from ..configs.registers import TestTimeRegisterCompositeConfigMixin, TestTimeRegisterConfigMixin
 from ..family import check_close_keywords, transformers_families
-from .registers import IndexSpec, PreTrainedTestTimeRegisterMixin
+from .registers import (
+    IndexSpec,
+    PreTrainedTestTimeRegisterMixin,
+    TestTimeRegisterLoadingMixin,
+    build_sharing_weights,
+    register_settings,
+)
+
+
+def _our_classes() -> dict[type[PreTrainedModel], type[PreTrainedModel]]:
+    """``{parent class: our subclass of it}`` for every class of every `transformers` family."""
+    return {
+        parent: ours for family in transformers_families() for ours, parent in zip(family.model_classes, family.parents)
+    }
 
 
 def _tower_classes() -> dict[type[PreTrainedModel], type[PreTrainedTestTimeRegisterMixin]]:
-    """``{parent tower class: our subclass of it}``, e.g. `CLIPVisionModel` -> `CLIPVisionTTRegModel`: the towers
-    `to_test_time_registers` upgrades."""
+    """``{parent tower class: our subclass of it}``, e.g. `CLIPVisionModel` -> `CLIPVisionTTRegModel`,
+    `Dinov2Backbone` -> `Dinov2TTRegBackbone`: the towers `to_test_time_registers` upgrades (the classes that hold the
+    edits; a classifier or a `CLIPModel` holds one)."""
     return {
-        parent: ours for family in transformers_families() for ours, parent in zip(family.model_classes, family.parents)
+        parent: ours for parent, ours in _our_classes().items() if issubclass(ours, PreTrainedTestTimeRegisterMixin)
+    }
+
+
+def _composite_config_classes() -> dict[type[PreTrainedConfig], type[TestTimeRegisterCompositeConfigMixin]]:
+    """``{parent config class: ours}`` for the composite models' configs (`CLIPConfig` -> `CLIPTTRegConfig`)."""
+    return {
+        parent.config_class: ours.config_class
+        for parent, ours in _our_classes().items()
+        if issubclass(ours.config_class, TestTimeRegisterCompositeConfigMixin)
     }
 
 
@@ -35,22 +58,15 @@ def _config_classes() -> dict[type[PreTrainedConfig], type[TestTimeRegisterConfi
     return {**pairs, **{ours: ours for ours in pairs.values()}}
 
 
-def _settings(config_class: type[TestTimeRegisterConfigMixin]) -> set[str]:
-    """The fields ``config_class`` adds to its parent's: the register settings and the family's own (e.g.
-    ``pool_registers``)."""
-    parent = next(base for base in config_class.__mro__[1:] if base in _config_classes())
-    return {field.name for field in dataclasses.fields(config_class)} - {f.name for f in dataclasses.fields(parent)}
-
-
 def _with_settings(tower_config: PreTrainedConfig, **settings) -> TestTimeRegisterConfigMixin:
     """``tower_config`` (a `CLIPVisionConfig`, `SiglipVisionConfig`, ...) as its family's config: every field kept,
     plus the register ``settings``."""
     config_class = _config_classes()[type(tower_config)]
-    unknown = set(settings) - _settings(config_class)
+    unknown = set(settings) - register_settings(config_class)
     if unknown:
         raise TypeError(
             f"{', '.join(sorted(unknown))} not a setting of {config_class.__name__}; its settings are "
-            f"{', '.join(sorted(_settings(config_class)))}."
+            f"{', '.join(sorted(register_settings(config_class)))}."
         )
     return config_class.from_parent_config(tower_config, **settings)
 
@@ -109,11 +125,23 @@ def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
             "`vision_tower_with_registers(model).set_register_neurons(...)`."
         )
     towers = [(path, module) for path, module in vlm.named_modules() if path and type(module) in _tower_classes()]
+    if not towers and type(vlm) in _tower_classes():
+        ours = _tower_classes()[type(vlm)]
+        raise TypeError(
+            f"to_test_time_registers upgrades the tower inside a model; this {type(vlm).__name__} is itself one: load "
+            f"it as {ours.__name__} (`{ours.__name__}.from_pretrained(...)`), which takes its checkpoints."
+        )
     if len(towers) != 1:
         found = f"{len(towers)} ({', '.join(path for path, _ in towers)})" if towers else "none"
+        several = (
+            ": towers with other weights need other indices, so build the model from our configs instead (e.g. a "
+            "`Dinov2TTRegConfig` with its `register_neurons` for each)"
+            if towers
+            else ""
+        )
         raise TypeError(
             f"to_test_time_registers upgrades the one vision tower of a model, a {_tower_names()}; "
-            f"{type(vlm).__name__} has {found}."
+            f"{type(vlm).__name__} has {found}{several}."
         )
     path, tower = towers[0]
     if any(hasattr(module, "_hf_hook") for module in tower.modules()):
@@ -125,52 +153,83 @@ def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
     return path, tower
 
 
-def _sharing_weights(
-    family: type[PreTrainedModel], config: PreTrainedConfig, tower: PreTrainedModel
-) -> PreTrainedTestTimeRegisterMixin:
-    """A ``family`` model of ``config`` built on the meta device (no init cost), then given ``tower``'s parameters and
-    buffers themselves (the same tensors, so frozen weights, optimizers and devices carry over)."""
-    with torch.device("meta"):
-        model = family(config)
-    # not `load_state_dict(assign=True)`: it skips non-persistent buffers (`position_ids`) and resets `requires_grad`
-    for name, tensor in [*tower.named_parameters(remove_duplicate=False), *tower.named_buffers(remove_duplicate=False)]:
-        module, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(module), attribute, tensor)
-    return model.train(tower.training)
+def tower_with_registers(tower: PreTrainedModel, config: PreTrainedConfig) -> PreTrainedTestTimeRegisterMixin:
+    """``tower`` (of a parent tower class) as our class of it, built from ``config`` on the tower's own weights
+    (`build_sharing_weights`); ``tower`` is left as it is."""
+    ours = _tower_classes()[type(tower)]
+    return build_sharing_weights(ours, tower, config, **ours.constructor_arguments(tower))
+
+
+def _set_tower(model: PreTrainedModel, path: str, tower: PreTrainedTestTimeRegisterMixin) -> None:
+    """Put ``tower`` at ``path``, and its modules that must stay on one device (our adopted embeddings) into the
+    ``_no_split_modules`` that each model above it gathered from its children at init, for ``device_map``."""
+    model.set_submodule(path, tower)
+    parts = path.split(".")
+    for owner in (model.get_submodule(".".join(parts[:depth])) for depth in range(len(parts))):
+        if isinstance(owner, PreTrainedModel) and isinstance(owner._no_split_modules, set):
+            owner._no_split_modules.update(tower._no_split_modules)
+
+
+class WithRegisterTowerMixin(TestTimeRegisterLoadingMixin):
+    """For a parent model built around a tower of one of our families — a classifier (`Dinov2ForImageClassification`'s
+    `dinov2`), a dual encoder (`CLIPModel`'s `vision_model`): the parent builds everything, then the tower is rebuilt
+    as our class on the same weights (`tower_with_registers`, as `to_test_time_registers` does to a loaded parent). The
+    parent's forward runs unchanged on a tower that returns parent-shaped outputs, so its head and pooling never see
+    the registers; the tower's register fields reach the caller wherever the parent returns the tower's output
+    (`CLIPOutput.vision_model_output`). `vision_tower_with_registers(model)` is the tower."""
+
+    def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
+        super().__init__(self.convert_config(config), *inputs, **kwargs)
+        path, tower = _vision_tower(self)
+        _set_tower(self, path, tower_with_registers(tower, tower.config))
+
+    def set_register_neurons(self, register_neurons: IndexSpec | None, **settings) -> "WithRegisterTowerMixin":
+        """The tower's `set_register_neurons` (it writes the config, which this model saves)."""
+        vision_tower_with_registers(self).set_register_neurons(register_neurons, **settings)
+        return self
 
 
 def to_test_time_registers(
     vlm: PreTrainedModel, register_neurons: IndexSpec | None = None, *, checkpoint: str = "", **settings
 ) -> PreTrainedModel:
-    """Upgrade ``vlm``'s vision tower (a `CLIPVisionModel`, `SiglipVisionModel`, ... submodule) in place to its
-    family's test-time-register class, sharing its weights; returns ``vlm``.
+    """Upgrade the vision tower or backbone inside ``vlm`` (a `CLIPVisionModel`, `SiglipVisionModel`,
+    `Dinov2Backbone`, ... submodule) in place to its family's test-time-register class, sharing its weights; returns
+    ``vlm``. ``vlm`` is a VLM (LLaVA, ...), a depth or segmentation model built on a backbone (DPT, Depth Anything,
+    Mask2Former, ZoeDepth), a classifier (`Dinov2ForImageClassification`, ...) or a `CLIPModel` / `SiglipModel`.
 
     The index is ``register_neurons`` (dict, file, shipped name), else the one shipped for ``checkpoint`` (default:
     ``vlm.name_or_path``); ``register_neurons={}`` or ``num_test_time_registers=0`` keeps the edit off (the original
     model, bit-identical). The other ``settings`` (``register_scale``, ...) go to the tower's config, which replaces
-    the original in ``vlm.config``, so ``save_pretrained`` saves what runs. The tower is a new module: upgrade before
-    wrapping the model (adapters, gradient checkpointing, `torch.compile`); a dispatched tower (``device_map``) is
-    refused, `load_vlm` builds one.
+    the original in ``vlm.config`` (a classifier's whole config, a composite model's ``vision_config``, a depth model's
+    ``backbone_config``), so ``save_pretrained`` saves what runs and the Auto classes reload it with the registers; a
+    `CLIPConfig` / `SiglipConfig` becomes ours for that (`CLIPTTRegConfig`, ...). The tower is a new module: upgrade
+    before wrapping the model (adapters, gradient checkpointing, `torch.compile`); a dispatched tower
+    (``device_map``) is refused, `load_vlm` builds one.
     """
     path, tower = _vision_tower(vlm)
+    whole = tower.config is vlm.config  # a classifier's tower shares its config
     slots = [(owner, key) for owner, key in _sub_configs(vlm.config) if getattr(owner, key) is tower.config]
-    if not slots:
+    if not slots and not whole:
         raise ValueError(
             f"{type(vlm).__name__}.config does not hold its tower's config, so save_pretrained would save the tower "
             "without its registers: keep the tower's config among the model config's sub-configs."
         )
-    family = _tower_classes()[type(tower)]
     # built with the edit off, the index attached once the weights are in place: the edits are built on their device
-    upgraded = _sharing_weights(family, _with_settings(tower.config, register_neurons={}, **settings), tower)
+    upgraded = tower_with_registers(tower, _with_settings(tower.config, register_neurons={}, **settings))
     upgraded.config.attach_register_neurons(
         register_neurons,
         checkpoint=checkpoint or vlm.name_or_path,
         register_semantics=settings.get("register_semantics"),
     )
     upgraded.refresh_test_time_registers()
-    vlm.set_submodule(path, upgraded)
+    _set_tower(vlm, path, upgraded)
     for owner, key in slots:
         setattr(owner, key, upgraded.config)
+    if whole:
+        vlm.config = upgraded.config
+    composite = _composite_config_classes().get(type(vlm.config))
+    if composite is not None:  # `CLIPConfig` would reload a plain tower
+        vlm.config = composite.from_parent_config(vlm.config)
     return vlm
 
 
@@ -190,7 +249,7 @@ def load_vlm(
     ``pool_registers``, ...) go to the tower, everything else to `from_pretrained`.
     """
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path)
-    every_family_setting = set().union(*map(_settings, set(_config_classes().values())))
+    every_family_setting = set().union(*map(register_settings, set(_config_classes().values())))
     settings = {name: kwargs.pop(name) for name in every_family_setting if name in kwargs}
     check_close_keywords(kwargs, every_family_setting, "load_vlm")  # the rest: `from_pretrained` checks them
     config = with_test_time_register_tower(config, **settings)

@@ -1,0 +1,459 @@
+"""Task models on test-time-register towers: backbones inside depth and segmentation models, classifiers, whole CLIP /
+SigLIP models, `to_test_time_registers` on loaded ones, and the pipelines that run them.
+
+With the edit off every class is its parent bit for bit (`test_family_contract.py` checks all of them); here, with
+the edit on, feature maps and pooled features are the hook-based reference edit on the parent's tower with the
+register cut before the head, and what `save_pretrained` writes reloads with the registers.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import (
+    AutoBackbone,
+    AutoModel,
+    AutoModelForDepthEstimation,
+    AutoModelForImageClassification,
+    AutoModelForZeroShotImageClassification,
+    BitImageProcessor,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    DepthAnythingConfig,
+    DepthAnythingForDepthEstimation,
+    DepthProConfig,
+    DepthProForDepthEstimation,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    DPTConfig,
+    DPTForDepthEstimation,
+    DPTImageProcessor,
+    Mask2FormerConfig,
+    Mask2FormerModel,
+    PreTrainedTokenizerFast,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
+    ZoeDepthConfig,
+    ZoeDepthForDepthEstimation,
+    pipeline,
+)
+from transformers.backbone_utils import load_backbone
+
+from ttreg_hf import (
+    CLIPTTRegForImageClassification,
+    CLIPTTRegModel,
+    DeiTTTRegForImageClassificationWithTeacher,
+    Dinov2TTRegBackbone,
+    Dinov2TTRegConfig,
+    Dinov2TTRegForImageClassification,
+    Dinov2TTRegModel,
+    DINOv3ViTTTRegBackbone,
+    DINOv3ViTTTRegConfig,
+    DINOv3ViTTTRegModel,
+    SiglipTTRegModel,
+    to_test_time_registers,
+    vision_tower_with_registers,
+)
+from ttreg_hf.family import parent_class
+
+from reference_edit import hooked_register_edit
+
+NEURONS = {1: [3, 40], 2: [7]}
+TOWER = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, patch_size=14, image_size=42)
+DINOV2 = dict(**TOWER, mlp_ratio=2)
+VISION = dict(**TOWER, intermediate_size=64)
+TEXT = dict(
+    hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, vocab_size=16,
+    max_position_embeddings=64, eos_token_id=2,
+)  # fmt: skip
+DEPTH_ANYTHING = dict(
+    reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 32], fusion_hidden_size=8, head_hidden_size=8,
+    reassemble_factors=[2, 1, 0.5],
+)  # fmt: skip
+
+
+@pytest.fixture
+def pixels():
+    return torch.randn(2, 3, 42, 42) * torch.tensor([0.5, 2.0]).view(2, 1, 1, 1)
+
+
+def _hooked_parent(tower, num_prefix=1):
+    """The reference edit on a parent tower (`Dinov2Model`, `CLIPVisionModel`, `SiglipVisionModel`), its outputs with
+    the register still last."""
+    blocks = tower.encoder.layer if hasattr(tower.encoder, "layer") else tower.encoder.layers
+    return hooked_register_edit(
+        tower.embeddings, {layer: blocks[layer].mlp.fc2 for layer in NEURONS}, NEURONS, num_prefix=num_prefix
+    )
+
+
+# ---- backbones --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reshape", [True, False], ids=["maps", "tokens"])
+def test_backbone_feature_maps_are_the_reference_edits_patch_tokens(reshape, pixels):
+    backbone = Dinov2TTRegBackbone(
+        Dinov2TTRegConfig(**DINOV2, out_indices=[1, 2, 3], reshape_hidden_states=reshape, register_neurons=NEURONS)
+    ).eval()
+    parent = Dinov2Model(backbone.config).eval()
+    parent.load_state_dict(backbone.state_dict())
+    with torch.no_grad():
+        maps = backbone(pixels, output_hidden_states=True).feature_maps
+        with _hooked_parent(parent):
+            hidden = parent(pixels, output_hidden_states=True).hidden_states
+    for stage, feature_map in zip((1, 2, 3), maps, strict=True):
+        tokens = backbone.layernorm(hidden[stage][:, :-1])  # the register cut, as no head may see it
+        expected = tokens[:, 1:].reshape(2, 3, 3, 32).permute(0, 3, 1, 2) if reshape else tokens
+        torch.testing.assert_close(feature_map, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dinov3_backbone_maps_are_the_models_patch_tokens(pixels):
+    config = DINOv3ViTTTRegConfig(
+        **VISION, num_register_tokens=2, out_indices=[1, 3], register_neurons=NEURONS, return_class_token=True
+    )
+    backbone = DINOv3ViTTTRegBackbone(config).eval()
+    model = DINOv3ViTTTRegModel(config).eval()
+    model.load_state_dict(backbone.state_dict())
+    with torch.no_grad():
+        outputs = backbone(pixels)
+        tokens = model(pixels, output_hidden_states=True)
+    normed = [backbone.norm(tokens.hidden_states[stage]) for stage in (1, 3)]
+    for feature_map, cls, stage_tokens in zip(outputs.feature_maps, outputs.cls_tokens, normed, strict=True):
+        assert torch.equal(feature_map, stage_tokens[:, 3:].reshape(2, 3, 3, 32).permute(0, 3, 1, 2))
+        assert torch.equal(cls, stage_tokens[:, 0])
+
+
+def _tiny_backbone_config(ours: bool, **fields):
+    config_class = Dinov2TTRegConfig if ours else Dinov2Config
+    return config_class(**DINOV2, **fields, **({"register_neurons": NEURONS} if ours else {}))
+
+
+# model class, its config from a backbone config, its inputs' image side, the output to compare
+HOSTS = {
+    "dpt": (
+        DPTForDepthEstimation,
+        lambda backbone: DPTConfig(
+            backbone_config=backbone, is_hybrid=False, hidden_size=32, neck_hidden_sizes=[8, 16, 32],
+            fusion_hidden_size=8, reassemble_factors=[2, 1, 0.5],
+        ),
+        dict(out_indices=[1, 2, 3], reshape_hidden_states=False),
+        "predicted_depth",
+    ),
+    "depth_anything": (
+        DepthAnythingForDepthEstimation,
+        lambda backbone: DepthAnythingConfig(backbone_config=backbone, **DEPTH_ANYTHING),
+        dict(out_indices=[1, 2, 3], reshape_hidden_states=False),
+        "predicted_depth",
+    ),
+    "zoedepth": (
+        ZoeDepthForDepthEstimation,
+        lambda backbone: ZoeDepthConfig(
+            backbone_config=backbone, backbone_hidden_size=32, reassemble_factors=[4, 2, 1, 0.5],
+            neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=16, num_relative_features=8, bottleneck_features=16,
+            patch_size=14, num_attractors=[4, 2, 2, 1], bin_embedding_dim=16,
+            bin_configurations=[{"n_bins": 8, "min_depth": 0.001, "max_depth": 10.0, "name": "nyu"}],
+        ),
+        dict(out_indices=[0, 1, 2, 3], reshape_hidden_states=False),
+        "predicted_depth",
+    ),
+    "mask2former": (  # its segmentation head needs scipy; the model is what takes the backbone
+        Mask2FormerModel,
+        lambda backbone: Mask2FormerConfig(
+            backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_layers=1,
+            encoder_feedforward_dim=64, dim_feedforward=64, decoder_layers=2, num_queries=5, num_attention_heads=2,
+            feature_strides=[14, 14, 14], common_stride=14,
+        ),
+        dict(out_indices=[1, 2, 3]),
+        "pixel_decoder_last_hidden_state",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_depth_and_segmentation_models_take_our_backbone_config(host, pixels):
+    """A ``backbone_config`` of ours builds our backbone in the host (through `load_backbone` / `AutoBackbone`); its
+    output has the parent's shape, and with the edit off is the parent's."""
+    model_class, host_config, backbone_fields, output = HOSTS[host]
+    torch.manual_seed(0)
+    parent = model_class(host_config(_tiny_backbone_config(False, **backbone_fields))).eval()
+    ours = model_class(host_config(_tiny_backbone_config(True, **backbone_fields))).eval()
+    ours.load_state_dict(parent.state_dict())
+    backbone = vision_tower_with_registers(ours)
+    assert isinstance(backbone, Dinov2TTRegBackbone)
+    with torch.no_grad():
+        expected = getattr(parent(pixels), output)
+        edited, maps = getattr(ours(pixels), output), backbone(pixels).feature_maps
+        backbone.set_register_neurons({})
+        assert torch.equal(getattr(ours(pixels), output), expected)
+        assert not torch.equal(backbone(pixels).feature_maps[-1], maps[-1])  # the edit ran (a tiny ZoeDepth saturates)
+    assert edited.shape == expected.shape
+
+
+def test_auto_backbone_and_load_backbone_build_ours():
+    config = _tiny_backbone_config(True)
+    assert type(AutoBackbone.from_config(config)) is Dinov2TTRegBackbone
+    assert type(load_backbone(DepthAnythingConfig(backbone_config=config.to_dict()))) is Dinov2TTRegBackbone
+
+
+def test_depth_anything_upgraded_in_place_reloads_with_its_registers(pixels, tmp_path):
+    torch.manual_seed(0)
+    fields = HOSTS["depth_anything"][2]
+    model = DepthAnythingForDepthEstimation(HOSTS["depth_anything"][1](_tiny_backbone_config(False, **fields))).eval()
+    weight = model.backbone.embeddings.patch_embeddings.projection.weight
+    assert to_test_time_registers(model, register_neurons=NEURONS) is model
+    backbone = model.backbone
+    assert isinstance(backbone, Dinov2TTRegBackbone) and model.config.backbone_config is backbone.config
+    assert backbone.embeddings.patch_embeddings.projection.weight is weight  # shared, not copied
+    with torch.no_grad():
+        depth = model(pixels).predicted_depth
+        maps = backbone(pixels).feature_maps
+        # the parent's forward after its backbone (DepthAnythingForDepthEstimation.forward): neck and head on the maps
+        expected = model.head(model.neck(list(maps), 3, 3), 3, 3)
+    assert torch.equal(depth, expected)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForDepthEstimation.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded.backbone, Dinov2TTRegBackbone)
+    assert reloaded.backbone.config.register_neuron_index == {layer: tuple(ids) for layer, ids in NEURONS.items()}
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixels).predicted_depth, depth)
+
+
+def test_several_towers_are_refused_with_a_way_out():
+    sub_config = dict(**DINOV2 | {"image_size": 56})
+    config = DepthProConfig(
+        image_model_config=Dinov2Config(**sub_config), patch_model_config=Dinov2Config(**sub_config),
+        fov_model_config=Dinov2Config(**sub_config), patch_size=56, fusion_hidden_size=16,
+        intermediate_hook_ids=[2, 1], intermediate_feature_dims=[16, 16], scaled_images_ratios=[0.5, 1.0],
+        scaled_images_overlap_ratios=[0.0, 0.25], scaled_images_feature_dims=[32, 32], num_fov_head_layers=1,
+    )  # fmt: skip
+    model = DepthProForDepthEstimation(config)
+    with pytest.raises(TypeError, match=r"has 2 \(.*patch_encoder.model.*build the model from our configs"):
+        to_test_time_registers(model, register_neurons=NEURONS)
+    assert type(model.depth_pro.encoder.patch_encoder.model) is Dinov2Model  # unchanged
+    ours = DepthProForDepthEstimation(
+        DepthProConfig(**{**config.to_dict(), "patch_model_config": Dinov2TTRegConfig(**sub_config)})
+    )
+    assert type(ours.depth_pro.encoder.patch_encoder.model) is Dinov2TTRegModel  # `AutoModel` builds ours
+
+
+# ---- classifiers and whole CLIP / SigLIP models ------------------------------------------------------------------
+
+
+def _tiny_clip(model_class, **fields):
+    return model_class(CLIPConfig(vision_config=VISION, text_config=TEXT, projection_dim=16, **fields)).eval()
+
+
+# our class, the parent's config, the parent's tower, tokens before the patches, the parent's pooling of the tokens
+CLASSIFIERS = {
+    "dinov2": (
+        Dinov2TTRegForImageClassification,
+        lambda: Dinov2Config(**DINOV2, num_labels=3),
+        "dinov2",
+        lambda tokens: torch.cat((tokens[:, 0], tokens[:, 1:].mean(1)), dim=1),
+    ),
+    "clip": (
+        CLIPTTRegForImageClassification,
+        lambda: CLIPConfig(vision_config=VISION, text_config=TEXT, num_labels=3),
+        "vision_model",
+        lambda tokens: tokens[:, 1:].mean(1),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_classifier_heads_pool_the_patches_without_the_registers(name, pixels):
+    model_class, parent_config, tower_path, pooling = CLASSIFIERS[name]
+    model = model_class(parent_config())
+    vision_tower_with_registers(model).set_register_neurons(NEURONS)
+    parent = parent_class(model_class)(parent_config()).eval()
+    parent.load_state_dict(model.state_dict())
+    labels = torch.tensor([0, 2])
+    outputs = model.eval()(pixels, labels=labels)
+    with torch.no_grad(), _hooked_parent(parent.get_submodule(tower_path)):
+        tokens = parent.get_submodule(tower_path)(pixels).last_hidden_state[:, :-1]
+    torch.testing.assert_close(outputs.logits, parent.classifier(pooling(tokens)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs.loss, torch.nn.functional.cross_entropy(outputs.logits, labels))
+
+
+def test_a_classifier_loads_a_parent_checkpoint_with_a_new_head_and_the_index(tmp_path):
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(**DINOV2)).save_pretrained(tmp_path)
+    model = Dinov2TTRegForImageClassification.from_pretrained(tmp_path, register_neurons=NEURONS, num_labels=5)
+    assert type(model.dinov2) is Dinov2TTRegModel and model.classifier.out_features == 5
+    assert model.dinov2.config is model.config and model.config.register_neurons == {"1": [3, 40], "2": [7]}
+    backbone = Dinov2TTRegBackbone.from_pretrained(tmp_path, register_neurons=NEURONS, out_indices=[1, 3])
+    assert backbone.out_features == ["stage1", "stage3"]
+    with pytest.raises(TypeError, match="'num_lables'; did you mean 'num_labels'"):
+        Dinov2TTRegForImageClassification.from_pretrained(tmp_path, register_neurons=NEURONS, num_lables=5)
+    with pytest.raises(TypeError, match="'out_indice'; did you mean 'out_indices'"):
+        Dinov2TTRegBackbone.from_pretrained(tmp_path, register_neurons=NEURONS, out_indice=[1])
+
+
+# a loaded parent, its inputs, the output to compare, the Auto class that reloads it, the class it reloads as
+LOADED = {
+    "dinov2-classifier": (
+        lambda: Dinov2ForImageClassification(Dinov2Config(**DINOV2, num_labels=3)),
+        "logits",
+        AutoModelForImageClassification,
+        Dinov2TTRegForImageClassification,
+    ),
+    "deit-with-teacher": (  # DeiT has two classifiers for one config: the saved name picks ours
+        lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**VISION, num_labels=3)),
+        "logits",
+        AutoModelForImageClassification,
+        DeiTTTRegForImageClassificationWithTeacher,
+    ),
+    "clip-model": (
+        lambda: _tiny_clip(CLIPModel),
+        "logits_per_image",
+        AutoModelForZeroShotImageClassification,
+        CLIPTTRegModel,
+    ),
+    "siglip-model": (
+        lambda: SiglipModel(SiglipConfig(vision_config=VISION, text_config=TEXT)),
+        "logits_per_image",
+        AutoModel,
+        SiglipTTRegModel,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", LOADED)
+def test_to_test_time_registers_upgrades_a_loaded_model_in_place_and_it_reloads_with_registers(name, pixels, tmp_path):
+    build, output, auto_class, reloaded_class = LOADED[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    inputs = {"pixel_values": pixels}
+    if output == "logits_per_image":
+        inputs["input_ids"] = torch.tensor([[4, 5, 6, 2], [7, 8, 9, 2]])
+    parent = copy.deepcopy(model)
+    assert to_test_time_registers(model, register_neurons=NEURONS) is model
+    tower = vision_tower_with_registers(model)
+    parent_tower = next(module for module in parent.modules() if type(module) is parent_class(type(tower)))
+    with torch.no_grad():
+        edited = getattr(model(**inputs), output)
+        if output == "logits_per_image":  # CLS / MAP pooling: the reference edit on the parent gives the same logits
+            with _hooked_parent(parent_tower, num_prefix=int("clip" in name)):
+                torch.testing.assert_close(edited, getattr(parent(**inputs), output), atol=1e-5, rtol=1e-5)
+        assert not torch.equal(edited, getattr(parent(**inputs), output))
+    model.save_pretrained(tmp_path)
+    reloaded = auto_class.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is reloaded_class
+    assert vision_tower_with_registers(reloaded).config.register_neurons == {"1": [3, 40], "2": [7]}
+    with torch.no_grad():
+        assert torch.equal(getattr(reloaded(**inputs), output), edited)
+
+
+def test_a_whole_clip_model_returns_the_towers_registers_and_saves_them(pixels, tmp_path):
+    model = CLIPTTRegModel(CLIPConfig(vision_config={**VISION, "register_neurons": NEURONS}, text_config=TEXT))
+    outputs = model.eval()(pixel_values=pixels, input_ids=torch.tensor([[4, 5, 2]]))
+    assert outputs.vision_model_output.test_time_registers.shape == (2, 1, 32)
+    model.save_pretrained(tmp_path)
+    assert type(AutoModel.from_pretrained(tmp_path)) is CLIPTTRegModel
+
+
+# ---- pipelines ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.fromarray((np.random.RandomState(0).rand(50, 60, 3) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A word-level tokenizer of the prompts below: each label its own id, the prompt ending in id 2, CLIP's pooled
+    token (its argmax) is the label."""
+    words = ["[PAD]", "[UNK]", ".", "this", "is", "a", "photo", "of", "cat", "dog", "car"]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    backend.normalizer, backend.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def _pair(parent, ours_class):
+    """``parent`` and ``ours_class`` on its weights, edit off, and the same with the edit on."""
+    off = ours_class(copy.deepcopy(parent.config)).eval()
+    off.load_state_dict(parent.state_dict())
+    on = copy.deepcopy(off)
+    vision_tower_with_registers(on).set_register_neurons(NEURONS)
+    return off, on
+
+
+def _processor(side):
+    return BitImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+
+PIPELINES = {
+    "image-feature-extraction": (
+        lambda: Dinov2Model(Dinov2Config(**DINOV2)),
+        Dinov2TTRegModel,
+        dict(image_processor=_processor(42)),
+        {},
+    ),
+    "image-classification": (
+        lambda: Dinov2ForImageClassification(Dinov2Config(**DINOV2, num_labels=3)),
+        Dinov2TTRegForImageClassification,
+        dict(image_processor=_processor(42)),
+        {},
+    ),
+    "zero-shot-image-classification": (
+        lambda: _tiny_clip(CLIPModel),
+        CLIPTTRegModel,
+        dict(image_processor=CLIPImageProcessor(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42})),
+        dict(candidate_labels=["cat", "dog", "car"]),
+    ),
+    "zero-shot-image-classification-siglip": (
+        lambda: SiglipModel(SiglipConfig(vision_config=VISION, text_config=TEXT)),
+        SiglipTTRegModel,
+        dict(image_processor=SiglipImageProcessor(size={"height": 42, "width": 42})),
+        dict(candidate_labels=["cat", "dog"]),
+    ),
+    "depth-estimation": (
+        lambda: DepthAnythingForDepthEstimation(
+            DepthAnythingConfig(
+                backbone_config=_tiny_backbone_config(False, **HOSTS["depth_anything"][2]), **DEPTH_ANYTHING
+            )
+        ),
+        None,  # Depth Anything with our backbone: `to_test_time_registers`
+        dict(image_processor=DPTImageProcessor(size={"height": 42, "width": 42}, ensure_multiple_of=14)),
+        {},
+    ),
+}
+
+
+def _comparable(result):
+    if isinstance(result, dict):
+        return {key: _comparable(value) for key, value in result.items()}
+    if isinstance(result, list):
+        return [_comparable(value) for value in result]
+    if isinstance(result, Image.Image):
+        return np.asarray(result).tolist()
+    return result.tolist() if isinstance(result, torch.Tensor) else result
+
+
+@pytest.mark.parametrize("task", PIPELINES)
+def test_pipelines_run_our_models_and_give_the_parents_answer_with_the_edit_off(task, image, tokenizer):
+    build, ours_class, components, call = PIPELINES[task]
+    torch.manual_seed(0)
+    parent = build().eval()
+    if ours_class is None:
+        off = to_test_time_registers(copy.deepcopy(parent), register_neurons={})
+        on = to_test_time_registers(copy.deepcopy(parent), register_neurons=NEURONS)
+    else:
+        off, on = _pair(parent, ours_class)
+    name = task.removesuffix("-siglip")
+    if name.startswith("zero-shot"):
+        components = {**components, "tokenizer": tokenizer}
+    results = [_comparable(pipeline(name, model=model, **components)(image, **call)) for model in (parent, off, on)]
+    assert results[1] == results[0]
+    assert results[2] != results[0]
+    assert np.shape(results[2]) == np.shape(results[0])
+    if name == "depth-estimation":
+        assert np.shape(results[2]["predicted_depth"]) == (50, 60)  # resized to the image, as the parent's
