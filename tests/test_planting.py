@@ -110,11 +110,13 @@ def outlier_ratio(model, inputs, threshold: float) -> float:
 
 
 def assert_recovered(model, discovery_images, held_out) -> None:
-    """Discovery with its defaults finds the planted neurons, as the algorithm as it was does (`reference_discovery`,
-    whose k search tried every k over 32 images), and attaching them removes the outliers of held-out images."""
+    """Discovery with its defaults finds the planted neurons and k, as the algorithm as it was does with its own
+    (`reference_discovery`, whose k search ran every k it tried over 32 images), and attaching them removes the
+    outliers of held-out images."""
     result = find_register_neurons(model, discovery_images)
     assert result.found, result.summary()
-    assert_same_as_reference(result, reference_discovery(model, discovery_images))
+    assert_same_as_reference(result, reference_discovery(model, discovery_images, eval_images=32), False)
+    assert result.eval_outlier_ratio[0] > 0.005 and result.eval_outlier_ratio[1] == 0
     assert {layer: set(ids) for layer, ids in result.index.neurons.items()} == {LAYER: set(NEURONS)}, result.summary()
     before = outlier_ratio(model, held_out, result.threshold)
     model.set_register_neurons(result.index)

@@ -26,7 +26,7 @@ from .modeling.registers import TestTimeRegisterMixin, check_pixel_values
 AUTOMATIC_THRESHOLD_RULE = f"automatic: max(median + {MAD_FACTOR:g} robust std, {MIN_NORM_RATIO:g} x median)"
 Images = Sequence[torch.Tensor] | Sequence[Mapping[str, torch.Tensor]]
 Inputs = torch.Tensor | dict[str, torch.Tensor]
-EVAL_IMAGES = 32  # default number of images (with outliers) the k search and the before / after ratios use
+EVAL_IMAGES = 16  # default number of images (with outliers) the k search and the before / after ratios use
 
 
 @dataclass(frozen=True)
@@ -114,25 +114,38 @@ def _batches(
     show_progress = is_main_process() and sys.stderr.isatty()  # no bars in logs and pipes
     for start in tqdm(range(0, len(positions), batch_size), desc=desc, disable=not show_progress, leave=False):
         chunk = positions[start : start + batch_size]
-        chosen = [images[selected[p]] for p in chunk]
+        indices = [selected[p] for p in chunk]
+        if isinstance(images, torch.Tensor):  # a view where the images are evenly spaced: no copy
+            steps = {b - a for a, b in zip(indices, indices[1:])}
+            step = steps.pop() if len(steps) == 1 else 1 if len(indices) == 1 else None
+            batch = images[indices[0] : indices[-1] + 1 : step] if step and step > 0 else images[indices]
+            yield chunk, _to_model("pixel_values", batch, parameter)
+            continue
+        chosen = [images[i] for i in indices]
         if isinstance(chosen[0], Mapping):  # one image's keyword inputs: stacked key by key
-            yield chunk, {key: _to_model(key, [image[key] for image in chosen], parameter) for key in chosen[0]}
+            yield (
+                chunk,
+                {key: _to_model(key, _stack(key, [image[key] for image in chosen]), parameter) for key in chosen[0]},
+            )
         else:
-            yield chunk, _to_model("pixel_values", chosen, parameter)
+            yield chunk, _to_model("pixel_values", _stack("pixel_values", chosen), parameter)
 
 
-def _to_model(name: str, tensors: list[torch.Tensor], parameter: torch.Tensor) -> torch.Tensor:
-    """One input of a batch, stacked, on the model's device: pixel values in the model's dtype (integer ones are
-    refused, as the models refuse them: no silent cast of 0-255 images), masks and shapes in their own."""
+def _stack(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     shapes = {tuple(tensor.shape) for tensor in tensors}
     if len(shapes) > 1:
         raise ValueError(
             f"The images' {name} have different shapes {sorted(shapes)} and cannot share a batch: pad them to one "
             "shape (SigLIP2's image processor does, with a pixel_attention_mask), or pass batch_size=1."
         )
+    return torch.stack(tensors)
+
+
+def _to_model(name: str, tensor: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """One input of a batch on the model's device: pixel values in the model's dtype (integer ones are refused, as
+    the models refuse them: no silent cast of 0-255 images), masks and shapes in their own."""
     if name == "pixel_values":
-        check_pixel_values(tensors[0], patch_size=1)  # the dtype; the sizes are the model's to check
-    tensor = torch.stack(tensors)
+        check_pixel_values(tensor, patch_size=1)  # the dtype; the sizes are the model's to check
     return tensor.to(parameter.device, parameter.dtype if tensor.is_floating_point() else tensor.dtype)
 
 
