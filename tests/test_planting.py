@@ -195,6 +195,13 @@ def test_a_padded_naflex_batch_gives_what_each_image_gives_alone():
     assert padded.index.neurons == alone.index.neurons and padded.eval_outlier_ratio == alone.eval_outlier_ratio
     assert [score for *_, score in padded.ranked] == pytest.approx([score for *_, score in alone.ranked], rel=1e-5)
     assert {layer: set(ids) for layer, ids in padded.index.neurons.items()} == {LAYER: set(NEURONS)}
+    # one of the two neurons: outliers are left, and padding (uniform zero patches, where the planted neurons fire)
+    # would be counted among them
+    half = [
+        find_register_neurons(model, inputs, batch_size=size, threshold=padded.threshold, top_k=1).eval_outlier_ratio
+        for inputs, size in ((naflex(crops, max_patches=64), 8), (naflex(crops), 1))
+    ]
+    assert half[0] == pytest.approx(half[1]) and half[0][1] > 0
 
 
 def add_a_family_example():
