@@ -4,7 +4,8 @@ On a planted-neuron model, for 256 and 1024 generated images: images per second 
 (batch 16, no statistics: the ceiling of any tool that has to run the model), (b) discovery with a given threshold and
 k (``eval_images=0``: no before / after ratio), (c) discovery with its defaults (automatic threshold, automatic k).
 They run in one process, in rounds that rotate their order; each ratio to (a) is the median over rounds of one round's
-ratio, so that drift on a shared machine cancels out. Also: the extra peak memory of (c) in a fresh process
+ratio, so that drift on a shared machine cancels out, in wall-clock time (the headline) and in this process's CPU time
+(all its threads; steadier where other processes take the cores). Also: the extra peak memory of (c) in a fresh process
 (`peak_memory.py`), flat in the number of images, and whether (b) and (c) find the planted neurons.
 
     python benchmarks/discovery.py                     # the DINOv2-shaped planted model, 224 px, CPU
@@ -111,18 +112,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(functions: dict, rounds: int, device: str) -> tuple[dict[str, list[float]], dict]:
-    """Run times in seconds, in rounds calling every function once, in an order rotating from round to round; and
-    what each returned."""
-    names, times, returned = list(functions), {name: [] for name in functions}, {}
+def interleaved(functions: dict, rounds: int, device: str) -> tuple[dict[str, list[float]], dict, dict]:
+    """Run times in seconds, wall-clock and this process's CPU time, in rounds calling every function once, in an
+    order rotating from round to round; and what each returned."""
+    names, returned = list(functions), {}
+    times, cpu_times = {name: [] for name in functions}, {name: [] for name in functions}
     for round_ in range(rounds):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             returned[name] = functions[name]()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return times, returned
+            cpu_times[name].append(time.process_time() - cpu_start)
+    return times, cpu_times, returned
 
 
 def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
@@ -217,15 +220,16 @@ def main() -> None:
     )
     print(
         "| images | bare forward img/s | given img/s | **given / bare** | defaults img/s | **defaults / bare** | "
-        "threshold (automatic) | k | extra peak MiB (defaults) | planted neurons found |"
+        "in CPU time: given / bare, defaults / bare | threshold (automatic) | k | extra peak MiB (defaults) | "
+        "planted neurons found |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for num_images in args.images:
         model, images, truth, threshold, top_k, dtype = prepare(args, num_images)
         functions = methods(model, images, threshold, top_k, args.device, dtype)
         warmup = methods(model, images[: 4 * BATCH_SIZE], threshold, top_k, args.device, dtype)
         interleaved(warmup if not args.compile else functions, 1, args.device)  # compiled: every shape seen first
-        times, results = interleaved(functions, args.rounds, args.device)
+        times, cpu_times, results = interleaved(functions, args.rounds, args.device)
         result = results["defaults"]
         found = [
             {layer: sorted(ids) for layer, ids in results[name].index.neurons.items()} if results[name].found else {}
@@ -236,7 +240,9 @@ def main() -> None:
         print(
             f"| {num_images} | {rate['bare forward']:.1f} | {rate['given']:.1f} | "
             f"**{paired_ratio(times, 'given', 'bare forward'):.2f}** | {rate['defaults']:.1f} | "
-            f"**{paired_ratio(times, 'defaults', 'bare forward'):.2f}** | {result.threshold:.4g} | {result.top_k} | "
+            f"**{paired_ratio(times, 'defaults', 'bare forward'):.2f}** | "
+            f"{paired_ratio(cpu_times, 'given', 'bare forward'):.2f} / "
+            f"{paired_ratio(cpu_times, 'defaults', 'bare forward'):.2f} | {result.threshold:.4g} | {result.top_k} | "
             f"{peak} | {'yes' if found[0] == found[1] == truth else 'no'} |"
         )
     if args.processes > 1:
