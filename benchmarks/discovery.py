@@ -13,6 +13,7 @@ ratio, so that drift on a shared machine cancels out, in wall-clock time (the he
     python benchmarks/discovery.py --model clip        # a family's tiny planted model, as tests/test_planting.py builds it
     python benchmarks/discovery.py --device cuda --dtype bfloat16 --compile
     python benchmarks/discovery.py --processes 2       # and (c) under torchrun: 1 process against 2
+    python benchmarks/discovery.py --threads 1         # one thread per process (steadier on a shared machine)
 """
 
 import argparse
@@ -157,7 +158,9 @@ def _child_processes(args, num_images: int) -> None:
     init_from_environment()
     rank, world_size = rank_and_world_size()
     if args.device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world_size))
+    else:  # one GPU per process, as init_from_environment chose
+        args.device = f"cuda:{torch.cuda.current_device()}"
     model, images, truth, *_ = prepare(args, num_images)
     find_register_neurons(model, images[: 2 * BATCH_SIZE * world_size])  # warm-up
     rates, result = [], None
@@ -179,7 +182,7 @@ def _child(mode: str, args, num_images: int) -> dict:
     if mode.startswith("torchrun"):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", mode[8:]]
         command = [*launcher, *command[1:]]
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(mode[8:])))
+        env["OMP_NUM_THREADS"] = str(args.threads or max(1, (os.cpu_count() or 1) // int(mode[8:])))
     completed = subprocess.run(command, capture_output=True, text=True, env=env)
     if completed.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-3000:]}")
@@ -189,7 +192,7 @@ def _child(mode: str, args, num_images: int) -> dict:
 def _passed(args) -> list[str]:
     """The settings a child process needs, as arguments."""
     passed = ["--model", args.model, "--device", args.device, "--dtype", args.dtype, "--rounds", str(args.rounds)]
-    return passed + (["--compile"] if args.compile else [])
+    return passed + (["--compile"] if args.compile else []) + (["--threads", str(args.threads)] if args.threads else [])
 
 
 def main() -> None:
@@ -202,11 +205,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--compile", action="store_true", help="model.compile() first (warm-up untimed)")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads per process (default: torch's; under torchrun, the cores / N)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak memory")
     parser.add_argument("--processes", type=int, default=1, help="also time (c) under torchrun: 1 vs this many")
     parser.add_argument("--quick", action="store_true", help="16 images, one round, no memory (a smoke test)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         mode, num_images = json.loads(args.child)
         return _child_processes(args, num_images) if mode.startswith("torchrun") else _child_memory(args, num_images)
@@ -246,7 +254,8 @@ def main() -> None:
             f"{peak} | {'yes' if found[0] == found[1] == truth else 'no'} |"
         )
     if args.processes > 1:
-        print(f"\nDefaults under torchrun ({args.device}), each process with {os.cpu_count()} / N threads:\n")
+        threads = args.threads or f"{os.cpu_count()} / N"
+        print(f"\nDefaults under torchrun ({args.device}), each process with {threads} threads:\n")
         print("| images | processes | img/s | speed-up | same index as 1 process |")
         print("|---|---|---|---|---|")
         for num_images in args.images:
