@@ -251,10 +251,11 @@ def test_automatic_threshold_and_k_run_each_image_once_and_edit_only_evaluation_
     model, images = build_planted_model(), planted_images(48)
     with ForwardCounter(model) as forwards:
         result = find_register_neurons(model, images, calibration_images=16, batch_size=8)
-    assert result.index.neurons == planted_index() and result.num_eval_images == 16
+    assert result.index.neurons == planted_index() and result.num_eval_images == 8  # 48 / 32, at least 8
     assert forwards.unedited == 48  # the calibration images' forward is their scoring forward
     # k = 4 (the guess: the largest drop of the ranked scores) on every evaluation image; k = 3 stops after one
-    assert forwards.edited == 16 + 1
+    assert forwards.edited == 8 + 1
+    assert [discovery.default_eval_images(n) for n in (1, 256, 500, 1024, 5000)] == [8, 8, 15, 32, 32]
 
 
 @pytest.mark.parametrize(

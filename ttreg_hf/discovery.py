@@ -26,7 +26,6 @@ from .modeling.registers import TestTimeRegisterMixin, check_pixel_values
 AUTOMATIC_THRESHOLD_RULE = f"automatic: max(median + {MAD_FACTOR:g} robust std, {MIN_NORM_RATIO:g} x median)"
 Images = Sequence[torch.Tensor] | Sequence[Mapping[str, torch.Tensor]]
 Inputs = torch.Tensor | dict[str, torch.Tensor]
-EVAL_IMAGES = 16  # default number of images (with outliers) the k search and the before / after ratios use
 
 
 @dataclass(frozen=True)
@@ -374,6 +373,12 @@ def _layer(name: str, layer: int, num_layers: int) -> int:
     return layer % num_layers
 
 
+def default_eval_images(num_images: int) -> int:
+    """How many images (with outliers) the k search and the before / after ratios use by default: 1/32 of the images,
+    at least 8 and at most 32, so that their edited forwards cost about 3 % of the pass over the images."""
+    return min(32, max(8, num_images // 32))
+
+
 def _check_settings(settings: dict, images: Images, num_neurons: int) -> None:
     """Refuse settings discovery cannot use, in one line naming the argument."""
     if not len(images):
@@ -382,9 +387,10 @@ def _check_settings(settings: dict, images: Images, num_neurons: int) -> None:
         value = settings[name]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if not isinstance(settings["eval_images"], int) or settings["eval_images"] < (0 if settings["top_k"] else 1):
-        least = "0" if settings["top_k"] else "1 (the automatic top_k is chosen on them)"
-        raise ValueError(f"eval_images must be an integer of at least {least}, got {settings['eval_images']!r}.")
+    eval_images, least = settings["eval_images"], 0 if settings["top_k"] else 1
+    if eval_images is not None and (not isinstance(eval_images, int) or eval_images < least):
+        why = "" if least == 0 else " (the automatic top_k is chosen on them)"
+        raise ValueError(f"eval_images must be an integer of at least {least}{why}, got {eval_images!r}.")
     if settings["top_k"] is not None and settings["top_k"] > num_neurons:
         raise ValueError(f"top_k={settings['top_k']} is more than the {num_neurons} neurons searched.")
     if not 0 <= settings["remaining_outliers"] < 1:
@@ -406,7 +412,7 @@ def find_register_neurons(
     remaining_outliers: float = 0.01,
     num_images: int | None = None,
     calibration_images: int = 64,
-    eval_images: int = EVAL_IMAGES,
+    eval_images: int | None = None,
     batch_size: int = 16,
     seed: int = 0,
     checkpoint: str = "",
@@ -426,6 +432,7 @@ def find_register_neurons(
         top_k: number of neurons to keep; `None` picks the smallest k whose edit leaves at most
             ``remaining_outliers`` of the outliers on the first ``eval_images`` images that have them
             (k <= ``max_top_k``). The outlier ratio before and after the edit is measured on these images.
+        eval_images: default: `default_eval_images` of the number of images (8 to 32).
         num_images: use a random subset of this many images, drawn with ``seed`` (default: all).
         batch_size: images per forward; the scoring forward keeps one batch's MLP activations of the searched
             layers (``batch_size x layers x tokens x mlp_width``), so lower it if memory is short.
@@ -483,7 +490,7 @@ def find_register_neurons(
         scores = stats.scores / len(with_outliers)
         order = scores.flatten().sort(descending=True, stable=True).indices[: max(max_top_k, top_k or 0)].tolist()
         ranked = [(i // scores.shape[1], i % scores.shape[1], float(scores.flatten()[i])) for i in order]
-        evaluation = with_outliers[:eval_images]
+        evaluation = with_outliers[: default_eval_images(len(selected)) if eval_images is None else eval_images]
         outliers_before = float(stats.outliers[evaluation].sum())
         eval_patches = max(float(stats.patches[evaluation].sum()), 1.0)
         counter = _Evaluation(
