@@ -76,13 +76,23 @@ def test_forward_benchmark_variants_compute_the_same_edit(name, size, load_scrip
     assert not torch.allclose(outputs["ttreg"], outputs["parent"], atol=1e-3)
 
 
-def test_discovery_benchmark_quick_run_agrees_with_the_planted_truth():
+@pytest.mark.parametrize("model", ["planted", "siglip2"])  # SigLIP2: keyword inputs (NaFlex)
+def test_discovery_benchmark_quick_run_agrees_with_the_planted_truth(model):
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "discovery.py"), "--quick"], capture_output=True, text=True, timeout=600
+        [sys.executable, str(BENCHMARKS / "discovery.py"), "--quick", "--model", model],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     row = next(line for line in result.stdout.splitlines() if line.startswith("| 16 |"))
-    assert row.rstrip().endswith("| yes | yes |")  # both methods pick the same neurons, and the planted ones
+    assert row.rstrip().endswith("| yes |")  # given threshold and k, and the defaults: the planted neurons
+
+
+def test_discovery_benchmark_knows_every_familys_planted_model(load_script):
+    from test_planting import FAMILIES
+
+    assert load_script("discovery").model_names() == ["planted", *FAMILIES, "siglip2"]
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs")

@@ -22,6 +22,8 @@ from family_models import (
     plant,
     timm_vit,
 )
+from reference_discovery import reference_discovery
+from test_discovery import assert_same_as_reference
 from timm.layers import SwiGLU, SwiGLUPacked
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -69,8 +71,13 @@ def outlier_ratio(model, inputs, threshold: float) -> float:
 
 
 def assert_recovered(model, discovery_images, held_out) -> None:
+    """Discovery with its defaults finds the planted neurons and k, as the algorithm as it was does with its own
+    (`reference_discovery`, whose k search ran every k it tried over 32 images), and attaching them removes the
+    outliers of held-out images."""
     result = find_register_neurons(model, discovery_images)
     assert result.found, result.summary()
+    assert_same_as_reference(result, reference_discovery(model, discovery_images, eval_images=32), False)
+    assert result.eval_outlier_ratio[0] > 0.005 and result.eval_outlier_ratio[1] == 0
     assert {layer: set(ids) for layer, ids in result.index.neurons.items()} == {LAYER: set(NEURONS)}, result.summary()
     before = outlier_ratio(model, held_out, result.threshold)
     model.set_register_neurons(result.index)
@@ -83,20 +90,70 @@ def test_planted_neurons_are_found_and_their_edit_removes_the_outliers(family):
     assert_recovered(planted(family), list(images(32, seed=0)), images(16, seed=1))
 
 
-def naflex(images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """Each image as SigLIP2's processor gives it: patches flattened channel-last, a mask, the grid's shape."""
-    grid, patch = SIZE // NAFLEX_PATCH, NAFLEX_PATCH
-    patches = images.unflatten(2, (grid, patch)).unflatten(4, (grid, patch))  # (B, 3, rows, patch, columns, patch)
-    patches = patches.permute(0, 2, 4, 3, 5, 1).flatten(3).flatten(1, 2)
-    mask, shape = torch.ones(grid * grid, dtype=torch.long), torch.tensor([grid, grid])
-    return [{"pixel_values": p, "pixel_attention_mask": mask, "spatial_shapes": shape} for p in patches]
+def naflex(images, max_patches: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Each ``(3, H, W)`` image as SigLIP2's processor gives it: patches flattened channel-last, padded with zeros to
+    ``max_patches`` (default: none), a mask (1 real, 0 padding), the grid's shape."""
+    inputs, patch = [], NAFLEX_PATCH
+    for image in images:
+        rows, columns = image.shape[1] // patch, image.shape[2] // patch
+        patches = image.unflatten(1, (rows, patch)).unflatten(3, (columns, patch))  # (3, rows, patch, columns, patch)
+        patches = patches.permute(1, 3, 2, 4, 0).flatten(2).flatten(0, 1)
+        padding = (max_patches or len(patches)) - len(patches)
+        inputs.append(
+            {
+                "pixel_values": torch.nn.functional.pad(patches, (0, 0, 0, padding)),
+                "pixel_attention_mask": torch.tensor([1] * len(patches) + [0] * padding),
+                "spatial_shapes": torch.tensor([rows, columns]),
+            }
+        )
+    return inputs
+
+
+def planted_siglip2() -> torch.nn.Module:
+    return plant(TINY["siglip2"])
 
 
 def test_siglip2_naflex_inputs_go_to_discovery_as_keyword_inputs():
-    model = plant(TINY["siglip2"])
+    model = planted_siglip2()
     held_out = naflex(images(16, seed=1))
     batch = {key: torch.stack([image[key] for image in held_out]) for key in held_out[0]}
     assert_recovered(model, naflex(images(32, seed=0)), batch)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "siglip2-naflex"])
+def test_discovery_refuses_integer_images_for_every_family(family):
+    """0-255 images are refused before any forward, with the TypeError the models raise (timm's own forward fails
+    on the dtype mismatch with another error)."""
+    model = planted_siglip2() if family == "siglip2-naflex" else FAMILIES[family]().eval()
+    pixels = (textured_images(2, size=SIZE) * 255).round().to(torch.uint8)
+    inputs = [{**image, "pixel_values": image["pixel_values"].to(torch.uint8)} for image in naflex(pixels.float())]
+    with pytest.raises(TypeError, match="pixel_values must be a floating-point tensor of normalized images"):
+        find_register_neurons(model, inputs if family == "siglip2-naflex" else pixels)
+
+
+CROPS = [(96, 96), (72, 96), (60, 72), (48, 48)]  # 64, 48, 30 and 16 patches of 12 px
+
+
+def test_a_padded_naflex_batch_gives_what_each_image_gives_alone():
+    """Images of four sizes padded to 64 patches, in batches of 8, against each image alone (batch 1, no padding):
+    padding is no patch in any statistic (norms, outliers, scores, the automatic threshold, the ratios)."""
+    model = planted_siglip2()
+    crops = [image[:, : CROPS[i % 4][0], : CROPS[i % 4][1]] for i, image in enumerate(images(32, seed=0))]
+    padded = find_register_neurons(model, naflex(crops, max_patches=64), batch_size=8, calibration_images=12)
+    alone = find_register_neurons(model, naflex(crops), batch_size=1, calibration_images=12)
+    assert padded.num_patch_tokens == alone.num_patch_tokens == 8 * (64 + 48 + 30 + 16)
+    for name in ("threshold", "num_outlier_tokens", "num_images_with_outliers", "top_k", "median_norm"):
+        assert getattr(padded, name) == pytest.approx(getattr(alone, name), rel=1e-6), name
+    assert padded.index.neurons == alone.index.neurons and padded.eval_outlier_ratio == alone.eval_outlier_ratio
+    assert [score for *_, score in padded.ranked] == pytest.approx([score for *_, score in alone.ranked], rel=1e-5)
+    assert {layer: set(ids) for layer, ids in padded.index.neurons.items()} == {LAYER: set(NEURONS)}
+    # one of the two neurons: outliers are left, and padding (uniform zero patches, where the planted neurons fire)
+    # would be counted among them
+    half = [
+        find_register_neurons(model, inputs, batch_size=size, threshold=padded.threshold, top_k=1).eval_outlier_ratio
+        for inputs, size in ((naflex(crops, max_patches=64), 8), (naflex(crops), 1))
+    ]
+    assert half[0] == pytest.approx(half[1]) and half[0][1] > 0
 
 
 def add_a_family_example():

@@ -2,24 +2,25 @@
 
 Outlier tokens are the patch tokens whose norm at a detection layer exceeds a threshold; every MLP neuron up to a
 highest layer is scored by its mean |activation| at the outlier positions, over the images that have outliers; the
-top k are the register neurons. Statistics are streamed (memory does not grow with the number of images) and summed
-across processes under ``torchrun`` / ``accelerate launch``.
+top k are the register neurons. One forward per image gives the threshold, the outliers and the scores; statistics are
+streamed (memory does not grow with the number of images) and summed across processes under ``torchrun`` /
+``accelerate launch``.
 """
 
-import functools
+import math
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from .analysis.capture import capture, resolve_layers
+from .analysis.capture import capture
 from .analysis.distributed import all_reduce, is_main_process, rank_and_world_size
 from .analysis.interventions import with_register_neurons
-from .analysis.metrics import MAD_FACTOR, MIN_NORM_RATIO, NormHistogram, patch_norms, robust_threshold
-from .index import RegisterNeuronIndex, RegisterNeuronIndexError, weights_fingerprint
-from .modeling.registers import TestTimeRegisterMixin
+from .analysis.metrics import MAD_FACTOR, MIN_NORM_RATIO, NormHistogram, patch_mask, patch_norms
+from .index import RegisterNeuronIndex, weights_fingerprint
+from .modeling.registers import TestTimeRegisterMixin, check_pixel_values
 
 AUTOMATIC_THRESHOLD_RULE = f"automatic: max(median + {MAD_FACTOR:g} robust std, {MIN_NORM_RATIO:g} x median)"
 Images = Sequence[torch.Tensor] | Sequence[Mapping[str, torch.Tensor]]
@@ -44,6 +45,7 @@ class DiscoveryResult:
     ranked: list[tuple[int, int, float]] = field(default_factory=list)
     top_k: int = 0
     eval_outlier_ratio: tuple[float, float] | None = None
+    num_eval_images: int = 0
 
     @property
     def found(self) -> bool:
@@ -74,38 +76,51 @@ class DiscoveryResult:
             f"in {self.num_images_with_outliers} images\n"
             f"  register neurons (top {self.top_k} of layers 0-{self.highest_layer}):\n{neurons}\n"
             f"  best scores (mean |activation| at outliers): {ranked}\n"
-            f"  outlier ratio on the evaluation images: {100 * before:.2f} % before, {100 * after:.2f} % with the edit"
-        )
-
-
-def check_index_matches(index: RegisterNeuronIndex, model: TestTimeRegisterMixin) -> None:
-    """Raise unless ``index`` fits ``model``'s shape and, when it records one, its weights fingerprint."""
-    index.check_fits(model.config.num_hidden_layers, model.config.mlp_width)
-    made_for = index.details.get("weights_fingerprint")
-    if made_for and made_for != weights_fingerprint(model):
-        checkpoint = ", ".join(index.checkpoints.values()) or "another checkpoint"
-        raise RegisterNeuronIndexError(
-            f"This register-neuron index was made for other weights ({checkpoint}, fingerprint {made_for}; this model's "
-            f"is {weights_fingerprint(model)}). Find the neurons of this checkpoint with `ttreg find-neurons`."
+            f"  outlier ratio on the {self.num_eval_images} evaluation images: {100 * before:.2f} % before, "
+            f"{100 * after:.2f} % with the edit"
         )
 
 
 def _batches(
-    images: Images, indices: list[int], batch_size: int, model: torch.nn.Module, desc: str
-) -> Iterator[Inputs]:
+    images: Images, selected: list[int], positions: list[int], batch_size: int, model: torch.nn.Module, desc: str
+) -> Iterator[tuple[list[int], Inputs]]:
+    """``positions`` (into ``selected``) in batches: each batch's positions and its inputs on the model's device."""
     parameter = next(model.parameters())
-    starts = range(0, len(indices), batch_size)
     show_progress = is_main_process() and sys.stderr.isatty()  # no bars in logs and pipes
-    for start in tqdm(starts, desc=desc, disable=not show_progress, leave=False):
-        chosen = [images[i] for i in indices[start : start + batch_size]]
+    for start in tqdm(range(0, len(positions), batch_size), desc=desc, disable=not show_progress, leave=False):
+        chunk = positions[start : start + batch_size]
+        indices = [selected[p] for p in chunk]
+        if isinstance(images, torch.Tensor):  # a view where the images are evenly spaced: no copy
+            steps = {b - a for a, b in zip(indices, indices[1:])}
+            step = steps.pop() if len(steps) == 1 else 1 if len(indices) == 1 else None
+            batch = images[indices[0] : indices[-1] + 1 : step] if step and step > 0 else images[indices]
+            yield chunk, _to_model("pixel_values", batch, parameter)
+            continue
+        chosen = [images[i] for i in indices]
         if isinstance(chosen[0], Mapping):  # one image's keyword inputs: stacked key by key
-            yield {key: _to_model(torch.stack([image[key] for image in chosen]), parameter) for key in chosen[0]}
+            yield (
+                chunk,
+                {key: _to_model(key, _stack(key, [image[key] for image in chosen]), parameter) for key in chosen[0]},
+            )
         else:
-            yield _to_model(torch.stack(chosen), parameter)
+            yield chunk, _to_model("pixel_values", _stack("pixel_values", chosen), parameter)
 
 
-def _to_model(tensor: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
-    """``tensor`` on the model's device; floating-point ones in its dtype (masks and shapes keep theirs)."""
+def _stack(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    shapes = {tuple(tensor.shape) for tensor in tensors}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"The images' {name} have different shapes {sorted(shapes)} and cannot share a batch: pad them to one "
+            "shape (SigLIP2's image processor does, with a pixel_attention_mask), or pass batch_size=1."
+        )
+    return torch.stack(tensors)
+
+
+def _to_model(name: str, tensor: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """One input of a batch on the model's device: pixel values in the model's dtype (integer ones are refused, as
+    the models refuse them: no silent cast of 0-255 images), masks and shapes in their own."""
+    if name == "pixel_values":
+        check_pixel_values(tensor, patch_size=1)  # the dtype; the sizes are the model's to check
     return tensor.to(parameter.device, parameter.dtype if tensor.is_floating_point() else tensor.dtype)
 
 
@@ -114,80 +129,200 @@ def _forward(model: torch.nn.Module, inputs: Inputs):
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
-def _detection_norms(model: TestTimeRegisterMixin, inputs: Inputs, layer: int) -> torch.Tensor:
-    with capture(model, blocks=[layer]) as cache:
-        _forward(model, inputs)
-    return patch_norms(cache.block_outputs[layer], cache.layout)
-
-
-@torch.no_grad()
-def _norm_histogram(model, images: Images, indices: list[int], layer: int, batch_size: int) -> NormHistogram:
-    histogram = NormHistogram(next(model.parameters()).device)
-    for inputs in _batches(images, indices, batch_size, model, "patch norms"):
-        histogram.add(_detection_norms(model, inputs, layer))
-    return histogram.all_reduce()
-
-
 @dataclass
-class _Scan:
-    """What one pass over the images sums: patch norms, outliers per image, and the neurons' scores."""
+class _Tokens:
+    """Patch tokens of one batch above a norm bound (all of them, of real patches): the image each belongs to, its
+    norm, and the searched layers' MLP activations there."""
 
-    histogram: NormHistogram
-    outliers_per_image: torch.Tensor
-    scores: torch.Tensor  # (highest + 1, mlp_width): per image, mean |activation| at its outliers, summed
+    positions: list[int]  # the batch's images, as positions in the selected images
+    image: torch.Tensor  # (tokens,): index into positions
+    norms: torch.Tensor  # (tokens,)
+    activations: torch.Tensor  # (layers, tokens, mlp_width), in the model's dtype
+    bound: float
+
+
+def _scoring_forward(
+    model: TestTimeRegisterMixin, inputs: Inputs, detection: int, highest: int
+) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[float], "_Tokens"]]:
+    """One forward: the detection layer's patch norms, the patch mask, and a function that gathers the tokens above a
+    bound (the MLP activations stay referenced, not copied, until it is dropped)."""
+    with capture(model, mlp=range(highest + 1), blocks=[detection]) as cache:
+        _forward(model, inputs)
+    norms, mask = patch_norms(cache.block_outputs[detection], cache.layout), patch_mask(inputs)
+
+    def tokens_above(bound: float, positions: list[int]) -> _Tokens:
+        above = norms > bound
+        image, token = (above if mask is None else above & mask).nonzero(as_tuple=True)
+        activations = torch.stack(
+            [cache.layout.patches(cache.mlp_activations[layer])[image, token] for layer in range(highest + 1)]
+        )
+        return _Tokens(positions, image, norms[image, token], activations, bound)
+
+    return norms, mask, tokens_above
+
+
+class _Statistics:
+    """What the pass sums: the norm histogram (and the calibration images' own), each image's outliers and patches,
+    and every searched neuron's score (per image, its mean |activation| at the image's outliers, summed)."""
+
+    def __init__(self, device: torch.device, num_images: int, num_layers: int, mlp_width: int):
+        self.histogram, self.calibration = NormHistogram(device), NormHistogram(device)
+        self.outliers = torch.zeros(num_images, dtype=torch.float64, device=device)
+        self.patches = torch.zeros(num_images, dtype=torch.float64, device=device)
+        self.scores = torch.zeros(num_layers, mlp_width, dtype=torch.float64, device=device)
+
+    def count_patches(self, positions: list[int], norms: torch.Tensor, mask: torch.Tensor | None) -> None:
+        self.patches[positions] = float(norms.shape[1]) if mask is None else mask.sum(dim=-1).double()
+
+    def score(self, tokens: _Tokens, threshold: float) -> None:
+        """Add the scores of the images of ``tokens`` (which hold every token above ``threshold`` of these images)."""
+        outlier = tokens.norms > threshold
+        image = tokens.image[outlier]
+        counts = torch.zeros(len(tokens.positions), dtype=torch.float64, device=self.scores.device)
+        counts.index_add_(0, image, torch.ones_like(image, dtype=torch.float64))
+        weights = 1.0 / counts[image]  # each image's outliers weigh 1 / its number of outliers: its mean
+        self.scores += torch.einsum("n,lnw->lw", weights, tokens.activations[:, outlier].abs().double())
+        self.outliers[tokens.positions] = counts
+
+    def all_reduce(self) -> None:
+        """Sum over processes (the calibration histogram is summed when the threshold is settled)."""
+        self.histogram.all_reduce()
+        self.histogram += self.calibration
+        for tensor in (self.outliers, self.patches, self.scores):
+            all_reduce(tensor)
+
+
+# The provisional bound of a calibration batch, as a fraction of the least threshold the automatic rule can give from a
+# median like the batch's (MIN_NORM_RATIO x its median): settled thresholds fall below it only when a batch's median
+# is over 1 / CANDIDATE_FRACTION times the calibration set's, and such a batch is scored again.
+CANDIDATE_FRACTION = 0.5
 
 
 @torch.no_grad()
 def _scan(
-    model, images: Images, indices: list[int], detection: int, highest: int, threshold: float, batch_size: int
-) -> _Scan:
-    """One forward per batch: the detection layer's norms give the outliers, the same forward's MLP activations
-    (kept for one batch) are read at them."""
-    device = next(model.parameters()).device
-    histogram = NormHistogram(device)
-    scores = torch.zeros(highest + 1, model.config.mlp_width, dtype=torch.float64, device=device)
-    outliers_per_image = [torch.zeros(0, device=device, dtype=torch.long)]
-    for inputs in _batches(images, indices, batch_size, model, "neuron scores"):
-        with capture(model, mlp=range(highest + 1), blocks=[detection]) as cache:
-            _forward(model, inputs)
-        norms = patch_norms(cache.block_outputs[detection], cache.layout)
-        histogram.add(norms)
-        outliers = norms > threshold
-        counts = outliers.sum(dim=-1)
-        weights = outliers / counts.clamp(min=1).unsqueeze(-1)  # rows of images without outliers are zero
-        for layer, activations in cache.mlp_activations.items():
-            patches = cache.layout.patches(activations).abs().float()
-            scores[layer] += torch.einsum("bp,bpn->n", weights, patches).double()
-        outliers_per_image.append(counts)
-    return _Scan(histogram.all_reduce(), torch.cat(outliers_per_image), all_reduce(scores))
+    model: TestTimeRegisterMixin,
+    images: Images,
+    selected: list[int],
+    calibration: list[int] | None,
+    detection: int,
+    highest: int,
+    threshold: float | None,
+    batch_size: int,
+) -> tuple[_Statistics, float]:
+    """One forward per selected image: the norms, the outliers and the scores (and, for an automatic threshold, the
+    threshold) of every image; ``calibration``: positions of the calibration images in ``selected``.
 
-
-@torch.no_grad()
-def _outlier_ratio(model, images: Images, indices: list[int], layer: int, threshold: float, batch_size: int) -> float:
-    counts = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
-    for inputs in _batches(images, indices, batch_size, model, "outlier ratio"):
-        outliers = _detection_norms(model, inputs, layer) > threshold
-        counts += torch.tensor((outliers.sum(), outliers.numel()), dtype=torch.float64, device=counts.device)
-    all_reduce(counts)
-    return float(counts[0] / counts[1].clamp(min=1))
-
-
-def _smallest_k(ratio_with, max_k: int, before: float, remaining_outliers: float) -> int:
-    """The smallest k whose edit leaves at most ``remaining_outliers`` of the outliers: doubling, then bisection.
-
-    Assumes more neurons never bring more outliers back; returns ``max_k`` when none is enough.
+    The calibration images go first, each batch keeping the tokens above a provisional bound (bounded memory: one
+    batch's tokens in all); the threshold is settled from their norms, their kept tokens are scored, and the other
+    images stream with the threshold known. A batch whose bound came out above the threshold, or whose tokens did
+    not fit, is run again.
     """
+    rank, world_size = rank_and_world_size()
+    device = next(model.parameters()).device
+    stats = _Statistics(device, len(selected), highest + 1, model.config.mlp_width)
+    others = list(range(len(selected)))
+    if threshold is None:
+        kept, again, room = [], [], None
+        for positions, inputs in _batches(
+            images, selected, calibration[rank::world_size], batch_size, model, "calibration"
+        ):
+            norms, mask, tokens_above = _scoring_forward(model, inputs, detection, highest)
+            batch = NormHistogram(device).add(norms, mask)
+            stats.calibration += batch
+            stats.count_patches(positions, norms, mask)
+            tokens = tokens_above(CANDIDATE_FRACTION * MIN_NORM_RATIO * batch.median(), positions)
+            room = batch_size * norms.shape[1] if room is None else room
+            if len(tokens.image) <= room:
+                kept.append(tokens)
+                room -= len(tokens.image)
+            else:
+                again += positions
+        threshold = stats.calibration.all_reduce().threshold()
+        for tokens in kept:
+            if tokens.bound <= threshold:
+                stats.score(tokens, threshold)
+            else:
+                again += tokens.positions
+        del kept
+        for positions, inputs in _batches(images, selected, sorted(again), batch_size, model, "calibration again"):
+            stats.score(_scoring_forward(model, inputs, detection, highest)[2](threshold, positions), threshold)
+        in_calibration = set(calibration)
+        others = [position for position in others if position not in in_calibration]
+    for positions, inputs in _batches(images, selected, others[rank::world_size], batch_size, model, "scores"):
+        norms, mask, tokens_above = _scoring_forward(model, inputs, detection, highest)
+        stats.histogram.add(norms, mask)
+        stats.count_patches(positions, norms, mask)
+        stats.score(tokens_above(threshold, positions), threshold)
+    stats.all_reduce()
+    return stats, threshold
 
-    def enough(k: int) -> bool:
-        return ratio_with(k) <= remaining_outliers * before
 
-    low, high = 0, 1
-    while high < max_k and not enough(high):
-        low, high = high, min(2 * high, max_k)
+class _Evaluation:
+    """Outlier tokens left on the evaluation images with the top k ranked neurons attached, counted in chunks over all
+    processes: a count that passes a limit stops early (a k that leaves too many outliers costs about one image)."""
+
+    def __init__(self, model, images, selected, positions, detection, threshold, batch_size, ranked, num_registers):
+        self.model, self.images, self.selected, self.positions = model, images, selected, positions
+        self.detection, self.threshold, self.batch_size = detection, threshold, batch_size
+        self.ranked, self.num_registers = ranked, num_registers
+        self.counts: dict[int, int] = {}  # k -> outliers left, for the ks counted to the end
+
+    def count(self, k: int, limit: float | None = None) -> int | None:
+        """Outliers left with the top ``k`` neurons; `None` as soon as more than ``limit`` are."""
+        if k in self.counts:
+            return self.counts[k]
+        rank, world_size = rank_and_world_size()
+        model, device = self.model, next(self.model.parameters()).device
+        model.set_register_neurons(_neurons_of(self.ranked[:k]), num_test_time_registers=self.num_registers)
+        total, start = 0, 0
+        chunk = world_size if limit is not None else world_size * self.batch_size  # first one image per process
+        while start < len(self.positions):
+            share = self.positions[start : start + chunk][rank::world_size]
+            count = torch.zeros((), dtype=torch.float64, device=device)
+            for _, inputs in _batches(self.images, self.selected, share, self.batch_size, model, f"top {k}"):
+                with capture(model, blocks=[self.detection]) as cache:
+                    _forward(model, inputs)
+                outliers = patch_norms(cache.block_outputs[self.detection], cache.layout) > self.threshold
+                mask = patch_mask(inputs)
+                count += (outliers if mask is None else outliers & mask).sum()
+            total += int(all_reduce(count))
+            if limit is not None and total > limit:
+                return None
+            start, chunk = start + chunk, world_size * self.batch_size
+        self.counts[k] = total
+        return total
+
+
+def _smallest_k(enough: Callable[[int], bool], max_k: int, guess: int) -> int:
+    """The smallest k in 1-``max_k`` that is ``enough``, assuming more neurons never bring outliers back (``enough`` is
+    monotone; no k below 1 is); ``max_k`` when none is. Starts from ``guess`` and gallops away from it, down while
+    ``enough``, up while not, then bisects: the same k as any other search, found with few tries near the guess."""
+    low, high = 0, max_k  # not enough at low; the answer is in (low, high]
+    k = min(max(guess, 1), max_k)
+    if enough(k):
+        high, step = k, 1
+        while high - step > low:
+            if not enough(high - step):
+                low = high - step
+                break
+            high, step = high - step, 2 * step
+    else:
+        low, step = k, 1
+        while low + step < max_k:
+            if enough(low + step):
+                high = low + step
+                break
+            low, step = low + step, 2 * step
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (low, middle) if enough(middle) else (middle, high)
     return high
+
+
+def _largest_drop(scores: list[float]) -> int:
+    """The k after which the ranked scores drop by the largest factor: a guess at how many neurons stand out."""
+    ratios = [a / max(b, 1e-30) for a, b in zip(scores, scores[1:])]
+    return 1 + max(range(len(ratios)), key=ratios.__getitem__) if ratios else 1
 
 
 def _random_subset(indices: list[int], size: int | None, seed: int) -> list[int]:
@@ -205,6 +340,42 @@ def _neurons_of(ranked: list[tuple[int, int, float]]) -> dict[int, list[int]]:
     return neurons
 
 
+def _layer(name: str, layer: int, num_layers: int) -> int:
+    if not -num_layers <= layer < num_layers:
+        raise ValueError(
+            f"{name}={layer} is out of range: the model has {num_layers} layers (0 to {num_layers - 1}, or "
+            f"-{num_layers} to -1 from the end)."
+        )
+    return layer % num_layers
+
+
+def default_eval_images(num_images: int) -> int:
+    """How many images (with outliers) the k search and the before / after ratios use by default: 1/32 of the images,
+    at least 8 and at most 32, so that their edited forwards cost about 3 % of the pass over the images."""
+    return min(32, max(8, num_images // 32))
+
+
+def _check_settings(settings: dict, images: Images, num_neurons: int) -> None:
+    """Refuse settings discovery cannot use, in one line naming the argument."""
+    if not len(images):
+        raise ValueError("No images: discovery needs at least one.")
+    for name in ("batch_size", "calibration_images", "max_top_k", "num_images", "top_k"):
+        value = settings[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    eval_images, least = settings["eval_images"], 0 if settings["top_k"] else 1
+    if eval_images is not None and (not isinstance(eval_images, int) or eval_images < least):
+        why = "" if least == 0 else " (the automatic top_k is chosen on them)"
+        raise ValueError(f"eval_images must be an integer of at least {least}{why}, got {eval_images!r}.")
+    if settings["top_k"] is not None and settings["top_k"] > num_neurons:
+        raise ValueError(f"top_k={settings['top_k']} is more than the {num_neurons} neurons searched.")
+    if not 0 <= settings["remaining_outliers"] < 1:
+        raise ValueError(f"remaining_outliers must be in [0, 1), got {settings['remaining_outliers']!r}.")
+    threshold = settings["threshold"]
+    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"threshold must be a positive number, got {threshold!r}.")
+
+
 def find_register_neurons(
     model: TestTimeRegisterMixin,
     images: Images,
@@ -217,15 +388,16 @@ def find_register_neurons(
     remaining_outliers: float = 0.01,
     num_images: int | None = None,
     calibration_images: int = 64,
-    eval_images: int = 32,
+    eval_images: int | None = None,
     batch_size: int = 16,
     seed: int = 0,
     checkpoint: str = "",
 ) -> DiscoveryResult:
-    """Find the register neurons of ``model`` from ``images``: a sequence of preprocessed ``(3, H, W)`` tensors, or of
-    dicts of one image's keyword inputs for models that take more than pixel values (SigLIP2's NaFlex
+    """Find the register neurons of ``model`` from ``images``: a sequence of preprocessed ``(3, H, W)`` float tensors,
+    or of dicts of one image's keyword inputs for models that take more than pixel values (SigLIP2's NaFlex
     ``pixel_values``, ``pixel_attention_mask``, ``spatial_shapes``, each without the batch dimension), stacked key by
-    key into batches.
+    key into batches. Padding (``pixel_attention_mask`` 0) is no patch: every statistic counts only real patches, so a
+    padded batch gives what each image gives alone.
 
     Args:
         threshold: norm above which a patch token at ``detection_layer`` is an outlier (the authors use 30 for
@@ -234,77 +406,86 @@ def find_register_neurons(
         detection_layer: block whose output norms define the outliers (the authors' default: the last, -1).
         highest_layer: last layer searched for neurons (default: the detection layer).
         top_k: number of neurons to keep; `None` picks the smallest k whose edit leaves at most
-            ``remaining_outliers`` of the outliers on up to ``eval_images`` images that have them (k <= ``max_top_k``).
+            ``remaining_outliers`` of the outliers on the first ``eval_images`` images that have them
+            (k <= ``max_top_k``). The outlier ratio before and after the edit is measured on these images.
+        eval_images: default: `default_eval_images` of the number of images (8 to 32).
         num_images: use a random subset of this many images, drawn with ``seed`` (default: all).
         batch_size: images per forward; the scoring forward keeps one batch's MLP activations of the searched
             layers (``batch_size x layers x tokens x mlp_width``), so lower it if memory is short.
         checkpoint: checkpoint id recorded in the index.
 
-    One forward per image scores the neurons (plus one per calibration image for an automatic threshold, and the
-    automatic-k evaluation). The model's own index is restored afterwards. Under ``torchrun`` every process takes its
-    share of the images and every statistic is summed over processes, so all of them return the same result as one
-    process would.
+    One forward per image finds the threshold, the outliers and the scores (`_scan`); the edited forwards of the
+    k search run on the evaluation images only, and a k that leaves too many outliers stops after about one image.
+    The model's own index is restored afterwards. Under ``torchrun`` every process takes its share of the images and
+    every statistic is summed over processes, so all of them return the result one process would.
     """
     num_layers = len(model.transformer_blocks)
-    detection = resolve_layers([detection_layer], num_layers)[0]
-    highest = detection if highest_layer is None else resolve_layers([highest_layer], num_layers)[0]
-    selected = _random_subset(list(range(len(images))), num_images, seed)
-    rank, world_size = rank_and_world_size()
+    detection = _layer("detection_layer", detection_layer, num_layers)
+    highest = detection if highest_layer is None else _layer("highest_layer", highest_layer, num_layers)
     config = model.config
+    settings = dict(
+        threshold=threshold,
+        top_k=top_k,
+        max_top_k=max_top_k,
+        remaining_outliers=remaining_outliers,
+        num_images=num_images,
+        calibration_images=calibration_images,
+        eval_images=eval_images,
+        batch_size=batch_size,
+    )
+    _check_settings(settings, images, (highest + 1) * config.mlp_width)
+    selected = _random_subset(list(range(len(images))), num_images, seed)
+    calibration = (
+        None if threshold is not None else _random_subset(list(range(len(selected))), calibration_images, seed)
+    )
     num_registers = max(config.num_test_time_registers, 1)
     with with_register_neurons(model, {}):
+        stats, threshold_found = _scan(model, images, selected, calibration, detection, highest, threshold, batch_size)
         rule = "given"
         if threshold is None:
-            calibration = _random_subset(selected, calibration_images, seed)
-            histogram = _norm_histogram(model, images, calibration[rank::world_size], detection, batch_size)
-            threshold = robust_threshold(histogram.median(), histogram.mad())
             rule = AUTOMATIC_THRESHOLD_RULE + (
                 "" if len(calibration) == len(selected) else f" of {len(calibration)} images"
             )
-        scan = _scan(model, images, selected[rank::world_size], detection, highest, threshold, batch_size)
-        outliers_per_image = torch.zeros(len(selected), dtype=torch.float64, device=scan.scores.device)
-        outliers_per_image[rank::world_size] = scan.outliers_per_image.double()
-        all_reduce(outliers_per_image)
-        with_outliers = outliers_per_image.nonzero().flatten().tolist()
-        scores = scan.scores
+        threshold = threshold_found
+        with_outliers = stats.outliers.nonzero().flatten().tolist()
         image_size = None if isinstance(images[0], Mapping) else int(images[0].shape[-1])
         facts = dict(
             num_images=len(selected),
             num_images_with_outliers=len(with_outliers),
-            num_outlier_tokens=int(outliers_per_image.sum()),
-            num_patch_tokens=scan.histogram.total,
+            num_outlier_tokens=int(stats.outliers.sum()),
+            num_patch_tokens=stats.histogram.total,
             detection_layer=detection,
             highest_layer=highest,
             threshold=threshold,
             threshold_rule=rule,
-            median_norm=scan.histogram.median(),
-            max_norm=float(scan.histogram.maximum),
+            median_norm=stats.histogram.median(),
+            max_norm=float(stats.histogram.maximum),
         )
         if not with_outliers:
             return DiscoveryResult(index=None, **facts)
-        scores /= len(with_outliers)
+        scores = stats.scores / len(with_outliers)
         order = scores.flatten().sort(descending=True, stable=True).indices[: max(max_top_k, top_k or 0)].tolist()
         ranked = [(i // scores.shape[1], i % scores.shape[1], float(scores.flatten()[i])) for i in order]
-        evaluation = with_outliers[:eval_images]
-        patches_per_image = scan.histogram.total // len(selected)
-        before = float(outliers_per_image[evaluation].sum()) / max(len(evaluation) * patches_per_image, 1)
+        evaluation = with_outliers[: default_eval_images(len(selected)) if eval_images is None else eval_images]
+        outliers_before = float(stats.outliers[evaluation].sum())
+        eval_patches = max(float(stats.patches[evaluation].sum()), 1.0)
+        counter = _Evaluation(
+            model, images, selected, evaluation, detection, threshold, batch_size, ranked, num_registers
+        )
+        limit = remaining_outliers * outliers_before
 
-        @functools.cache
-        def ratio_with(k: int) -> float:
-            if k == 0:
-                return before  # known from the scan
-            model.set_register_neurons(_neurons_of(ranked[:k]), num_test_time_registers=num_registers)
-            return _outlier_ratio(
-                model, images, [selected[i] for i in evaluation][rank::world_size], detection, threshold, batch_size
-            )
+        def enough(k: int) -> bool:
+            left = counter.count(k, limit)
+            return left is not None and left <= limit
 
-        k = top_k or _smallest_k(ratio_with, len(ranked), before, remaining_outliers)
-        after = ratio_with(k)
+        k = top_k or _smallest_k(enough, len(ranked), _largest_drop([score for *_, score in ranked]))
+        before, after = outliers_before / eval_patches, counter.count(k) / eval_patches
         details = {
             **facts,
             "top_k": k,
             "top_k_rule": "given" if top_k else f"smallest k leaving <= {remaining_outliers:g} of the outliers",
             "scores": [[layer, neuron, score] for layer, neuron, score in ranked[:k]],
+            "num_eval_images": len(evaluation),
             "eval_outlier_ratio_before": before,
             "eval_outlier_ratio_after": after,
             "seed": seed,
@@ -322,7 +503,12 @@ def find_register_neurons(
             details=details,
         )
         return DiscoveryResult(
-            index=index, ranked=ranked[: max(k, 8)], top_k=k, eval_outlier_ratio=(before, after), **facts
+            index=index,
+            ranked=ranked[: max(k, 8)],
+            top_k=k,
+            eval_outlier_ratio=(before, after),
+            num_eval_images=len(evaluation),
+            **facts,
         )
 
 

@@ -1,6 +1,7 @@
 """Outlier metrics: patch norms, the outlier threshold, CLS attention shares, and a per-layer summary."""
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,19 @@ MAD_TO_STD = 1.4826  # a normal distribution's std over its median absolute devi
 def patch_norms(tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """L2 norm of every patch token, ``(batch, patches)``, in float32."""
     return layout.patches(tokens).float().norm(dim=-1)
+
+
+def patch_mask(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """Which patch positions of a batch are real images' patches, ``(batch, patches)`` bool; `None` when unpadded.
+
+    ``inputs`` are the model's: pixel values, or a dict of keyword inputs. Padded batches are SigLIP2's NaFlex ones,
+    whose ``pixel_attention_mask`` (1 real, 0 padding) has one entry per patch position, as `patch_norms` returns them.
+    """
+    mask = inputs.get("pixel_attention_mask") if isinstance(inputs, Mapping) else None
+    if mask is None:
+        return None
+    mask = mask.bool()
+    return None if bool(mask.all()) else mask
 
 
 def max_median_ratio(norms: torch.Tensor) -> torch.Tensor:
@@ -66,10 +80,26 @@ class NormHistogram:
         self.counts = torch.zeros(num_bins, dtype=torch.float64, device=device)
         self.maximum = torch.zeros((), dtype=torch.float64, device=device)
 
-    def add(self, norms: torch.Tensor) -> None:
-        bins = (norms.double().clamp(self.LOW, self.HIGH).log2() - math.log2(self.LOW)) * self.BINS_PER_OCTAVE
-        self.counts += torch.bincount(bins.long().clamp(max=len(self.counts) - 1).flatten(), minlength=len(self.counts))
-        self.maximum = torch.maximum(self.maximum, norms.double().max())
+    def add(self, norms: torch.Tensor, mask: torch.Tensor | None = None) -> "NormHistogram":
+        """Count ``norms`` (any shape), or those where ``mask`` (same shape) is true; returns the histogram.
+
+        No host synchronisation: the counts and the maximum stay on the device."""
+        norms = norms.double()
+        weights = torch.ones_like(norms) if mask is None else mask.to(norms.dtype)
+        if mask is not None:
+            norms = norms.masked_fill(~mask, 1.0)  # what padding holds is never binned, nor its maximum taken
+        bins = (norms.clamp(self.LOW, self.HIGH).log2() - math.log2(self.LOW)) * self.BINS_PER_OCTAVE
+        self.counts.index_add_(0, bins.long().clamp(max=len(self.counts) - 1).flatten(), weights.flatten())
+        if mask is not None:
+            norms = norms.masked_fill(~mask, 0.0)
+        if norms.numel():
+            self.maximum = torch.maximum(self.maximum, norms.max())
+        return self
+
+    def __iadd__(self, other: "NormHistogram") -> "NormHistogram":
+        self.counts += other.counts.to(self.counts.device)
+        self.maximum = torch.maximum(self.maximum, other.maximum.to(self.maximum.device))
+        return self
 
     def all_reduce(self) -> "NormHistogram":
         """Merge the histograms of all processes (under ``torchrun``), in place; returns it."""
@@ -97,6 +127,10 @@ class NormHistogram:
     def mad(self) -> float:
         """The median absolute deviation from the median."""
         return self._weighted_median((self._centers() - self.median()).abs(), self.counts)
+
+    def threshold(self) -> float:
+        """The automatic outlier threshold of the counted norms: `robust_threshold` of their median and MAD."""
+        return robust_threshold(self.median(), self.mad())
 
 
 @dataclass(frozen=True)
