@@ -161,6 +161,7 @@ def mistakes(tmp_path, image_dir, image_file, planted_index_file):
         (find + ["--num-images", "0"], "--num-images: must be at least 1"),
         (find + ["--batch-size", "0"], "--batch-size"),
         (find + ["--seed", "-3"], "--seed"),
+        (find + ["--eval-images", "-1"], "--eval-images: must be at least 0"),
         (find + ["--threshold", "nan"], "--threshold: must be a finite number above 0"),
         (find + ["--threshold", "-2"], "--threshold"),
         (find + ["--image-size", "big"], "'big' is not an integer"),

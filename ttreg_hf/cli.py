@@ -225,6 +225,11 @@ def _find_neurons_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--calibration-images", type=integer(1), default=64, help="images the automatic threshold comes from"
     )
+    parser.add_argument(
+        "--eval-images",
+        type=integer(0),
+        help="images with outliers the automatic k and the before/after ratios use (default: 1/32 of them, 8 to 32)",
+    )
     parser.add_argument("--batch-size", type=integer(1), default=16)
     parser.add_argument("--seed", type=integer(0), default=0)
     parser.add_argument(
@@ -260,6 +265,7 @@ def _find_neurons(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         num_images=args.num_images,
         calibration_images=args.calibration_images,
+        eval_images=args.eval_images,
         batch_size=args.batch_size,
         seed=args.seed,
         checkpoint=args.model if not Path(args.model).is_dir() else Path(args.model).name,
