@@ -88,6 +88,7 @@ _EXPORTS = {
     **dict.fromkeys(
         (
             "EditAfterActivationMixin",
+            "KeywordRegisterSettingsMixin",
             "NoRegisterEdit",
             "PreTrainedTestTimeRegisterMixin",
             "RegisterAppender",

@@ -28,7 +28,14 @@ from ..images import Preprocessor, transform_preprocessor
 from ..index import INDEX_FILENAME
 from ..planted import BlockSites, LinearRows, PlantingSites
 from .layout import TokenLayout
-from .registers import IndexSpec, RegisterAppender, RegisterSeams, TestTimeRegisterMixin, adopt, check_pixel_values
+from .registers import (
+    IndexSpec,
+    KeywordRegisterSettingsMixin,
+    RegisterAppender,
+    RegisterSeams,
+    adopt,
+    check_pixel_values,
+)
 
 
 class TTRegTransformer(Transformer):
@@ -67,7 +74,7 @@ def check_mlps(tower: VisionTransformer) -> None:
             )
 
 
-class OpenCLIPTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
+class OpenCLIPTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransformer):
     """open_clip's [`VisionTransformer`] with test-time registers; every output keeps the parent's shape.
 
     Build one like the parent, with the register settings as extra keywords (``register_neurons=...``,
@@ -83,12 +90,6 @@ class OpenCLIPTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
         layout_readers=("transformer",),
         modules=(TTRegTransformer, OpenCLIPTTRegMLP),
     )
-
-    def __init__(self, *args, **kwargs):
-        settings = pop_register_settings(kwargs)
-        super().__init__(*args, **kwargs)
-        self.adopt_register_modules()
-        self.set_register_neurons(settings.pop("register_neurons", None), **settings)
 
     def adopt_register_modules(self) -> None:
         """Give the tower its config and the appender around ``patch_dropout``, then adopt at the seams (edit off)."""

@@ -21,7 +21,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from ..configs.registers import REGISTER_SETTINGS
+from ..configs.registers import REGISTER_SETTINGS, pop_register_settings
 from ..family import check_close_keywords, parent_class
 from ..index import RegisterNeuronIndex, warn_once, weights_fingerprint
 from .edit import RegisterNeuronEdit
@@ -376,6 +376,17 @@ class TestTimeRegisterMixin:
         """``outputs`` with the parent's shapes: registers cut from every token tensor and attention map, exposed in
         their own fields. Without registers, the parent's tensors themselves (``retain_grad`` works on them)."""
         return strip_registers(outputs, self.token_layout, output_class)
+
+
+class KeywordRegisterSettingsMixin(TestTimeRegisterMixin):
+    """For towers without a config of their own (OpenCLIP, timm): built like the parent, with the register settings
+    (`REGISTER_SETTINGS`) as extra keywords; the family's `adopt_register_modules` gives the tower its config."""
+
+    def __init__(self, *args, **kwargs):
+        settings = pop_register_settings(kwargs)
+        super().__init__(*args, **kwargs)
+        self.adopt_register_modules()
+        self.set_register_neurons(settings.pop("register_neurons", None), **settings)
 
 
 def warn_if_other_weights(model: torch.nn.Module) -> None:

@@ -22,7 +22,7 @@ from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_r
 from ..family import Family, check_close_keywords
 from ..images import Preprocessor, transform_preprocessor
 from ..planted import BlockSites, LinearRows, PlantingSites
-from .registers import IndexSpec, RegisterAppender, RegisterSeams, TestTimeRegisterMixin, adopt
+from .registers import IndexSpec, KeywordRegisterSettingsMixin, RegisterAppender, RegisterSeams, adopt
 
 
 class TimmTTRegMlp(Mlp):
@@ -71,7 +71,7 @@ def check_editable_mlps(model: VisionTransformer) -> None:
             )
 
 
-class TimmTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
+class TimmTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransformer):
     """timm's [`VisionTransformer`] with test-time registers; every output keeps the parent's shape.
 
     Build one like the parent, with the register settings as extra keywords (``register_neurons=...``,
@@ -83,12 +83,6 @@ class TimmTTRegVisionTransformer(TestTimeRegisterMixin, VisionTransformer):
     register_seams = RegisterSeams(
         appender="patch_drop", blocks="blocks", mlp="mlp", modules=tuple(EDITABLE_MLPS.values())
     )
-
-    def __init__(self, *args, **kwargs):
-        settings = pop_register_settings(kwargs)
-        super().__init__(*args, **kwargs)
-        self.adopt_register_modules()
-        self.set_register_neurons(settings.pop("register_neurons", None), **settings)
 
     def adopt_register_modules(self) -> None:
         """Give the model its config, the appender and the editing MLPs (edit off)."""
