@@ -59,10 +59,6 @@ FIND_NEURONS_HINT = (
     "`ttreg find-neurons`) or a Hub repo id holding one (owner/name), find one with `ttreg find-neurons MODEL IMAGE_DIR --out index.safetensors`, or pass "
     "`num_test_time_registers=0` to run the model without test-time registers."
 )
-SPEC_FORMS = (
-    f"an existing index file (or a folder holding {INDEX_FILENAME}), a shipped index name, or a Hugging Face Hub "
-    f"repo id {HUB_FORM}"
-)
 REWRITE_HINT = "Write the index again with `ttreg find-neurons` or `RegisterNeuronIndex(...).save(path)`."
 MAX_KEY_DIGITS = 6  # no model has a million blocks; and `int` refuses strings over 4300 digits with a plain ValueError
 MAX_INDEX_CHARS = 1_000_000  # the JSON of an index is a few kB; a bigger header was not written as one
