@@ -333,6 +333,12 @@ _CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(Dinov2TTRe
 _HEAD_ARGUMENTS = ("layers", "head_weights")
 
 
+def backbone_weights(arch: str, pretrained: bool, weights: str | Path | None) -> str | Path | None:
+    """Where the ``dinov2_{arch}`` backbone's weights come from: the local ``weights``, else upstream's URL when
+    ``pretrained``, else none (random)."""
+    return DINOV2_URL.format(arch=arch) if pretrained and weights is None else weights
+
+
 def load_dinov2_backbone(
     arch: str,
     pretrained: bool = True,
@@ -344,7 +350,7 @@ def load_dinov2_backbone(
     or random weights; ``register_neurons`` or the index shipped for it; ``settings`` are config fields."""
     check_keywords(settings, {*_CONFIG_FIELDS, *LOADER_ARGUMENTS}, f"dinov2_{arch}_tt_reg")
     config = dinov2_config(arch, register_neurons, **settings)
-    return load_dinov2(config, DINOV2_URL.format(arch=arch) if pretrained and weights is None else weights)
+    return load_dinov2(config, backbone_weights(arch, pretrained, weights))
 
 
 def load_dinov2_linear_head(
@@ -387,7 +393,7 @@ def load_dinov2_linear_classifier(
     check_keywords(settings, {*_CONFIG_FIELDS, *LOADER_ARGUMENTS, *_HEAD_ARGUMENTS}, f"dinov2_{arch}_tt_reg_lc")
     config = dinov2_config(arch, register_neurons, **settings)
     head = load_dinov2_linear_head(arch, layers, pretrained, head_weights)
-    backbone = load_dinov2(config, DINOV2_URL.format(arch=arch) if pretrained and weights is None else weights)
+    backbone = load_dinov2(config, backbone_weights(arch, pretrained, weights))
     return DinoVisionTransformerTTRegClassifier(DinoVisionTransformerTTReg(backbone), head, layers).eval()
 
 
