@@ -21,10 +21,6 @@ class CLIPVisionTTRegConfig(TestTimeRegisterConfigMixin, CLIPVisionConfig):
 
     model_type = "clip_vision_tt_reg"
 
-    @property
-    def mlp_width(self) -> int:
-        return self.intermediate_size
-
 
 @strict
 class CLIPTTRegConfig(TestTimeRegisterCompositeConfigMixin, CLIPConfig):

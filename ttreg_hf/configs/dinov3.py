@@ -19,8 +19,5 @@ class DINOv3ViTTTRegConfig(TestTimeRegisterConfigMixin, DINOv3ViTConfig):
     >>> model = DINOv3ViTTTRegModel(config)
     ```"""
 
+    # `mlp_width` is `intermediate_size`, the gated MLP's too: the edit sits after the gating
     model_type = "dinov3_vit_tt_reg"
-
-    @property
-    def mlp_width(self) -> int:
-        return self.intermediate_size  # the gated MLP's too: the edit sits after the gating

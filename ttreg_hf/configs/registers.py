@@ -84,8 +84,9 @@ class TestTimeRegisterConfigMixin:
 
     @property
     def mlp_width(self) -> int:
-        """Number of neurons in each MLP hidden layer, the range of a register-neuron index."""
-        raise NotImplementedError
+        """Number of neurons in each MLP hidden layer (after the gating for gated MLPs), the range of a register-neuron
+        index: the parent config's ``intermediate_size``; a config that names its width otherwise overrides this."""
+        return self.intermediate_size
 
     @property
     def register_neuron_index(self) -> dict[int, tuple[int, ...]]:

@@ -34,10 +34,6 @@ class SiglipVisionTTRegConfig(TestTimeRegisterConfigMixin, SiglipVisionConfig):
     model_type = "siglip_vision_tt_reg"
     pool_registers: bool = True
 
-    @property
-    def mlp_width(self) -> int:
-        return self.intermediate_size
-
 
 @strict
 class Siglip2VisionTTRegConfig(TestTimeRegisterConfigMixin, Siglip2VisionConfig):
@@ -48,10 +44,6 @@ class Siglip2VisionTTRegConfig(TestTimeRegisterConfigMixin, Siglip2VisionConfig)
 
     model_type = "siglip2_vision_tt_reg"
     pool_registers: bool = True
-
-    @property
-    def mlp_width(self) -> int:
-        return self.intermediate_size
 
 
 @strict

@@ -21,10 +21,6 @@ class ViTTTRegConfig(TestTimeRegisterConfigMixin, ViTConfig):
 
     model_type = "vit_tt_reg"
 
-    @property
-    def mlp_width(self) -> int:
-        return self.intermediate_size
-
 
 @strict
 class DeiTTTRegConfig(TestTimeRegisterConfigMixin, DeiTConfig):
@@ -40,7 +36,3 @@ class DeiTTTRegConfig(TestTimeRegisterConfigMixin, DeiTConfig):
     ```"""
 
     model_type = "deit_tt_reg"
-
-    @property
-    def mlp_width(self) -> int:
-        return self.intermediate_size
