@@ -23,7 +23,7 @@ from pathlib import Path
 
 from huggingface_hub.errors import StrictDataclassError
 
-from . import __version__
+from .version import __version__
 
 PLANTED = "planted"
 OPEN_CLIP_PREFIX = "open_clip:"  # `ttreg export open_clip:NAME`: an OpenCLIP model, as open_clip names it
@@ -115,7 +115,7 @@ def load_model(spec: str, device: str, weights: str | None = None, image_size: i
     (``register_neurons``, ``num_test_time_registers``, ...); the index comes through the loaders' one attach path:
     ``register_neurons``, else the one saved with the checkpoint, else the one shipped for it.
     """
-    from .family import checkpoints, family_of
+    from .registry import checkpoints, family_of
 
     if spec == PLANTED:
         from .planted import IMAGE_SIZE, build_planted_model, planted_preprocessor
@@ -128,7 +128,7 @@ def load_model(spec: str, device: str, weights: str | None = None, image_size: i
     if Path(spec).is_dir():
         family = _family_of_folder(Path(spec))
         model = _with_index_hint(family.model_class.from_pretrained, spec, **settings)
-        return model.to(device).eval(), family.preprocessing(model, spec, image_size)
+        return model.to(device).eval(), family.preprocessor(model, spec, image_size)
     known = checkpoints()
     if spec not in known:
         raise CommandError(
@@ -144,7 +144,7 @@ def load_model(spec: str, device: str, weights: str | None = None, image_size: i
         raise CommandError(
             f"Could not fetch the weights of {spec!r} ({_one_line(error)}); pass a local checkpoint with --weights FILE."
         ) from error
-    return model.to(device).eval(), family_of(model).preprocessing(model, known[spec].image_processor, image_size)
+    return model.to(device).eval(), family_of(model).preprocessor(model, known[spec].image_processor, image_size)
 
 
 def _with_index_hint(load, *args, **kwargs):
@@ -163,7 +163,7 @@ def _family_of_folder(folder: Path):
     """The family whose class loads a folder of a Hugging Face checkpoint (the parent's or ours)."""
     import json
 
-    from .family import family_of_model_type, transformers_families
+    from .registry import family_of_model_type, transformers_families
 
     config = folder / "config.json"
     if not config.is_file():

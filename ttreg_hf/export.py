@@ -18,8 +18,6 @@ from pathlib import Path
 from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import cached_file
 
-from . import register_auto_classes
-from .family import family_of, family_of_model_type, transformers_families
 from .images import PREPROCESSOR_FILE
 from .index import (
     INDEX_FILENAME,
@@ -31,6 +29,7 @@ from .index import (
 )
 from .model_card import render_model_card
 from .modeling.registers import IndexSpec, PreTrainedTestTimeRegisterMixin
+from .registry import family_of, family_of_model_type, transformers_families
 from .remote_code import CONFIG_FILE, MODELING_FILE, remote_code
 
 EXPORTED_FILES = frozenset(
@@ -168,7 +167,6 @@ def published_index(index: IndexSpec) -> RegisterNeuronIndex:
 def _model_with_index(model, index: RegisterNeuronIndex) -> PreTrainedTestTimeRegisterMixin:
     """The model to export: loaded with ``index``, or the given one once its neurons are checked against ``index``."""
     if isinstance(model, (str, Path)):
-        register_auto_classes()  # AutoConfig must know our own model types
         model_type = AutoConfig.from_pretrained(model).model_type
         family = family_of_model_type(model_type)
         if family is None:

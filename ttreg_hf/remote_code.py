@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from importlib.util import resolve_name
 
-from . import __version__
+from .version import __version__
 
 PACKAGE = __name__.rpartition(".")[0]
 CONFIG_FILE, MODELING_FILE = "configuration_ttreg", "modeling_ttreg"

@@ -531,3 +531,48 @@ def register_settings(config_class: type) -> set[str]:
 
 MODEL_KEYWORDS = ("dtype", "torch_dtype")  # config attributes that `from_pretrained` gives the model, not the config
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
+def vision_tower_with_registers(model: nn.Module) -> PreTrainedTestTimeRegisterMixin:
+    """The test-time-register tower inside ``model``, e.g. to call `set_register_neurons` on it."""
+    towers = [module for module in model.modules() if isinstance(module, PreTrainedTestTimeRegisterMixin)]
+    if len(towers) != 1:
+        raise ValueError(
+            f"{type(model).__name__} has {len(towers)} vision towers with test-time registers, not one; give it one "
+            "with `to_test_time_registers(model, register_neurons=...)`."
+        )
+    return towers[0]
+
+
+def set_tower(model: PreTrainedModel, path: str, tower: PreTrainedTestTimeRegisterMixin) -> None:
+    """Put ``tower`` at ``path``, and its modules that must stay on one device (our adopted embeddings) into the
+    ``_no_split_modules`` that each model above it gathered from its children at init, for ``device_map``."""
+    model.set_submodule(path, tower)
+    parts = path.split(".")
+    for owner in (model.get_submodule(".".join(parts[:depth])) for depth in range(len(parts))):
+        if isinstance(owner, PreTrainedModel) and isinstance(owner._no_split_modules, set):
+            owner._no_split_modules.update(tower._no_split_modules)
+
+
+class WithRegisterTowerMixin(TestTimeRegisterLoadingMixin):
+    """For a parent model built around a tower of one of our families — a classifier (`Dinov2ForImageClassification`'s
+    `dinov2`), a dual encoder (`CLIPModel`'s `vision_model`): the parent builds everything, then its one tower of
+    ``tower_class``'s parent class is rebuilt as ``tower_class`` on the same weights (`build_sharing_weights`, as
+    `to_test_time_registers` does to a loaded parent). The parent's forward runs unchanged on a tower that returns
+    parent-shaped outputs, so its head and pooling never see the registers; the tower's register fields reach the
+    caller wherever the parent returns the tower's output (`CLIPOutput.vision_model_output`).
+    `vision_tower_with_registers(model)` is the tower."""
+
+    tower_class: ClassVar[type[PreTrainedTestTimeRegisterMixin]]
+
+    def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
+        super().__init__(self.convert_config(config), *inputs, **kwargs)
+        parent_tower = parent_class(self.tower_class)
+        [(path, tower)] = [(path, module) for path, module in self.named_modules() if type(module) is parent_tower]
+        arguments = self.tower_class.constructor_arguments(tower)
+        set_tower(self, path, build_sharing_weights(self.tower_class, tower, tower.config, **arguments))
+
+    def set_register_neurons(self, register_neurons: IndexSpec | None, **settings) -> "WithRegisterTowerMixin":
+        """The tower's `set_register_neurons` (it writes the config, which this model saves)."""
+        vision_tower_with_registers(self).set_register_neurons(register_neurons, **settings)
+        return self
