@@ -61,7 +61,7 @@ PATHS = {
     "model = getattr(module, CLASS).from_pretrained(f'{ROOT}/{NAME}', num_test_time_registers=0, **kwargs)\n",
     "auto_after_index_module": "import ttreg_hf.index\nfrom transformers import AutoModel\n"
     "model = AutoModel.from_pretrained(f'{ROOT}/{NAME}_ours')\nassert type(model).__name__ == CLASS, type(model)\n",
-    "cli_load_model": "from ttreg_hf.cli import load_model\n"
+    "cli_load_model": "from ttreg_cli import load_model\n"
     "model, _ = load_model(f'{ROOT}/{NAME}', 'cpu', num_test_time_registers=0)\n",
     "load_tt_model": "from ttreg_hf.hub import load_tt_model\n"
     "model = load_tt_model(HUB, pretrained=False, weights=f'{ROOT}/{NAME}', num_test_time_registers=0)\n",

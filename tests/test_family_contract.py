@@ -16,8 +16,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoImageProcessor
 
+from ttreg_cli import load_model, main
 from ttreg_hf import vision_tower_with_registers
-from ttreg_hf.cli import load_model, main
 from ttreg_hf.hub import entry_points
 from ttreg_hf.index import RegisterNeuronIndex
 from ttreg_hf.planted import textured_images

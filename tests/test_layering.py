@@ -48,7 +48,6 @@ LAYERS = {
     "registry": ("registry", "modeling.vlm", "modeling.llava"),
     "applications": (
         "hub",
-        "cli",
         "planted",
         "discovery",
         "report",
@@ -63,7 +62,7 @@ LAYERS = {
         "analysis.interventions",
         "analysis.metrics",
     ),
-    "package": ("",),
+    "package": ("", "__main__"),
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
 NAMES = list(LAYERS)
@@ -138,7 +137,7 @@ def test_the_reader_sees_lazy_relative_and_absolute_imports():
     """A planted upward import is seen wherever it hides: inside a function, relative or absolute."""
     lazy = "def late():\n    from ..hub import load_tt_model\n"
     assert imported_modules("modeling.vit", lazy) == {"hub"}
-    assert imported_modules("modeling.vit", "import ttreg_hf.cli\n") == {"cli"}
+    assert imported_modules("modeling.vit", "import ttreg_hf.hub\n") == {"hub"}
     assert imported_modules("modeling.vit", "from ttreg_hf import discovery\n") == {"discovery"}
     assert imported_modules("modeling.vit", "from .. import __version__\n") == {""}  # the package: the top layer
     assert imported_modules("analysis.capture", "from . import metrics\n") == {"analysis.metrics"}
