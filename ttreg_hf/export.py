@@ -1,6 +1,6 @@
 """Hub-ready exports: a folder that loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)` alone.
 
-The remote code is generated from the package's own modules, never written twice (`ttreg_hf.remote_code`). Every
+The remote code is the family's, generated once from the package's own modules (`ttreg_hf.remote_code`). Every
 `transformers` family exports; what a family's checkpoints are loaded as, and the image processor a checkpoint
 without one gets, come from its declaration (`ttreg_hf.family`). Everything is written into a staging folder beside
 ``out`` first and moved in only when all of it was made: a refused or failed export leaves ``out`` as it was.
@@ -31,12 +31,11 @@ from .index import (
 )
 from .model_card import render_model_card
 from .modeling.registers import IndexSpec, PreTrainedTestTimeRegisterMixin
-from .remote_code import CONFIG_FILE, MODELING_FILE, remote_code
+from .remote_code import REMOTE_CODE_FILES, remote_auto_map, write_remote_code
 
 EXPORTED_FILES = frozenset(
     {
-        f"{CONFIG_FILE}.py",
-        f"{MODELING_FILE}.py",
+        *REMOTE_CODE_FILES,
         "config.json",
         "model.safetensors",
         PREPROCESSOR_FILE,
@@ -98,8 +97,7 @@ def write_staged(out: Path, write: Callable[[Path], None]) -> Path:
 
 
 def _write_export(model, index: RegisterNeuronIndex, folder: Path, *, base_model, license, repo_id) -> None:
-    for name, source in remote_code(type(model)).items():
-        (folder / f"{name}.py").write_text(source)
+    write_remote_code(type(model), folder)
     _config_for_remote_code(model).save_pretrained(folder)
     weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(index.to_json())}
@@ -193,10 +191,7 @@ def _checkpoint_id(model: PreTrainedModel) -> str | None:
 
 def _config_for_remote_code(model: PreTrainedModel):
     config = copy.deepcopy(model.config)
-    config.auto_map = {
-        "AutoConfig": f"{CONFIG_FILE}.{type(config).__name__}",
-        "AutoModel": f"{MODELING_FILE}.{type(model).__name__}",
-    }
+    config.auto_map = remote_auto_map(type(model))
     config.architectures = [type(model).__name__]
     config.dtype = str(model.dtype).removeprefix("torch.")
     return config

@@ -137,6 +137,7 @@ class CLIPTTRegModel(WithRegisterTowerMixin, CLIPModel):
 
     config: CLIPTTRegConfig
     config_class = CLIPTTRegConfig
+    register_tower_class = CLIPVisionTTRegModel
 
 
 class CLIPTTRegForImageClassification(WithRegisterTowerMixin, CLIPForImageClassification):
@@ -145,6 +146,7 @@ class CLIPTTRegForImageClassification(WithRegisterTowerMixin, CLIPForImageClassi
 
     config: CLIPTTRegConfig
     config_class = CLIPTTRegConfig
+    register_tower_class = CLIPVisionTTRegModel
 
 
 # ---- the family's declaration ------------------------------------------------------------------------------------

@@ -142,6 +142,7 @@ class Dinov2TTRegForImageClassification(WithRegisterTowerMixin, Dinov2ForImageCl
 
     config: Dinov2TTRegConfig
     config_class = Dinov2TTRegConfig
+    register_tower_class = Dinov2TTRegModel
 
 
 # ---- the family's declaration ------------------------------------------------------------------------------------

@@ -269,6 +269,7 @@ class SiglipTTRegModel(WithRegisterTowerMixin, SiglipModel):
 
     config: SiglipTTRegConfig
     config_class = SiglipTTRegConfig
+    register_tower_class = SiglipVisionTTRegModel
 
 
 class SiglipTTRegForImageClassification(WithRegisterTowerMixin, SiglipForImageClassification):
@@ -277,6 +278,7 @@ class SiglipTTRegForImageClassification(WithRegisterTowerMixin, SiglipForImageCl
 
     config: SiglipTTRegConfig
     config_class = SiglipTTRegConfig
+    register_tower_class = SiglipVisionTTRegModel
 
 
 class Siglip2TTRegModel(WithRegisterTowerMixin, Siglip2Model):
@@ -284,6 +286,7 @@ class Siglip2TTRegModel(WithRegisterTowerMixin, Siglip2Model):
 
     config: Siglip2TTRegConfig
     config_class = Siglip2TTRegConfig
+    register_tower_class = Siglip2VisionTTRegModel
 
 
 class Siglip2TTRegForImageClassification(WithRegisterTowerMixin, Siglip2ForImageClassification):
@@ -292,6 +295,7 @@ class Siglip2TTRegForImageClassification(WithRegisterTowerMixin, Siglip2ForImage
 
     config: Siglip2TTRegConfig
     config_class = Siglip2TTRegConfig
+    register_tower_class = Siglip2VisionTTRegModel
 
 
 # ---- the families' declarations ----------------------------------------------------------------------------------

@@ -136,6 +136,7 @@ class ViTTTRegForImageClassification(WithRegisterTowerMixin, ViTForImageClassifi
 
     config: ViTTTRegConfig
     config_class = ViTTTRegConfig
+    register_tower_class = ViTTTRegModel
 
 
 class DeiTTTRegForImageClassification(WithRegisterTowerMixin, DeiTForImageClassification):
@@ -144,6 +145,7 @@ class DeiTTTRegForImageClassification(WithRegisterTowerMixin, DeiTForImageClassi
 
     config: DeiTTTRegConfig
     config_class = DeiTTTRegConfig
+    register_tower_class = DeiTTTRegModel
 
 
 class DeiTTTRegForImageClassificationWithTeacher(WithRegisterTowerMixin, DeiTForImageClassificationWithTeacher):
@@ -152,6 +154,7 @@ class DeiTTTRegForImageClassificationWithTeacher(WithRegisterTowerMixin, DeiTFor
 
     config: DeiTTTRegConfig
     config_class = DeiTTTRegConfig
+    register_tower_class = DeiTTTRegModel
 
 
 # ---- the families' declarations ----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ head, a neck or a pooling sees the parent's tokens and feature maps.
 import copy
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
@@ -153,10 +154,11 @@ def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
     return path, tower
 
 
-def tower_with_registers(tower: PreTrainedModel, config: PreTrainedConfig) -> PreTrainedTestTimeRegisterMixin:
-    """``tower`` (of a parent tower class) as our class of it, built from ``config`` on the tower's own weights
+def tower_with_registers(
+    ours: type[PreTrainedTestTimeRegisterMixin], tower: PreTrainedModel, config: PreTrainedConfig
+) -> PreTrainedTestTimeRegisterMixin:
+    """``tower`` (of ``ours``' parent class) as ``ours``, built from ``config`` on the tower's own weights
     (`build_sharing_weights`); ``tower`` is left as it is."""
-    ours = _tower_classes()[type(tower)]
     return build_sharing_weights(ours, tower, config, **ours.constructor_arguments(tower))
 
 
@@ -178,10 +180,14 @@ class WithRegisterTowerMixin(TestTimeRegisterLoadingMixin):
     the registers; the tower's register fields reach the caller wherever the parent returns the tower's output
     (`CLIPOutput.vision_model_output`). `vision_tower_with_registers(model)` is the tower."""
 
+    register_tower_class: ClassVar[type[PreTrainedTestTimeRegisterMixin]]  # ours of the tower, e.g. `Dinov2TTRegModel`
+
     def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
         super().__init__(self.convert_config(config), *inputs, **kwargs)
-        path, tower = _vision_tower(self)
-        _set_tower(self, path, tower_with_registers(tower, tower.config))
+        ours = self.register_tower_class
+        parent = next(base for base in ours.__mro__ if base.__module__.startswith("transformers."))
+        ((path, tower),) = [(path, module) for path, module in self.named_modules() if type(module) is parent]
+        _set_tower(self, path, tower_with_registers(ours, tower, tower.config))
 
     def set_register_neurons(self, register_neurons: IndexSpec | None, **settings) -> "WithRegisterTowerMixin":
         """The tower's `set_register_neurons` (it writes the config, which this model saves)."""
@@ -215,7 +221,9 @@ def to_test_time_registers(
             "without its registers: keep the tower's config among the model config's sub-configs."
         )
     # built with the edit off, the index attached once the weights are in place: the edits are built on their device
-    upgraded = tower_with_registers(tower, _with_settings(tower.config, register_neurons={}, **settings))
+    upgraded = tower_with_registers(
+        _tower_classes()[type(tower)], tower, _with_settings(tower.config, register_neurons={}, **settings)
+    )
     upgraded.config.attach_register_neurons(
         register_neurons,
         checkpoint=checkpoint or vlm.name_or_path,
