@@ -154,3 +154,25 @@ def test_push_to_hub_through_save_pretrained_is_refused_with_the_way_that_works(
     with pytest.raises(ValueError, match=r"model.push_to_hub\(repo_id\)"):
         model.save_pretrained(tmp_path / "x", push_to_hub=True)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("model_class", [cls for _, cls in CLASSES], ids=lambda cls: cls.__name__)
+def test_export_refuses_a_head_it_would_drop(saved, model_class, tmp_path):
+    """An export writes the base model: a classifier, backbone or projection folder (or model) is refused, naming
+    `save_pretrained`; a dual encoder's folder exports its vision tower, as the base model loads it."""
+    from ttreg_hf import RegisterNeuronIndex
+    from ttreg_hf.export import ExportError, export_model
+
+    model, folder = saved[model_class]
+    tower = vision_tower_with_registers(model)
+    index = RegisterNeuronIndex(
+        neurons={LAYER: list(NEURONS)}, num_layers=tower.config.num_hidden_layers, mlp_width=tower.config.mlp_width
+    )
+    family = next(family for family in TRANSFORMERS.values() if model_class in family.model_classes)
+    dual_encoder = "text_config" in model_class.config_class.sub_configs and "ForImage" not in model_class.__name__
+    if model_class is family.model_class or dual_encoder:
+        return
+    for source in (folder, model):
+        with pytest.raises(ExportError, match=rf"is a {model_class.__name__}.*would be dropped.*save_pretrained"):
+            export_model(source, index, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

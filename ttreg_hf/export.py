@@ -172,7 +172,10 @@ def _model_with_index(model, index: RegisterNeuronIndex) -> PreTrainedTestTimeRe
         if family is None:
             known = ", ".join(t for family in transformers_families() for t in family.model_types)
             raise ExportError(f"Cannot export {str(model)!r}: its model type {model_type!r} is none of {known}.")
+        _check_base_model(family, AutoConfig.from_pretrained(model).architectures, str(model))
         return family.model_class.from_pretrained(model, register_neurons=index).eval()
+    if isinstance(model, PreTrainedModel) and family_of(model) is not None:
+        _check_base_model(family_of(model), [type(model).__name__], type(model).__name__)
     if not (isinstance(model, PreTrainedTestTimeRegisterMixin) and isinstance(model, PreTrainedModel)):
         raise ExportError(
             f"Cannot export a {type(model).__name__}: pass a checkpoint or a ttreg_hf `transformers` model."
@@ -181,6 +184,25 @@ def _model_with_index(model, index: RegisterNeuronIndex) -> PreTrainedTestTimeRe
     if model.config.register_neuron_index != index.neurons:
         raise ExportError("The model's register neurons are not the index's: call `model.set_register_neurons(index)`.")
     return model
+
+
+def _check_base_model(family, architectures: list[str] | None, what: str) -> None:
+    """Refuse a model of another of the family's classes than its base model (a classifier, a backbone, a tower with
+    a projection): an export is the base model, and would drop its head. A dual encoder's checkpoint (`CLIPModel`)
+    exports its vision tower, as the base model loads it."""
+    pairs = [
+        (parent, cls)
+        for parent, cls in zip(family.parents[1:], family.model_classes[1:])
+        if "text_config" not in cls.config_class.sub_configs or parent.__name__.endswith("ForImageClassification")
+    ]
+    others = {cls.__name__: cls for _, cls in pairs} | {parent.__name__: cls for parent, cls in pairs}
+    found = [others[name] for name in architectures or () if name in others]
+    if found:
+        raise ExportError(
+            f"{what} is a {found[0].__name__}, and an export writes the base model ({family.model_class.__name__}): "
+            f"its other weights would be dropped. Save it with `model.save_pretrained(folder)` (or `push_to_hub`), "
+            "which writes the remote code too: the folder loads with plain `transformers` (trust_remote_code=True)."
+        )
 
 
 def _checkpoint_id(model: PreTrainedModel) -> str | None:
