@@ -4,6 +4,7 @@
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,8 @@ import transformers
 from family_models import LAYER, NEURONS, TINY, tiny_model
 from safetensors.torch import load_file, save_file
 
-from ttreg_hf import vision_tower_with_registers
+from ttreg_hf import RegisterNeuronIndex, vision_tower_with_registers
+from ttreg_hf.export import export_model
 from ttreg_hf.family import transformers_families
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,24 +111,54 @@ def saved(tmp_path_factory):
     return saved
 
 
-def test_every_class_saves_what_plain_transformers_loads_bit_equal(saved, tmp_path):
+@pytest.fixture(scope="module")
+def exported(saved):
+    """``{class: folder}``: `export_model` of every saved folder, with an index of the same neurons."""
+    exported = {}
+    for model_class, (model, folder) in saved.items():
+        config = vision_tower_with_registers(model).config
+        index = RegisterNeuronIndex(
+            neurons={LAYER: list(NEURONS)}, num_layers=config.num_hidden_layers, mlp_width=config.mlp_width
+        )
+        with pytest.warns(UserWarning, match="has no preprocessor_config.json"):
+            out = export_model(folder, index, folder.parent / f"{folder.name}-export")
+        shutil.copyfile(f"{folder}.inputs.safetensors", f"{out}.inputs.safetensors")
+        exported[model_class] = out
+    return exported
+
+
+def test_every_class_saves_and_exports_what_plain_transformers_loads_bit_equal(saved, exported, tmp_path):
+    """`save_pretrained` and `ttreg export` folders of every class, loaded in a process without ttreg_hf through the
+    Auto class their ``auto_map`` names, give the package model's outputs bit for bit (an export's: the package's
+    class loading the export)."""
     (tmp_path / "load.py").write_text(REMOTE_LOADER.replace("# flatten", inspect.getsource(flatten)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    folders = [str(folder) for _, folder in saved.values()]
+    cases = [(model, folder) for model, folder in saved.values()]
+    cases += [(model_class.from_pretrained(out).eval(), out) for model_class, out in exported.items()]
+    folders = [str(folder) for _, folder in cases]
     run = subprocess.run(
         [sys.executable, "-I", "load.py", *folders], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stderr[-3000:]
     remote = load_file(tmp_path / "outputs.safetensors")
-    for model, folder in saved.values():
+    for model, folder in cases:
         with torch.no_grad():
             expected = flatten(model(**load_file(f"{folder}.inputs.safetensors")))
-        assert (
-            any("test_time_registers" in key for key in expected) or "Backbone" in folder.name or "For" in folder.name
-        )
         got = {key.removeprefix(str(folder)): t for key, t in remote.items() if key.startswith(f"{folder}.")}
         assert got.keys() == expected.keys(), folder.name
         assert [key for key in expected if not torch.equal(got[key], expected[key])] == [], folder.name
+
+
+@pytest.mark.parametrize("model_class", [cls for _, cls in CLASSES], ids=lambda cls: cls.__name__)
+def test_an_export_keeps_the_class_it_was_given_with_every_weight(saved, exported, model_class):
+    """A classifier stays a classifier with its head, a dual encoder keeps its text tower and logit scale."""
+    model, _ = saved[model_class]
+    out = exported[model_class]
+    assert json.loads((out / "config.json").read_text())["architectures"] == [model_class.__name__]
+    reloaded = model_class.from_pretrained(out)
+    expected, actual = model.state_dict(), reloaded.state_dict()
+    assert actual.keys() == expected.keys()
+    assert [key for key in expected if not torch.equal(actual[key], expected[key])] == []
 
 
 @pytest.mark.parametrize("model_class", [cls for _, cls in CLASSES], ids=lambda cls: cls.__name__)
@@ -156,23 +188,19 @@ def test_push_to_hub_through_save_pretrained_is_refused_with_the_way_that_works(
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("model_class", [cls for _, cls in CLASSES], ids=lambda cls: cls.__name__)
-def test_export_refuses_a_head_it_would_drop(saved, model_class, tmp_path):
-    """An export writes the base model: a classifier, backbone or projection folder (or model) is refused, naming
-    `save_pretrained`; a dual encoder's folder exports its vision tower, as the base model loads it."""
-    from ttreg_hf import RegisterNeuronIndex
-    from ttreg_hf.export import ExportError, export_model
+def test_the_cli_exports_a_classifier_folder_that_reloads_as_a_classifier(saved, tmp_path):
+    from ttreg_hf.cli import main
 
-    model, folder = saved[model_class]
-    tower = vision_tower_with_registers(model)
+    model, folder = saved[TRANSFORMERS["dinov2"].model_classes[2]]
+    config = model.config
     index = RegisterNeuronIndex(
-        neurons={LAYER: list(NEURONS)}, num_layers=tower.config.num_hidden_layers, mlp_width=tower.config.mlp_width
+        neurons={LAYER: list(NEURONS)}, num_layers=config.num_hidden_layers, mlp_width=config.mlp_width
     )
-    family = next(family for family in TRANSFORMERS.values() if model_class in family.model_classes)
-    dual_encoder = "text_config" in model_class.config_class.sub_configs and "ForImage" not in model_class.__name__
-    if model_class is family.model_class or dual_encoder:
-        return
-    for source in (folder, model):
-        with pytest.raises(ExportError, match=rf"is a {model_class.__name__}.*would be dropped.*save_pretrained"):
-            export_model(source, index, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    index.save(tmp_path / "index.safetensors")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="has no preprocessor_config.json"):
+        assert main(["export", str(folder), "--index", str(tmp_path / "index.safetensors"), "--out", str(out)]) == 0
+    reloaded = transformers.AutoModelForImageClassification.from_pretrained(out)
+    assert type(reloaded) is type(model)
+    assert torch.equal(reloaded.classifier.weight, model.classifier.weight)
+    assert "AutoModelForImageClassification.from_pretrained" in (out / "README.md").read_text()
