@@ -198,8 +198,7 @@ def test_the_cli_exports_a_classifier_folder_that_reloads_as_a_classifier(saved,
     )
     index.save(tmp_path / "index.safetensors")
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="has no preprocessor_config.json"):
-        assert main(["export", str(folder), "--index", str(tmp_path / "index.safetensors"), "--out", str(out)]) == 0
+    assert main(["export", str(folder), "--index", str(tmp_path / "index.safetensors"), "--out", str(out)]) == 0
     reloaded = transformers.AutoModelForImageClassification.from_pretrained(out)
     assert type(reloaded) is type(model)
     assert torch.equal(reloaded.classifier.weight, model.classifier.weight)
