@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from ttreg_hf import RegisterNeuronIndex, vision_tower_with_registers
 from ttreg_hf.export import export_model
 from ttreg_hf.family import transformers_families
+from ttreg_hf.remote_code import remote_code_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFORMERS = {family.name: family for family in transformers_families()}
@@ -89,10 +90,23 @@ def test_the_checked_in_remote_code_is_what_the_generator_writes():
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-def test_every_family_has_its_remote_code():
-    for name in TRANSFORMERS:
-        files = sorted(path.name for path in (ROOT / "ttreg_hf" / "remote" / name).iterdir())
-        assert files == ["configuration_ttreg.py", "modeling_ttreg.py"], name
+@pytest.mark.parametrize("model_class", [cls for _, cls in CLASSES], ids=lambda cls: cls.__name__)
+def test_every_class_has_remote_code_that_defines_it(model_class):
+    folder = remote_code_folder(model_class)
+    assert sorted(path.name for path in folder.iterdir()) == ["configuration_ttreg.py", "modeling_ttreg.py"]
+    configuration, modeling = ((folder / name).read_text() for name in ("configuration_ttreg.py", "modeling_ttreg.py"))
+    assert f"\nclass {model_class.config_class.__name__}(" in configuration
+    assert "nn.Module" not in configuration and "ttreg_hf" not in configuration.split('"""')[2].split("# ---- ")[0]
+    assert "ttreg_hf" not in modeling.split('"""')[2].split("# ---- ")[0]  # imports: no package, relative only
+
+
+def test_a_subclass_of_yours_saves_without_remote_code(tmp_path):
+    class MyModel(type(TINY["dinov2"]())):
+        pass
+
+    MyModel(TINY["dinov2"]().config).save_pretrained(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert "auto_map" not in json.loads((tmp_path / "config.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -1,26 +1,37 @@
 """The remote code of every `transformers` family: two files per family, generated once into
-``ttreg_hf/remote/<family>/`` by ``utils/generate_remote_code.py`` from the package's own modules. `save_pretrained`,
-`push_to_hub` and exports write them beside the weights, with an ``auto_map`` in ``config.json``, so that plain
-`transformers` loads the folder (``trust_remote_code=True``) where ttreg_hf is not installed."""
+``ttreg_hf/remote/<model type>/`` (the ``model_type`` of the family's tower config, e.g. ``dinov2_tt_reg``) by
+``utils/generate_remote_code.py`` from the package's own modules. `save_pretrained`, `push_to_hub` and exports write
+them beside the weights, with an ``auto_map`` in ``config.json``, so that plain `transformers` loads the folder
+(``trust_remote_code=True``) where ttreg_hf is not installed."""
 
 import shutil
 from pathlib import Path
 
-from .family import family_of, parent_class
+from .family import parent_class
 
 REMOTE_CODE_DIR = Path(__file__).parent / "remote"
 CONFIG_FILE, MODELING_FILE = "configuration_ttreg", "modeling_ttreg"
 REMOTE_CODE_FILES = (f"{CONFIG_FILE}.py", f"{MODELING_FILE}.py")
 
 
+def remote_code_folder(model_class: type) -> Path | None:
+    """The folder of the remote code that defines ``model_class``, if any (none for a subclass of yours)."""
+    config_class = getattr(model_class, "config_class", None)
+    if config_class is None or not hasattr(config_class, "register_config_class"):
+        return None
+    folder = REMOTE_CODE_DIR / config_class.register_config_class().model_type
+    modeling = folder / REMOTE_CODE_FILES[1]
+    defined = modeling.is_file() and f"\nclass {model_class.__name__}(" in modeling.read_text()
+    return folder if defined else None
+
+
 def remote_auto_map(model_class: type) -> dict[str, str] | None:
     """The ``auto_map`` that loads ``model_class`` from its remote code: `AutoConfig`, and every Auto class that builds
-    its parent class (`AutoModel` where none does, e.g. for `CLIPVisionModelWithProjection`). `None` for a class that
-    is not one of a family's own (a subclass of yours: the remote code does not hold it)."""
+    its parent class (`AutoModel` where none does, e.g. for `CLIPVisionModelWithProjection`). `None` for a class the
+    remote code does not define."""
     from transformers.models.auto import modeling_auto
 
-    family = family_of(model_class)
-    if family is None or model_class not in family.model_classes or family.config_class is None:
+    if remote_code_folder(model_class) is None:
         return None
     parent = parent_class(model_class)
     auto_classes = [getattr(modeling_auto, name) for name in modeling_auto.__all__ if name.startswith("Auto")]
@@ -36,10 +47,9 @@ def remote_auto_map(model_class: type) -> dict[str, str] | None:
 
 
 def write_remote_code(model_class: type, folder: str | Path) -> None:
-    """Copy the remote code of ``model_class``'s family into ``folder``."""
-    source = REMOTE_CODE_DIR / family_of(model_class).name
+    """Copy the remote code that defines ``model_class`` into ``folder``."""
     for name in REMOTE_CODE_FILES:
-        shutil.copyfile(source / name, Path(folder) / name)
+        shutil.copyfile(remote_code_folder(model_class) / name, Path(folder) / name)
 
 
 def _as_tuple(classes) -> tuple:

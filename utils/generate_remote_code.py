@@ -1,4 +1,4 @@
-"""Write the remote code of every `transformers` family into ``ttreg_hf/remote/<family>/``, as transformers'
+"""Write the remote code of every `transformers` family into ``ttreg_hf/remote/<model type>/``, as transformers'
 modular converter writes ``modeling_*.py`` from ``modular_*.py``: run it after changing the package's model code,
 and check the result in (``tests/test_remote_code.py`` fails while the checked-in files are not what it writes).
 
@@ -285,7 +285,7 @@ def remote_code(model_classes: tuple[type, ...], family: str) -> dict[str, str]:
 def generated_files() -> dict[Path, str]:
     """``{path: source}`` of every family's remote code."""
     return {
-        REMOTE_CODE_DIR / family.name / name: source
+        REMOTE_CODE_DIR / family.config_class.register_config_class().model_type / name: source
         for family in transformers_families()
         for name, source in remote_code(family.model_classes, family.name).items()
     }
@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path} ({source.count(chr(10))} lines)")
     for path in extra:
         path.unlink()
+        if not any(path.parent.iterdir()):
+            path.parent.rmdir()
         print(f"removed {path}")
     return 0
 
