@@ -21,6 +21,7 @@ from ttreg_hf.export import export_model
 from ttreg_hf.family import transformers_families
 from ttreg_hf.remote_code import remote_code_folder
 
+pytest_plugins = ["fake_hub"]  # its `hub` fixture
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFORMERS = {family.name: family for family in transformers_families()}
 CLASSES = [(name, cls) for name, family in TRANSFORMERS.items() for cls in family.model_classes]
@@ -217,3 +218,10 @@ def test_the_cli_exports_a_classifier_folder_that_reloads_as_a_classifier(saved,
     assert type(reloaded) is type(model)
     assert torch.equal(reloaded.classifier.weight, model.classifier.weight)
     assert "AutoModelForImageClassification.from_pretrained" in (out / "README.md").read_text()
+
+
+def test_push_to_hub_uploads_the_remote_code(hub):
+    TINY["dinov2"]().push_to_hub("me/tiny-ttreg")
+    files = hub.repos["me/tiny-ttreg"].files_at("main")
+    assert {"config.json", "model.safetensors", "configuration_ttreg.py", "modeling_ttreg.py"} <= set(files)
+    assert json.loads(files["config.json"])["auto_map"]["AutoModel"] == "modeling_ttreg.Dinov2TTRegModel"
