@@ -18,7 +18,6 @@ import argparse
 import ast
 import importlib
 import inspect
-import re
 import sys
 from dataclasses import dataclass, field
 from importlib.util import resolve_name
@@ -222,12 +221,17 @@ def _source(module: _Module, node: ast.stmt) -> str:
 
 
 def _section(module_name: str, names: set[str]) -> str:
-    """The kept definitions of a module, verbatim with the comments just above them, in source order."""
+    """The kept definitions of a module, verbatim with the comments just above them, in source order; those that
+    stood next to each other keep the lines between them."""
     module = _module(module_name)
     nodes = sorted(
         {id(module.definitions[name]): module.definitions[name] for name in names}.values(), key=lambda n: n.lineno
     )
-    body = re.sub(r"\n{3,}", "\n\n\n", "\n\n\n".join(_source(module, node) for node in nodes))
+    body = _source(module, nodes[0])
+    for previous, node in zip(nodes, nodes[1:]):
+        between = module.lines[previous.end_lineno : _start(module, node)]
+        adjacent = not any(line.strip() for line in between)
+        body += ("\n" * (len(between) + 1) if adjacent else "\n\n\n") + _source(module, node)
     return f"# ---- {module_name.replace('.', '/')}.py\n\n\n{body}"
 
 
