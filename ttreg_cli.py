@@ -418,8 +418,9 @@ def _export_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
         help="write a Hub-ready folder that loads with `trust_remote_code=True` and no ttreg_hf",
-        description="Write MODEL with the register-neuron index INDEX to OUT: config.json with auto_map, generated "
-        "configuration and modeling files, model.safetensors, the parent's preprocessor config, the index alone "
+        description="Write MODEL, as the class its checkpoint was saved as (a classifier keeps its head, a CLIPModel its "
+        "text tower), with the register-neuron index INDEX to OUT: config.json with auto_map, the family's remote-code "
+        "files, model.safetensors, the parent's preprocessor config, the index alone "
         "(register_neurons.safetensors) and a model card; an OpenCLIP model (open_clip:NAME) in open_clip's own layout "
         "instead (open_clip_config.json, open_clip_model.safetensors), with the index and a card. Upload it with "
         "`huggingface_hub.upload_folder`. OUT must be empty or new; with --overwrite, a folder holding only files an "

@@ -21,6 +21,7 @@ LAYERS = {
         "images",
         "family",
         "upstream",
+        "remote_code",
         "configs",
         "configs.registers",
         "configs.clip",
@@ -54,7 +55,6 @@ LAYERS = {
         "export",
         "export_open_clip",
         "model_card",
-        "remote_code",
         "analysis",
         "analysis.attention",
         "analysis.capture",
@@ -73,7 +73,8 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+GENERATED = PACKAGE / "remote"  # the remote code, written by utils/generate_remote_code.py: self-contained files
+MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py")) if GENERATED not in path.parents}
 
 
 def imported_modules(name: str, source: str | None = None) -> set[str]:

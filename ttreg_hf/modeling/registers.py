@@ -24,6 +24,7 @@ from transformers.utils import ModelOutput
 from ..configs.registers import REGISTER_SETTINGS, pop_register_settings
 from ..family import check_close_keywords, parent_class
 from ..index import RegisterNeuronIndex, warn_once, weights_fingerprint
+from ..remote_code import remote_auto_map, write_remote_code
 from .edit import RegisterNeuronEdit
 from .layout import TokenLayout
 
@@ -436,6 +437,35 @@ class TestTimeRegisterLoadingMixin:
                 f"converts), got a {type(config).__name__}."
             )
         return cls.config_class.from_parent_config(config)
+
+    def save_pretrained(self, save_directory: str | Path, *args, push_to_hub: bool = False, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, plus the family's remote code and an ``auto_map`` in ``config.json``: the
+        folder also loads with plain `transformers` (``trust_remote_code=True``, the Auto class of the parent class)
+        where ttreg_hf is not installed, while with ttreg_hf imported the Auto classes build the package's classes.
+        `push_to_hub` and `Trainer` checkpoints save through here. A subclass of your own saves no remote code."""
+        if push_to_hub:
+            raise ValueError(
+                "save_pretrained(push_to_hub=True) would upload before the remote code is written: call "
+                "`model.push_to_hub(repo_id)`, which uploads everything save_pretrained writes."
+            )
+        auto_map = remote_auto_map(type(self))
+        if auto_map is None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        # the keys as the module tree has them, not `transformers`' older layout: the remote classes (named apart from
+        # the parents) have no key conversions to read that layout with
+        kwargs.setdefault("save_original_format", False)
+        config, missing = self.config, object()
+        previous = getattr(config, "auto_map", missing)
+        config.auto_map = auto_map
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if previous is missing:
+                del config.auto_map
+            else:
+                config.auto_map = previous
+        if kwargs.get("is_main_process", True):
+            write_remote_code(type(self), save_directory)
 
     @classmethod
     def is_custom_code(cls) -> bool:

@@ -144,10 +144,11 @@ def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
     return path, tower
 
 
-def tower_with_registers(tower: PreTrainedModel, config: PreTrainedConfig) -> PreTrainedTestTimeRegisterMixin:
-    """``tower`` (of a parent tower class) as our class of it, built from ``config`` on the tower's own weights
+def tower_with_registers(
+    ours: type[PreTrainedTestTimeRegisterMixin], tower: PreTrainedModel, config: PreTrainedConfig
+) -> PreTrainedTestTimeRegisterMixin:
+    """``tower`` (of ``ours``' parent class) as ``ours``, built from ``config`` on the tower's own weights
     (`build_sharing_weights`); ``tower`` is left as it is."""
-    ours = _tower_classes()[type(tower)]
     return build_sharing_weights(ours, tower, config, **ours.constructor_arguments(tower))
 
 
@@ -177,7 +178,9 @@ def to_test_time_registers(
             "without its registers: keep the tower's config among the model config's sub-configs."
         )
     # built with the edit off, the index attached once the weights are in place: the edits are built on their device
-    upgraded = tower_with_registers(tower, _with_settings(tower.config, register_neurons={}, **settings))
+    upgraded = tower_with_registers(
+        _tower_classes()[type(tower)], tower, _with_settings(tower.config, register_neurons={}, **settings)
+    )
     upgraded.config.attach_register_neurons(
         register_neurons,
         checkpoint=checkpoint or vlm.name_or_path,
