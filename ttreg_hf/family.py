@@ -66,6 +66,7 @@ class Family:
     default_image_processor: for `transformers` families, ``default_image_processor(config)`` -> the processor the
         parent's checkpoints ship, for a folder without one (a fallback that warns) and for exports.
     padding_mask: the forward argument that marks the real patches of a padded batch (SigLIP2's NaFlex), if any.
+    licences: ``{Hub id prefix: licence}`` of the family's published weights, for the model cards of exports.
     """
 
     name: str
@@ -78,6 +79,7 @@ class Family:
     checkpoints: tuple[Checkpoint, ...] = ()
     default_image_processor: Callable | None = None
     padding_mask: str | None = None
+    licences: Mapping[str, str] = field(default_factory=dict)
     parents: tuple[type, ...] = field(init=False)
 
     def __post_init__(self):

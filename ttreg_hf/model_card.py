@@ -9,6 +9,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .family import parent_class
 from .index import INDEX_FILENAME, METADATA_KEY, RegisterNeuronIndex
+from .registry import licence_of
 from .remote_code import remote_auto_map
 
 PAPER_URL = "https://arxiv.org/abs/2506.08010"
@@ -21,27 +22,6 @@ BIBTEX = """@misc{jiang2025visiontransformersdontneed,
   primaryClass={cs.CV},
   url={https://arxiv.org/abs/2506.08010},
 }"""
-BASE_LICENCES = {
-    **dict.fromkeys(
-        ("facebook/dinov2-small", "facebook/dinov2-base", "facebook/dinov2-large", "facebook/dinov2-giant"),
-        "apache-2.0",
-    ),
-    **dict.fromkeys(
-        (
-            "openai/clip-vit-base-patch32",
-            "openai/clip-vit-base-patch16",
-            "openai/clip-vit-large-patch14",
-            "openai/clip-vit-large-patch14-336",
-            "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
-            "laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
-            "laion/CLIP-ViT-L-14-laion2B-s32B-b82K",
-            "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-            "laion/CLIP-ViT-g-14-laion2B-s12B-b42K",
-            "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
-        ),
-        "mit",
-    ),
-}
 UNKNOWN_LICENCE = "see the base checkpoint"
 
 BODY = Template("""
@@ -192,7 +172,7 @@ def render_model_card(
 
 def _licence(base_model: str | None, license: str | None) -> tuple[str | None, str]:
     """The licence tag (``license``, else the known one of ``base_model``) and the card's sentence about it."""
-    license = license or BASE_LICENCES.get(base_model or "")
+    license = license or licence_of(base_model or "")
     base_name = base_model or "the base checkpoint"
     if license:
         return license, f"The weights are {base_name}'s, under its licence: `{license}`."

@@ -83,3 +83,11 @@ def family_of_model_type(model_type: str) -> Family | None:
 def checkpoints() -> dict[str, Checkpoint]:
     """Every named checkpoint of every family, by name."""
     return {checkpoint.name: checkpoint for family in families() for checkpoint in family.checkpoints}
+
+
+def licence_of(checkpoint_id: str) -> str | None:
+    """The licence a family declares for the published weights ``checkpoint_id`` (a Hub id), if any."""
+    return next(
+        (licence for f in families() for prefix, licence in f.licences.items() if checkpoint_id.startswith(prefix)),
+        None,
+    )

@@ -202,6 +202,7 @@ FAMILIES = (
         attention_reader=clip_attention,
         planting_sites=clip_planting_sites,
         default_image_processor=clip_image_processor,
+        licences={"openai/clip-vit-": "mit", "laion/CLIP-ViT-": "mit"},
         checkpoints=(
             transformers_checkpoint(
                 "clip_vitl14_336",

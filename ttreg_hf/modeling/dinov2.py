@@ -208,6 +208,7 @@ FAMILIES = (
         attention_reader=dinov2_attention,
         planting_sites=dinov2_planting_sites,
         default_image_processor=dinov2_image_processor,
+        licences={"facebook/dinov2-": "apache-2.0"},
         checkpoints=(
             *_upstream(
                 "vits14", "DINOv2 ViT-S/14 with test-time registers (no shipped index: pass ``register_neurons``)."

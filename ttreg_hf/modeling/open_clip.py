@@ -303,6 +303,7 @@ FAMILIES = (
         attention_reader=open_clip_attention,
         planting_sites=open_clip_planting_sites,
         preprocessing=open_clip_preprocessing,
+        licences={"laion/CLIP-ViT-": "mit"},
         checkpoints=(  # the checkpoints of the paper; the torch.hub entries return the whole CLIP model
             _laion(
                 "openclip_vitb16",
