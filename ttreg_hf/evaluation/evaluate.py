@@ -1,0 +1,408 @@
+"""`evaluate`: a model with its test-time register off and on, side by side, on a user's own images.
+
+Every batch runs twice, edit off (``register_neurons={}``) and on (the model's own index), through the analysis hooks
+(`ttreg_hf.analysis.observe` / `capture`); each forward is reduced at once to per-image numbers (patch norms and the CLS
+attention per layer, pooled features), so memory stays flat in the number of images. The outlier threshold of each
+layer is the automatic one of the first ``calibration_images`` images without the edit (or the one given), the same
+for both runs. Under ``torchrun`` each process takes every world-size-th image and the per-image numbers are summed
+across processes, as discovery does. Every number comes with paired bootstrap intervals over the images.
+"""
+
+import json
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..analysis.capture import capture, observe
+from ..analysis.distributed import all_reduce, is_main_process, rank_and_world_size
+from ..analysis.interventions import with_register_neurons
+from ..analysis.metrics import NormHistogram, cls_attention, real_patches
+from ..images import Preprocessor, open_rgb
+from ..modeling.registers import TestTimeRegisterMixin
+from .data import Dataset, fingerprint, read_dataset
+from .statistics import Comparison, knn_predict, linear_probe, paired_bootstrap
+
+FORMAT = "ttreg-evaluate/1"
+TASKS = ("outliers", "knn", "linear")
+SETTINGS = ("off", "on")
+LAYER_MEASURES = {  # name: what it is, per image and layer
+    "outlier_ratio": "fraction of the patches above the layer's outlier threshold",
+    "max_norm": "largest patch norm",
+    "median_norm": "median patch norm",
+    "max_median_ratio": "largest over median patch norm",
+    "attention_entropy": "entropy (nats) of the CLS attention over the patches, renormalized to sum to 1",
+    "outlier_attention_share": "share of the CLS attention on the outlier patches",
+    "register_attention_share": "share of the CLS attention on the test-time registers",
+}
+FEATURES = ("cls", "patch_mean")  # the last block's CLS token, the mean of its patch tokens (registers never in it)
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What `evaluate` measured: ``layers[layer][measure]`` and ``tasks[task]`` are `Comparison`s (edit off vs on,
+    paired bootstrap intervals); ``thresholds`` the outlier threshold of each layer; ``info`` the provenance (package
+    version, model, index, data fingerprint, settings). ``examples`` holds a few images' last-layer maps for
+    `save_figure`; it is not written to JSON."""
+
+    layers: list[dict[str, Comparison]]
+    tasks: dict[str, Comparison]
+    thresholds: list[float]
+    info: dict
+    examples: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            **self.info,
+            "thresholds": self.thresholds,
+            "layers": [{name: _comparison_json(c) for name, c in layer.items()} for layer in self.layers],
+            "tasks": {name: _comparison_json(c) for name, c in self.tasks.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "EvaluationResult":
+        """The result a `to_json` dict describes; a dict of another format is refused."""
+        if data.get("format") != FORMAT:
+            raise ValueError(f"Not a ttreg evaluate result (format {data.get('format')!r}, expected {FORMAT!r}).")
+        info = {key: value for key, value in data.items() if key not in ("format", "thresholds", "layers", "tasks")}
+        return cls(
+            [{name: _comparison(c) for name, c in layer.items()} for layer in data["layers"]],
+            {name: _comparison(c) for name, c in data["tasks"].items()},
+            list(data["thresholds"]),
+            info,
+        )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        return path
+
+    def table(self) -> str:
+        """The printed report: the last layer's measures and the tasks, then the per-layer outlier curve."""
+        level = round(100 * self.info["settings"]["confidence"])
+        rows = [(f"{name} (layer {len(self.layers) - 1})", c) for name, c in self.layers[-1].items()]
+        rows += list(self.tasks.items())
+        width = max(len(name) for name, _ in rows)
+        lines = [
+            f"{self.info['model']} on {self.info['data']['folder']} ({self.info['data']['num_images']} images): edit "
+            f"off vs on, {level} % paired bootstrap intervals",
+            f"{'measure':<{width}}  {'off':>10}  {'on':>10}  on - off [{level} % interval]",
+        ]
+        for name, c in rows:
+            low, high = c.difference_interval
+            mark = " *" if c.significant else ""
+            lines.append(
+                f"{name:<{width}}  {c.off:>10.4g}  {c.on:>10.4g}  {c.difference:+.4g} [{low:+.4g}, {high:+.4g}]{mark}"
+            )
+        lines += [
+            "(* the interval leaves out 0)",
+            "",
+            "layer  outlier ratio off / on   outlier attention share off / on",
+        ]
+        for layer, measures in enumerate(self.layers):
+            ratio, share = measures["outlier_ratio"], measures["outlier_attention_share"]
+            lines.append(f"{layer:>5}  {ratio.off:>8.4f} / {ratio.on:<8.4f}   {share.off:>10.4f} / {share.on:<8.4f}")
+        return "\n".join(lines)
+
+    def save_figure(self, path: str | Path) -> Path:
+        from .figure import save_figure
+
+        return save_figure(self, path)
+
+
+def _comparison_json(comparison: Comparison) -> dict:
+    return {**asdict(comparison), "difference": comparison.difference}
+
+
+def _comparison(data: dict) -> Comparison:
+    fields = {key: value for key, value in data.items() if key != "difference"}
+    return Comparison(**{key: tuple(v) if isinstance(v, list) else v for key, v in fields.items()})
+
+
+@dataclass
+class _Forward:
+    """One batch through one setting, reduced: per layer the patch norms and the patches' CLS attention ``(batch,
+    layers, patches)``, the registers' attention share ``(batch, layers)``, which patches are real ``(batch,
+    patches)``, and the pooled features ``(batch, width)``."""
+
+    norms: torch.Tensor
+    attention: torch.Tensor | None
+    register_share: torch.Tensor | None
+    real: torch.Tensor
+    features: dict[str, torch.Tensor]
+
+
+def _forward(model: TestTimeRegisterMixin, inputs: dict, attentions: bool) -> _Forward:
+    """Run ``inputs`` once; every layer's tensors are reduced as they come, so no layer's tokens are kept."""
+    layers = range(len(model.transformer_blocks))
+    norms, rows = {}, {}
+
+    def keep_norms(layer: int):
+        return lambda tokens: norms.__setitem__(layer, tokens.float().norm(dim=-1))
+
+    def keep_attention(layer: int):
+        def keep(probabilities: torch.Tensor) -> None:  # the CLS row; every row without a CLS token (SigLIP)
+            cls_only = cache.layout.num_prefix_tokens > 0
+            rows[layer] = probabilities[:, :, :1] if cls_only else probabilities.float().mean(1, keepdim=True)
+
+        return keep
+
+    observers = {"blocks": {layer: keep_norms(layer) for layer in layers}}
+    if attentions:
+        observers["attentions"] = {layer: keep_attention(layer) for layer in layers}
+    with torch.no_grad(), capture(model, blocks=[-1]) as cache, observe(model, **observers):
+        model(**inputs)
+    layout, last = cache.layout, cache.block_outputs[layers[-1]]
+    real = real_patches(cache, last)
+    stacked = torch.stack([norms[layer] for layer in layers], dim=1)  # (batch, layers, tokens)
+    patches = layout.patches(last)
+    mean = (patches.float() * real.unsqueeze(-1)).sum(dim=1) / real.sum(dim=1, keepdim=True).clamp(min=1)
+    features = {"patch_mean": mean.cpu()}
+    if layout.num_prefix_tokens:
+        features["cls"] = last[:, 0].float().cpu()
+    attention = register_share = None
+    if attentions:
+        cls = torch.stack([cls_attention(rows[layer], layout, cache.token_mask) for layer in layers], dim=1)
+        attention = layout.patches(cls.transpose(1, 2)).transpose(1, 2).cpu()
+        register_share = layout.registers(cls.transpose(1, 2)).sum(dim=1).cpu()
+    patch_norms = layout.patches(stacked.transpose(1, 2)).transpose(1, 2).cpu()
+    return _Forward(patch_norms, attention, register_share, real.cpu(), features)
+
+
+def _layer_measures(forward: _Forward, thresholds: torch.Tensor) -> torch.Tensor:
+    """Per image and layer, the `LAYER_MEASURES` ``(batch, layers, measures)``, over the real patches."""
+    real = forward.real.unsqueeze(1).expand_as(forward.norms)
+    count = real.sum(dim=-1).clamp(min=1)
+    outliers = (forward.norms > thresholds.view(1, -1, 1)) & real
+    maxima = forward.norms.masked_fill(~real, float("-inf")).amax(dim=-1)
+    medians = forward.norms.masked_fill(~real, float("nan")).nanmedian(dim=-1).values
+    attention = forward.attention * real
+    shares = attention / attention.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+    entropy = -(shares * shares.clamp(min=1e-30).log()).sum(dim=-1)
+    measures = [
+        outliers.sum(dim=-1) / count,
+        maxima,
+        medians,
+        maxima / medians,
+        entropy,
+        (attention * outliers).sum(dim=-1),
+        forward.register_share,
+    ]
+    return torch.stack(measures, dim=-1)
+
+
+def _batches(paths: Sequence[Path], indices: Sequence[int], preprocessor: Preprocessor, batch_size: int, desc: str):
+    """``(indices, inputs)`` of ``indices`` into ``paths``, ``batch_size`` at a time, with a progress bar."""
+    show = is_main_process() and sys.stderr.isatty()
+    for start in tqdm(range(0, len(indices), batch_size), desc=desc, disable=not show, leave=False):
+        chunk = list(indices[start : start + batch_size])
+        yield chunk, preprocessor([open_rgb(paths[i]) for i in chunk])
+
+
+def _on_device(inputs: dict, model: torch.nn.Module) -> dict:
+    parameter = next(model.parameters())
+    return {
+        key: value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
+        for key, value in inputs.items()
+    }
+
+
+def _settings(model: TestTimeRegisterMixin) -> Iterator[tuple[str, TestTimeRegisterMixin]]:
+    for name, neurons in zip(SETTINGS, ({}, None)):  # None: the model's own index
+        with with_register_neurons(model, neurons):
+            yield name, model
+
+
+class _Collector:
+    """Per-image numbers of every image, filled by each process at its own images and summed across processes."""
+
+    def __init__(self, num_images: int):
+        self.num_images, self.tensors = num_images, {}
+
+    def put(self, name: str, indices: list[int], values: torch.Tensor) -> None:
+        if name not in self.tensors:
+            self.tensors[name] = torch.zeros(self.num_images, *values.shape[1:], dtype=torch.float64)
+        self.tensors[name][indices] = values.double()
+
+    def gathered(self) -> dict[str, torch.Tensor]:
+        for tensor in self.tensors.values():
+            all_reduce(tensor)
+        return self.tensors
+
+
+def evaluate(
+    model: TestTimeRegisterMixin,
+    preprocessor: Preprocessor,
+    data: str | Path | Dataset,
+    *,
+    tasks: Sequence[str] | None = None,
+    batch_size: int = 16,
+    threshold: float | None = None,
+    calibration_images: int = 64,
+    num_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    knn_k: int = 20,
+    num_examples: int = 3,
+    model_name: str | None = None,
+) -> EvaluationResult:
+    """``model`` (with its register-neuron index attached) edit off vs on, on the images of ``data``.
+
+    ``tasks``: among `TASKS` (default: all that ``data`` allows): ``"outliers"`` (`LAYER_MEASURES` per layer),
+    ``"knn"`` and ``"linear"`` (k-NN and linear-probe accuracy on the CLS token and on the mean patch token of the last
+    block, on a ``train/`` / ``val/`` split, see `ttreg_hf.evaluation.data`). ``threshold``: one outlier norm for
+    every layer (default: each layer's automatic one). ``seed`` fixes the bootstrap."""
+    dataset = data if isinstance(data, Dataset) else read_dataset(data)
+    tasks = _check_tasks(tasks, dataset)
+    if not model.config.register_neurons:
+        raise ValueError("The model has no register-neuron index, so the edit cannot be turned on: attach one first.")
+    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"threshold must be a finite norm above 0 (or None: automatic), got {threshold!r}.")
+    rank, world_size = rank_and_world_size()
+    if len(dataset.images) < world_size:
+        raise ValueError(f"{len(dataset.images)} images cannot be shared by {world_size} processes: use fewer.")
+    num_layers = len(model.transformer_blocks)
+    collector = _Collector(len(dataset.images))
+    histograms = [NormHistogram() for _ in range(num_layers)]
+    pending: list[tuple[list[int], dict[str, _Forward]]] = []
+    thresholds = None if threshold is None else torch.full((num_layers,), float(threshold))
+    quota = math.ceil(calibration_images / world_size)
+    shard = list(range(rank, len(dataset.images), world_size))
+    examples = {}
+
+    def flush() -> None:
+        for indices, forwards in pending:
+            for name, forward in forwards.items():
+                collector.put(f"layers/{name}", indices, _layer_measures(forward, thresholds))
+        pending.clear()
+
+    for position, (indices, inputs) in enumerate(_batches(dataset.images, shard, preprocessor, batch_size, "evaluate")):
+        inputs, forwards = _on_device(inputs, model), {}
+        for name, tower in _settings(model):
+            forwards[name] = forward = _forward(tower, inputs, attentions="outliers" in tasks)
+            for feature, values in forward.features.items():
+                collector.put(f"features/{name}/{feature}", indices, values)
+            if name == "off" and thresholds is None and "outliers" in tasks:
+                for layer, histogram in enumerate(histograms):
+                    histogram.add(forward.norms[:, layer], forward.real)
+        if position == 0 and rank == 0:
+            examples = _examples(forwards, preprocessor.to_images(inputs)[:num_examples])
+        if "outliers" in tasks:
+            pending.append((indices, forwards))
+            if thresholds is None and (position + 1) * batch_size >= min(quota, len(shard)):
+                thresholds = torch.tensor([h.all_reduce().threshold() for h in histograms])
+            if thresholds is not None:
+                flush()
+    if "outliers" in tasks and thresholds is None:  # a process without images still joins the reduction
+        thresholds = torch.tensor([h.all_reduce().threshold() for h in histograms])
+        flush()
+    gathered = collector.gathered()
+
+    def compare(name: str, off: torch.Tensor, on: torch.Tensor, **kw) -> Comparison:
+        return paired_bootstrap(off, on, num_resamples=num_resamples, confidence=confidence, seed=seed, **kw)
+
+    layers = []
+    if "outliers" in tasks:
+        off, on = gathered["layers/off"], gathered["layers/on"]
+        for layer in range(num_layers):
+            layers.append({m: compare(m, off[:, layer, i], on[:, layer, i]) for i, m in enumerate(LAYER_MEASURES)})
+    results = {}
+    if dataset.has_split and {"knn", "linear"} & set(tasks):
+        results = _probes(model, preprocessor, dataset, gathered, tasks, batch_size, knn_k, compare)
+    info = {
+        "package_version": __version__,
+        "model": model_name or type(model).__name__,
+        "register_neurons": {str(k): list(v) for k, v in model.config.register_neurons.items()},
+        "index_provenance": model.config.register_index_provenance,
+        "data": {
+            "folder": str(dataset.folder),
+            "fingerprint": fingerprint(dataset),
+            "num_images": len(dataset.images),
+            "num_train_images": len(dataset.train.paths) if dataset.train else 0,
+            "classes": list(dataset.train.classes) if dataset.train else [],
+        },
+        "settings": {
+            "tasks": list(tasks),
+            "batch_size": batch_size,
+            "threshold": threshold,
+            "calibration_images": calibration_images,
+            "num_resamples": num_resamples,
+            "confidence": confidence,
+            "seed": seed,
+            "knn_k": knn_k,
+            "preprocessing": preprocessor.description,
+            "world_size": world_size,
+        },
+    }
+    return EvaluationResult(layers, results, [] if thresholds is None else thresholds.tolist(), info, examples)
+
+
+def _check_tasks(tasks: Sequence[str] | None, dataset: Dataset) -> tuple[str, ...]:
+    available = TASKS if dataset.has_split else ("outliers",)
+    if tasks is None:
+        return available
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        raise ValueError(f"Unknown task(s) {', '.join(map(repr, unknown))}; tasks are {', '.join(TASKS)}.")
+    missing = [task for task in tasks if task not in available]
+    if missing:
+        raise ValueError(
+            f"{', '.join(missing)} need(s) a classification split: {dataset.folder}/train/CLASS/IMAGE and "
+            f"{dataset.folder}/val/CLASS/IMAGE."
+        )
+    return tuple(dict.fromkeys(tasks))
+
+
+def _examples(forwards: dict[str, _Forward], images: list[torch.Tensor]) -> dict:
+    """The first images of the first batch (for the figure): the input and, per setting, the last layer's patch norms
+    and CLS attention, and which patches are real."""
+    count = len(images)
+    return {
+        "images": images,
+        **{
+            name: {
+                "norms": forward.norms[:count, -1],
+                "attention": None if forward.attention is None else forward.attention[:count, -1],
+                "real": forward.real[:count],
+            }
+            for name, forward in forwards.items()
+        },
+    }
+
+
+def _probes(model, preprocessor, dataset, gathered, tasks, batch_size, knn_k, compare) -> dict[str, Comparison]:
+    """k-NN and linear-probe accuracy per feature, edit off vs on: trained on ``train/``, measured on ``val/``."""
+    rank, world_size = rank_and_world_size()
+    train = _Collector(len(dataset.train.paths))
+    shard = list(range(rank, len(dataset.train.paths), world_size))
+    for indices, inputs in _batches(dataset.train.paths, shard, preprocessor, batch_size, "train features"):
+        inputs = _on_device(inputs, model)
+        for name, tower in _settings(model):
+            for feature, values in _forward(tower, inputs, attentions=False).features.items():
+                train.put(f"{name}/{feature}", indices, values)
+    train_features = train.gathered()
+    train_labels = torch.tensor(dataset.train.labels)
+    val_labels = torch.tensor(dataset.val.labels)
+    num_classes = len(dataset.train.classes)
+    results = {}
+    for feature in (f for f in FEATURES if f"off/{f}" in train_features):
+        correct = {}
+        for name in SETTINGS:
+            fit, val = train_features[f"{name}/{feature}"].float(), gathered[f"features/{name}/{feature}"].float()
+            if "knn" in tasks:
+                predicted = knn_predict(fit, train_labels, val, num_classes, k=knn_k)
+                correct.setdefault("knn", {})[name] = (predicted == val_labels).double()
+            if "linear" in tasks:
+                predicted = linear_probe(fit, train_labels, num_classes)(val)
+                correct.setdefault("linear", {})[name] = (predicted == val_labels).double()
+        for task, by_setting in correct.items():
+            results[f"{task}_accuracy/{feature}"] = compare(task, by_setting["off"], by_setting["on"])
+    return results
