@@ -259,7 +259,7 @@ def evaluate(
     block, on a ``train/`` / ``val/`` split, see `ttreg_hf.evaluation.data`). ``threshold``: one outlier norm for
     every layer (default: each layer's automatic one). ``seed`` fixes the bootstrap."""
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
-    tasks = _check_tasks(tasks, dataset)
+    tasks = check_tasks(tasks, dataset)
     if not model.config.register_neurons:
         raise ValueError("The model has no register-neuron index, so the edit cannot be turned on: attach one first.")
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
@@ -292,7 +292,7 @@ def evaluate(
                 for layer, histogram in enumerate(histograms):
                     histogram.add(forward.norms[:, layer], forward.real)
         if position == 0 and rank == 0:
-            examples = _examples(forwards, preprocessor.to_images(inputs)[:num_examples])
+            examples = _examples(forwards, preprocessor, inputs, num_examples)
         if "outliers" in tasks:
             pending.append((indices, forwards))
             if thresholds is None and (position + 1) * batch_size >= min(quota, len(shard)):
@@ -343,7 +343,8 @@ def evaluate(
     return EvaluationResult(layers, results, [] if thresholds is None else thresholds.tolist(), info, examples)
 
 
-def _check_tasks(tasks: Sequence[str] | None, dataset: Dataset) -> tuple[str, ...]:
+def check_tasks(tasks: Sequence[str] | None, dataset: Dataset) -> tuple[str, ...]:
+    """``tasks`` (default: every task ``dataset`` allows) without repeats, or a `ValueError` naming the problem."""
     available = TASKS if dataset.has_split else ("outliers",)
     if tasks is None:
         return available
@@ -361,21 +362,21 @@ def _check_tasks(tasks: Sequence[str] | None, dataset: Dataset) -> tuple[str, ..
     return tuple(dict.fromkeys(tasks))
 
 
-def _examples(forwards: dict[str, _Forward], images: list[torch.Tensor]) -> dict:
-    """The first images of the first batch (for the figure): the input and, per setting, the last layer's patch norms
-    and CLS attention, and which patches are real."""
-    count = len(images)
-    return {
-        "images": images,
-        **{
-            name: {
-                "norms": forward.norms[:count, -1],
-                "attention": None if forward.attention is None else forward.attention[:count, -1],
-                "real": forward.real[:count],
-            }
-            for name, forward in forwards.items()
-        },
-    }
+def _examples(forwards: dict[str, _Forward], preprocessor: Preprocessor, inputs: dict, count: int) -> dict:
+    """The first ``count`` images of a batch, for the figure: each input image and, per setting, its last layer's
+    patch-norm and CLS-attention maps on its patch grid (a NaFlex image's own grid, padding left out)."""
+    images = preprocessor.to_images(inputs)[:count]
+    shapes = inputs["spatial_shapes"].tolist() if "spatial_shapes" in inputs else None
+    examples = []
+    for i, image in enumerate(images):
+        rows, columns = shapes[i] if shapes else (math.isqrt(forwards["off"].norms.shape[-1]),) * 2
+        maps = {"image": image.cpu()}
+        for name, forward in forwards.items():
+            for kind, values in (("norms", forward.norms), ("attention", forward.attention)):
+                if values is not None and rows * columns <= values.shape[-1]:
+                    maps[f"{kind}/{name}"] = values[i, -1, : rows * columns].view(rows, columns)
+        examples.append(maps)
+    return {"images": examples}
 
 
 def _probes(model, preprocessor, dataset, gathered, tasks, batch_size, knn_k, compare) -> dict[str, Comparison]:

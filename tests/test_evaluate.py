@@ -1,0 +1,222 @@
+"""`ttreg evaluate`: each number against a plain computation on constructed data, and end to end on the planted
+model with generated labelled images."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ttreg_hf.analysis import run_with_cache, summarize_layers, with_register_neurons
+from ttreg_hf.cli import main
+from ttreg_hf.evaluation import LAYER_MEASURES, EvaluationResult, evaluate, paired_bootstrap
+from ttreg_hf.evaluation.evaluate import _forward, _layer_measures
+from ttreg_hf.evaluation.statistics import (
+    box_iou,
+    confusion_matrix,
+    corloc_hit,
+    knn_predict,
+    linear_probe,
+    mean_iou,
+    resampled_mean_iou,
+)
+from ttreg_hf.planted import build_planted_model, planted_index, planted_pixels, planted_preprocessor, textured_images
+
+# ---- the statistics, against plain computations ------------------------------------------------------------------
+
+
+def test_bootstrap_interval_of_a_mean_matches_the_normal_theory():
+    generator = torch.Generator().manual_seed(1)
+    off = torch.randn(2000, generator=generator) * 2.0 + 5.0
+    result = paired_bootstrap(off, off + 0.25, num_resamples=1000, seed=3)
+    standard_error = float(off.std()) / math.sqrt(len(off))
+    low, high = result.off_interval
+    assert result.off == pytest.approx(float(off.double().mean()))
+    assert (high - low) / 2 == pytest.approx(1.96 * standard_error, rel=0.1)
+    assert low < 5.0 < high
+    # paired: every image moves by 0.25, so every resample's difference is 0.25 (unpaired draws would scatter)
+    assert result.difference_interval == pytest.approx((0.25, 0.25), abs=1e-6)
+    assert result.significant
+    assert paired_bootstrap(off, off + 0.25, num_resamples=1000, seed=3) == result  # deterministic for a seed
+    assert paired_bootstrap(off, off + 0.25, num_resamples=1000, seed=4).off_interval != result.off_interval
+
+
+def test_bootstrap_refuses_unpaired_values():
+    with pytest.raises(ValueError, match="same images"):
+        paired_bootstrap(torch.zeros(3), torch.zeros(4))
+
+
+def test_knn_matches_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    train, labels = torch.randn(60, 8, generator=generator), torch.randint(0, 4, (60,), generator=generator)
+    queries = torch.randn(25, 8, generator=generator)
+    expected = []
+    for query in queries:
+        similarities = [float(query @ row / (query.norm() * row.norm())) for row in train]
+        nearest = sorted(range(len(train)), key=lambda i: -similarities[i])[:7]
+        votes = [0.0] * 4
+        for i in nearest:
+            votes[int(labels[i])] += math.exp(similarities[i] / 0.07)
+        expected.append(max(range(4), key=votes.__getitem__))
+    assert knn_predict(train, labels, queries, 4, k=7, chunk=10).tolist() == expected
+
+
+def test_linear_probe_finds_the_regularized_optimum():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(80, 5, generator=generator) * torch.tensor([1.0, 3.0, 0.5, 2.0, 1.0])
+    labels = (features @ torch.randn(5, 3, generator=generator)).argmax(dim=-1)
+    decay = 0.05
+    predict = linear_probe(features, labels, 3, weight_decay=decay)
+    # the same objective by plain gradient descent in numpy, on standardized features (strongly convex: one optimum)
+    x = features.double().numpy()
+    mean, std = x.mean(0), x.std(0)
+    x = (x - mean) / std
+    weight, bias, onehot = np.zeros((5, 3)), np.zeros(3), np.eye(3)[labels.numpy()]
+    for _ in range(2000):
+        logits = x @ weight + bias
+        probabilities = np.exp(logits - logits.max(1, keepdims=True))
+        error = (probabilities / probabilities.sum(1, keepdims=True) - onehot) / len(x)
+        weight -= 0.5 * (x.T @ error + decay * weight)
+        bias -= 0.5 * error.sum(0)
+    queries = torch.randn(300, 5, generator=generator) * 2
+    expected = (((queries.double().numpy() - mean) / std) @ weight + bias).argmax(-1)
+    assert predict(queries).tolist() == expected.tolist()
+    assert (predict(features) == labels).float().mean() > 0.9
+
+
+def test_box_iou_and_corloc_on_known_boxes():
+    truth = torch.tensor([[0, 0, 10, 10], [20, 20, 40, 30]])
+    assert box_iou(torch.tensor([[0, 0, 10, 5]]), truth).tolist() == [[0.5, 0.0]]
+    assert box_iou(torch.tensor([[5, 0, 15, 10]]), truth)[0, 0] == pytest.approx(50 / 150)
+    assert corloc_hit(torch.tensor([20, 20, 40, 25]), truth)  # IoU 0.5 with the second box
+    assert not corloc_hit(torch.tensor([5, 0, 15, 10]), truth)
+
+
+def test_mean_iou_of_a_known_confusion_matrix():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 255, 2])
+    predictions = torch.tensor([0, 0, 1, 1, 2, 2, 0, 0])
+    confusion = confusion_matrix(predictions, labels, 4)
+    assert confusion[:3, :3].tolist() == [[2, 1, 0], [0, 1, 1], [1, 0, 1]]
+    assert int(confusion.sum()) == 7  # the ignored pixel is left out; class 3 is absent everywhere
+    # IoU = TP / (row + column - TP): class 0: 2 / (3 + 3 - 2), class 1: 1 / (2 + 2 - 1), class 2: 1 / (2 + 2 - 1)
+    assert float(mean_iou(confusion)) == pytest.approx((2 / 4 + 1 / 3 + 1 / 3) / 3)
+    per_image = torch.stack([confusion, torch.eye(4, dtype=torch.long) * 3])
+    weights = torch.tensor([[1.0, 0.0], [2.0, 1.0]], dtype=torch.float64)
+    resampled = resampled_mean_iou(per_image, weights)
+    assert resampled[0] == pytest.approx(float(mean_iou(confusion)))
+    assert resampled[1] == pytest.approx(float(mean_iou(2 * confusion + per_image[1])))
+
+
+# ---- one forward's numbers, against the analysis tools -------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The planted model's matrices are too small to gain from threads (as `ttreg demo` knows)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return build_planted_model(register_neurons=planted_index())
+
+
+def test_layer_measures_match_summarize_layers(planted):
+    pixels = planted_pixels(textured_images(3, seed=5))
+    for neurons in ({}, None):
+        with with_register_neurons(planted, neurons):
+            forward = _forward(planted, {"pixel_values": pixels}, attentions=True)
+            _, cache = run_with_cache(planted, pixels, blocks="all", attentions="all")
+        measures = _layer_measures(forward, torch.full((6,), 40.0)).mean(dim=0)
+        for summary in summarize_layers(cache, threshold=40.0):
+            by_name = dict(zip(LAYER_MEASURES, measures[summary.layer].tolist()))
+            assert by_name["outlier_ratio"] * 256 == pytest.approx(summary.outliers_per_image, rel=1e-5)
+            assert by_name["max_norm"] == pytest.approx(summary.max_norm, rel=1e-5)
+            assert by_name["median_norm"] == pytest.approx(summary.median_norm, rel=1e-5)
+            assert by_name["max_median_ratio"] == pytest.approx(summary.max_median_ratio, rel=1e-5)
+            assert by_name["outlier_attention_share"] == pytest.approx(summary.cls_outlier_share, abs=1e-6)
+            assert by_name["register_attention_share"] == pytest.approx(summary.cls_register_share or 0.0, abs=1e-6)
+        attention = cache.layout.patches(cache.attentions[5].mean(1)[:, :1].transpose(1, 2))[:, :, 0].double()
+        shares = attention / attention.sum(-1, keepdim=True)
+        entropy = -(shares * shares.log()).sum(-1).mean()
+        assert measures[5, list(LAYER_MEASURES).index("attention_entropy")] == pytest.approx(float(entropy), rel=1e-5)
+
+
+def test_features_are_the_last_block_cls_and_patch_mean_without_registers(planted):
+    pixels = planted_pixels(textured_images(2, seed=6))
+    forward = _forward(planted, {"pixel_values": pixels}, attentions=False)
+    _, cache = run_with_cache(planted, pixels, blocks=[-1])
+    tokens = cache.block_outputs[5]
+    assert cache.layout.num_registers == 1
+    torch.testing.assert_close(forward.features["cls"], tokens[:, 0])
+    torch.testing.assert_close(forward.features["patch_mean"], tokens[:, 1:-1].mean(dim=1))  # 256 patches, no register
+
+
+# ---- end to end ----------------------------------------------------------------------------------------------------
+
+
+def save_images(images: torch.Tensor, folder) -> None:
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(folder / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def labelled_data(tmp_path_factory):
+    """train/ and val/ of two classes: textures with uniform regions (where the planted neurons fire) and without."""
+    root = tmp_path_factory.mktemp("data")
+    for split, seed in (("train", 0), ("val", 1)):
+        save_images(textured_images(4, seed=seed), root / split / "regions")
+        save_images(textured_images(4, seed=seed + 10, uniform_regions=False), root / split / "plain")
+    return root
+
+
+def test_evaluate_end_to_end_on_the_planted_model(planted, labelled_data, tmp_path):
+    result = evaluate(planted, planted_preprocessor(), labelled_data, num_resamples=200, batch_size=3, seed=1)
+    last = result.layers[-1]
+    # the paper's picture: the edit moves the outliers, and the attention they drew, onto the register
+    assert last["outlier_ratio"].off > 0.01 and last["outlier_ratio"].on == 0
+    assert last["outlier_ratio"].difference_interval[1] < 0
+    share = last["outlier_attention_share"]  # half the images have no uniform region, so no outlier
+    assert share.off > 0.4 and share.on < 0.01 and share.difference_interval[1] < -0.2
+    assert last["register_attention_share"].on > 0.5 and last["attention_entropy"].significant
+    assert all(layer["outlier_ratio"].off == 0 for layer in result.layers[:3])  # before the planted layer
+    assert sorted(result.tasks) == sorted(f"{t}_accuracy/{f}" for t in ("knn", "linear") for f in ("cls", "patch_mean"))
+    assert all(0 <= c.off <= 1 and 0 <= c.on <= 1 for c in result.tasks.values())
+    data = json.loads(result.save(tmp_path / "result.json").read_text())
+    assert data["format"] == "ttreg-evaluate/1" and data["data"]["num_images"] == 8
+    assert data["register_neurons"] == {"3": [37, 101, 222, 300]} and len(data["data"]["fingerprint"]) == 16
+    assert EvaluationResult.from_json(data) == result
+    # batched and streamed: another batch size gives the same numbers; the same seed the same JSON
+    again = evaluate(planted, planted_preprocessor(), labelled_data, num_resamples=200, batch_size=8, seed=1)
+    again = again.to_json()
+    assert again["settings"].pop("batch_size") == 8 and data["settings"].pop("batch_size") == 3
+    assert _close(again, data)
+
+
+def _close(actual, expected) -> bool:
+    if isinstance(expected, dict):
+        return actual.keys() == expected.keys() and all(_close(actual[k], expected[k]) for k in expected)
+    if isinstance(expected, list):
+        return len(actual) == len(expected) and all(_close(a, e) for a, e in zip(actual, expected))
+    if isinstance(expected, float):
+        return math.isclose(actual, expected, rel_tol=1e-4, abs_tol=1e-6)
+    return actual == expected
+
+
+def test_cli_writes_the_table_json_and_figure(labelled_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["evaluate", "planted", str(labelled_data / "val"), "--out-dir", str(out), "--resamples", "50"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "outlier_ratio (layer 5)" in printed and "knn" not in printed  # no split given: outliers only
+    assert json.loads((out / "evaluation.json").read_text())["settings"]["tasks"] == ["outliers"]
+    assert (out / "evaluation.png").stat().st_size > 20_000
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite", "--tasks", "knn"]) == 2
+    assert "need(s) a classification split" in capsys.readouterr().err
