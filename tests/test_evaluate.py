@@ -5,10 +5,13 @@ import json
 import math
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 from PIL import Image
+from transformers import BatchEncoding, CLIPConfig
 
+from ttreg_hf import CLIPTTRegModel
 from ttreg_hf.analysis import run_with_cache, summarize_layers, with_register_neurons
 from ttreg_hf.cli import main
 from ttreg_hf.evaluation import LAYER_MEASURES, EvaluationResult, evaluate, paired_bootstrap
@@ -22,6 +25,8 @@ from ttreg_hf.evaluation.statistics import (
     mean_iou,
     resampled_mean_iou,
 )
+from ttreg_hf.images import open_rgb, statistics_preprocessor
+from ttreg_hf.modeling.open_clip import to_test_time_registers as open_clip_tt
 from ttreg_hf.planted import build_planted_model, planted_index, planted_pixels, planted_preprocessor, textured_images
 
 # ---- the statistics, against plain computations ------------------------------------------------------------------
@@ -219,4 +224,68 @@ def test_cli_writes_the_table_json_and_figure(labelled_data, tmp_path, capsys):
     assert (out / "evaluation.png").stat().st_size > 20_000
     assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
     assert main([*argv, "--overwrite", "--tasks", "knn"]) == 2
-    assert "need(s) a classification split" in capsys.readouterr().err
+    assert "needs a classification split" in capsys.readouterr().err
+
+
+SIZE = 96  # the tiny dual encoders' image size (tests/family_models.py)
+
+
+# ---- zero-shot, against the models' own logits ---------------------------------------------------------------------
+
+
+def fake_tokenizer(prompts, padding=None, truncation=None, return_tensors=None):
+    """Token ids of the prompts' characters (end token 2, padded with it to 16): offline, no vocabulary needed."""
+    ids = torch.full((len(prompts), 16), 2)
+    for row, prompt in enumerate(prompts):
+        codes = [3 + ord(c) % 90 for c in prompt][:15]
+        ids[row, : len(codes)] = torch.tensor(codes)
+    return ids if padding is None else BatchEncoding({"input_ids": ids})
+
+
+@pytest.fixture(scope="module")
+def class_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classes")
+    for i, name in enumerate(("red_fox", "cat", "dog")):
+        save_images(textured_images(3, seed=20 + i, size=SIZE), root / name)
+    return root
+
+
+def clip_whole_model():
+    from family_models import HF, MLP, TEXT
+
+    vision = {**HF, "intermediate_size": MLP, "register_neurons": {2: [21, 60]}}
+    return CLIPTTRegModel(CLIPConfig(vision_config=vision, text_config=TEXT, projection_dim=16)).eval()
+
+
+def open_clip_whole_model():
+    from family_models import DEPTH, HEADS, MLP, PATCH, WIDTH
+
+    vision = open_clip.CLIPVisionCfg(layers=DEPTH, width=WIDTH, head_width=WIDTH // HEADS, mlp_ratio=MLP / WIDTH)
+    vision.image_size, vision.patch_size = SIZE, PATCH
+    text = open_clip.CLIPTextCfg(context_length=16, vocab_size=99, width=32, heads=2, layers=1)
+    model = open_clip.CLIP(16, vision, text).eval()
+    return open_clip_tt(model, {2: [21, 60]}, num_test_time_registers=1)
+
+
+@pytest.mark.parametrize("build", [clip_whole_model, open_clip_whole_model])
+def test_zero_shot_accuracy_is_the_models_own_logits(build, class_folders):
+    model = build()
+    preprocessor = statistics_preprocessor(SIZE, (0.5,) * 3, (0.5,) * 3, "test")
+    result = evaluate(model, preprocessor, class_folders, tokenizer=fake_tokenizer, num_resamples=20)
+    assert result.info["settings"]["tasks"] == ["outliers", "zero-shot"]
+    assert result.info["data"]["classes"] == ["cat", "dog", "red_fox"]  # sorted folder names
+    ids = fake_tokenizer(["a photo of a cat.", "a photo of a dog.", "a photo of a red fox."])
+    paths = sorted(class_folders.rglob("*.png"))
+    labels = torch.tensor([("cat", "dog", "red_fox").index(path.parent.name) for path in paths])
+    pixels = preprocessor([open_rgb(path) for path in paths])["pixel_values"]
+    comparison = result.tasks["zero_shot_accuracy"]
+    tower = model.visual if hasattr(model, "visual") else model.vision_model
+    for neurons, accuracy in (({}, comparison.off), (None, comparison.on)):
+        with torch.no_grad(), with_register_neurons(tower, neurons):
+            logits = model(pixel_values=pixels, input_ids=ids) if hasattr(model, "vision_model") else None
+            if logits is None:
+                image, text = model(pixels, ids)[:2]
+                logits = image @ text.T
+            else:
+                logits = logits.logits_per_image
+        assert accuracy == pytest.approx(float((logits.argmax(-1) == labels).double().mean()))

@@ -1,8 +1,9 @@
 """The data of `ttreg evaluate`: a folder of images, or an ImageFolder split into ``train/`` and ``val/``.
 
 A folder with ``train/`` and ``val/`` subfolders of class folders (``val/cat/1.jpg``) is a classification split: the
-probes train on ``train/`` and are measured on ``val/``, and the outliers are measured on ``val/``. Any other folder is
-a set of images (searched recursively) for the outlier and attention measures.
+probes train on ``train/`` and are measured on ``val/``, as zero-shot classification and the outliers are. A folder of
+class folders alone (``cat/1.jpg``) is labelled images for zero-shot classification. Any other folder is a set of
+images (searched recursively) for the outlier and attention measures.
 """
 
 import hashlib
@@ -47,7 +48,8 @@ def labelled_images(folder: Path, classes: tuple[str, ...] | None = None) -> Lab
 
 @dataclass(frozen=True)
 class Dataset:
-    """What a data folder holds: the images the outliers are measured on, and the classification split, if any."""
+    """What a data folder holds: the images everything is measured on, their classes (``val``) if they are in class
+    folders, and the training split of the probes, if any."""
 
     folder: Path
     images: tuple[Path, ...]
@@ -73,6 +75,9 @@ def read_dataset(folder: str | Path) -> Dataset:
     images = image_paths(folder)
     if not images:
         raise ValueError(f"No images under {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
+    if all(path.parent.parent == folder for path in images):  # class folders
+        labelled = labelled_images(folder)
+        return Dataset(folder, labelled.paths, val=labelled)
     return Dataset(folder, images)
 
 

@@ -27,9 +27,10 @@ from ..images import Preprocessor, open_rgb
 from ..modeling.registers import TestTimeRegisterMixin
 from .data import Dataset, fingerprint, read_dataset
 from .statistics import Comparison, knn_predict, linear_probe, paired_bootstrap
+from .zero_shot import TEMPLATE, vision_tower, zero_shot_classifier
 
 FORMAT = "ttreg-evaluate/1"
-TASKS = ("outliers", "knn", "linear")
+TASKS = ("outliers", "knn", "linear", "zero-shot")
 SETTINGS = ("off", "on")
 LAYER_MEASURES = {  # name: what it is, per image and layer
     "outlier_ratio": "fraction of the patches above the layer's outlier threshold",
@@ -138,8 +139,9 @@ class _Forward:
     features: dict[str, torch.Tensor]
 
 
-def _forward(model: TestTimeRegisterMixin, inputs: dict, attentions: bool) -> _Forward:
-    """Run ``inputs`` once; every layer's tensors are reduced as they come, so no layer's tokens are kept."""
+def _forward(model: TestTimeRegisterMixin, inputs: dict, attentions: bool, zero_shot=None) -> _Forward:
+    """Run ``inputs`` once through ``model``, or through ``zero_shot.embed_images`` (which runs it inside); every
+    layer's tensors are reduced as they come, so no layer's tokens are kept."""
     layers = range(len(model.transformer_blocks))
     norms, rows = {}, {}
 
@@ -157,7 +159,7 @@ def _forward(model: TestTimeRegisterMixin, inputs: dict, attentions: bool) -> _F
     if attentions:
         observers["attentions"] = {layer: keep_attention(layer) for layer in layers}
     with torch.no_grad(), capture(model, blocks=[-1]) as cache, observe(model, **observers):
-        model(**inputs)
+        embeddings = zero_shot.embed_images(inputs) if zero_shot else model(**inputs)
     layout, last = cache.layout, cache.block_outputs[layers[-1]]
     real = real_patches(cache, last)
     stacked = torch.stack([norms[layer] for layer in layers], dim=1)  # (batch, layers, tokens)
@@ -166,6 +168,8 @@ def _forward(model: TestTimeRegisterMixin, inputs: dict, attentions: bool) -> _F
     features = {"patch_mean": mean.cpu()}
     if layout.num_prefix_tokens:
         features["cls"] = last[:, 0].float().cpu()
+    if zero_shot:
+        features["zero_shot"] = embeddings.float().cpu()
     attention = register_share = None
     if attentions:
         cls = torch.stack([cls_attention(rows[layer], layout, cache.token_mask) for layer in layers], dim=1)
@@ -237,11 +241,13 @@ class _Collector:
 
 
 def evaluate(
-    model: TestTimeRegisterMixin,
+    model: torch.nn.Module,
     preprocessor: Preprocessor,
     data: str | Path | Dataset,
     *,
     tasks: Sequence[str] | None = None,
+    tokenizer=None,
+    template: str = TEMPLATE,
     batch_size: int = 16,
     threshold: float | None = None,
     calibration_images: int = 64,
@@ -252,14 +258,21 @@ def evaluate(
     num_examples: int = 3,
     model_name: str | None = None,
 ) -> EvaluationResult:
-    """``model`` (with its register-neuron index attached) edit off vs on, on the images of ``data``.
+    """``model`` (with its register-neuron index attached) edit off vs on, on the images of ``data``: a vision tower
+    with test-time registers, or a dual encoder holding one (a `transformers` CLIP / SigLIP model, an open_clip CLIP).
 
     ``tasks``: among `TASKS` (default: all that ``data`` allows): ``"outliers"`` (`LAYER_MEASURES` per layer),
     ``"knn"`` and ``"linear"`` (k-NN and linear-probe accuracy on the CLS token and on the mean patch token of the last
-    block, on a ``train/`` / ``val/`` split, see `ttreg_hf.evaluation.data`). ``threshold``: one outlier norm for
+    block, on a ``train/`` / ``val/`` split, see `ttreg_hf.evaluation.data`), ``"zero-shot"`` (the accuracy of
+    ``model``, a dual encoder, with its ``tokenizer`` and the prompt ``template``, on class folders, see
+    `zero_shot_classifier`). ``threshold``: one outlier norm for
     every layer (default: each layer's automatic one). ``seed`` fixes the bootstrap."""
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
-    tasks = check_tasks(tasks, dataset)
+    tasks = check_tasks(tasks, dataset, tokenizer is not None)
+    zero_shot = None
+    if "zero-shot" in tasks:
+        zero_shot = zero_shot_classifier(model, tokenizer, dataset.val.classes, template)
+    model = vision_tower(model)
     if not model.config.register_neurons:
         raise ValueError("The model has no register-neuron index, so the edit cannot be turned on: attach one first.")
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
@@ -285,7 +298,7 @@ def evaluate(
     for position, (indices, inputs) in enumerate(_batches(dataset.images, shard, preprocessor, batch_size, "evaluate")):
         inputs, forwards = _on_device(inputs, model), {}
         for name, tower in _settings(model):
-            forwards[name] = forward = _forward(tower, inputs, attentions="outliers" in tasks)
+            forwards[name] = forward = _forward(tower, inputs, "outliers" in tasks, zero_shot)
             for feature, values in forward.features.items():
                 collector.put(f"features/{name}/{feature}", indices, values)
             if name == "off" and thresholds is None and "outliers" in tasks:
@@ -313,6 +326,10 @@ def evaluate(
         for layer in range(num_layers):
             layers.append({m: compare(m, off[:, layer, i], on[:, layer, i]) for i, m in enumerate(LAYER_MEASURES)})
     results = {}
+    if "zero-shot" in tasks:
+        labels = torch.tensor(dataset.val.labels)
+        correct = [zero_shot.predict(gathered[f"features/{name}/zero_shot"]) == labels for name in SETTINGS]
+        results["zero_shot_accuracy"] = compare("zero-shot", *(c.double() for c in correct))
     if dataset.has_split and {"knn", "linear"} & set(tasks):
         results = _probes(model, preprocessor, dataset, gathered, tasks, batch_size, knn_k, compare)
     info = {
@@ -325,7 +342,7 @@ def evaluate(
             "fingerprint": fingerprint(dataset),
             "num_images": len(dataset.images),
             "num_train_images": len(dataset.train.paths) if dataset.train else 0,
-            "classes": list(dataset.train.classes) if dataset.train else [],
+            "classes": list(dataset.val.classes) if dataset.val else [],
         },
         "settings": {
             "tasks": list(tasks),
@@ -336,6 +353,7 @@ def evaluate(
             "confidence": confidence,
             "seed": seed,
             "knn_k": knn_k,
+            "template": template if zero_shot else None,
             "preprocessing": preprocessor.description,
             "world_size": world_size,
         },
@@ -343,22 +361,29 @@ def evaluate(
     return EvaluationResult(layers, results, [] if thresholds is None else thresholds.tolist(), info, examples)
 
 
-def check_tasks(tasks: Sequence[str] | None, dataset: Dataset) -> tuple[str, ...]:
-    """``tasks`` (default: every task ``dataset`` allows) without repeats, or a `ValueError` naming the problem."""
-    available = TASKS if dataset.has_split else ("outliers",)
+def check_tasks(tasks: Sequence[str] | None, dataset: Dataset, zero_shot: bool = False) -> tuple[str, ...]:
+    """``tasks`` (default: every task ``dataset`` allows) without repeats, or a `ValueError` naming the problem;
+    ``zero_shot``: a tokenizer for zero-shot classification is given."""
+    needs = {
+        "knn": (dataset.has_split, "a classification split: DATA/train/CLASS/IMAGE and DATA/val/CLASS/IMAGE"),
+        "linear": (dataset.has_split, "a classification split: DATA/train/CLASS/IMAGE and DATA/val/CLASS/IMAGE"),
+        "zero-shot": (
+            zero_shot and dataset.val is not None,
+            "class folders (DATA/CLASS/IMAGE or DATA/val/CLASS/IMAGE), and a CLIP / SigLIP / open_clip model with its "
+            "tokenizer",
+        ),
+    }
     if tasks is None:
-        return available
+        return tuple(task for task in TASKS if needs.get(task, (True,))[0])
     if isinstance(tasks, str):
         tasks = [tasks]
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
         raise ValueError(f"Unknown task(s) {', '.join(map(repr, unknown))}; tasks are {', '.join(TASKS)}.")
-    missing = [task for task in tasks if task not in available]
-    if missing:
-        raise ValueError(
-            f"{', '.join(missing)} need(s) a classification split: {dataset.folder}/train/CLASS/IMAGE and "
-            f"{dataset.folder}/val/CLASS/IMAGE."
-        )
+    for task in tasks:
+        possible, need = needs.get(task, (True, ""))
+        if not possible:
+            raise ValueError(f"The {task} task needs {need}.")
     return tuple(dict.fromkeys(tasks))
 
 
