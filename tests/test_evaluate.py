@@ -15,6 +15,7 @@ from ttreg_hf import CLIPTTRegModel
 from ttreg_hf.analysis import run_with_cache, summarize_layers, with_register_neurons
 from ttreg_hf.cli import main
 from ttreg_hf.evaluation import LAYER_MEASURES, EvaluationResult, evaluate, paired_bootstrap
+from ttreg_hf.evaluation.boxes import box_in_image, patch_centers, read_boxes
 from ttreg_hf.evaluation.evaluate import _forward, _layer_measures
 from ttreg_hf.evaluation.statistics import (
     box_iou,
@@ -22,6 +23,7 @@ from ttreg_hf.evaluation.statistics import (
     corloc_hit,
     knn_predict,
     linear_probe,
+    lost_box,
     mean_iou,
     resampled_mean_iou,
 )
@@ -289,3 +291,78 @@ def test_zero_shot_accuracy_is_the_models_own_logits(build, class_folders):
             else:
                 logits = logits.logits_per_image
         assert accuracy == pytest.approx(float((logits.argmax(-1) == labels).double().mean()))
+
+
+# ---- LOST ----------------------------------------------------------------------------------------------------------
+
+
+def test_lost_finds_the_object_whose_keys_stand_apart():
+    """Background keys along one direction, the object's against it: the seed is an object patch, the box is the
+    object's 4-connected region (a second, detached patch of object keys is left out)."""
+    generator = torch.Generator().manual_seed(0)
+    rows, columns = 8, 10
+    background, object_key = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([-1.0, 2.0, 0.0])
+    keys = background.repeat(rows, columns, 1)
+    keys[2:5, 3:7] = object_key
+    keys[7, 9] = object_key  # detached: correlated with the object, not part of its region
+    keys = keys + 0.05 * torch.randn(rows, columns, 3, generator=generator)
+    assert lost_box(keys.view(-1, 3), rows, columns) == (3, 2, 7, 5)
+
+
+def test_patch_centers_follow_the_resize_and_crop():
+    preprocessor = statistics_preprocessor(224, (0.5,) * 3, (0.5,) * 3, "test")  # shorter side to 224, center crop
+    centers = patch_centers(preprocessor, (448, 300), (16, 16))
+    scale, left = 224 / 300, (round(448 * 224 / 300) - 224) // 2
+    model_pixels = torch.arange(16) * 14 + 7.0  # the patch centers in the model's 224 x 224 input
+    expected_x = (model_pixels + left + 0.5) / scale - 0.5
+    expected_y = (model_pixels + 0.5) / scale - 0.5
+    torch.testing.assert_close(centers[0, :, 0], expected_x, atol=3.0, rtol=0)  # 1/255 of the side: 1.8 px
+    torch.testing.assert_close(centers[:, 0, 1], expected_y, atol=3.0, rtol=0)
+    box = box_in_image((0, 0, 16, 16), centers, (448, 300))  # every patch: the crop, in the image
+    torch.testing.assert_close(
+        box, torch.tensor([left / scale, 0, (left + 224) / scale, 300.0]).double(), atol=3.0, rtol=0
+    )
+
+
+def test_boxes_read_from_voc_and_coco(tmp_path):
+    voc = tmp_path / "voc"
+    voc.mkdir()
+    (voc / "a.xml").write_text(
+        "<annotation><filename>a.jpg</filename><object><name>cat</name><bndbox><xmin>1</xmin><ymin>11</ymin>"
+        "<xmax>50</xmax><ymax>60</ymax></bndbox></object></annotation>"
+    )
+    assert read_boxes(voc)["a"].tolist() == [[0.0, 10.0, 50.0, 60.0]]  # 1-based inclusive -> 0-based exclusive
+    coco = tmp_path / "coco.json"
+    images = [{"id": 7, "file_name": "val/b.jpg"}]
+    annotations = [
+        {"image_id": 7, "bbox": [5, 6, 10, 20], "iscrowd": 0},
+        {"image_id": 7, "bbox": [0, 0, 99, 99], "iscrowd": 1},
+    ]
+    coco.write_text(json.dumps({"images": images, "annotations": annotations}))
+    assert read_boxes(coco) == {"b": pytest.approx(torch.tensor([[5.0, 6.0, 15.0, 26.0]], dtype=torch.float64))}
+    (voc / "bad.xml").write_text("<annotation><object><bndbox><xmin>x</xmin></bndbox></object></annotation>")
+    with pytest.raises(ValueError, match="bad.xml"):
+        read_boxes(voc)
+
+
+def test_lost_corloc_end_to_end(planted, labelled_data, tmp_path):
+    """Every val image boxed in its top-left quarter: the CorLoc, off and on, is the fraction of images whose LOST box
+    hits it, recomputed here from the captured keys in the model's pixels (the 224 px images' own)."""
+    val = labelled_data / "val"
+    images = sorted(val.rglob("*.png"))
+    coco = {"images": [], "annotations": []}
+    for i, path in enumerate(images):
+        coco["images"].append({"id": i, "file_name": path.name if i % 2 else f"x/{path.name}"})
+        coco["annotations"].append({"image_id": i, "bbox": [0, 0, 112, 112]})
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps(coco))
+    result = evaluate(planted, planted_preprocessor(), val, boxes=boxes, tasks=["lost"], num_resamples=50)
+    preprocessor = planted_preprocessor()
+    for neurons, corloc in (({}, result.tasks["lost_corloc"].off), (None, result.tasks["lost_corloc"].on)):
+        hits = []
+        for path in images:
+            with with_register_neurons(planted, neurons):
+                _, cache = run_with_cache(planted, preprocessor([open_rgb(path)])["pixel_values"], keys=[-1])
+            box = lost_box(cache.layout.patches(cache.keys[5])[0], 16, 16)
+            hits.append(bool(box_iou(torch.tensor([box]) * 14.0, torch.tensor([[0.0, 0, 112, 112]])) >= 0.5))
+        assert corloc == pytest.approx(sum(hits) / len(hits))

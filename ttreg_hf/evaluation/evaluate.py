@@ -8,6 +8,7 @@ for both runs. Under ``torchrun`` each process takes every world-size-th image a
 across processes, as discovery does. Every number comes with paired bootstrap intervals over the images.
 """
 
+import functools
 import json
 import math
 import sys
@@ -25,12 +26,13 @@ from ..analysis.interventions import with_register_neurons
 from ..analysis.metrics import NormHistogram, cls_attention, real_patches
 from ..images import Preprocessor, open_rgb
 from ..modeling.registers import TestTimeRegisterMixin
+from .boxes import box_in_image, patch_centers, read_boxes
 from .data import Dataset, fingerprint, read_dataset
-from .statistics import Comparison, knn_predict, linear_probe, paired_bootstrap
+from .statistics import Comparison, corloc_hit, knn_predict, linear_probe, lost_box, paired_bootstrap
 from .zero_shot import TEMPLATE, vision_tower, zero_shot_classifier
 
 FORMAT = "ttreg-evaluate/1"
-TASKS = ("outliers", "knn", "linear", "zero-shot")
+TASKS = ("outliers", "knn", "linear", "zero-shot", "lost")
 SETTINGS = ("off", "on")
 LAYER_MEASURES = {  # name: what it is, per image and layer
     "outlier_ratio": "fraction of the patches above the layer's outlier threshold",
@@ -130,18 +132,21 @@ def _comparison(data: dict) -> Comparison:
 class _Forward:
     """One batch through one setting, reduced: per layer the patch norms and the patches' CLS attention ``(batch,
     layers, patches)``, the registers' attention share ``(batch, layers)``, which patches are real ``(batch,
-    patches)``, and the pooled features ``(batch, width)``."""
+    patches)``, the pooled features ``(batch, width)``, and each image's patch grid and LOST box (in patches)."""
 
     norms: torch.Tensor
     attention: torch.Tensor | None
     register_share: torch.Tensor | None
     real: torch.Tensor
     features: dict[str, torch.Tensor]
+    grids: list[tuple[int, int]]
+    lost_boxes: list[tuple[int, int, int, int]]
 
 
-def _forward(model: TestTimeRegisterMixin, inputs: dict, attentions: bool, zero_shot=None) -> _Forward:
+def _forward(model: TestTimeRegisterMixin, inputs: dict, attentions: bool, zero_shot=None, lost=False) -> _Forward:
     """Run ``inputs`` once through ``model``, or through ``zero_shot.embed_images`` (which runs it inside); every
-    layer's tensors are reduced as they come, so no layer's tokens are kept."""
+    layer's tensors are reduced as they come, so no layer's tokens are kept; ``lost``: the last layer's keys give
+    each image's LOST box."""
     layers = range(len(model.transformer_blocks))
     norms, rows = {}, {}
 
@@ -158,7 +163,8 @@ def _forward(model: TestTimeRegisterMixin, inputs: dict, attentions: bool, zero_
     observers = {"blocks": {layer: keep_norms(layer) for layer in layers}}
     if attentions:
         observers["attentions"] = {layer: keep_attention(layer) for layer in layers}
-    with torch.no_grad(), capture(model, blocks=[-1]) as cache, observe(model, **observers):
+    keys = [-1] if lost else None
+    with torch.no_grad(), capture(model, blocks=[-1], keys=keys) as cache, observe(model, **observers):
         embeddings = zero_shot.embed_images(inputs) if zero_shot else model(**inputs)
     layout, last = cache.layout, cache.block_outputs[layers[-1]]
     real = real_patches(cache, last)
@@ -176,7 +182,15 @@ def _forward(model: TestTimeRegisterMixin, inputs: dict, attentions: bool, zero_
         attention = layout.patches(cls.transpose(1, 2)).transpose(1, 2).cpu()
         register_share = layout.registers(cls.transpose(1, 2)).sum(dim=1).cpu()
     patch_norms = layout.patches(stacked.transpose(1, 2)).transpose(1, 2).cpu()
-    return _Forward(patch_norms, attention, register_share, real.cpu(), features)
+    if "spatial_shapes" in inputs:
+        grids = [tuple(shape) for shape in inputs["spatial_shapes"].tolist()]
+    else:
+        grids = [(math.isqrt(patch_norms.shape[-1]),) * 2] * len(patch_norms)
+    lost_boxes = []
+    if lost:
+        patch_keys = layout.patches(cache.keys[layers[-1]])
+        lost_boxes = [lost_box(k[: rows * columns], rows, columns) for k, (rows, columns) in zip(patch_keys, grids)]
+    return _Forward(patch_norms, attention, register_share, real.cpu(), features, grids, lost_boxes)
 
 
 def _layer_measures(forward: _Forward, thresholds: torch.Tensor) -> torch.Tensor:
@@ -202,11 +216,13 @@ def _layer_measures(forward: _Forward, thresholds: torch.Tensor) -> torch.Tensor
 
 
 def _batches(paths: Sequence[Path], indices: Sequence[int], preprocessor: Preprocessor, batch_size: int, desc: str):
-    """``(indices, inputs)`` of ``indices`` into ``paths``, ``batch_size`` at a time, with a progress bar."""
+    """``(indices, inputs, sizes)`` of ``indices`` into ``paths``, ``batch_size`` at a time, with a progress bar;
+    ``sizes`` are the images' (width, height)."""
     show = is_main_process() and sys.stderr.isatty()
     for start in tqdm(range(0, len(indices), batch_size), desc=desc, disable=not show, leave=False):
         chunk = list(indices[start : start + batch_size])
-        yield chunk, preprocessor([open_rgb(paths[i]) for i in chunk])
+        images = [open_rgb(paths[i]) for i in chunk]
+        yield chunk, preprocessor(images), [image.size for image in images]
 
 
 def _on_device(inputs: dict, model: torch.nn.Module) -> dict:
@@ -248,6 +264,7 @@ def evaluate(
     tasks: Sequence[str] | None = None,
     tokenizer=None,
     template: str = TEMPLATE,
+    boxes: str | Path | None = None,
     batch_size: int = 16,
     threshold: float | None = None,
     calibration_images: int = 64,
@@ -265,10 +282,14 @@ def evaluate(
     ``"knn"`` and ``"linear"`` (k-NN and linear-probe accuracy on the CLS token and on the mean patch token of the last
     block, on a ``train/`` / ``val/`` split, see `ttreg_hf.evaluation.data`), ``"zero-shot"`` (the accuracy of
     ``model``, a dual encoder, with its ``tokenizer`` and the prompt ``template``, on class folders, see
-    `zero_shot_classifier`). ``threshold``: one outlier norm for
+    `zero_shot_classifier`), ``"lost"`` (LOST's CorLoc on the images with ``boxes``: Pascal VOC XML files or a COCO
+    JSON file, see `read_boxes`). ``threshold``: one outlier norm for
     every layer (default: each layer's automatic one). ``seed`` fixes the bootstrap."""
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
-    tasks = check_tasks(tasks, dataset, tokenizer is not None)
+    tasks = check_tasks(tasks, dataset, tokenizer is not None, boxes is not None)
+    truth = read_boxes(boxes) if "lost" in tasks else {}
+    if "lost" in tasks and not any(path.stem in truth for path in dataset.images):
+        raise ValueError(f"None of the images of {dataset.folder} has boxes in {boxes} (matched by file name stem).")
     zero_shot = None
     if "zero-shot" in tasks:
         zero_shot = zero_shot_classifier(model, tokenizer, dataset.val.classes, template)
@@ -288,6 +309,7 @@ def evaluate(
     quota = math.ceil(calibration_images / world_size)
     shard = list(range(rank, len(dataset.images), world_size))
     examples = {}
+    centers = functools.cache(functools.partial(patch_centers, preprocessor))  # by image size and patch grid
 
     def flush() -> None:
         for indices, forwards in pending:
@@ -295,10 +317,14 @@ def evaluate(
                 collector.put(f"layers/{name}", indices, _layer_measures(forward, thresholds))
         pending.clear()
 
-    for position, (indices, inputs) in enumerate(_batches(dataset.images, shard, preprocessor, batch_size, "evaluate")):
+    batches = _batches(dataset.images, shard, preprocessor, batch_size, "evaluate")
+    for position, (indices, inputs, sizes) in enumerate(batches):
         inputs, forwards = _on_device(inputs, model), {}
         for name, tower in _settings(model):
-            forwards[name] = forward = _forward(tower, inputs, "outliers" in tasks, zero_shot)
+            forwards[name] = forward = _forward(tower, inputs, "outliers" in tasks, zero_shot, "lost" in tasks)
+            if "lost" in tasks:
+                hits = _corloc(forward, dataset.images, indices, sizes, truth, centers)
+                collector.put(f"lost/{name}", indices, hits)
             for feature, values in forward.features.items():
                 collector.put(f"features/{name}/{feature}", indices, values)
             if name == "off" and thresholds is None and "outliers" in tasks:
@@ -330,6 +356,9 @@ def evaluate(
         labels = torch.tensor(dataset.val.labels)
         correct = [zero_shot.predict(gathered[f"features/{name}/zero_shot"]) == labels for name in SETTINGS]
         results["zero_shot_accuracy"] = compare("zero-shot", *(c.double() for c in correct))
+    if "lost" in tasks:
+        boxed = torch.tensor([path.stem in truth for path in dataset.images])
+        results["lost_corloc"] = compare("lost", gathered["lost/off"][boxed], gathered["lost/on"][boxed])
     if dataset.has_split and {"knn", "linear"} & set(tasks):
         results = _probes(model, preprocessor, dataset, gathered, tasks, batch_size, knn_k, compare)
     info = {
@@ -354,6 +383,7 @@ def evaluate(
             "seed": seed,
             "knn_k": knn_k,
             "template": template if zero_shot else None,
+            "boxes": str(boxes) if "lost" in tasks else None,
             "preprocessing": preprocessor.description,
             "world_size": world_size,
         },
@@ -361,9 +391,11 @@ def evaluate(
     return EvaluationResult(layers, results, [] if thresholds is None else thresholds.tolist(), info, examples)
 
 
-def check_tasks(tasks: Sequence[str] | None, dataset: Dataset, zero_shot: bool = False) -> tuple[str, ...]:
+def check_tasks(
+    tasks: Sequence[str] | None, dataset: Dataset, zero_shot: bool = False, boxes: bool = False
+) -> tuple[str, ...]:
     """``tasks`` (default: every task ``dataset`` allows) without repeats, or a `ValueError` naming the problem;
-    ``zero_shot``: a tokenizer for zero-shot classification is given."""
+    ``zero_shot``: a tokenizer for zero-shot classification is given; ``boxes``: box annotations are."""
     needs = {
         "knn": (dataset.has_split, "a classification split: DATA/train/CLASS/IMAGE and DATA/val/CLASS/IMAGE"),
         "linear": (dataset.has_split, "a classification split: DATA/train/CLASS/IMAGE and DATA/val/CLASS/IMAGE"),
@@ -372,6 +404,7 @@ def check_tasks(tasks: Sequence[str] | None, dataset: Dataset, zero_shot: bool =
             "class folders (DATA/CLASS/IMAGE or DATA/val/CLASS/IMAGE), and a CLIP / SigLIP / open_clip model with its "
             "tokenizer",
         ),
+        "lost": (boxes, "box annotations: a folder of Pascal VOC XML files or a COCO JSON file (--boxes)"),
     }
     if tasks is None:
         return tuple(task for task in TASKS if needs.get(task, (True,))[0])
@@ -385,6 +418,17 @@ def check_tasks(tasks: Sequence[str] | None, dataset: Dataset, zero_shot: bool =
         if not possible:
             raise ValueError(f"The {task} task needs {need}.")
     return tuple(dict.fromkeys(tasks))
+
+
+def _corloc(forward: _Forward, images: Sequence[Path], indices, sizes, truth: dict, centers) -> torch.Tensor:
+    """Per image of a batch, whether its LOST box finds one of its true boxes (IoU >= 0.5; 0 without boxes);
+    ``centers(size, grid)`` maps the patch grid to the image (`patch_centers`)."""
+    hits = []
+    for index, size, grid, box in zip(indices, sizes, forward.grids, forward.lost_boxes):
+        boxes = truth.get(images[index].stem)
+        hit = boxes is not None and corloc_hit(box_in_image(box, centers(size, grid), size), boxes)
+        hits.append(float(hit))
+    return torch.tensor(hits)
 
 
 def _examples(forwards: dict[str, _Forward], preprocessor: Preprocessor, inputs: dict, count: int) -> dict:
@@ -409,7 +453,7 @@ def _probes(model, preprocessor, dataset, gathered, tasks, batch_size, knn_k, co
     rank, world_size = rank_and_world_size()
     train = _Collector(len(dataset.train.paths))
     shard = list(range(rank, len(dataset.train.paths), world_size))
-    for indices, inputs in _batches(dataset.train.paths, shard, preprocessor, batch_size, "train features"):
+    for indices, inputs, _ in _batches(dataset.train.paths, shard, preprocessor, batch_size, "train features"):
         inputs = _on_device(inputs, model)
         for name, tower in _settings(model):
             for feature, values in _forward(tower, inputs, attentions=False).features.items():

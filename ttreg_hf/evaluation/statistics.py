@@ -179,3 +179,43 @@ def resampled_mean_iou(confusions: torch.Tensor, weights: torch.Tensor) -> torch
     """A `Statistic`: the mean IoU of the per-image confusion matrices ``(images, C, C)`` summed with each row of
     ``weights``."""
     return mean_iou(torch.einsum("ri,icd->rcd", weights, confusions.double()))
+
+
+def lost_box(keys: torch.Tensor, rows: int, columns: int, num_candidates: int = 100) -> tuple[int, int, int, int]:
+    """LOST (Siméoni et al., 2021): the box of the object around the seed patch, from the last layer's keys of an
+    image's patches ``(rows * columns, dim)`` (row-major), in patch units ``(column0, row0, column1, row1)``, the
+    ends exclusive.
+
+    Patches correlate when their keys' dot product is positive; the seed is the patch with the fewest correlated
+    patches (objects cover less of an image than the background); the seed's correlated patches among the
+    ``num_candidates`` with the fewest are the object's seeds; a patch is the object's when its summed similarity to
+    them is positive; the box bounds the 4-connected region of such patches that holds the seed."""
+    keys = keys.double()
+    similarity = keys @ keys.T
+    order = (similarity > 0).sum(dim=-1).argsort(stable=True)
+    seed, candidates = int(order[0]), order[:num_candidates]
+    seeds = candidates[similarity[seed, candidates] > 0]
+    mask = (similarity[seeds].sum(dim=0) > 0).view(rows, columns)
+    region = _connected_region(mask, divmod(seed, columns))
+    found_rows, found_columns = region.nonzero(as_tuple=True)
+    return (
+        int(found_columns.min()),
+        int(found_rows.min()),
+        int(found_columns.max()) + 1,
+        int(found_rows.max()) + 1,
+    )
+
+
+def _connected_region(mask: torch.Tensor, start: tuple[int, int]) -> torch.Tensor:
+    """The 4-connected region of true cells of ``mask`` that holds ``start`` (which is set, as the seed always is)."""
+    rows, columns = mask.shape
+    cells, region, frontier = mask.tolist(), {start}, [start]
+    while frontier:
+        row, column = frontier.pop()
+        for r, c in ((row - 1, column), (row + 1, column), (row, column - 1), (row, column + 1)):
+            if 0 <= r < rows and 0 <= c < columns and cells[r][c] and (r, c) not in region:
+                region.add((r, c))
+                frontier.append((r, c))
+    found = torch.zeros_like(mask)
+    found[tuple(torch.tensor(sorted(region)).T)] = True
+    return found
