@@ -16,7 +16,7 @@ from ttreg_hf.analysis import run_with_cache, summarize_layers, with_register_ne
 from ttreg_hf.cli import main
 from ttreg_hf.evaluation import LAYER_MEASURES, EvaluationResult, evaluate, paired_bootstrap
 from ttreg_hf.evaluation.boxes import box_in_image, patch_centers, read_boxes
-from ttreg_hf.evaluation.evaluate import _forward, _layer_measures
+from ttreg_hf.evaluation.evaluate import _forward, _layer_measures, _patch_labels
 from ttreg_hf.evaluation.statistics import (
     box_iou,
     confusion_matrix,
@@ -137,7 +137,7 @@ def test_layer_measures_match_summarize_layers(planted):
     pixels = planted_pixels(textured_images(3, seed=5))
     for neurons in ({}, None):
         with with_register_neurons(planted, neurons):
-            forward = _forward(planted, {"pixel_values": pixels}, attentions=True)
+            forward = _forward(planted, {"pixel_values": pixels}, ["outliers"])
             _, cache = run_with_cache(planted, pixels, blocks="all", attentions="all")
         measures = _layer_measures(forward, torch.full((6,), 40.0)).mean(dim=0)
         for summary in summarize_layers(cache, threshold=40.0):
@@ -156,7 +156,7 @@ def test_layer_measures_match_summarize_layers(planted):
 
 def test_features_are_the_last_block_cls_and_patch_mean_without_registers(planted):
     pixels = planted_pixels(textured_images(2, seed=6))
-    forward = _forward(planted, {"pixel_values": pixels}, attentions=False)
+    forward = _forward(planted, {"pixel_values": pixels})
     _, cache = run_with_cache(planted, pixels, blocks=[-1])
     tokens = cache.block_outputs[5]
     assert cache.layout.num_registers == 1
@@ -366,3 +366,58 @@ def test_lost_corloc_end_to_end(planted, labelled_data, tmp_path):
             box = lost_box(cache.layout.patches(cache.keys[5])[0], 16, 16)
             hits.append(bool(box_iou(torch.tensor([box]) * 14.0, torch.tensor([[0.0, 0, 112, 112]])) >= 0.5))
         assert corloc == pytest.approx(sum(hits) / len(hits))
+
+
+# ---- segmentation --------------------------------------------------------------------------------------------------
+
+
+def test_patch_labels_read_the_mask_at_each_patch_center():
+    mask = torch.arange(12).view(3, 4)
+    centers = torch.tensor([[[0.2, 0.0], [3.4, 0.4]], [[1.0, 2.0], [2.6, 1.6]]])  # (x, y) of a 2 x 2 grid
+    assert _patch_labels(mask, centers).tolist() == [0, 3, 9, 11]  # rounded to the nearest pixel
+
+
+@pytest.fixture(scope="module")
+def segmentation_data(tmp_path_factory):
+    """train/ and val/ of textures (class 0) and of uniform images (class 1), whose masks say so at every pixel but a
+    corner (255, ignored)."""
+    root = tmp_path_factory.mktemp("segmentation")
+    (root / "masks").mkdir()
+    for split, seed in (("train", 0), ("val", 1)):
+        textures = textured_images(3, seed=seed, uniform_regions=False)
+        uniform = torch.rand(3, 3, 1, 1, generator=torch.Generator().manual_seed(seed)).expand(3, 3, 224, 224)
+        for i, (image, label) in enumerate([(t, 0) for t in textures] + [(u, 1) for u in uniform]):
+            mask = torch.full((224, 224), label, dtype=torch.uint8)
+            mask[:50, :50] = 255
+            Image.fromarray(mask.numpy()).save(root / "masks" / f"{split}{i}.png")
+            (root / split).mkdir(exist_ok=True)
+            Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(
+                root / split / f"{split}{i}.png"
+            )
+    return root
+
+
+def test_segmentation_miou_end_to_end(planted, segmentation_data):
+    """With every patch of every training image, the mIoU is a probe on all of them: recomputed here from the
+    tokens, with the labels at the patch centers (the 224 px images are the model's input)."""
+    data, preprocessor = segmentation_data, planted_preprocessor()
+    result = evaluate(planted, preprocessor, data, masks=data / "masks", patches_per_image=256, num_resamples=50)
+    assert result.info["settings"]["tasks"] == ["outliers", "segmentation"]
+    centers = torch.arange(16) * 14 + 7
+    miou = result.tasks["segmentation_miou"]
+    for neurons, value in (({}, miou.off), (None, miou.on)):
+        tokens, labels = {}, {}
+        for split in ("train", "val"):
+            paths = sorted((data / split).glob("*.png"))
+            with with_register_neurons(planted, neurons):
+                _, cache = run_with_cache(planted, preprocessor([open_rgb(p) for p in paths])["pixel_values"])
+            tokens[split] = cache.layout.patches(cache.block_outputs[5]).flatten(0, 1)
+            masks = [torch.tensor(np.array(Image.open(data / "masks" / p.name))).long() for p in paths]
+            labels[split] = torch.cat([mask[centers][:, centers].flatten() for mask in masks])
+        kept = labels["train"] != 255
+        predict = linear_probe(tokens["train"][kept], labels["train"][kept], 2)
+        expected = mean_iou(confusion_matrix(predict(tokens["val"]), labels["val"], 2))
+        assert value == pytest.approx(float(expected), abs=1e-3)
+    (data / "masks" / "val0.png").unlink()
+    with pytest.raises(FileNotFoundError, match="No mask for val0.png"):
+        evaluate(planted, preprocessor, data, masks=data / "masks", tasks=["segmentation"])

@@ -494,7 +494,8 @@ def _evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Run MODEL over the images of DATA with the test-time register off and on, and report, each with "
         "a paired bootstrap interval: per layer the outlier ratio, max and median patch norm, CLS attention entropy "
         "and its share on outliers and registers; with DATA/train/CLASS/IMAGE and DATA/val/CLASS/IMAGE also k-NN and "
-        "linear-probe accuracy on the CLS and mean-patch features; with --boxes, LOST's CorLoc. Prints a table and writes evaluation.json and "
+        "linear-probe accuracy on the CLS and mean-patch features; with --boxes, LOST's CorLoc; with --masks, a linear "
+        "segmentation probe's mIoU. Prints a table and writes evaluation.json and "
         "evaluation.png into --out-dir. Runs unchanged under `torchrun --nproc_per_node N`.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -509,11 +510,17 @@ def _evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--tasks",
         type=lambda text: text.split(","),
-        help="comma-separated, among outliers,knn,linear,lost (default: all that DATA and --boxes allow; zero-shot "
+        help="comma-separated, among outliers,knn,linear,lost,segmentation (default: all that DATA, --boxes and "
+        "--masks allow; zero-shot "
         "is in the Python API, `ttreg_hf.evaluation.evaluate(model, ..., tokenizer=...)`)",
     )
     parser.add_argument(
         "--boxes", help="object boxes for LOST's CorLoc: a folder of Pascal VOC XML files or a COCO JSON file"
+    )
+    parser.add_argument(
+        "--masks",
+        help="segmentation masks for the dense probe (DATA/train and DATA/val): a folder of PNGs named as the images, "
+        "one class id per pixel, 255 ignored",
     )
     parser.add_argument("--out-dir", default="ttreg_evaluate", help="folder to write (default: ttreg_evaluate)")
     parser.add_argument(
@@ -539,7 +546,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     outputs = ["evaluation.json"] + ([] if args.no_figure else ["evaluation.png"])
     json_file, *figure = (check_output(out_dir / name, args.overwrite) for name in outputs)
     dataset = read_dataset(args.data)
-    tasks = check_tasks(args.tasks, dataset, boxes=args.boxes is not None)
+    tasks = check_tasks(args.tasks, dataset, boxes=args.boxes is not None, masks=args.masks is not None)
     model, preprocessor = load_model(
         args.model, _device(args), args.weights, args.image_size, register_neurons=_index_argument(args)
     )
@@ -549,6 +556,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         dataset,
         tasks=tasks,
         boxes=args.boxes,
+        masks=args.masks,
         batch_size=args.batch_size,
         threshold=args.threshold,
         calibration_images=args.calibration_images,

@@ -12,7 +12,7 @@ import functools
 import json
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,12 +27,21 @@ from ..analysis.metrics import NormHistogram, cls_attention, real_patches
 from ..images import Preprocessor, open_rgb
 from ..modeling.registers import TestTimeRegisterMixin
 from .boxes import box_in_image, patch_centers, read_boxes
-from .data import Dataset, fingerprint, read_dataset
-from .statistics import Comparison, corloc_hit, knn_predict, linear_probe, lost_box, paired_bootstrap
+from .data import Dataset, fingerprint, read_dataset, read_mask
+from .statistics import (
+    Comparison,
+    confusion_matrix,
+    corloc_hit,
+    knn_predict,
+    linear_probe,
+    lost_box,
+    paired_bootstrap,
+    resampled_mean_iou,
+)
 from .zero_shot import TEMPLATE, vision_tower, zero_shot_classifier
 
 FORMAT = "ttreg-evaluate/1"
-TASKS = ("outliers", "knn", "linear", "zero-shot", "lost")
+TASKS = ("outliers", "knn", "linear", "zero-shot", "lost", "segmentation")
 SETTINGS = ("off", "on")
 LAYER_MEASURES = {  # name: what it is, per image and layer
     "outlier_ratio": "fraction of the patches above the layer's outlier threshold",
@@ -132,7 +141,8 @@ def _comparison(data: dict) -> Comparison:
 class _Forward:
     """One batch through one setting, reduced: per layer the patch norms and the patches' CLS attention ``(batch,
     layers, patches)``, the registers' attention share ``(batch, layers)``, which patches are real ``(batch,
-    patches)``, the pooled features ``(batch, width)``, and each image's patch grid and LOST box (in patches)."""
+    patches)``, the pooled features ``(batch, width)``, each image's patch grid and LOST box (in patches), and the
+    last block's patch tokens ``(batch, patches, width)`` for the segmentation probe."""
 
     norms: torch.Tensor
     attention: torch.Tensor | None
@@ -141,12 +151,13 @@ class _Forward:
     features: dict[str, torch.Tensor]
     grids: list[tuple[int, int]]
     lost_boxes: list[tuple[int, int, int, int]]
+    patch_tokens: torch.Tensor | None
 
 
-def _forward(model: TestTimeRegisterMixin, inputs: dict, attentions: bool, zero_shot=None, lost=False) -> _Forward:
-    """Run ``inputs`` once through ``model``, or through ``zero_shot.embed_images`` (which runs it inside); every
-    layer's tensors are reduced as they come, so no layer's tokens are kept; ``lost``: the last layer's keys give
-    each image's LOST box."""
+def _forward(model: TestTimeRegisterMixin, inputs: dict, tasks: Sequence[str] = (), zero_shot=None) -> _Forward:
+    """Run ``inputs`` once through ``model``, or through ``zero_shot.embed_images`` (which runs it inside), for
+    ``tasks``; every layer's tensors are reduced as they come, so no layer's tokens are kept."""
+    attentions, lost = "outliers" in tasks, "lost" in tasks
     layers = range(len(model.transformer_blocks))
     norms, rows = {}, {}
 
@@ -190,7 +201,8 @@ def _forward(model: TestTimeRegisterMixin, inputs: dict, attentions: bool, zero_
     if lost:
         patch_keys = layout.patches(cache.keys[layers[-1]])
         lost_boxes = [lost_box(k[: rows * columns], rows, columns) for k, (rows, columns) in zip(patch_keys, grids)]
-    return _Forward(patch_norms, attention, register_share, real.cpu(), features, grids, lost_boxes)
+    tokens = patches.float().cpu() if "segmentation" in tasks else None
+    return _Forward(patch_norms, attention, register_share, real.cpu(), features, grids, lost_boxes, tokens)
 
 
 def _layer_measures(forward: _Forward, thresholds: torch.Tensor) -> torch.Tensor:
@@ -265,6 +277,8 @@ def evaluate(
     tokenizer=None,
     template: str = TEMPLATE,
     boxes: str | Path | None = None,
+    masks: str | Path | None = None,
+    patches_per_image: int = 64,
     batch_size: int = 16,
     threshold: float | None = None,
     calibration_images: int = 64,
@@ -283,10 +297,12 @@ def evaluate(
     block, on a ``train/`` / ``val/`` split, see `ttreg_hf.evaluation.data`), ``"zero-shot"`` (the accuracy of
     ``model``, a dual encoder, with its ``tokenizer`` and the prompt ``template``, on class folders, see
     `zero_shot_classifier`), ``"lost"`` (LOST's CorLoc on the images with ``boxes``: Pascal VOC XML files or a COCO
-    JSON file, see `read_boxes`). ``threshold``: one outlier norm for
+    JSON file, see `read_boxes`), ``"segmentation"`` (a linear probe on the last block's patch tokens, trained on
+    ``patches_per_image`` random patches of each ``train/`` image, its mIoU on ``val/``, with ``masks``: a folder of
+    PNG masks, see `read_mask`). ``threshold``: one outlier norm for
     every layer (default: each layer's automatic one). ``seed`` fixes the bootstrap."""
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
-    tasks = check_tasks(tasks, dataset, tokenizer is not None, boxes is not None)
+    tasks = check_tasks(tasks, dataset, tokenizer is not None, boxes is not None, masks is not None)
     truth = read_boxes(boxes) if "lost" in tasks else {}
     if "lost" in tasks and not any(path.stem in truth for path in dataset.images):
         raise ValueError(f"None of the images of {dataset.folder} has boxes in {boxes} (matched by file name stem).")
@@ -310,6 +326,10 @@ def evaluate(
     shard = list(range(rank, len(dataset.images), world_size))
     examples = {}
     centers = functools.cache(functools.partial(patch_centers, preprocessor))  # by image size and patch grid
+    if "segmentation" in tasks:
+        segmentation = _segmentation_probes(
+            model, preprocessor, dataset, Path(masks), batch_size, centers, seed, patches_per_image
+        )
 
     def flush() -> None:
         for indices, forwards in pending:
@@ -321,7 +341,10 @@ def evaluate(
     for position, (indices, inputs, sizes) in enumerate(batches):
         inputs, forwards = _on_device(inputs, model), {}
         for name, tower in _settings(model):
-            forwards[name] = forward = _forward(tower, inputs, "outliers" in tasks, zero_shot, "lost" in tasks)
+            forwards[name] = forward = _forward(tower, inputs, tasks, zero_shot)
+            if "segmentation" in tasks:
+                confusions = _confusions(forward, [dataset.images[i] for i in indices], sizes, segmentation[name])
+                collector.put(f"segmentation/{name}", indices, confusions)
             if "lost" in tasks:
                 hits = _corloc(forward, dataset.images, indices, sizes, truth, centers)
                 collector.put(f"lost/{name}", indices, hits)
@@ -356,6 +379,9 @@ def evaluate(
         labels = torch.tensor(dataset.val.labels)
         correct = [zero_shot.predict(gathered[f"features/{name}/zero_shot"]) == labels for name in SETTINGS]
         results["zero_shot_accuracy"] = compare("zero-shot", *(c.double() for c in correct))
+    if "segmentation" in tasks:
+        off, on = gathered["segmentation/off"], gathered["segmentation/on"]
+        results["segmentation_miou"] = compare("segmentation", off, on, statistic=resampled_mean_iou)
     if "lost" in tasks:
         boxed = torch.tensor([path.stem in truth for path in dataset.images])
         results["lost_corloc"] = compare("lost", gathered["lost/off"][boxed], gathered["lost/on"][boxed])
@@ -384,6 +410,8 @@ def evaluate(
             "knn_k": knn_k,
             "template": template if zero_shot else None,
             "boxes": str(boxes) if "lost" in tasks else None,
+            "masks": str(masks) if "segmentation" in tasks else None,
+            "patches_per_image": patches_per_image if "segmentation" in tasks else None,
             "preprocessing": preprocessor.description,
             "world_size": world_size,
         },
@@ -392,10 +420,11 @@ def evaluate(
 
 
 def check_tasks(
-    tasks: Sequence[str] | None, dataset: Dataset, zero_shot: bool = False, boxes: bool = False
+    tasks: Sequence[str] | None, dataset: Dataset, zero_shot: bool = False, boxes: bool = False, masks: bool = False
 ) -> tuple[str, ...]:
     """``tasks`` (default: every task ``dataset`` allows) without repeats, or a `ValueError` naming the problem;
-    ``zero_shot``: a tokenizer for zero-shot classification is given; ``boxes``: box annotations are."""
+    ``zero_shot``: a tokenizer for zero-shot classification is given; ``boxes``, ``masks``: box annotations, masks
+    are."""
     needs = {
         "knn": (dataset.has_split, "a classification split: DATA/train/CLASS/IMAGE and DATA/val/CLASS/IMAGE"),
         "linear": (dataset.has_split, "a classification split: DATA/train/CLASS/IMAGE and DATA/val/CLASS/IMAGE"),
@@ -405,6 +434,10 @@ def check_tasks(
             "tokenizer",
         ),
         "lost": (boxes, "box annotations: a folder of Pascal VOC XML files or a COCO JSON file (--boxes)"),
+        "segmentation": (
+            masks and bool(dataset.train_images),
+            "a split (DATA/train/IMAGE, DATA/val/IMAGE, in class folders or not) and a folder of PNG masks (--masks)",
+        ),
     }
     if tasks is None:
         return tuple(task for task in TASKS if needs.get(task, (True,))[0])
@@ -429,6 +462,72 @@ def _corloc(forward: _Forward, images: Sequence[Path], indices, sizes, truth: di
         hit = boxes is not None and corloc_hit(box_in_image(box, centers(size, grid), size), boxes)
         hits.append(float(hit))
     return torch.tensor(hits)
+
+
+def _patch_labels(mask: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """The mask's class at each patch's center, ``(rows * columns,)``."""
+    height, width = mask.shape
+    x = centers[..., 0].round().long().clamp(0, width - 1)
+    y = centers[..., 1].round().long().clamp(0, height - 1)
+    return mask[y, x].flatten()
+
+
+@dataclass(frozen=True)
+class _SegmentationProbe:
+    """One setting's linear probe on patch tokens, and what labels a val image's patches."""
+
+    predict: Callable[[torch.Tensor], torch.Tensor]
+    num_classes: int
+    masks: Path
+    centers: Callable
+
+
+def _segmentation_probes(model, preprocessor, dataset, masks: Path, batch_size, centers, seed, patches_per_image):
+    """Per setting, a linear probe on ``patches_per_image`` random patches (seeded; distinct where the image has as
+    many) of each training image, to its mask's class there (ignored patches left out)."""
+    rank, world_size = rank_and_world_size()
+    paths = dataset.train_images
+    train = _Collector(len(paths))
+    shard = list(range(rank, len(paths), world_size))
+    for indices, inputs, sizes in _batches(paths, shard, preprocessor, batch_size, "segmentation features"):
+        inputs = _on_device(inputs, model)
+        picks = []
+        for name, tower in _settings(model):
+            forward = _forward(tower, inputs, ("segmentation",))
+            if not picks:  # the same patches of an image in both settings
+                labels = []
+                for index, size, (rows, columns) in zip(indices, sizes, forward.grids):
+                    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+                    if rows * columns >= patches_per_image:
+                        picks.append(torch.randperm(rows * columns, generator=generator)[:patches_per_image])
+                    else:
+                        picks.append(torch.randint(rows * columns, (patches_per_image,), generator=generator))
+                    mask = read_mask(masks, paths[index])
+                    labels.append(_patch_labels(mask, centers(size, (rows, columns)))[picks[-1]])
+                train.put("labels", indices, torch.stack(labels))
+            train.put(f"{name}/tokens", indices, torch.stack([t[p] for t, p in zip(forward.patch_tokens, picks)]))
+    gathered = train.gathered()
+    labels = gathered["labels"].flatten().long()
+    kept = labels != 255
+    if not kept.any():
+        raise ValueError(f"The training masks in {masks} label no patch (every one is 255, ignored).")
+    num_classes = int(labels[kept].max()) + 1
+    probes = {}
+    for name in SETTINGS:
+        tokens = gathered[f"{name}/tokens"].flatten(0, 1)[kept].float()
+        probes[name] = _SegmentationProbe(linear_probe(tokens, labels[kept], num_classes), num_classes, masks, centers)
+    return probes
+
+
+def _confusions(forward: _Forward, paths: list[Path], sizes, probe: _SegmentationProbe) -> torch.Tensor:
+    """Per image of a batch, the confusion matrix of the probe's class for each real patch against its mask's."""
+    confusions = []
+    for tokens, path, size, (rows, columns) in zip(forward.patch_tokens, paths, sizes, forward.grids):
+        labels = _patch_labels(read_mask(probe.masks, path), probe.centers(size, (rows, columns)))
+        labels = labels.masked_fill(labels >= probe.num_classes, 255)  # a class the training masks never show
+        predicted = probe.predict(tokens[: rows * columns])
+        confusions.append(confusion_matrix(predicted, labels, probe.num_classes))
+    return torch.stack(confusions)
 
 
 def _examples(forwards: dict[str, _Forward], preprocessor: Preprocessor, inputs: dict, count: int) -> dict:
@@ -456,7 +555,7 @@ def _probes(model, preprocessor, dataset, gathered, tasks, batch_size, knn_k, co
     for indices, inputs, _ in _batches(dataset.train.paths, shard, preprocessor, batch_size, "train features"):
         inputs = _on_device(inputs, model)
         for name, tower in _settings(model):
-            for feature, values in _forward(tower, inputs, attentions=False).features.items():
+            for feature, values in _forward(tower, inputs).features.items():
                 train.put(f"{name}/{feature}", indices, values)
     train_features = train.gathered()
     train_labels = torch.tensor(dataset.train.labels)
