@@ -298,13 +298,14 @@ def test_zero_shot_accuracy_is_the_models_own_logits(build, class_folders):
 
 def test_lost_finds_the_object_whose_keys_stand_apart():
     """Background keys along one direction, the object's against it: the seed is an object patch, the box is the
-    object's 4-connected region (a second, detached patch of object keys is left out)."""
+    object's 4-connected region (patches of object keys apart from it, or at a corner, are left out)."""
     generator = torch.Generator().manual_seed(0)
     rows, columns = 8, 10
     background, object_key = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([-1.0, 2.0, 0.0])
     keys = background.repeat(rows, columns, 1)
     keys[2:5, 3:7] = object_key
     keys[7, 9] = object_key  # detached: correlated with the object, not part of its region
+    keys[5, 7] = object_key  # touches the object at a corner only: not 4-connected
     keys = keys + 0.05 * torch.randn(rows, columns, 3, generator=generator)
     assert lost_box(keys.view(-1, 3), rows, columns) == (3, 2, 7, 5)
 
