@@ -235,11 +235,14 @@ SIZE = 96  # the tiny dual encoders' image size (tests/family_models.py)
 # ---- zero-shot, against the models' own logits ---------------------------------------------------------------------
 
 
+END = 98  # the fake tokenizer's end token: the highest id, where CLIP and open_clip pool the text
+
+
 def fake_tokenizer(prompts, padding=None, truncation=None, return_tensors=None):
-    """Token ids of the prompts' characters (end token 2, padded with it to 16): offline, no vocabulary needed."""
-    ids = torch.full((len(prompts), 16), 2)
+    """Token ids of the prompts' characters, then `END`, padded with 0 to 16: offline, no vocabulary needed."""
+    ids = torch.zeros(len(prompts), 16, dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        codes = [3 + ord(c) % 90 for c in prompt][:15]
+        codes = [3 + ord(c) % 90 for c in prompt][:15] + [END]
         ids[row, : len(codes)] = torch.tensor(codes)
     return ids if padding is None else BatchEncoding({"input_ids": ids})
 
@@ -247,8 +250,8 @@ def fake_tokenizer(prompts, padding=None, truncation=None, return_tensors=None):
 @pytest.fixture(scope="module")
 def class_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("classes")
-    for i, name in enumerate(("red_fox", "cat", "dog")):
-        save_images(textured_images(3, seed=20 + i, size=SIZE), root / name)
+    for i, name in enumerate(("red_fox", "cat", "dog")):  # unequal: a prompt matched to the wrong class shows
+        save_images(textured_images(1 + 2 * i, seed=20 + i, size=SIZE), root / name)
     return root
 
 
@@ -256,7 +259,8 @@ def clip_whole_model():
     from family_models import HF, MLP, TEXT
 
     vision = {**HF, "intermediate_size": MLP, "register_neurons": {2: [21, 60]}}
-    return CLIPTTRegModel(CLIPConfig(vision_config=vision, text_config=TEXT, projection_dim=16)).eval()
+    text = {**TEXT, "eos_token_id": END, "bos_token_id": 1, "pad_token_id": 0}
+    return CLIPTTRegModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)).eval()
 
 
 def open_clip_whole_model():
@@ -277,6 +281,7 @@ def test_zero_shot_accuracy_is_the_models_own_logits(build, class_folders):
     assert result.info["settings"]["tasks"] == ["outliers", "zero-shot"]
     assert result.info["data"]["classes"] == ["cat", "dog", "red_fox"]  # sorted folder names
     ids = fake_tokenizer(["a photo of a cat.", "a photo of a dog.", "a photo of a red fox."])
+    assert len(set(map(tuple, ids.tolist()))) == 3
     paths = sorted(class_folders.rglob("*.png"))
     labels = torch.tensor([("cat", "dog", "red_fox").index(path.parent.name) for path in paths])
     pixels = preprocessor([open_rgb(path) for path in paths])["pixel_values"]
