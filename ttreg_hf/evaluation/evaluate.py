@@ -119,7 +119,7 @@ class EvaluationResult:
         ]
         for layer, measures in enumerate(self.layers):
             ratio, share = measures["outlier_ratio"], measures["outlier_attention_share"]
-            lines.append(f"{layer:>5}  {ratio.off:>8.4f} / {ratio.on:<8.4f}   {share.off:>10.4f} / {share.on:<8.4f}")
+            lines.append(f"{layer:>5}  {ratio.off:>8.4f} / {ratio.on:<8.4f}   {share.off:>10.4f} / {share.on:.4f}")
         return "\n".join(lines)
 
     def save_figure(self, path: str | Path) -> Path:
