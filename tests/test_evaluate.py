@@ -427,3 +427,14 @@ def test_segmentation_miou_end_to_end(planted, segmentation_data):
     (data / "masks" / "val0.png").unlink()
     with pytest.raises(FileNotFoundError, match="No mask for val0.png"):
         evaluate(planted, preprocessor, data, masks=data / "masks", tasks=["segmentation"])
+
+
+def test_a_model_whose_edit_cannot_be_turned_on_is_refused(labelled_data):
+    cases = (
+        ({"register_neurons": {}}, "no register-neuron index"),
+        ({"register_neurons": planted_index(), "num_test_time_registers": 0}, "without test-time registers"),
+    )
+    for settings, message in cases:
+        model = build_planted_model(**settings)
+        with pytest.raises(ValueError, match=message):
+            evaluate(model, planted_preprocessor(), labelled_data)

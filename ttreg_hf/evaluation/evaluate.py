@@ -301,6 +301,14 @@ def evaluate(
     ``patches_per_image`` random patches of each ``train/`` image, its mIoU on ``val/``, with ``masks``: a folder of
     PNG masks, see `read_mask`). ``threshold``: one outlier norm for
     every layer (default: each layer's automatic one). ``seed`` fixes the bootstrap."""
+    tower = vision_tower(model)
+    if not tower.config.register_neurons:
+        raise ValueError("The model has no register-neuron index, so the edit cannot be turned on: attach one first.")
+    if not tower.config.num_test_time_registers:
+        raise ValueError(
+            "The model runs without test-time registers (num_test_time_registers=0), so the edit cannot be turned "
+            "on: load it with num_test_time_registers=1."
+        )
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
     tasks = check_tasks(tasks, dataset, tokenizer is not None, boxes is not None, masks is not None)
     truth = read_boxes(boxes) if "lost" in tasks else {}
@@ -309,9 +317,7 @@ def evaluate(
     zero_shot = None
     if "zero-shot" in tasks:
         zero_shot = zero_shot_classifier(model, tokenizer, dataset.val.classes, template)
-    model = vision_tower(model)
-    if not model.config.register_neurons:
-        raise ValueError("The model has no register-neuron index, so the edit cannot be turned on: attach one first.")
+    model = tower
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
         raise ValueError(f"threshold must be a finite norm above 0 (or None: automatic), got {threshold!r}.")
     rank, world_size = rank_and_world_size()
