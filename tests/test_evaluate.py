@@ -362,7 +362,10 @@ def test_lost_corloc_end_to_end(planted, labelled_data, tmp_path):
         coco["annotations"].append({"image_id": i, "bbox": [0, 0, 112, 112]})
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps(coco))
-    result = evaluate(planted, planted_preprocessor(), val, boxes=boxes, tasks=["lost"], num_resamples=50)
+    result = evaluate(planted, planted_preprocessor(), labelled_data, boxes=boxes, num_resamples=50)
+    assert sorted(result.tasks) == sorted(
+        ["lost_corloc", *(f"{t}_accuracy/{f}" for t in ("knn", "linear") for f in ("cls", "patch_mean"))]
+    )
     preprocessor = planted_preprocessor()
     for neurons, corloc in (({}, result.tasks["lost_corloc"].off), (None, result.tasks["lost_corloc"].on)):
         hits = []
