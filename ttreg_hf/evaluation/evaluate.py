@@ -372,27 +372,27 @@ def evaluate(
         flush()
     gathered = collector.gathered()
 
-    def compare(name: str, off: torch.Tensor, on: torch.Tensor, **kw) -> Comparison:
+    def compare(off: torch.Tensor, on: torch.Tensor, **kw) -> Comparison:
         return paired_bootstrap(off, on, num_resamples=num_resamples, confidence=confidence, seed=seed, **kw)
 
     layers = []
     if "outliers" in tasks:
         off, on = gathered["layers/off"], gathered["layers/on"]
         for layer in range(num_layers):
-            layers.append({m: compare(m, off[:, layer, i], on[:, layer, i]) for i, m in enumerate(LAYER_MEASURES)})
+            layers.append({m: compare(off[:, layer, i], on[:, layer, i]) for i, m in enumerate(LAYER_MEASURES)})
     results = {}
     if "zero-shot" in tasks:
         labels = torch.tensor(dataset.val.labels)
         correct = [zero_shot.predict(gathered[f"features/{name}/zero_shot"]) == labels for name in SETTINGS]
-        results["zero_shot_accuracy"] = compare("zero-shot", *(c.double() for c in correct))
+        results["zero_shot_accuracy"] = compare(*(c.double() for c in correct))
     if "segmentation" in tasks:
         off, on = gathered["segmentation/off"], gathered["segmentation/on"]
-        results["segmentation_miou"] = compare("segmentation", off, on, statistic=resampled_mean_iou)
+        results["segmentation_miou"] = compare(off, on, statistic=resampled_mean_iou)
     if "lost" in tasks:
         boxed = torch.tensor([path.stem in truth for path in dataset.images])
-        results["lost_corloc"] = compare("lost", gathered["lost/off"][boxed], gathered["lost/on"][boxed])
+        results["lost_corloc"] = compare(gathered["lost/off"][boxed], gathered["lost/on"][boxed])
     if dataset.has_split and {"knn", "linear"} & set(tasks):
-        results = _probes(model, preprocessor, dataset, gathered, tasks, batch_size, knn_k, compare)
+        results.update(_probes(model, preprocessor, dataset, gathered, tasks, batch_size, knn_k, compare))
     info = {
         "package_version": __version__,
         "model": model_name or type(model).__name__,
@@ -402,7 +402,7 @@ def evaluate(
             "folder": str(dataset.folder),
             "fingerprint": fingerprint(dataset),
             "num_images": len(dataset.images),
-            "num_train_images": len(dataset.train.paths) if dataset.train else 0,
+            "num_train_images": len(dataset.train_images),
             "classes": list(dataset.val.classes) if dataset.val else [],
         },
         "settings": {
@@ -579,5 +579,5 @@ def _probes(model, preprocessor, dataset, gathered, tasks, batch_size, knn_k, co
                 predicted = linear_probe(fit, train_labels, num_classes)(val)
                 correct.setdefault("linear", {})[name] = (predicted == val_labels).double()
         for task, by_setting in correct.items():
-            results[f"{task}_accuracy/{feature}"] = compare(task, by_setting["off"], by_setting["on"])
+            results[f"{task}_accuracy/{feature}"] = compare(by_setting["off"], by_setting["on"])
     return results
