@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "ttreg_hf.cli"]
+CLI = [sys.executable, "-m", "ttreg_cli"]
 COMMANDS = {
     "ttreg --help": [*CLI, "--help"],
     "ttreg --version": [*CLI, "--version"],

@@ -23,16 +23,10 @@ from ttreg_hf import (
     register_family,
 )
 from ttreg_hf.analysis import patch_norms, run_with_cache
-from ttreg_hf.analysis.attention import attention_probabilities
 from ttreg_hf.images import normalize
-from ttreg_hf.planted import (
-    BlockSites,
-    LinearRows,
-    PlantingSites,
-    plant_register_neurons,
-    planting_sites,
-    textured_images,
-)
+from ttreg_hf.modeling.attention import attention_probabilities
+from ttreg_hf.modeling.sites import BlockSites, LinearRows, PlantingSites
+from ttreg_hf.planted import plant_register_neurons, planting_sites, textured_images
 
 # 1. The user's ViT ---------------------------------------------------------------------------------------------------
 

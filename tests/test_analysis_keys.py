@@ -7,8 +7,8 @@ from family_models import SIZE, TINY, planted
 from PIL import Image
 
 from ttreg_hf.analysis import run_with_cache
-from ttreg_hf.family import families
 from ttreg_hf.planted import textured_images
+from ttreg_hf.registry import families
 
 
 def unexplained(keys: torch.Tensor, attention: torch.Tensor) -> float:

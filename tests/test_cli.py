@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ttreg_cli import load_model, main
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronIndex
-from ttreg_hf.cli import load_model, main
 from ttreg_hf.discovery import find_register_neurons, weights_fingerprint
 from ttreg_hf.planted import build_planted_model, planted_index
 
@@ -231,7 +231,7 @@ def test_outputs_are_checked_before_the_model_is_loaded(image_dir, tmp_path, mon
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr("ttreg_hf.cli.load_model", no_loading)
+    monkeypatch.setattr("ttreg_cli.load_model", no_loading)
     (tmp_path / "taken.safetensors").write_text("x")
     assert main(["find-neurons", "planted", str(image_dir), "--out", str(tmp_path / "taken.safetensors")]) == 2
     assert main(["demo", "--out-dir", str(tmp_path / "taken.safetensors")]) == 2
@@ -250,9 +250,9 @@ def run_python(code: str, **kwargs) -> subprocess.CompletedProcess:
 
 def test_the_parser_imports_neither_torch_nor_transformers():
     run = run_python(
-        "import sys, ttreg_hf, ttreg_hf.cli\n"
-        "ttreg_hf.cli.build_parser().format_help()\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numpy')))"
+        "import sys, ttreg_cli\n"
+        "ttreg_cli.build_parser().format_help()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numpy', 'ttreg_hf')))"
     )
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr[-2000:]
 

@@ -185,7 +185,7 @@ def test_two_processes_find_the_same_index_as_one(tmp_path):
         Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(folder / f"{i:02d}.png")
     out = tmp_path / "index.safetensors"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "ttreg_hf.cli", "find-neurons", "planted", str(folder), "--out", str(out)]
+    command += ["-m", "ttreg_cli", "find-neurons", "planted", str(folder), "--out", str(out)]
     command += ["--batch-size", "4", "--calibration-images", "9"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=env, capture_output=True, timeout=300)

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from transformers import BatchEncoding, CLIPConfig
 
+from ttreg_cli import main
 from ttreg_hf import CLIPTTRegModel
 from ttreg_hf.analysis import run_with_cache, summarize_layers, with_register_neurons
-from ttreg_hf.cli import main
 from ttreg_hf.evaluation import LAYER_MEASURES, EvaluationResult, evaluate, paired_bootstrap
 from ttreg_hf.evaluation.boxes import box_in_image, patch_centers, read_boxes
 from ttreg_hf.evaluation.evaluate import _forward, _layer_measures, _patch_labels

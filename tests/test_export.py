@@ -332,7 +332,7 @@ def test_a_saved_package_model_exports_in_a_fresh_process(exported, tmp_path):
 
 
 def test_the_cli_exports_a_checkpoint(exported, tmp_path):
-    from ttreg_hf.cli import main
+    from ttreg_cli import main
 
     parent_dir, _, _ = exported["dinov2"]
     index_file = parent_dir.parent / "dinov2-index.safetensors"

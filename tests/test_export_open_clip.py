@@ -12,8 +12,8 @@ from huggingface_hub import HfApi
 from open_clip.transformer import QuickGELU
 from safetensors.torch import load_file, save_file
 
+from ttreg_cli import main
 from ttreg_hf import RegisterIndexMismatchWarning, RegisterNeuronIndex, RegisterNeuronIndexError, load_index
-from ttreg_hf.cli import main
 from ttreg_hf.export import ExportError, export_model
 from ttreg_hf.export_open_clip import OPEN_CLIP_EXPORTED_FILES, _named_config, export_open_clip
 from ttreg_hf.modeling.open_clip import create_model_and_transforms, to_test_time_registers

@@ -16,12 +16,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoImageProcessor
 
+from ttreg_cli import load_model, main
 from ttreg_hf import vision_tower_with_registers
-from ttreg_hf.cli import load_model, main
-from ttreg_hf.family import FAMILY_MODULES, families, transformers_families
 from ttreg_hf.hub import entry_points
 from ttreg_hf.index import RegisterNeuronIndex
 from ttreg_hf.planted import textured_images
+from ttreg_hf.registry import FAMILY_MODULES, families, transformers_families
 
 FAMILIES = {family.name: family for family in families()}
 TRANSFORMERS = {family.name: family for family in transformers_families()}
@@ -311,9 +311,10 @@ def test_a_corrupt_image_processor_is_an_error_not_a_fallback(tmp_path):
 
 
 def test_register_family_takes_new_names_and_replaces_its_own(monkeypatch):
-    from ttreg_hf.family import Family, register_family
+    from ttreg_hf.family import Family
+    from ttreg_hf.registry import register_family
 
-    monkeypatch.setattr("ttreg_hf.family._REGISTERED", [])  # the families registered here go with the test
+    monkeypatch.setattr("ttreg_hf.registry._REGISTERED", [])  # the families registered here go with the test
 
     with pytest.raises(ValueError, match="'dinov2' is the name of one of the package's families"):
         register_family(Family("dinov2", FAMILIES["dinov2"].model_classes))

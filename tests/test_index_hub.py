@@ -5,8 +5,8 @@ import pytest
 import yaml
 from huggingface_hub import HfApi, constants
 
+from ttreg_cli import main
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronIndex, RegisterNeuronIndexError, load_index
-from ttreg_hf.cli import main
 from ttreg_hf.index import INDEX_FILENAME
 
 from conftest import tiny_dinov2_config

@@ -37,9 +37,9 @@ from ttreg_hf import (
     find_register_neurons,
 )
 from ttreg_hf.analysis import patch_norms, run_with_cache
-from ttreg_hf.family import family_of
 from ttreg_hf.images import normalize
 from ttreg_hf.planted import build_planted_model, plant_register_neurons, planting_sites, textured_images
+from ttreg_hf.registry import family_of
 
 # every family's tiny model (SigLIP2's NaFlex inputs have their own test below), and the MLP variants
 FAMILIES = {

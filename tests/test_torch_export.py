@@ -151,7 +151,7 @@ def test_onnx_export_runs_in_onnxruntime_and_equals_eager(exported, tmp_path):
 
 
 def test_every_declared_transformers_family_is_exported():
-    from ttreg_hf.family import family_of, transformers_families
+    from ttreg_hf.registry import family_of, transformers_families
 
     exported = {family_of(model_class).name for model_class, _ in FAMILIES.values()}
     assert exported == {family.name for family in transformers_families()}, "add the family's tiny model to FAMILIES"

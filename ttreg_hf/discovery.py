@@ -513,6 +513,6 @@ def find_register_neurons(
 
 
 def _package_version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return __version__

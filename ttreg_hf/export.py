@@ -1,6 +1,6 @@
 """Hub-ready exports: a folder that loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)` alone.
 
-The remote code is generated from the package's own modules, never written twice (`ttreg_hf.remote_code`). Every
+The remote code is the family's, generated once from the package's own modules (`ttreg_hf.remote_code`). Every
 `transformers` family exports; what a family's checkpoints are loaded as, and the image processor a checkpoint
 without one gets, come from its declaration (`ttreg_hf.family`). Everything is written into a staging folder beside
 ``out`` first and moved in only when all of it was made: a refused or failed export leaves ``out`` as it was.
@@ -18,8 +18,6 @@ from pathlib import Path
 from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import cached_file
 
-from . import register_auto_classes
-from .family import family_of, family_of_model_type, transformers_families
 from .images import PREPROCESSOR_FILE
 from .index import (
     INDEX_FILENAME,
@@ -30,13 +28,13 @@ from .index import (
     write_safetensors,
 )
 from .model_card import render_model_card
-from .modeling.registers import IndexSpec, PreTrainedTestTimeRegisterMixin
-from .remote_code import CONFIG_FILE, MODELING_FILE, remote_code
+from .modeling.registers import IndexSpec
+from .registry import family_of, family_of_model_type, transformers_families
+from .remote_code import REMOTE_CODE_FILES, remote_auto_map, write_remote_code
 
 EXPORTED_FILES = frozenset(
     {
-        f"{CONFIG_FILE}.py",
-        f"{MODELING_FILE}.py",
+        *REMOTE_CODE_FILES,
         "config.json",
         "model.safetensors",
         PREPROCESSOR_FILE,
@@ -51,7 +49,7 @@ class ExportError(ValueError):
 
 
 def export_model(
-    model: str | Path | PreTrainedTestTimeRegisterMixin,
+    model: str | Path | PreTrainedModel,
     index: IndexSpec,
     out: str | Path,
     *,
@@ -63,8 +61,9 @@ def export_model(
     """Write ``out``, ready for `huggingface_hub.upload_folder`: config, remote code, weights, preprocessor, the
     index alone (`INDEX_FILENAME`: the repository is also an index repo id), card.
 
-    ``model`` is a checkpoint id or folder (DINOv2 or CLIP, the parent's or ours) or a loaded model of this package
-    whose register neurons are ``index``'s. ``index`` is an index file or shipped name (a plain dict has no
+    ``model`` is a checkpoint id or folder of a `transformers` family (the parent's or ours), exported as the class it
+    was saved as (a classifier keeps its head, a `CLIPModel` its text tower), or a loaded model of one of the
+    package's `transformers` classes whose register neurons are ``index``'s. ``index`` is an index file or shipped name (a plain dict has no
     provenance to publish). ``base_model`` (default: ``model`` when an id, else the index's HF checkpoint) names the
     base checkpoint and picks the default ``license``; ``repo_id`` goes into the card's usage examples.
 
@@ -98,8 +97,7 @@ def write_staged(out: Path, write: Callable[[Path], None]) -> Path:
 
 
 def _write_export(model, index: RegisterNeuronIndex, folder: Path, *, base_model, license, repo_id) -> None:
-    for name, source in remote_code(type(model)).items():
-        (folder / f"{name}.py").write_text(source)
+    write_remote_code(type(model), folder)
     _config_for_remote_code(model).save_pretrained(folder)
     weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(index.to_json())}
@@ -144,7 +142,7 @@ def _write_preprocessor_config(model: PreTrainedModel, out: Path) -> None:
     if found:
         (out / PREPROCESSOR_FILE).write_bytes(Path(found).read_bytes())
         return
-    processor = family_of(model).default_image_processor(model.config)
+    processor = family_of(model).default_image_processor(model.config.register_config)
     processor.save_pretrained(out)
     warnings.warn(
         f"{source or 'The model'} has no {PREPROCESSOR_FILE}: wrote the {family_of(model).name} default "
@@ -165,24 +163,35 @@ def published_index(index: IndexSpec) -> RegisterNeuronIndex:
     return loaded
 
 
-def _model_with_index(model, index: RegisterNeuronIndex) -> PreTrainedTestTimeRegisterMixin:
-    """The model to export: loaded with ``index``, or the given one once its neurons are checked against ``index``."""
+def _model_with_index(model, index: RegisterNeuronIndex) -> PreTrainedModel:
+    """The model to export: loaded with ``index`` as the class the checkpoint saved (`_saved_class`), or the given one
+    once its neurons are checked against ``index``."""
     if isinstance(model, (str, Path)):
-        register_auto_classes()  # AutoConfig must know our own model types
-        model_type = AutoConfig.from_pretrained(model).model_type
-        family = family_of_model_type(model_type)
+        config = AutoConfig.from_pretrained(model)
+        family = family_of_model_type(config.model_type)
         if family is None:
             known = ", ".join(t for family in transformers_families() for t in family.model_types)
-            raise ExportError(f"Cannot export {str(model)!r}: its model type {model_type!r} is none of {known}.")
-        return family.model_class.from_pretrained(model, register_neurons=index).eval()
-    if not (isinstance(model, PreTrainedTestTimeRegisterMixin) and isinstance(model, PreTrainedModel)):
+            raise ExportError(f"Cannot export {str(model)!r}: its model type {config.model_type!r} is none of {known}.")
+        return _saved_class(family, config.architectures).from_pretrained(model, register_neurons=index).eval()
+    family = family_of(model) if isinstance(model, PreTrainedModel) else None
+    if family is None or type(model) not in family.model_classes:
         raise ExportError(
-            f"Cannot export a {type(model).__name__}: pass a checkpoint or a ttreg_hf `transformers` model."
+            f"Cannot export a {type(model).__name__}: pass a checkpoint or a model of one of ttreg_hf's `transformers` "
+            "classes."
         )
-    index.check_fits(model.config.num_hidden_layers, model.config.mlp_width)
-    if model.config.register_neuron_index != index.neurons:
+    config = model.config.register_config
+    index.check_fits(config.num_hidden_layers, config.mlp_width)
+    if config.register_neuron_index != index.neurons:
         raise ExportError("The model's register neurons are not the index's: call `model.set_register_neurons(index)`.")
     return model
+
+
+def _saved_class(family, architectures: list[str] | None) -> type:
+    """The family's class that a checkpoint saved as ``architectures`` (ours or the parent's, e.g. a fine-tuned
+    `Dinov2ForImageClassification`) loads as, its head and text tower kept; the base model for none of them."""
+    by_name = {cls.__name__: cls for cls in family.model_classes}
+    by_name |= {parent.__name__: cls for parent, cls in zip(family.parents, family.model_classes)}
+    return next((by_name[name] for name in architectures or () if name in by_name), family.model_class)
 
 
 def _checkpoint_id(model: PreTrainedModel) -> str | None:
@@ -193,10 +202,7 @@ def _checkpoint_id(model: PreTrainedModel) -> str | None:
 
 def _config_for_remote_code(model: PreTrainedModel):
     config = copy.deepcopy(model.config)
-    config.auto_map = {
-        "AutoConfig": f"{CONFIG_FILE}.{type(config).__name__}",
-        "AutoModel": f"{MODELING_FILE}.{type(model).__name__}",
-    }
+    config.auto_map = remote_auto_map(type(model))
     config.architectures = [type(model).__name__]
     config.dtype = str(model.dtype).removeprefix("torch.")
     return config

@@ -1,30 +1,21 @@
-"""Model families: what ttreg_hf knows about each, declared once in the family's own module.
+"""What a model family declares: `Family`, its `Checkpoint`s, and its registration with `transformers`.
 
-A family module (``ttreg_hf/modeling/<family>.py``) ends with ``FAMILIES = (Family(...), ...)``: its model classes,
-the parent checkpoints' ``model_type``s, its attention reader, its planting sites, where its images' preprocessing
-comes from and its named checkpoints. Every table of the package — the Auto-class registrations, the CLI's folder
-loading, export, the analysis tools' attention maps, planting, the torch.hub entries, the benchmarks — is derived
-from these declarations (`families`, `family_of`), so a new family is its module, a line in `FAMILY_MODULES`, its
-public names in ``ttreg_hf/__init__.py`` and its tiny model in ``tests/family_models.py`` (which puts it through every
-contract test). A family of your own, outside the package, is added with `register_family`.
+A family module (``ttreg_hf/modeling/<family>.py``) ends with its declaration, ``FAMILIES = (Family(...), ...)``, and,
+for `transformers` families, ``register_auto_classes(*FAMILIES)``: importing the module is what makes the Auto classes
+build its classes and lets them load their parents' checkpoints, whatever was imported before. Every table of the
+package (the CLI's folder loading, export, the analysis tools, planting, the torch.hub entries) is derived from the
+declarations by `ttreg_hf.registry`. This module is the core the families build on: it imports no family.
 """
 
+import dataclasses
 import difflib
-import functools
-import importlib
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
-# the package's family modules, under ``ttreg_hf.modeling``, each with the library whose models it subclasses
-FAMILY_MODULES = {
-    "dinov2": "transformers",
-    "clip": "transformers",
-    "siglip": "transformers",
-    "vit": "transformers",
-    "dinov3": "transformers",
-    "open_clip": "open_clip",  # optional dependencies: their families are there when they are installed
-    "timm": "timm",
-}
+from torch import nn
+
+from .images import Preprocessor, transformers_preprocessing
 
 
 @dataclass(frozen=True)
@@ -49,6 +40,9 @@ class Checkpoint:
         return self.entry or f"{self.name}_tt_reg"
 
 
+AutoClassDeclaration = tuple[str, type | tuple[type, ...]]  # ("AutoModelForImageClassification", the class(es))
+
+
 @dataclass(frozen=True)
 class Family:
     """Everything the package knows about one model family.
@@ -57,15 +51,18 @@ class Family:
     model_classes: the family's classes; the first is the base model (`AutoModel`'s, the one the CLI loads folders
         as). Each subclasses its parent class (`parent_class`): the towers (base model, backbone) declare their
         ``register_seams``, the others (classifiers, `CLIPModel`) hold one (`WithRegisterTowerMixin`).
+    auto_classes: for `transformers` families, ``(auto class name, class)`` pairs: where each class stands in the
+        Auto classes, as its parent does (`register_auto_classes`); DeiT's two classifiers stand there as a pair.
     checkpoint_model_types: the ``model_type``s of ``config.json`` files whose checkpoints load as this family
         (the parent's, and composite models' such as ``"clip"``); ours (the config classes') are added.
     attention_reader: ``reader(block, hidden_states, **block_kwargs)`` -> the block's attention probabilities
         ``(batch, heads, tokens, tokens)``, recomputed from its input for the analysis tools (`None`: no maps); with
         ``keys_only=True``, the attention's keys ``(batch, tokens, heads * head_dim)`` instead.
-    planting_sites: ``planting_sites(model)`` -> the `ttreg_hf.planted.PlantingSites` of a model of the family or
-        of its parent (`None`: no planting).
-    preprocessing: ``preprocessing(model, source)`` -> the `ttreg_hf.images.Preprocessor` that turns images into
-        the model's inputs, from ``source`` (a folder, a Hub id, a `Checkpoint`, or `None`).
+    planting_sites: ``planting_sites(model)`` -> the `ttreg_hf.modeling.sites.PlantingSites` of a model of the
+        family or of its parent (`None`: no planting).
+    preprocessing: ``preprocessing(model, source, image_size)`` -> the `ttreg_hf.images.Preprocessor` that turns
+        images into the model's inputs, from ``source`` (a folder, a Hub id, a `Checkpoint`'s processor, or `None`).
+        `transformers` families declare ``default_image_processor`` instead (see `preprocessor`).
     checkpoints: the named checkpoints, each a torch.hub entry.
     default_image_processor: for `transformers` families, ``default_image_processor(config)`` -> the processor the
         parent's checkpoints ship, for a folder without one (a fallback that warns) and for exports.
@@ -74,6 +71,7 @@ class Family:
 
     name: str
     model_classes: tuple[type, ...]
+    auto_classes: tuple[AutoClassDeclaration, ...] = ()
     checkpoint_model_types: tuple[str, ...] = ()
     attention_reader: Callable | None = None
     planting_sites: Callable | None = None
@@ -102,6 +100,16 @@ class Family:
         own = dict.fromkeys(config.model_type for config in configs if config is not None)
         return (*self.checkpoint_model_types, *own)
 
+    def preprocessor(self, model: nn.Module, source=None, image_size: int | None = None) -> Preprocessor:
+        """How images become ``model``'s inputs, from ``source`` (see ``preprocessing``); ``image_size`` overrides
+        the size. A `transformers` family reads the image processor of ``source``, else falls back, with a warning,
+        to its ``default_image_processor``."""
+        if self.default_image_processor is not None:
+            return transformers_preprocessing(model, source, image_size, self.default_image_processor, self.name)
+        if self.preprocessing is None:
+            raise NotImplementedError(f"The {self.name} family declares no preprocessing.")
+        return self.preprocessing(model, source, image_size)
+
 
 def parent_class(cls: type) -> type:
     """The class a test-time-register class subclasses: the first class of its MRO not defined in ttreg_hf (the
@@ -109,70 +117,62 @@ def parent_class(cls: type) -> type:
     return next(base for base in cls.__mro__[1:] if not base.__module__.startswith(f"{__package__}."))
 
 
-_REGISTERED: list[Family] = []
+def register_auto_classes(*families: Family) -> None:
+    """Make `transformers` build each family's classes wherever its declaration puts them, and load their parents'
+    checkpoints into them.
 
-
-def register_family(family: Family) -> Family:
-    """Add a family of your own (one not in `FAMILY_MODULES`): the analysis tools and planting then know it.
-    Registering a name again replaces that family (a re-run notebook cell, a re-imported module); the package's own
-    names are taken."""
-    if any(
-        known.name == family.name for library in set(FAMILY_MODULES.values()) for known in _package_families(library)
-    ):
-        raise ValueError(f"{family.name!r} is the name of one of the package's families: choose another.")
-    _REGISTERED[:] = [known for known in _REGISTERED if known.name != family.name] + [family]
-    return family
-
-
-@functools.cache
-def _package_families(library: str) -> tuple[Family, ...]:
-    declared = []
-    for name in (name for name, subclassed in FAMILY_MODULES.items() if subclassed == library):
-        try:
-            module = importlib.import_module(f"{__package__}.modeling.{name}")
-        except ModuleNotFoundError as error:  # an optional dependency that is not installed
-            if error.name != library or library == "transformers":
-                raise
-            continue
-        if not hasattr(module, "FAMILIES"):  # imported from within its own import
-            raise ImportError(f"cannot read FAMILIES from partially initialized module {module.__name__!r}")
-        declared.extend(module.FAMILIES)
-    return tuple(declared)
-
-
-def families() -> tuple[Family, ...]:
-    """Every family: the package's (those whose library is installed) and those registered."""
-    return (
-        *(f for library in dict.fromkeys(FAMILY_MODULES.values()) for f in _package_families(library)),
-        *_REGISTERED,
+    Through `transformers`' public API: `AutoConfig.register` for each config class's ``model_type``, each declared
+    Auto class's ``register``, and `register_checkpoint_conversion_mapping` with the parent's key conversions (by
+    class name, and by ``model_type``), so a checkpoint saved in an older key layout loads every weight. Idempotent.
+    """
+    import transformers
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
     )
 
+    from .configs.registers import ARCHITECTURES
 
-def transformers_families() -> tuple[Family, ...]:
-    """The families whose model classes are `transformers` models (imports no other library's families)."""
-    from transformers import PreTrainedModel
-
-    candidates = (*_package_families("transformers"), *_REGISTERED)
-    return tuple(family for family in candidates if issubclass(family.model_class, PreTrainedModel))
-
-
-def family_of(model_or_class: object) -> Family | None:
-    """The family of a model (or class) of the package, or of its parent class: the nearest class in its MRO."""
-    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
-    by_class = {}
-    for family in reversed(families()):  # the first declaration wins
-        by_class.update(dict.fromkeys((*family.model_classes, *family.parents), family))
-    return next((by_class[base] for base in cls.__mro__ if base in by_class), None)
-
-
-def family_of_model_type(model_type: str) -> Family | None:
-    """The family whose checkpoints have this ``config.json`` ``model_type`` (the parent's or ours)."""
-    return next((family for family in transformers_families() if model_type in family.model_types), None)
+    for family in families:
+        if not issubclass(family.model_class, transformers.PreTrainedModel):
+            continue
+        for model_class, parent in zip(family.model_classes, family.parents):
+            ARCHITECTURES[parent.__name__] = model_class.__name__
+            config_class = model_class.config_class
+            transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+            own_keys = (model_class.__name__, config_class.model_type)
+            for own, parents in zip(own_keys, (parent.__name__, parent.config_class.model_type)):
+                conversions = get_checkpoint_conversion_mapping(parents)
+                if conversions is not None:
+                    register_checkpoint_conversion_mapping(own, conversions, overwrite=True)
+        for auto_name, classes in family.auto_classes:
+            model_classes = classes if isinstance(classes, tuple) else (classes,)
+            auto_class = getattr(transformers, auto_name)
+            auto_class.register(model_classes[0].config_class, classes, exist_ok=True)
 
 
-def checkpoints() -> dict[str, Checkpoint]:
-    """Every named checkpoint of every family, by name."""
-    return {checkpoint.name: checkpoint for family in families() for checkpoint in family.checkpoints}
+def transformers_checkpoint(name: str, summary: str, model_class: type, hub_id: str, arch: dict, **model_kwargs):
+    """A `Checkpoint` of a `transformers` family: ``hub_id`` (or the local folder ``weights``) through
+    ``model_class.from_pretrained``, or with ``pretrained=False`` the architecture ``arch`` with random weights;
+    ``model_kwargs`` go to the model (e.g. ``add_pooling_layer=False``). Its preprocessing is ``hub_id``'s processor."""
+    load = partial(_load_transformers, name, model_class, hub_id, arch, model_kwargs)
+    return Checkpoint(name, summary, load, image_processor=hub_id)
+
+
+def _load_transformers(
+    name, model_class, hub_id, arch, model_kwargs, *, pretrained, weights, register_neurons, **settings
+) -> nn.Module:
+    if pretrained or weights:  # `from_pretrained` checks its keyword arguments itself
+        source = weights or hub_id
+        return model_class.from_pretrained(source, register_neurons=register_neurons, **model_kwargs, **settings)
+    config_class = model_class.config_class
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    check_keywords(settings, {*fields, *LOADER_ARGUMENTS}, f"{name}_tt_reg")
+    config = config_class(**arch, **settings)
+    config.attach_register_neurons(
+        register_neurons, checkpoint=name, register_semantics=settings.get("register_semantics")
+    )
+    return model_class(config, **model_kwargs)
 
 
 LOADER_ARGUMENTS = ("pretrained", "weights", "register_neurons")  # what every checkpoint loader takes besides settings

@@ -7,40 +7,15 @@ given, else the shipped one for that checkpoint, else an error that says how to 
 are a `TypeError` that names the closest valid one, as in upstream's entries.
 """
 
-import dataclasses
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 from torch import nn
 
-from .family import LOADER_ARGUMENTS, Checkpoint, check_keywords, checkpoints
+from .family import Checkpoint
+from .registry import checkpoints
 
 ENTRY_SUFFIX = "_tt_reg"
-
-
-def transformers_checkpoint(name: str, summary: str, model_class: type, hub_id: str, arch: dict, **model_kwargs):
-    """A `Checkpoint` of a `transformers` family: ``hub_id`` (or the local folder ``weights``) through
-    ``model_class.from_pretrained``, or with ``pretrained=False`` the architecture ``arch`` with random weights;
-    ``model_kwargs`` go to the model (e.g. ``add_pooling_layer=False``). Its preprocessing is ``hub_id``'s processor."""
-    load = partial(_load_transformers, name, model_class, hub_id, arch, model_kwargs)
-    return Checkpoint(name, summary, load, image_processor=hub_id)
-
-
-def _load_transformers(
-    name, model_class, hub_id, arch, model_kwargs, *, pretrained, weights, register_neurons, **settings
-) -> nn.Module:
-    if pretrained or weights:  # `from_pretrained` checks its keyword arguments itself
-        source = weights or hub_id
-        return model_class.from_pretrained(source, register_neurons=register_neurons, **model_kwargs, **settings)
-    config_class = model_class.config_class
-    fields = {field.name for field in dataclasses.fields(config_class)}
-    check_keywords(settings, {*fields, *LOADER_ARGUMENTS}, f"{name}{ENTRY_SUFFIX}")
-    config = config_class(**arch, **settings)
-    config.attach_register_neurons(
-        register_neurons, checkpoint=name, register_semantics=settings.get("register_semantics")
-    )
-    return model_class(config, **model_kwargs)
 
 
 def load_tt_model(

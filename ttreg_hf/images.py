@@ -101,14 +101,14 @@ def statistics_preprocessor(image_size: int, mean, std, description: str) -> Pre
     return Preprocessor(description, process, tuple(mean), tuple(std))
 
 
-def transformers_preprocessing(model: torch.nn.Module, source, image_size: int | None = None) -> Preprocessor:
+def transformers_preprocessing(
+    model: torch.nn.Module, source, image_size: int | None, default_image_processor: Callable, family_name: str
+) -> Preprocessor:
     """The preprocessing of a `transformers` family's checkpoint: the image processor of ``source`` (a folder or a
     Hub id; `AutoImageProcessor`, never remote code), or the one ``source()`` returns (the processor a checkpoint's
     authors document). Without one — a folder saved without ``preprocessor_config.json``, an id not cached offline —
-    the family's default processor, with a warning that names it."""
+    the family's ``default_image_processor(model.config)``, with a warning that names it."""
     from transformers import AutoImageProcessor
-
-    from .family import family_of
 
     if callable(source):
         processor = source()
@@ -122,9 +122,8 @@ def transformers_preprocessing(model: torch.nn.Module, source, image_size: int |
                 raise ValueError(f"Cannot read the image processor {saved} ({error}); fix or remove it.") from error
         else:
             return image_processor_preprocessor(processor, f"{source}'s {type(processor).__name__}", image_size)
-    family = family_of(model)
-    processor = family.default_image_processor(model.config)
-    description = f"the {family.name} default {type(processor).__name__}"
+    processor = default_image_processor(model.config)
+    description = f"the {family_name} default {type(processor).__name__}"
     warnings.warn(
         f"{source or 'This model'} has no image processor ({PREPROCESSOR_FILE}) that could be loaded; using "
         f"{description} (mean {list(processor.image_mean)}, std {list(processor.image_std)}): check that it fits the "

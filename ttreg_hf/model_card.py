@@ -7,7 +7,9 @@ from string import Template
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .family import parent_class
 from .index import INDEX_FILENAME, METADATA_KEY, RegisterNeuronIndex
+from .remote_code import remote_auto_map
 
 PAPER_URL = "https://arxiv.org/abs/2506.08010"
 BIBTEX = """@misc{jiang2025visiontransformersdontneed,
@@ -63,12 +65,12 @@ alone in `$index_file`: this repository is also an index repo id (`register_neur
 With `transformers` alone:
 
 ```python
-from transformers import AutoImageProcessor, AutoModel
+from transformers import $auto_class, AutoImageProcessor
 
 processor = AutoImageProcessor.from_pretrained("$repo_id")
-model = AutoModel.from_pretrained("$repo_id", trust_remote_code=True)
+model = $auto_class.from_pretrained("$repo_id", trust_remote_code=True)
 outputs = model(**processor(images=image, return_tensors="pt"))
-outputs.last_hidden_state, outputs.test_time_registers  # the registers, stripped from the tokens
+$outputs_line
 ```
 
 With the `ttreg_hf` package installed, no remote code is needed:
@@ -82,7 +84,7 @@ model = $model_class.from_pretrained("$repo_id")
 Switch the register off (the base model's outputs, exactly) with `num_test_time_registers=0`:
 
 ```python
-model = AutoModel.from_pretrained("$repo_id", trust_remote_code=True, num_test_time_registers=0)
+model = $auto_class.from_pretrained("$repo_id", trust_remote_code=True, num_test_time_registers=0)
 ```
 
 ## Licence
@@ -151,6 +153,14 @@ def render_model_card(
 ) -> str:
     """The card's text: YAML metadata for the Hub, then the body above."""
     license, licence_text = _licence(base_model, license)
+    config = model.config.register_config  # a dual encoder's is its vision config
+    auto_class = next(name for name in remote_auto_map(type(model)) if name != "AutoConfig")
+    parent = parent_class(type(model)).__name__
+    outputs_line = (
+        "outputs.last_hidden_state, outputs.test_time_registers  # the registers, stripped from the tokens"
+        if hasattr(model, "register_seams")
+        else f"# what {parent} returns, from a vision tower with test-time registers"
+    )
     base_name = base_model or "the base checkpoint"
     data = ModelCardData(
         license=license,
@@ -164,14 +174,16 @@ def render_model_card(
         base_link=f"`{base_model}`" if base_model else "A pretrained vision transformer",
         base_url=f"https://huggingface.co/{base_model}" if base_model else PAPER_URL,
         paper=PAPER_URL,
-        num_registers=model.config.num_test_time_registers,
+        num_registers=config.num_test_time_registers,
         index_section=index_section(
-            index, semantics=model.config.register_semantics, num_registers=model.config.num_test_time_registers
+            index, semantics=config.register_semantics, num_registers=config.num_test_time_registers
         ),
         metadata_key=METADATA_KEY,
         index_file=INDEX_FILENAME,
         repo_id=repo_id,
         model_class=type(model).__name__,
+        auto_class=auto_class,
+        outputs_line=outputs_line,
         licence_text=licence_text,
         bibtex=BIBTEX,
     )

@@ -15,20 +15,17 @@ weights planting writes in `PlantingSites`; `planting_sites` knows the package's
 the demo's DINOv2-shaped model with `PLANTED_NEURONS` at `PLANTED_LAYER`.
 """
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .configs.dinov2 import Dinov2TTRegConfig
-from .family import family_of
 from .images import Preprocessor, normalize, statistics_preprocessor
-
-if TYPE_CHECKING:
-    from .modeling.dinov2 import Dinov2TTRegModel
+from .modeling.dinov2 import Dinov2TTRegModel
+from .modeling.sites import BlockSites, PlantingSites, Projection
+from .registry import family_of
 
 PLANTED_LAYER = 3
 PLANTED_NEURONS = (37, 101, 222, 300)
@@ -48,65 +45,6 @@ OUTLIER = slice(24, 48)  # the outlier direction
 def alternating(size: int) -> torch.Tensor:
     """A unit vector of alternating signs: its mean is zero, so LayerNorm keeps it."""
     return torch.tensor([(-1.0) ** i for i in range(size)]) / size**0.5
-
-
-class LinearRows(NamedTuple):
-    """Rows of a packed projection as planting sees a Linear, e.g. the query rows of timm's ``qkv`` or of
-    ``nn.MultiheadAttention``'s ``in_proj``: views, so writing them writes the model's weights."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-
-    @classmethod
-    def of(cls, linear: nn.Module, rows: slice, weight: str = "weight", bias: str = "bias") -> "LinearRows":
-        """``rows`` of ``linear``'s ``weight`` and ``bias`` parameters (named as given)."""
-        bias_tensor = getattr(linear, bias, None)
-        return cls(getattr(linear, weight)[rows], None if bias_tensor is None else bias_tensor[rows])
-
-
-Projection = nn.Linear | LinearRows
-
-
-@dataclass(frozen=True)
-class BlockSites:
-    """The projections of one transformer block that planting writes to.
-
-    mlp_in: the MLP's input projection, whose output goes through the activation (for a gated MLP, the gate).
-    mlp_out: the MLP's output projection, which reads the hidden activations (after the gating).
-    mlp_up: for a gated MLP ``act(gate(x)) * up(x)``, the ``up`` projection; planting sets a planted neuron's row to
-        the constant 1 (zero weights, bias 1), so the product is the gate's activation. It needs a bias.
-    query, key: the attention's query and key projections, for the attention sink (`None`: no sink in this block,
-        e.g. under RoPE, which rotates the keys of the patches).
-    attention_out: the attention's output projection (optional), quieted with ``quiet_channels``.
-    """
-
-    mlp_in: Projection
-    mlp_out: Projection
-    mlp_up: Projection | None = None
-    query: Projection | None = None
-    key: Projection | None = None
-    attention_out: Projection | None = None
-
-
-@dataclass(frozen=True)
-class PlantingSites:
-    """Where a ViT keeps the weights `plant_register_neurons` writes; `planting_sites` knows the package's families.
-
-    patch_projection: the patch embedding, an ``nn.Conv2d`` over ``(3, H, W)`` images or an ``nn.Linear`` over
-        pre-patchified input flattened channel-last, ``(patch, patch, 3)`` (as SigLIP2's image processor does).
-    blocks: the transformer blocks' `BlockSites`, in order (pre-norm blocks with LayerNorm).
-    num_heads: attention heads (the sink writes one query and one key row per head).
-    prefix_tokens: the learned tokens before the patches (CLS, distillation, trained registers), each a tensor
-        whose last dimension is the width; none for SigLIP.
-    position_embedding: the position table added to the tokens (optional): quieted with the patch projection, and
-        where the patch projection has no bias (OpenCLIP's), the anchor goes there instead.
-    """
-
-    patch_projection: nn.Conv2d | nn.Linear
-    blocks: Sequence[BlockSites]
-    num_heads: int
-    prefix_tokens: Sequence[torch.Tensor] = ()
-    position_embedding: torch.Tensor | None = None
 
 
 def planted_config(**settings) -> Dinov2TTRegConfig:
@@ -130,9 +68,8 @@ def planted_index() -> dict[int, tuple[int, ...]]:
 
 
 @torch.no_grad()
-def build_planted_model(seed: int = 0, **settings) -> "Dinov2TTRegModel":
+def build_planted_model(seed: int = 0, **settings) -> Dinov2TTRegModel:
     """The planted model in eval mode; ``settings`` go to the config (e.g. ``register_neurons=planted_index()``)."""
-    from .modeling.dinov2 import Dinov2TTRegModel  # which imports this module for its planting sites
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -296,27 +233,6 @@ def textured_images(
                 top, left = (int(v) for v in torch.randint(0, size - max(height, width), (2,), generator=generator))
                 image[:, top : top + height, left : left + width] = torch.rand(3, 1, 1, generator=generator)
     return images
-
-
-def block_sites(
-    layers, attention: Callable, mlp_in: str = "fc1", mlp_out: str = "fc2", mlp_up: str | None = None, sink: bool = True
-) -> list[BlockSites]:
-    """`BlockSites` of blocks whose MLP keeps its projections as ``mlp_in`` / ``mlp_out`` (/ ``mlp_up``) and whose
-    ``attention(block)`` has ``q_proj``, ``k_proj`` and ``o_proj`` (or ``out_proj``); ``sink=False``: no sink."""
-    sites = []
-    for block in layers:
-        mlp, attn = block.mlp, attention(block)
-        sites.append(
-            BlockSites(
-                getattr(mlp, mlp_in),
-                getattr(mlp, mlp_out),
-                getattr(mlp, mlp_up) if mlp_up else None,
-                attn.q_proj if sink else None,
-                attn.k_proj if sink else None,
-                getattr(attn, "o_proj", None) or attn.out_proj,
-            )
-        )
-    return sites
 
 
 def planting_sites(model: nn.Module) -> PlantingSites:

@@ -10,28 +10,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..family import family_of
+from ..registry import family_of
 
 Reader = Callable[..., torch.Tensor]  # (block, its hidden-states input, **its keyword arguments) -> probabilities
-
-
-def attention_probabilities(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    num_heads: int,
-    scaling: float,
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``softmax(q k^T * scaling)`` per head, ``(batch, heads, tokens, tokens)``, in float32; ``queries`` and ``keys``
-    are ``(batch, tokens, heads * head_dim)``. ``attention_mask`` (``(batch, tokens)``, true on real tokens) keeps
-    every query off the padding keys, as the model's attention does."""
-    batch, tokens, _ = queries.shape
-    queries = queries.view(batch, tokens, num_heads, -1).transpose(1, 2)
-    keys = keys.view(batch, tokens, num_heads, -1).transpose(1, 2)
-    scores = queries.float() @ keys.float().transpose(-1, -2) * scaling
-    if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], float("-inf"))
-    return torch.softmax(scores, dim=-1)
 
 
 def attention_reader(model: nn.Module) -> Reader:

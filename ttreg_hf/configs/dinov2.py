@@ -35,6 +35,19 @@ class Dinov2TTRegConfig(TestTimeRegisterConfigMixin, Dinov2Config):
 
     position_interpolation: PositionInterpolation = "transformers"  # `@strict` refuses any other value
 
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        """Refuses a DINOv2-with-registers checkpoint: this model has no place for its trained ``register_tokens``."""
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") == "dinov2_with_registers":
+            raise ValueError(
+                f"{config_dict.get('_name_or_path') or 'This checkpoint'} is a DINOv2 with trained registers "
+                "(Dinov2WithRegisters): a Dinov2TTReg class would drop its `embeddings.register_tokens`. Load it with "
+                "`transformers.Dinov2WithRegistersModel`, which has registers already, or give test-time registers to "
+                "a DINOv2 trained without them (facebook/dinov2-small, -base, -large, -giant)."
+            )
+        return config_dict, kwargs
+
     @property
     def mlp_width(self) -> int:
         width = int(self.hidden_size * self.mlp_ratio)

@@ -250,7 +250,7 @@ class TestTimeRegisterCompositeConfigMixin:
 
 
 # parent class name -> ours ("DeiTForImageClassificationWithTeacher" -> "DeiTTTRegForImageClassificationWithTeacher"),
-# filled by `ttreg_hf.register_auto_classes`: a parent model upgraded in place (`to_test_time_registers`) saves our
+# filled by `ttreg_hf.family.register_auto_classes`: a parent model upgraded in place (`to_test_time_registers`) saves our
 # config with its own class name in ``architectures``, by which an Auto class with several classes for one config
 # (DeiT's two classifiers) picks one
 ARCHITECTURES: dict[str, str] = {}

@@ -31,7 +31,7 @@ def vision_tower(model: torch.nn.Module) -> TestTimeRegisterMixin:
     """The test-time-register vision tower of ``model``: itself, an open_clip model's ``visual``, or a `transformers`
     dual encoder's vision model."""
     if hasattr(model, "get_text_features"):
-        from ..modeling.vlm import vision_tower_with_registers
+        from ..modeling.registers import vision_tower_with_registers
 
         model = vision_tower_with_registers(model)
     tower = getattr(model, "visual", model)

@@ -18,12 +18,9 @@ from transformers import (
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPVisionEmbeddings, CLIPVisionModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from ..analysis.attention import attention_probabilities
 from ..configs.clip import CLIPTTRegConfig, CLIPVisionTTRegConfig
-from ..family import Family
-from ..hub import transformers_checkpoint
-from ..images import transformers_preprocessing
-from ..planted import PlantingSites, block_sites
+from ..family import Family, register_auto_classes, transformers_checkpoint
+from .attention import attention_probabilities
 from .layout import TokenLayout
 from .registers import (
     EditAfterActivationMixin,
@@ -31,10 +28,11 @@ from .registers import (
     RegisterSeams,
     TestTimeRegisterModelOutput,
     TestTimeRegisterOutputMixin,
+    WithRegisterTowerMixin,
     check_image_size,
     check_pixel_values,
 )
-from .vlm import WithRegisterTowerMixin
+from .sites import PlantingSites, block_sites
 
 
 @dataclass
@@ -137,6 +135,7 @@ class CLIPTTRegModel(WithRegisterTowerMixin, CLIPModel):
 
     config: CLIPTTRegConfig
     config_class = CLIPTTRegConfig
+    tower_class = CLIPVisionTTRegModel
 
 
 class CLIPTTRegForImageClassification(WithRegisterTowerMixin, CLIPForImageClassification):
@@ -145,6 +144,7 @@ class CLIPTTRegForImageClassification(WithRegisterTowerMixin, CLIPForImageClassi
 
     config: CLIPTTRegConfig
     config_class = CLIPTTRegConfig
+    tower_class = CLIPVisionTTRegModel
 
 
 # ---- the family's declaration ------------------------------------------------------------------------------------
@@ -194,10 +194,15 @@ FAMILIES = (
             CLIPTTRegModel,
             CLIPTTRegForImageClassification,
         ),
+        auto_classes=(
+            ("AutoModel", CLIPVisionTTRegModel),
+            ("AutoModel", CLIPTTRegModel),
+            ("AutoModelForZeroShotImageClassification", CLIPTTRegModel),
+            ("AutoModelForImageClassification", CLIPTTRegForImageClassification),
+        ),
         checkpoint_model_types=("clip", "clip_vision_model"),
         attention_reader=clip_attention,
         planting_sites=clip_planting_sites,
-        preprocessing=transformers_preprocessing,
         default_image_processor=clip_image_processor,
         checkpoints=(
             transformers_checkpoint(
@@ -210,3 +215,5 @@ FAMILIES = (
         ),
     ),
 )
+
+register_auto_classes(*FAMILIES)

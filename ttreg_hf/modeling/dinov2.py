@@ -16,11 +16,9 @@ from transformers.modeling_outputs import BackboneOutput
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings, Dinov2Encoder, Dinov2MLP, Dinov2SwiGLUFFN
 from transformers.utils.generic import can_return_tuple
 
-from ..analysis.attention import attention_probabilities
 from ..configs.dinov2 import Dinov2TTRegConfig
-from ..family import Checkpoint, Family
-from ..images import transformers_preprocessing
-from ..planted import PlantingSites, block_sites
+from ..family import Checkpoint, Family, register_auto_classes
+from .attention import attention_probabilities
 from .dinov2_original import load_dinov2_linear_classifier, load_upstream_dinov2
 from .layout import TokenLayout
 from .registers import (
@@ -29,9 +27,10 @@ from .registers import (
     RegisterSeams,
     StripRegistersMixin,
     TestTimeRegisterModelOutput,
+    WithRegisterTowerMixin,
     check_pixel_values,
 )
-from .vlm import WithRegisterTowerMixin
+from .sites import PlantingSites, block_sites
 
 
 class Dinov2TTRegEmbeddings(Dinov2Embeddings):
@@ -142,6 +141,7 @@ class Dinov2TTRegForImageClassification(WithRegisterTowerMixin, Dinov2ForImageCl
 
     config: Dinov2TTRegConfig
     config_class = Dinov2TTRegConfig
+    tower_class = Dinov2TTRegModel
 
 
 # ---- the family's declaration ------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def _upstream(arch: str, summary: str) -> tuple[Checkpoint, Checkpoint]:
     backbone = Checkpoint(
         f"dinov2_{arch}",
         summary,
-        partial(load_upstream_dinov2, arch),
+        partial(load_upstream_dinov2, Dinov2TTRegModel, arch),
         tower=lambda hub_model: hub_model.dinov2,
         image_processor=dinov2_image_processor,
     )
@@ -189,7 +189,7 @@ def _upstream(arch: str, summary: str) -> tuple[Checkpoint, Checkpoint]:
         f"dinov2_{arch}_lc",
         f"Upstream's ImageNet-1k linear classifier on {summary.partition(' with ')[0]}, with test-time registers; "
         "``layers`` 1 or 4 (default); ``head_weights``: a local head file.",
-        partial(load_dinov2_linear_classifier, arch),
+        partial(load_dinov2_linear_classifier, Dinov2TTRegModel, arch),
         tower=lambda classifier: classifier.backbone.dinov2,
         image_processor=dinov2_image_processor,
         entry=f"dinov2_{arch}_tt_reg_lc",
@@ -201,10 +201,14 @@ FAMILIES = (
     Family(
         name="dinov2",
         model_classes=(Dinov2TTRegModel, Dinov2TTRegBackbone, Dinov2TTRegForImageClassification),
+        auto_classes=(
+            ("AutoModel", Dinov2TTRegModel),
+            ("AutoBackbone", Dinov2TTRegBackbone),
+            ("AutoModelForImageClassification", Dinov2TTRegForImageClassification),
+        ),
         checkpoint_model_types=("dinov2",),
         attention_reader=dinov2_attention,
         planting_sites=dinov2_planting_sites,
-        preprocessing=transformers_preprocessing,
         default_image_processor=dinov2_image_processor,
         checkpoints=(
             *_upstream(
@@ -223,3 +227,5 @@ FAMILIES = (
         ),
     ),
 )
+
+register_auto_classes(*FAMILIES)

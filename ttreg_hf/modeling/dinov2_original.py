@@ -4,21 +4,17 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
 from huggingface_hub.constants import is_offline_mode
 from safetensors.torch import load_file
 from torch import nn
-from transformers.models.dinov2.modeling_dinov2 import Dinov2PatchEmbeddings
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Model, Dinov2PatchEmbeddings
 
 from ..configs.dinov2 import Dinov2TTRegConfig
 from ..family import LOADER_ARGUMENTS, check_keywords
 from .registers import IndexSpec, adopt
-
-if TYPE_CHECKING:
-    from .dinov2 import Dinov2TTRegModel  # the family module, which declares this module's checkpoints
 
 # arch -> (hidden_size, num_hidden_layers, num_attention_heads, use_swiglu_ffn), as in dinov2/hub/backbones.py
 DINOV2_ARCHS = {
@@ -136,15 +132,14 @@ def load_original_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(weights, map_location="cpu", weights_only=True)
 
 
-def load_dinov2(config: Dinov2TTRegConfig, weights: str | Path | None) -> "Dinov2TTRegModel":
-    """`Dinov2TTRegModel` of ``config``: random weights when ``weights`` is None, else converted original ones."""
-    from .dinov2 import Dinov2TTRegModel
-
+def load_dinov2(model_class: type[Dinov2Model], config: Dinov2TTRegConfig, weights: str | Path | None):
+    """``model_class`` (`Dinov2TTRegModel`, which the family module passes: this module is below it) of ``config``:
+    random weights when ``weights`` is None, else converted original ones."""
     if weights is None:
-        return Dinov2TTRegModel(config).eval()
+        return model_class(config).eval()
     state_dict = convert_original_state_dict(load_original_state_dict(weights), config)
     with torch.device("meta"):  # built with the edit off; the edits are built once, on the weights' device
-        model = Dinov2TTRegModel(dataclasses.replace(config, register_neurons={}))
+        model = model_class(dataclasses.replace(config, register_neurons={}))
     dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}  # upstream's fp32, whatever the file's
     state_dict = {name: value.to(dtypes.get(name, value.dtype)) for name, value in state_dict.items()}
     model.load_state_dict(state_dict, assign=True)
@@ -189,7 +184,7 @@ class DinoVisionTransformerTTReg(nn.Module):
     num_register_tokens = 0
     register_tokens = None
 
-    def __init__(self, dinov2: "Dinov2TTRegModel"):
+    def __init__(self, dinov2: Dinov2Model):
         super().__init__()
         self.dinov2 = dinov2
         self.embed_dim = self.num_features = dinov2.config.hidden_size
@@ -340,17 +335,18 @@ def backbone_weights(arch: str, pretrained: bool, weights: str | Path | None) ->
 
 
 def load_dinov2_backbone(
+    model_class: type[Dinov2Model],
     arch: str,
     pretrained: bool = True,
     weights: str | Path | None = None,
     register_neurons: IndexSpec | None = None,
     **settings,
-) -> "Dinov2TTRegModel":
+) -> Dinov2Model:
     """The ``dinov2_{arch}`` backbone: upstream's checkpoint (``pretrained``), a local ``weights`` file in its layout,
     or random weights; ``register_neurons`` or the index shipped for it; ``settings`` are config fields."""
     check_keywords(settings, {*_CONFIG_FIELDS, *LOADER_ARGUMENTS}, f"dinov2_{arch}_tt_reg")
     config = dinov2_config(arch, register_neurons, **settings)
-    return load_dinov2(config, backbone_weights(arch, pretrained, weights))
+    return load_dinov2(model_class, config, backbone_weights(arch, pretrained, weights))
 
 
 def load_dinov2_linear_head(
@@ -379,6 +375,7 @@ def load_dinov2_linear_head(
 
 
 def load_dinov2_linear_classifier(
+    model_class: type[Dinov2Model],
     arch: str,
     layers: int = 4,
     pretrained: bool = True,
@@ -393,10 +390,10 @@ def load_dinov2_linear_classifier(
     check_keywords(settings, {*_CONFIG_FIELDS, *LOADER_ARGUMENTS, *_HEAD_ARGUMENTS}, f"dinov2_{arch}_tt_reg_lc")
     config = dinov2_config(arch, register_neurons, **settings)
     head = load_dinov2_linear_head(arch, layers, pretrained, head_weights)
-    backbone = load_dinov2(config, backbone_weights(arch, pretrained, weights))
+    backbone = load_dinov2(model_class, config, backbone_weights(arch, pretrained, weights))
     return DinoVisionTransformerTTRegClassifier(DinoVisionTransformerTTReg(backbone), head, layers).eval()
 
 
-def load_upstream_dinov2(arch: str, **kwargs) -> DinoVisionTransformerTTReg:
+def load_upstream_dinov2(model_class: type[Dinov2Model], arch: str, **kwargs) -> DinoVisionTransformerTTReg:
     """The torch.hub model ``dinov2_{arch}_tt_reg``: `load_dinov2_backbone`'s model behind upstream's interface."""
-    return DinoVisionTransformerTTReg(load_dinov2_backbone(arch, **kwargs))
+    return DinoVisionTransformerTTReg(load_dinov2_backbone(model_class, arch, **kwargs))

@@ -20,10 +20,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
 from transformers.utils.generic import can_return_tuple
 
 from ..configs.dinov3 import DINOv3ViTTTRegConfig
-from ..family import Family
-from ..hub import transformers_checkpoint
-from ..images import transformers_preprocessing
-from ..planted import PlantingSites, block_sites
+from ..family import Family, register_auto_classes, transformers_checkpoint
 from .layout import TokenLayout
 from .registers import (
     PreTrainedTestTimeRegisterMixin,
@@ -32,6 +29,7 @@ from .registers import (
     TestTimeRegisterModelOutput,
     check_pixel_values,
 )
+from .sites import PlantingSites, block_sites
 
 
 class DINOv3ViTTTRegEmbeddings(DINOv3ViTEmbeddings):
@@ -178,10 +176,13 @@ FAMILIES = (
     Family(
         name="dinov3",
         model_classes=(DINOv3ViTTTRegModel, DINOv3ViTTTRegBackbone),
+        auto_classes=(
+            ("AutoModel", DINOv3ViTTTRegModel),
+            ("AutoBackbone", DINOv3ViTTTRegBackbone),
+        ),
         checkpoint_model_types=("dinov3_vit",),
         attention_reader=dinov3_attention,
         planting_sites=dinov3_planting_sites,
-        preprocessing=transformers_preprocessing,
         default_image_processor=dinov3_image_processor,
         checkpoints=(
             transformers_checkpoint(
@@ -194,3 +195,5 @@ FAMILIES = (
         ),
     ),
 )
+
+register_auto_classes(*FAMILIES)

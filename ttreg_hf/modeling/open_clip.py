@@ -21,12 +21,11 @@ from open_clip.pretrained import get_pretrained_cfg
 from open_clip.transformer import Transformer, VisionTransformer
 from torch import nn
 
-from ..analysis.attention import attention_probabilities
 from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings, square_patch_size
 from ..family import LOADER_ARGUMENTS, Checkpoint, Family, check_close_keywords, check_keywords
 from ..images import Preprocessor, transform_preprocessor
 from ..index import INDEX_FILENAME
-from ..planted import BlockSites, LinearRows, PlantingSites
+from .attention import attention_probabilities
 from .layout import TokenLayout
 from .registers import (
     IndexSpec,
@@ -36,6 +35,7 @@ from .registers import (
     adopt,
     check_pixel_values,
 )
+from .sites import BlockSites, LinearRows, PlantingSites
 
 
 class TTRegTransformer(Transformer):

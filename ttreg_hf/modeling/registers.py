@@ -24,6 +24,7 @@ from transformers.utils import ModelOutput
 from ..configs.registers import REGISTER_SETTINGS, pop_register_settings
 from ..family import check_close_keywords, parent_class
 from ..index import RegisterNeuronIndex, warn_once, weights_fingerprint
+from ..remote_code import remote_auto_map, write_remote_code
 from .edit import RegisterNeuronEdit
 from .layout import TokenLayout
 
@@ -437,6 +438,35 @@ class TestTimeRegisterLoadingMixin:
             )
         return cls.config_class.from_parent_config(config)
 
+    def save_pretrained(self, save_directory: str | Path, *args, push_to_hub: bool = False, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, plus the family's remote code and an ``auto_map`` in ``config.json``: the
+        folder also loads with plain `transformers` (``trust_remote_code=True``, the Auto class of the parent class)
+        where ttreg_hf is not installed, while with ttreg_hf imported the Auto classes build the package's classes.
+        `push_to_hub` and `Trainer` checkpoints save through here. A subclass of your own saves no remote code."""
+        if push_to_hub:
+            raise ValueError(
+                "save_pretrained(push_to_hub=True) would upload before the remote code is written: call "
+                "`model.push_to_hub(repo_id)`, which uploads everything save_pretrained writes."
+            )
+        auto_map = remote_auto_map(type(self))
+        if auto_map is None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        # the keys as the module tree has them, not `transformers`' older layout: the remote classes (named apart from
+        # the parents) have no key conversions to read that layout with
+        kwargs.setdefault("save_original_format", False)
+        config, missing = self.config, object()
+        previous = getattr(config, "auto_map", missing)
+        config.auto_map = auto_map
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if previous is missing:
+                del config.auto_map
+            else:
+                config.auto_map = previous
+        if kwargs.get("is_main_process", True):
+            write_remote_code(type(self), save_directory)
+
     @classmethod
     def is_custom_code(cls) -> bool:
         """`False`: to `transformers` a class defined outside it is custom code, whose modules keep their constructors'
@@ -531,3 +561,48 @@ def register_settings(config_class: type) -> set[str]:
 
 MODEL_KEYWORDS = ("dtype", "torch_dtype")  # config attributes that `from_pretrained` gives the model, not the config
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
+def vision_tower_with_registers(model: nn.Module) -> PreTrainedTestTimeRegisterMixin:
+    """The test-time-register tower inside ``model``, e.g. to call `set_register_neurons` on it."""
+    towers = [module for module in model.modules() if isinstance(module, PreTrainedTestTimeRegisterMixin)]
+    if len(towers) != 1:
+        raise ValueError(
+            f"{type(model).__name__} has {len(towers)} vision towers with test-time registers, not one; give it one "
+            "with `to_test_time_registers(model, register_neurons=...)`."
+        )
+    return towers[0]
+
+
+def set_tower(model: PreTrainedModel, path: str, tower: PreTrainedTestTimeRegisterMixin) -> None:
+    """Put ``tower`` at ``path``, and its modules that must stay on one device (our adopted embeddings) into the
+    ``_no_split_modules`` that each model above it gathered from its children at init, for ``device_map``."""
+    model.set_submodule(path, tower)
+    parts = path.split(".")
+    for owner in (model.get_submodule(".".join(parts[:depth])) for depth in range(len(parts))):
+        if isinstance(owner, PreTrainedModel) and isinstance(owner._no_split_modules, set):
+            owner._no_split_modules.update(tower._no_split_modules)
+
+
+class WithRegisterTowerMixin(TestTimeRegisterLoadingMixin):
+    """For a parent model built around a tower of one of our families — a classifier (`Dinov2ForImageClassification`'s
+    `dinov2`), a dual encoder (`CLIPModel`'s `vision_model`): the parent builds everything, then its one tower of
+    ``tower_class``'s parent class is rebuilt as ``tower_class`` on the same weights (`build_sharing_weights`, as
+    `to_test_time_registers` does to a loaded parent). The parent's forward runs unchanged on a tower that returns
+    parent-shaped outputs, so its head and pooling never see the registers; the tower's register fields reach the
+    caller wherever the parent returns the tower's output (`CLIPOutput.vision_model_output`).
+    `vision_tower_with_registers(model)` is the tower."""
+
+    tower_class: ClassVar[type[PreTrainedTestTimeRegisterMixin]]
+
+    def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
+        super().__init__(self.convert_config(config), *inputs, **kwargs)
+        parent_tower = parent_class(self.tower_class)
+        [(path, tower)] = [(path, module) for path, module in self.named_modules() if type(module) is parent_tower]
+        arguments = self.tower_class.constructor_arguments(tower)
+        set_tower(self, path, build_sharing_weights(self.tower_class, tower, tower.config, **arguments))
+
+    def set_register_neurons(self, register_neurons: IndexSpec | None, **settings) -> "WithRegisterTowerMixin":
+        """The tower's `set_register_neurons` (it writes the config, which this model saves)."""
+        vision_tower_with_registers(self).set_register_neurons(register_neurons, **settings)
+        return self

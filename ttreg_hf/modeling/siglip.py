@@ -32,12 +32,9 @@ from transformers.models.siglip2.modeling_siglip2 import (
 )
 from transformers.utils.generic import can_return_tuple
 
-from ..analysis.attention import attention_probabilities
 from ..configs.siglip import Siglip2TTRegConfig, Siglip2VisionTTRegConfig, SiglipTTRegConfig, SiglipVisionTTRegConfig
-from ..family import Family
-from ..hub import transformers_checkpoint
-from ..images import transformers_preprocessing
-from ..planted import PlantingSites, block_sites
+from ..family import Family, register_auto_classes, transformers_checkpoint
+from .attention import attention_probabilities
 from .clip import clip_attention
 from .layout import TokenLayout
 from .registers import (
@@ -45,10 +42,11 @@ from .registers import (
     PreTrainedTestTimeRegisterMixin,
     RegisterSeams,
     TestTimeRegisterModelOutput,
+    WithRegisterTowerMixin,
     check_image_size,
     check_pixel_values,
 )
-from .vlm import WithRegisterTowerMixin
+from .sites import PlantingSites, block_sites
 
 
 class SiglipVisionTTRegEmbeddings(SiglipVisionEmbeddings):
@@ -269,6 +267,7 @@ class SiglipTTRegModel(WithRegisterTowerMixin, SiglipModel):
 
     config: SiglipTTRegConfig
     config_class = SiglipTTRegConfig
+    tower_class = SiglipVisionTTRegModel
 
 
 class SiglipTTRegForImageClassification(WithRegisterTowerMixin, SiglipForImageClassification):
@@ -277,6 +276,7 @@ class SiglipTTRegForImageClassification(WithRegisterTowerMixin, SiglipForImageCl
 
     config: SiglipTTRegConfig
     config_class = SiglipTTRegConfig
+    tower_class = SiglipVisionTTRegModel
 
 
 class Siglip2TTRegModel(WithRegisterTowerMixin, Siglip2Model):
@@ -284,6 +284,7 @@ class Siglip2TTRegModel(WithRegisterTowerMixin, Siglip2Model):
 
     config: Siglip2TTRegConfig
     config_class = Siglip2TTRegConfig
+    tower_class = Siglip2VisionTTRegModel
 
 
 class Siglip2TTRegForImageClassification(WithRegisterTowerMixin, Siglip2ForImageClassification):
@@ -292,6 +293,7 @@ class Siglip2TTRegForImageClassification(WithRegisterTowerMixin, Siglip2ForImage
 
     config: Siglip2TTRegConfig
     config_class = Siglip2TTRegConfig
+    tower_class = Siglip2VisionTTRegModel
 
 
 # ---- the families' declarations ----------------------------------------------------------------------------------
@@ -351,10 +353,15 @@ FAMILIES = (
     Family(
         name="siglip",
         model_classes=(SiglipVisionTTRegModel, SiglipTTRegModel, SiglipTTRegForImageClassification),
+        auto_classes=(
+            ("AutoModel", SiglipVisionTTRegModel),
+            ("AutoModel", SiglipTTRegModel),
+            ("AutoModelForZeroShotImageClassification", SiglipTTRegModel),
+            ("AutoModelForImageClassification", SiglipTTRegForImageClassification),
+        ),
         checkpoint_model_types=("siglip", "siglip_vision_model"),
         attention_reader=clip_attention,
         planting_sites=siglip_planting_sites,
-        preprocessing=transformers_preprocessing,
         default_image_processor=siglip_image_processor,
         checkpoints=(
             transformers_checkpoint(
@@ -369,10 +376,15 @@ FAMILIES = (
     Family(
         name="siglip2",
         model_classes=(Siglip2VisionTTRegModel, Siglip2TTRegModel, Siglip2TTRegForImageClassification),
+        auto_classes=(
+            ("AutoModel", Siglip2VisionTTRegModel),
+            ("AutoModel", Siglip2TTRegModel),
+            ("AutoModelForZeroShotImageClassification", Siglip2TTRegModel),
+            ("AutoModelForImageClassification", Siglip2TTRegForImageClassification),
+        ),
         checkpoint_model_types=("siglip2", "siglip2_vision_model"),
         attention_reader=siglip2_attention,
         planting_sites=siglip_planting_sites,
-        preprocessing=transformers_preprocessing,
         default_image_processor=siglip2_image_processor,
         padding_mask="pixel_attention_mask",
         checkpoints=(
@@ -386,3 +398,5 @@ FAMILIES = (
         ),
     ),
 )
+
+register_auto_classes(*FAMILIES)

@@ -17,12 +17,12 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..analysis.attention import attention_probabilities
 from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings, square_patch_size
 from ..family import Family, check_close_keywords
 from ..images import Preprocessor, transform_preprocessor
-from ..planted import BlockSites, LinearRows, PlantingSites
+from .attention import attention_probabilities
 from .registers import IndexSpec, KeywordRegisterSettingsMixin, RegisterAppender, RegisterSeams, adopt
+from .sites import BlockSites, LinearRows, PlantingSites
 
 
 class TimmTTRegMlp(Mlp):

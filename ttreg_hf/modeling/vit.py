@@ -19,21 +19,19 @@ from transformers.models.deit.modeling_deit import DeiTEmbeddings, DeiTMLP
 from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTMLP
 from transformers.utils.generic import can_return_tuple
 
-from ..analysis.attention import attention_probabilities
 from ..configs.vit import DeiTTTRegConfig, ViTTTRegConfig
-from ..family import Family
-from ..hub import transformers_checkpoint
-from ..images import transformers_preprocessing
-from ..planted import PlantingSites, block_sites
+from ..family import Family, register_auto_classes, transformers_checkpoint
+from .attention import attention_probabilities
 from .layout import TokenLayout
 from .registers import (
     EditAfterActivationMixin,
     PreTrainedTestTimeRegisterMixin,
     RegisterSeams,
     TestTimeRegisterModelOutput,
+    WithRegisterTowerMixin,
     check_pixel_values,
 )
-from .vlm import WithRegisterTowerMixin
+from .sites import PlantingSites, block_sites
 
 
 class ViTStyleTTRegEmbeddingsMixin:
@@ -136,6 +134,7 @@ class ViTTTRegForImageClassification(WithRegisterTowerMixin, ViTForImageClassifi
 
     config: ViTTTRegConfig
     config_class = ViTTTRegConfig
+    tower_class = ViTTTRegModel
 
 
 class DeiTTTRegForImageClassification(WithRegisterTowerMixin, DeiTForImageClassification):
@@ -144,6 +143,7 @@ class DeiTTTRegForImageClassification(WithRegisterTowerMixin, DeiTForImageClassi
 
     config: DeiTTTRegConfig
     config_class = DeiTTTRegConfig
+    tower_class = DeiTTTRegModel
 
 
 class DeiTTTRegForImageClassificationWithTeacher(WithRegisterTowerMixin, DeiTForImageClassificationWithTeacher):
@@ -152,6 +152,7 @@ class DeiTTTRegForImageClassificationWithTeacher(WithRegisterTowerMixin, DeiTFor
 
     config: DeiTTTRegConfig
     config_class = DeiTTTRegConfig
+    tower_class = DeiTTTRegModel
 
 
 # ---- the families' declarations ----------------------------------------------------------------------------------
@@ -193,10 +194,13 @@ FAMILIES = (
     Family(
         name="vit",
         model_classes=(ViTTTRegModel, ViTTTRegForImageClassification),
+        auto_classes=(
+            ("AutoModel", ViTTTRegModel),
+            ("AutoModelForImageClassification", ViTTTRegForImageClassification),
+        ),
         checkpoint_model_types=("vit",),
         attention_reader=vit_attention,
         planting_sites=vit_planting_sites,
-        preprocessing=transformers_preprocessing,
         default_image_processor=vit_image_processor,
         checkpoints=(
             transformers_checkpoint(
@@ -215,10 +219,16 @@ FAMILIES = (
             DeiTTTRegForImageClassification,
             DeiTTTRegForImageClassificationWithTeacher,
         ),
+        auto_classes=(
+            ("AutoModel", DeiTTTRegModel),
+            (
+                "AutoModelForImageClassification",
+                (DeiTTTRegForImageClassification, DeiTTTRegForImageClassificationWithTeacher),
+            ),
+        ),
         checkpoint_model_types=("deit",),
         attention_reader=vit_attention,
         planting_sites=vit_planting_sites,
-        preprocessing=transformers_preprocessing,
         default_image_processor=deit_image_processor,
         checkpoints=(
             transformers_checkpoint(  # a classifier checkpoint: it holds no pooler, so the model gets none
@@ -232,3 +242,5 @@ FAMILIES = (
         ),
     ),
 )
+
+register_auto_classes(*FAMILIES)

@@ -16,13 +16,15 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
 
 from ..configs.registers import TestTimeRegisterCompositeConfigMixin, TestTimeRegisterConfigMixin
-from ..family import check_close_keywords, transformers_families
+from ..family import check_close_keywords
+from ..registry import transformers_families
 from .registers import (
     IndexSpec,
     PreTrainedTestTimeRegisterMixin,
-    TestTimeRegisterLoadingMixin,
     build_sharing_weights,
     register_settings,
+    set_tower,
+    vision_tower_with_registers,
 )
 
 
@@ -105,17 +107,6 @@ def with_test_time_register_tower(config: PreTrainedConfig, **settings) -> PreTr
     return config
 
 
-def vision_tower_with_registers(model: nn.Module) -> PreTrainedTestTimeRegisterMixin:
-    """The test-time-register tower inside ``model``, e.g. to call `set_register_neurons` on it."""
-    towers = [module for module in model.modules() if isinstance(module, PreTrainedTestTimeRegisterMixin)]
-    if len(towers) != 1:
-        raise ValueError(
-            f"{type(model).__name__} has {len(towers)} vision towers with test-time registers, not one; give it one "
-            "with `to_test_time_registers(model, register_neurons=...)`."
-        )
-    return towers[0]
-
-
 def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
     """The path and module of the one submodule of ``vlm`` whose class is the parent of one of our families."""
     upgraded = [path for path, module in vlm.named_modules() if isinstance(module, PreTrainedTestTimeRegisterMixin)]
@@ -153,40 +144,12 @@ def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
     return path, tower
 
 
-def tower_with_registers(tower: PreTrainedModel, config: PreTrainedConfig) -> PreTrainedTestTimeRegisterMixin:
-    """``tower`` (of a parent tower class) as our class of it, built from ``config`` on the tower's own weights
+def tower_with_registers(
+    ours: type[PreTrainedTestTimeRegisterMixin], tower: PreTrainedModel, config: PreTrainedConfig
+) -> PreTrainedTestTimeRegisterMixin:
+    """``tower`` (of ``ours``' parent class) as ``ours``, built from ``config`` on the tower's own weights
     (`build_sharing_weights`); ``tower`` is left as it is."""
-    ours = _tower_classes()[type(tower)]
     return build_sharing_weights(ours, tower, config, **ours.constructor_arguments(tower))
-
-
-def _set_tower(model: PreTrainedModel, path: str, tower: PreTrainedTestTimeRegisterMixin) -> None:
-    """Put ``tower`` at ``path``, and its modules that must stay on one device (our adopted embeddings) into the
-    ``_no_split_modules`` that each model above it gathered from its children at init, for ``device_map``."""
-    model.set_submodule(path, tower)
-    parts = path.split(".")
-    for owner in (model.get_submodule(".".join(parts[:depth])) for depth in range(len(parts))):
-        if isinstance(owner, PreTrainedModel) and isinstance(owner._no_split_modules, set):
-            owner._no_split_modules.update(tower._no_split_modules)
-
-
-class WithRegisterTowerMixin(TestTimeRegisterLoadingMixin):
-    """For a parent model built around a tower of one of our families — a classifier (`Dinov2ForImageClassification`'s
-    `dinov2`), a dual encoder (`CLIPModel`'s `vision_model`): the parent builds everything, then the tower is rebuilt
-    as our class on the same weights (`tower_with_registers`, as `to_test_time_registers` does to a loaded parent). The
-    parent's forward runs unchanged on a tower that returns parent-shaped outputs, so its head and pooling never see
-    the registers; the tower's register fields reach the caller wherever the parent returns the tower's output
-    (`CLIPOutput.vision_model_output`). `vision_tower_with_registers(model)` is the tower."""
-
-    def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
-        super().__init__(self.convert_config(config), *inputs, **kwargs)
-        path, tower = _vision_tower(self)
-        _set_tower(self, path, tower_with_registers(tower, tower.config))
-
-    def set_register_neurons(self, register_neurons: IndexSpec | None, **settings) -> "WithRegisterTowerMixin":
-        """The tower's `set_register_neurons` (it writes the config, which this model saves)."""
-        vision_tower_with_registers(self).set_register_neurons(register_neurons, **settings)
-        return self
 
 
 def to_test_time_registers(
@@ -215,14 +178,16 @@ def to_test_time_registers(
             "without its registers: keep the tower's config among the model config's sub-configs."
         )
     # built with the edit off, the index attached once the weights are in place: the edits are built on their device
-    upgraded = tower_with_registers(tower, _with_settings(tower.config, register_neurons={}, **settings))
+    upgraded = tower_with_registers(
+        _tower_classes()[type(tower)], tower, _with_settings(tower.config, register_neurons={}, **settings)
+    )
     upgraded.config.attach_register_neurons(
         register_neurons,
         checkpoint=checkpoint or vlm.name_or_path,
         register_semantics=settings.get("register_semantics"),
     )
     upgraded.refresh_test_time_registers()
-    _set_tower(vlm, path, upgraded)
+    set_tower(vlm, path, upgraded)
     for owner, key in slots:
         setattr(owner, key, upgraded.config)
     if whole:

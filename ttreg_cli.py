@@ -1,8 +1,8 @@
 """The ``ttreg`` command line: ``find-neurons``, ``inspect``, ``demo``, ``export`` and ``push-index``.
 
-A subcommand is one function that adds its parser and sets ``run``; decorate it with `subcommand` to add it.
-Building the parser imports neither torch nor transformers (``ttreg --help`` is instant); each command imports
-what it uses. Numbers are checked while parsing, output paths before any model is loaded.
+A thin entry point outside the package: importing `ttreg_hf` imports torch, `transformers` and every family, so this
+module imports it only inside the commands. Building the parser imports none of them (``ttreg --help`` is instant).
+A subcommand is one function that adds its parser and sets ``run``; decorate it with `subcommand` to add it. Numbers are checked while parsing, output paths before any model is loaded.
 
 A user's mistake is one line on stderr, never a traceback. The rule: the package reports bad input as `ValueError`
 (with its subclasses `RegisterNeuronIndexError`, `ExportError`) or, for a config value of the wrong type or name,
@@ -19,11 +19,10 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 from huggingface_hub.errors import StrictDataclassError
-
-from . import __version__
 
 PLANTED = "planted"
 OPEN_CLIP_PREFIX = "open_clip:"  # `ttreg export open_clip:NAME`: an OpenCLIP model, as open_clip names it
@@ -115,10 +114,10 @@ def load_model(spec: str, device: str, weights: str | None = None, image_size: i
     (``register_neurons``, ``num_test_time_registers``, ...); the index comes through the loaders' one attach path:
     ``register_neurons``, else the one saved with the checkpoint, else the one shipped for it.
     """
-    from .family import checkpoints, family_of
+    from ttreg_hf.registry import checkpoints, family_of
 
     if spec == PLANTED:
-        from .planted import IMAGE_SIZE, build_planted_model, planted_preprocessor
+        from ttreg_hf.planted import IMAGE_SIZE, build_planted_model, planted_preprocessor
 
         register_neurons = settings.pop("register_neurons", None)  # any index: a dict, a file, ...
         model = build_planted_model(**settings)
@@ -128,13 +127,13 @@ def load_model(spec: str, device: str, weights: str | None = None, image_size: i
     if Path(spec).is_dir():
         family = _family_of_folder(Path(spec))
         model = _with_index_hint(family.model_class.from_pretrained, spec, **settings)
-        return model.to(device).eval(), family.preprocessing(model, spec, image_size)
+        return model.to(device).eval(), family.preprocessor(model, spec, image_size)
     known = checkpoints()
     if spec not in known:
         raise CommandError(
             f"Unknown model {spec!r}: MODEL is one of {', '.join(known)}, a local folder, or {PLANTED!r}."
         )
-    from .hub import load_tt_model
+    from ttreg_hf.hub import load_tt_model
 
     try:
         model = _with_index_hint(load_tt_model, spec, weights=weights, **settings)
@@ -144,12 +143,12 @@ def load_model(spec: str, device: str, weights: str | None = None, image_size: i
         raise CommandError(
             f"Could not fetch the weights of {spec!r} ({_one_line(error)}); pass a local checkpoint with --weights FILE."
         ) from error
-    return model.to(device).eval(), family_of(model).preprocessing(model, known[spec].image_processor, image_size)
+    return model.to(device).eval(), family_of(model).preprocessor(model, known[spec].image_processor, image_size)
 
 
 def _with_index_hint(load, *args, **kwargs):
     """``load(*args, **kwargs)``; a missing index gets the command line's way to give one."""
-    from .index import RegisterNeuronIndexError
+    from ttreg_hf.index import RegisterNeuronIndexError
 
     try:
         return load(*args, **kwargs)
@@ -163,7 +162,7 @@ def _family_of_folder(folder: Path):
     """The family whose class loads a folder of a Hugging Face checkpoint (the parent's or ours)."""
     import json
 
-    from .family import family_of_model_type, transformers_families
+    from ttreg_hf.registry import family_of_model_type, transformers_families
 
     config = folder / "config.json"
     if not config.is_file():
@@ -243,9 +242,9 @@ def _find_neurons_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _find_neurons(args: argparse.Namespace) -> int:
-    from .analysis.distributed import is_main_process
-    from .discovery import find_register_neurons
-    from .images import ImageFolder
+    from ttreg_hf.analysis.distributed import is_main_process
+    from ttreg_hf.discovery import find_register_neurons
+    from ttreg_hf.images import ImageFolder
 
     out = check_output(args.out, args.overwrite)
     if args.push_to_hub:
@@ -302,7 +301,7 @@ def _inspect_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .images import open_rgb
+    from ttreg_hf.images import open_rgb
 
     out = check_output(args.out, args.overwrite)
     if not Path(args.image).is_file():
@@ -318,14 +317,14 @@ def _index_argument(args: argparse.Namespace):
     """``--index``, or the planted truth for the planted model; `None` lets the loader find the checkpoint's own."""
     if args.index or args.model != PLANTED:
         return args.index
-    from .planted import planted_index
+    from ttreg_hf.planted import planted_index
 
     return planted_index()
 
 
 def _report(model, preprocessor, image, out: Path, title: str) -> None:
     """Print and save the inspect report of the PIL ``image`` through ``model``, with the model's own index."""
-    from .report import inspect_image, save_report
+    from ttreg_hf.report import inspect_image, save_report
 
     inputs = preprocessor([image])
     inspections = inspect_image(model, inputs)
@@ -370,9 +369,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .discovery import find_register_neurons
-    from .images import ImageFolder, open_rgb
-    from .planted import planted_index, planted_pixels, textured_images
+    from ttreg_hf.discovery import find_register_neurons
+    from ttreg_hf.images import ImageFolder, open_rgb
+    from ttreg_hf.planted import planted_index, planted_pixels, textured_images
 
     start = time.perf_counter()
     discover = not args.index and (args.images or args.model == PLANTED)
@@ -419,8 +418,9 @@ def _export_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
         help="write a Hub-ready folder that loads with `trust_remote_code=True` and no ttreg_hf",
-        description="Write MODEL with the register-neuron index INDEX to OUT: config.json with auto_map, generated "
-        "configuration and modeling files, model.safetensors, the parent's preprocessor config, the index alone "
+        description="Write MODEL, as the class its checkpoint was saved as (a classifier keeps its head, a CLIPModel its "
+        "text tower), with the register-neuron index INDEX to OUT: config.json with auto_map, the family's remote-code "
+        "files, model.safetensors, the parent's preprocessor config, the index alone "
         "(register_neurons.safetensors) and a model card; an OpenCLIP model (open_clip:NAME) in open_clip's own layout "
         "instead (open_clip_config.json, open_clip_model.safetensors), with the index and a card. Upload it with "
         "`huggingface_hub.upload_folder`. OUT must be empty or new; with --overwrite, a folder holding only files an "
@@ -451,7 +451,7 @@ def _export(args: argparse.Namespace) -> int:
         return _export_open_clip(args)
     if args.pretrained:
         raise CommandError(f"--pretrained is for OpenCLIP models ({OPEN_CLIP_PREFIX}NAME), not {args.model!r}.")
-    from .export import export_model
+    from ttreg_hf.export import export_model
 
     try:
         out = export_model(
@@ -468,7 +468,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _export_open_clip(args: argparse.Namespace) -> int:
-    from .export_open_clip import export_open_clip
+    from ttreg_hf.export_open_clip import export_open_clip
 
     name = args.model.removeprefix(OPEN_CLIP_PREFIX)
     if not name:
@@ -538,9 +538,9 @@ def _evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .analysis.distributed import is_main_process
-    from .evaluation.data import read_dataset
-    from .evaluation.evaluate import check_tasks, evaluate
+    from ttreg_hf.analysis.distributed import is_main_process
+    from ttreg_hf.evaluation.data import read_dataset
+    from ttreg_hf.evaluation.evaluate import check_tasks, evaluate
 
     out_dir = check_output(args.out_dir, args.overwrite, folder=True)
     outputs = ["evaluation.json"] + ([] if args.no_figure else ["evaluation.png"])
@@ -609,7 +609,7 @@ def _push_index_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _push_index_command(args: argparse.Namespace) -> int:
-    from .index import load_index
+    from ttreg_hf.index import load_index
 
     _push_index(
         load_index(args.index),
@@ -633,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"ttreg_hf {__version__}")
+    parser.add_argument("--version", action="version", version=f"ttreg_hf {version('ttreg_hf')}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in SUBCOMMANDS:
@@ -645,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``ttreg``; returns the exit status (see `EXIT_CODES`)."""
     args = build_parser().parse_args(argv)
     try:
-        from .analysis.distributed import init_from_environment
+        from ttreg_hf.analysis.distributed import init_from_environment
 
         init_from_environment()
         with warnings.catch_warnings():
