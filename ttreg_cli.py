@@ -486,6 +486,93 @@ def _export_open_clip(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@subcommand
+def _evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="measure the edit off vs on on your images: outliers, attention, probes; a table, a JSON, a figure",
+        description="Run MODEL over the images of DATA with the test-time register off and on, and report, each with "
+        "a paired bootstrap interval: per layer the outlier ratio, max and median patch norm, CLS attention entropy "
+        "and its share on outliers and registers; with DATA/train/CLASS/IMAGE and DATA/val/CLASS/IMAGE also k-NN and "
+        "linear-probe accuracy on the CLS and mean-patch features; with --boxes, LOST's CorLoc; with --masks, a linear "
+        "segmentation probe's mIoU. Prints a table and writes evaluation.json and "
+        "evaluation.png into --out-dir. Runs unchanged under `torchrun --nproc_per_node N`.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument("data", metavar="DATA", help="folder of images, or of train/ and val/ class folders")
+    parser.add_argument(
+        "--index",
+        help="register-neuron index: a file, a shipped name or a Hub repo id (default: the one shipped for MODEL; the "
+        "planted neurons for 'planted')",
+    )
+    parser.add_argument(
+        "--tasks",
+        type=lambda text: text.split(","),
+        help="comma-separated, among outliers,knn,linear,lost,segmentation (default: all that DATA, --boxes and "
+        "--masks allow; zero-shot "
+        "is in the Python API, `ttreg_hf.evaluation.evaluate(model, ..., tokenizer=...)`)",
+    )
+    parser.add_argument(
+        "--boxes", help="object boxes for LOST's CorLoc: a folder of Pascal VOC XML files or a COCO JSON file"
+    )
+    parser.add_argument(
+        "--masks",
+        help="segmentation masks for the dense probe (DATA/train and DATA/val): a folder of PNGs named as the images, "
+        "one class id per pixel, 255 ignored",
+    )
+    parser.add_argument("--out-dir", default="ttreg_evaluate", help="folder to write (default: ttreg_evaluate)")
+    parser.add_argument(
+        "--threshold", type=positive_float, help="outlier norm threshold (default: automatic per layer)"
+    )
+    parser.add_argument(
+        "--calibration-images", type=integer(1), default=64, help="images the automatic thresholds come from"
+    )
+    parser.add_argument("--batch-size", type=integer(1), default=16)
+    parser.add_argument("--resamples", type=integer(1), default=1000, help="bootstrap resamples")
+    parser.add_argument("--seed", type=integer(0), default=0, help="bootstrap seed")
+    parser.add_argument("--no-figure", action="store_true", help="write no figure (no matplotlib needed)")
+    _add_common(parser)
+    parser.set_defaults(run=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ttreg_hf.analysis.distributed import is_main_process
+    from ttreg_hf.evaluation.data import read_dataset
+    from ttreg_hf.evaluation.evaluate import check_tasks, evaluate
+
+    out_dir = check_output(args.out_dir, args.overwrite, folder=True)
+    outputs = ["evaluation.json"] + ([] if args.no_figure else ["evaluation.png"])
+    json_file, *figure = (check_output(out_dir / name, args.overwrite) for name in outputs)
+    dataset = read_dataset(args.data)
+    tasks = check_tasks(args.tasks, dataset, boxes=args.boxes is not None, masks=args.masks is not None)
+    model, preprocessor = load_model(
+        args.model, _device(args), args.weights, args.image_size, register_neurons=_index_argument(args)
+    )
+    result = evaluate(
+        model,
+        preprocessor,
+        dataset,
+        tasks=tasks,
+        boxes=args.boxes,
+        masks=args.masks,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        calibration_images=args.calibration_images,
+        num_resamples=args.resamples,
+        seed=args.seed,
+        model_name=args.model,
+    )
+    if is_main_process():
+        print(result.table())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"Wrote {result.save(json_file)}")
+        if figure:
+            print(f"Wrote {result.save_figure(figure[0])}")
+    return EXIT_OK
+
+
 def hub_repo_id(text: str) -> str:
     """An argparse ``type``: a Hub repository id ``owner/name``, checked before any model is loaded."""
     from huggingface_hub.errors import HFValidationError

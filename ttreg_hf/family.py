@@ -56,7 +56,8 @@ class Family:
     checkpoint_model_types: the ``model_type``s of ``config.json`` files whose checkpoints load as this family
         (the parent's, and composite models' such as ``"clip"``); ours (the config classes') are added.
     attention_reader: ``reader(block, hidden_states, **block_kwargs)`` -> the block's attention probabilities
-        ``(batch, heads, tokens, tokens)``, recomputed from its input for the analysis tools (`None`: no maps).
+        ``(batch, heads, tokens, tokens)``, recomputed from its input for the analysis tools (`None`: no maps); with
+        ``keys_only=True``, the attention's keys ``(batch, tokens, heads * head_dim)`` instead.
     planting_sites: ``planting_sites(model)`` -> the `ttreg_hf.modeling.sites.PlantingSites` of a model of the
         family or of its parent (`None`: no planting).
     preprocessing: ``preprocessing(model, source, image_size)`` -> the `ttreg_hf.images.Preprocessor` that turns

@@ -122,32 +122,34 @@ def observe(
     mlp: Mapping[int, Observer] = {},
     blocks: Mapping[int, Observer] = {},
     attentions: Mapping[int, Observer] = {},
+    keys: Mapping[int, Observer] = {},
     detach: bool = True,
 ) -> Iterator[None]:
     """Call each observer with its layer's tensor during every forward inside the ``with`` block.
 
     ``mlp[layer]`` gets ``(batch, tokens, mlp_width)``, ``blocks[layer]`` ``(batch, tokens, width)`` and
-    ``attentions[layer]`` ``(batch, heads, tokens, tokens)``; tokens include the test-time registers, if any, and a
+    ``attentions[layer]`` ``(batch, heads, tokens, tokens)``, ``keys[layer]`` the attention's keys ``(batch, tokens,
+    heads * head_dim)`` (recomputed by the family's attention reader, as the maps are); tokens include the test-time registers, if any, and a
     padded batch's padding. Layers may be negative. ``detach=False`` hands over the MLP activations and block
     outputs still attached to the autograd graph.
     """
     sites, block_list = model.register_edit_sites, model.transformer_blocks
-    mlp, blocks, attentions = (
+    mlp, blocks, attentions, keys = (
         resolve_layer_map(observers, len(block_list), name)
-        for observers, name in ((mlp, "mlp"), (blocks, "blocks"), (attentions, "attentions"))
+        for observers, name in ((mlp, "mlp"), (blocks, "blocks"), (attentions, "attentions"), (keys, "keys"))
     )
 
     def hand_over(observer: Observer, output) -> None:
         tensor = _first_output(output)
         observer(tensor.detach() if detach else tensor)
 
-    read_attention = attention_reader(model) if attentions else None
+    read_attention = attention_reader(model) if attentions or keys else None
 
-    def on_attention(observer: Observer):
+    def on_attention(observer: Observer, keys_only: bool = False):
         def hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
             with torch.no_grad():
                 hidden_states, block_kwargs = _block_input(args, kwargs)
-                observer(read_attention(block, hidden_states, **block_kwargs))
+                observer(read_attention(block, hidden_states, **block_kwargs, keys_only=keys_only))
 
         return hook
 
@@ -159,6 +161,9 @@ def observe(
             stack.callback(hook.remove)
         for layer, observer in attentions.items():
             hook = on_attention(observer)
+            stack.callback(block_list[layer].register_forward_pre_hook(hook, with_kwargs=True).remove)
+        for layer, observer in keys.items():
+            hook = on_attention(observer, keys_only=True)
             stack.callback(block_list[layer].register_forward_pre_hook(hook, with_kwargs=True).remove)
         yield
 
@@ -173,6 +178,7 @@ class ActivationCache:
     mlp_activations: dict[int, torch.Tensor] = field(default_factory=dict)
     block_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
     attentions: dict[int, torch.Tensor] = field(default_factory=dict)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
     token_mask: torch.Tensor | None = None
 
 
@@ -183,6 +189,7 @@ def capture(
     mlp: Layers = None,
     blocks: Layers = None,
     attentions: Layers = None,
+    keys: Layers = None,
     detach: bool = True,
 ) -> Iterator[ActivationCache]:
     """Keep the chosen layers' tensors of the latest forward in an `ActivationCache` (see `observe` for ``detach``),
@@ -205,6 +212,7 @@ def capture(
 
     observers = dict(mlp=keep(cache.mlp_activations, mlp), blocks=keep(cache.block_outputs, blocks))
     observers["attentions"] = keep(cache.attentions, attentions)
+    observers["keys"] = keep(cache.keys, keys)
     with ExitStack() as stack:
         stack.callback(model.register_appender.register_forward_hook(read_layout).remove)
         stack.enter_context(hook_edit_slot(model.register_edit_sites[0], read_mask))
@@ -219,6 +227,7 @@ def run_with_cache(
     mlp: Layers = None,
     blocks: Layers = "all",
     attentions: Layers = None,
+    keys: Layers = None,
     keep_grad: bool = False,
     **forward_kwargs,
 ) -> tuple[object, ActivationCache]:
@@ -241,7 +250,7 @@ def run_with_cache(
     }
     with (
         torch.set_grad_enabled(keep_grad),
-        capture(model, mlp=mlp, blocks=blocks, attentions=attentions, detach=not keep_grad) as cache,
+        capture(model, mlp=mlp, blocks=blocks, attentions=attentions, keys=keys, detach=not keep_grad) as cache,
     ):
         output = model(pixel_values, **forward_kwargs)
     return output, cache

@@ -157,9 +157,11 @@ def clip_image_processor(config: CLIPVisionTTRegConfig) -> CLIPImageProcessor:
     return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
 
-def clip_attention(block: nn.Module, hidden_states: torch.Tensor, **_) -> torch.Tensor:
+def clip_attention(block: nn.Module, hidden_states: torch.Tensor, keys_only: bool = False, **_) -> torch.Tensor:
     """CLIP's (and SigLIP's) encoder layer: pre-norm ``layer_norm1``, ``self_attn`` with ``q_proj`` / ``k_proj``."""
     attention, normed = block.self_attn, block.layer_norm1(hidden_states)
+    if keys_only:
+        return attention.k_proj(normed)
     return attention_probabilities(
         attention.q_proj(normed), attention.k_proj(normed), attention.num_heads, attention.scale
     )

@@ -160,9 +160,11 @@ def dinov2_image_processor(config: Dinov2TTRegConfig | None = None) -> BitImageP
     )
 
 
-def dinov2_attention(block: nn.Module, hidden_states: torch.Tensor, **_) -> torch.Tensor:
+def dinov2_attention(block: nn.Module, hidden_states: torch.Tensor, keys_only: bool = False, **_) -> torch.Tensor:
     attention, normed = block.attention, block.norm1(hidden_states)
     queries, keys = attention.q_proj(normed), attention.k_proj(normed)
+    if keys_only:
+        return keys
     return attention_probabilities(queries, keys, attention.num_attention_heads, attention.scaling)
 
 

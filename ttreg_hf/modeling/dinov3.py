@@ -143,14 +143,19 @@ def dinov3_image_processor(config: DINOv3ViTTTRegConfig) -> DINOv3ViTImageProces
     return DINOv3ViTImageProcessor(size={"height": config.image_size, "width": config.image_size})
 
 
-def dinov3_attention(block: nn.Module, hidden_states: torch.Tensor, position_embeddings=None, **_) -> torch.Tensor:
-    """With RoPE on the patches (and, through this family's rotation table, the identity on the test-time registers)."""
+def dinov3_attention(
+    block: nn.Module, hidden_states: torch.Tensor, position_embeddings=None, keys_only: bool = False, **_
+) -> torch.Tensor:
+    """With RoPE on the patches (and, through this family's rotation table, the identity on the test-time registers);
+    the keys as the attention uses them, rotated."""
     attention, normed = block.attention, block.norm1(hidden_states)
     shape = (*normed.shape[:2], attention.num_heads, attention.head_dim)
     queries = attention.q_proj(normed).view(shape).transpose(1, 2)
     keys = attention.k_proj(normed).view(shape).transpose(1, 2)
     if position_embeddings is not None:
         queries, keys = apply_rotary_pos_emb(queries, keys, *position_embeddings)
+    if keys_only:
+        return keys.transpose(1, 2).flatten(2)
     return torch.softmax(queries.float() @ keys.float().transpose(-1, -2) * attention.scaling, dim=-1)
 
 

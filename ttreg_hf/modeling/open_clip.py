@@ -253,10 +253,12 @@ def open_clip_preprocessing(model: VisionTransformer, source=None, image_size: i
     return transform_preprocessor(image_transform_v2(config, is_train=False), description, config.mean, config.std)
 
 
-def open_clip_attention(block: nn.Module, hidden_states: torch.Tensor, **_) -> torch.Tensor:
+def open_clip_attention(block: nn.Module, hidden_states: torch.Tensor, keys_only: bool = False, **_) -> torch.Tensor:
     attention = block.attn  # nn.MultiheadAttention, batch first
     projected = nn.functional.linear(block.ln_1(hidden_states), attention.in_proj_weight, attention.in_proj_bias)
     queries, keys, _ = projected.chunk(3, dim=-1)
+    if keys_only:
+        return keys
     return attention_probabilities(queries, keys, attention.num_heads, attention.head_dim**-0.5)
 
 

@@ -311,11 +311,17 @@ def siglip2_image_processor(config: Siglip2VisionTTRegConfig) -> Siglip2ImagePro
 
 
 def siglip2_attention(
-    block: nn.Module, hidden_states: torch.Tensor, register_token_mask: torch.Tensor | None = None, **_
+    block: nn.Module,
+    hidden_states: torch.Tensor,
+    register_token_mask: torch.Tensor | None = None,
+    keys_only: bool = False,
+    **_,
 ) -> torch.Tensor:
     """As `clip_attention`, with the padding keys masked as the layer's attention masks them."""
     attention, normed = block.self_attn, block.layer_norm1(hidden_states)
     queries, keys = attention.q_proj(normed), attention.k_proj(normed)
+    if keys_only:
+        return keys
     return attention_probabilities(queries, keys, attention.num_heads, attention.scale, register_token_mask)
 
 

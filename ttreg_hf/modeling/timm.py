@@ -275,12 +275,14 @@ def timm_preprocessing(model: VisionTransformer, source=None, image_size: int | 
     return transform_preprocessor(timm.data.create_transform(**config), description, config["mean"], config["std"])
 
 
-def timm_attention(block: nn.Module, hidden_states: torch.Tensor, **_) -> torch.Tensor:
+def timm_attention(block: nn.Module, hidden_states: torch.Tensor, keys_only: bool = False, **_) -> torch.Tensor:
     attention = block.attn  # timm's `Attention` (pre-norm `Block`)
     if type(attention).__name__ != "Attention":
         raise NotImplementedError(f"No attention reader for timm's {type(attention).__name__}.")
     qkv = attention.qkv(block.norm1(hidden_states)).unflatten(-1, (3, attention.num_heads, attention.head_dim))
     queries, keys = attention.q_norm(qkv[..., 0, :, :]), attention.k_norm(qkv[..., 1, :, :])  # norms act per head
+    if keys_only:
+        return keys.flatten(2)
     return attention_probabilities(queries.flatten(2), keys.flatten(2), attention.num_heads, attention.scale)
 
 
