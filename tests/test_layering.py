@@ -61,6 +61,13 @@ LAYERS = {
         "analysis.distributed",
         "analysis.interventions",
         "analysis.metrics",
+        "evaluation",
+        "evaluation.boxes",
+        "evaluation.data",
+        "evaluation.evaluate",
+        "evaluation.figure",
+        "evaluation.statistics",
+        "evaluation.zero_shot",
     ),
     "package": ("", "__main__"),
 }
