@@ -90,7 +90,11 @@ def imported_modules(name: str, source: str | None = None) -> set[str]:
     path = MODULES[name]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text() if source is None else source)):
+    tree = ast.parse(path.read_text() if source is None else source)
+    type_only = {  # `if TYPE_CHECKING:` imports never run: they name types, for annotations
+        id(child) for node in ast.walk(tree) if _is_type_checking(node) for child in ast.walk(node)
+    }
+    for node in (node for node in ast.walk(tree) if id(node) not in type_only):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names if alias.name.split(".")[0] == "ttreg_hf"]
             found.update(target.removeprefix("ttreg_hf").lstrip(".") for target in targets)
@@ -107,6 +111,10 @@ def imported_modules(name: str, source: str | None = None) -> set[str]:
                 submodule = f"{module}.{alias.name}".lstrip(".")
                 found.add(submodule if submodule in MODULES else module)
     return found - {name}
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
 
 
 GRAPH = {name: imported_modules(name) for name in MODULES}
@@ -149,3 +157,4 @@ def test_the_reader_sees_lazy_relative_and_absolute_imports():
     assert imported_modules("modeling.vit", "from ttreg_hf import discovery\n") == {"discovery"}
     assert imported_modules("modeling.vit", "from .. import __version__\n") == {""}  # the package: the top layer
     assert imported_modules("analysis.capture", "from . import metrics\n") == {"analysis.metrics"}
+    assert imported_modules("modeling.vit", "if TYPE_CHECKING:\n    from ..hub import load_tt_model\n") == set()

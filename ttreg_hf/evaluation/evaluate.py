@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
 from ..analysis.capture import capture, observe
 from ..analysis.distributed import all_reduce, is_main_process, rank_and_world_size
 from ..analysis.interventions import with_register_neurons
 from ..analysis.metrics import NormHistogram, cls_attention, real_patches
 from ..images import Preprocessor, open_rgb
 from ..modeling.registers import TestTimeRegisterMixin
+from ..version import __version__
 from .boxes import box_in_image, patch_centers, read_boxes
 from .data import Dataset, fingerprint, read_dataset, read_mask
 from .statistics import (
