@@ -204,7 +204,7 @@ def test_push_to_hub_through_save_pretrained_is_refused_with_the_way_that_works(
 
 
 def test_the_cli_exports_a_classifier_folder_that_reloads_as_a_classifier(saved, tmp_path):
-    from ttreg_hf.cli import main
+    from ttreg_cli import main
 
     model, folder = saved[TRANSFORMERS["dinov2"].model_classes[2]]
     config = model.config
