@@ -7,6 +7,7 @@ from torch import nn
 
 from ttreg_hf import Dinov2TTRegConfig
 from ttreg_hf.family import parent_class
+from ttreg_hf.modeling.registers import register_settings
 
 from reference_edit import hooked_register_edit
 
@@ -67,3 +68,15 @@ def hooked_output(model: nn.Module, pixel_values: torch.Tensor, **kwargs) -> tor
     parent = parent_of(model)
     with hooked_register_edit_of(model, parent):
         return parent(pixel_values, **kwargs).last_hidden_state
+
+
+def save_as_parent_checkpoint(model: nn.Module, folder) -> nn.Module:
+    """``model`` saved to ``folder`` as a plain `transformers` checkpoint of its parent class (the parent's config,
+    without the register settings, and ``model``'s weights); returns that parent model."""
+    parent = parent_class(type(model))
+    ours = set(register_settings(type(model.config))) | {"model_type"}
+    fields = {key: value for key, value in model.config.to_dict().items() if key not in ours}
+    parent_model = parent(parent.config_class(**fields))
+    parent_model.load_state_dict(model.state_dict())
+    parent_model.save_pretrained(folder)
+    return parent_model
