@@ -80,3 +80,31 @@ def save_as_parent_checkpoint(model: nn.Module, folder) -> nn.Module:
     parent_model.load_state_dict(model.state_dict())
     parent_model.save_pretrained(folder)
     return parent_model
+
+
+class ForwardCounter:
+    """Counts the images ``model`` runs, without and with register neurons attached, and records the number of
+    neurons attached at each edited forward (``ks``, once per change: the k values a search tried, in order)."""
+
+    def __init__(self, model: nn.Module):
+        self.unedited = self.edited = 0
+        self.ks: list[int] = []
+        self.model = model
+
+    def __enter__(self) -> "ForwardCounter":
+        def count(module, args, kwargs):
+            pixel_values = args[0] if args else kwargs["pixel_values"]
+            neurons = self.model.config.register_neuron_index
+            if not neurons:
+                self.unedited += len(pixel_values)
+                return
+            self.edited += len(pixel_values)
+            k = sum(map(len, neurons.values()))
+            if not self.ks or self.ks[-1] != k:
+                self.ks.append(k)
+
+        self.handle = self.model.register_forward_pre_hook(count, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()

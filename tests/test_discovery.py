@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from reference_discovery import reference_discovery
+from support import ForwardCounter
 from torch import nn
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -231,28 +232,6 @@ def test_one_pass_finds_what_the_algorithm_as_it_was_finds(settings):
     assert_same_as_reference(result, reference_discovery(model, images, batch_size=8, **settings))
 
 
-class ForwardCounter:
-    """Counts the images the model runs, without and with register neurons attached."""
-
-    def __init__(self, model):
-        self.unedited = self.edited = 0
-        self.model = model
-
-    def __enter__(self):
-        def count(module, args, kwargs):
-            pixel_values = args[0] if args else kwargs["pixel_values"]
-            if self.model.config.register_neuron_index:
-                self.edited += len(pixel_values)
-            else:
-                self.unedited += len(pixel_values)
-
-        self.handle = self.model.register_forward_pre_hook(count, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 def test_automatic_threshold_and_k_run_each_image_once_and_edit_only_evaluation_images():
     model, images = build_planted_model(), planted_images(48)
     with ForwardCounter(model) as forwards:
@@ -260,7 +239,7 @@ def test_automatic_threshold_and_k_run_each_image_once_and_edit_only_evaluation_
     assert result.index.neurons == planted_index() and result.num_eval_images == 8  # 48 / 32, at least 8
     assert forwards.unedited == 48  # the calibration images' forward is their scoring forward
     # k = 4 (the guess: the largest drop of the ranked scores) on every evaluation image; k = 3 stops after one
-    assert forwards.edited == 8 + 1
+    assert forwards.ks == [4, 3] and forwards.edited == 8 + 1
     assert [discovery.default_eval_images(n) for n in (1, 256, 500, 1024, 5000)] == [8, 8, 15, 32, 32]
 
 
