@@ -5,6 +5,7 @@ here without a line of this file changing (its tiny model goes in `tests/family_
 import inspect
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,14 +109,22 @@ def test_find_neurons_on_a_parent_checkpoint_finds_the_planted_neurons(name, pip
 
 
 @pytest.mark.parametrize("name", TRANSFORMERS)
-def test_the_cli_preprocesses_with_the_checkpoints_own_image_processor(name, pipeline):
+def test_the_cli_preprocesses_with_the_checkpoints_own_image_processor(name, pipeline, tmp_path):
+    """The saved processor has statistics of its own, so the family's default (the fallback) would not pass."""
     run = pipeline(name)
-    _, preprocessor = load_model(str(run["ours"]), "cpu")
-    computed = preprocessor([Image.open(run["image"]).convert("RGB")])
-    expected = model_inputs(run["ours"], run["image"])
+    folder = shutil.copytree(run["ours"], tmp_path / "ours")
+    processor = AutoImageProcessor.from_pretrained(folder)
+    processor.image_mean, processor.image_std = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]
+    processor.save_pretrained(folder)
+    _, preprocessor = load_model(str(folder), "cpu")
+    image = [Image.open(run["image"]).convert("RGB")]
+    computed = preprocessor(image)
+    expected = model_inputs(folder, run["image"])
     assert computed.keys() == expected.keys()
     for key in expected:
         assert torch.equal(computed[key], expected[key]), key
+    default = TRANSFORMERS[name].default_image_processor(run["model"].config)
+    assert not torch.equal(default(image, return_tensors="pt")["pixel_values"], expected["pixel_values"])
 
 
 @pytest.mark.parametrize("name", TRANSFORMERS)
