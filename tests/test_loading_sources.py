@@ -6,12 +6,15 @@ import warnings
 import pytest
 import torch
 from family_models import TINY
+from safetensors.torch import save_file
 from support import save_as_parent_checkpoint
 from transformers import Dinov2Config, Dinov2Model
 
 from ttreg_hf import Dinov2TTRegModel, RegisterIndexMismatchWarning, RegisterNeuronIndex
 from ttreg_hf.family import transformers_families
 from ttreg_hf.hub import load_tt_model
+
+from upstream_dinov2 import random_original_state_dict
 
 # the named checkpoints of the `transformers` families that load a Hub id (`weights=` a folder instead) -> family
 TRANSFORMERS_CHECKPOINTS = {
@@ -45,6 +48,18 @@ def test_a_named_checkpoint_with_weights_from_a_folder_loads_that_folders_weight
     assert parameters and parameters.keys() <= saved.keys()
     for key, parameter in parameters.items():
         assert torch.equal(parameter, saved[key]), key
+
+
+def test_an_upstream_dinov2_name_with_pretrained_false_loads_its_weights_file(tmp_path):
+    """The same rule for a name whose ``weights=`` is a file in upstream's layout: the file's weights, as with
+    ``pretrained=True``."""
+    original = random_original_state_dict(dim=384, depth=12, patch_size=14, table_side=37)  # ViT-S/14's shapes
+    save_file(original, tmp_path / "vits14.safetensors")
+    model = load_tt_model(
+        "dinov2_vits14", pretrained=False, weights=tmp_path / "vits14.safetensors", num_test_time_registers=0
+    )
+    assert torch.equal(model.embeddings.cls_token, original["cls_token"])
+    assert torch.equal(model.encoder.layer[11].mlp.fc2.weight, original["blocks.11.mlp.fc2.weight"])
 
 
 def _cached(cache_dir, repo_id: str, model: torch.nn.Module) -> None:
