@@ -2,6 +2,8 @@
 edit run on that parent. Test modules import from here (and from `family_models`, `reference_edit`), never from one
 another."""
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -10,6 +12,8 @@ from ttreg_hf.family import parent_class
 from ttreg_hf.modeling.registers import register_settings
 
 from reference_edit import hooked_register_edit
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"  # real weights, beside the development checkout
 
 
 def tiny_dinov2_config(**overrides) -> Dinov2TTRegConfig:

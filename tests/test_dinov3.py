@@ -204,6 +204,7 @@ def test_half_precision_matches_the_reference_in_that_precision(dtype, tolerance
     torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.usefixtures("fresh_compile_caches")
 def test_compiled_fullgraph_equals_eager(images):
     model = DINOv3ViTTTRegModel(tiny_config(register_semantics="reference")).eval()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)

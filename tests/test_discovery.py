@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from reference_discovery import reference_discovery
+from reference_discovery import assert_same_as_reference, reference_discovery
 from support import ForwardCounter
 from torch import nn
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -199,25 +199,6 @@ def test_two_processes_find_the_same_index_as_one(tmp_path):
     assert scores == pytest.approx([score for *_, score in one.details.pop("scores")], rel=1e-12)
     assert two.details == one.details  # threshold, counts, median and max norm, k, ratios, fingerprint
     assert one.details["threshold_rule"].endswith("of 9 images") and one.details["num_eval_images"] > 0
-
-
-def assert_same_as_reference(result, reference: dict, same_evaluation: bool = True) -> None:
-    """``result`` records what `reference_discovery` does: the same counts and neurons, the same threshold and k, the
-    same ratios (where both evaluated the same images); scores to float rounding (float64 sums over the outliers here,
-    float32 over every patch there)."""
-    assert result.threshold == reference["threshold"]
-    for name in ("num_outlier_tokens", "num_patch_tokens", "num_images_with_outliers"):
-        assert getattr(result, name) == reference[name], name
-    assert (result.median_norm, result.max_norm) == pytest.approx((reference["median_norm"], reference["max_norm"]))
-    if reference["neurons"] is None:
-        assert not result.found
-        return
-    assert {layer: sorted(ids) for layer, ids in result.index.neurons.items()} == reference["neurons"]
-    assert result.top_k == reference["top_k"]
-    if same_evaluation:
-        assert result.eval_outlier_ratio == pytest.approx(reference["eval_outlier_ratio"], abs=1e-12)
-    scores = {(layer, neuron): score for layer, neuron, score in result.ranked[: result.top_k]}
-    assert scores == pytest.approx({(layer, neuron): score for layer, neuron, score in reference["scores"]}, rel=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from support import tiny_dinov2_config
 from torch import nn
 from transformers import Dinov2Model
 
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronEdit, TokenLayout
 from ttreg_hf.settings import PATCH_MODES, SEMANTICS
 
-from conftest import tiny_dinov2_config
 from reference_edit import AUTOGRAD_MODES, hooked_register_edit
 
 
@@ -116,6 +116,7 @@ def test_masked_patches_are_edited_like_the_reference(images):
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.usefixtures("fresh_compile_caches")
 def test_compiled_with_dynamic_shapes_follows_eager():
     model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
@@ -127,6 +128,7 @@ def test_compiled_with_dynamic_shapes_follows_eager():
             )
 
 
+@pytest.mark.usefixtures("fresh_compile_caches")
 def test_compiled_fullgraph_equals_eager(images):
     model = Dinov2TTRegModel(tiny_dinov2_config(register_semantics="reference", register_patch_mode="only_outliers"))
     model.eval()
@@ -135,6 +137,7 @@ def test_compiled_fullgraph_equals_eager(images):
         torch.testing.assert_close(with_registers(compiled(images)), with_registers(model(images)), atol=1e-6, rtol=0)
 
 
+@pytest.mark.usefixtures("fresh_compile_caches")
 def test_compiled_with_the_default_backend_equals_eager(images):
     """The README's claim as users run it: `torch.compile(fullgraph=True)`, default backend (inductor; C++ on a CPU).
 
@@ -280,6 +283,7 @@ def test_an_image_without_real_patches_is_finite_and_edited_as_alone(semantics, 
         assert torch.equal(together[1, :6][:, [1, 3]], torch.zeros(6, 2))
 
 
+@pytest.mark.usefixtures("fresh_compile_caches")
 def test_a_compiled_model_follows_a_settings_change_or_says_how(images):
     """A compiled graph cannot rebuild the edits: with ``fullgraph=True`` a changed config is refused, naming the
     fix, and followed once refreshed; without, dynamo falls back to the eager frame, which rebuilds."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from family_models import LAYER, NEURONS, SIZE, TINY, planted, tiny_model
+from family_models import LAYER, NEURONS, SIZE, TINY, analysis_inputs, planted, tiny_model
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoImageProcessor
@@ -235,20 +235,6 @@ def eager_attentions(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) ->
         for hook in hooks:
             hook.remove()
     return tuple(captured)
-
-
-def analysis_inputs(name: str) -> dict[str, torch.Tensor]:
-    """Two images as the family's model takes them; SigLIP2's from its processor, padded (one is 2:1)."""
-    images = textured_images(2, seed=3, size=SIZE)
-    if name != "siglip2":
-        return {"pixel_values": (images - 0.5) / 0.25}
-    pictures = [Image.fromarray((image.permute(1, 2, 0) * 255).byte().numpy()) for image in images]
-    pictures[1] = pictures[1].resize((SIZE, SIZE // 2))
-    inputs = dict(
-        TRANSFORMERS["siglip2"].default_image_processor(TINY["siglip2"]().config)(pictures, return_tensors="pt")
-    )
-    assert not inputs["pixel_attention_mask"].all()  # the batch is padded
-    return inputs
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -4,12 +4,12 @@ through `huggingface_hub` itself against a local fake Hub (`tests/fake_hub.py`),
 import pytest
 import yaml
 from huggingface_hub import HfApi, constants
+from support import tiny_dinov2_config
 
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronIndex, RegisterNeuronIndexError, load_index
 from ttreg_hf.cli import main
 from ttreg_hf.index import INDEX_FILENAME
 
-from conftest import tiny_dinov2_config
 from fake_hub import TOKEN
 
 pytest_plugins = ["fake_hub"]  # its `hub` fixture

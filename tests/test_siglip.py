@@ -238,6 +238,7 @@ def test_siglip2_gradient_checkpointing_recomputes_with_the_token_mask(siglip2_c
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.usefixtures("fresh_compile_caches")
 def test_siglip_compiles_fullgraph(siglip_checkpoint, pixels):
     model = SiglipVisionTTRegModel.from_pretrained(
         siglip_checkpoint, register_neurons=NEURONS, register_semantics="reference", register_patch_mode="only_outliers"
@@ -247,6 +248,7 @@ def test_siglip_compiles_fullgraph(siglip_checkpoint, pixels):
         torch.testing.assert_close(with_registers(compiled(pixels)), with_registers(model(pixels)), atol=1e-6, rtol=0)
 
 
+@pytest.mark.usefixtures("fresh_compile_caches")
 def test_siglip2_compiles_fullgraph_with_the_token_mask(siglip2_checkpoint):
     model = Siglip2VisionTTRegModel.from_pretrained(siglip2_checkpoint, register_neurons=NEURONS).eval()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)

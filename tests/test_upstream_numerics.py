@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support import SHARED
 from torch import nn
 from transformers import Dinov2ForImageClassification, Dinov2Model
 
@@ -54,8 +55,6 @@ def assert_features_match(features, expected, num_registers=0):
 
 @pytest.fixture(scope="module")
 def real_weights():
-    from conftest import SHARED
-
     if not (SHARED / VITS14).is_file():
         pytest.skip(f"{SHARED / VITS14} is absent (it exists only beside the development checkout and in CI)")
     return SHARED / VITS14

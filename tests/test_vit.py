@@ -156,6 +156,7 @@ def test_half_precision_matches_the_reference_in_that_precision(family, dtype, t
     torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.usefixtures("fresh_compile_caches")
 @families
 def test_compiled_fullgraph_equals_eager(family, images):
     model = FAMILIES[family][1](tiny_config(family, register_semantics="reference")).eval()
