@@ -6,6 +6,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest
 import torch
+
 from support import SHARED
 
 

@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support import tiny_dinov2_config
 from transformers import BitImageProcessor, ViTImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from ttreg_hf import Dinov2TTRegModel
 from ttreg_hf.cli import load_model
+
+from support import tiny_dinov2_config
 
 STATISTICS = dict(image_mean=[0.3, 0.4, 0.5], image_std=[0.2, 0.25, 0.3])  # no family's default: the checkpoint's
 # the checkpoint's processor, and what it must become at --image-size 112

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from support import tiny_dinov2_config
 from transformers import AutoConfig, AutoModel, Dinov2Config, Dinov2Model
 
 from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndexError
+
+from support import tiny_dinov2_config
 
 
 def assert_outputs_equal(actual, expected):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from support import tiny_dinov2_config
 from torch import nn
 from transformers import Dinov2Model
 
@@ -10,6 +9,7 @@ from ttreg_hf import Dinov2TTRegModel, RegisterNeuronEdit, TokenLayout
 from ttreg_hf.settings import PATCH_MODES, SEMANTICS
 
 from reference_edit import AUTOGRAD_MODES, hooked_register_edit
+from support import tiny_dinov2_config
 
 
 def parent_of(model):

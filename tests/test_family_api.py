@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import tiny_dinov2_config
 from transformers import CLIPVisionModel, Dinov2Config, Dinov2Model
 
 from ttreg_hf import (
@@ -20,6 +19,8 @@ from ttreg_hf import (
 )
 from ttreg_hf.configs import registers as config_registers
 from ttreg_hf.hub import load_tt_model
+
+from support import tiny_dinov2_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP_TINY = dict(

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from support import tiny_dinov2_config
 from transformers import Dinov2Model
 
 from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndexError
@@ -20,6 +19,7 @@ from ttreg_hf.modeling.dinov2_original import (
     load_dinov2_linear_head,
 )
 
+from support import tiny_dinov2_config
 from upstream_dinov2 import random_original_state_dict
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,13 +4,13 @@ through `huggingface_hub` itself against a local fake Hub (`tests/fake_hub.py`),
 import pytest
 import yaml
 from huggingface_hub import HfApi, constants
-from support import tiny_dinov2_config
 
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronIndex, RegisterNeuronIndexError, load_index
 from ttreg_hf.cli import main
 from ttreg_hf.index import INDEX_FILENAME
 
 from fake_hub import TOKEN
+from support import tiny_dinov2_config
 
 pytest_plugins = ["fake_hub"]  # its `hub` fixture
 

@@ -6,7 +6,6 @@ import warnings
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from support import tiny_dinov2_config
 
 from ttreg_hf import (
     Dinov2TTRegConfig,
@@ -18,6 +17,8 @@ from ttreg_hf import (
 from ttreg_hf.analysis.interventions import with_register_neurons
 from ttreg_hf.index import find_shipped_index, weights_fingerprint
 from ttreg_hf.modeling.edit import warn_once
+
+from support import tiny_dinov2_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::ttreg_hf.modeling.registers.RegisterEditOffWarning")
 

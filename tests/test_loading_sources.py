@@ -7,13 +7,13 @@ import pytest
 import torch
 from family_models import TINY
 from safetensors.torch import save_file
-from support import save_as_parent_checkpoint
 from transformers import Dinov2Config, Dinov2Model
 
 from ttreg_hf import Dinov2TTRegModel, RegisterIndexMismatchWarning, RegisterNeuronIndex
 from ttreg_hf.family import transformers_families
 from ttreg_hf.hub import load_tt_model
 
+from support import save_as_parent_checkpoint
 from upstream_dinov2 import random_original_state_dict
 
 # the named checkpoints of the `transformers` families that load a Hub id (`weights=` a folder instead) -> family

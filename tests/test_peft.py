@@ -7,10 +7,11 @@ tower, ``classifier`` head on the CLS and the mean patch token, registers left o
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import tiny_dinov2_config
 from torch import nn
 
 from ttreg_hf import Dinov2TTRegForImageClassification, RegisterNeuronEdit, to_test_time_registers
+
+from support import tiny_dinov2_config
 
 peft = pytest.importorskip("peft", reason="the LoRA tests need `peft`, a test extra: pip install -e '.[test]'")
 

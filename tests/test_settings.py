@@ -4,7 +4,6 @@ import warnings
 
 import pytest
 import torch
-from support import tiny_dinov2_config
 from transformers import CLIPVisionConfig, Dinov2Config, Dinov2Model
 
 from ttreg_hf import (
@@ -16,6 +15,8 @@ from ttreg_hf import (
 )
 from ttreg_hf.configs.registers import MAX_TEST_TIME_REGISTERS
 from ttreg_hf.modeling.registers import RegisterEditOffWarning
+
+from support import tiny_dinov2_config
 
 DINOV2 = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14)
 CLIP = dict(

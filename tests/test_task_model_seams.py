@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from support import hooked_register_edit_of, with_registers
 from torch import nn
 from transformers import (
     CLIPConfig,
@@ -30,6 +29,8 @@ from ttreg_hf import (
     to_test_time_registers,
     vision_tower_with_registers,
 )
+
+from support import hooked_register_edit_of, with_registers
 
 NEURONS = {1: [3, 40], 2: [7]}
 TOWER = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, patch_size=14, image_size=42)

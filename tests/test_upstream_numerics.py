@@ -11,7 +11,6 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from support import SHARED
 from torch import nn
 from transformers import Dinov2ForImageClassification, Dinov2Model
 
@@ -25,6 +24,7 @@ from ttreg_hf.modeling.dinov2_original import (
 )
 
 from reference_edit import hooked_register_edit
+from support import SHARED
 from upstream_dinov2 import UpstreamDinov2, random_original_state_dict
 
 VITS14 = "weights/dinov2_vits14_imgfocus.safetensors"
