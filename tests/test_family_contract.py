@@ -24,6 +24,8 @@ from ttreg_hf.hub import entry_points
 from ttreg_hf.index import RegisterNeuronIndex
 from ttreg_hf.planted import textured_images
 
+from support import save_as_parent_checkpoint
+
 FAMILIES = {family.name: family for family in families()}
 TRANSFORMERS = {family.name: family for family in transformers_families()}
 TYPO = "num_test_time_register"  # for num_test_time_registers: kept silently, it would leave the registers on
@@ -54,18 +56,12 @@ def save_image(image: torch.Tensor, path: Path) -> None:
     Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
 
 
-def save_as_parent_checkpoint(name: str, folder: Path) -> Path:
+def parent_checkpoint(name: str, folder: Path) -> Path:
     """The planted tiny model of ``name`` saved as a checkpoint of its parent class (plain `transformers`: config,
     weights) with the family's image processor, as the parent's checkpoints ship one."""
-    family, model = TRANSFORMERS[name], planted(name)
-    parent = family.parents[0]
-    register_fields = {"register_neurons", "num_test_time_registers", "register_scale", "register_semantics",
-                       "register_patch_mode", "pool_registers", "position_interpolation"}  # fmt: skip
-    fields = {k: v for k, v in model.config.to_dict().items() if k not in register_fields | {"model_type"}}
-    parent_model = parent(parent.config_class(**fields))
-    parent_model.load_state_dict(model.state_dict())
-    parent_model.save_pretrained(folder)
-    family.default_image_processor(model.config).save_pretrained(folder)
+    model = planted(name)
+    save_as_parent_checkpoint(model, folder)
+    TRANSFORMERS[name].default_image_processor(model.config).save_pretrained(folder)
     return folder
 
 
@@ -79,7 +75,7 @@ def pipeline(image_dir, tmp_path_factory):
         if name in runs:
             return runs[name]
         root = tmp_path_factory.mktemp(name)
-        parent = save_as_parent_checkpoint(name, root / "parent")
+        parent = parent_checkpoint(name, root / "parent")
         index_file = root / "index.safetensors"
         assert main(["find-neurons", str(parent), str(image_dir), "--out", str(index_file)]) == 0
         ours = root / "ours"
@@ -191,7 +187,7 @@ def test_a_misspelled_setting_is_a_type_error_in_every_loader(name, tmp_path):
     entries = [entry_points()[checkpoint.entry_name] for checkpoint in family.checkpoints]
     loaders = [lambda entry=entry: entry(pretrained=False, **{TYPO: 0}) for entry in entries]
     if name in TRANSFORMERS:
-        folder = save_as_parent_checkpoint(name, tmp_path / name)
+        folder = parent_checkpoint(name, tmp_path / name)
         loaders.append(lambda: family.model_class.from_pretrained(folder, **{TYPO: 0}))
         loaders.append(lambda: family.model_class.from_pretrained(folder, register_neurons={1: [2]}, **{TYPO: 0}))
     if name == "open_clip":
@@ -294,7 +290,7 @@ def test_every_class_takes_its_parents_constructor_arguments(name):
 
 
 def test_a_corrupt_image_processor_is_an_error_not_a_fallback(tmp_path):
-    folder = save_as_parent_checkpoint("vit", tmp_path / "vit")
+    folder = parent_checkpoint("vit", tmp_path / "vit")
     (folder / "preprocessor_config.json").write_text("{not json")
     with pytest.raises(
         ValueError, match="Cannot read the image processor .*preprocessor_config.json.*fix or remove it"

@@ -18,6 +18,7 @@ from transformers import (
 from ttreg_hf import Siglip2VisionTTRegModel, SiglipVisionTTRegConfig, SiglipVisionTTRegModel
 
 from reference_edit import hooked_register_edit
+from support import with_registers
 
 NEURONS = {1: [3, 40, 5], 2: [7]}
 COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
@@ -72,10 +73,6 @@ def hooked(parent, num_registers=1, **settings):
     return hooked_register_edit(
         parent.embeddings, down_projections, NEURONS, num_registers=num_registers, num_prefix=0, **settings
     )
-
-
-def with_registers(outputs):
-    return torch.cat([outputs.last_hidden_state, outputs.test_time_registers], dim=1)
 
 
 def test_loads_parent_checkpoint_weights(siglip_checkpoint, siglip2_checkpoint):
