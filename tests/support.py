@@ -38,9 +38,10 @@ def down_projection(mlp: nn.Module) -> nn.Module:
     return mlp.fc2 if hasattr(mlp, "fc2") else mlp.down_proj
 
 
-def hooked_register_edit_of(model: nn.Module, parent: nn.Module):
+def hooked_register_edit_of(model: nn.Module, parent: nn.Module, num_prefix: int):
     """`hooked_register_edit` on ``parent`` (``model``'s parent class) at ``model``'s declared seams, with
-    ``model.config``'s register settings."""
+    ``model.config``'s register settings and ``num_prefix`` tokens before the patches (stated by the test, not read
+    from ``model``)."""
     config, seams = model.config, model.register_seams
     blocks = parent.get_submodule(seams.blocks)
     neurons = config.register_neuron_index
@@ -50,7 +51,7 @@ def hooked_register_edit_of(model: nn.Module, parent: nn.Module):
         projections,
         neurons,
         num_registers=config.num_test_time_registers,
-        num_prefix=model.num_prefix_tokens,
+        num_prefix=num_prefix,
         scale=config.register_scale,
         semantics=config.register_semantics,
         patch_mode=config.register_patch_mode,
@@ -101,8 +102,8 @@ class ForwardCounter:
 
 
 @contextmanager
-def _hooked_at_seams(model: nn.Module, parent: nn.Module):
-    with hooked_register_edit_of(model, parent):
+def _hooked_at_seams(model: nn.Module, parent: nn.Module, num_prefix: int):
+    with hooked_register_edit_of(model, parent, num_prefix):
         yield lambda tokens: tokens
 
 
@@ -119,19 +120,19 @@ def _registers_in_prefix(tokens: torch.Tensor, num_prefix: int, num_registers: i
 
 
 @contextmanager
-def hooked_unrotated_registers(model: nn.Module, parent: nn.Module):
+def hooked_unrotated_registers(model: nn.Module, parent: nn.Module, num_prefix: int):
     """DINOv3's reference: `hooked_register_edit_of` on the parent, its registers moved to just after the trained ones.
 
     There the parent's `apply_rotary_pos_emb` leaves them unrotated by construction: an independent account of
     "registers get no RoPE". Around each edited MLP projection the registers are moved last, where the reference
     edit expects them, and back. Yields the function that turns the parent's tokens into our layout.
     """
-    num_prefix, num_registers = model.num_prefix_tokens, model.config.num_test_time_registers
+    num_registers = model.config.num_test_time_registers
     last = functools.partial(_registers_last, num_prefix=num_prefix, num_registers=num_registers)
     in_prefix = functools.partial(_registers_in_prefix, num_prefix=num_prefix, num_registers=num_registers)
     blocks = parent.get_submodule(model.register_seams.blocks)
     projections = [down_projection(blocks[layer].mlp) for layer in model.config.register_neuron_index]
-    with hooked_register_edit_of(model, parent):
+    with hooked_register_edit_of(model, parent, num_prefix):
         handles = [parent.embeddings.register_forward_hook(lambda m, a, out: in_prefix(out))]
         for projection in projections:
             handles.append(
@@ -159,7 +160,8 @@ class FamilySpec:
     model_class: type
     arch: dict
     image_size: int
-    # `(model, parent)` -> a context in which ``parent`` runs the reference edit, yielding the function that puts its
+    num_prefix: int  # tokens before the patches (CLS, distillation token, trained registers): the reference's
+    # `(model, parent, num_prefix)` -> a context in which ``parent`` runs the reference edit, yielding the function that puts its
     # tokens in our layout (registers last)
     hooked: Callable = _hooked_at_seams
     # keyword arguments and an image size of another shape than the position table's, which the family takes
@@ -183,7 +185,7 @@ class FamilySpec:
         layout, to compare with `with_registers` of ``model``'s output."""
         if parent is None:
             parent = parent_of(model).to(next(model.parameters()).dtype)
-        with self.hooked(model, parent) as to_our_layout:
+        with self.hooked(model, parent, self.num_prefix) as to_our_layout:
             return to_our_layout(parent(pixel_values, **kwargs).last_hidden_state)
 
 
@@ -192,6 +194,7 @@ SPECS = {
         Dinov2TTRegModel,
         dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14),
         image_size=56,
+        num_prefix=1,
         resized=({}, (70, 42)),
         gradient_parameters=("encoder.layer.1.mlp.fc1.weight", "embeddings.patch_embeddings.projection.weight"),
     ),
@@ -199,6 +202,7 @@ SPECS = {
         ViTTTRegModel,
         VIT_ARCH,
         image_size=32,
+        num_prefix=1,
         resized=({"interpolate_pos_encoding": True}, (48, 40)),
         gradient_parameters=("layers.1.mlp.fc1.weight", "embeddings.patch_embeddings.projection.weight"),
     ),
@@ -206,6 +210,7 @@ SPECS = {
         DeiTTTRegModel,
         VIT_ARCH,
         image_size=32,
+        num_prefix=2,
         resized=({"interpolate_pos_encoding": True}, (48, 40)),
         gradient_parameters=("layers.1.mlp.fc1.weight", "embeddings.patch_embeddings.projection.weight"),
     ),
@@ -213,6 +218,7 @@ SPECS = {
         DINOv3ViTTTRegModel,
         dict(VIT_ARCH, num_register_tokens=4, layerscale_value=0.5),
         image_size=32,
+        num_prefix=5,
         hooked=hooked_unrotated_registers,
         resized=({}, (48, 24)),
         gradient_parameters=(

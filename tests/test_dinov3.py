@@ -11,7 +11,7 @@ from ttreg_hf.hub import load_tt_model
 from support import SPECS, parent_of, with_registers
 
 DINOV3 = SPECS["dinov3"]
-NUM_PREFIX = 5  # CLS and 4 trained registers
+NUM_PREFIX = DINOV3.num_prefix  # CLS and 4 trained registers
 
 
 @pytest.fixture

@@ -76,7 +76,7 @@ def test_outputs_keep_the_parents_shapes_and_expose_the_registers(spec, images):
     kwargs = dict(output_hidden_states=True, output_attentions=True)
     with torch.no_grad():
         outputs, expected = model(images, **kwargs), parent_of(model)(images, **kwargs)
-    num_tokens = model.num_prefix_tokens + (spec.image_size // model.config.patch_size) ** 2
+    num_tokens = spec.num_prefix + (spec.image_size // model.config.patch_size) ** 2
     assert outputs.last_hidden_state.shape == expected.last_hidden_state.shape == (4, num_tokens, 32)
     assert outputs.pooler_output.shape == expected.pooler_output.shape
     for field in ("hidden_states", "attentions"):

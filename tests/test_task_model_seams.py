@@ -89,7 +89,7 @@ def test_a_dinov2_backbones_attention_mask_leaves_the_registers_visible(pixels):
     with torch.no_grad():
         maps = backbone(pixels, attention_mask=mask).feature_maps
         unmasked = backbone(pixels).feature_maps
-        with hooked_register_edit_of(backbone, parent):
+        with hooked_register_edit_of(backbone, parent, num_prefix=1):
             hidden = parent(
                 pixels, attention_mask=nn.functional.pad(mask, (0, 1), value=1), output_hidden_states=True
             ).hidden_states
@@ -101,8 +101,8 @@ def test_a_dinov2_backbones_attention_mask_leaves_the_registers_visible(pixels):
 
 
 MASKED_IMAGE_MODELS = {
-    "vit": (ViTForMaskedImageModeling, ViTConfig, "vit"),
-    "deit": (DeiTForMaskedImageModeling, DeiTConfig, "deit"),
+    "vit": (ViTForMaskedImageModeling, ViTConfig, "vit", 1),
+    "deit": (DeiTForMaskedImageModeling, DeiTConfig, "deit", 2),  # CLS and distillation token
 }
 
 
@@ -111,7 +111,7 @@ def test_an_upgraded_masked_image_modeling_tower_keeps_its_mask_token(family):
     """`to_test_time_registers` on a `ViTForMaskedImageModeling` / `DeiTForMaskedImageModeling`: the new tower holds
     the parent's mask token itself, and masked patches are reconstructed as the parent does (edit off: bit for bit;
     edit on: the reference edit on the parent's tower)."""
-    model_class, config_class, tower_path = MASKED_IMAGE_MODELS[family]
+    model_class, config_class, tower_path, num_prefix = MASKED_IMAGE_MODELS[family]
     config = config_class(
         hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8,
         encoder_stride=8, attn_implementation="eager",
@@ -129,7 +129,7 @@ def test_an_upgraded_masked_image_modeling_tower_keeps_its_mask_token(family):
         expected = parent(pixels, bool_masked_pos=masked).reconstruction
         assert torch.equal(off(pixels, bool_masked_pos=masked).reconstruction, expected)
         assert not torch.allclose(parent(pixels).reconstruction, expected, atol=1e-4)  # the mask token counts
-        with hooked_register_edit_of(tower, parent.get_submodule(tower_path)):
+        with hooked_register_edit_of(tower, parent.get_submodule(tower_path), num_prefix):
             reference = parent.get_submodule(tower_path)(pixels, bool_masked_pos=masked).last_hidden_state
         torch.testing.assert_close(with_registers(tower(pixels, bool_masked_pos=masked)), reference, atol=1e-5, rtol=0)
 
