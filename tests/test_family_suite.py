@@ -3,8 +3,11 @@
 reference on the parent, in every setting, dtype and image size, with the same gradients; outputs keep the parent's
 shapes; compile, save / load and parent checkpoints. A family's own behaviour stays in its test module."""
 
+import inspect
+
 import pytest
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from ttreg_hf.family import parent_class
@@ -69,6 +72,21 @@ def test_another_image_size_matches_the_reference(spec):
         torch.testing.assert_close(
             with_registers(model(pixels, **kwargs)), spec.reference(model, pixels, **kwargs), atol=1e-5, rtol=0
         )
+
+
+def test_an_attention_mask_leaves_the_registers_visible(spec, images):
+    """A mask over the parent's tokens (one patch hidden) is the reference's with the registers visible."""
+    if "attention_mask" not in inspect.signature(spec.model_class.forward).parameters:
+        pytest.skip(f"{spec.model_class.__name__} takes no attention mask")
+    model = spec.model()
+    mask = torch.ones(4, spec.num_prefix + (spec.image_size // model.config.patch_size) ** 2)
+    mask[:, -3] = 0
+    with torch.no_grad():
+        actual = with_registers(model(images, attention_mask=mask))
+        expected = spec.reference(model, images, attention_mask=nn.functional.pad(mask, (0, 1), value=1))
+        unmasked = with_registers(model(images))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(actual, unmasked, atol=1e-3)
 
 
 def test_outputs_keep_the_parents_shapes_and_expose_the_registers(spec, images):

@@ -1,15 +1,14 @@
-"""ViTTTRegModel and DeiTTTRegModel beyond the shared suites (`test_family_suite.py`): clear errors, attention
-masks, the Hub names and DeiT's classifier checkpoints."""
+"""ViTTTRegModel and DeiTTTRegModel beyond the shared suites (`test_family_suite.py`): clear errors, the Hub names
+and DeiT's classifier checkpoints."""
 
 import pytest
 import torch
-from torch import nn
 from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
 
 from ttreg_hf import DeiTTTRegModel, RegisterNeuronIndexError, ViTTTRegModel
 from ttreg_hf.hub import load_tt_model
 
-from support import SPECS, VIT_ARCH, with_registers
+from support import SPECS, VIT_ARCH
 
 families = pytest.mark.parametrize("family", ["vit", "deit"])
 
@@ -28,21 +27,6 @@ def test_user_mistakes_are_clear_errors(family):
         model(torch.randn(1, 3, 36, 32), interpolate_pos_encoding=True)
     with pytest.raises(Exception, match=r"\[128\] in layer 1 are out of range"):
         SPECS[family].config(register_neurons={1: [128]})
-
-
-@families
-def test_attention_mask_leaves_the_registers_visible(family, images):
-    """A mask over the parent's tokens (one patch hidden) is the reference's with the registers visible."""
-    model = SPECS[family].model()
-    mask = torch.ones(4, model.num_prefix_tokens + 16)
-    mask[:, -3] = 0
-    registers_visible = nn.functional.pad(mask, (0, 1), value=1)
-    with torch.no_grad():
-        expected = SPECS[family].reference(model, images, attention_mask=registers_visible)
-        actual = with_registers(model(images, attention_mask=mask))
-        unmasked = with_registers(model(images))
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
-    assert not torch.allclose(actual, unmasked, atol=1e-3)
 
 
 @pytest.mark.parametrize(
