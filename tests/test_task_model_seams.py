@@ -138,12 +138,11 @@ TEXT = dict(
     hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, vocab_size=16,
     max_position_embeddings=64, eos_token_id=2,
 )  # fmt: skip
+VISION = dict(**TOWER, intermediate_size=64)
 DUAL_ENCODERS = {
-    "clip": (CLIPTTRegModel, lambda: CLIPModel(CLIPConfig(vision_config=dict(**TOWER, intermediate_size=64),
-                                                          text_config=TEXT))),
-    "siglip": (SiglipTTRegModel, lambda: SiglipModel(SiglipConfig(vision_config=dict(**TOWER, intermediate_size=64),
-                                                                  text_config=TEXT))),
-}  # fmt: skip
+    "clip": (CLIPTTRegModel, lambda: CLIPModel(CLIPConfig(vision_config=VISION, text_config=TEXT))),
+    "siglip": (SiglipTTRegModel, lambda: SiglipModel(SiglipConfig(vision_config=VISION, text_config=TEXT))),
+}
 
 
 @pytest.mark.parametrize("family", DUAL_ENCODERS)
