@@ -10,7 +10,7 @@ ratio, so that drift on a shared machine cancels out, in wall-clock time (the he
 
     python benchmarks/discovery.py                     # the DINOv2-shaped planted model, 224 px, CPU
     python benchmarks/discovery.py --quick             # 16 images, one round (a smoke test)
-    python benchmarks/discovery.py --model clip        # a family's tiny planted model, as tests/test_planting.py builds it
+    python benchmarks/discovery.py --model clip        # a family's tiny planted model, as tests/family_models.py builds it
     python benchmarks/discovery.py --device cuda --dtype bfloat16 --compile
     python benchmarks/discovery.py --processes 2       # and (c) under torchrun: 1 process against 2
     python benchmarks/discovery.py --threads 1         # one thread per process (steadier on a shared machine)
@@ -18,7 +18,6 @@ ratio, so that drift on a shared machine cancels out, in wall-clock time (the he
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import statistics
@@ -39,21 +38,19 @@ BATCH_SIZE = 16
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 
 
-def test_planting():
-    """tests/test_planting.py, the one definition of every family's tiny planted model (its helpers import from
-    tests/, put on the path for the import only)."""
+def family_models():
+    """tests/family_models.py, the one definition of every family's tiny planted model (a helper module of the tests,
+    not a test file; put on the path for the import only)."""
     sys.path.insert(0, str(TESTS))
     try:
-        spec = importlib.util.spec_from_file_location("test_planting", TESTS / "test_planting.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        import family_models
     finally:
         sys.path.remove(str(TESTS))
+    return family_models
 
 
 def model_names() -> list[str]:
-    return ["planted", *test_planting().FAMILIES, "siglip2"]
+    return ["planted", *family_models().PLANTABLE, "siglip2"]
 
 
 def build(name: str, num_images: int, device: str, dtype: torch.dtype):
@@ -64,11 +61,11 @@ def build(name: str, num_images: int, device: str, dtype: torch.dtype):
         images = planted_pixels(textured_images(num_images, seed=0))
         truth = planted_index()
     else:
-        planting = test_planting()
-        model = planting.planted_siglip2() if name == "siglip2" else planting.planted(name)
-        images = planting.images(num_images, seed=0)
-        images = planting.naflex(images) if name == "siglip2" else images
-        truth = {planting.LAYER: tuple(planting.NEURONS)}
+        tiny = family_models()
+        model = tiny.planted(name)
+        images = tiny.tiny_images(num_images, seed=0)
+        images = tiny.naflex(images) if name == "siglip2" else images
+        truth = {tiny.LAYER: tuple(tiny.NEURONS)}
     return model.to(device, dtype), images, {layer: sorted(ids) for layer, ids in truth.items()}
 
 

@@ -7,7 +7,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from support import SHARED
 
 
 @pytest.fixture
@@ -23,29 +23,14 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_compile_caches():
-    """Every test compiles from scratch: code shared by all families (the edit, the MLPs' forwards) would otherwise
-    pile up recompilations across tests and hit dynamo's per-function recompile limit."""
+@pytest.fixture
+def fresh_compile_caches():
+    """For a test that compiles (`torch.compile`, `torch.export`): it compiles from scratch and leaves nothing
+    compiled behind. Code shared by all families (the edit, the MLPs' forwards) would otherwise pile up
+    recompilations across tests and hit dynamo's per-function recompile limit."""
+    torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def tiny_dinov2_config(**overrides):
-    """A 3-layer, 32-wide DINOv2 config with test-time-register fields (eager attention, so maps can be returned)."""
-    from ttreg_hf import Dinov2TTRegConfig
-
-    settings = dict(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        image_size=56,
-        patch_size=14,
-        register_neurons={1: [3, 70, 5], 2: [7, 100]},
-    )
-    config = Dinov2TTRegConfig(**{**settings, **overrides})
-    config._attn_implementation = "eager"
-    return config
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ padded batches with this reference run on each image alone.
 import functools
 from collections.abc import Mapping
 
+import pytest
 import torch
 
 from ttreg_hf.analysis import capture, patch_norms, with_register_neurons
@@ -150,3 +151,22 @@ def reference_discovery(
             "scores": ranked[:k],
             "eval_outlier_ratio": (before, ratio_with(k)),
         }
+
+
+def assert_same_as_reference(result, reference: dict, same_evaluation: bool = True) -> None:
+    """``result`` records what `reference_discovery` does: the same counts and neurons, the same threshold and k, the
+    same ratios (where both evaluated the same images); scores to float rounding (float64 sums over the outliers here,
+    float32 over every patch there)."""
+    assert result.threshold == reference["threshold"]
+    for name in ("num_outlier_tokens", "num_patch_tokens", "num_images_with_outliers"):
+        assert getattr(result, name) == reference[name], name
+    assert (result.median_norm, result.max_norm) == pytest.approx((reference["median_norm"], reference["max_norm"]))
+    if reference["neurons"] is None:
+        assert not result.found
+        return
+    assert {layer: sorted(ids) for layer, ids in result.index.neurons.items()} == reference["neurons"]
+    assert result.top_k == reference["top_k"]
+    if same_evaluation:
+        assert result.eval_outlier_ratio == pytest.approx(reference["eval_outlier_ratio"], abs=1e-12)
+    scores = {(layer, neuron): score for layer, neuron, score in result.ranked[: result.top_k]}
+    assert scores == pytest.approx({(layer, neuron): score for layer, neuron, score in reference["scores"]}, rel=1e-5)

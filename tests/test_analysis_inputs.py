@@ -4,8 +4,7 @@ wrong number."""
 
 import pytest
 import torch
-from family_models import LAYER, NEURONS, TINY, planted
-from test_family_contract import analysis_inputs
+from family_models import LAYER, NEURONS, TINY, analysis_inputs, planted
 
 from ttreg_hf.analysis import (
     ablate_neurons,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from family_models import LAYER, NEURONS, SIZE, planted, tiny_images
 
 from ttreg_cli import load_model, main
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronIndex
@@ -277,9 +278,7 @@ def test_import_ttreg_hf_registers_the_classes_with_the_auto_classes(tmp_path):
 
 
 def tiny_planted_folder(family: str, folder: Path) -> Path:
-    """A tiny model of ``family`` with planted register neurons (`tests/test_planting.py`), saved to ``folder``."""
-    from test_planting import planted
-
+    """A tiny model of ``family`` with planted register neurons (`tests/family_models.py`), saved to ``folder``."""
     planted(family).save_pretrained(folder)
     return folder
 
@@ -287,7 +286,6 @@ def tiny_planted_folder(family: str, folder: Path) -> Path:
 @pytest.mark.parametrize("family", ["clip", "siglip", "deit"])
 def test_inspect_a_planted_folder_of_each_family_with_the_index_discovery_found(family, tmp_path, capsys):
     from PIL import Image
-    from test_planting import LAYER, NEURONS, SIZE, images
 
     from ttreg_hf.planted import textured_images
 
@@ -295,7 +293,7 @@ def test_inspect_a_planted_folder_of_each_family_with_the_index_discovery_found(
     model, _ = load_model(str(folder), "cpu", num_test_time_registers=0)
     classes = {"clip": "CLIPVisionTTRegModel", "siglip": "SiglipVisionTTRegModel", "deit": "DeiTTTRegModel"}
     assert type(model).__name__ == classes[family]
-    result = find_register_neurons(model, list(images(32, seed=0)))
+    result = find_register_neurons(model, list(tiny_images(32, seed=0)))
     assert {layer: set(ids) for layer, ids in result.index.neurons.items()} == {LAYER: set(NEURONS)}
     index = result.index.save(tmp_path / "index.safetensors")
     image = tmp_path / "image.png"

@@ -174,6 +174,7 @@ def test_bad_images_are_clear_errors(checkpoint):
         model(torch.zeros(1, 3, 28, 28, dtype=torch.uint8))
 
 
+@pytest.mark.usefixtures("fresh_compile_caches")
 def test_compiles_fullgraph(checkpoint, pixels):
     model = CLIPVisionTTRegModel.from_pretrained(checkpoint, register_neurons=NEURONS).eval()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)

@@ -52,6 +52,7 @@ from ttreg_hf.configs.registers import TestTimeRegisterCompositeConfigMixin
 from fetch_transformers_tests import FETCH_COMMAND, PACKAGE, fetch
 
 pytest.importorskip("parameterized", reason="the common tests need `parameterized`: pip install -e '.[test]'")
+pytestmark = pytest.mark.usefixtures("fresh_compile_caches")  # transformers' compile tests among them
 
 
 def _import_common_tests():

@@ -2,48 +2,11 @@
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, Dinov2Config, Dinov2Model
+from transformers import Dinov2Config, Dinov2Model
 
-from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndexError
+from ttreg_hf import Dinov2TTRegModel, RegisterNeuronIndexError
 
-from conftest import tiny_dinov2_config
-
-
-def assert_outputs_equal(actual, expected):
-    assert torch.equal(actual.last_hidden_state, expected.last_hidden_state)
-    assert torch.equal(actual.pooler_output, expected.pooler_output)
-    for a, b in zip(actual.hidden_states, expected.hidden_states, strict=True):
-        assert torch.equal(a, b)
-    for a, b in zip(actual.attentions, expected.attentions, strict=True):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("edit_off", [{"num_test_time_registers": 0}, {"register_neurons": {}}])
-def test_edit_off_is_bit_identical_to_the_parent(edit_off, images):
-    model = Dinov2TTRegModel(tiny_dinov2_config(**edit_off)).eval()
-    parent = Dinov2Model(model.config).eval()
-    parent.load_state_dict(model.state_dict())
-    kwargs = dict(output_hidden_states=True, output_attentions=True)
-    with torch.no_grad():
-        outputs = model(images, **kwargs)
-        assert_outputs_equal(outputs, parent(images, **kwargs))
-    assert outputs.test_time_registers is None
-
-
-def test_outputs_keep_the_parents_shapes_and_expose_the_registers(images):
-    config = tiny_dinov2_config(num_test_time_registers=2)
-    model = Dinov2TTRegModel(config).eval()
-    parent = Dinov2Model(config).eval()
-    kwargs = dict(output_hidden_states=True, output_attentions=True)
-    with torch.no_grad():
-        outputs, expected = model(images, **kwargs), parent(images, **kwargs)
-    assert outputs.last_hidden_state.shape == expected.last_hidden_state.shape == (4, 17, 32)
-    assert outputs.pooler_output.shape == expected.pooler_output.shape
-    assert [h.shape for h in outputs.hidden_states] == [h.shape for h in expected.hidden_states]
-    assert outputs.test_time_registers.shape == (4, 2, 32)
-    assert [a.shape for a in outputs.attentions] == [a.shape for a in expected.attentions] == [(4, 2, 17, 17)] * 3
-    assert [a.shape for a in outputs.test_time_register_attentions] == [(4, 2, 17, 2)] * 3  # the sink, on its own
-    torch.testing.assert_close(outputs.pooler_output, outputs.last_hidden_state[:, 0])
+from support import tiny_dinov2_config
 
 
 def test_selected_hidden_states_and_tuple_outputs(images):
@@ -59,32 +22,6 @@ def test_selected_hidden_states_and_tuple_outputs(images):
     assert selected[-1].shape == (4, 17, 32)
     assert torch.equal(last, full.last_hidden_state) and torch.equal(pooled, full.pooler_output)
     assert len(as_tuple) == len(parent_tuple) == 3 and len(as_tuple[2]) == len(parent_tuple[2])
-
-
-def test_save_load_round_trip_and_automodel(tmp_path, images):
-    config = tiny_dinov2_config(register_scale=[0.5, 2.0], num_test_time_registers=2, register_semantics="reference")
-    model = Dinov2TTRegModel(config).eval()
-    model.save_pretrained(tmp_path)
-    loaded = AutoModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    assert type(loaded) is Dinov2TTRegModel
-    assert isinstance(AutoConfig.from_pretrained(tmp_path), Dinov2TTRegConfig)
-    for field in ("register_neurons", "num_test_time_registers", "register_scale", "register_semantics"):
-        assert getattr(loaded.config, field) == getattr(config, field)
-    with torch.no_grad():
-        expected, actual = model(images), loaded(images)
-    assert torch.equal(actual.last_hidden_state, expected.last_hidden_state)
-    assert torch.equal(actual.test_time_registers, expected.test_time_registers)
-
-
-def test_loads_a_plain_dinov2_checkpoint_with_its_renamed_keys(tmp_path, images):
-    parent = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=56)).eval()
-    parent.save_pretrained(tmp_path)  # hub layout: attention.attention.query ...
-    model = Dinov2TTRegModel.from_pretrained(tmp_path, num_test_time_registers=0)
-    with torch.no_grad():
-        assert torch.equal(model(images).last_hidden_state, parent(images).last_hidden_state)
-    edited = Dinov2TTRegModel.from_pretrained(tmp_path, register_neurons={2: [5, 6]})
-    assert edited.encoder.layer[2].mlp.register_edit.neurons.tolist() == [5, 6]
-    assert edited.config.register_neurons == {"2": [5, 6]}
 
 
 def test_a_checkpoint_without_an_index_is_a_clear_error(tmp_path):
@@ -163,14 +100,6 @@ def test_from_pretrained_by_hub_id_attaches_the_shipped_index(tmp_path):
     assert sum(len(ids) for ids in model.config.register_neurons.values()) == 45
     assert model.encoder.layer[17].mlp.register_edit.neuron_ids[:3] == (884, 133, 1427)
     assert model(torch.randn(1, 3, 28, 28)).test_time_registers.shape == (1, 1, 64)
-
-
-def test_attention_mask_covers_the_registers(images):
-    model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
-    with torch.no_grad():
-        masked = model(images, attention_mask=torch.ones(4, 17))
-        unmasked = model(images)
-    torch.testing.assert_close(masked.last_hidden_state, unmasked.last_hidden_state, atol=1e-6, rtol=0)
 
 
 def test_loading_info_and_the_model_type(tmp_path):

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from reference_discovery import reference_discovery
+from reference_discovery import assert_same_as_reference, reference_discovery
 from torch import nn
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -19,6 +19,8 @@ from ttreg_hf.discovery import find_register_neurons
 from ttreg_hf.images import ImageFolder, normalize, statistics_preprocessor
 from ttreg_hf.index import RegisterIndexMismatchWarning
 from ttreg_hf.planted import PLANTED_LAYER, PLANTED_NEURONS, build_planted_model, planted_index, textured_images
+
+from support import ForwardCounter
 
 
 def planted_images(num_images: int, seed: int = 0) -> torch.Tensor:
@@ -200,25 +202,6 @@ def test_two_processes_find_the_same_index_as_one(tmp_path):
     assert one.details["threshold_rule"].endswith("of 9 images") and one.details["num_eval_images"] > 0
 
 
-def assert_same_as_reference(result, reference: dict, same_evaluation: bool = True) -> None:
-    """``result`` records what `reference_discovery` does: the same counts and neurons, the same threshold and k, the
-    same ratios (where both evaluated the same images); scores to float rounding (float64 sums over the outliers here,
-    float32 over every patch there)."""
-    assert result.threshold == reference["threshold"]
-    for name in ("num_outlier_tokens", "num_patch_tokens", "num_images_with_outliers"):
-        assert getattr(result, name) == reference[name], name
-    assert (result.median_norm, result.max_norm) == pytest.approx((reference["median_norm"], reference["max_norm"]))
-    if reference["neurons"] is None:
-        assert not result.found
-        return
-    assert {layer: sorted(ids) for layer, ids in result.index.neurons.items()} == reference["neurons"]
-    assert result.top_k == reference["top_k"]
-    if same_evaluation:
-        assert result.eval_outlier_ratio == pytest.approx(reference["eval_outlier_ratio"], abs=1e-12)
-    scores = {(layer, neuron): score for layer, neuron, score in result.ranked[: result.top_k]}
-    assert scores == pytest.approx({(layer, neuron): score for layer, neuron, score in reference["scores"]}, rel=1e-5)
-
-
 @pytest.mark.parametrize(
     "settings",
     [dict(calibration_images=16, eval_images=16), dict(threshold=40.0, top_k=6, eval_images=5)],
@@ -231,28 +214,6 @@ def test_one_pass_finds_what_the_algorithm_as_it_was_finds(settings):
     assert_same_as_reference(result, reference_discovery(model, images, batch_size=8, **settings))
 
 
-class ForwardCounter:
-    """Counts the images the model runs, without and with register neurons attached."""
-
-    def __init__(self, model):
-        self.unedited = self.edited = 0
-        self.model = model
-
-    def __enter__(self):
-        def count(module, args, kwargs):
-            pixel_values = args[0] if args else kwargs["pixel_values"]
-            if self.model.config.register_neuron_index:
-                self.edited += len(pixel_values)
-            else:
-                self.unedited += len(pixel_values)
-
-        self.handle = self.model.register_forward_pre_hook(count, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 def test_automatic_threshold_and_k_run_each_image_once_and_edit_only_evaluation_images():
     model, images = build_planted_model(), planted_images(48)
     with ForwardCounter(model) as forwards:
@@ -260,7 +221,7 @@ def test_automatic_threshold_and_k_run_each_image_once_and_edit_only_evaluation_
     assert result.index.neurons == planted_index() and result.num_eval_images == 8  # 48 / 32, at least 8
     assert forwards.unedited == 48  # the calibration images' forward is their scoring forward
     # k = 4 (the guess: the largest drop of the ranked scores) on every evaluation image; k = 3 stops after one
-    assert forwards.edited == 8 + 1
+    assert forwards.ks == [4, 3] and forwards.edited == 8 + 1
     assert [discovery.default_eval_images(n) for n in (1, 256, 500, 1024, 5000)] == [8, 8, 15, 32, 32]
 
 

@@ -3,119 +3,33 @@
 import pytest
 import torch
 from torch import nn
-from transformers import Dinov2Model
 
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronEdit, TokenLayout
 from ttreg_hf.settings import PATCH_MODES, SEMANTICS
 
-from conftest import tiny_dinov2_config
-from reference_edit import AUTOGRAD_MODES, hooked_register_edit
-
-
-def parent_of(model):
-    """The parent class with the same weights and no edit."""
-    parent = Dinov2Model(model.config).eval()
-    parent.load_state_dict(model.state_dict())
-    return parent
-
-
-def with_registers(outputs):
-    return torch.cat([outputs.last_hidden_state, outputs.test_time_registers], dim=1)
-
-
-def hooked_output(parent, config, pixel_values):
-    with hooked_register_edit(
-        parent.embeddings,
-        {layer: parent.encoder.layer[layer].mlp.fc2 for layer in config.register_neuron_index},
-        config.register_neuron_index,
-        num_registers=config.num_test_time_registers,
-        scale=config.register_scale,
-        semantics=config.register_semantics,
-        patch_mode=config.register_patch_mode,
-    ):
-        return parent(pixel_values).last_hidden_state
-
-
-@pytest.mark.parametrize("patch_mode", PATCH_MODES)
-@pytest.mark.parametrize("semantics", SEMANTICS)
-def test_matches_hook_reference(semantics, patch_mode, images):
-    config = tiny_dinov2_config(register_semantics=semantics, register_patch_mode=patch_mode)
-    model = Dinov2TTRegModel(config).eval()
-    with torch.no_grad():
-        expected = hooked_output(parent_of(model), config, images)
-        actual = with_registers(model(images))
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
-
-
-def test_several_registers_with_own_scales(images):
-    config = tiny_dinov2_config(num_test_time_registers=3, register_scale=[1.0, 0.5, -2.0])
-    model = Dinov2TTRegModel(config).eval()
-    with torch.no_grad():
-        expected = hooked_output(parent_of(model), config, images)
-        outputs = model(images)
-    assert outputs.test_time_registers.shape == (4, 3, 32)
-    torch.testing.assert_close(with_registers(outputs), expected, atol=1e-5, rtol=0)
+from reference_edit import AUTOGRAD_MODES
+from support import SPECS, parent_of, tiny_dinov2_config, with_registers
 
 
 def test_swiglu_edit_sits_after_the_gating(images):
-    config = tiny_dinov2_config(use_swiglu_ffn=True, register_neurons={0: [1, 9], 2: [30]})
-    model = Dinov2TTRegModel(config).eval()
-    parent = parent_of(model)
-    with (
-        torch.no_grad(),
-        hooked_register_edit(
-            parent.embeddings,
-            {layer: parent.encoder.layer[layer].mlp.down_proj for layer in (0, 2)},
-            config.register_neuron_index,
-        ),
-    ):
-        expected = parent(images).last_hidden_state
+    model = Dinov2TTRegModel(tiny_dinov2_config(use_swiglu_ffn=True, register_neurons={0: [1, 9], 2: [30]})).eval()
+    with torch.no_grad():
+        expected = SPECS["dinov2"].reference(model, images)
         actual = with_registers(model(images))
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
 
 
-def test_every_image_is_edited_on_its_own():
-    model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
-    batch = torch.randn(32, 3, 56, 56) * torch.rand(32, 1, 1, 1) * 3
-    with torch.no_grad():
-        together = model(batch)
-        alone = [model(batch[i : i + 1]) for i in (0, 5, 31)]
-    for i, single in zip((0, 5, 31), alone):
-        torch.testing.assert_close(together.last_hidden_state[i], single.last_hidden_state[0], atol=1e-6, rtol=0)
-        torch.testing.assert_close(together.test_time_registers[i], single.test_time_registers[0], atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
-def test_half_precision_matches_the_reference_in_that_precision(dtype, tolerance, images):
-    config = tiny_dinov2_config(register_patch_mode="only_outliers")
-    model = Dinov2TTRegModel(config).eval()
-    parent = parent_of(model).to(dtype)
-    with torch.no_grad():
-        expected = hooked_output(parent, config, images.to(dtype))
-        actual = with_registers(model.to(dtype)(images.to(dtype)))
-    assert actual.dtype == dtype
-    torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance)
-
-
 def test_masked_patches_are_edited_like_the_reference(images):
-    config = tiny_dinov2_config()
-    model = Dinov2TTRegModel(config).eval()
+    model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
     mask = torch.zeros(4, 16, dtype=torch.bool)
     mask[:, ::3] = True
-    parent = parent_of(model)
-    with (
-        torch.no_grad(),
-        hooked_register_edit(
-            parent.embeddings,
-            {layer: parent.encoder.layer[layer].mlp.fc2 for layer in (1, 2)},
-            config.register_neuron_index,
-        ),
-    ):
-        expected = parent(images, bool_masked_pos=mask).last_hidden_state
+    with torch.no_grad():
+        expected = SPECS["dinov2"].reference(model, images, bool_masked_pos=mask)
         actual = with_registers(model(images, bool_masked_pos=mask))
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.usefixtures("fresh_compile_caches")
 def test_compiled_with_dynamic_shapes_follows_eager():
     model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
@@ -127,14 +41,7 @@ def test_compiled_with_dynamic_shapes_follows_eager():
             )
 
 
-def test_compiled_fullgraph_equals_eager(images):
-    model = Dinov2TTRegModel(tiny_dinov2_config(register_semantics="reference", register_patch_mode="only_outliers"))
-    model.eval()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(with_registers(compiled(images)), with_registers(model(images)), atol=1e-6, rtol=0)
-
-
+@pytest.mark.usefixtures("fresh_compile_caches")
 def test_compiled_with_the_default_backend_equals_eager(images):
     """The README's claim as users run it: `torch.compile(fullgraph=True)`, default backend (inductor; C++ on a CPU).
 
@@ -148,18 +55,6 @@ def test_compiled_with_the_default_backend_equals_eager(images):
         torch.testing.assert_close(
             with_registers(compiled(images)), with_registers(model(images)), atol=1e-5, rtol=1e-5
         )
-
-
-def test_gradients_match_the_reference(images):
-    config = tiny_dinov2_config(register_patch_mode="mean")
-    model = Dinov2TTRegModel(config)
-    parent = parent_of(model).train()
-    with_registers(model(images)).square().mean().backward()
-    hooked_output(parent, config, images).square().mean().backward()
-    for name in ("encoder.layer.1.mlp.fc1.weight", "embeddings.patch_embeddings.projection.weight"):
-        grad = model.get_parameter(name).grad
-        assert grad is not None and grad.abs().sum() > 0
-        torch.testing.assert_close(grad, parent.get_parameter(name).grad, atol=1e-6, rtol=1e-4)
 
 
 def test_reference_semantics_writes_the_largest_magnitude_and_keeps_cls():
@@ -222,12 +117,11 @@ def test_a_relu_mlp_is_edited_like_the_reference_in_every_autograd_mode(mode, im
     """ReLU's backward reads its output, the activations the edit writes: editing them in place while autograd holds
     them would fail at backward ("modified by an inplace operation"). GELU's reads its input, so only a ReLU MLP
     checks the edit's choice; in eval mode, as for saliency maps, where the choice must not follow ``training``."""
-    config = tiny_dinov2_config(hidden_act="relu", register_patch_mode="mean")
-    model = Dinov2TTRegModel(config).eval()
+    model = Dinov2TTRegModel(tiny_dinov2_config(hidden_act="relu", register_patch_mode="mean")).eval()
     parent = parent_of(model)
     with mode():
         actual = with_registers(model(images))
-        expected = hooked_output(parent, config, images)
+        expected = SPECS["dinov2"].reference(model, images, parent)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
     if actual.requires_grad:
         actual.square().mean().backward()
@@ -280,6 +174,7 @@ def test_an_image_without_real_patches_is_finite_and_edited_as_alone(semantics, 
         assert torch.equal(together[1, :6][:, [1, 3]], torch.zeros(6, 2))
 
 
+@pytest.mark.usefixtures("fresh_compile_caches")
 def test_a_compiled_model_follows_a_settings_change_or_says_how(images):
     """A compiled graph cannot rebuild the edits: with ``fullgraph=True`` a changed config is refused, naming the
     fix, and followed once refreshed; without, dynamo falls back to the eager frame, which rebuilds."""

@@ -242,3 +242,23 @@ def test_the_cli_exports_an_open_clip_model(exported, tmp_path, capsys):
         assert main([*bad, "--out", str(tmp_path / "bad")]) == 2
         error = capsys.readouterr().err
         assert message in error and len(error.strip().splitlines()) == 1, error
+
+
+def test_the_folder_of_a_pretrained_file_is_refused_as_out_even_with_overwrite(exported, tmp_path, monkeypatch, capsys):
+    """The weights' folder holds only a file an export writes (`open_clip_model.safetensors`): nothing but the
+    source-folder rule stands between ``--overwrite`` and the weights being replaced."""
+    base, index, _ = exported
+    weights_dir = tmp_path / "weights"
+    weights_dir.mkdir()
+    weights = weights_dir / "open_clip_model.safetensors"
+    assert weights.name in OPEN_CLIP_EXPORTED_FILES
+    save_file(base.state_dict(), weights)
+    index_file = index.save(tmp_path / "index.safetensors")
+    before = weights.read_bytes()
+    with pytest.raises(ExportError, match="parent checkpoint's own folder"):
+        export_open_clip(TINY, index_file, weights_dir, pretrained=str(weights), overwrite=True)
+    monkeypatch.chdir(tmp_path)  # the same folder, named relatively on one side
+    command = ["export", f"open_clip:{TINY}", "--index", str(index_file), "--pretrained", "weights/" + weights.name]
+    assert main([*command, "--out", str(weights_dir), "--overwrite"]) == 2
+    assert "own folder" in capsys.readouterr().err
+    assert sorted(weights_dir.iterdir()) == [weights] and weights.read_bytes() == before

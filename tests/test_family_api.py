@@ -20,7 +20,7 @@ from ttreg_hf import (
 from ttreg_hf.configs import registers as config_registers
 from ttreg_hf.hub import load_tt_model
 
-from conftest import tiny_dinov2_config
+from support import tiny_dinov2_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP_TINY = dict(

@@ -5,13 +5,14 @@ here without a line of this file changing (its tiny model goes in `tests/family_
 import inspect
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from family_models import LAYER, NEURONS, SIZE, TINY, planted, tiny_model
+from family_models import LAYER, NEURONS, SIZE, TINY, analysis_inputs, planted, tiny_model
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoImageProcessor
@@ -22,6 +23,8 @@ from ttreg_hf.hub import entry_points
 from ttreg_hf.index import RegisterNeuronIndex
 from ttreg_hf.planted import textured_images
 from ttreg_hf.registry import FAMILY_MODULES, families, transformers_families
+
+from support import save_as_parent_checkpoint
 
 FAMILIES = {family.name: family for family in families()}
 TRANSFORMERS = {family.name: family for family in transformers_families()}
@@ -53,18 +56,12 @@ def save_image(image: torch.Tensor, path: Path) -> None:
     Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
 
 
-def save_as_parent_checkpoint(name: str, folder: Path) -> Path:
+def parent_checkpoint(name: str, folder: Path) -> Path:
     """The planted tiny model of ``name`` saved as a checkpoint of its parent class (plain `transformers`: config,
     weights) with the family's image processor, as the parent's checkpoints ship one."""
-    family, model = TRANSFORMERS[name], planted(name)
-    parent = family.parents[0]
-    register_fields = {"register_neurons", "num_test_time_registers", "register_scale", "register_semantics",
-                       "register_patch_mode", "pool_registers", "position_interpolation"}  # fmt: skip
-    fields = {k: v for k, v in model.config.to_dict().items() if k not in register_fields | {"model_type"}}
-    parent_model = parent(parent.config_class(**fields))
-    parent_model.load_state_dict(model.state_dict())
-    parent_model.save_pretrained(folder)
-    family.default_image_processor(model.config).save_pretrained(folder)
+    model = planted(name)
+    save_as_parent_checkpoint(model, folder)
+    TRANSFORMERS[name].default_image_processor(model.config).save_pretrained(folder)
     return folder
 
 
@@ -78,7 +75,7 @@ def pipeline(image_dir, tmp_path_factory):
         if name in runs:
             return runs[name]
         root = tmp_path_factory.mktemp(name)
-        parent = save_as_parent_checkpoint(name, root / "parent")
+        parent = parent_checkpoint(name, root / "parent")
         index_file = root / "index.safetensors"
         assert main(["find-neurons", str(parent), str(image_dir), "--out", str(index_file)]) == 0
         ours = root / "ours"
@@ -108,14 +105,22 @@ def test_find_neurons_on_a_parent_checkpoint_finds_the_planted_neurons(name, pip
 
 
 @pytest.mark.parametrize("name", TRANSFORMERS)
-def test_the_cli_preprocesses_with_the_checkpoints_own_image_processor(name, pipeline):
+def test_the_cli_preprocesses_with_the_checkpoints_own_image_processor(name, pipeline, tmp_path):
+    """The saved processor has statistics of its own, so the family's default (the fallback) would not pass."""
     run = pipeline(name)
-    _, preprocessor = load_model(str(run["ours"]), "cpu")
-    computed = preprocessor([Image.open(run["image"]).convert("RGB")])
-    expected = model_inputs(run["ours"], run["image"])
+    folder = shutil.copytree(run["ours"], tmp_path / "ours")
+    processor = AutoImageProcessor.from_pretrained(folder)
+    processor.image_mean, processor.image_std = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]
+    processor.save_pretrained(folder)
+    _, preprocessor = load_model(str(folder), "cpu")
+    image = [Image.open(run["image"]).convert("RGB")]
+    computed = preprocessor(image)
+    expected = model_inputs(folder, run["image"])
     assert computed.keys() == expected.keys()
     for key in expected:
         assert torch.equal(computed[key], expected[key]), key
+    default = TRANSFORMERS[name].default_image_processor(run["model"].config)
+    assert not torch.equal(default(image, return_tensors="pt")["pixel_values"], expected["pixel_values"])
 
 
 @pytest.mark.parametrize("name", TRANSFORMERS)
@@ -182,7 +187,7 @@ def test_a_misspelled_setting_is_a_type_error_in_every_loader(name, tmp_path):
     entries = [entry_points()[checkpoint.entry_name] for checkpoint in family.checkpoints]
     loaders = [lambda entry=entry: entry(pretrained=False, **{TYPO: 0}) for entry in entries]
     if name in TRANSFORMERS:
-        folder = save_as_parent_checkpoint(name, tmp_path / name)
+        folder = parent_checkpoint(name, tmp_path / name)
         loaders.append(lambda: family.model_class.from_pretrained(folder, **{TYPO: 0}))
         loaders.append(lambda: family.model_class.from_pretrained(folder, register_neurons={1: [2]}, **{TYPO: 0}))
     if name == "open_clip":
@@ -226,20 +231,6 @@ def eager_attentions(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) ->
         for hook in hooks:
             hook.remove()
     return tuple(captured)
-
-
-def analysis_inputs(name: str) -> dict[str, torch.Tensor]:
-    """Two images as the family's model takes them; SigLIP2's from its processor, padded (one is 2:1)."""
-    images = textured_images(2, seed=3, size=SIZE)
-    if name != "siglip2":
-        return {"pixel_values": (images - 0.5) / 0.25}
-    pictures = [Image.fromarray((image.permute(1, 2, 0) * 255).byte().numpy()) for image in images]
-    pictures[1] = pictures[1].resize((SIZE, SIZE // 2))
-    inputs = dict(
-        TRANSFORMERS["siglip2"].default_image_processor(TINY["siglip2"]().config)(pictures, return_tensors="pt")
-    )
-    assert not inputs["pixel_attention_mask"].all()  # the batch is padded
-    return inputs
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -299,7 +290,7 @@ def test_every_class_takes_its_parents_constructor_arguments(name):
 
 
 def test_a_corrupt_image_processor_is_an_error_not_a_fallback(tmp_path):
-    folder = save_as_parent_checkpoint("vit", tmp_path / "vit")
+    folder = parent_checkpoint("vit", tmp_path / "vit")
     (folder / "preprocessor_config.json").write_text("{not json")
     with pytest.raises(
         ValueError, match="Cannot read the image processor .*preprocessor_config.json.*fix or remove it"

@@ -19,7 +19,7 @@ from ttreg_hf.modeling.dinov2_original import (
     load_dinov2_linear_head,
 )
 
-from conftest import tiny_dinov2_config
+from support import tiny_dinov2_config
 from upstream_dinov2 import random_original_state_dict
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ from ttreg_cli import main
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronIndex, RegisterNeuronIndexError, load_index
 from ttreg_hf.index import INDEX_FILENAME
 
-from conftest import tiny_dinov2_config
 from fake_hub import TOKEN
+from support import tiny_dinov2_config
 
 pytest_plugins = ["fake_hub"]  # its `hub` fixture
 

@@ -18,7 +18,7 @@ from ttreg_hf.analysis.interventions import with_register_neurons
 from ttreg_hf.index import find_shipped_index, weights_fingerprint
 from ttreg_hf.modeling.edit import warn_once
 
-from conftest import tiny_dinov2_config
+from support import tiny_dinov2_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::ttreg_hf.modeling.registers.RegisterEditOffWarning")
 
@@ -122,6 +122,7 @@ def test_open_clip_and_timm_towers_check_the_image_size_too(family, found_at, wa
         assert "found at 224 px; this model runs at about 32 px (16 patches of 8 px)" in messages[0]
 
 
+@pytest.mark.usefixtures("fresh_compile_caches")
 def test_the_size_check_is_not_traced_under_compile():
     model = Dinov2TTRegModel(tiny_dinov2_config(register_neurons=None)).eval()
     model.set_register_neurons(index_for_tiny(image_size=560))  # 10x the input: eager would warn

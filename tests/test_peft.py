@@ -11,7 +11,7 @@ from torch import nn
 
 from ttreg_hf import Dinov2TTRegForImageClassification, RegisterNeuronEdit, to_test_time_registers
 
-from conftest import tiny_dinov2_config
+from support import tiny_dinov2_config
 
 peft = pytest.importorskip("peft", reason="the LoRA tests need `peft`, a test extra: pip install -e '.[test]'")
 

@@ -12,23 +12,19 @@ from family_models import (
     HF,
     LAYER,
     MLP,
-    NAFLEX_PATCH,
     NEURONS,
     OFF,
     PATCH,
+    PLANTABLE,
     SIZE,
-    TINY,
     WIDTH,
-    plant,
-    timm_vit,
+    naflex,
+    planted,
+    tiny_images,
 )
-from reference_discovery import reference_discovery
-from test_discovery import assert_same_as_reference
-from timm.layers import SwiGLU, SwiGLUPacked
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from reference_discovery import assert_same_as_reference, reference_discovery
 
 from ttreg_hf import (
-    Dinov2TTRegConfig,
     Dinov2TTRegModel,
     DINOv3ViTTTRegConfig,
     DINOv3ViTTTRegModel,
@@ -37,30 +33,8 @@ from ttreg_hf import (
     find_register_neurons,
 )
 from ttreg_hf.analysis import patch_norms, run_with_cache
-from ttreg_hf.images import normalize
 from ttreg_hf.planted import build_planted_model, plant_register_neurons, planting_sites, textured_images
 from ttreg_hf.registry import family_of
-
-# every family's tiny model (SigLIP2's NaFlex inputs have their own test below), and the MLP variants
-FAMILIES = {
-    **{name: build for name, build in TINY.items() if name != "siglip2"},
-    "dinov2-swiglu": lambda: Dinov2TTRegModel(
-        Dinov2TTRegConfig(**HF, mlp_ratio=MLP // WIDTH, use_swiglu_ffn=True, **OFF)
-    ),
-    "dinov3-gated": lambda: DINOv3ViTTTRegModel(
-        DINOv3ViTTTRegConfig(**HF, intermediate_size=MLP, use_gated_mlp=True, **OFF)
-    ),
-    "timm-registers-swiglu": lambda: timm_vit(reg_tokens=2, mlp_layer=SwiGLU),
-    "timm-swiglu-packed": lambda: timm_vit(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU),  # DINOv2 ViT-g's GluMlp
-}
-
-
-def planted(family: str) -> torch.nn.Module:
-    return plant(FAMILIES[family])
-
-
-def images(num_images: int, seed: int) -> torch.Tensor:
-    return normalize(textured_images(num_images, seed=seed, size=SIZE), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
 
 def outlier_ratio(model, inputs, threshold: float) -> float:
@@ -85,46 +59,23 @@ def assert_recovered(model, discovery_images, held_out) -> None:
     assert before > 0.005 and after == 0, (before, after)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PLANTABLE)
 def test_planted_neurons_are_found_and_their_edit_removes_the_outliers(family):
-    assert_recovered(planted(family), list(images(32, seed=0)), images(16, seed=1))
-
-
-def naflex(images, max_patches: int | None = None) -> list[dict[str, torch.Tensor]]:
-    """Each ``(3, H, W)`` image as SigLIP2's processor gives it: patches flattened channel-last, padded with zeros to
-    ``max_patches`` (default: none), a mask (1 real, 0 padding), the grid's shape."""
-    inputs, patch = [], NAFLEX_PATCH
-    for image in images:
-        rows, columns = image.shape[1] // patch, image.shape[2] // patch
-        patches = image.unflatten(1, (rows, patch)).unflatten(3, (columns, patch))  # (3, rows, patch, columns, patch)
-        patches = patches.permute(1, 3, 2, 4, 0).flatten(2).flatten(0, 1)
-        padding = (max_patches or len(patches)) - len(patches)
-        inputs.append(
-            {
-                "pixel_values": torch.nn.functional.pad(patches, (0, 0, 0, padding)),
-                "pixel_attention_mask": torch.tensor([1] * len(patches) + [0] * padding),
-                "spatial_shapes": torch.tensor([rows, columns]),
-            }
-        )
-    return inputs
-
-
-def planted_siglip2() -> torch.nn.Module:
-    return plant(TINY["siglip2"])
+    assert_recovered(planted(family), list(tiny_images(32, seed=0)), tiny_images(16, seed=1))
 
 
 def test_siglip2_naflex_inputs_go_to_discovery_as_keyword_inputs():
-    model = planted_siglip2()
-    held_out = naflex(images(16, seed=1))
+    model = planted("siglip2")
+    held_out = naflex(tiny_images(16, seed=1))
     batch = {key: torch.stack([image[key] for image in held_out]) for key in held_out[0]}
-    assert_recovered(model, naflex(images(32, seed=0)), batch)
+    assert_recovered(model, naflex(tiny_images(32, seed=0)), batch)
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "siglip2-naflex"])
+@pytest.mark.parametrize("family", [*PLANTABLE, "siglip2-naflex"])
 def test_discovery_refuses_integer_images_for_every_family(family):
     """0-255 images are refused before any forward, with the TypeError the models raise (timm's own forward fails
     on the dtype mismatch with another error)."""
-    model = planted_siglip2() if family == "siglip2-naflex" else FAMILIES[family]().eval()
+    model = planted("siglip2") if family == "siglip2-naflex" else PLANTABLE[family]().eval()
     pixels = (textured_images(2, size=SIZE) * 255).round().to(torch.uint8)
     inputs = [{**image, "pixel_values": image["pixel_values"].to(torch.uint8)} for image in naflex(pixels.float())]
     with pytest.raises(TypeError, match="pixel_values must be a floating-point tensor of normalized images"):
@@ -137,8 +88,8 @@ CROPS = [(96, 96), (72, 96), (60, 72), (48, 48)]  # 64, 48, 30 and 16 patches of
 def test_a_padded_naflex_batch_gives_what_each_image_gives_alone():
     """Images of four sizes padded to 64 patches, in batches of 8, against each image alone (batch 1, no padding):
     padding is no patch in any statistic (norms, outliers, scores, the automatic threshold, the ratios)."""
-    model = planted_siglip2()
-    crops = [image[:, : CROPS[i % 4][0], : CROPS[i % 4][1]] for i, image in enumerate(images(32, seed=0))]
+    model = planted("siglip2")
+    crops = [image[:, : CROPS[i % 4][0], : CROPS[i % 4][1]] for i, image in enumerate(tiny_images(32, seed=0))]
     padded = find_register_neurons(model, naflex(crops, max_patches=64), batch_size=8, calibration_images=12)
     alone = find_register_neurons(model, naflex(crops), batch_size=1, calibration_images=12)
     assert padded.num_patch_tokens == alone.num_patch_tokens == 8 * (64 + 48 + 30 + 16)
@@ -170,7 +121,7 @@ def test_a_users_own_vit_gets_planted_through_the_sites_its_family_declares():
     model = example.TinyViTTTReg(width=WIDTH, depth=DEPTH, heads=HEADS, patch=PATCH, image=SIZE).eval()
     assert family_of(model) is example.FAMILY
     plant_register_neurons(planting_sites(model), LAYER, NEURONS)
-    assert_recovered(model, list(images(32, seed=0)), images(16, seed=1))
+    assert_recovered(model, list(tiny_images(32, seed=0)), tiny_images(16, seed=1))
 
 
 def test_a_model_of_no_family_has_no_planting_sites():
@@ -197,7 +148,7 @@ def test_build_planted_model_is_the_generic_planting_of_its_dinov2():
     ],
 )
 def test_what_planting_cannot_do_is_one_clear_error(layer, neurons, message):
-    sites = planting_sites(FAMILIES["vit"]())
+    sites = planting_sites(PLANTABLE["vit"]())
     with pytest.raises(ValueError, match=message):
         plant_register_neurons(sites, layer, neurons)
 
@@ -210,7 +161,7 @@ def test_a_narrow_model_or_a_projection_without_bias_is_refused():
     unbiased = DINOv3ViTTTRegModel(DINOv3ViTTTRegConfig(**HF, intermediate_size=MLP, mlp_bias=False, **OFF))
     with pytest.raises(ValueError, match="Block 2's MLP input projection has no bias"):
         plant_register_neurons(planting_sites(unbiased), LAYER, NEURONS)
-    gated = FAMILIES["dinov3-gated"]()
+    gated = PLANTABLE["dinov3-gated"]()
     gated.model.layer[LAYER].mlp.up_proj.bias = None
     with pytest.raises(ValueError, match="Block 2's gated MLP has an up projection without bias"):
         plant_register_neurons(planting_sites(gated), LAYER, NEURONS)
@@ -224,7 +175,7 @@ def test_the_analysis_tools_read_each_familys_attention_as_the_model_computes_it
         for norm in (m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)):
             norm.weight.uniform_(0.5, 1.5)
             norm.bias.uniform_(-0.5, 0.5)
-    pixel_values = images(2, seed=0)
+    pixel_values = tiny_images(2, seed=0)
     _, cache = run_with_cache(model, pixel_values, attentions="all")
     with torch.no_grad():
         eager = model(pixel_values, output_attentions=True).attentions

@@ -16,7 +16,7 @@ from ttreg_hf import (
 from ttreg_hf.configs.registers import MAX_TEST_TIME_REGISTERS
 from ttreg_hf.modeling.registers import RegisterEditOffWarning
 
-from conftest import tiny_dinov2_config
+from support import tiny_dinov2_config
 
 DINOV2 = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14)
 CLIP = dict(

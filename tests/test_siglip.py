@@ -18,6 +18,7 @@ from transformers import (
 from ttreg_hf import Siglip2VisionTTRegModel, SiglipVisionTTRegConfig, SiglipVisionTTRegModel
 
 from reference_edit import hooked_register_edit
+from support import with_registers
 
 NEURONS = {1: [3, 40, 5], 2: [7]}
 COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
@@ -72,10 +73,6 @@ def hooked(parent, num_registers=1, **settings):
     return hooked_register_edit(
         parent.embeddings, down_projections, NEURONS, num_registers=num_registers, num_prefix=0, **settings
     )
-
-
-def with_registers(outputs):
-    return torch.cat([outputs.last_hidden_state, outputs.test_time_registers], dim=1)
 
 
 def test_loads_parent_checkpoint_weights(siglip_checkpoint, siglip2_checkpoint):
@@ -238,6 +235,7 @@ def test_siglip2_gradient_checkpointing_recomputes_with_the_token_mask(siglip2_c
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.usefixtures("fresh_compile_caches")
 def test_siglip_compiles_fullgraph(siglip_checkpoint, pixels):
     model = SiglipVisionTTRegModel.from_pretrained(
         siglip_checkpoint, register_neurons=NEURONS, register_semantics="reference", register_patch_mode="only_outliers"
@@ -247,6 +245,7 @@ def test_siglip_compiles_fullgraph(siglip_checkpoint, pixels):
         torch.testing.assert_close(with_registers(compiled(pixels)), with_registers(model(pixels)), atol=1e-6, rtol=0)
 
 
+@pytest.mark.usefixtures("fresh_compile_caches")
 def test_siglip2_compiles_fullgraph_with_the_token_mask(siglip2_checkpoint):
     model = Siglip2VisionTTRegModel.from_pretrained(siglip2_checkpoint, register_neurons=NEURONS).eval()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)

@@ -153,6 +153,7 @@ def test_half_precision_matches_reference(dtype):
     torch.testing.assert_close(registers.float(), expected[:, -1:].float(), atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.usefixtures("fresh_compile_caches")
 @torch.no_grad()
 def test_compile_matches_eager():
     _, model = _parent_and_model("avg", register_neurons=NEURONS)

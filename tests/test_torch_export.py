@@ -76,6 +76,8 @@ TRACED_BATCH, BATCHES = 2, (1, 5)  # traced at one batch size, run at two others
 # a deployer who exports without `torch.no_grad()` traces the edit's out-of-place branch (the in-place one otherwise)
 TRACED_WITH_AUTOGRAD = {"dinov2_swiglu", "clip_projection", "siglip2_naflex", "deit"}
 
+pytestmark = pytest.mark.usefixtures("fresh_compile_caches")  # every test runs what dynamo traced
+
 
 def _inputs(name: str, batch: int) -> tuple[torch.Tensor, ...]:
     """The positional inputs of one family: images, or SigLIP2's patchified NaFlex batch (one image padded)."""

@@ -24,6 +24,7 @@ from ttreg_hf.modeling.dinov2_original import (
 )
 
 from reference_edit import hooked_register_edit
+from support import SHARED
 from upstream_dinov2 import UpstreamDinov2, random_original_state_dict
 
 VITS14 = "weights/dinov2_vits14_imgfocus.safetensors"
@@ -54,8 +55,6 @@ def assert_features_match(features, expected, num_registers=0):
 
 @pytest.fixture(scope="module")
 def real_weights():
-    from conftest import SHARED
-
     if not (SHARED / VITS14).is_file():
         pytest.skip(f"{SHARED / VITS14} is absent (it exists only beside the development checkout and in CI)")
     return SHARED / VITS14
