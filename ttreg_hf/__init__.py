@@ -89,12 +89,10 @@ _EXPORTS = {
         (
             "EditAfterActivationMixin",
             "KeywordRegisterSettingsMixin",
-            "NoRegisterEdit",
             "PreTrainedTestTimeRegisterMixin",
             "RegisterAppender",
             "RegisterEditOffWarning",
             "RegisterSeams",
-            "StaleRegisterSettingsError",
             "StripRegistersMixin",
             "TestTimeRegisterLoadingMixin",
             "TestTimeRegisterMixin",
