@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import CLIPVisionModel, Dinov2Config, Dinov2Model
 
 from ttreg_hf import (
@@ -145,7 +146,7 @@ def test_writing_the_config_changes_what_runs_and_what_is_saved(tmp_path, images
 
 def test_an_invalid_config_write_is_refused_at_write_time(images):
     model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(StrictDataclassClassValidationError, match="out of range"):
         model.config.register_neurons = {"1": [10_000]}
     assert model.config.register_neurons == {"1": [3, 70, 5], "2": [7, 100]}
 

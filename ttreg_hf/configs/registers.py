@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
-from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from ..index import (
     RegisterNeuronIndex,
@@ -30,8 +29,8 @@ from ..settings import (
 
 
 class _ReadOnly:
-    """A register setting's container as a config stores it: editing it in place would change the config without
-    the model that follows it (the write goes unseen), so it is refused. A deep copy is a plain container (what
+    """A register setting's container as the config of a model stores it: editing it in place would change the
+    config without the model (the write goes unseen), so it is refused. A deep copy is a plain container (what
     `to_dict` and a copied config hold, which no model follows); a shallow copy or a pickle stays read-only."""
 
     def _refuse(self, *args, **kwargs):
@@ -116,13 +115,11 @@ class TestTimeRegisterConfigMixin:
             _name_our_architectures(self)
 
     def __setattr__(self, name: str, value) -> None:
-        """A register setting is stored read-only (`read_only`); on the config of a model (one that a model follows,
-        `follow_register_settings`) it is validated and applied at once, as `update_test_time_registers` does, or
-        refused with nothing changed. ``register_neurons`` takes what `set_register_neurons` takes (``None``: ``{}``)."""
-        if name not in REGISTER_SETTINGS:
+        """A register setting written to the config of a model (one that a model follows, `follow_register_settings`)
+        is validated and applied at once, as `update_test_time_registers` does, or refused with nothing changed;
+        ``register_neurons`` takes what `set_register_neurons` takes (``None``: ``{}``, the edit off)."""
+        if name not in REGISTER_SETTINGS or not self._followers():
             super().__setattr__(name, value)
-        elif not self._followers():
-            super().__setattr__(name, read_only(value))
         elif name == "register_neurons":
             self.update_test_time_registers({} if value is None else value)
         else:
@@ -138,7 +135,7 @@ class TestTimeRegisterConfigMixin:
         reference = weakref.WeakMethod(apply)
         if reference not in followers:
             followers.append(reference)
-        for name in REGISTER_SETTINGS:  # a deep copy holds plain containers
+        for name in REGISTER_SETTINGS:  # from now on, an edit in place would go unseen
             super().__setattr__(name, read_only(getattr(self, name)))
 
     def _followers(self) -> list[Callable[[], None]]:
@@ -237,13 +234,10 @@ class TestTimeRegisterConfigMixin:
     def _write_register_settings(self, updates: dict) -> None:
         """Validate ``updates`` with the other settings, write them (read-only) and apply them to the models that
         follow this config; nothing is written when one is invalid."""
-        try:
-            candidate = dataclasses.replace(self, **updates)
-        except StrictDataclassClassValidationError as error:  # `validate_test_time_registers`'s own error
-            raise error.__cause__ from None
+        candidate = dataclasses.replace(self, **updates)
         candidate.validate_test_time_registers()  # a config class without `@strict` runs no validator at init
         for name in updates:
-            super().__setattr__(name, getattr(candidate, name))
+            super().__setattr__(name, read_only(getattr(candidate, name)))
         for apply in self._followers():
             apply()
 
