@@ -126,7 +126,7 @@ class TestTimeRegisterConfigMixin:
             self._write_register_settings({name: value})
 
     def follow_register_settings(self, apply: Callable[[], None]) -> None:
-        """Call ``apply()`` (a bound method, held weakly: a model's method that rebuilds its edits) after every write
+        """Call ``apply()`` (a bound method, held weakly: a model's method that updates its edits) after every write
         of a register setting to this config, once the write is validated."""
         followers = _FOLLOWERS.get(id(self))
         if followers is None:
