@@ -133,8 +133,7 @@ class TestTimeRegisterConfigMixin:
             followers = _FOLLOWERS[id(self)] = []
             weakref.finalize(self, _FOLLOWERS.pop, id(self), None)
         reference = weakref.WeakMethod(apply)
-        if reference not in followers:
-            followers.append(reference)
+        followers[:] = [r for r in followers if r() is not None and r != reference] + [reference]
         for name in REGISTER_SETTINGS:  # from now on, an edit in place would go unseen
             super().__setattr__(name, read_only(getattr(self, name)))
 

@@ -307,8 +307,9 @@ class TestTimeRegisterMixin:
 
     def apply_register_settings(self) -> None:
         """Set the layout and every MLP's edit from the config's register settings, in place: the modules stay (a hook
-        on an edit survives), their buffers made on their MLP's device. Called when a setting is written; a forward
-        only reads what this sets, so under `torch.compile` a settings change recompiles through dynamo's guards."""
+        on an edit survives), their buffers made on their MLP's device (the current one for an offloaded MLP). Called
+        when a setting is written; a forward only reads what this sets, so under `torch.compile` a settings change
+        recompiles through dynamo's guards."""
         self.check_register_seams()
         config = self.config
         config.validate_test_time_registers()
@@ -318,16 +319,17 @@ class TestTimeRegisterMixin:
             self.get_submodule(path).token_layout = layout
         for layer, mlp in enumerate(self.register_edit_sites):
             listed = neurons.get(layer, ()) if layout.num_registers else ()
-            edit = mlp.register_edit
-            edit.configure(
+            device = next(mlp.parameters()).device
+            mlp.register_edit.configure(
                 listed,
                 layout,
                 config.register_scales,
                 config.register_semantics,
                 config.register_patch_mode,
-                device=next(mlp.parameters()).device,  # offloaded MLPs sit on meta
+                device=None if device.type == "meta" else device,  # an offloaded MLP's weights sit on meta
             )
-            edit.found_at = config.register_index_found_at if listed and layer == min(neurons) else None  # warns once
+            first = listed and layer == min(neurons)  # the first edited layer's edit warns, once
+            mlp.register_edit.found_at = config.register_index_found_at if first else None
 
     def set_register_neurons(
         self,
