@@ -231,13 +231,15 @@ class TestTimeRegisterConfigMixin:
         self._write_register_settings(updates)
 
     def _write_register_settings(self, updates: dict) -> None:
-        """Validate ``updates`` with the other settings, write them (read-only) and apply them to the models that
-        follow this config; nothing is written when one is invalid."""
+        """Validate ``updates`` with the other settings, write them (read-only on a model's config) and apply them to
+        the models that follow this config; nothing is written when one is invalid."""
         candidate = dataclasses.replace(self, **updates)
         candidate.validate_test_time_registers()  # a config class without `@strict` runs no validator at init
+        followers = self._followers()
         for name in updates:
-            super().__setattr__(name, read_only(getattr(candidate, name)))
-        for apply in self._followers():
+            value = getattr(candidate, name)
+            super().__setattr__(name, read_only(value) if followers else value)
+        for apply in followers:
             apply()
 
     def attach_register_neurons(
