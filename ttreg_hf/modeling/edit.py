@@ -93,14 +93,13 @@ class RegisterNeuronEdit(nn.Module):
         self.layout = layout
         self.semantics = semantics
         self.patch_mode = patch_mode
-        size = len(self.neuron_ids)
-        self.register_buffer("neurons", torch.empty(size, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("scale", torch.empty(1, len(self.scale_values), 1, device=device), persistent=False)
-        self.reset_buffers()
+        neuron_ids = torch.tensor(self.neuron_ids, dtype=torch.long, device=device)
+        self.register_buffer("neurons", neuron_ids, persistent=False)
+        self.register_buffer("scale", torch.tensor(self.scale_values, device=device).view(1, -1, 1), persistent=False)
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
-        """(Re)fill the buffers; called by `configure` and by `_init_weights` after a meta-device load."""
+        """Refill the buffers, e.g. by `_init_weights` after a meta-device load (where they were made without data)."""
         self.neurons.copy_(torch.tensor(self.neuron_ids, dtype=torch.long))
         self.scale.copy_(torch.tensor(self.scale_values).view(1, -1, 1))
 
