@@ -45,7 +45,6 @@ from ttreg_hf.modeling.dinov2_original import (
     dinov2_architecture,
     load_original_state_dict,
 )
-from ttreg_hf.modeling.edit import RegisterNeuronEdit
 from ttreg_hf.planted import planting_sites
 
 from peak_memory import EXACT_CPU_ENV, extra_peak_mib  # benchmarks/peak_memory.py
@@ -328,9 +327,7 @@ def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str
 
 def edits_alone(model: torch.nn.Module, inputs: tuple) -> tuple[tuple[torch.Tensor], dict]:
     """The edits of one forward on their own, on stand-in MLP activations: (b)'s fused edit vs (c)'s loop."""
-    edits = [
-        mlp.register_edit for mlp in model.register_edit_sites if isinstance(mlp.register_edit, RegisterNeuronEdit)
-    ]
+    edits = [mlp.register_edit for mlp in model.register_edit_sites if mlp.register_edit.neuron_ids]
     shapes = []
     handle = edits[0].register_forward_pre_hook(lambda module, args: shapes.append(args[0].shape))
     with torch.inference_mode():

@@ -113,7 +113,6 @@ class TinyViTTTReg(TestTimeRegisterMixin, TinyViT):
         self.set_register_neurons(register_neurons or {})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.refresh_test_time_registers()
         return self.token_layout.strip_registers(super().forward(images))
 
 

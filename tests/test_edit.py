@@ -172,27 +172,3 @@ def test_an_image_without_real_patches_is_finite_and_edited_as_alone(semantics, 
     assert torch.equal(together[2, -1, [1, 3]], torch.zeros(2))
     if patch_mode == "mean":
         assert torch.equal(together[1, :6][:, [1, 3]], torch.zeros(6, 2))
-
-
-@pytest.mark.usefixtures("fresh_compile_caches")
-def test_a_compiled_model_follows_a_settings_change_or_says_how(images):
-    """A compiled graph cannot rebuild the edits: with ``fullgraph=True`` a changed config is refused, naming the
-    fix, and followed once refreshed; without, dynamo falls back to the eager frame, which rebuilds."""
-    model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
-    with torch.no_grad():
-        compiled(images)
-        model.config.num_test_time_registers = 2
-        with pytest.raises(Exception, match=r"changed since its edits were built.*refresh_test_time_registers\(\)"):
-            compiled(images)
-        model.refresh_test_time_registers()
-        followed = with_registers(compiled(images))
-        assert followed.shape[1] == 17 + 2
-        torch.testing.assert_close(followed, with_registers(model(images)), atol=1e-6, rtol=0)
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend="eager")
-        compiled(images)
-        model.config.register_neurons["2"].append(9)  # written in place
-        followed = with_registers(compiled(images))
-        assert model.get_submodule("encoder.layer.2.mlp.register_edit").neuron_ids == (7, 100, 9)
-        torch.testing.assert_close(followed, with_registers(model(images)), atol=1e-6, rtol=0)

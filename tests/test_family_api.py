@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import CLIPVisionModel, Dinov2Config, Dinov2Model
 
 from ttreg_hf import (
@@ -47,11 +48,8 @@ def test_public_seams_point_at_the_parts_the_registers_touch(build):
     assert len(blocks) == len(sites) == model.config.num_hidden_layers
     assert all(site in set(block.modules()) for site, block in zip(sites, blocks))
     listed = model.config.register_neuron_index
-    edits = {
-        layer: site.register_edit
-        for layer, site in enumerate(sites)
-        if isinstance(site.register_edit, RegisterNeuronEdit)
-    }
+    assert all(isinstance(site.register_edit, RegisterNeuronEdit) for site in sites)
+    edits = {layer: site.register_edit for layer, site in enumerate(sites) if site.register_edit.neuron_ids}
     assert {layer: edit.neuron_ids for layer, edit in edits.items()} == listed
     assert model.register_appender.token_layout == model.token_layout
     assert model.token_layout.num_prefix_tokens == model.num_prefix_tokens == 1
@@ -75,11 +73,24 @@ class Counter:
         monkeypatch.setattr(owner, name, counted)
 
 
+class EditCounter:
+    """Counts the edits set up with neurons (`RegisterNeuronEdit.configure`), calling through."""
+
+    def __init__(self, monkeypatch):
+        self.calls, original = 0, RegisterNeuronEdit.configure
+
+        def counted(edit, neurons, *args, **kwargs):
+            self.calls += bool(neurons)
+            return original(edit, neurons, *args, **kwargs)
+
+        monkeypatch.setattr(RegisterNeuronEdit, "configure", counted)
+
+
 @pytest.fixture
 def counters(monkeypatch):
     return {
         "attach": Counter(monkeypatch, config_registers.TestTimeRegisterConfigMixin, "attach_register_neurons"),
-        "edits": Counter(monkeypatch, RegisterNeuronEdit, "__init__"),
+        "edits": EditCounter(monkeypatch),
         "config reads": Counter(monkeypatch, Dinov2TTRegModel.config_class, "get_config_dict"),
     }
 
@@ -133,11 +144,11 @@ def test_writing_the_config_changes_what_runs_and_what_is_saved(tmp_path, images
         torch.testing.assert_close(reloaded(images).last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=0)
 
 
-def test_an_invalid_config_write_is_refused_at_the_next_forward(images):
+def test_an_invalid_config_write_is_refused_at_write_time(images):
     model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
-    model.config.register_neurons = {"1": [10_000]}
-    with pytest.raises(ValueError, match="out of range"):
-        model(images)
+    with pytest.raises(StrictDataclassClassValidationError, match="out of range"):
+        model.config.register_neurons = {"1": [10_000]}
+    assert model.config.register_neurons == {"1": [3, 70, 5], "2": [7, 100]}
 
 
 def test_set_register_neurons_and_the_config_agree():
@@ -146,7 +157,7 @@ def test_set_register_neurons_and_the_config_agree():
     edit = model.encoder.layers[2].mlp.register_edit
     assert model.config.register_neurons == {"2": [7]} and model.config.num_test_time_registers == 3
     assert edit.neuron_ids == (7,) and edit.scale_values == (0.5, 0.5, 0.5)
-    assert isinstance(model.encoder.layers[1].mlp.register_edit, torch.nn.Identity)
+    assert model.encoder.layers[1].mlp.register_edit.neuron_ids == ()  # off
 
 
 def test_open_clip_mlp_of_another_structure_fails_loudly():

@@ -32,7 +32,8 @@ def build_classifier():
 
 
 def _edits(model: nn.Module) -> list[RegisterNeuronEdit]:
-    return [module for module in model.modules() if isinstance(module, RegisterNeuronEdit)]
+    """The edits that are on (every MLP has one; the others are off)."""
+    return [module for module in model.modules() if isinstance(module, RegisterNeuronEdit) and module.neuron_ids]
 
 
 def _lora_model(build_classifier):

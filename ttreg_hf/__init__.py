@@ -44,12 +44,10 @@ from .modeling.layout import TokenLayout
 from .modeling.registers import (
     EditAfterActivationMixin,
     KeywordRegisterSettingsMixin,
-    NoRegisterEdit,
     PreTrainedTestTimeRegisterMixin,
     RegisterAppender,
     RegisterEditOffWarning,
     RegisterSeams,
-    StaleRegisterSettingsError,
     StripRegistersMixin,
     TestTimeRegisterLoadingMixin,
     TestTimeRegisterMixin,

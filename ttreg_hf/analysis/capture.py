@@ -5,9 +5,8 @@ the output of each MLP's ``register_edit`` slot (what the output projection rece
 attached), the block outputs are the residual stream after each of `transformer_blocks`, and the attention maps are
 recomputed from each block's input (see `attention.py`). Hooks exist only inside the ``with`` block.
 
-What is read is what each forward runs: a settings change inside the block (which rebuilds the edits at the next
-forward) is followed, because the hooks are re-attached to whatever module each MLP's slot holds when it runs, and
-the layout is read from the register appender during the forward.
+What is read is what each forward runs: a settings change inside the block is followed, because it updates each
+MLP's edit in place (the hooks stay on it), and the layout is read from the register appender during the forward.
 """
 
 import operator
@@ -77,42 +76,20 @@ def _block_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
     return kwargs[name], {key: value for key, value in kwargs.items() if key != name}
 
 
-class _EditSlotHook:
-    """Calls ``function(activations, token_mask)`` on the output of whatever module ``mlp.register_edit`` holds when
-    the MLP runs (a settings change replaces that module, not the MLP); a tensor it returns replaces the output."""
-
-    def __init__(self, mlp: nn.Module, function: SlotFunction):
-        self.mlp, self.function = mlp, function
-        self.edit = self.handle = None
-        self.follow = mlp.register_forward_pre_hook(self._follow)
-        self._follow()
-
-    def _follow(self, *_) -> None:
-        edit = self.mlp.register_edit
-        if edit is not self.edit:
-            if self.handle is not None:
-                self.handle.remove()
-            self.edit, self.handle = edit, edit.register_forward_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
-        token_mask = kwargs.get("token_mask", args[1] if len(args) > 1 else None)
-        return self.function(output, token_mask)
-
-    def remove(self) -> None:
-        self.follow.remove()
-        self.handle.remove()
-
-
 @contextmanager
 def hook_edit_slot(mlp: nn.Module, function: SlotFunction) -> Iterator[None]:
     """Inside the ``with`` block, every call of ``mlp``'s edit slot passes its output and the token mask it got
     (``(batch, tokens)``, true on real tokens and registers; `None` unless the batch is padded) to ``function``; a
     tensor it returns replaces the output. The one hook point of the analysis tools."""
-    hook = _EditSlotHook(mlp, function)
+
+    def hook(edit: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
+        return function(output, kwargs.get("token_mask", args[1] if len(args) > 1 else None))
+
+    handle = mlp.register_edit.register_forward_hook(hook, with_kwargs=True)
     try:
         yield
     finally:
-        hook.remove()
+        handle.remove()
 
 
 @contextmanager
@@ -195,7 +172,6 @@ def capture(
     """Keep the chosen layers' tensors of the latest forward in an `ActivationCache` (see `observe` for ``detach``),
     with the layout and the padding mask that forward ran with."""
     num_layers = len(model.transformer_blocks)
-    model.refresh_test_time_registers()
     cache = ActivationCache(model.token_layout)
 
     def keep(store: dict, layers: Layers) -> dict[int, Observer]:

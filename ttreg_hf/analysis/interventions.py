@@ -110,7 +110,6 @@ def shift_outliers(model: TestTimeRegisterMixin, neurons: Neurons, position: int
     """
     neurons = checked_neurons(model, neurons)
     position = _check_position(position)
-    model.refresh_test_time_registers()
     if model.token_layout.num_registers:
         raise ValueError(
             "shift_outliers needs the test-time-register edit off: run it inside with_register_neurons(model, {})."

@@ -1,7 +1,10 @@
 """Configuration fields shared by every test-time-register model, and the one place they are validated."""
 
+import copy
 import dataclasses
 import math
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
@@ -23,6 +26,54 @@ from ..settings import (
     RegisterPatchMode,
     RegisterSemantics,
 )
+
+
+class _ReadOnly:
+    """A register setting's container as the config of a model stores it: editing it in place would change the
+    config without the model (the write goes unseen), so it is refused. A deep copy is a plain container (what
+    `to_dict` and a copied config hold, which no model follows); a shallow copy or a pickle stays read-only."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(
+            "A register setting cannot be edited in place: assign a new value (`config.register_neurons = {...}`) or "
+            "call `model.set_register_neurons(...)`, so that the model follows the change."
+        )
+
+
+class ReadOnlyList(_ReadOnly, list):
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _ReadOnly._refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _ReadOnly._refuse
+
+    def __reduce_ex__(self, protocol):
+        return ReadOnlyList, (list(self),)
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(list(self), memo)
+
+
+class ReadOnlyDict(_ReadOnly, dict):
+    __setitem__ = __delitem__ = __ior__ = _ReadOnly._refuse
+    update = pop = popitem = setdefault = clear = _ReadOnly._refuse
+
+    def __reduce_ex__(self, protocol):
+        return ReadOnlyDict, (dict(self),)
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(dict(self), memo)
+
+
+def read_only(value):
+    """``value`` with every dict and list in it read-only (`ReadOnlyDict`, `ReadOnlyList`)."""
+    if isinstance(value, dict):
+        return ReadOnlyDict({key: read_only(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return ReadOnlyList(read_only(item) for item in value)
+    return value
+
+
+# id(config) -> weak references to the functions that apply its register settings (a config is unhashable, so no
+# `WeakKeyDictionary`; an entry goes when its config is collected)
+_FOLLOWERS: dict[int, list[weakref.WeakMethod]] = {}
 
 
 @dataclass
@@ -62,6 +113,33 @@ class TestTimeRegisterConfigMixin:
         if parent_post_init is not None:
             parent_post_init(**kwargs)
             _name_our_architectures(self)
+
+    def __setattr__(self, name: str, value) -> None:
+        """A register setting written to the config of a model (one that a model follows, `follow_register_settings`)
+        is validated and applied at once, as `update_test_time_registers` does, or refused with nothing changed;
+        ``register_neurons`` takes what `set_register_neurons` takes (``None``: ``{}``, the edit off)."""
+        if name not in REGISTER_SETTINGS or not self._followers():
+            super().__setattr__(name, value)
+        elif name == "register_neurons":
+            self.update_test_time_registers({} if value is None else value)
+        else:
+            self._write_register_settings({name: value})
+
+    def follow_register_settings(self, apply: Callable[[], None]) -> None:
+        """Call ``apply()`` (a bound method, held weakly: a model's method that updates its edits) after every write
+        of a register setting to this config, once the write is validated."""
+        followers = _FOLLOWERS.get(id(self))
+        if followers is None:
+            followers = _FOLLOWERS[id(self)] = []
+            weakref.finalize(self, _FOLLOWERS.pop, id(self), None)
+        reference = weakref.WeakMethod(apply)
+        followers[:] = [r for r in followers if r() is not None and r != reference] + [reference]
+        for name in REGISTER_SETTINGS:  # from now on, an edit in place would go unseen
+            super().__setattr__(name, read_only(getattr(self, name)))
+
+    def _followers(self) -> list[Callable[[], None]]:
+        alive = (reference() for reference in _FOLLOWERS.get(id(self), ()))
+        return [apply for apply in alive if apply is not None]
 
     @classmethod
     def get_config_dict(cls, *args, **kwargs):
@@ -150,10 +228,19 @@ class TestTimeRegisterConfigMixin:
                 index = index.neurons
             updates.setdefault("register_index_provenance", None)
             updates["register_neurons"] = {str(layer): list(ids) for layer, ids in index.items()}
+        self._write_register_settings(updates)
+
+    def _write_register_settings(self, updates: dict) -> None:
+        """Validate ``updates`` with the other settings, write them (read-only on a model's config) and apply them to
+        the models that follow this config; nothing is written when one is invalid."""
         candidate = dataclasses.replace(self, **updates)
-        candidate.validate_test_time_registers()
+        candidate.validate_test_time_registers()  # a config class without `@strict` runs no validator at init
+        followers = self._followers()
         for name in updates:
-            setattr(self, name, getattr(candidate, name))
+            value = getattr(candidate, name)
+            super().__setattr__(name, read_only(value) if followers else value)
+        for apply in followers:
+            apply()
 
     def attach_register_neurons(
         self, register_neurons=None, *, checkpoint: str, register_semantics: str | None = None
@@ -214,6 +301,14 @@ class TestTimeRegisterCompositeConfigMixin:
     ``sub_configs_defaults``."""
 
     register_config_key = "vision_config"
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in REGISTER_SETTINGS:
+            raise AttributeError(
+                f"{type(self).__name__} holds no register settings: its {self.register_config_key} does. Write "
+                f"`config.{self.register_config_key}.{name}` or call `model.set_register_neurons(...)`."
+            )
+        super().__setattr__(name, value)
 
     def __post_init__(self, **kwargs):
         key, ours = self.register_config_key, self.register_config_class()

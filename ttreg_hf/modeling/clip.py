@@ -87,7 +87,6 @@ class CLIPVisionTTRegModel(PreTrainedTestTimeRegisterMixin, CLIPVisionModel):
     def forward(
         self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool = False, **kwargs
     ) -> TestTimeRegisterModelOutput:
-        self.refresh_test_time_registers()
         outputs = super().forward(
             pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
         )
@@ -113,7 +112,6 @@ class CLIPVisionTTRegModelWithProjection(PreTrainedTestTimeRegisterMixin, CLIPVi
         self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool = False, **kwargs
     ) -> CLIPVisionTTRegModelOutput:
         # the parent's forward would drop `test_time_registers`: same composition, one more field
-        self.refresh_test_time_registers()
         vision_outputs = self.vision_model(
             pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
         )

@@ -97,7 +97,6 @@ class Dinov2TTRegModel(PreTrainedTestTimeRegisterMixin, Dinov2Model):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> TestTimeRegisterModelOutput:
-        self.refresh_test_time_registers()
         attention_mask = self.token_layout.append_registers_to_mask(attention_mask)
         outputs = super().forward(
             pixel_values, bool_masked_pos=bool_masked_pos, attention_mask=attention_mask, return_dict=True, **kwargs
@@ -130,7 +129,6 @@ class Dinov2TTRegBackbone(PreTrainedTestTimeRegisterMixin, Dinov2Backbone):
     def forward(
         self, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> BackboneOutput:
-        self.refresh_test_time_registers()
         attention_mask = self.token_layout.append_registers_to_mask(attention_mask)
         return super().forward(pixel_values, attention_mask=attention_mask, **kwargs)
 

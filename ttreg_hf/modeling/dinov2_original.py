@@ -221,7 +221,6 @@ class DinoVisionTransformerTTReg(nn.Module):
     @property
     def num_test_time_registers(self) -> int:
         """How many test-time registers the blocks run with under the config as it is now (0 with the edit off)."""
-        self.dinov2.refresh_test_time_registers()
         return self.dinov2.token_layout.num_registers
 
     def interpolate_pos_encoding(self, x: torch.Tensor, w: int, h: int) -> torch.Tensor:
@@ -232,7 +231,6 @@ class DinoVisionTransformerTTReg(nn.Module):
     def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """The tokens the first block gets: CLS and patches (``masks`` ones replaced by ``mask_token``) with their
         position embedding, then the test-time registers."""
-        self.dinov2.refresh_test_time_registers()
         return self.dinov2.embeddings(x, bool_masked_pos=masks)
 
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:

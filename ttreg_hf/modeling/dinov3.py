@@ -110,7 +110,6 @@ class DINOv3ViTTTRegModel(_DINOv3ViTTTRegMixin, DINOv3ViTModel):
     def forward(
         self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None, **kwargs
     ) -> TestTimeRegisterModelOutput:
-        self.refresh_test_time_registers()
         check_pixel_values(pixel_values, self.config.patch_size)  # here: the parent casts to float before embedding
         outputs = super().forward(pixel_values, bool_masked_pos=bool_masked_pos, return_dict=True, **kwargs)
         return self.strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
@@ -130,7 +129,6 @@ class DINOv3ViTTTRegBackbone(_DINOv3ViTTTRegMixin, DINOv3ViTBackbone):
     )
 
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> DINOv3ViTBackboneOutput:
-        self.refresh_test_time_registers()
         check_pixel_values(pixel_values, self.config.patch_size)
         return super().forward(pixel_values, **kwargs)
 

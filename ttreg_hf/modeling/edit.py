@@ -11,6 +11,7 @@ from ..settings import PATCH_MODES, SEMANTICS
 from .layout import TokenLayout
 
 IMAGE_SIZE_TOLERANCE = 1.5  # an index applies within 1.5x of the image side it was found at, either way
+NO_REGISTERS = TokenLayout(num_prefix_tokens=1, num_registers=0)  # the layout of an edit that is off
 
 
 def warn_if_far_from_found_size(found_at: tuple[int, int] | None, num_patches: int) -> None:
@@ -58,44 +59,61 @@ class RegisterNeuronEdit(nn.Module):
 
     def __init__(
         self,
+        neurons: Sequence[int] = (),
+        layout: TokenLayout = NO_REGISTERS,
+        scale: Sequence[float] = (),
+        semantics: str = "paper",
+        patch_mode: str = "zero",
+    ) -> None:
+        super().__init__()
+        self.configure(neurons, layout, scale, semantics, patch_mode)
+
+    def configure(
+        self,
         neurons: Sequence[int],
         layout: TokenLayout,
         scale: Sequence[float],
         semantics: str = "paper",
         patch_mode: str = "zero",
+        device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
+        """Set what the edit does, in place (the module stays, and the hooks on it): no ``neurons`` turns it off, so
+        that the activations pass unchanged. The buffers are made on ``device`` (default: the current one)."""
         if semantics not in SEMANTICS:
             raise ValueError(f"Unknown register semantics {semantics!r}; choose one of {SEMANTICS}.")
         if patch_mode not in PATCH_MODES:
             raise ValueError(f"Unknown patch mode {patch_mode!r}; choose one of {PATCH_MODES}.")
-        if len(scale) != layout.num_registers:
+        if neurons and len(scale) != layout.num_registers:
             raise ValueError(f"Got {len(scale)} register scales for {layout.num_registers} test-time registers.")
-        if not neurons or layout.num_registers == 0:
-            raise ValueError("A register-neuron edit needs at least one neuron and one test-time register.")
+        if neurons and layout.num_registers == 0:
+            raise ValueError("A register-neuron edit with neurons needs at least one test-time register.")
         self.neuron_ids = tuple(int(n) for n in neurons)
-        self.scale_values = tuple(float(s) for s in scale)
-        self.largest_scale = max(abs(s) for s in self.scale_values)
+        self.scale_values = tuple(float(s) for s in scale) if neurons else ()
+        self.largest_scale = max((abs(s) for s in self.scale_values), default=0.0)
         self.layout = layout
         self.semantics = semantics
         self.patch_mode = patch_mode
-        self.register_buffer("neurons", torch.empty(len(self.neuron_ids), dtype=torch.long), persistent=False)
-        self.register_buffer("scale", torch.empty(1, layout.num_registers, 1), persistent=False)
-        self.reset_buffers()
+        neuron_ids = torch.tensor(self.neuron_ids, dtype=torch.long, device=device)
+        self.register_buffer("neurons", neuron_ids, persistent=False)
+        self.register_buffer("scale", torch.tensor(self.scale_values, device=device).view(1, -1, 1), persistent=False)
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
-        """(Re)fill the buffers; called at construction and by `_init_weights` after a meta-device load."""
-        self.neurons.copy_(torch.tensor(self.neuron_ids))
+        """Refill the buffers, e.g. by `_init_weights` after a meta-device load (where they were made without data)."""
+        self.neurons.copy_(torch.tensor(self.neuron_ids, dtype=torch.long))
         self.scale.copy_(torch.tensor(self.scale_values).view(1, -1, 1))
 
     def extra_repr(self) -> str:
+        if not self.neuron_ids:
+            return "off"
         return (
             f"neurons={list(self.neuron_ids)}, registers={self.layout.num_registers}, "
             f"semantics={self.semantics!r}, patch_mode={self.patch_mode!r}"
         )
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.neuron_ids:
+            return hidden_states
         if (
             self.largest_scale > torch.finfo(hidden_states.dtype).max
         ):  # settings and dtype only: no sync, no graph break

@@ -102,10 +102,8 @@ class OpenCLIPTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransfo
         )
         self.patch_dropout = RegisterAppender(self.patch_dropout)  # dropout never drops the registers
         super().adopt_register_modules()
-        self.refresh_test_time_registers()
 
     def _embeds(self, x: torch.Tensor) -> torch.Tensor:
-        self.refresh_test_time_registers()
         check_pixel_values(x, self.patch_size)
         if tuple(x.shape[-2:]) != tuple(self.image_size):
             raise ValueError(

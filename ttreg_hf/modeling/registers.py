@@ -21,7 +21,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from ..configs.registers import REGISTER_SETTINGS, pop_register_settings
+from ..configs.registers import pop_register_settings
 from ..family import check_close_keywords, parent_class
 from ..index import RegisterNeuronIndex, warn_once, weights_fingerprint
 from ..remote_code import remote_auto_map, write_remote_code
@@ -137,13 +137,6 @@ class RegisterAppender(nn.Module):
         return self.token_layout.append_registers(self.module(tokens))
 
 
-class NoRegisterEdit(nn.Identity):
-    """The ``register_edit`` slot of an MLP whose layer lists no register neuron: its activations pass unchanged."""
-
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return hidden_states
-
-
 class EditAfterActivationMixin:
     """For the MLPs that compute ``fc2(activation_fn(fc1(x)))`` (DINOv2, CLIP, SigLIP, ViT, DeiT): their forward with the
     register-neuron edit right after the activation. Mixed in before the parent MLP class, then adopted.
@@ -188,8 +181,7 @@ def build_sharing_weights(model_class: type[nn.Module], module: nn.Module, *args
         setattr(model.get_submodule(owner), attribute, tensor)
     for part in model.modules():
         if isinstance(part, TestTimeRegisterMixin):  # its edits were built on the meta device
-            part.__dict__.pop("_built_register_settings", None)
-            part.refresh_test_time_registers()
+            part.apply_register_settings()
     return model.train(module.training)
 
 
@@ -236,11 +228,11 @@ class TestTimeRegisterMixin:
     """Gives a vision transformer test-time registers; a model family declares only where its parts are.
 
     A family sets ``register_seams`` and ``num_prefix_tokens``, keeps its settings in ``self.config`` (a
-    `TestTimeRegisterConfigMixin` with ``num_hidden_layers`` and ``mlp_width``), calls `adopt_register_modules` and
-    `refresh_test_time_registers` once its parent is built (`PreTrainedTestTimeRegisterMixin` does both), and calls
-    `refresh_test_time_registers` first thing in its forward. The config is the one truth: the
-    attached layout and edits are rebuilt from it whenever its register settings change, through
-    `set_register_neurons` or by writing the fields, so ``save_pretrained`` saves exactly what runs.
+    `TestTimeRegisterConfigMixin` with ``num_hidden_layers`` and ``mlp_width``) and calls `adopt_register_modules`
+    once its parent is built (`PreTrainedTestTimeRegisterMixin` does). The config is the one truth: a register setting
+    takes effect when it is written, through `set_register_neurons` or to the config's fields, which updates the
+    layout and the edits in place (`apply_register_settings`), so ``save_pretrained`` saves exactly what runs and a
+    forward only reads them.
     """
 
     register_seams: ClassVar[RegisterSeams]
@@ -258,7 +250,7 @@ class TestTimeRegisterMixin:
 
     @property
     def register_edit_sites(self) -> list[nn.Module]:
-        """Every block's MLP, whose ``register_edit`` slot holds its layer's edit (`NoRegisterEdit` when unlisted)."""
+        """Every block's MLP, whose ``register_edit`` slot holds its layer's edit (off when the layer lists no neuron)."""
         return [block.get_submodule(self.register_seams.mlp) for block in self.transformer_blocks]
 
     @property
@@ -269,7 +261,9 @@ class TestTimeRegisterMixin:
     def adopt_register_modules(self) -> None:
         """Adopt the declared subclasses (``register_seams.modules``) where their base classes stand at the seams:
         the appender, the layout readers, every block and every block's MLP. Weights and keys stay the parent's.
-        A layout reader that is a `PreTrainedModel` is rebuilt as its subclass first (`build_sharing_weights`)."""
+        A layout reader that is a `PreTrainedModel` is rebuilt as its subclass first (`build_sharing_weights`). Then
+        give every MLP its ``register_edit`` (one `RegisterNeuronEdit` each, kept for the model's life), set them from
+        the config and follow it: every later write of a register setting is applied at once."""
         seams = self.register_seams
         for path in seams.layout_readers:
             module = self.get_submodule(path)
@@ -283,6 +277,15 @@ class TestTimeRegisterMixin:
             subclass = _subclass_to_adopt(module, seams.modules)
             if subclass is not None:
                 adopt(module, subclass)
+        for mlp in self.register_edit_sites:
+            mlp.register_edit = RegisterNeuronEdit()
+        self.apply_register_settings()
+        self.config.follow_register_settings(self.apply_register_settings)
+
+    def __setstate__(self, state: dict) -> None:
+        """A copy (`copy.deepcopy`) or an unpickled model follows its own config."""
+        super().__setstate__(state)
+        self.config.follow_register_settings(self.apply_register_settings)
 
     def check_register_seams(self) -> None:
         """Refuse seams that would leave the edit silently undone: an appender whose forward does not call
@@ -303,48 +306,31 @@ class TestTimeRegisterMixin:
                     "subclass that calls it in `register_seams.modules`, or fix the path."
                 )
 
-    def refresh_test_time_registers(self) -> None:
-        """Build the layout and the edits from the config if its register settings changed since the last build.
-
-        One comparison when nothing changed. Under `torch.compile` the comparison is guarded (a settings change
-        recompiles), but a graph cannot build modules: a changed setting there raises `StaleRegisterSettingsError`
-        (with ``fullgraph=False`` dynamo then runs the frame eagerly, which rebuilds, so the change is followed).
-        """
-        settings = tuple(getattr(self.config, name) for name in REGISTER_SETTINGS)
-        if settings == self.__dict__.get("_built_register_settings"):
-            return
-        if torch.compiler.is_compiling():
-            raise StaleRegisterSettingsError(
-                f"The register settings of this {type(self).__name__}'s config changed since its edits were built, and "
-                "a compiled graph cannot rebuild them. Call `model.refresh_test_time_registers()` on the uncompiled "
-                "model (or change settings with `model.set_register_neurons(...)`, which rebuilds at once): the "
-                "compiled model then recompiles with the new settings."
-            )
-        self.config.validate_test_time_registers()
-        self._build_test_time_registers()
-        self.__dict__["_built_register_settings"] = copy.deepcopy(settings)
-
-    def _build_test_time_registers(self) -> None:
+    def apply_register_settings(self) -> None:
+        """Set the layout and every MLP's edit from the config's register settings, in place: the modules stay (a hook
+        on an edit survives), their buffers made on their MLP's device (the current one for an offloaded MLP). Called
+        when a setting is written; a forward only reads what this sets, so under `torch.compile` a settings change
+        recompiles through dynamo's guards."""
         self.check_register_seams()
         config = self.config
+        config.validate_test_time_registers()
         neurons = config.register_neuron_index
         layout = TokenLayout(self.num_prefix_tokens, config.num_test_time_registers if neurons else 0)
         for path in (self.register_seams.appender, *self.register_seams.layout_readers):
             self.get_submodule(path).token_layout = layout
         for layer, mlp in enumerate(self.register_edit_sites):
-            if layer in neurons and layout.num_registers:
-                edit = RegisterNeuronEdit(
-                    neurons[layer],
-                    layout,
-                    config.register_scales,
-                    config.register_semantics,
-                    config.register_patch_mode,
-                )
-                edit.found_at = config.register_index_found_at if layer == min(neurons) else None  # warns once
-                device = next(mlp.parameters()).device
-                mlp.register_edit = edit if device.type == "meta" else edit.to(device)  # offloaded MLPs sit on meta
-            else:
-                mlp.register_edit = NoRegisterEdit()
+            listed = neurons.get(layer, ()) if layout.num_registers else ()
+            device = next(mlp.parameters()).device
+            mlp.register_edit.configure(
+                listed,
+                layout,
+                config.register_scales,
+                config.register_semantics,
+                config.register_patch_mode,
+                device=None if device.type == "meta" else device,  # an offloaded MLP's weights sit on meta
+            )
+            first = listed and layer == min(neurons)  # the first edited layer's edit warns, once
+            mlp.register_edit.found_at = config.register_index_found_at if first else None
 
     def set_register_neurons(
         self,
@@ -357,9 +343,9 @@ class TestTimeRegisterMixin:
         register_index_provenance: dict | None = None,
     ) -> "TestTimeRegisterMixin":
         """Attach an index (a dict, a file, a shipped name, a Hub repo id or a `RegisterNeuronIndex`): written to the
-        config, then built. Settings left as `None` keep their config value, except the semantics and provenance,
-        which follow an index file's. `set_register_neurons({})` turns the edit off. Nothing changes when a setting
-        is invalid."""
+        config, which applies it at once. Settings left as `None` keep their config value, except the semantics and
+        provenance, which follow an index file's. `set_register_neurons({})` turns the edit off. Nothing changes when
+        a setting is invalid."""
         self.config.update_test_time_registers(
             register_neurons,
             num_test_time_registers=num_test_time_registers,
@@ -368,7 +354,6 @@ class TestTimeRegisterMixin:
             register_patch_mode=register_patch_mode,
             register_index_provenance=register_index_provenance,
         )
-        self.refresh_test_time_registers()
         if register_neurons is not None:
             warn_if_other_weights(self)
         return self
@@ -409,10 +394,6 @@ def warn_if_other_weights(model: torch.nn.Module) -> None:
             "not be this checkpoint's. The fingerprint hashes parameter names too, so the same weights in another "
             "model class differ. Find this checkpoint's neurons with `ttreg find-neurons`."
         )
-
-
-class StaleRegisterSettingsError(RuntimeError):
-    """A compiled model called after its config's register settings changed, before the edits were rebuilt."""
 
 
 class RegisterEditOffWarning(UserWarning):
@@ -518,13 +499,12 @@ class TestTimeRegisterLoadingMixin:
 
 class PreTrainedTestTimeRegisterMixin(TestTimeRegisterLoadingMixin, TestTimeRegisterMixin):
     """`TestTimeRegisterMixin` for `transformers` models: `TestTimeRegisterLoadingMixin`, and the edits built after the
-    parent's init (and rebuilt after a meta-device load)."""
+    parent's init (their buffers refilled after a meta-device load)."""
 
     def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
         config = self.convert_config(config)
         super().__init__(config, *inputs, **kwargs)
         self.adopt_register_modules()
-        self.refresh_test_time_registers()
         if config.num_test_time_registers and config.register_neurons is None:
             warnings.warn(
                 f"{type(self).__name__} was built with num_test_time_registers={config.num_test_time_registers} but "

@@ -161,7 +161,6 @@ class SiglipVisionTTRegModel(_SiglipTTRegMixin, SiglipVisionModel):
     def forward(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = False, **kwargs
     ) -> TestTimeRegisterModelOutput:
-        self.refresh_test_time_registers()
         outputs = super().forward(
             pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
         )
@@ -245,7 +244,6 @@ class Siglip2VisionTTRegModel(_SiglipTTRegMixin, Siglip2VisionModel):
         spatial_shapes: torch.LongTensor,
         **kwargs,
     ) -> TestTimeRegisterModelOutput:
-        self.refresh_test_time_registers()
         if pixel_attention_mask is not None and pixel_attention_mask.shape != pixel_values.shape[:2]:
             raise ValueError(
                 f"pixel_attention_mask has shape {tuple(pixel_attention_mask.shape)}, pixel_values "

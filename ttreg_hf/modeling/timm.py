@@ -91,14 +91,12 @@ class TimmTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransformer
         # after `_pos_embed`, in every forward; around `patch_drop`, so that patch dropout never drops the registers
         self.patch_drop = RegisterAppender(self.patch_drop)
         super().adopt_register_modules()
-        self.refresh_test_time_registers()
 
     def forward_features_with_registers(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`forward_features` and the test-time registers' final tokens, ``(batch, registers, dim)`` (`None` when
         the edit is off)."""
-        self.refresh_test_time_registers()
         if attn_mask is not None and self.token_layout.num_registers:
             raise ValueError("attn_mask does not cover the test-time registers: turn the edit off to pass a mask.")
         tokens = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
@@ -129,7 +127,6 @@ class TimmTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransformer
         The parent runs with token (``NLC``) dict outputs, from which the registers are cut before the ``NCHW``
         reshape and the parent's return structure is rebuilt.
         """
-        self.refresh_test_time_registers()
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
         if attn_mask is not None and self.token_layout.num_registers:

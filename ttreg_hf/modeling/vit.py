@@ -89,7 +89,6 @@ class ViTStyleTTRegModelMixin(PreTrainedTestTimeRegisterMixin):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> TestTimeRegisterModelOutput:
-        self.refresh_test_time_registers()
         check_pixel_values(pixel_values, self.config.patch_size)  # here: the parent casts to float before embedding
         attention_mask = self.token_layout.append_registers_to_mask(attention_mask)
         outputs = super().forward(

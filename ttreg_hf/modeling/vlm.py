@@ -186,7 +186,6 @@ def to_test_time_registers(
         checkpoint=checkpoint or vlm.name_or_path,
         register_semantics=settings.get("register_semantics"),
     )
-    upgraded.refresh_test_time_registers()
     set_tower(vlm, path, upgraded)
     for owner, key in slots:
         setattr(owner, key, upgraded.config)

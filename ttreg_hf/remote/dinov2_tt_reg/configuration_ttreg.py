@@ -2,9 +2,12 @@
 
 See "Vision Transformers Don't Need Trained Registers" (https://arxiv.org/abs/2506.08010) and https://github.com/nickjiang2378/test-time-registers."""
 
+import copy
+import dataclasses
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -134,6 +137,54 @@ def check_provenance(provenance) -> None:
 # ---- ttreg_hf/configs/registers.py
 
 
+class _ReadOnly:
+    """A register setting's container as the config of a model stores it: editing it in place would change the
+    config without the model (the write goes unseen), so it is refused. A deep copy is a plain container (what
+    `to_dict` and a copied config hold, which no model follows); a shallow copy or a pickle stays read-only."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(
+            "A register setting cannot be edited in place: assign a new value (`config.register_neurons = {...}`) or "
+            "call `model.set_register_neurons(...)`, so that the model follows the change."
+        )
+
+
+class ReadOnlyList(_ReadOnly, list):
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _ReadOnly._refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _ReadOnly._refuse
+
+    def __reduce_ex__(self, protocol):
+        return ReadOnlyList, (list(self),)
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(list(self), memo)
+
+
+class ReadOnlyDict(_ReadOnly, dict):
+    __setitem__ = __delitem__ = __ior__ = _ReadOnly._refuse
+    update = pop = popitem = setdefault = clear = _ReadOnly._refuse
+
+    def __reduce_ex__(self, protocol):
+        return ReadOnlyDict, (dict(self),)
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(dict(self), memo)
+
+
+def read_only(value):
+    """``value`` with every dict and list in it read-only (`ReadOnlyDict`, `ReadOnlyList`)."""
+    if isinstance(value, dict):
+        return ReadOnlyDict({key: read_only(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return ReadOnlyList(read_only(item) for item in value)
+    return value
+
+
+# id(config) -> weak references to the functions that apply its register settings (a config is unhashable, so no
+# `WeakKeyDictionary`; an entry goes when its config is collected)
+_FOLLOWERS: dict[int, list[weakref.WeakMethod]] = {}
+
+
 @dataclass
 class TestTimeRegisterConfigMixin:
     r"""
@@ -171,6 +222,33 @@ class TestTimeRegisterConfigMixin:
         if parent_post_init is not None:
             parent_post_init(**kwargs)
             _name_our_architectures(self)
+
+    def __setattr__(self, name: str, value) -> None:
+        """A register setting written to the config of a model (one that a model follows, `follow_register_settings`)
+        is validated and applied at once, as `update_test_time_registers` does, or refused with nothing changed;
+        ``register_neurons`` takes what `set_register_neurons` takes (``None``: ``{}``, the edit off)."""
+        if name not in REGISTER_SETTINGS or not self._followers():
+            super().__setattr__(name, value)
+        elif name == "register_neurons":
+            self.update_test_time_registers({} if value is None else value)
+        else:
+            self._write_register_settings({name: value})
+
+    def follow_register_settings(self, apply: Callable[[], None]) -> None:
+        """Call ``apply()`` (a bound method, held weakly: a model's method that updates its edits) after every write
+        of a register setting to this config, once the write is validated."""
+        followers = _FOLLOWERS.get(id(self))
+        if followers is None:
+            followers = _FOLLOWERS[id(self)] = []
+            weakref.finalize(self, _FOLLOWERS.pop, id(self), None)
+        reference = weakref.WeakMethod(apply)
+        followers[:] = [r for r in followers if r() is not None and r != reference] + [reference]
+        for name in REGISTER_SETTINGS:  # from now on, an edit in place would go unseen
+            super().__setattr__(name, read_only(getattr(self, name)))
+
+    def _followers(self) -> list[Callable[[], None]]:
+        alive = (reference() for reference in _FOLLOWERS.get(id(self), ()))
+        return [apply for apply in alive if apply is not None]
 
     @classmethod
     def from_parent_config(cls, config, **settings):
@@ -240,6 +318,18 @@ class TestTimeRegisterConfigMixin:
         check_neurons_fit(self.register_neuron_index, self.num_hidden_layers, self.mlp_width)
         check_provenance(self.register_index_provenance)
 
+    def _write_register_settings(self, updates: dict) -> None:
+        """Validate ``updates`` with the other settings, write them (read-only on a model's config) and apply them to
+        the models that follow this config; nothing is written when one is invalid."""
+        candidate = dataclasses.replace(self, **updates)
+        candidate.validate_test_time_registers()  # a config class without `@strict` runs no validator at init
+        followers = self._followers()
+        for name in updates:
+            value = getattr(candidate, name)
+            super().__setattr__(name, read_only(value) if followers else value)
+        for apply in followers:
+            apply()
+
 
 # parent class name -> ours ("DeiTForImageClassificationWithTeacher" -> "DeiTTTRegForImageClassificationWithTeacher"),
 # filled by `ttreg_hf.family.register_auto_classes`: a parent model upgraded in place (`to_test_time_registers`) saves our
@@ -256,6 +346,9 @@ def _name_our_architectures(config) -> None:
 
 def _fields(config) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
+
+
+REGISTER_SETTINGS = tuple(field.name for field in dataclasses.fields(TestTimeRegisterConfigMixin))
 
 
 # ---- ttreg_hf/configs/dinov2.py

@@ -2,7 +2,6 @@
 
 See "Vision Transformers Don't Need Trained Registers" (https://arxiv.org/abs/2506.08010) and https://github.com/nickjiang2378/test-time-registers."""
 
-import copy
 import dataclasses
 import functools
 import inspect
@@ -27,7 +26,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_ttreg import PATCH_MODES, SEMANTICS, DINOv3ViTTTRegConfig, TestTimeRegisterConfigMixin
+from .configuration_ttreg import PATCH_MODES, SEMANTICS, DINOv3ViTTTRegConfig
 
 # ---- ttreg_hf/index.py
 
@@ -41,12 +40,6 @@ class RegisterIndexMismatchWarning(UserWarning):
 def warn_once(message: str, category: type[Warning] = RegisterIndexMismatchWarning) -> None:
     """``warnings.warn`` the first time this process sees ``message``."""
     warnings.warn(message, category, stacklevel=3)
-
-
-# ---- ttreg_hf/configs/registers.py
-
-
-REGISTER_SETTINGS = tuple(field.name for field in dataclasses.fields(TestTimeRegisterConfigMixin))
 
 
 # ---- ttreg_hf/modeling/layout.py
@@ -104,6 +97,7 @@ class TokenLayout:
 
 
 IMAGE_SIZE_TOLERANCE = 1.5  # an index applies within 1.5x of the image side it was found at, either way
+NO_REGISTERS = TokenLayout(num_prefix_tokens=1, num_registers=0)  # the layout of an edit that is off
 
 
 def warn_if_far_from_found_size(found_at: tuple[int, int] | None, num_patches: int) -> None:
@@ -151,44 +145,61 @@ class RegisterNeuronEdit(nn.Module):
 
     def __init__(
         self,
+        neurons: Sequence[int] = (),
+        layout: TokenLayout = NO_REGISTERS,
+        scale: Sequence[float] = (),
+        semantics: str = "paper",
+        patch_mode: str = "zero",
+    ) -> None:
+        super().__init__()
+        self.configure(neurons, layout, scale, semantics, patch_mode)
+
+    def configure(
+        self,
         neurons: Sequence[int],
         layout: TokenLayout,
         scale: Sequence[float],
         semantics: str = "paper",
         patch_mode: str = "zero",
+        device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
+        """Set what the edit does, in place (the module stays, and the hooks on it): no ``neurons`` turns it off, so
+        that the activations pass unchanged. The buffers are made on ``device`` (default: the current one)."""
         if semantics not in SEMANTICS:
             raise ValueError(f"Unknown register semantics {semantics!r}; choose one of {SEMANTICS}.")
         if patch_mode not in PATCH_MODES:
             raise ValueError(f"Unknown patch mode {patch_mode!r}; choose one of {PATCH_MODES}.")
-        if len(scale) != layout.num_registers:
+        if neurons and len(scale) != layout.num_registers:
             raise ValueError(f"Got {len(scale)} register scales for {layout.num_registers} test-time registers.")
-        if not neurons or layout.num_registers == 0:
-            raise ValueError("A register-neuron edit needs at least one neuron and one test-time register.")
+        if neurons and layout.num_registers == 0:
+            raise ValueError("A register-neuron edit with neurons needs at least one test-time register.")
         self.neuron_ids = tuple(int(n) for n in neurons)
-        self.scale_values = tuple(float(s) for s in scale)
-        self.largest_scale = max(abs(s) for s in self.scale_values)
+        self.scale_values = tuple(float(s) for s in scale) if neurons else ()
+        self.largest_scale = max((abs(s) for s in self.scale_values), default=0.0)
         self.layout = layout
         self.semantics = semantics
         self.patch_mode = patch_mode
-        self.register_buffer("neurons", torch.empty(len(self.neuron_ids), dtype=torch.long), persistent=False)
-        self.register_buffer("scale", torch.empty(1, layout.num_registers, 1), persistent=False)
-        self.reset_buffers()
+        neuron_ids = torch.tensor(self.neuron_ids, dtype=torch.long, device=device)
+        self.register_buffer("neurons", neuron_ids, persistent=False)
+        self.register_buffer("scale", torch.tensor(self.scale_values, device=device).view(1, -1, 1), persistent=False)
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
-        """(Re)fill the buffers; called at construction and by `_init_weights` after a meta-device load."""
-        self.neurons.copy_(torch.tensor(self.neuron_ids))
+        """Refill the buffers, e.g. by `_init_weights` after a meta-device load (where they were made without data)."""
+        self.neurons.copy_(torch.tensor(self.neuron_ids, dtype=torch.long))
         self.scale.copy_(torch.tensor(self.scale_values).view(1, -1, 1))
 
     def extra_repr(self) -> str:
+        if not self.neuron_ids:
+            return "off"
         return (
             f"neurons={list(self.neuron_ids)}, registers={self.layout.num_registers}, "
             f"semantics={self.semantics!r}, patch_mode={self.patch_mode!r}"
         )
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.neuron_ids:
+            return hidden_states
         if (
             self.largest_scale > torch.finfo(hidden_states.dtype).max
         ):  # settings and dtype only: no sync, no graph break
@@ -344,13 +355,6 @@ class RegisterSeams:
     modules: tuple[type[nn.Module], ...] = ()
 
 
-class NoRegisterEdit(nn.Identity):
-    """The ``register_edit`` slot of an MLP whose layer lists no register neuron: its activations pass unchanged."""
-
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return hidden_states
-
-
 def adopt(module: nn.Module, subclass: type[nn.Module]) -> nn.Module:
     """Make ``module`` an instance of ``subclass``, which changes its forward but adds no parameters.
 
@@ -384,8 +388,7 @@ def build_sharing_weights(model_class: type[nn.Module], module: nn.Module, *args
         setattr(model.get_submodule(owner), attribute, tensor)
     for part in model.modules():
         if isinstance(part, TestTimeRegisterMixin):  # its edits were built on the meta device
-            part.__dict__.pop("_built_register_settings", None)
-            part.refresh_test_time_registers()
+            part.apply_register_settings()
     return model.train(module.training)
 
 
@@ -422,11 +425,11 @@ class TestTimeRegisterMixin:
     """Gives a vision transformer test-time registers; a model family declares only where its parts are.
 
     A family sets ``register_seams`` and ``num_prefix_tokens``, keeps its settings in ``self.config`` (a
-    `TestTimeRegisterConfigMixin` with ``num_hidden_layers`` and ``mlp_width``), calls `adopt_register_modules` and
-    `refresh_test_time_registers` once its parent is built (`PreTrainedTestTimeRegisterMixin` does both), and calls
-    `refresh_test_time_registers` first thing in its forward. The config is the one truth: the
-    attached layout and edits are rebuilt from it whenever its register settings change, through
-    `set_register_neurons` or by writing the fields, so ``save_pretrained`` saves exactly what runs.
+    `TestTimeRegisterConfigMixin` with ``num_hidden_layers`` and ``mlp_width``) and calls `adopt_register_modules`
+    once its parent is built (`PreTrainedTestTimeRegisterMixin` does). The config is the one truth: a register setting
+    takes effect when it is written, through `set_register_neurons` or to the config's fields, which updates the
+    layout and the edits in place (`apply_register_settings`), so ``save_pretrained`` saves exactly what runs and a
+    forward only reads them.
     """
 
     register_seams: ClassVar[RegisterSeams]
@@ -444,7 +447,7 @@ class TestTimeRegisterMixin:
 
     @property
     def register_edit_sites(self) -> list[nn.Module]:
-        """Every block's MLP, whose ``register_edit`` slot holds its layer's edit (`NoRegisterEdit` when unlisted)."""
+        """Every block's MLP, whose ``register_edit`` slot holds its layer's edit (off when the layer lists no neuron)."""
         return [block.get_submodule(self.register_seams.mlp) for block in self.transformer_blocks]
 
     @property
@@ -455,7 +458,9 @@ class TestTimeRegisterMixin:
     def adopt_register_modules(self) -> None:
         """Adopt the declared subclasses (``register_seams.modules``) where their base classes stand at the seams:
         the appender, the layout readers, every block and every block's MLP. Weights and keys stay the parent's.
-        A layout reader that is a `PreTrainedModel` is rebuilt as its subclass first (`build_sharing_weights`)."""
+        A layout reader that is a `PreTrainedModel` is rebuilt as its subclass first (`build_sharing_weights`). Then
+        give every MLP its ``register_edit`` (one `RegisterNeuronEdit` each, kept for the model's life), set them from
+        the config and follow it: every later write of a register setting is applied at once."""
         seams = self.register_seams
         for path in seams.layout_readers:
             module = self.get_submodule(path)
@@ -469,6 +474,15 @@ class TestTimeRegisterMixin:
             subclass = _subclass_to_adopt(module, seams.modules)
             if subclass is not None:
                 adopt(module, subclass)
+        for mlp in self.register_edit_sites:
+            mlp.register_edit = RegisterNeuronEdit()
+        self.apply_register_settings()
+        self.config.follow_register_settings(self.apply_register_settings)
+
+    def __setstate__(self, state: dict) -> None:
+        """A copy (`copy.deepcopy`) or an unpickled model follows its own config."""
+        super().__setstate__(state)
+        self.config.follow_register_settings(self.apply_register_settings)
 
     def check_register_seams(self) -> None:
         """Refuse seams that would leave the edit silently undone: an appender whose forward does not call
@@ -489,57 +503,36 @@ class TestTimeRegisterMixin:
                     "subclass that calls it in `register_seams.modules`, or fix the path."
                 )
 
-    def refresh_test_time_registers(self) -> None:
-        """Build the layout and the edits from the config if its register settings changed since the last build.
-
-        One comparison when nothing changed. Under `torch.compile` the comparison is guarded (a settings change
-        recompiles), but a graph cannot build modules: a changed setting there raises `StaleRegisterSettingsError`
-        (with ``fullgraph=False`` dynamo then runs the frame eagerly, which rebuilds, so the change is followed).
-        """
-        settings = tuple(getattr(self.config, name) for name in REGISTER_SETTINGS)
-        if settings == self.__dict__.get("_built_register_settings"):
-            return
-        if torch.compiler.is_compiling():
-            raise StaleRegisterSettingsError(
-                f"The register settings of this {type(self).__name__}'s config changed since its edits were built, and "
-                "a compiled graph cannot rebuild them. Call `model.refresh_test_time_registers()` on the uncompiled "
-                "model (or change settings with `model.set_register_neurons(...)`, which rebuilds at once): the "
-                "compiled model then recompiles with the new settings."
-            )
-        self.config.validate_test_time_registers()
-        self._build_test_time_registers()
-        self.__dict__["_built_register_settings"] = copy.deepcopy(settings)
-
-    def _build_test_time_registers(self) -> None:
+    def apply_register_settings(self) -> None:
+        """Set the layout and every MLP's edit from the config's register settings, in place: the modules stay (a hook
+        on an edit survives), their buffers made on their MLP's device (the current one for an offloaded MLP). Called
+        when a setting is written; a forward only reads what this sets, so under `torch.compile` a settings change
+        recompiles through dynamo's guards."""
         self.check_register_seams()
         config = self.config
+        config.validate_test_time_registers()
         neurons = config.register_neuron_index
         layout = TokenLayout(self.num_prefix_tokens, config.num_test_time_registers if neurons else 0)
         for path in (self.register_seams.appender, *self.register_seams.layout_readers):
             self.get_submodule(path).token_layout = layout
         for layer, mlp in enumerate(self.register_edit_sites):
-            if layer in neurons and layout.num_registers:
-                edit = RegisterNeuronEdit(
-                    neurons[layer],
-                    layout,
-                    config.register_scales,
-                    config.register_semantics,
-                    config.register_patch_mode,
-                )
-                edit.found_at = config.register_index_found_at if layer == min(neurons) else None  # warns once
-                device = next(mlp.parameters()).device
-                mlp.register_edit = edit if device.type == "meta" else edit.to(device)  # offloaded MLPs sit on meta
-            else:
-                mlp.register_edit = NoRegisterEdit()
+            listed = neurons.get(layer, ()) if layout.num_registers else ()
+            device = next(mlp.parameters()).device
+            mlp.register_edit.configure(
+                listed,
+                layout,
+                config.register_scales,
+                config.register_semantics,
+                config.register_patch_mode,
+                device=None if device.type == "meta" else device,  # an offloaded MLP's weights sit on meta
+            )
+            first = listed and layer == min(neurons)  # the first edited layer's edit warns, once
+            mlp.register_edit.found_at = config.register_index_found_at if first else None
 
     def strip_test_time_registers(self, outputs: ModelOutput, output_class: type[ModelOutput]) -> ModelOutput:
         """``outputs`` with the parent's shapes: registers cut from every token tensor and attention map, exposed in
         their own fields. Without registers, the parent's tensors themselves (``retain_grad`` works on them)."""
         return strip_registers(outputs, self.token_layout, output_class)
-
-
-class StaleRegisterSettingsError(RuntimeError):
-    """A compiled model called after its config's register settings changed, before the edits were rebuilt."""
 
 
 class RegisterEditOffWarning(UserWarning):
@@ -574,13 +567,12 @@ class TestTimeRegisterLoadingMixin:
 
 class PreTrainedTestTimeRegisterMixin(TestTimeRegisterLoadingMixin, TestTimeRegisterMixin):
     """`TestTimeRegisterMixin` for `transformers` models: `TestTimeRegisterLoadingMixin`, and the edits built after the
-    parent's init (and rebuilt after a meta-device load)."""
+    parent's init (their buffers refilled after a meta-device load)."""
 
     def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
         config = self.convert_config(config)
         super().__init__(config, *inputs, **kwargs)
         self.adopt_register_modules()
-        self.refresh_test_time_registers()
         if config.num_test_time_registers and config.register_neurons is None:
             warnings.warn(
                 f"{type(self).__name__} was built with num_test_time_registers={config.num_test_time_registers} but "
@@ -689,7 +681,6 @@ class DINOv3ViTTTRegModel(_DINOv3ViTTTRegMixin, DINOv3ViTModel):
     def forward(
         self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None, **kwargs
     ) -> TestTimeRegisterModelOutput:
-        self.refresh_test_time_registers()
         check_pixel_values(pixel_values, self.config.patch_size)  # here: the parent casts to float before embedding
         outputs = super().forward(pixel_values, bool_masked_pos=bool_masked_pos, return_dict=True, **kwargs)
         return self.strip_test_time_registers(outputs, TestTimeRegisterModelOutput)
@@ -709,6 +700,5 @@ class DINOv3ViTTTRegBackbone(_DINOv3ViTTTRegMixin, DINOv3ViTBackbone):
     )
 
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> DINOv3ViTBackboneOutput:
-        self.refresh_test_time_registers()
         check_pixel_values(pixel_values, self.config.patch_size)
         return super().forward(pixel_values, **kwargs)
