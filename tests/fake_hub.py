@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from huggingface_hub import constants
+import transformers.utils.hub
+from huggingface_hub import constants, hf_api
 
 from ttreg_hf.modeling.edit import warn_once
 
@@ -208,6 +209,10 @@ def hub(monkeypatch, tmp_path):
             constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake.url + "/{repo_id}/resolve/{revision}/{filename}"
         )
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        # clients made before this fixture read the endpoint then: huggingface_hub's module-level one (behind
+        # `create_repo` & co.) and the one `transformers` makes on first use (behind `push_to_hub`), dropped here
+        monkeypatch.setattr(hf_api.api, "endpoint", fake.url)
+        monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")

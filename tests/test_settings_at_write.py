@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from ttreg_hf import CLIPTTRegModel, Dinov2TTRegBackbone, Dinov2TTRegModel, vision_tower_with_registers
 from ttreg_hf.configs.registers import REGISTER_SETTINGS
 
-from conftest import tiny_dinov2_config
+from support import tiny_dinov2_config
 
 NAFLEX_SIDE = 8  # the tiny SigLIP2's images: 8 x 8 patches of 12 px
 
