@@ -19,6 +19,7 @@ from .analysis.capture import capture
 from .analysis.distributed import all_reduce, is_main_process, rank_and_world_size
 from .analysis.interventions import with_register_neurons
 from .analysis.metrics import MAD_FACTOR, MIN_NORM_RATIO, NormHistogram, patch_mask, patch_norms
+from .errors import TTRegValueError
 from .index import RegisterNeuronIndex, weights_fingerprint
 from .modeling.registers import TestTimeRegisterMixin, check_pixel_values
 
@@ -109,7 +110,7 @@ def _batches(
 def _stack(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     shapes = {tuple(tensor.shape) for tensor in tensors}
     if len(shapes) > 1:
-        raise ValueError(
+        raise TTRegValueError(
             f"The images' {name} have different shapes {sorted(shapes)} and cannot share a batch: pad them to one "
             "shape (SigLIP2's image processor does, with a pixel_attention_mask), or pass batch_size=1."
         )
@@ -342,7 +343,7 @@ def _neurons_of(ranked: list[tuple[int, int, float]]) -> dict[int, list[int]]:
 
 def _layer(name: str, layer: int, num_layers: int) -> int:
     if not -num_layers <= layer < num_layers:
-        raise ValueError(
+        raise TTRegValueError(
             f"{name}={layer} is out of range: the model has {num_layers} layers (0 to {num_layers - 1}, or "
             f"-{num_layers} to -1 from the end)."
         )
@@ -358,22 +359,22 @@ def default_eval_images(num_images: int) -> int:
 def _check_settings(settings: dict, images: Images, num_neurons: int) -> None:
     """Refuse settings discovery cannot use, in one line naming the argument."""
     if not len(images):
-        raise ValueError("No images: discovery needs at least one.")
+        raise TTRegValueError("No images: discovery needs at least one.")
     for name in ("batch_size", "calibration_images", "max_top_k", "num_images", "top_k"):
         value = settings[name]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            raise TTRegValueError(f"{name} must be a positive integer, got {value!r}.")
     eval_images, least = settings["eval_images"], 0 if settings["top_k"] else 1
     if eval_images is not None and (not isinstance(eval_images, int) or eval_images < least):
         why = "" if least == 0 else " (the automatic top_k is chosen on them)"
-        raise ValueError(f"eval_images must be an integer of at least {least}{why}, got {eval_images!r}.")
+        raise TTRegValueError(f"eval_images must be an integer of at least {least}{why}, got {eval_images!r}.")
     if settings["top_k"] is not None and settings["top_k"] > num_neurons:
-        raise ValueError(f"top_k={settings['top_k']} is more than the {num_neurons} neurons searched.")
+        raise TTRegValueError(f"top_k={settings['top_k']} is more than the {num_neurons} neurons searched.")
     if not 0 <= settings["remaining_outliers"] < 1:
-        raise ValueError(f"remaining_outliers must be in [0, 1), got {settings['remaining_outliers']!r}.")
+        raise TTRegValueError(f"remaining_outliers must be in [0, 1), got {settings['remaining_outliers']!r}.")
     threshold = settings["threshold"]
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
-        raise ValueError(f"threshold must be a positive number, got {threshold!r}.")
+        raise TTRegValueError(f"threshold must be a positive number, got {threshold!r}.")
 
 
 def find_register_neurons(

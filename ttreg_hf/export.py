@@ -19,6 +19,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import cached_file
 
 from . import register_auto_classes
+from .errors import TTRegValueError
 from .family import family_of, family_of_model_type, transformers_families
 from .images import PREPROCESSOR_FILE
 from .index import (
@@ -46,7 +47,7 @@ EXPORTED_FILES = frozenset(
 )
 
 
-class ExportError(ValueError):
+class ExportError(TTRegValueError):
     """A model or index that cannot be exported."""
 
 

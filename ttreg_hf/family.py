@@ -15,6 +15,8 @@ import importlib
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from .errors import TTRegTypeError, TTRegValueError
+
 # the package's family modules, under ``ttreg_hf.modeling``, each with the library whose models it subclasses
 FAMILY_MODULES = {
     "dinov2": "transformers",
@@ -118,7 +120,7 @@ def register_family(family: Family) -> Family:
     if any(
         known.name == family.name for library in set(FAMILY_MODULES.values()) for known in _package_families(library)
     ):
-        raise ValueError(f"{family.name!r} is the name of one of the package's families: choose another.")
+        raise TTRegValueError(f"{family.name!r} is the name of one of the package's families: choose another.")
     _REGISTERED[:] = [known for known in _REGISTERED if known.name != family.name] + [family]
     return family
 
@@ -183,7 +185,7 @@ def check_keywords(given: Iterable[str], valid: Collection[str], callee: str) ->
         if name not in valid:
             close = difflib.get_close_matches(name, sorted(valid), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid ones: {', '.join(sorted(valid))}."
-            raise TypeError(f"{callee}() got an unexpected keyword argument {name!r}{hint}")
+            raise TTRegTypeError(f"{callee}() got an unexpected keyword argument {name!r}{hint}")
 
 
 def check_close_keywords(given: Mapping | Iterable[str], known: Collection[str], callee: str) -> None:
@@ -192,4 +194,4 @@ def check_close_keywords(given: Mapping | Iterable[str], known: Collection[str],
     for name in given:
         close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.85)
         if name not in known and close:
-            raise TypeError(f"{callee}() got an unexpected keyword argument {name!r}; did you mean {close[0]!r}?")
+            raise TTRegTypeError(f"{callee}() got an unexpected keyword argument {name!r}; did you mean {close[0]!r}?")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .errors import TTRegValueError
 from .family import LOADER_ARGUMENTS, Checkpoint, check_keywords, checkpoints
 
 ENTRY_SUFFIX = "_tt_reg"
@@ -65,7 +66,7 @@ def load_tt_model(
 def _checkpoint(name: str) -> Checkpoint:
     known = checkpoints()
     if name not in known:
-        raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(known)}.")
+        raise TTRegValueError(f"Unknown model {name!r}; choose one of {', '.join(known)}.")
     return known[name]
 
 

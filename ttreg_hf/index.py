@@ -17,13 +17,11 @@ as does `RegisterNeuronIndex.from_pretrained`. However it arrives, a file is onl
 safetensors header and checked field by field; the model's depth and width are checked when it is attached.
 """
 
-import functools
 import hashlib
 import importlib
 import json
 import numbers
 import os
-import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -38,6 +36,7 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 
+from .errors import TTRegTypeError, TTRegValueError
 from .settings import SEMANTICS
 
 SCHEMA_VERSION = 1
@@ -78,13 +77,7 @@ class RegisterIndexMismatchWarning(UserWarning):
     far from its own (an index found at 518 px misses outliers at 224 px on DINOv2-S/B)."""
 
 
-@functools.cache
-def warn_once(message: str, category: type[Warning] = RegisterIndexMismatchWarning) -> None:
-    """``warnings.warn`` the first time this process sees ``message``."""
-    warnings.warn(message, category, stacklevel=3)
-
-
-class RegisterNeuronIndexError(ValueError):
+class RegisterNeuronIndexError(TTRegValueError):
     """A register-neuron index that is missing, corrupt, or made for another checkpoint."""
 
 
@@ -337,7 +330,7 @@ class RegisterNeuronIndex:
         if isinstance(source, PathLike) or _is_dir(Path(source)):
             return _load_from_folder(Path(source), filename)
         if not isinstance(source, str):
-            raise TypeError(f"from_pretrained takes a Hub repo id or a folder, got {_describe(source)}.")
+            raise TTRegTypeError(f"from_pretrained takes a Hub repo id or a folder, got {_describe(source)}.")
         try:
             validate_repo_id(source)
         except hub_errors.HFValidationError as error:
@@ -470,13 +463,13 @@ def load_index(spec: "str | Path | Mapping | RegisterNeuronIndex") -> RegisterNe
     if isinstance(spec, Mapping):
         return normalize_neurons(spec)
     if not isinstance(spec, (str, PathLike)):
-        raise TypeError(
+        raise TTRegTypeError(
             f"register_neurons must be a dict {{layer: [neuron, ...]}}, an index file, a shipped index name, a Hub "
             f"repo id or a RegisterNeuronIndex, got {_describe(spec)}."
         )
     text = os.fspath(spec) if isinstance(spec, PathLike) else spec
     if not isinstance(text, str):  # a PathLike of bytes
-        raise TypeError(f"register_neurons must be a str path, got {_describe(spec)}.")
+        raise TTRegTypeError(f"register_neurons must be a str path, got {_describe(spec)}.")
     hub_only = text.startswith(hub_constants.HF_PROTOCOL)
     if not hub_only and _is_file(Path(text)):
         return RegisterNeuronIndex.load(text)
@@ -531,7 +524,7 @@ def _hub_location(spec: str, shipped: Mapping[str, Path]) -> tuple[str, str | No
 def _check_repo_filename(filename: str, spec: str) -> None:
     """Refuse a file name in a repository that is empty, absolute, or steps out of it (``..``)."""
     if not isinstance(filename, str):
-        raise TypeError(f"filename must be a str, a path inside the repository; got {_describe(filename)}.")
+        raise TTRegTypeError(f"filename must be a str, a path inside the repository; got {_describe(filename)}.")
     if filename.startswith("/") or any(p in ("", ".", "..") for p in filename.split("/")) or "\\" in filename:
         raise RegisterNeuronIndexError(
             f"{spec!r}: {filename!r} is not a file name inside a repository (no empty, '.' or '..' parts)."

@@ -17,6 +17,7 @@ from .analysis.metrics import (
     patch_norms,
     summarize_layers,
 )
+from .errors import TTRegValueError
 from .modeling.registers import IndexSpec, TestTimeRegisterMixin
 
 
@@ -48,7 +49,7 @@ class Inspection:
 def _grid(values: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
     rows, columns = shape or (math.isqrt(values.numel()),) * 2
     if rows * columns != values.numel():
-        raise ValueError(f"{values.numel()} patches do not form a square grid; inspect square images.")
+        raise TTRegValueError(f"{values.numel()} patches do not form a square grid; inspect square images.")
     return values.view(rows, columns).cpu()
 
 

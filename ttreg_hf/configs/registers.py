@@ -2,18 +2,20 @@
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
 
+from ..errors import TTRegTypeError, TTRegValueError
 from ..index import (
+    RegisterIndexMismatchWarning,
     RegisterNeuronIndex,
     check_neurons_fit,
     check_provenance,
     load_index,
     normalize_neurons,
     resolve_index,
-    warn_once,
 )
 from ..settings import (
     FLOAT32_MAX,
@@ -111,27 +113,29 @@ class TestTimeRegisterConfigMixin:
         """Every register setting, against each other and the model's depth and MLP width."""
         count = self.num_test_time_registers
         if not 0 <= count <= MAX_TEST_TIME_REGISTERS:
-            raise ValueError(
+            raise TTRegValueError(
                 f"num_test_time_registers must be >= 0 (0 turns the edit off) and <= {MAX_TEST_TIME_REGISTERS} (the paper "
                 f"uses 1), got {count!r}."
             )
         scales = self.register_scale if isinstance(self.register_scale, list) else [self.register_scale]
         if not all(math.isfinite(scale) and abs(scale) <= FLOAT32_MAX for scale in scales):
-            raise ValueError(
+            raise TTRegValueError(
                 f"register_scale must be finite in float32 (|scale| <= {FLOAT32_MAX:.4g}), got {self.register_scale}; "
                 "the paper uses 1.0."
             )
         # with 0 registers (edit off) the scales are unused and stay for later, like the index
         num_registers = self.num_test_time_registers
         if isinstance(self.register_scale, list) and num_registers and len(self.register_scale) != num_registers:
-            raise ValueError(
+            raise TTRegValueError(
                 f"register_scale has {len(self.register_scale)} values for {self.num_test_time_registers} test-time "
                 "registers: give one float for all of them or one per register."
             )
         if self.register_semantics not in SEMANTICS:
-            raise ValueError(f"register_semantics must be one of {SEMANTICS}, got {self.register_semantics!r}.")
+            raise TTRegValueError(f"register_semantics must be one of {SEMANTICS}, got {self.register_semantics!r}.")
         if self.register_patch_mode not in PATCH_MODES:
-            raise ValueError(f"register_patch_mode must be one of {PATCH_MODES}, got {self.register_patch_mode!r}.")
+            raise TTRegValueError(
+                f"register_patch_mode must be one of {PATCH_MODES}, got {self.register_patch_mode!r}."
+            )
         check_neurons_fit(self.register_neuron_index, self.num_hidden_layers, self.mlp_width)
         check_provenance(self.register_index_provenance)
 
@@ -162,7 +166,7 @@ class TestTimeRegisterConfigMixin:
         fails before any weights are downloaded): ``register_neurons`` if given, else the index this config holds
         (saved with the checkpoint), else the one shipped for ``checkpoint``; none while registers are on is an
         error that says how to make one. An index file that records other checkpoint ids than ``checkpoint`` warns
-        once (`RegisterIndexMismatchWarning`), with both."""
+        (`RegisterIndexMismatchWarning`), with both."""
         index = resolve_index(
             register_neurons,
             checkpoint=checkpoint,
@@ -172,10 +176,12 @@ class TestTimeRegisterConfigMixin:
         index = None if index is None else load_index(index)
         if isinstance(index, RegisterNeuronIndex) and not index.made_for(checkpoint):
             found_for = ", ".join(dict.fromkeys(index.checkpoints.values()))
-            warn_once(
+            warnings.warn(
                 f"This register-neuron index was found for {found_for}, not for {checkpoint!r}: other weights have "
                 "other register neurons. Find this checkpoint's with `ttreg find-neurons`, or ignore this warning if "
-                "it is the same checkpoint under another name."
+                "it is the same checkpoint under another name.",
+                RegisterIndexMismatchWarning,
+                stacklevel=2,
             )
         self.update_test_time_registers(index, register_semantics=register_semantics)
 
@@ -221,7 +227,7 @@ class TestTimeRegisterCompositeConfigMixin:
         if vision is not None and not isinstance(vision, (dict, ours)):
             parent = next(base for base in ours.__mro__[1:] if not issubclass(base, TestTimeRegisterConfigMixin))
             if not isinstance(vision, parent):
-                raise TypeError(
+                raise TTRegTypeError(
                     f"{key} must be a {parent.__name__} (or a {ours.__name__}), got a {type(vision).__name__}."
                 )
             setattr(self, key, ours.from_parent_config(vision))

@@ -14,6 +14,7 @@ from torch import nn
 from transformers.models.dinov2.modeling_dinov2 import Dinov2PatchEmbeddings
 
 from ..configs.dinov2 import Dinov2TTRegConfig
+from ..errors import TTRegTypeError, TTRegValueError
 from ..family import LOADER_ARGUMENTS, check_keywords
 from .registers import IndexSpec, adopt
 
@@ -58,7 +59,7 @@ _TOP_RENAMES = {
 def dinov2_architecture(arch: str) -> dict:
     """The config fields of the upstream ``dinov2_{arch}`` backbone's architecture (518 px position table, patch 14)."""
     if arch not in DINOV2_ARCHS:
-        raise ValueError(f"Unknown DINOv2 architecture {arch!r}; choose one of {sorted(DINOV2_ARCHS)}.")
+        raise TTRegValueError(f"Unknown DINOv2 architecture {arch!r}; choose one of {sorted(DINOV2_ARCHS)}.")
     hidden_size, num_layers, num_heads, swiglu = DINOV2_ARCHS[arch]
     return dict(
         hidden_size=hidden_size,
@@ -85,7 +86,7 @@ def convert_original_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Rename an original DINOv2 state dict (``blocks.N.attn.qkv`` ...) to `Dinov2Model`'s keys."""
     if "register_tokens" in state_dict:
-        raise ValueError(
+        raise TTRegValueError(
             "This checkpoint has trained registers (a dinov2_*_reg model); test-time registers are for the models "
             "trained without them (dinov2_vit{s,b,l,g}14)."
         )
@@ -94,7 +95,7 @@ def convert_original_state_dict(
         match = _BLOCK_KEY.match(key)
         if match is None:
             if key not in _TOP_RENAMES:
-                raise KeyError(f"Unexpected key {key!r}: is this an original DINOv2 checkpoint?")
+                raise TTRegValueError(f"Unexpected key {key!r}: is this an original DINOv2 checkpoint?")
             converted[_TOP_RENAMES[key]] = value.reshape(1, -1) if key == "mask_token" else value
             continue
         prefix, name = f"encoder.layer.{match[1]}.", match[2]
@@ -107,7 +108,7 @@ def convert_original_state_dict(
         else:
             old = next((old for old in _BLOCK_RENAMES if name.startswith(old)), None)
             if old is None:
-                raise KeyError(f"Unexpected key {key!r}: is this an original DINOv2 checkpoint?")
+                raise TTRegValueError(f"Unexpected key {key!r}: is this an original DINOv2 checkpoint?")
             converted[prefix + _BLOCK_RENAMES[old] + name.removeprefix(old)] = value
     return converted
 
@@ -262,19 +263,21 @@ class DinoVisionTransformerTTReg(nn.Module):
         Unlike upstream, a negative index counts from the end (-1 is the last block)."""
         if isinstance(n, int):
             if not 1 <= n <= self.n_blocks:
-                raise ValueError(f"n={n} asks for the last {n} of {self.n_blocks} blocks: give 1 to {self.n_blocks}.")
+                raise TTRegValueError(
+                    f"n={n} asks for the last {n} of {self.n_blocks} blocks: give 1 to {self.n_blocks}."
+                )
             return list(range(self.n_blocks - n, self.n_blocks))
         if not n or not all(isinstance(block, int) for block in n):
-            raise TypeError(f"n must be an int or a non-empty list of int block indices, got {n!r}.")
+            raise TTRegTypeError(f"n must be an int or a non-empty list of int block indices, got {n!r}.")
         outside = [block for block in n if not -self.n_blocks <= block < self.n_blocks]
         if outside:
-            raise ValueError(
+            raise TTRegValueError(
                 f"Blocks {outside} are out of range: the model has {self.n_blocks} blocks, 0 to {self.n_blocks - 1} "
                 f"(or -{self.n_blocks} to -1 from the end)."
             )
         blocks = sorted(block % self.n_blocks for block in n)
         if len(set(blocks)) < len(blocks):
-            raise ValueError(f"n={list(n)} names a block twice.")
+            raise TTRegValueError(f"n={list(n)} names a block twice.")
         return blocks
 
     def get_intermediate_layers(
@@ -314,7 +317,7 @@ class DinoVisionTransformerTTRegClassifier(nn.Module):
     def __init__(self, backbone: DinoVisionTransformerTTReg, linear_head: nn.Linear, layers: int = 4):
         super().__init__()
         if linear_head.in_features != (1 + layers) * backbone.embed_dim:
-            raise ValueError(
+            raise TTRegValueError(
                 f"A {layers}-layer head reads {(1 + layers) * backbone.embed_dim} features ((1 + layers) * embed_dim), "
                 f"but this one has {linear_head.in_features}."
             )
@@ -360,7 +363,7 @@ def load_dinov2_linear_head(
     file (``.pth`` or ``.safetensors``, keys ``weight`` and ``bias``), else from upstream's URL (``pretrained``),
     else random."""
     if layers not in HEAD_LAYERS:
-        raise ValueError(f"layers={layers!r}: upstream's linear heads read the last 1 or 4 blocks.")
+        raise TTRegValueError(f"layers={layers!r}: upstream's linear heads read the last 1 or 4 blocks.")
     embed_dim = DINOV2_ARCHS[arch][0]
     head = nn.Linear((1 + layers) * embed_dim, NUM_CLASSES)
     if pretrained and head_weights is None:
@@ -370,7 +373,7 @@ def load_dinov2_linear_head(
         in_features = state_dict.get("weight", head.weight).shape[-1]
         fits = [other for other in HEAD_LAYERS if other != layers and (1 + other) * embed_dim == in_features]
         if fits:
-            raise ValueError(
+            raise TTRegValueError(
                 f"{head_weights} holds a {fits[0]}-layer head of dinov2_{arch}, not a {layers}-layer one: pass "
                 f"layers={fits[0]}."
             )

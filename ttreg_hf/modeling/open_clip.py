@@ -23,6 +23,7 @@ from torch import nn
 
 from ..analysis.attention import attention_probabilities
 from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings, square_patch_size
+from ..errors import TTRegTypeError, TTRegValueError
 from ..family import LOADER_ARGUMENTS, Checkpoint, Family, check_close_keywords, check_keywords
 from ..images import Preprocessor, transform_preprocessor
 from ..index import INDEX_FILENAME
@@ -68,7 +69,7 @@ def check_mlps(tower: VisionTransformer) -> None:
             and isinstance(layers[0], nn.Linear)
             and isinstance(layers[2], nn.Linear)
         ):
-            raise TypeError(
+            raise TTRegTypeError(
                 "Test-time registers expect open_clip's MLP `Sequential(c_fc: Linear, activation, c_proj: Linear)`, "
                 f"got {mlp!r}; this open_clip model or version builds its blocks differently and is not supported."
             )
@@ -108,7 +109,7 @@ class OpenCLIPTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransfo
         self.refresh_test_time_registers()
         check_pixel_values(x, self.patch_size)
         if tuple(x.shape[-2:]) != tuple(self.image_size):
-            raise ValueError(
+            raise TTRegValueError(
                 f"Image size {x.shape[-2]}x{x.shape[-1]} does not match the model's "
                 f"{self.image_size[0]}x{self.image_size[1]}: preprocess the images with the model's transform."
             )
@@ -127,7 +128,7 @@ def to_test_time_registers(model: nn.Module, register_neurons: IndexSpec | None 
     """
     visual = getattr(model, "visual", model)
     if not isinstance(visual, VisionTransformer):
-        raise TypeError(
+        raise TTRegTypeError(
             f"Test-time registers need open_clip's VisionTransformer tower (ViT-* models), not {type(visual).__name__}."
         )
     if not isinstance(visual, OpenCLIPTTRegVisionTransformer):
@@ -199,11 +200,11 @@ def open_clip_model_config(model_name: str) -> dict:
     try:
         config = open_clip.get_model_config(model_name)
     except (AttributeError, TypeError, ValueError) as error:  # a file that is not JSON, or not an object
-        raise ValueError(f"The open_clip config of {model_name!r} is not a model config ({error}).") from error
+        raise TTRegValueError(f"The open_clip config of {model_name!r} is not a model config ({error}).") from error
     if config is None:
-        raise ValueError(f"Unknown open_clip model {model_name!r}; see `open_clip.list_models()`.")
+        raise TTRegValueError(f"Unknown open_clip model {model_name!r}; see `open_clip.list_models()`.")
     if not (isinstance(config, dict) and all(isinstance(config.get(f"{t}_cfg"), dict) for t in ("vision", "text"))):
-        raise ValueError(f"The open_clip config of {model_name!r} has no vision_cfg and text_cfg objects.")
+        raise TTRegValueError(f"The open_clip config of {model_name!r} has no vision_cfg and text_cfg objects.")
     return config
 
 
@@ -214,10 +215,12 @@ def tower_config(model_name: str, **settings) -> TestTimeRegisterConfig:
     try:
         vision = CLIPVisionCfg(**vision)
     except TypeError as error:
-        raise ValueError(f"The vision_cfg of open_clip model {model_name!r} is not open_clip's: {error}") from error
+        raise TTRegValueError(
+            f"The vision_cfg of open_clip model {model_name!r} is not open_clip's: {error}"
+        ) from error
     tower = "timm" if vision.timm_model_name else "ResNet" if isinstance(vision.layers, (list, tuple)) else None
     if tower:
-        raise ValueError(
+        raise TTRegValueError(
             f"open_clip model {model_name!r} has a {tower} image tower: test-time registers need open_clip's "
             "VisionTransformer (ViT-* models)."
         )

@@ -22,8 +22,9 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from transformers.utils import ModelOutput
 
 from ..configs.registers import REGISTER_SETTINGS, pop_register_settings
+from ..errors import TTRegTypeError, TTRegValueError
 from ..family import check_close_keywords, parent_class
-from ..index import RegisterNeuronIndex, warn_once, weights_fingerprint
+from ..index import RegisterIndexMismatchWarning, RegisterNeuronIndex, weights_fingerprint
 from .edit import RegisterNeuronEdit
 from .layout import TokenLayout
 
@@ -162,7 +163,7 @@ def adopt(module: nn.Module, subclass: type[nn.Module]) -> nn.Module:
     only attributes the plumbing sets (``token_layout`` on the appender, ``register_edit`` on the MLPs).
     """
     if not issubclass(subclass, type(module)):
-        raise TypeError(f"{subclass.__name__} does not subclass {type(module).__name__}.")
+        raise TTRegTypeError(f"{subclass.__name__} does not subclass {type(module).__name__}.")
     module.__class__ = subclass
     return module
 
@@ -176,7 +177,7 @@ def build_sharing_weights(model_class: type[nn.Module], module: nn.Module, *args
         model = model_class(*args, **kwargs)
     ours, theirs = (dict(m.named_parameters(remove_duplicate=False)) for m in (model, module))
     if ours.keys() != theirs.keys():
-        raise TypeError(
+        raise TTRegTypeError(
             f"{model_class.__name__} built from {type(module).__name__}'s config has other parameters "
             f"({', '.join(sorted(ours.keys() ^ theirs.keys())[:3])}, ...): it cannot take that module's weights. A "
             "module wrapped by adapters or quantization is no longer the parent's: give it registers before."
@@ -207,14 +208,14 @@ def forward_calls(module: nn.Module, attribute: str) -> bool:
 def check_pixel_values(pixel_values: torch.Tensor, patch_size: int | Sequence[int]) -> None:
     """Refuse inputs the parent would silently mangle: integer images and sizes the patch size does not divide."""
     if not pixel_values.is_floating_point():
-        raise TypeError(
+        raise TTRegTypeError(
             f"pixel_values must be a floating-point tensor of normalized images, got {pixel_values.dtype}; "
             "run the images through the model's image processor (or convert and normalize them) first."
         )
     patch_h, patch_w = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
     height, width = pixel_values.shape[-2:]
     if height % patch_h or width % patch_w:
-        raise ValueError(
+        raise TTRegValueError(
             f"Image size {height}x{width} is not a multiple of the patch size {patch_h}x{patch_w}: the parent model "
             f"would silently drop the remainder. Resize or crop to a multiple, e.g. "
             f"{height // patch_h * patch_h}x{width // patch_w * patch_w}."
@@ -225,7 +226,7 @@ def check_image_size(pixel_values: torch.Tensor, image_size: int, interpolate_po
     """Refuse, like `check_pixel_values`, a size other than the position table's unless the caller interpolates."""
     height, width = pixel_values.shape[-2:]
     if not interpolate_pos_encoding and (height, width) != (image_size, image_size):
-        raise ValueError(
+        raise TTRegValueError(
             f"Image size {height}x{width} does not match the model's {image_size}x{image_size}: resize the images "
             "(the model's image processor does), or pass `interpolate_pos_encoding=True`."
         )
@@ -289,14 +290,14 @@ class TestTimeRegisterMixin:
         seams, name = self.register_seams, type(self).__name__
         appender = self.register_appender
         if not forward_calls(appender, "append_registers"):
-            raise TypeError(
+            raise TTRegTypeError(
                 f"{name}.register_seams.appender is {seams.appender!r}, a {type(appender).__name__}, whose forward "
                 "does not call `self.token_layout.append_registers(...)`: no register would be appended. Name the "
                 "module after the position embedding, adopted as a subclass that appends (or a `RegisterAppender`)."
             )
         for layer, mlp in enumerate(self.register_edit_sites):
             if not forward_calls(mlp, "register_edit"):
-                raise TypeError(
+                raise TTRegTypeError(
                     f"{name}.register_seams.mlp is {seams.mlp!r}, and block {layer}'s is a {type(mlp).__name__}, whose "
                     "forward does not call `self.register_edit(...)`: the edit would never run. Declare the MLP's "
                     "subclass that calls it in `register_seams.modules`, or fix the path."
@@ -390,7 +391,7 @@ class KeywordRegisterSettingsMixin(TestTimeRegisterMixin):
 
 
 def warn_if_other_weights(model: torch.nn.Module) -> None:
-    """Warn once (`RegisterIndexMismatchWarning`) when the attached index records a weights fingerprint that is not
+    """Warn (`RegisterIndexMismatchWarning`, once per place by Python's default filter) when the attached index records a weights fingerprint that is not
     ``model``'s. Called by the loaders once the weights are in place: one strided sample of at most 4096 values per
     parameter, copied to the host once per load (milliseconds for a ViT-L), and only for an index that records a
     fingerprint. The fingerprint hashes parameter names and float32 values, so a model in another dtype, or on the
@@ -402,11 +403,13 @@ def warn_if_other_weights(model: torch.nn.Module) -> None:
     own = weights_fingerprint(model)
     if own != fingerprint:
         found_for = ", ".join(model.config.register_index_provenance.get("checkpoints", {}).values())
-        warn_once(
+        warnings.warn(
             f"This register-neuron index was found on other weights ({found_for or 'fingerprint ' + fingerprint}; "
             f"this model's fingerprint is {own}, the index's {fingerprint}): the neurons may "
             "not be this checkpoint's. The fingerprint hashes parameter names too, so the same weights in another "
-            "model class differ. Find this checkpoint's neurons with `ttreg find-neurons`."
+            "model class differ. Find this checkpoint's neurons with `ttreg find-neurons`.",
+            RegisterIndexMismatchWarning,
+            stacklevel=3,
         )
 
 
@@ -431,7 +434,7 @@ class TestTimeRegisterLoadingMixin:
             return config
         parent_config_class = super().config_class
         if not isinstance(config, parent_config_class):
-            raise TypeError(
+            raise TTRegTypeError(
                 f"{cls.__name__} needs a {cls.config_class.__name__} (or a {parent_config_class.__name__}, which it "
                 f"converts), got a {type(config).__name__}."
             )

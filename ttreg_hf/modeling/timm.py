@@ -19,6 +19,7 @@ from torch import nn
 
 from ..analysis.attention import attention_probabilities
 from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings, square_patch_size
+from ..errors import TTRegTypeError, TTRegValueError
 from ..family import Family, check_close_keywords
 from ..images import Preprocessor, transform_preprocessor
 from ..planted import BlockSites, LinearRows, PlantingSites
@@ -65,7 +66,7 @@ def check_editable_mlps(model: VisionTransformer) -> None:
     for layer, block in enumerate(model.blocks):
         mlp = getattr(block, "mlp", None)
         if type(mlp) not in EDITABLE_MLPS:
-            raise TypeError(
+            raise TTRegTypeError(
                 f"Test-time registers need blocks with a timm Mlp, GluMlp, SwiGLUPacked or SwiGLU `mlp`; block "
                 f"{layer} ({type(block).__name__}) has {type(mlp).__name__ if mlp is not None else 'none'}."
             )
@@ -100,7 +101,7 @@ class TimmTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransformer
         the edit is off)."""
         self.refresh_test_time_registers()
         if attn_mask is not None and self.token_layout.num_registers:
-            raise ValueError("attn_mask does not cover the test-time registers: turn the edit off to pass a mask.")
+            raise TTRegValueError("attn_mask does not cover the test-time registers: turn the edit off to pass a mask.")
         tokens = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
         layout = self.token_layout
         return layout.strip_registers(tokens), layout.registers(tokens) if layout.num_registers else None
@@ -131,9 +132,9 @@ class TimmTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransformer
         """
         self.refresh_test_time_registers()
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+            raise TTRegValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
         if attn_mask is not None and self.token_layout.num_registers:
-            raise ValueError("attn_mask does not cover the test-time registers: turn the edit off to pass a mask.")
+            raise TTRegValueError("attn_mask does not cover the test-time registers: turn the edit off to pass a mask.")
         outputs = super().forward_intermediates(
             x, indices, return_prefix_tokens=True, norm=norm, stop_early=stop_early, output_fmt="NLC",
             intermediates_only=intermediates_only, output_dict=True, attn_mask=attn_mask, is_causal=is_causal,
@@ -172,7 +173,7 @@ def vision_transformer(model: nn.Module) -> VisionTransformer:
     if isinstance(model, FeatureGetterNet):
         model = model.model
     elif isinstance(model, (FeatureHookNet, FeatureGraphNet)):
-        raise TypeError(
+        raise TTRegTypeError(
             f"timm's {type(model).__name__} (feature_cls='hook' / 'fx') returns the blocks' raw outputs, which carry "
             "the test-time registers: use timm's default ViT feature wrapper, feature_cls='getter' "
             "(`features_only=True` without `feature_cls`), whose features come from `forward_intermediates` with the "
@@ -182,7 +183,7 @@ def vision_transformer(model: nn.Module) -> VisionTransformer:
         return model
     supported = "timm's VisionTransformer (vit_* models) and VisionTransformerDistilled (deit_*_distilled_*)"
     if isinstance(model, VisionTransformer):
-        raise TypeError(
+        raise TTRegTypeError(
             f"{type(model).__name__} subclasses timm's VisionTransformer and may build its tokens or heads differently, "
             f"so test-time registers do not convert it: supported are {supported}. For your own subclass, derive from "
             "both, e.g. `class MyTTReg(TimmTTRegVisionTransformer, MyViT)`, and check it against the parent."
@@ -190,7 +191,9 @@ def vision_transformer(model: nn.Module) -> VisionTransformer:
     got = type(model).__name__
     if isinstance(model, FeatureDictNet):  # and FeatureListNet: timm wraps CNN-style models so, never a ViT
         got = f"timm's {got}, the features_only wrapper of a model that is not a ViT"
-    raise TypeError(f"Test-time registers need {supported}, optionally in timm's features_only wrapper; got {got}.")
+    raise TTRegTypeError(
+        f"Test-time registers need {supported}, optionally in timm's features_only wrapper; got {got}."
+    )
 
 
 def _ours() -> dict[type, type]:

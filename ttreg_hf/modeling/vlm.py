@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
 
 from ..configs.registers import TestTimeRegisterCompositeConfigMixin, TestTimeRegisterConfigMixin
+from ..errors import TTRegTypeError, TTRegValueError
 from ..family import check_close_keywords, transformers_families
 from .registers import (
     IndexSpec,
@@ -64,7 +65,7 @@ def _with_settings(tower_config: PreTrainedConfig, **settings) -> TestTimeRegist
     config_class = _config_classes()[type(tower_config)]
     unknown = set(settings) - register_settings(config_class)
     if unknown:
-        raise TypeError(
+        raise TTRegTypeError(
             f"{', '.join(sorted(unknown))} not a setting of {config_class.__name__}; its settings are "
             f"{', '.join(sorted(register_settings(config_class)))}."
         )
@@ -89,7 +90,7 @@ def _tower_config_slot(config: PreTrainedConfig) -> tuple[PreTrainedConfig, str]
     slots = [(owner, key) for owner, key in _sub_configs(config) if type(getattr(owner, key)) in _config_classes()]
     if len(slots) != 1:
         found = ", ".join(f"{key}: {getattr(owner, key).model_type}" for owner, key in _sub_configs(config))
-        raise TypeError(
+        raise TTRegTypeError(
             f"Test-time registers plug into one vision tower of {_tower_names()}; this {type(config).__name__} has "
             f"{len(slots)} ({found or 'no sub-configs'})."
         )
@@ -109,7 +110,7 @@ def vision_tower_with_registers(model: nn.Module) -> PreTrainedTestTimeRegisterM
     """The test-time-register tower inside ``model``, e.g. to call `set_register_neurons` on it."""
     towers = [module for module in model.modules() if isinstance(module, PreTrainedTestTimeRegisterMixin)]
     if len(towers) != 1:
-        raise ValueError(
+        raise TTRegValueError(
             f"{type(model).__name__} has {len(towers)} vision towers with test-time registers, not one; give it one "
             "with `to_test_time_registers(model, register_neurons=...)`."
         )
@@ -120,14 +121,14 @@ def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
     """The path and module of the one submodule of ``vlm`` whose class is the parent of one of our families."""
     upgraded = [path for path, module in vlm.named_modules() if isinstance(module, PreTrainedTestTimeRegisterMixin)]
     if upgraded:
-        raise ValueError(
+        raise TTRegValueError(
             f"{type(vlm).__name__}.{upgraded[0]} already has test-time registers: change them with "
             "`vision_tower_with_registers(model).set_register_neurons(...)`."
         )
     towers = [(path, module) for path, module in vlm.named_modules() if path and type(module) in _tower_classes()]
     if not towers and type(vlm) in _tower_classes():
         ours = _tower_classes()[type(vlm)]
-        raise TypeError(
+        raise TTRegTypeError(
             f"to_test_time_registers upgrades the tower inside a model; this {type(vlm).__name__} is itself one: load "
             f"it as {ours.__name__} (`{ours.__name__}.from_pretrained(...)`), which takes its checkpoints."
         )
@@ -139,13 +140,13 @@ def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
             if towers
             else ""
         )
-        raise TypeError(
+        raise TTRegTypeError(
             f"to_test_time_registers upgrades the one vision tower of a model, a {_tower_names()}; "
             f"{type(vlm).__name__} has {found}{several}."
         )
     path, tower = towers[0]
     if any(hasattr(module, "_hf_hook") for module in tower.modules()):
-        raise ValueError(
+        raise TTRegValueError(
             f"{type(vlm).__name__}.{path} is dispatched by accelerate (device_map, offloading), whose hooks an upgrade "
             "would drop: upgrade before dispatching, or load with `load_vlm(..., device_map=...)`, which builds the "
             "test-time-register tower from the start."
@@ -210,7 +211,7 @@ def to_test_time_registers(
     whole = tower.config is vlm.config  # a classifier's tower shares its config
     slots = [(owner, key) for owner, key in _sub_configs(vlm.config) if getattr(owner, key) is tower.config]
     if not slots and not whole:
-        raise ValueError(
+        raise TTRegValueError(
             f"{type(vlm).__name__}.config does not hold its tower's config, so save_pretrained would save the tower "
             "without its registers: keep the tower's config among the model config's sub-configs."
         )
