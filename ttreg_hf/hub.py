@@ -41,7 +41,7 @@ def _load_transformers(
     config.attach_register_neurons(
         register_neurons, checkpoint=name, register_semantics=settings.get("register_semantics")
     )
-    return model_class(config, **model_kwargs)
+    return model_class._from_config(config, **model_kwargs)  # built in ``config.dtype``, as `from_config` builds
 
 
 def load_tt_model(

@@ -2,12 +2,16 @@
 
 import dataclasses
 import math
+import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 
-from ..errors import TTRegTypeError, TTRegValueError
+from ..errors import TTRegError, TTRegTypeError, TTRegValueError
 from ..index import (
     RegisterIndexMismatchWarning,
     RegisterNeuronIndex,
@@ -32,6 +36,10 @@ class TestTimeRegisterConfigMixin:
     r"""
     register_neurons (`dict[str, list[int]]`, *optional*):
         The register-neuron index: 0-based block index -> MLP neuron indices. `None` or empty turns the edit off.
+        Also given (to the constructor, or written) as any index `load_index` reads: an index file, a shipped name,
+        a Hub repo id or a `RegisterNeuronIndex`, stored as its dict; its semantics and provenance come with it,
+        except, in a constructor, a `register_semantics` other than the default or a `register_index_provenance`
+        given beside it.
     num_test_time_registers (`int`, *optional*, defaults to 1):
         How many zero-initialised tokens to append after the patches. 0 turns the edit off. At most
         `MAX_TEST_TIME_REGISTERS` (64): the paper uses one, models trained with registers use 4 to 16, and every
@@ -50,18 +58,41 @@ class TestTimeRegisterConfigMixin:
         other weights; the edit does not depend on it.
     """
 
-    register_neurons: dict | None = None
+    register_neurons: dict | str | os.PathLike | RegisterNeuronIndex | None = None  # stored as a dict (`__setattr__`)
     num_test_time_registers: int = 1
     register_scale: float | int | list[float | int] = 1.0
     register_semantics: RegisterSemantics = "paper"
     register_patch_mode: RegisterPatchMode = "zero"
     register_index_provenance: dict | None = None
 
+    def __setattr__(self, name: str, value) -> None:
+        """``register_neurons``, written as an index file, shipped name, Hub repo id or `RegisterNeuronIndex`, is read
+        (`load_index`) and stored as its dict, with the index's semantics and provenance: at once when written to a
+        built config (after checking the index fits it), by `__post_init__` in the constructor."""
+        if name != "register_neurons" or value is None or isinstance(value, Mapping):
+            return super().__setattr__(name, value)
+        index = load_index(value)
+        if _ENDS_INIT in self.__dict__:  # a built config
+            index.check_fits(self.num_hidden_layers, self.mlp_width)
+            super().__setattr__("register_semantics", index.semantics)
+            super().__setattr__("register_index_provenance", index.provenance)
+        else:
+            self.__dict__[_INDEX_GIVEN] = index
+        super().__setattr__(name, {str(layer): list(ids) for layer, ids in index.neurons.items()})
+
     def __post_init__(self, **kwargs):
+        index = self.__dict__.pop(_INDEX_GIVEN, None)  # an index file given to the constructor
+        if index is not None:
+            index.check_fits(self.num_hidden_layers, self.mlp_width)
+            if self.register_semantics == _DEFAULT_SEMANTICS:
+                self.register_semantics = index.semantics
+            if self.register_index_provenance is None:
+                self.register_index_provenance = index.provenance
         if self.register_neurons is not None:
             self.register_neurons = {str(k): list(v) for k, v in normalize_neurons(self.register_neurons).items()}
         parent_post_init = getattr(super(), "__post_init__", None)  # absent on plain (non-`transformers`) dataclasses
         if parent_post_init is not None:
+            _check_dtype(self.dtype)
             parent_post_init(**kwargs)
             _name_our_architectures(self)
 
@@ -154,7 +185,12 @@ class TestTimeRegisterConfigMixin:
                 index = index.neurons
             updates.setdefault("register_index_provenance", None)
             updates["register_neurons"] = {str(layer): list(ids) for layer, ids in index.items()}
-        candidate = dataclasses.replace(self, **updates)
+        try:
+            candidate = dataclasses.replace(self, **updates)
+        except StrictDataclassError as error:  # our refusal, wrapped by the constructor's class validation
+            if isinstance(error.__cause__, TTRegError):
+                raise error.__cause__ from None
+            raise
         candidate.validate_test_time_registers()
         for name in updates:
             setattr(self, name, getattr(candidate, name))
@@ -204,6 +240,19 @@ class TestTimeRegisterConfig(TestTimeRegisterConfigMixin):
     num_hidden_layers: int = 12
     mlp_width: int = 3072
     patch_size: int | None = None
+
+
+def _check_dtype(dtype) -> None:
+    """Refuse a config ``dtype`` that no model can be built in: a `transformers` config keeps any value, and a model
+    built from it (``pretrained=False``) fails deep inside torch, or silently in float32."""
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if dtype is not None and not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+        auto = dtype == "auto"
+        raise TTRegValueError(
+            f"dtype={dtype!r}: a model is built in a floating-point torch dtype, given as one or by name "
+            "(torch.bfloat16, 'float16')"
+            + ("; 'auto' means the dtype of a checkpoint's weights, and there are none here." if auto else ".")
+        )
 
 
 def square_patch_size(patch_size) -> int | None:
@@ -285,6 +334,11 @@ def _relabelled_config_dict(cls, parent, *args, **kwargs):
 
 
 REGISTER_SETTINGS = tuple(field.name for field in dataclasses.fields(TestTimeRegisterConfigMixin))
+_ENDS_INIT = REGISTER_SETTINGS[-1]  # the constructor writes the register settings in order: this one last
+_INDEX_GIVEN = "_register_index_given"  # an index file given to the constructor, until `__post_init__` reads it
+_DEFAULT_SEMANTICS = next(
+    f.default for f in dataclasses.fields(TestTimeRegisterConfigMixin) if f.name == "register_semantics"
+)
 
 
 def pop_register_settings(kwargs: dict) -> dict:

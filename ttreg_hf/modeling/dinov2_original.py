@@ -142,11 +142,11 @@ def load_dinov2(config: Dinov2TTRegConfig, weights: str | Path | None) -> "Dinov
     from .dinov2 import Dinov2TTRegModel
 
     if weights is None:
-        return Dinov2TTRegModel(config).eval()
+        return Dinov2TTRegModel._from_config(config).eval()  # built in ``config.dtype``, as `from_config` builds
     state_dict = convert_original_state_dict(load_original_state_dict(weights), config)
     with torch.device("meta"):  # built with the edit off; the edits are built once, on the weights' device
-        model = Dinov2TTRegModel(dataclasses.replace(config, register_neurons={}))
-    dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}  # upstream's fp32, whatever the file's
+        model = Dinov2TTRegModel._from_config(dataclasses.replace(config, register_neurons={}))
+    dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}  # ``config.dtype``, whatever the file's
     state_dict = {name: value.to(dtypes.get(name, value.dtype)) for name, value in state_dict.items()}
     model.load_state_dict(state_dict, assign=True)
     provenance = config.register_index_provenance  # with the index: where it was found, for the warnings
@@ -397,6 +397,7 @@ def load_dinov2_linear_classifier(
     config = dinov2_config(arch, register_neurons, **settings)
     head = load_dinov2_linear_head(arch, layers, pretrained, head_weights)
     backbone = load_dinov2(config, backbone_weights(arch, pretrained, weights))
+    head = head.to(backbone.dtype)  # ``dtype=`` builds the backbone in it: the head reads its features
     return DinoVisionTransformerTTRegClassifier(DinoVisionTransformerTTReg(backbone), head, layers).eval()
 
 

@@ -1,0 +1,191 @@
+"""Never silent, round three (issue #25) and errors by kind (#24.4): each test failed before its fix."""
+
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModel, DepthAnythingConfig, DepthAnythingForDepthEstimation
+
+from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndex, RegisterNeuronIndexError
+from ttreg_hf.cli import main
+from ttreg_hf.errors import TTRegError, TTRegTypeError, TTRegValueError
+from ttreg_hf.hub import entry_points, load_tt_model
+
+from conftest import tiny_dinov2_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::ttreg_hf.modeling.registers.RegisterEditOffWarning")
+
+
+def tiny_index(**changes) -> RegisterNeuronIndex:
+    """An index for `tiny_dinov2_config` (3 layers, MLP width 128), found with the reference semantics."""
+    fields = dict(neurons={1: [3, 70]}, num_layers=3, mlp_width=128, semantics="reference", image_size=56)
+    return RegisterNeuronIndex(**{**fields, **changes})
+
+
+@pytest.fixture
+def index_file(tmp_path):
+    return tiny_index().save(tmp_path / "index.safetensors")
+
+
+# item 2: `register_neurons` takes the same forms everywhere, configs included
+
+
+def test_a_config_takes_an_index_file_with_its_semantics_and_provenance(index_file):
+    config = tiny_dinov2_config(register_neurons=index_file)  # a `Path`; a str below
+    assert config.register_neurons == {"1": [3, 70]} and config.register_semantics == "reference"
+    assert config.register_index_provenance == tiny_index().provenance
+    given = tiny_dinov2_config(register_neurons=str(index_file), register_semantics="paper", num_hidden_layers=3)
+    assert given.register_neurons == {"1": [3, 70]}
+    explicit = tiny_dinov2_config(register_neurons=tiny_index(), register_index_provenance={"image_size": 99})
+    assert explicit.register_index_provenance == {"image_size": 99}  # given beside it: kept
+    written = tiny_dinov2_config(register_neurons={})
+    written.register_neurons = str(index_file)  # a write to a built config: the file's settings come with it
+    assert (written.register_neurons, written.register_semantics) == ({"1": [3, 70]}, "reference")
+    assert Dinov2TTRegConfig.from_dict(written.to_dict()).register_neurons == {"1": [3, 70]}  # saved as the dict
+
+
+def test_a_config_refuses_an_index_of_another_model(index_file):
+    with pytest.raises(RegisterNeuronIndexError, match="3 layers, MLP width 128"):
+        Dinov2TTRegConfig(register_neurons=index_file)  # the default config: 12 layers, MLP width 3072
+    config = tiny_dinov2_config(register_neurons={})
+    with pytest.raises(RegisterNeuronIndexError, match="3 layers, MLP width 4096"):
+        config.register_neurons = RegisterNeuronIndex({1: [3]}, num_layers=3, mlp_width=4096)
+    assert config.register_neurons == {}  # nothing written
+
+
+def test_auto_model_takes_an_index_file_like_our_class(index_file, tmp_path):
+    Dinov2TTRegModel(tiny_dinov2_config(register_neurons={})).save_pretrained(tmp_path / "saved")
+    ours = Dinov2TTRegModel.from_pretrained(tmp_path / "saved", register_neurons=str(index_file))
+    auto = AutoModel.from_pretrained(tmp_path / "saved", register_neurons=str(index_file))
+    assert type(auto) is Dinov2TTRegModel
+    assert auto.config.register_neurons == ours.config.register_neurons == {"1": [3, 70]}
+    assert auto.config.register_semantics == ours.config.register_semantics == "reference"
+
+
+def test_a_backbone_config_takes_an_index_file(index_file):
+    backbone = tiny_dinov2_config(register_neurons=str(index_file), out_indices=[1, 3], reshape_hidden_states=False)
+    model = DepthAnythingForDepthEstimation(DepthAnythingConfig(backbone_config=backbone, fusion_hidden_size=16))
+    assert model.backbone.config.register_neurons == {"1": [3, 70]}
+    from_dict = DepthAnythingConfig(backbone_config={**backbone.to_dict(), "register_neurons": str(index_file)})
+    assert from_dict.backbone_config.register_neurons == {"1": [3, 70]}
+
+
+# item 5: dtype honoured without pretrained weights
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "float16"])
+def test_random_weights_are_built_in_the_dtype_asked_for(dtype):
+    model = load_tt_model("dinov2_vits14", pretrained=False, dtype=dtype, num_test_time_registers=0)
+    expected = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    assert {p.dtype for p in model.parameters()} == {expected} and model.config.dtype == expected
+    vit = load_tt_model("vit_base_patch16_224_in21k", pretrained=False, dtype=dtype, num_test_time_registers=0)
+    assert {p.dtype for p in vit.parameters()} == {expected} and vit.config.dtype == expected
+
+
+def test_the_dinov2_classifier_runs_in_the_dtype_asked_for():
+    classifier = entry_points()["dinov2_vits14_tt_reg_lc"](
+        pretrained=False, dtype=torch.bfloat16, num_test_time_registers=0
+    )
+    assert {p.dtype for p in classifier.parameters()} == {torch.bfloat16}
+    assert classifier(torch.randn(1, 3, 28, 28, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_dinov2_weights_are_loaded_in_the_dtype_asked_for(tmp_path):
+    from safetensors.torch import save_file
+
+    from upstream_dinov2 import random_original_state_dict
+
+    original = random_original_state_dict(dim=384, depth=12, patch_size=14, table_side=37)  # ViT-S/14's shapes
+    save_file(original, tmp_path / "weights.safetensors")
+    model = load_tt_model(
+        "dinov2_vits14", weights=tmp_path / "weights.safetensors", dtype=torch.bfloat16, num_test_time_registers=0
+    )
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and model.config.dtype == torch.bfloat16
+    assert torch.equal(model.embeddings.cls_token, original["cls_token"].bfloat16())
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float33", 3, torch.int8])
+def test_a_dtype_no_model_is_built_in_is_refused(dtype):
+    with pytest.raises(TTRegValueError, match="dtype="):
+        load_tt_model("dinov2_vits14", pretrained=False, dtype=dtype, num_test_time_registers=0)
+
+
+# #24.4: errors by kind
+
+
+def test_the_package_refusals_share_one_base_and_keep_their_old_types():
+    from ttreg_hf.cli import CommandError
+    from ttreg_hf.export import ExportError
+
+    assert issubclass(RegisterNeuronIndexError, TTRegError) and issubclass(RegisterNeuronIndexError, ValueError)
+    assert issubclass(ExportError, TTRegValueError) and issubclass(CommandError, TTRegError)
+    with pytest.raises(TTRegTypeError, match="did you mean 'num_test_time_registers'"):
+        load_tt_model("dinov2_vits14", pretrained=False, num_test_time_register=0)
+    with pytest.raises(TTRegValueError, match="num_test_time_registers must be >= 0"):
+        tiny_dinov2_config().update_test_time_registers(num_test_time_registers=-1)
+
+
+def test_a_bug_is_exit_1_with_its_traceback(monkeypatch, tmp_path):
+    def bug(*args, **kwargs):
+        raise ValueError("an internal invariant broke")  # not a refusal of the package: a bug
+
+    monkeypatch.setattr("ttreg_hf.cli.load_model", bug)
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    with pytest.raises(ValueError, match="an internal invariant broke"):  # `python -m ttreg_hf.cli`: exit 1
+        main(["inspect", "planted", str(image), "--out", str(tmp_path / "r.png")])
+
+
+def test_mismatch_warnings_follow_the_warnings_filters(index_file):
+    """No process-wide memory of our own: Python's filters decide, so "always" shows every one."""
+    config = tiny_dinov2_config(register_neurons={})
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            config.attach_register_neurons(str(index_file), checkpoint="me/other")
+    assert len(record) == 0  # the index records no checkpoint: it applies anywhere
+    index = tiny_index(checkpoints={"hf": "me/tiny"})
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            config.attach_register_neurons(index, checkpoint="me/other")
+    assert len(record) == 2
+
+
+# item 6 and item 1: the CLI's --device and --weights
+
+
+def cli(argv, capsys) -> tuple[int, str]:
+    status = main(argv)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return status, captured.err.strip()
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:7", "meta", "xpu"])
+def test_a_device_that_is_not_there_is_refused_before_loading(device, monkeypatch, tmp_path, capsys):
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --device was checked")
+
+    monkeypatch.setattr("ttreg_hf.cli.load_model", no_loading)
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    status, err = cli(["inspect", "planted", str(image), "--out", str(tmp_path / "r.png"), "--device", device], capsys)
+    assert status == 2 and err.startswith(f"ttreg: error: --device {device}") and len(err.splitlines()) == 1
+
+
+def test_weights_that_would_be_ignored_are_refused(tmp_path, capsys):
+    Dinov2TTRegModel(tiny_dinov2_config(register_neurons={})).save_pretrained(tmp_path / "folder")
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"")
+    images = tmp_path / "images"
+    images.mkdir()
+    out = ["--out", str(tmp_path / "i.safetensors")]
+    for model, reason in [("planted", "the planted model"), (str(tmp_path / "folder"), "a folder")]:
+        status, err = cli(["find-neurons", model, str(images), *out, "--weights", str(weights)], capsys)
+        assert status == 2 and "--weights is for a model name" in err and reason in err
+    status, err = cli(["find-neurons", "vit_base_patch16_224_in21k", str(images), *out, "--weights", "nope"], capsys)
+    assert status == 2 and "No checkpoint at --weights nope" in err
