@@ -189,3 +189,80 @@ def test_weights_that_would_be_ignored_are_refused(tmp_path, capsys):
         assert status == 2 and "--weights is for a model name" in err and reason in err
     status, err = cli(["find-neurons", "vit_base_patch16_224_in21k", str(images), *out, "--weights", "nope"], capsys)
     assert status == 2 and "No checkpoint at --weights nope" in err
+
+
+def test_weights_of_another_family_are_refused(tmp_path, capsys):
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    arch = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=16)
+    DINOv3ViTModel(DINOv3ViTConfig(**arch, image_size=64)).save_pretrained(tmp_path / "dinov3")
+    with pytest.raises(TTRegValueError, match="hold a 'dinov3_vit' checkpoint, and vit_base_patch16_224_in21k loads"):
+        load_tt_model("vit_base_patch16_224_in21k", weights=tmp_path / "dinov3", num_test_time_registers=0)
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    argv = ["inspect", "vit_base_patch16_224_in21k", str(image), "--weights", str(tmp_path / "dinov3")]
+    status, err = cli([*argv, "--out", str(tmp_path / "r.png")], capsys)
+    assert status == 2 and "hold a 'dinov3_vit' checkpoint" in err and not (tmp_path / "r.png").exists()
+
+
+# item 11: types, not values
+
+
+@pytest.mark.parametrize("layers", [4.0, True, "4"])
+def test_a_head_layer_count_of_another_type_is_refused(layers):
+    with pytest.raises(TTRegValueError, match=f"layers={layers!r}"):
+        entry_points()["dinov2_vits14_tt_reg_lc"](pretrained=False, layers=layers, num_test_time_registers=0)
+
+
+@pytest.mark.parametrize("pretrained", ["False", 0, None])
+def test_pretrained_is_a_bool(pretrained):
+    with pytest.raises(TTRegTypeError, match="pretrained must be True or False"):
+        load_tt_model("dinov2_vits14", pretrained=pretrained, num_test_time_registers=0)
+
+
+@pytest.mark.parametrize("n", [4.0, True, "ab", [1.0]])
+def test_get_intermediate_layers_refuses_other_types(n):
+    model = entry_points()["dinov2_vits14_tt_reg"](pretrained=False, num_test_time_registers=0)
+    with pytest.raises(TTRegTypeError, match="n must be an int"):
+        model.get_intermediate_layers(torch.randn(1, 3, 28, 28), n=n)
+
+
+# item 3 and item 10: the VLM loader's keywords mean what the parent's mean; typos name the closest valid one
+
+
+@pytest.fixture
+def llava_folder(tmp_path):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**tower, image_size=28), text_config=LlamaConfig(**text), image_token_index=63
+    )
+    LlavaForConditionalGeneration(config).save_pretrained(tmp_path / "llava")
+    return tmp_path / "llava"
+
+
+def test_load_vlm_gives_config_keywords_to_the_config_as_the_parent_does(llava_folder):
+    from transformers import LlavaForConditionalGeneration
+
+    from ttreg_hf import load_vlm
+
+    settings = dict(vision_feature_select_strategy="full", image_seq_length=5, dtype=torch.bfloat16)
+    parent = LlavaForConditionalGeneration.from_pretrained(llava_folder, **settings)
+    ours = load_vlm(llava_folder, num_test_time_registers=0, **settings)
+    assert ours.config.vision_feature_select_strategy == parent.config.vision_feature_select_strategy == "full"
+    assert ours.config.image_seq_length == parent.config.image_seq_length == 5
+    assert ours.dtype == parent.dtype == torch.bfloat16
+    with pytest.raises(TTRegTypeError, match="'vision_feature_layr'; did you mean 'vision_feature_layer'"):
+        load_vlm(llava_folder, num_test_time_registers=0, vision_feature_layr=-1)
+
+
+def test_open_clip_and_timm_loaders_name_the_closest_keyword():
+    from ttreg_hf.modeling.open_clip import create_model_and_transforms
+    from ttreg_hf.modeling.timm import create_model
+
+    with pytest.raises(TTRegTypeError, match="'precison'; did you mean 'precision'"):
+        create_model_and_transforms("ViT-B-32", num_test_time_registers=0, precison="fp32")
+    with pytest.raises(TTRegTypeError, match="'drop_rat'; did you mean 'drop_rate'"):
+        create_model("vit_tiny_patch16_224", num_test_time_registers=0, drop_rat=0.1)

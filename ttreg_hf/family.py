@@ -9,13 +9,16 @@ public names in ``ttreg_hf/__init__.py`` and its tiny model in ``tests/family_mo
 contract test). A family of your own, outside the package, is added with `register_family`.
 """
 
+import contextlib
 import difflib
 import functools
 import importlib
-from collections.abc import Callable, Collection, Iterable, Mapping
+import inspect
+import re
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from .errors import TTRegTypeError, TTRegValueError
+from .errors import TTRegError, TTRegTypeError, TTRegValueError
 
 # the package's family modules, under ``ttreg_hf.modeling``, each with the library whose models it subclasses
 FAMILY_MODULES = {
@@ -195,3 +198,27 @@ def check_close_keywords(given: Mapping | Iterable[str], known: Collection[str],
         close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.85)
         if name not in known and close:
             raise TTRegTypeError(f"{callee}() got an unexpected keyword argument {name!r}; did you mean {close[0]!r}?")
+
+
+@contextlib.contextmanager
+def closest_keyword_on_error(given: Collection[str], valid: Collection[str], callee: str) -> Iterator[None]:
+    """Around a call that passes the keyword arguments ``given`` on to a library that refuses an unknown one with a
+    plain `TypeError` ("... got an unexpected keyword argument 'x'"): that refusal, for one of ``given``, becomes
+    `check_keywords`'s, which names the closest of ``valid``."""
+    try:
+        yield
+    except TypeError as error:
+        unexpected = re.search(r"unexpected keyword argument '([^']+)'", str(error))
+        if isinstance(error, TTRegError) or unexpected is None or unexpected[1] not in given:
+            raise
+        check_keywords([unexpected[1]], set(valid) - {unexpected[1]}, callee)
+
+
+def parameter_names(*functions: Callable) -> set[str]:
+    """The named parameters of ``functions`` (no ``*args`` / ``**kwargs``): the keywords a library call takes."""
+    return {
+        name
+        for function in functions
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    }

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import TTRegValueError
-from .family import LOADER_ARGUMENTS, Checkpoint, check_keywords, checkpoints
+from .errors import TTRegTypeError, TTRegValueError
+from .family import LOADER_ARGUMENTS, Checkpoint, check_keywords, checkpoints, family_of
 
 ENTRY_SUFFIX = "_tt_reg"
 
@@ -31,6 +31,8 @@ def transformers_checkpoint(name: str, summary: str, model_class: type, hub_id: 
 def _load_transformers(
     name, model_class, hub_id, arch, model_kwargs, *, pretrained, weights, register_neurons, **settings
 ) -> nn.Module:
+    if weights:
+        _check_same_family(weights, model_class, name)
     if pretrained or weights:  # `from_pretrained` checks its keyword arguments itself
         source = weights or hub_id
         return model_class.from_pretrained(source, register_neurons=register_neurons, **model_kwargs, **settings)
@@ -42,6 +44,21 @@ def _load_transformers(
         register_neurons, checkpoint=name, register_semantics=settings.get("register_semantics")
     )
     return model_class._from_config(config, **model_kwargs)  # built in ``config.dtype``, as `from_config` builds
+
+
+def _check_same_family(weights: str | Path, model_class: type, name: str) -> None:
+    """Refuse ``weights`` whose config names a model type of another family: `from_pretrained` would load none of
+    its weights into ``model_class`` and return a random model."""
+    from transformers import PreTrainedConfig
+
+    model_type = PreTrainedConfig.get_config_dict(str(weights))[0].get("model_type")
+    known = family_of(model_class).model_types
+    if model_type not in known:
+        raise TTRegValueError(
+            f"weights {weights} hold a {model_type!r} checkpoint, and {name} loads {', '.join(known)} checkpoints: "
+            "none of its weights would load. Give weights of this model, or load that folder as a model of its own "
+            "(its family's `from_pretrained`, or the folder as MODEL on the command line)."
+        )
 
 
 def load_tt_model(
@@ -59,8 +76,15 @@ def load_tt_model(
     compute upstream DINOv2's numerics unless ``position_interpolation="transformers"`` (see `Dinov2TTRegConfig`).
     """
     checkpoint = _checkpoint(name)
-    loaded = checkpoint.load(pretrained=pretrained, weights=weights, register_neurons=register_neurons, **settings)
-    return checkpoint.tower(loaded.eval())
+    loaded = _load(checkpoint, pretrained, weights=weights, register_neurons=register_neurons, **settings)
+    return checkpoint.tower(loaded)
+
+
+def _load(checkpoint: Checkpoint, pretrained, **kwargs) -> nn.Module:
+    """What the torch.hub entry of ``checkpoint`` returns, in eval mode: the one call behind both ways in."""
+    if not isinstance(pretrained, bool):  # "False" is true
+        raise TTRegTypeError(f"pretrained must be True or False, got {pretrained!r}.")
+    return checkpoint.load(pretrained=pretrained, **{"weights": None, "register_neurons": None, **kwargs}).eval()
 
 
 def _checkpoint(name: str) -> Checkpoint:
@@ -77,7 +101,7 @@ def model_names() -> tuple[str, ...]:
 
 def _entry(checkpoint: Checkpoint) -> Callable[..., nn.Module]:
     def entry(pretrained: bool = True, **kwargs) -> nn.Module:
-        return checkpoint.load(pretrained=pretrained, **{"weights": None, "register_neurons": None, **kwargs}).eval()
+        return _load(checkpoint, pretrained, **kwargs)
 
     entry.__name__ = entry.__qualname__ = checkpoint.entry_name
     entry.__doc__ = (

@@ -146,7 +146,9 @@ def load_dinov2(config: Dinov2TTRegConfig, weights: str | Path | None) -> "Dinov
     state_dict = convert_original_state_dict(load_original_state_dict(weights), config)
     with torch.device("meta"):  # built with the edit off; the edits are built once, on the weights' device
         model = Dinov2TTRegModel._from_config(dataclasses.replace(config, register_neurons={}))
-    dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}  # ``config.dtype``, whatever the file's
+    dtypes = {
+        name: tensor.dtype for name, tensor in model.state_dict().items()
+    }  # ``config.dtype``, whatever the file's
     state_dict = {name: value.to(dtypes.get(name, value.dtype)) for name, value in state_dict.items()}
     model.load_state_dict(state_dict, assign=True)
     provenance = config.register_index_provenance  # with the index: where it was found, for the warnings
@@ -261,13 +263,16 @@ class DinoVisionTransformerTTReg(nn.Module):
         """Upstream's choice: the last ``n`` blocks for an int, else the listed 0-based blocks, in block order.
 
         Unlike upstream, a negative index counts from the end (-1 is the last block)."""
-        if isinstance(n, int):
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if is_int(n):
             if not 1 <= n <= self.n_blocks:
                 raise TTRegValueError(
                     f"n={n} asks for the last {n} of {self.n_blocks} blocks: give 1 to {self.n_blocks}."
                 )
             return list(range(self.n_blocks - n, self.n_blocks))
-        if not n or not all(isinstance(block, int) for block in n):
+        if not isinstance(n, (list, tuple, range)) or not n or not all(map(is_int, n)):
             raise TTRegTypeError(f"n must be an int or a non-empty list of int block indices, got {n!r}.")
         outside = [block for block in n if not -self.n_blocks <= block < self.n_blocks]
         if outside:
@@ -362,8 +367,8 @@ def load_dinov2_linear_head(
     """Upstream's ImageNet-1k linear head for ``dinov2_{arch}`` (``layers`` 1 or 4): from a local ``head_weights``
     file (``.pth`` or ``.safetensors``, keys ``weight`` and ``bias``), else from upstream's URL (``pretrained``),
     else random."""
-    if layers not in HEAD_LAYERS:
-        raise TTRegValueError(f"layers={layers!r}: upstream's linear heads read the last 1 or 4 blocks.")
+    if type(layers) is not int or layers not in HEAD_LAYERS:  # 4.0 == 4, True == 1: the types are checked too
+        raise TTRegValueError(f"layers={layers!r}: upstream's linear heads read the last 1 or 4 blocks (an int).")
     embed_dim = DINOV2_ARCHS[arch][0]
     head = nn.Linear((1 + layers) * embed_dim, NUM_CLASSES)
     if pretrained and head_weights is None:

@@ -24,7 +24,15 @@ from torch import nn
 from ..analysis.attention import attention_probabilities
 from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings, square_patch_size
 from ..errors import TTRegTypeError, TTRegValueError
-from ..family import LOADER_ARGUMENTS, Checkpoint, Family, check_close_keywords, check_keywords
+from ..family import (
+    LOADER_ARGUMENTS,
+    Checkpoint,
+    Family,
+    check_close_keywords,
+    check_keywords,
+    closest_keyword_on_error,
+    parameter_names,
+)
 from ..images import Preprocessor, transform_preprocessor
 from ..index import INDEX_FILENAME
 from ..planted import BlockSites, LinearRows, PlantingSites
@@ -172,9 +180,19 @@ def create_model_and_transforms(
         register_neurons, checkpoint=checkpoint, register_semantics=settings.get("register_semantics")
     )
     kwargs.setdefault("force_quick_gelu", checkpoint_uses_quick_gelu(model_name, pretrained))  # False opts out
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_name, pretrained, **kwargs)
+    valid = {*OPEN_CLIP_KEYWORDS, *REGISTER_SETTINGS, *parameter_names(create_model_and_transforms)}
+    with closest_keyword_on_error(kwargs, valid, "create_model_and_transforms"):
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            model_name, pretrained, **kwargs
+        )
     settings = {name: getattr(config, name) for name in REGISTER_SETTINGS}
     return to_test_time_registers(model, **settings), preprocess_train, preprocess_val
+
+
+# what open_clip's loader takes: its own keywords and, passed on, the model classes' (``**model_kwargs``)
+OPEN_CLIP_KEYWORDS = parameter_names(
+    open_clip.create_model_and_transforms, open_clip.create_model, open_clip.CLIP, open_clip.CustomTextCLIP
+)
 
 
 def repo_index(model_name: str) -> Path | str | None:

@@ -473,7 +473,7 @@ class TestTimeRegisterLoadingMixin:
         if isinstance(config, PreTrainedConfig):
             config = copy.deepcopy(cls.convert_config(config))
         else:
-            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
             config = config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
         for key, value in overrides.items():
             setattr(config.register_config if key in settings else config, key, value)
@@ -533,4 +533,4 @@ def register_settings(config_class: type) -> set[str]:
 
 
 MODEL_KEYWORDS = ("dtype", "torch_dtype")  # config attributes that `from_pretrained` gives the model, not the config
-_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")

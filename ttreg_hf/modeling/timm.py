@@ -20,7 +20,7 @@ from torch import nn
 from ..analysis.attention import attention_probabilities
 from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings, square_patch_size
 from ..errors import TTRegTypeError, TTRegValueError
-from ..family import Family, check_close_keywords
+from ..family import Family, check_close_keywords, closest_keyword_on_error, parameter_names
 from ..images import Preprocessor, transform_preprocessor
 from ..planted import BlockSites, LinearRows, PlantingSites
 from .registers import IndexSpec, KeywordRegisterSettingsMixin, RegisterAppender, RegisterSeams, adopt
@@ -225,6 +225,10 @@ DINOV2_HUB_NAMES = {
 }
 
 
+# what timm's loader takes: its own keywords and, passed on, its ViTs' (``**kwargs``)
+TIMM_KEYWORDS = parameter_names(timm.create_model, VisionTransformer, VisionTransformerDistilled)
+
+
 def create_model(model_name: str, pretrained: bool = False, *, register_neurons: IndexSpec | None = None, **kwargs):
     """`timm.create_model` giving a `TimmTTRegVisionTransformer`, or with ``features_only=True`` timm's feature
     wrapper around one (``out_indices`` as in timm; features of the parent's shapes, registers stripped).
@@ -236,7 +240,8 @@ def create_model(model_name: str, pretrained: bool = False, *, register_neurons:
     """
     settings = pop_register_settings(kwargs)
     check_close_keywords(kwargs, REGISTER_SETTINGS, "create_model")  # the rest: timm checks them
-    with torch.device("meta"):  # the architecture, refused or measured before any weights are downloaded
+    valid = {*TIMM_KEYWORDS, *REGISTER_SETTINGS, *parameter_names(create_model)}
+    with torch.device("meta"), closest_keyword_on_error(kwargs, valid, "create_model"):  # before any download
         skeleton = vision_transformer(timm.create_model(model_name, pretrained=False, **kwargs))
     check_editable_mlps(skeleton)
     config = register_config(skeleton, **settings)

@@ -17,8 +17,10 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConf
 
 from ..configs.registers import TestTimeRegisterCompositeConfigMixin, TestTimeRegisterConfigMixin
 from ..errors import TTRegTypeError, TTRegValueError
-from ..family import check_close_keywords, transformers_families
+from ..family import check_close_keywords, closest_keyword_on_error, transformers_families
 from .registers import (
+    HUB_KWARGS,
+    MODEL_KEYWORDS,
     IndexSpec,
     PreTrainedTestTimeRegisterMixin,
     TestTimeRegisterLoadingMixin,
@@ -249,16 +251,24 @@ def load_vlm(
     unmodified model (a baseline, bit-identical); the other register settings (``register_scale``,
     ``pool_registers``, ...) go to the tower, everything else to `from_pretrained`.
     """
-    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path)
     every_family_setting = set().union(*map(register_settings, set(_config_classes().values())))
     settings = {name: kwargs.pop(name) for name in every_family_setting if name in kwargs}
     check_close_keywords(kwargs, every_family_setting, "load_vlm")  # the rest: `from_pretrained` checks them
+    config = kwargs.pop("config", None)
+    if config is None:  # as in the parent: keyword arguments that name config attributes go to the config
+        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+        config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        config.update(
+            {key: kwargs.pop(key) for key in list(kwargs) if key not in MODEL_KEYWORDS and hasattr(config, key)}
+        )
     config = with_test_time_register_tower(config, **settings)
     getattr(*_tower_config_slot(config)).attach_register_neurons(
         register_neurons,
         checkpoint=str(pretrained_model_name_or_path),
         register_semantics=settings.get("register_semantics"),
     )
-    model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+    valid = {*config.to_dict(), *every_family_setting, *HUB_KWARGS, *MODEL_KEYWORDS, "register_neurons", "model_class"}
+    with closest_keyword_on_error(kwargs, valid, "load_vlm"):
+        model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
     vision_tower_with_registers(model)  # a model that builds its tower without `AutoModel` has the parent's
     return model
