@@ -266,3 +266,35 @@ def test_open_clip_and_timm_loaders_name_the_closest_keyword():
         create_model_and_transforms("ViT-B-32", num_test_time_registers=0, precison="fp32")
     with pytest.raises(TTRegTypeError, match="'drop_rat'; did you mean 'drop_rate'"):
         create_model("vit_tiny_patch16_224", num_test_time_registers=0, drop_rat=0.1)
+
+
+# item 4: a composite model's sub-configs at load, as the parent takes them
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_sub_configs_given_at_load_are_taken_as_the_parent_takes_them(family, tmp_path):
+    import transformers
+
+    from ttreg_hf import CLIPTTRegModel, SiglipTTRegModel
+
+    prefix = "CLIP" if family == "clip" else "Siglip"
+    parent_class = getattr(transformers, f"{prefix}Model")
+    ours_class = CLIPTTRegModel if family == "clip" else SiglipTTRegModel
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    config = getattr(transformers, f"{prefix}Config")(vision_config={**tower, "image_size": 28}, text_config=text)
+    parent_class(config).save_pretrained(tmp_path / family)
+    vision_class = getattr(transformers, f"{prefix}VisionConfig")
+    for given in [
+        dict(vision_config={"layer_norm_eps": 1e-3}),
+        dict(vision_config=vision_class(**tower, image_size=28, layer_norm_eps=1e-3)),
+        dict(text_config={"layer_norm_eps": 1e-3}),
+    ]:
+        parent = parent_class.from_pretrained(tmp_path / family, **given)
+        ours = ours_class.from_pretrained(tmp_path / family, num_test_time_registers=0, **given)
+        for key in ("vision_config", "text_config"):
+            assert getattr(ours.config, key).layer_norm_eps == getattr(parent.config, key).layer_norm_eps
+        assert type(ours.config.vision_config) is ours_class.config_class.register_config_class()
+        assert ours.config.vision_config.num_test_time_registers == 0
+    with pytest.raises(TTRegTypeError, match=f"vision_config must be a {prefix}VisionConfig"):
+        ours_class.from_pretrained(tmp_path / family, vision_config=Dinov2TTRegConfig(), num_test_time_registers=0)

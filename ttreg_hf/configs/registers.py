@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
+from transformers import PreTrainedConfig
 
 from ..errors import TTRegError, TTRegTypeError, TTRegValueError
 from ..index import (
@@ -271,17 +272,26 @@ class TestTimeRegisterCompositeConfigMixin:
     register_config_key = "vision_config"
 
     def __post_init__(self, **kwargs):
-        key, ours = self.register_config_key, self.register_config_class()
-        vision = getattr(self, key)
-        if vision is not None and not isinstance(vision, (dict, ours)):
-            parent = next(base for base in ours.__mro__[1:] if not issubclass(base, TestTimeRegisterConfigMixin))
-            if not isinstance(vision, parent):
-                raise TTRegTypeError(
-                    f"{key} must be a {parent.__name__} (or a {ours.__name__}), got a {type(vision).__name__}."
-                )
-            setattr(self, key, ours.from_parent_config(vision))
+        vision = getattr(self, self.register_config_key)
+        if vision is not None and not isinstance(vision, dict):  # a dict: the parent builds our class from it
+            setattr(self, self.register_config_key, self.as_register_config(vision))
         super().__post_init__(**kwargs)
         _name_our_architectures(self)
+
+    @classmethod
+    def as_register_config(cls, config: PreTrainedConfig) -> TestTimeRegisterConfigMixin:
+        """``config`` as the sub-config that holds the register settings: ours as it is, one of the parent's vision
+        config class converted (every field kept, the register settings at their defaults)."""
+        ours = cls.register_config_class()
+        if isinstance(config, ours):
+            return config
+        parent = next(base for base in ours.__mro__[1:] if not issubclass(base, TestTimeRegisterConfigMixin))
+        if not isinstance(config, parent):
+            raise TTRegTypeError(
+                f"{cls.register_config_key} must be a {parent.__name__} (or a {ours.__name__}), got a "
+                f"{type(config).__name__}."
+            )
+        return ours.from_parent_config(config)
 
     @classmethod
     def get_config_dict(cls, *args, **kwargs):

@@ -475,8 +475,14 @@ class TestTimeRegisterLoadingMixin:
         else:
             hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
             config = config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
-        for key, value in overrides.items():
-            setattr(config.register_config if key in settings else config, key, value)
+        for key, value in sorted(overrides.items(), key=lambda item: item[0] in settings):  # a new sub-config first
+            target = config.register_config if key in settings else config
+            current = getattr(target, key, None)
+            if isinstance(value, Mapping) and isinstance(current, PreTrainedConfig):  # as the parent's `from_dict`
+                value = type(current)(**{**current.to_dict(), **value})
+            elif key == getattr(config, "register_config_key", None):
+                value = config.as_register_config(value)  # one of the parent's vision configs, converted
+            setattr(target, key, value)
         config.register_config.attach_register_neurons(
             register_neurons,
             checkpoint=str(pretrained_model_name_or_path),
