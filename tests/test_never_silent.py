@@ -298,3 +298,45 @@ def test_sub_configs_given_at_load_are_taken_as_the_parent_takes_them(family, tm
         assert ours.config.vision_config.num_test_time_registers == 0
     with pytest.raises(TTRegTypeError, match=f"vision_config must be a {prefix}VisionConfig"):
         ours_class.from_pretrained(tmp_path / family, vision_config=Dinov2TTRegConfig(), num_test_time_registers=0)
+
+
+# item 13: a setting the model will not honour is an error; an index the model will not use is not read
+
+
+def test_an_open_clip_export_with_the_edit_off_reads_no_index(tmp_path):
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from ttreg_hf.modeling.open_clip import create_model_and_transforms
+
+    vision = dict(image_size=32, layers=2, width=32, head_width=16, patch_size=8)
+    config = dict(embed_dim=16, vision_cfg=vision, text_cfg=dict(context_length=8, vocab_size=100, width=32, layers=1))
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+    base = open_clip.CLIP(**config).eval()
+    save_file(base.state_dict(), folder / "open_clip_model.safetensors")
+    (folder / "register_neurons.safetensors").write_bytes(b"not an index")
+    model, _, _ = create_model_and_transforms(f"local-dir:{folder}", num_test_time_registers=0)
+    pixels = torch.randn(1, 3, 32, 32)
+    assert torch.equal(model.eval().encode_image(pixels), base.encode_image(pixels))
+    with pytest.raises(RegisterNeuronIndexError, match="not a readable safetensors file"):
+        create_model_and_transforms(f"local-dir:{folder}")  # the edit on: the index is read, and refused
+
+
+def test_a_register_setting_on_a_dual_encoders_config_is_refused(tmp_path):
+    from transformers import CLIPConfig
+
+    from ttreg_hf import CLIPTTRegConfig, CLIPTTRegModel
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    config = CLIPConfig(vision_config={**tower, "image_size": 28}, text_config=text)
+    model = CLIPTTRegModel(CLIPTTRegConfig.from_parent_config(config))
+    with pytest.raises(TTRegValueError, match="CLIPTTRegConfig holds no num_test_time_registers: the vision_config"):
+        model.config.num_test_time_registers = 0
+    with pytest.raises(TTRegValueError, match="holds no register_neurons"):
+        CLIPTTRegConfig(register_neurons={1: [3]})
+    assert model.config.vision_config.num_test_time_registers == 1

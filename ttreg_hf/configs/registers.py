@@ -271,6 +271,15 @@ class TestTimeRegisterCompositeConfigMixin:
 
     register_config_key = "vision_config"
 
+    def __setattr__(self, name: str, value) -> None:
+        """Refuse a register setting written here (or given to the constructor): the model reads the sub-config's."""
+        if name in REGISTER_SETTINGS:
+            raise TTRegValueError(
+                f"{type(self).__name__} holds no {name}: the {self.register_config_key} does, which the model reads. "
+                f"Set config.{self.register_config_key}.{name}, or call model.set_register_neurons(...)."
+            )
+        super().__setattr__(name, value)
+
     def __post_init__(self, **kwargs):
         vision = getattr(self, self.register_config_key)
         if vision is not None and not isinstance(vision, dict):  # a dict: the parent builds our class from it

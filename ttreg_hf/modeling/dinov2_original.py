@@ -263,6 +263,7 @@ class DinoVisionTransformerTTReg(nn.Module):
         """Upstream's choice: the last ``n`` blocks for an int, else the listed 0-based blocks, in block order.
 
         Unlike upstream, a negative index counts from the end (-1 is the last block)."""
+
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 

@@ -172,7 +172,8 @@ def create_model_and_transforms(
     settings = pop_register_settings(kwargs)
     check_close_keywords(kwargs, REGISTER_SETTINGS, "create_model_and_transforms")
     config = tower_config(model_name, **settings)
-    saved = repo_index(model_name) if register_neurons is None else None
+    wanted = register_neurons is None and settings.get("num_test_time_registers") != 0  # 0: the edit off, no index
+    saved = repo_index(model_name) if wanted else None
     if saved is not None:  # saved with the weights, as a `transformers` config saves one: the checkpoint's own
         config.update_test_time_registers(saved, **settings)
     checkpoint = checkpoint or (f"{model_name} ({pretrained})" if pretrained else model_name)
