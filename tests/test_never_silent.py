@@ -340,3 +340,21 @@ def test_a_register_setting_on_a_dual_encoders_config_is_refused(tmp_path):
     with pytest.raises(TTRegValueError, match="holds no register_neurons"):
         CLIPTTRegConfig(register_neurons={1: [3]})
     assert model.config.vision_config.num_test_time_registers == 1
+
+
+# item 12: no ratio where none was measured
+
+
+def test_discovery_without_evaluation_images_reports_no_ratio():
+    from ttreg_hf.discovery import find_register_neurons
+    from ttreg_hf.model_card import render_index_card
+    from ttreg_hf.planted import build_planted_model, planted_pixels, textured_images
+
+    model, images = build_planted_model(), planted_pixels(textured_images(16, seed=0, size=224))
+    result = find_register_neurons(model, images, calibration_images=8, batch_size=8, top_k=4, eval_images=0)
+    assert result.found and result.eval_outlier_ratio is None and result.index.details["num_eval_images"] == 0
+    assert "eval_outlier_ratio_before" not in result.index.details
+    assert "% before" not in result.summary() and "not measured" in result.summary()
+    assert "% before" not in render_index_card(result.index, "me/index")
+    measured = find_register_neurons(model, images, calibration_images=8, batch_size=8, top_k=4, eval_images=2)
+    assert "% before" in measured.summary() and "% before" in render_index_card(measured.index, "me/index")

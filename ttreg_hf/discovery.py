@@ -66,7 +66,6 @@ class DiscoveryResult:
                 f"No outliers found in {self.num_images} images: no patch token exceeds the threshold.\n  {norms}\n"
                 "  The model has no high-norm outlier tokens, so it has no register neurons to find; no index written."
             )
-        before, after = self.eval_outlier_ratio
         neurons = "\n".join(
             f"    layer {layer}: {', '.join(map(str, ids))}" for layer, ids in self.index.neurons.items()
         )
@@ -77,8 +76,12 @@ class DiscoveryResult:
             f"in {self.num_images_with_outliers} images\n"
             f"  register neurons (top {self.top_k} of layers 0-{self.highest_layer}):\n{neurons}\n"
             f"  best scores (mean |activation| at outliers): {ranked}\n"
-            f"  outlier ratio on the {self.num_eval_images} evaluation images: {100 * before:.2f} % before, "
-            f"{100 * after:.2f} % with the edit"
+            + (
+                "  outlier ratio: not measured (no evaluation images)"
+                if self.eval_outlier_ratio is None
+                else f"  outlier ratio on the {self.num_eval_images} evaluation images: "
+                f"{100 * self.eval_outlier_ratio[0]:.2f} % before, {100 * self.eval_outlier_ratio[1]:.2f} % with the edit"
+            )
         )
 
 
@@ -480,15 +483,15 @@ def find_register_neurons(
             return left is not None and left <= limit
 
         k = top_k or _smallest_k(enough, len(ranked), _largest_drop([score for *_, score in ranked]))
-        before, after = outliers_before / eval_patches, counter.count(k) / eval_patches
+        # measured on the evaluation images; none (``eval_images=0`` with ``top_k``): no ratio at all, not a zero
+        ratios = (outliers_before / eval_patches, counter.count(k) / eval_patches) if evaluation else None
         details = {
             **facts,
             "top_k": k,
             "top_k_rule": "given" if top_k else f"smallest k leaving <= {remaining_outliers:g} of the outliers",
             "scores": [[layer, neuron, score] for layer, neuron, score in ranked[:k]],
             "num_eval_images": len(evaluation),
-            "eval_outlier_ratio_before": before,
-            "eval_outlier_ratio_after": after,
+            **({} if ratios is None else dict(zip(("eval_outlier_ratio_before", "eval_outlier_ratio_after"), ratios))),
             "seed": seed,
             "weights_fingerprint": weights_fingerprint(model),
             "package_version": _package_version(),
@@ -507,7 +510,7 @@ def find_register_neurons(
             index=index,
             ranked=ranked[: max(k, 8)],
             top_k=k,
-            eval_outlier_ratio=(before, after),
+            eval_outlier_ratio=ratios,
             num_eval_images=len(evaluation),
             **facts,
         )
