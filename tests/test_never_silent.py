@@ -358,3 +358,56 @@ def test_discovery_without_evaluation_images_reports_no_ratio():
     assert "% before" not in render_index_card(result.index, "me/index")
     measured = find_register_neurons(model, images, calibration_images=8, batch_size=8, top_k=4, eval_images=2)
     assert "% before" in measured.summary() and "% before" in render_index_card(measured.index, "me/index")
+
+
+# item 9: the fingerprint names the weights, not the library's parameter names or its pruning
+
+
+def dinov2_s_index(fingerprint: str) -> RegisterNeuronIndex:
+    details = {"weights_fingerprint": fingerprint}
+    return RegisterNeuronIndex({3: [10, 200]}, num_layers=12, mlp_width=1536, checkpoints={}, details=details)
+
+
+def other_weights_warnings(record) -> list:
+    return [w for w in record if "found on other weights" in str(w.message)]
+
+
+def test_timm_dinov2_with_an_index_found_on_our_dinov2_of_the_same_weights_does_not_warn(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from ttreg_hf.index import weights_fingerprint
+    from ttreg_hf.modeling.timm import to_test_time_registers
+
+    from upstream_dinov2 import random_original_state_dict
+
+    original = random_original_state_dict(dim=384, depth=12, patch_size=14, table_side=37)  # ViT-S/14's shapes
+    save_file(original, tmp_path / "vits14.safetensors")
+    ours = load_tt_model("dinov2_vits14", weights=tmp_path / "vits14.safetensors", num_test_time_registers=0)
+    vits = timm.create_model("vit_small_patch14_dinov2", pretrained=False)
+    vits.load_state_dict(checkpoint_filter_fn(original, vits))
+    other = timm.create_model("vit_small_patch14_dinov2", pretrained=False)  # other (random) weights
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        to_test_time_registers(vits, register_neurons=dinov2_s_index(weights_fingerprint(ours)))
+        assert other_weights_warnings(record) == []
+        to_test_time_registers(other, register_neurons=dinov2_s_index(weights_fingerprint(ours)))
+        assert len(other_weights_warnings(record)) == 1
+
+
+def test_a_timm_model_built_with_features_only_matches_its_full_models_fingerprint():
+    from ttreg_hf.index import weights_fingerprint
+    from ttreg_hf.modeling.timm import create_model
+
+    torch.manual_seed(0)
+    full = create_model("vit_small_patch14_dinov2", num_test_time_registers=0)
+    index = dinov2_s_index(weights_fingerprint(full))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        torch.manual_seed(0)
+        create_model("vit_small_patch14_dinov2", register_neurons=index, features_only=True, out_indices=(3,))
+        assert other_weights_warnings(record) == []
+        torch.manual_seed(1)  # other weights
+        create_model("vit_small_patch14_dinov2", register_neurons=index, features_only=True, out_indices=(3,))
+        assert len(other_weights_warnings(record)) == 1

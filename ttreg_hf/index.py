@@ -174,14 +174,25 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def fingerprinted_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The weight `weights_fingerprint` hashes: the patch embedding's, the first `Conv2d`'s (the first `Linear`'s for a
+    tower without one: SigLIP2's NaFlex patches). Every library holds it in the same layout under its own name (timm's
+    ``patch_embed.proj``, `transformers`' ``patch_embeddings.projection``), and heads and pruning (timm's
+    ``features_only``) leave it alone; fine-tuning the backbone changes it."""
+    for kind in (torch.nn.Conv2d, torch.nn.Linear):
+        module = next((module for module in model.modules() if isinstance(module, kind)), None)
+        if module is not None:
+            return module.weight
+    raise TTRegTypeError(f"A {type(model).__name__} has no patch embedding (no Conv2d or Linear) to fingerprint.")
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the weights (names, shapes and a strided sample of values): which checkpoint an index is for."""
-    digest = hashlib.sha256()
-    for name, parameter in model.named_parameters():
-        flat = parameter.detach().flatten()
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
-        digest.update(f"{name}{tuple(parameter.shape)}".encode())
-        digest.update(sample.numpy().tobytes())
+    """A short hash of the checkpoint's patch embedding (`fingerprinted_weight`: its shape and a strided sample of its
+    values): which checkpoint an index is for, whatever the library, the parameter names or the heads."""
+    weight = fingerprinted_weight(model).detach()
+    sample = weight.flatten()[:: max(1, weight.numel() // 4096)].float().cpu()
+    digest = hashlib.sha256(f"{tuple(weight.shape)}".encode())
+    digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -24,7 +24,7 @@ from transformers.utils import ModelOutput
 from ..configs.registers import REGISTER_SETTINGS, pop_register_settings
 from ..errors import TTRegTypeError, TTRegValueError
 from ..family import check_close_keywords, parent_class
-from ..index import RegisterIndexMismatchWarning, RegisterNeuronIndex, weights_fingerprint
+from ..index import RegisterIndexMismatchWarning, RegisterNeuronIndex, fingerprinted_weight, weights_fingerprint
 from .edit import RegisterNeuronEdit
 from .layout import TokenLayout
 
@@ -391,14 +391,14 @@ class KeywordRegisterSettingsMixin(TestTimeRegisterMixin):
 
 
 def warn_if_other_weights(model: torch.nn.Module) -> None:
-    """Warn (`RegisterIndexMismatchWarning`, once per place by Python's default filter) when the attached index records a weights fingerprint that is not
-    ``model``'s. Called by the loaders once the weights are in place: one strided sample of at most 4096 values per
-    parameter, copied to the host once per load (milliseconds for a ViT-L), and only for an index that records a
-    fingerprint. The fingerprint hashes parameter names and float32 values, so a model in another dtype, or on the
-    meta device, is not compared (the same weights in bfloat16 would always differ)."""
+    """Warn (`RegisterIndexMismatchWarning`; Python's default filter shows it once per place) when the attached index
+    records a weights fingerprint that is not ``model``'s. Called by the loaders once the weights are in place: one
+    strided sample of at most 4096 values of the patch embedding (`weights_fingerprint`), copied to the host once per
+    load, and only for an index that records a fingerprint. The fingerprint hashes float32 values, so a model in
+    another dtype, or on the meta device, is not compared (the same weights in bfloat16 would always differ)."""
     fingerprint = (model.config.register_index_provenance or {}).get("weights_fingerprint")
-    parameters = list(model.parameters())
-    if not fingerprint or any(p.device.type == "meta" or p.dtype != torch.float32 for p in parameters):
+    weight = fingerprinted_weight(model)
+    if not fingerprint or weight.device.type == "meta" or weight.dtype != torch.float32:
         return
     own = weights_fingerprint(model)
     if own != fingerprint:
@@ -406,8 +406,8 @@ def warn_if_other_weights(model: torch.nn.Module) -> None:
         warnings.warn(
             f"This register-neuron index was found on other weights ({found_for or 'fingerprint ' + fingerprint}; "
             f"this model's fingerprint is {own}, the index's {fingerprint}): the neurons may "
-            "not be this checkpoint's. The fingerprint hashes parameter names too, so the same weights in another "
-            "model class differ. Find this checkpoint's neurons with `ttreg find-neurons`.",
+            "not be this checkpoint's (the fingerprint hashes the patch embedding, which fine-tuning changes). Find "
+            "this checkpoint's neurons with `ttreg find-neurons`.",
             RegisterIndexMismatchWarning,
             stacklevel=3,
         )
