@@ -1,6 +1,7 @@
 """Never silent, round three (issue #25) and errors by kind (#24.4): each test failed before its fix."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -411,3 +412,35 @@ def test_a_timm_model_built_with_features_only_matches_its_full_models_fingerpri
         torch.manual_seed(1)  # other weights
         create_model("vit_small_patch14_dinov2", register_neurons=index, features_only=True, out_indices=(3,))
         assert len(other_weights_warnings(record)) == 1
+
+
+# item 7: export folders on another file system, and what a killed export leaves
+
+
+def test_an_export_into_a_folder_on_another_file_system_is_copied_in(index_file, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from ttreg_hf.export import export_model
+
+    model = Dinov2TTRegModel(tiny_dinov2_config(register_neurons=index_file))
+    out = tmp_path / "mounted"
+    out.mkdir()
+
+    def no_renames_into_out(rename):
+        def refuse(source, target, *args, **kwargs):
+            if Path(target).parent == out:  # OUT is a mount point: a rename into it crosses devices
+                raise OSError(errno.EXDEV, "Invalid cross-device link", str(source), None, str(target))
+            return rename(source, target, *args, **kwargs)
+
+        return refuse
+
+    monkeypatch.setattr(os, "rename", no_renames_into_out(os.rename))
+    monkeypatch.setattr(os, "replace", no_renames_into_out(os.replace))
+    stale = tmp_path / ".mounted.ttreg-staging-killed"  # what a killed export leaves beside OUT
+    stale.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no preprocessor config: the family default, with a warning
+        export_model(model, index_file, out)
+    assert {"config.json", "model.safetensors", "register_neurons.safetensors"} <= {p.name for p in out.iterdir()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.safetensors", "mounted"]  # no staging folder left
