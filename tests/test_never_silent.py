@@ -444,3 +444,47 @@ def test_an_export_into_a_folder_on_another_file_system_is_copied_in(index_file,
         export_model(model, index_file, out)
     assert {"config.json", "model.safetensors", "register_neurons.safetensors"} <= {p.name for p in out.iterdir()}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.safetensors", "mounted"]  # no staging folder left
+
+
+# item 8: an upgrade that could not be reloaded, or that fails on a bad setting, changes nothing
+
+
+@pytest.mark.parametrize("family", ["ViT", "DeiT"])
+def test_a_masked_image_model_is_refused_up_front(family):
+    import transformers
+
+    from ttreg_hf import to_test_time_registers
+
+    arch = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8)
+    config = getattr(transformers, f"{family}Config")(**arch, image_size=32)
+    model = getattr(transformers, f"{family}ForMaskedImageModeling")(config)
+    tower = getattr(model, family.lower())
+    with pytest.raises(TTRegTypeError, match=f"{family}ForMaskedImageModeling with test-time registers would save"):
+        to_test_time_registers(model, register_neurons={1: [3]})
+    assert getattr(model, family.lower()) is tower and type(model.config) is type(config)
+
+
+def tiny_towers():
+    import open_clip
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ttreg_hf.modeling.open_clip import to_test_time_registers as open_clip_upgrade
+    from ttreg_hf.modeling.timm import to_test_time_registers as timm_upgrade
+
+    timm_vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    open_clip_vit = open_clip.transformer.VisionTransformer(32, 8, 32, 2, 2, 2.0, output_dim=16)
+    return [(timm_upgrade, timm_vit), (open_clip_upgrade, open_clip_vit)]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(num_test_time_registers=-1), dict(register_neurons={5: [1]}), dict(register_scale=[1.0, 2.0])],
+    ids=["count", "index", "scales"],
+)
+def test_an_open_clip_or_timm_upgrade_refused_on_a_setting_leaves_the_model_as_it_was(bad):
+    for upgrade, tower in tiny_towers():
+        modules = [(name, type(module)) for name, module in tower.named_modules()]
+        with pytest.raises(TTRegError):
+            upgrade(tower, **bad)
+        assert [(name, type(module)) for name, module in tower.named_modules()] == modules
+        assert not hasattr(tower, "config")

@@ -103,12 +103,7 @@ class OpenCLIPTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransfo
     def adopt_register_modules(self) -> None:
         """Give the tower its config and the appender around ``patch_dropout``, then adopt at the seams (edit off)."""
         check_mlps(self)
-        blocks = self.transformer.resblocks
-        self.config = TestTimeRegisterConfig(
-            num_hidden_layers=len(blocks),
-            mlp_width=blocks[0].mlp[0].out_features,
-            patch_size=square_patch_size(self.patch_size),
-        )
+        self.config = register_config(self)
         self.patch_dropout = RegisterAppender(self.patch_dropout)  # dropout never drops the registers
         super().adopt_register_modules()
         self.refresh_test_time_registers()
@@ -140,10 +135,22 @@ def to_test_time_registers(model: nn.Module, register_neurons: IndexSpec | None 
             f"Test-time registers need open_clip's VisionTransformer tower (ViT-* models), not {type(visual).__name__}."
         )
     if not isinstance(visual, OpenCLIPTTRegVisionTransformer):
-        check_mlps(visual)  # before the class changes: a refused tower stays as it was
+        check_mlps(visual)  # before the class changes: a refused tower stays as it was, and so
+        register_config(visual).update_test_time_registers(register_neurons, **settings)  # does a refused setting
         adopt(visual, OpenCLIPTTRegVisionTransformer).adopt_register_modules()
     visual.set_register_neurons(register_neurons, **settings)
     return model
+
+
+def register_config(visual: VisionTransformer, **settings) -> TestTimeRegisterConfig:
+    """The register settings of an open_clip `VisionTransformer`: its depth and MLP width bound the index."""
+    blocks = visual.transformer.resblocks
+    return TestTimeRegisterConfig(
+        num_hidden_layers=len(blocks),
+        mlp_width=blocks[0].mlp[0].out_features,
+        patch_size=square_patch_size(visual.patch_size),
+        **settings,
+    )
 
 
 def checkpoint_uses_quick_gelu(model_name: str, pretrained: str | None) -> bool:

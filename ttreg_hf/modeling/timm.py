@@ -212,7 +212,8 @@ def to_test_time_registers(model: nn.Module, register_neurons: IndexSpec | None 
     """
     vit = vision_transformer(model)
     if not isinstance(vit, TimmTTRegVisionTransformer):
-        check_editable_mlps(vit)  # before the class changes: a refused model stays as it was
+        check_editable_mlps(vit)  # before the class changes: a refused model stays as it was, and so
+        register_config(vit).update_test_time_registers(register_neurons, **settings)  # does a refused setting
         adopt(vit, _ours()[type(vit)]).adopt_register_modules()
     vit.set_register_neurons(register_neurons, **settings)
     return model

@@ -211,6 +211,13 @@ def to_test_time_registers(
     """
     path, tower = _vision_tower(vlm)
     whole = tower.config is vlm.config  # a classifier's tower shares its config
+    if whole and type(vlm) not in _our_classes():
+        supported = ", ".join(sorted(cls.__name__ for cls in _our_classes() if cls.config_class is type(tower.config)))
+        raise TTRegTypeError(
+            f"A {type(vlm).__name__} with test-time registers would save a config that no Auto class reloads as it "
+            f"(ttreg_hf has no test-time-register class of it). Of the models on a {type(tower).__name__}, these have "
+            f"one: {supported}; or use the tower alone."
+        )
     slots = [(owner, key) for owner, key in _sub_configs(vlm.config) if getattr(owner, key) is tower.config]
     if not slots and not whole:
         raise TTRegValueError(
