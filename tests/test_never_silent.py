@@ -488,3 +488,17 @@ def test_an_open_clip_or_timm_upgrade_refused_on_a_setting_leaves_the_model_as_i
             upgrade(tower, **bad)
         assert [(name, type(module)) for name, module in tower.named_modules()] == modules
         assert not hasattr(tower, "config")
+
+
+def test_an_unreadable_image_and_a_figure_format_matplotlib_lacks_are_user_errors(tmp_path, monkeypatch, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not a png")
+    with monkeypatch.context() as patch:
+        patch.setattr("ttreg_hf.cli.load_model", no_loading)
+        status, err = cli(["inspect", "planted", str(image), "--out", str(tmp_path / "report.txt")], capsys)
+    assert status == 2 and "--out" in err and ".png" in err and len(err.splitlines()) == 1
+    status, err = cli(["inspect", "planted", str(image), "--out", str(tmp_path / "report.png")], capsys)
+    assert status == 2 and "Cannot read the image" in err and len(err.splitlines()) == 1

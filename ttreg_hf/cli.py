@@ -344,6 +344,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from .images import open_rgb
 
     out = check_output(args.out, args.overwrite)
+    _check_figure_format(out)
     if not Path(args.image).is_file():
         raise CommandError(f"No image at {args.image}; check the path.")
     model, preprocessor = load_model(
@@ -353,6 +354,20 @@ def _inspect(args: argparse.Namespace) -> int:
         image = open_rgb(args.image)
     _report(model, preprocessor, image, out, title=f"{args.model}: {Path(args.image).name}")
     return EXIT_OK
+
+
+def _check_figure_format(path: Path) -> None:
+    """Refuse a figure name whose suffix matplotlib cannot write, before any model is loaded."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return  # the report says what to install
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().removeprefix(".") not in formats:
+        raise CommandError(
+            f"--out {path}: a figure is written as one of {', '.join('.' + name for name in sorted(formats))}; name it "
+            "with one of those suffixes."
+        )
 
 
 def _index_argument(args: argparse.Namespace):

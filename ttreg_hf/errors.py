@@ -12,3 +12,7 @@ class TTRegValueError(TTRegError, ValueError):
 
 class TTRegTypeError(TTRegError, TypeError):
     """An argument of the wrong type or name, e.g. an unknown keyword (a `TypeError`, as Python raises for those)."""
+
+
+class MissingDependencyError(TTRegError, ImportError):
+    """An optional dependency the call needs is not installed; the message names what to install."""

@@ -189,8 +189,8 @@ def _to_rgb(image: "Image.Image") -> "Image.Image":
     return image.convert("RGB")
 
 
-def _unreadable(path: str | Path, error: Exception) -> ValueError:
-    return ValueError(f"Cannot read the image {path} ({error}); remove it or convert it to PNG or JPEG.")
+def _unreadable(path: str | Path, error: Exception) -> TTRegValueError:
+    return TTRegValueError(f"Cannot read the image {path} ({error}); remove it or convert it to PNG or JPEG.")
 
 
 def _open(path: str | Path) -> "Image.Image":
