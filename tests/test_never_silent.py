@@ -249,9 +249,16 @@ def test_load_vlm_gives_config_keywords_to_the_config_as_the_parent_does(llava_f
 
     from ttreg_hf import load_vlm
 
-    settings = dict(vision_feature_select_strategy="full", image_seq_length=5, dtype=torch.bfloat16)
+    settings = dict(
+        vision_feature_select_strategy="full",
+        image_seq_length=5,
+        text_config={"rms_norm_eps": 1e-3},
+        dtype=torch.bfloat16,
+    )
     parent = LlavaForConditionalGeneration.from_pretrained(llava_folder, **settings)
     ours = load_vlm(llava_folder, num_test_time_registers=0, **settings)
+    assert ours.config.text_config.rms_norm_eps == parent.config.text_config.rms_norm_eps == 1e-3
+    assert type(ours.config.text_config) is type(parent.config.text_config)
     assert ours.config.vision_feature_select_strategy == parent.config.vision_feature_select_strategy == "full"
     assert ours.config.image_seq_length == parent.config.image_seq_length == 5
     assert ours.dtype == parent.dtype == torch.bfloat16

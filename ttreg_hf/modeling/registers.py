@@ -476,13 +476,7 @@ class TestTimeRegisterLoadingMixin:
             hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
             config = config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
         for key, value in sorted(overrides.items(), key=lambda item: item[0] in settings):  # a new sub-config first
-            target = config.register_config if key in settings else config
-            current = getattr(target, key, None)
-            if isinstance(value, Mapping) and isinstance(current, PreTrainedConfig):  # as the parent's `from_dict`
-                value = type(current)(**{**current.to_dict(), **value})
-            elif key == getattr(config, "register_config_key", None):
-                value = config.as_register_config(value)  # one of the parent's vision configs, converted
-            setattr(target, key, value)
+            set_config_keyword(config.register_config if key in settings else config, key, value)
         config.register_config.attach_register_neurons(
             register_neurons,
             checkpoint=str(pretrained_model_name_or_path),
@@ -529,6 +523,18 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterLoadingMixin, TestTimeRegi
             for edit in self.modules():
                 if isinstance(edit, RegisterNeuronEdit):
                     edit.reset_buffers()
+
+
+def set_config_keyword(config: PreTrainedConfig, key: str, value) -> None:
+    """``config.key = value`` as the parent's `from_pretrained` applies a keyword argument that names a config
+    attribute: a dict given for a sub-config updates it (its class kept); one of the parent's vision configs given for
+    a composite config's register sub-config is converted to ours."""
+    current = getattr(config, key, None)
+    if isinstance(value, Mapping) and isinstance(current, PreTrainedConfig):
+        value = type(current)(**{**current.to_dict(), **value})
+    elif key == getattr(config, "register_config_key", None):
+        value = config.as_register_config(value)
+    setattr(config, key, value)
 
 
 def register_settings(config_class: type) -> set[str]:

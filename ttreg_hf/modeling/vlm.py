@@ -26,6 +26,7 @@ from .registers import (
     TestTimeRegisterLoadingMixin,
     build_sharing_weights,
     register_settings,
+    set_config_keyword,
 )
 
 
@@ -265,9 +266,8 @@ def load_vlm(
     if config is None:  # as in the parent: keyword arguments that name config attributes go to the config
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
         config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        config.update(
-            {key: kwargs.pop(key) for key in list(kwargs) if key not in MODEL_KEYWORDS and hasattr(config, key)}
-        )
+        for key in [key for key in kwargs if key not in MODEL_KEYWORDS and hasattr(config, key)]:
+            set_config_keyword(config, key, kwargs.pop(key))
     config = with_test_time_register_tower(config, **settings)
     getattr(*_tower_config_slot(config)).attach_register_neurons(
         register_neurons,
