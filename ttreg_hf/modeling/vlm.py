@@ -212,7 +212,7 @@ def to_test_time_registers(
     """
     path, tower = _vision_tower(vlm)
     whole = tower.config is vlm.config  # a classifier's tower shares its config
-    if whole and type(vlm) not in _our_classes():
+    if whole and isinstance(vlm, PreTrainedModel) and type(vlm) not in _our_classes():  # (a wrapper: its model's)
         supported = ", ".join(sorted(cls.__name__ for cls in _our_classes() if cls.config_class is type(tower.config)))
         raise TTRegTypeError(
             f"A {type(vlm).__name__} with test-time registers would save a config that no Auto class reloads as it "
