@@ -2,23 +2,25 @@
 
 A thin entry point outside the package: importing `ttreg_hf` imports torch, `transformers` and every family, so this
 module imports it only inside the commands. Building the parser imports none of them (``ttreg --help`` is instant).
-A subcommand is one function that adds its parser and sets ``run``; decorate it with `subcommand` to add it. Numbers are checked while parsing, output paths before any model is loaded.
+A subcommand is one function that adds its parser and sets ``run``; decorate it with `subcommand` to add it.
+Numbers are checked while parsing, output paths before any model is loaded.
 
-A user's mistake is one line on stderr, never a traceback. The rule: the package reports bad input as `ValueError`
-(with its subclasses `RegisterNeuronIndexError`, `ExportError`) or, for a config value of the wrong type or name,
-huggingface_hub's `StrictDataclassError`; files and downloads fail with `OSError`, a missing optional dependency
-with `ImportError`, and this module's own checks with `CommandError`; `main` prints exactly those (`USER_ERRORS`)
-as ``ttreg: error: ...``. Anything else is a bug and keeps its traceback; ``--debug`` re-raises
-user errors too.
+A user's mistake is one line on stderr, never a traceback. The rule: the package refuses bad input with a
+`TTRegError` (`RegisterNeuronIndexError`, `ExportError`, ...; this module raises its own `CommandError`); where a command
+opens a path or a checkpoint the user named, it turns the file errors there (`OSError`: missing, unreadable, a
+download that failed; a ``config.json`` that `transformers` refuses) into a `CommandError` (`user_path`). `main`
+prints exactly those as ``ttreg: error: ...`` (exit 2). Anything else is a bug and keeps its traceback (exit 1);
+``--debug`` re-raises user errors too.
 """
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -41,10 +43,18 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 class CommandError(Exception):
-    """A mistake in the command line found by the CLI itself (an existing output file, an unknown MODEL folder)."""
+    """A mistake in the command line found by the CLI itself (an existing output file, an unknown MODEL folder),
+    reported as the package's `TTRegError`s are (not one of them: this module does not import the package)."""
 
 
-USER_ERRORS = (CommandError, ValueError, StrictDataclassError, OSError, ImportError)
+@contextlib.contextmanager
+def user_path() -> Iterator[None]:
+    """Around the place a command opens a path or checkpoint the user named: a file error there (missing,
+    unreadable, a download that failed, a ``config.json`` whose values `transformers` refuses) is the user's."""
+    try:
+        yield
+    except (OSError, StrictDataclassError) as error:
+        raise CommandError(_one_line(error)) from error
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -116,6 +126,7 @@ def load_model(spec: str, device: str, weights: str | None = None, image_size: i
     """
     from ttreg_hf.registry import checkpoints, family_of
 
+    _check_weights(spec, weights)
     if spec == PLANTED:
         from ttreg_hf.planted import IMAGE_SIZE, build_planted_model, planted_preprocessor
 
@@ -126,7 +137,8 @@ def load_model(spec: str, device: str, weights: str | None = None, image_size: i
         return model.to(device).eval(), planted_preprocessor(image_size or IMAGE_SIZE)
     if Path(spec).is_dir():
         family = _family_of_folder(Path(spec))
-        model = _with_index_hint(family.model_class.from_pretrained, spec, **settings)
+        with user_path():
+            model = _with_index_hint(family.model_class.from_pretrained, spec, **settings)
         return model.to(device).eval(), family.preprocessor(model, spec, image_size)
     known = checkpoints()
     if spec not in known:
@@ -135,15 +147,30 @@ def load_model(spec: str, device: str, weights: str | None = None, image_size: i
         )
     from ttreg_hf.hub import load_tt_model
 
-    try:
-        model = _with_index_hint(load_tt_model, spec, weights=weights, **settings)
-    except OSError as error:
-        if weights is not None:
-            raise
-        raise CommandError(
-            f"Could not fetch the weights of {spec!r} ({_one_line(error)}); pass a local checkpoint with --weights FILE."
-        ) from error
+    if weights is not None:
+        with user_path():
+            model = _with_index_hint(load_tt_model, spec, weights=weights, **settings)
+    else:
+        try:
+            model = _with_index_hint(load_tt_model, spec, **settings)
+        except (OSError, StrictDataclassError) as error:
+            raise CommandError(
+                f"Could not fetch the weights of {spec!r} ({_one_line(error)}); pass a local checkpoint with "
+                "--weights FILE."
+            ) from error
     return model.to(device).eval(), family_of(model).preprocessor(model, known[spec].image_processor, image_size)
+
+
+def _check_weights(spec: str, weights: str | None) -> None:
+    """Refuse ``--weights`` where it would be ignored (MODEL is a folder, which holds its own weights, or the planted
+    model) or names nothing."""
+    if weights is None:
+        return
+    if spec == PLANTED or Path(spec).is_dir():
+        what = "the planted model, built here" if spec == PLANTED else "a folder, which holds its own weights"
+        raise CommandError(f"--weights is for a model name, and MODEL {spec!r} is {what}: drop --weights.")
+    if not Path(weights).exists():
+        raise CommandError(f"No checkpoint at --weights {weights}: give a local file or folder.")
 
 
 def _with_index_hint(load, *args, **kwargs):
@@ -196,9 +223,19 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _device(args: argparse.Namespace) -> str:
+    """``--device``, checked before any model is loaded (default: cuda if available, else cpu)."""
     import torch
 
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)  # an unknown index, or a type this machine has no device or build of, fails here
+    except (RuntimeError, AssertionError, NotImplementedError) as error:  # torch's "not compiled with X" asserts
+        raise CommandError(f"--device {args.device}: {_one_line(error)}") from None
+    if device.type == "meta":
+        raise CommandError("--device meta holds no data, so no model runs there: name a cpu or an accelerator.")
+    return args.device
 
 
 @subcommand
@@ -255,9 +292,11 @@ def _find_neurons(args: argparse.Namespace) -> int:
     model, preprocessor = load_model(
         args.model, _device(args), args.weights, args.image_size, num_test_time_registers=0
     )
+    with user_path():
+        images = ImageFolder(args.image_dir, preprocessor)
     result = find_register_neurons(
         model,
-        ImageFolder(args.image_dir, preprocessor),
+        images,
         threshold=args.threshold,
         detection_layer=args.detection_layer,
         highest_layer=args.highest_layer,
@@ -272,7 +311,8 @@ def _find_neurons(args: argparse.Namespace) -> int:
     if is_main_process():
         print(result.summary())
         if result.found:
-            print(f"Wrote {result.index.save(out)}")
+            with user_path():
+                print(f"Wrote {result.index.save(out)}")
             if args.push_to_hub:
                 _push_index(result.index, args.push_to_hub)
     return EXIT_OK if result.found else EXIT_NO_OUTLIERS
@@ -304,13 +344,30 @@ def _inspect(args: argparse.Namespace) -> int:
     from ttreg_hf.images import open_rgb
 
     out = check_output(args.out, args.overwrite)
+    _check_figure_format(out)
     if not Path(args.image).is_file():
         raise CommandError(f"No image at {args.image}; check the path.")
     model, preprocessor = load_model(
         args.model, _device(args), args.weights, args.image_size, register_neurons=_index_argument(args)
     )
-    _report(model, preprocessor, open_rgb(args.image), out, title=f"{args.model}: {Path(args.image).name}")
+    with user_path():
+        image = open_rgb(args.image)
+    _report(model, preprocessor, image, out, title=f"{args.model}: {Path(args.image).name}")
     return EXIT_OK
+
+
+def _check_figure_format(path: Path) -> None:
+    """Refuse a figure name whose suffix matplotlib cannot write, before any model is loaded."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return  # the report says what to install
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().removeprefix(".") not in formats:
+        raise CommandError(
+            f"--out {path}: a figure is written as one of {', '.join('.' + name for name in sorted(formats))}; name it "
+            "with one of those suffixes."
+        )
 
 
 def _index_argument(args: argparse.Namespace):
@@ -329,7 +386,8 @@ def _report(model, preprocessor, image, out: Path, title: str) -> None:
     inputs = preprocessor([image])
     inspections = inspect_image(model, inputs)
     print("\n".join(inspection.describe() for inspection in inspections))
-    print(f"Wrote {save_report(preprocessor.to_images(inputs)[0], inspections, out, title)}")
+    with user_path():
+        print(f"Wrote {save_report(preprocessor.to_images(inputs)[0], inspections, out, title)}")
 
 
 @subcommand
@@ -383,21 +441,24 @@ def _run_demo(args: argparse.Namespace) -> int:
     settings = {"num_test_time_registers": 0} if discover else {"register_neurons": args.index}
     model, preprocessor = load_model(args.model, _device(args), args.weights, args.image_size, **settings)
     if args.image:
-        image = open_rgb(args.image)
+        with user_path():
+            image = open_rgb(args.image)
     else:
         generated = textured_images(1, seed=2024, size=args.image_size or 224)[0]
         image = Image.fromarray((generated.permute(1, 2, 0) * 255).round().byte().numpy())
     if discover:
-        images = (
-            ImageFolder(args.images, preprocessor)
-            if args.images  # the planted model's own generated images, with its hand-written statistics
-            else planted_pixels(textured_images(args.num_images, seed=0, size=args.image_size or 224))
-        )
+        with user_path():
+            images = (
+                ImageFolder(args.images, preprocessor)
+                if args.images  # the planted model's own generated images, with its hand-written statistics
+                else planted_pixels(textured_images(args.num_images, seed=0, size=args.image_size or 224))
+            )
         result = find_register_neurons(model, images, checkpoint=args.model)
         print(result.summary())
         if not result.found:
             return EXIT_NO_OUTLIERS
-        print(f"Wrote {result.index.save(index_file)}")
+        with user_path():
+            print(f"Wrote {result.index.save(index_file)}")
         if args.model == PLANTED:
             print(_planted_recovery(result.index.neurons, planted_index()))
         model.set_register_neurons(result.index, num_test_time_registers=1)
@@ -457,9 +518,9 @@ def _export(args: argparse.Namespace) -> int:
         out = export_model(
             args.model, args.index, args.out, license=args.license, repo_id=args.repo_id, overwrite=args.overwrite
         )
-    except OSError as error:
+    except (OSError, StrictDataclassError) as error:  # opening MODEL, or writing OUT
         if Path(args.model).exists():
-            raise
+            raise CommandError(_one_line(error)) from error
         raise CommandError(
             f"Could not fetch {args.model!r} ({_one_line(error)}); pass a local checkpoint folder as MODEL."
         ) from error
@@ -468,20 +529,26 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _export_open_clip(args: argparse.Namespace) -> int:
-    from ttreg_hf.export_open_clip import export_open_clip
+    try:
+        from ttreg_hf.export_open_clip import export_open_clip
+    except ModuleNotFoundError as error:
+        if error.name != "open_clip":
+            raise
+        raise CommandError(f"{OPEN_CLIP_PREFIX}NAME needs open_clip: pip install open_clip_torch.") from error
 
     name = args.model.removeprefix(OPEN_CLIP_PREFIX)
     if not name:
         raise CommandError(f"No model after {OPEN_CLIP_PREFIX!r}: e.g. {OPEN_CLIP_PREFIX}ViT-B-16 --pretrained openai.")
-    out = export_open_clip(
-        name,
-        args.index,
-        args.out,
-        pretrained=args.pretrained,
-        license=args.license,
-        repo_id=args.repo_id,
-        overwrite=args.overwrite,
-    )
+    with user_path():  # opening the model and its --pretrained file, writing OUT
+        out = export_open_clip(
+            name,
+            args.index,
+            args.out,
+            pretrained=args.pretrained,
+            license=args.license,
+            repo_id=args.repo_id,
+            overwrite=args.overwrite,
+        )
     print(f"Wrote {out}")
     return EXIT_OK
 
@@ -622,7 +689,8 @@ def _push_index_command(args: argparse.Namespace) -> int:
 
 
 def _push_index(index, repo_id: str, revision: str | None = None, private: bool | None = None, message=None) -> None:
-    commit = index.push_to_hub(repo_id, revision=revision, private=private, commit_message=message)
+    with user_path():  # the Hub's refusals (HfHubHTTPError is an OSError): not logged in, no access, offline
+        commit = index.push_to_hub(repo_id, revision=revision, private=private, commit_message=message)
     print(f"Pushed the index to {repo_id}{f' (revision {revision})' if revision else ''}: {commit.commit_url}")
 
 
@@ -644,6 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``ttreg``; returns the exit status (see `EXIT_CODES`)."""
     args = build_parser().parse_args(argv)
+    from ttreg_hf.errors import TTRegError
+
     try:
         from ttreg_hf.analysis.distributed import init_from_environment
 
@@ -651,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return args.run(args)
-    except USER_ERRORS as error:
+    except (CommandError, TTRegError) as error:
         if args.debug:
             raise
         print(f"ttreg: error: {_one_line(error)}", file=sys.stderr)

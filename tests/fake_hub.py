@@ -19,8 +19,6 @@ import pytest
 import transformers.utils.hub
 from huggingface_hub import constants, hf_api
 
-from ttreg_hf.modeling.edit import warn_once
-
 TOKEN = "hf_fake_token_for_tests"
 MAX_BODY = 4 * 2**20
 REQUEST_TIMEOUT_S = 10
@@ -216,5 +214,4 @@ def hub(monkeypatch, tmp_path):
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-        warn_once.cache_clear()
         yield fake

@@ -11,7 +11,7 @@ import pytest
 import torch
 from family_models import LAYER, NEURONS, SIZE, planted, tiny_images
 
-from ttreg_cli import load_model, main
+from ttreg_cli import CommandError, load_model, main
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronIndex
 from ttreg_hf.discovery import find_register_neurons, weights_fingerprint
 from ttreg_hf.planted import build_planted_model, planted_index
@@ -240,8 +240,9 @@ def test_outputs_are_checked_before_the_model_is_loaded(image_dir, tmp_path, mon
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CommandError, match="does not exist") as error:
         main(["--debug", "find-neurons", "planted", str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors")])
+    assert isinstance(error.value.__cause__, FileNotFoundError)  # the file error, chained into the traceback
 
 
 def run_python(code: str, **kwargs) -> subprocess.CompletedProcess:

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoModel, CLIPConfig, CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from ttreg_hf import (
@@ -153,7 +152,7 @@ def test_missing_index_is_a_clear_error(checkpoint):
 @pytest.mark.parametrize("neurons, problem", [({3: [1]}, "has 3 layers"), ({1: [64]}, "MLP has 64 neurons")])
 def test_index_for_another_shape_is_a_clear_error(checkpoint, neurons, problem):
     model = CLIPVisionTTRegModel.from_pretrained(checkpoint, num_test_time_registers=0)
-    with pytest.raises(StrictDataclassClassValidationError, match=problem):
+    with pytest.raises(RegisterNeuronIndexError, match=problem):
         model.set_register_neurons(neurons)
 
 

@@ -15,19 +15,10 @@ from ttreg_hf import (
 )
 from ttreg_hf.analysis.interventions import with_register_neurons
 from ttreg_hf.index import find_shipped_index, weights_fingerprint
-from ttreg_hf.modeling.edit import warn_once
 
 from support import tiny_dinov2_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::ttreg_hf.modeling.registers.RegisterEditOffWarning")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_warnings():
-    """`warn_once` remembers messages for the whole process: every test starts afresh."""
-    warn_once.cache_clear()
-    yield
-    warn_once.cache_clear()
 
 
 def index_for_tiny(**changes) -> RegisterNeuronIndex:
@@ -43,7 +34,7 @@ def mismatch_warnings(record) -> list[str]:
 def test_another_checkpoint_id_warns_once_with_both():
     config = tiny_dinov2_config(register_neurons=None)
     with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
+        warnings.simplefilter("default")
         config.attach_register_neurons(index_for_tiny(), checkpoint="me/tiny")  # its own: quiet
         config.attach_register_neurons(index_for_tiny(checkpoints={}), checkpoint="me/other")  # records none: quiet
         assert mismatch_warnings(record) == []
@@ -83,7 +74,7 @@ def test_an_image_far_from_the_index_size_warns_once_with_both(found_at, runs_at
     model = Dinov2TTRegModel(tiny_dinov2_config(register_neurons=None, image_size=56)).eval()
     model.set_register_neurons(index_for_tiny(image_size=found_at))
     with warnings.catch_warnings(record=True) as record, torch.no_grad():
-        warnings.simplefilter("always")
+        warnings.simplefilter("default")
         for _ in range(3):
             model(torch.randn(2, 3, runs_at, runs_at))
     messages = mismatch_warnings(record)
@@ -113,7 +104,7 @@ def test_open_clip_and_timm_towers_check_the_image_size_too(family, found_at, wa
     tower.set_register_neurons(index_for_tiny(image_size=found_at))
     assert tower.config.patch_size == 8
     with warnings.catch_warnings(record=True) as record, torch.no_grad():
-        warnings.simplefilter("always")
+        warnings.simplefilter("default")
         tower.eval()(torch.randn(1, 3, 32, 32))
     messages = mismatch_warnings(record)
     assert len(messages) == warns
@@ -127,7 +118,7 @@ def test_the_size_check_is_not_traced_under_compile():
     model.set_register_neurons(index_for_tiny(image_size=560))  # 10x the input: eager would warn
     compiled = torch.compile(model, backend="eager", fullgraph=True)  # a warning inside would break the graph
     with warnings.catch_warnings(record=True) as record, torch.no_grad():
-        warnings.simplefilter("always")
+        warnings.simplefilter("default")
         compiled(torch.randn(1, 3, 56, 56))
     assert mismatch_warnings(record) == []
 
@@ -166,14 +157,12 @@ def test_other_weights_warn_once_where_they_are_loaded(tmp_path):
     own = index_for_tiny(details={"weights_fingerprint": weights_fingerprint(model)})
     other = index_for_tiny(details={"weights_fingerprint": "0123456789abcdef"})
     with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
+        warnings.simplefilter("default")  # Python's own: once per message and place, no state of ours
         model.set_register_neurons(own)
         assert mismatch_warnings(record) == []
-        model.set_register_neurons(other)
-        model.set_register_neurons(other)
+        for _ in range(2):
+            model.set_register_neurons(other)  # the same message from the same place: once
         model.save_pretrained(tmp_path / "saved")
-        Dinov2TTRegModel.from_pretrained(tmp_path / "saved")  # the same message: not again
-        warn_once.cache_clear()
         Dinov2TTRegModel.from_pretrained(tmp_path / "saved")  # from_pretrained checks once the weights are in
         model.to(torch.bfloat16).set_register_neurons(other)  # another dtype cannot be compared: not checked
     messages = mismatch_warnings(record)

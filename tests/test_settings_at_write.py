@@ -145,7 +145,7 @@ def test_composite_models_and_backbones_follow_the_same_rule():
     assert tower.config is model.config.vision_config
     model.config.vision_config.register_neurons = {LAYER: list(NEURONS)}
     assert edit_state(tower)[LAYER][0] == NEURONS and tower.token_layout.num_registers == 1
-    with pytest.raises(AttributeError, match="holds no register settings: its vision_config does"):
+    with pytest.raises(ValueError, match="holds no num_test_time_registers: the vision_config does"):
         model.config.num_test_time_registers = 0
     assert tower.token_layout.num_registers == 1
     backbone = Dinov2TTRegBackbone(tiny_dinov2_config(out_indices=[1, 2]))

@@ -19,6 +19,7 @@ from .analysis.capture import capture
 from .analysis.distributed import all_reduce, is_main_process, rank_and_world_size
 from .analysis.interventions import with_register_neurons
 from .analysis.metrics import MAD_FACTOR, MIN_NORM_RATIO, NormHistogram, patch_mask, patch_norms
+from .errors import TTRegValueError
 from .index import RegisterNeuronIndex, weights_fingerprint
 from .modeling.registers import TestTimeRegisterMixin, check_pixel_values
 
@@ -65,7 +66,6 @@ class DiscoveryResult:
                 f"No outliers found in {self.num_images} images: no patch token exceeds the threshold.\n  {norms}\n"
                 "  The model has no high-norm outlier tokens, so it has no register neurons to find; no index written."
             )
-        before, after = self.eval_outlier_ratio
         neurons = "\n".join(
             f"    layer {layer}: {', '.join(map(str, ids))}" for layer, ids in self.index.neurons.items()
         )
@@ -76,8 +76,12 @@ class DiscoveryResult:
             f"in {self.num_images_with_outliers} images\n"
             f"  register neurons (top {self.top_k} of layers 0-{self.highest_layer}):\n{neurons}\n"
             f"  best scores (mean |activation| at outliers): {ranked}\n"
-            f"  outlier ratio on the {self.num_eval_images} evaluation images: {100 * before:.2f} % before, "
-            f"{100 * after:.2f} % with the edit"
+            + (
+                "  outlier ratio: not measured (no evaluation images)"
+                if self.eval_outlier_ratio is None
+                else f"  outlier ratio on the {self.num_eval_images} evaluation images: "
+                f"{100 * self.eval_outlier_ratio[0]:.2f} % before, {100 * self.eval_outlier_ratio[1]:.2f} % with the edit"
+            )
         )
 
 
@@ -109,7 +113,7 @@ def _batches(
 def _stack(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     shapes = {tuple(tensor.shape) for tensor in tensors}
     if len(shapes) > 1:
-        raise ValueError(
+        raise TTRegValueError(
             f"The images' {name} have different shapes {sorted(shapes)} and cannot share a batch: pad them to one "
             "shape (SigLIP2's image processor does, with a pixel_attention_mask), or pass batch_size=1."
         )
@@ -342,7 +346,7 @@ def _neurons_of(ranked: list[tuple[int, int, float]]) -> dict[int, list[int]]:
 
 def _layer(name: str, layer: int, num_layers: int) -> int:
     if not -num_layers <= layer < num_layers:
-        raise ValueError(
+        raise TTRegValueError(
             f"{name}={layer} is out of range: the model has {num_layers} layers (0 to {num_layers - 1}, or "
             f"-{num_layers} to -1 from the end)."
         )
@@ -358,22 +362,22 @@ def default_eval_images(num_images: int) -> int:
 def _check_settings(settings: dict, images: Images, num_neurons: int) -> None:
     """Refuse settings discovery cannot use, in one line naming the argument."""
     if not len(images):
-        raise ValueError("No images: discovery needs at least one.")
+        raise TTRegValueError("No images: discovery needs at least one.")
     for name in ("batch_size", "calibration_images", "max_top_k", "num_images", "top_k"):
         value = settings[name]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            raise TTRegValueError(f"{name} must be a positive integer, got {value!r}.")
     eval_images, least = settings["eval_images"], 0 if settings["top_k"] else 1
     if eval_images is not None and (not isinstance(eval_images, int) or eval_images < least):
         why = "" if least == 0 else " (the automatic top_k is chosen on them)"
-        raise ValueError(f"eval_images must be an integer of at least {least}{why}, got {eval_images!r}.")
+        raise TTRegValueError(f"eval_images must be an integer of at least {least}{why}, got {eval_images!r}.")
     if settings["top_k"] is not None and settings["top_k"] > num_neurons:
-        raise ValueError(f"top_k={settings['top_k']} is more than the {num_neurons} neurons searched.")
+        raise TTRegValueError(f"top_k={settings['top_k']} is more than the {num_neurons} neurons searched.")
     if not 0 <= settings["remaining_outliers"] < 1:
-        raise ValueError(f"remaining_outliers must be in [0, 1), got {settings['remaining_outliers']!r}.")
+        raise TTRegValueError(f"remaining_outliers must be in [0, 1), got {settings['remaining_outliers']!r}.")
     threshold = settings["threshold"]
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
-        raise ValueError(f"threshold must be a positive number, got {threshold!r}.")
+        raise TTRegValueError(f"threshold must be a positive number, got {threshold!r}.")
 
 
 def find_register_neurons(
@@ -479,15 +483,15 @@ def find_register_neurons(
             return left is not None and left <= limit
 
         k = top_k or _smallest_k(enough, len(ranked), _largest_drop([score for *_, score in ranked]))
-        before, after = outliers_before / eval_patches, counter.count(k) / eval_patches
+        # measured on the evaluation images; none (``eval_images=0`` with ``top_k``): no ratio at all, not a zero
+        ratios = (outliers_before / eval_patches, counter.count(k) / eval_patches) if evaluation else None
         details = {
             **facts,
             "top_k": k,
             "top_k_rule": "given" if top_k else f"smallest k leaving <= {remaining_outliers:g} of the outliers",
             "scores": [[layer, neuron, score] for layer, neuron, score in ranked[:k]],
             "num_eval_images": len(evaluation),
-            "eval_outlier_ratio_before": before,
-            "eval_outlier_ratio_after": after,
+            **({} if ratios is None else dict(zip(("eval_outlier_ratio_before", "eval_outlier_ratio_after"), ratios))),
             "seed": seed,
             "weights_fingerprint": weights_fingerprint(model),
             "package_version": _package_version(),
@@ -506,7 +510,7 @@ def find_register_neurons(
             index=index,
             ranked=ranked[: max(k, 8)],
             top_k=k,
-            eval_outlier_ratio=(before, after),
+            eval_outlier_ratio=ratios,
             num_eval_images=len(evaluation),
             **facts,
         )

@@ -7,8 +7,9 @@ without one gets, come from its declaration (`ttreg_hf.family`). Everything is w
 """
 
 import copy
+import glob
 import json
-import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import cached_file
 
+from .errors import TTRegValueError
 from .images import PREPROCESSOR_FILE
 from .index import (
     INDEX_FILENAME,
@@ -44,7 +46,10 @@ EXPORTED_FILES = frozenset(
 )
 
 
-class ExportError(ValueError):
+STAGING_MARK = ".ttreg-staging-"  # in the name of the hidden folder an export is written into before it moves
+
+
+class ExportError(TTRegValueError):
     """A model or index that cannot be exported."""
 
 
@@ -85,14 +90,19 @@ def export_model(
 
 
 def write_staged(out: Path, write: Callable[[Path], None]) -> Path:
-    """``write(staging)`` into a new folder beside ``out``, then everything it wrote moved into ``out``: an export
-    that fails while writing leaves ``out`` as it was. Returns ``out``."""
+    """``write(staging)`` into a new hidden folder beside ``out`` (``.OUT.ttreg-staging-*``), then everything it wrote
+    moved into ``out``: an export that fails while writing leaves ``out`` as it was. A move is a rename, or a copy
+    where ``out`` is on another file system (a mount point, a symlink to another disk). A staging folder that a killed
+    export left beside ``out`` is removed first. Returns ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:
+    prefix = f".{out.name}{STAGING_MARK}"
+    for stale in out.parent.glob(f"{glob.escape(prefix)}*"):
+        shutil.rmtree(stale)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=prefix) as staging:
         write(Path(staging))
         out.mkdir(exist_ok=True)
         for path in sorted(Path(staging).iterdir()):
-            os.replace(path, out / path.name)
+            shutil.move(path, out / path.name)  # `os.rename`, else (across devices) a copy
     return out
 
 

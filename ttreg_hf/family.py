@@ -7,14 +7,18 @@ package (the CLI's folder loading, export, the analysis tools, planting, the tor
 declarations by `ttreg_hf.registry`. This module is the core the families build on: it imports no family.
 """
 
+import contextlib
 import dataclasses
 import difflib
-from collections.abc import Callable, Collection, Iterable, Mapping
+import inspect
+import re
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
 from torch import nn
 
+from .errors import TTRegError, TTRegTypeError
 from .images import Preprocessor, transformers_preprocessing
 
 
@@ -174,7 +178,7 @@ def _load_transformers(
     config.attach_register_neurons(
         register_neurons, checkpoint=name, register_semantics=settings.get("register_semantics")
     )
-    return model_class(config, **model_kwargs)
+    return model_class._from_config(config, **model_kwargs)  # built in ``config.dtype``, as `from_config` builds
 
 
 LOADER_ARGUMENTS = ("pretrained", "weights", "register_neurons")  # what every checkpoint loader takes besides settings
@@ -186,7 +190,7 @@ def check_keywords(given: Iterable[str], valid: Collection[str], callee: str) ->
         if name not in valid:
             close = difflib.get_close_matches(name, sorted(valid), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid ones: {', '.join(sorted(valid))}."
-            raise TypeError(f"{callee}() got an unexpected keyword argument {name!r}{hint}")
+            raise TTRegTypeError(f"{callee}() got an unexpected keyword argument {name!r}{hint}")
 
 
 def check_close_keywords(given: Mapping | Iterable[str], known: Collection[str], callee: str) -> None:
@@ -195,4 +199,28 @@ def check_close_keywords(given: Mapping | Iterable[str], known: Collection[str],
     for name in given:
         close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.85)
         if name not in known and close:
-            raise TypeError(f"{callee}() got an unexpected keyword argument {name!r}; did you mean {close[0]!r}?")
+            raise TTRegTypeError(f"{callee}() got an unexpected keyword argument {name!r}; did you mean {close[0]!r}?")
+
+
+@contextlib.contextmanager
+def closest_keyword_on_error(given: Collection[str], valid: Collection[str], callee: str) -> Iterator[None]:
+    """Around a call that passes the keyword arguments ``given`` on to a library that refuses an unknown one with a
+    plain `TypeError` ("... got an unexpected keyword argument 'x'"): that refusal, for one of ``given``, becomes
+    `check_keywords`'s, which names the closest of ``valid``."""
+    try:
+        yield
+    except TypeError as error:
+        unexpected = re.search(r"unexpected keyword argument '([^']+)'", str(error))
+        if isinstance(error, TTRegError) or unexpected is None or unexpected[1] not in given:
+            raise
+        check_keywords([unexpected[1]], set(valid) - {unexpected[1]}, callee)
+
+
+def parameter_names(*functions: Callable) -> set[str]:
+    """The named parameters of ``functions`` (no ``*args`` / ``**kwargs``): the keywords a library call takes."""
+    return {
+        name
+        for function in functions
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    }

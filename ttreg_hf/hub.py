@@ -12,8 +12,9 @@ from pathlib import Path
 
 from torch import nn
 
+from .errors import TTRegTypeError, TTRegValueError
 from .family import Checkpoint
-from .registry import checkpoints
+from .registry import checkpoints, families
 
 ENTRY_SUFFIX = "_tt_reg"
 
@@ -33,14 +34,39 @@ def load_tt_model(
     compute upstream DINOv2's numerics unless ``position_interpolation="transformers"`` (see `Dinov2TTRegConfig`).
     """
     checkpoint = _checkpoint(name)
-    loaded = checkpoint.load(pretrained=pretrained, weights=weights, register_neurons=register_neurons, **settings)
-    return checkpoint.tower(loaded.eval())
+    loaded = _load(checkpoint, pretrained, weights=weights, register_neurons=register_neurons, **settings)
+    return checkpoint.tower(loaded)
+
+
+def _load(checkpoint: Checkpoint, pretrained, **kwargs) -> nn.Module:
+    """What the torch.hub entry of ``checkpoint`` returns, in eval mode: the one call behind both ways in."""
+    if not isinstance(pretrained, bool):  # "False" is true
+        raise TTRegTypeError(f"pretrained must be True or False, got {pretrained!r}.")
+    weights = kwargs.get("weights")
+    if weights is not None and Path(weights).is_dir():
+        _check_same_family(weights, checkpoint)
+    return checkpoint.load(pretrained=pretrained, **{"weights": None, "register_neurons": None, **kwargs}).eval()
+
+
+def _check_same_family(weights: str | Path, checkpoint: Checkpoint) -> None:
+    """Refuse a ``weights`` folder whose config names a model type of another family: `from_pretrained` would load
+    none of its weights and return a random model."""
+    from transformers import PreTrainedConfig
+
+    model_type = PreTrainedConfig.get_config_dict(str(weights))[0].get("model_type")
+    known = next(family for family in families() if checkpoint in family.checkpoints).model_types
+    if model_type not in known:
+        raise TTRegValueError(
+            f"weights {weights} hold a {model_type!r} checkpoint, and {checkpoint.name} loads {', '.join(known)} "
+            "checkpoints: none of its weights would load. Give weights of this model, or load that folder as a model "
+            "of its own (its family's `from_pretrained`, or the folder as MODEL on the command line)."
+        )
 
 
 def _checkpoint(name: str) -> Checkpoint:
     known = checkpoints()
     if name not in known:
-        raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(known)}.")
+        raise TTRegValueError(f"Unknown model {name!r}; choose one of {', '.join(known)}.")
     return known[name]
 
 
@@ -51,7 +77,7 @@ def model_names() -> tuple[str, ...]:
 
 def _entry(checkpoint: Checkpoint) -> Callable[..., nn.Module]:
     def entry(pretrained: bool = True, **kwargs) -> nn.Module:
-        return checkpoint.load(pretrained=pretrained, **{"weights": None, "register_neurons": None, **kwargs}).eval()
+        return _load(checkpoint, pretrained, **kwargs)
 
     entry.__name__ = entry.__qualname__ = checkpoint.entry_name
     entry.__doc__ = (

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .errors import TTRegValueError
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -67,7 +69,7 @@ def image_processor_preprocessor(processor, description: str, image_size: int | 
 
 def _size_overrides(processor, image_size: int) -> dict:
     if getattr(processor, "max_num_patches", None) is not None:
-        raise ValueError(
+        raise TTRegValueError(
             f"{type(processor).__name__} sizes each image by its number of patches (max_num_patches="
             f"{processor.max_num_patches}), not by an image size: leave the image size to the processor."
         )
@@ -119,7 +121,9 @@ def transformers_preprocessing(
             processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=False)
         except (OSError, ValueError) as error:
             if saved.is_file():  # there, but unreadable: an error, never a silent fallback
-                raise ValueError(f"Cannot read the image processor {saved} ({error}); fix or remove it.") from error
+                raise TTRegValueError(
+                    f"Cannot read the image processor {saved} ({error}); fix or remove it."
+                ) from error
         else:
             return image_processor_preprocessor(processor, f"{source}'s {type(processor).__name__}", image_size)
     processor = default_image_processor(model.config)
@@ -171,12 +175,12 @@ def _to_rgb(image: "Image.Image") -> "Image.Image":
     from PIL import Image
 
     if image.mode == "F":
-        raise ValueError("its pixels are floats (mode F), which have no fixed range; save it with 8 or 16 bits")
+        raise TTRegValueError("its pixels are floats (mode F), which have no fixed range; save it with 8 or 16 bits")
     if image.mode == "I" or image.mode.startswith("I;16"):
         image = image.convert("I")
         low, high = image.getextrema()
         if low < 0 or high > 65535:
-            raise ValueError(f"its 32-bit pixels span {low}..{high}, outside the 16-bit range 0..65535")
+            raise TTRegValueError(f"its 32-bit pixels span {low}..{high}, outside the 16-bit range 0..65535")
         image = image.point(lambda value: value / 257 + 0.5).convert("L")  # 65535 -> 255, rounded
     if image.has_transparency_data:
         rgba = image.convert("RGBA")
@@ -184,8 +188,8 @@ def _to_rgb(image: "Image.Image") -> "Image.Image":
     return image.convert("RGB")
 
 
-def _unreadable(path: str | Path, error: Exception) -> ValueError:
-    return ValueError(f"Cannot read the image {path} ({error}); remove it or convert it to PNG or JPEG.")
+def _unreadable(path: str | Path, error: Exception) -> TTRegValueError:
+    return TTRegValueError(f"Cannot read the image {path} ({error}); remove it or convert it to PNG or JPEG.")
 
 
 def _open(path: str | Path) -> "Image.Image":
@@ -199,7 +203,7 @@ def _open(path: str | Path) -> "Image.Image":
         except FileNotFoundError as error:
             raise FileNotFoundError(f"No image at {path}; check the path.") from error
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise ValueError(
+            raise TTRegValueError(
                 f"Refusing the image {path}: {error} Downscale it, or raise `PIL.Image.MAX_IMAGE_PIXELS` (now "
                 f"{Image.MAX_IMAGE_PIXELS}) if you trust the file."
             ) from error
@@ -225,7 +229,7 @@ class ImageFolder(Sequence[torch.Tensor | Inputs]):
             raise FileNotFoundError(f"Image folder {folder} does not exist; pass a folder of images (JPEG, PNG, ...).")
         self.paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
-            raise ValueError(f"No images in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
+            raise TTRegValueError(f"No images in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
         for path in self.paths:
             _check_readable(path)
         self.preprocessor = preprocessor

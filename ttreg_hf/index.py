@@ -17,13 +17,11 @@ as does `RegisterNeuronIndex.from_pretrained`. However it arrives, a file is onl
 safetensors header and checked field by field; the model's depth and width are checked when it is attached.
 """
 
-import functools
 import hashlib
 import importlib
 import json
 import numbers
 import os
-import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -38,6 +36,7 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 
+from .errors import TTRegTypeError, TTRegValueError
 from .settings import SEMANTICS
 
 SCHEMA_VERSION = 1
@@ -78,13 +77,7 @@ class RegisterIndexMismatchWarning(UserWarning):
     far from its own (an index found at 518 px misses outliers at 224 px on DINOv2-S/B)."""
 
 
-@functools.cache
-def warn_once(message: str, category: type[Warning] = RegisterIndexMismatchWarning) -> None:
-    """``warnings.warn`` the first time this process sees ``message``."""
-    warnings.warn(message, category, stacklevel=3)
-
-
-class RegisterNeuronIndexError(ValueError):
+class RegisterNeuronIndexError(TTRegValueError):
     """A register-neuron index that is missing, corrupt, or made for another checkpoint."""
 
 
@@ -181,14 +174,25 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def fingerprinted_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The weight `weights_fingerprint` hashes: the patch embedding's, the first `Conv2d`'s (the first `Linear`'s for a
+    tower without one: SigLIP2's NaFlex patches). Every library holds it in the same layout under its own name (timm's
+    ``patch_embed.proj``, `transformers`' ``patch_embeddings.projection``), and heads and pruning (timm's
+    ``features_only``) leave it alone; fine-tuning the backbone changes it."""
+    for kind in (torch.nn.Conv2d, torch.nn.Linear):
+        module = next((module for module in model.modules() if isinstance(module, kind)), None)
+        if module is not None:
+            return module.weight
+    raise TTRegTypeError(f"A {type(model).__name__} has no patch embedding (no Conv2d or Linear) to fingerprint.")
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the weights (names, shapes and a strided sample of values): which checkpoint an index is for."""
-    digest = hashlib.sha256()
-    for name, parameter in model.named_parameters():
-        flat = parameter.detach().flatten()
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
-        digest.update(f"{name}{tuple(parameter.shape)}".encode())
-        digest.update(sample.numpy().tobytes())
+    """A short hash of the checkpoint's patch embedding (`fingerprinted_weight`: its shape and a strided sample of its
+    values): which checkpoint an index is for, whatever the library, the parameter names or the heads."""
+    weight = fingerprinted_weight(model).detach()
+    sample = weight.flatten()[:: max(1, weight.numel() // 4096)].float().cpu()
+    digest = hashlib.sha256(f"{tuple(weight.shape)}".encode())
+    digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -337,7 +341,7 @@ class RegisterNeuronIndex:
         if isinstance(source, PathLike) or _is_dir(Path(source)):
             return _load_from_folder(Path(source), filename)
         if not isinstance(source, str):
-            raise TypeError(f"from_pretrained takes a Hub repo id or a folder, got {_describe(source)}.")
+            raise TTRegTypeError(f"from_pretrained takes a Hub repo id or a folder, got {_describe(source)}.")
         try:
             validate_repo_id(source)
         except hub_errors.HFValidationError as error:
@@ -470,13 +474,13 @@ def load_index(spec: "str | Path | Mapping | RegisterNeuronIndex") -> RegisterNe
     if isinstance(spec, Mapping):
         return normalize_neurons(spec)
     if not isinstance(spec, (str, PathLike)):
-        raise TypeError(
+        raise TTRegTypeError(
             f"register_neurons must be a dict {{layer: [neuron, ...]}}, an index file, a shipped index name, a Hub "
             f"repo id or a RegisterNeuronIndex, got {_describe(spec)}."
         )
     text = os.fspath(spec) if isinstance(spec, PathLike) else spec
     if not isinstance(text, str):  # a PathLike of bytes
-        raise TypeError(f"register_neurons must be a str path, got {_describe(spec)}.")
+        raise TTRegTypeError(f"register_neurons must be a str path, got {_describe(spec)}.")
     hub_only = text.startswith(hub_constants.HF_PROTOCOL)
     if not hub_only and _is_file(Path(text)):
         return RegisterNeuronIndex.load(text)
@@ -531,7 +535,7 @@ def _hub_location(spec: str, shipped: Mapping[str, Path]) -> tuple[str, str | No
 def _check_repo_filename(filename: str, spec: str) -> None:
     """Refuse a file name in a repository that is empty, absolute, or steps out of it (``..``)."""
     if not isinstance(filename, str):
-        raise TypeError(f"filename must be a str, a path inside the repository; got {_describe(filename)}.")
+        raise TTRegTypeError(f"filename must be a str, a path inside the repository; got {_describe(filename)}.")
     if filename.startswith("/") or any(p in ("", ".", "..") for p in filename.split("/")) or "\\" in filename:
         raise RegisterNeuronIndexError(
             f"{spec!r}: {filename!r} is not a file name inside a repository (no empty, '.' or '..' parts)."

@@ -22,6 +22,7 @@ from torch import nn
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .configs.dinov2 import Dinov2TTRegConfig
+from .errors import TTRegTypeError, TTRegValueError
 from .images import Preprocessor, normalize, statistics_preprocessor
 from .modeling.dinov2 import Dinov2TTRegModel
 from .modeling.sites import BlockSites, PlantingSites, Projection
@@ -171,22 +172,24 @@ def check_sites(sites: PlantingSites, layer: int, neurons: Sequence[int]) -> Non
     width = sites.blocks[0].mlp_out.weight.shape[0]
     mlp_width = sites.blocks[0].mlp_out.weight.shape[1]
     if width < OUTLIER.stop:
-        raise ValueError(f"Planting needs a model width of at least {OUTLIER.stop}, got {width}.")
+        raise TTRegValueError(f"Planting needs a model width of at least {OUTLIER.stop}, got {width}.")
     if not 0 < layer < len(sites.blocks):
-        raise ValueError(
+        raise TTRegValueError(
             f"The planted layer must be one of 1-{len(sites.blocks) - 1} (block 0 computes the texture energy the "
             f"planted neurons read), got {layer}."
         )
     if not neurons or any(not 0 <= n < mlp_width for n in neurons) or len(set(neurons)) != len(neurons):
-        raise ValueError(f"Planted neurons must be distinct ids in 0-{mlp_width - 1}, got {list(neurons)}.")
+        raise TTRegValueError(f"Planted neurons must be distinct ids in 0-{mlp_width - 1}, got {list(neurons)}.")
     if sites.blocks[layer].mlp_in.bias is None:
-        raise ValueError(f"Block {layer}'s MLP input projection has no bias: the planted neurons need one.")
+        raise TTRegValueError(f"Block {layer}'s MLP input projection has no bias: the planted neurons need one.")
     if sites.patch_projection.bias is None and sites.position_embedding is None:
-        raise ValueError("The patch projection has no bias: give PlantingSites a position_embedding for the anchor.")
+        raise TTRegValueError(
+            "The patch projection has no bias: give PlantingSites a position_embedding for the anchor."
+        )
     for index in (0, layer):
         block = sites.blocks[index]
         if block.mlp_up is not None and block.mlp_up.bias is None:
-            raise ValueError(
+            raise TTRegValueError(
                 f"Block {index}'s gated MLP has an up projection without bias: planting sets a neuron's up row to the "
                 "constant 1 and needs one."
             )
@@ -239,7 +242,7 @@ def planting_sites(model: nn.Module) -> PlantingSites:
     """The `PlantingSites` of a model of one of the families (or of its parent class), from its declaration."""
     family = family_of(model)
     if family is None or family.planting_sites is None:
-        raise TypeError(
+        raise TTRegTypeError(
             f"No planting sites known for {type(model).__name__}; build a `PlantingSites` of its modules (see "
             "`ttreg_hf.planted.PlantingSites`), or declare its family's `planting_sites` (`ttreg_hf.family`)."
         )

@@ -7,6 +7,7 @@ the torch.hub entries) read; a family of your own, outside the package, joins wi
 import functools
 import importlib
 
+from .errors import TTRegValueError
 from .family import Checkpoint, Family, register_auto_classes
 
 # the package's family modules, under ``ttreg_hf.modeling``, each with the library whose models it subclasses
@@ -30,7 +31,7 @@ def register_family(family: Family) -> Family:
     if any(
         known.name == family.name for library in set(FAMILY_MODULES.values()) for known in _package_families(library)
     ):
-        raise ValueError(f"{family.name!r} is the name of one of the package's families: choose another.")
+        raise TTRegValueError(f"{family.name!r} is the name of one of the package's families: choose another.")
     register_auto_classes(family)
     _REGISTERED[:] = [known for known in _REGISTERED if known.name != family.name] + [family]
     return family

@@ -17,6 +17,7 @@ from .analysis.metrics import (
     patch_norms,
     summarize_layers,
 )
+from .errors import MissingDependencyError, TTRegValueError
 from .modeling.registers import IndexSpec, TestTimeRegisterMixin
 
 
@@ -48,7 +49,7 @@ class Inspection:
 def _grid(values: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
     rows, columns = shape or (math.isqrt(values.numel()),) * 2
     if rows * columns != values.numel():
-        raise ValueError(f"{values.numel()} patches do not form a square grid; inspect square images.")
+        raise TTRegValueError(f"{values.numel()} patches do not form a square grid; inspect square images.")
     return values.view(rows, columns).cpu()
 
 
@@ -104,7 +105,7 @@ def save_report(image: torch.Tensor, inspections: list[Inspection], path: str | 
         matplotlib.use("Agg")
         from matplotlib import pyplot as plt
     except ImportError as error:
-        raise ImportError("The report needs matplotlib: pip install 'ttreg_hf[plot]'.") from error
+        raise MissingDependencyError("The report needs matplotlib: pip install 'ttreg_hf[plot]'.") from error
     figure, axes = plt.subplots(len(inspections), 3, figsize=(11, 3.6 * len(inspections)), squeeze=False)
     norm_max = max(float(i.norm_map.max()) for i in inspections)  # shared scales: the rows compare at a glance
     attention_max = max(float(i.attention_map.max()) for i in inspections)

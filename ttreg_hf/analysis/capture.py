@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import TTRegTypeError, TTRegValueError
 from ..modeling.layout import TokenLayout
 from ..modeling.registers import TestTimeRegisterMixin, check_pixel_values
 from .attention import attention_reader
@@ -33,9 +34,11 @@ def resolve_layer(layer: object, num_layers: int) -> int:
     except TypeError:
         index = None
     if index is None or isinstance(layer, bool):
-        raise ValueError(f"Layers must be 'all', None or layer numbers (ints), got {layer!r}.")
+        raise TTRegValueError(f"Layers must be 'all', None or layer numbers (ints), got {layer!r}.")
     if not -num_layers <= index < num_layers:
-        raise ValueError(f"Layer {index} is out of range: the model has {num_layers} layers (0-based, or negative).")
+        raise TTRegValueError(
+            f"Layer {index} is out of range: the model has {num_layers} layers (0-based, or negative)."
+        )
     return index % num_layers
 
 
@@ -54,12 +57,12 @@ def resolve_layers(layers: Layers, num_layers: int) -> list[int]:
 def resolve_layer_map(mapping: Mapping, num_layers: int, what: str) -> dict[int, object]:
     """``{layer: value}`` with 0-based layers; a layer named twice (``3`` and ``-1`` of 4) is an error."""
     if not isinstance(mapping, Mapping):
-        raise TypeError(f"{what} must be a mapping {{layer: ...}}, got {type(mapping).__name__}.")
+        raise TTRegTypeError(f"{what} must be a mapping {{layer: ...}}, got {type(mapping).__name__}.")
     resolved, keys = {}, {}
     for key, value in mapping.items():
         layer = resolve_layer(key, num_layers)
         if layer in keys:
-            raise ValueError(f"Layer {layer} is given twice in {what} (as {keys[layer]!r} and {key!r}).")
+            raise TTRegValueError(f"Layer {layer} is given twice in {what} (as {keys[layer]!r} and {key!r}).")
         resolved[layer], keys[layer] = value, key
     return resolved
 
@@ -213,7 +216,7 @@ def run_with_cache(
     ``keep_grad=True`` runs with autograd and keeps the cached MLP activations and block outputs in the graph;
     otherwise nothing is recorded for autograd."""
     if not isinstance(pixel_values, torch.Tensor):
-        raise TypeError(
+        raise TTRegTypeError(
             f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}: run the images through the "
             "model's image processor and pass its outputs (`run_with_cache(model, **inputs)`)."
         )

@@ -15,6 +15,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from ..configs.registers import REGISTER_SETTINGS
+from ..errors import TTRegTypeError, TTRegValueError
 from ..index import RegisterNeuronIndex, check_neurons_fit, normalize_neurons
 from ..modeling.edit import RegisterNeuronEdit
 from ..modeling.layout import TokenLayout
@@ -57,14 +58,16 @@ def rewrite_activations(model: TestTimeRegisterMixin, rewrites: Mapping[int, Rew
     rewrites = resolve_layer_map(rewrites, len(model.transformer_blocks), "rewrites")
     for layer, rewrite in rewrites.items():
         if not callable(rewrite):
-            raise TypeError(f"The rewrite of layer {layer} must be a function of the activations, got {rewrite!r}.")
+            raise TTRegTypeError(
+                f"The rewrite of layer {layer} must be a function of the activations, got {rewrite!r}."
+            )
 
     def checked(layer: int, rewrite: Rewrite):
         def function(activations: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
             rewritten = rewrite(activations)
             if not isinstance(rewritten, torch.Tensor) or rewritten.shape != activations.shape:
                 got = tuple(rewritten.shape) if isinstance(rewritten, torch.Tensor) else type(rewritten).__name__
-                raise ValueError(
+                raise TTRegValueError(
                     f"The rewrite of layer {layer} returned {got}; it must return the activations to use, a tensor "
                     f"of their shape {tuple(activations.shape)} (e.g. `return activations` after editing in place)."
                 )
@@ -96,7 +99,9 @@ def _check_position(position: object) -> int:
     except TypeError:
         index = None
     if index is None or isinstance(position, bool) or index < 0:
-        raise ValueError(f"The patch position must be an int >= 0 (row-major, 0 is the first patch), got {position!r}.")
+        raise TTRegValueError(
+            f"The patch position must be an int >= 0 (row-major, 0 is the first patch), got {position!r}."
+        )
     return index
 
 
@@ -111,7 +116,7 @@ def shift_outliers(model: TestTimeRegisterMixin, neurons: Neurons, position: int
     neurons = checked_neurons(model, neurons)
     position = _check_position(position)
     if model.token_layout.num_registers:
-        raise ValueError(
+        raise TTRegValueError(
             "shift_outliers needs the test-time-register edit off: run it inside with_register_neurons(model, {})."
         )
     num_prefix = model.token_layout.num_prefix_tokens
@@ -127,16 +132,16 @@ def shift_outliers(model: TestTimeRegisterMixin, neurons: Neurons, position: int
 
     def check(activations: torch.Tensor, token_mask: torch.Tensor | None) -> None:
         if model.token_layout.num_registers:  # the layout this forward runs with
-            raise ValueError(
+            raise TTRegValueError(
                 "shift_outliers needs the test-time-register edit off, and the settings changed inside it: turn the "
                 "edit off with with_register_neurons(model, {}) around the whole experiment."
             )
         num_patches = activations.shape[1] - num_prefix
         if target >= activations.shape[1]:
-            raise ValueError(f"Patch position {position} is out of range: the image has {num_patches} patches.")
+            raise TTRegValueError(f"Patch position {position} is out of range: the image has {num_patches} patches.")
         if token_mask is not None and not bool(token_mask[:, target].all()):
             padded = [int(i) for i in (~token_mask[:, target].bool()).nonzero()[:, 0]]
-            raise ValueError(
+            raise TTRegValueError(
                 f"Patch position {position} is padding in image(s) {padded} of this padded batch: choose a position "
                 "every image has (below its rows x columns), or shift those images separately."
             )
@@ -159,14 +164,14 @@ def ablate_neurons(model: TestTimeRegisterMixin, neurons: Neurons, value: float 
     nothing."""
     neurons = checked_neurons(model, neurons)
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"The ablation value must be a finite number, got {value!r}.")
+        raise TTRegValueError(f"The ablation value must be a finite number, got {value!r}.")
 
     def ablate(ids: Sequence[int]):
         index = torch.tensor(ids)
 
         def function(activations: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
             if abs(value) > torch.finfo(activations.dtype).max:
-                raise ValueError(f"The ablation value {value:g} overflows {activations.dtype}: use a smaller one.")
+                raise TTRegValueError(f"The ablation value {value:g} overflows {activations.dtype}: use a smaller one.")
             return activations.index_fill(-1, index.to(activations.device), value)
 
         return function

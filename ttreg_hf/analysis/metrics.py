@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import TTRegValueError
 from ..modeling.layout import TokenLayout
 from .capture import ActivationCache
 from .distributed import all_reduce
@@ -165,14 +166,14 @@ def summarize_layers(cache: ActivationCache, threshold: float | None = None) -> 
     gives alone; an image without a real patch is left out of the averages.
     """
     if threshold is not None and (not isinstance(threshold, (int, float)) or math.isnan(threshold)):
-        raise ValueError(f"threshold must be a number (a patch norm) or None (automatic), got {threshold!r}.")
+        raise TTRegValueError(f"threshold must be a number (a patch norm) or None (automatic), got {threshold!r}.")
     layout, summaries = cache.layout, []
     for layer, tokens in sorted(cache.block_outputs.items()):
         norms = patch_norms(tokens, layout)
         real = real_patches(cache, tokens).to(norms.device)
         images = real.any(dim=-1)  # with a real patch
         if not images.any():
-            raise ValueError(f"Layer {layer} has no real patch in this batch: every image is padding.")
+            raise TTRegValueError(f"Layer {layer} has no real patch in this batch: every image is padding.")
         layer_threshold = automatic_threshold(norms[real]) if threshold is None else threshold
         outliers = ((norms > layer_threshold) & real)[images]
         maxima = norms.masked_fill(~real, float("-inf"))[images].amax(dim=-1)

@@ -3,20 +3,26 @@
 import copy
 import dataclasses
 import math
+import os
+import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import torch
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
+from transformers import PreTrainedConfig
 
+from ..errors import TTRegError, TTRegTypeError, TTRegValueError
 from ..index import (
+    RegisterIndexMismatchWarning,
     RegisterNeuronIndex,
     check_neurons_fit,
     check_provenance,
     load_index,
     normalize_neurons,
     resolve_index,
-    warn_once,
 )
 from ..settings import (
     FLOAT32_MAX,
@@ -81,6 +87,10 @@ class TestTimeRegisterConfigMixin:
     r"""
     register_neurons (`dict[str, list[int]]`, *optional*):
         The register-neuron index: 0-based block index -> MLP neuron indices. `None` or empty turns the edit off.
+        Also given (to the constructor, or written) as any index `load_index` reads: an index file, a shipped name,
+        a Hub repo id or a `RegisterNeuronIndex`, stored as its dict; its semantics and provenance come with it,
+        except, in a constructor, a `register_semantics` other than the default or a `register_index_provenance`
+        given beside it.
     num_test_time_registers (`int`, *optional*, defaults to 1):
         How many zero-initialised tokens to append after the patches. 0 turns the edit off. At most
         `MAX_TEST_TIME_REGISTERS` (64): the paper uses one, models trained with registers use 4 to 16, and every
@@ -99,7 +109,7 @@ class TestTimeRegisterConfigMixin:
         other weights; the edit does not depend on it.
     """
 
-    register_neurons: dict | None = None
+    register_neurons: dict | str | os.PathLike | RegisterNeuronIndex | None = None  # stored as a dict (`__setattr__`)
     num_test_time_registers: int = 1
     register_scale: float | int | list[float | int] = 1.0
     register_semantics: RegisterSemantics = "paper"
@@ -107,23 +117,45 @@ class TestTimeRegisterConfigMixin:
     register_index_provenance: dict | None = None
 
     def __post_init__(self, **kwargs):
+        index = self.__dict__.pop(_INDEX_GIVEN, None)  # an index file given to the constructor
+        if index is not None:
+            index.check_fits(self.num_hidden_layers, self.mlp_width)
+            if self.register_semantics == _DEFAULT_SEMANTICS:
+                self.register_semantics = index.semantics
+            if self.register_index_provenance is None:
+                self.register_index_provenance = index.provenance
         if self.register_neurons is not None:
             self.register_neurons = {str(k): list(v) for k, v in normalize_neurons(self.register_neurons).items()}
         parent_post_init = getattr(super(), "__post_init__", None)  # absent on plain (non-`transformers`) dataclasses
         if parent_post_init is not None:
+            _check_dtype(self.dtype)
             parent_post_init(**kwargs)
             _name_our_architectures(self)
 
     def __setattr__(self, name: str, value) -> None:
         """A register setting written to the config of a model (one that a model follows, `follow_register_settings`)
         is validated and applied at once, as `update_test_time_registers` does, or refused with nothing changed;
-        ``register_neurons`` takes what `set_register_neurons` takes (``None``: ``{}``, the edit off)."""
-        if name not in REGISTER_SETTINGS or not self._followers():
-            super().__setattr__(name, value)
-        elif name == "register_neurons":
-            self.update_test_time_registers({} if value is None else value)
+        ``register_neurons`` takes what `set_register_neurons` takes (``None``: ``{}``, the edit off).
+
+        Elsewhere, ``register_neurons`` written as an index file, shipped name, Hub repo id or `RegisterNeuronIndex`
+        is read (`load_index`) and stored as its dict, with the index's semantics and provenance: at once when written
+        to a built config (after checking the index fits it), by `__post_init__` in the constructor."""
+        if name in REGISTER_SETTINGS and self._followers():
+            if name == "register_neurons":
+                self.update_test_time_registers({} if value is None else value)
+            else:
+                self._write_register_settings({name: value})
+            return
+        if name != "register_neurons" or value is None or isinstance(value, Mapping):
+            return super().__setattr__(name, value)
+        index = load_index(value)
+        if _ENDS_INIT in self.__dict__:  # a built config
+            index.check_fits(self.num_hidden_layers, self.mlp_width)
+            super().__setattr__("register_semantics", index.semantics)
+            super().__setattr__("register_index_provenance", index.provenance)
         else:
-            self._write_register_settings({name: value})
+            self.__dict__[_INDEX_GIVEN] = index
+        super().__setattr__(name, {str(layer): list(ids) for layer, ids in index.neurons.items()})
 
     def follow_register_settings(self, apply: Callable[[], None]) -> None:
         """Call ``apply()`` (a bound method, held weakly: a model's method that updates its edits) after every write
@@ -189,27 +221,29 @@ class TestTimeRegisterConfigMixin:
         """Every register setting, against each other and the model's depth and MLP width."""
         count = self.num_test_time_registers
         if not 0 <= count <= MAX_TEST_TIME_REGISTERS:
-            raise ValueError(
+            raise TTRegValueError(
                 f"num_test_time_registers must be >= 0 (0 turns the edit off) and <= {MAX_TEST_TIME_REGISTERS} (the paper "
                 f"uses 1), got {count!r}."
             )
         scales = self.register_scale if isinstance(self.register_scale, list) else [self.register_scale]
         if not all(math.isfinite(scale) and abs(scale) <= FLOAT32_MAX for scale in scales):
-            raise ValueError(
+            raise TTRegValueError(
                 f"register_scale must be finite in float32 (|scale| <= {FLOAT32_MAX:.4g}), got {self.register_scale}; "
                 "the paper uses 1.0."
             )
         # with 0 registers (edit off) the scales are unused and stay for later, like the index
         num_registers = self.num_test_time_registers
         if isinstance(self.register_scale, list) and num_registers and len(self.register_scale) != num_registers:
-            raise ValueError(
+            raise TTRegValueError(
                 f"register_scale has {len(self.register_scale)} values for {self.num_test_time_registers} test-time "
                 "registers: give one float for all of them or one per register."
             )
         if self.register_semantics not in SEMANTICS:
-            raise ValueError(f"register_semantics must be one of {SEMANTICS}, got {self.register_semantics!r}.")
+            raise TTRegValueError(f"register_semantics must be one of {SEMANTICS}, got {self.register_semantics!r}.")
         if self.register_patch_mode not in PATCH_MODES:
-            raise ValueError(f"register_patch_mode must be one of {PATCH_MODES}, got {self.register_patch_mode!r}.")
+            raise TTRegValueError(
+                f"register_patch_mode must be one of {PATCH_MODES}, got {self.register_patch_mode!r}."
+            )
         check_neurons_fit(self.register_neuron_index, self.num_hidden_layers, self.mlp_width)
         check_provenance(self.register_index_provenance)
 
@@ -233,7 +267,12 @@ class TestTimeRegisterConfigMixin:
     def _write_register_settings(self, updates: dict) -> None:
         """Validate ``updates`` with the other settings, write them (read-only on a model's config) and apply them to
         the models that follow this config; nothing is written when one is invalid."""
-        candidate = dataclasses.replace(self, **updates)
+        try:
+            candidate = dataclasses.replace(self, **updates)
+        except StrictDataclassError as error:  # our refusal, wrapped by the constructor's class validation
+            if isinstance(error.__cause__, TTRegError):
+                raise error.__cause__ from None
+            raise
         candidate.validate_test_time_registers()  # a config class without `@strict` runs no validator at init
         followers = self._followers()
         for name in updates:
@@ -249,7 +288,7 @@ class TestTimeRegisterConfigMixin:
         fails before any weights are downloaded): ``register_neurons`` if given, else the index this config holds
         (saved with the checkpoint), else the one shipped for ``checkpoint``; none while registers are on is an
         error that says how to make one. An index file that records other checkpoint ids than ``checkpoint`` warns
-        once (`RegisterIndexMismatchWarning`), with both."""
+        (`RegisterIndexMismatchWarning`), with both."""
         index = resolve_index(
             register_neurons,
             checkpoint=checkpoint,
@@ -259,10 +298,12 @@ class TestTimeRegisterConfigMixin:
         index = None if index is None else load_index(index)
         if isinstance(index, RegisterNeuronIndex) and not index.made_for(checkpoint):
             found_for = ", ".join(dict.fromkeys(index.checkpoints.values()))
-            warn_once(
+            warnings.warn(
                 f"This register-neuron index was found for {found_for}, not for {checkpoint!r}: other weights have "
                 "other register neurons. Find this checkpoint's with `ttreg find-neurons`, or ignore this warning if "
-                "it is the same checkpoint under another name."
+                "it is the same checkpoint under another name.",
+                RegisterIndexMismatchWarning,
+                stacklevel=2,
             )
         self.update_test_time_registers(index, register_semantics=register_semantics)
 
@@ -287,6 +328,19 @@ class TestTimeRegisterConfig(TestTimeRegisterConfigMixin):
     patch_size: int | None = None
 
 
+def _check_dtype(dtype) -> None:
+    """Refuse a config ``dtype`` that no model can be built in: a `transformers` config keeps any value, and a model
+    built from it (``pretrained=False``) fails deep inside torch, or silently in float32."""
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if dtype is not None and not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+        auto = dtype == "auto"
+        raise TTRegValueError(
+            f"dtype={dtype!r}: a model is built in a floating-point torch dtype, given as one or by name "
+            "(torch.bfloat16, 'float16')"
+            + ("; 'auto' means the dtype of a checkpoint's weights, and there are none here." if auto else ".")
+        )
+
+
 def square_patch_size(patch_size) -> int | None:
     """A tower's patch size (an int or a ``(height, width)`` pair) as `TestTimeRegisterConfig.patch_size`: the side
     of a square patch, `None` for a non-square one."""
@@ -303,25 +357,35 @@ class TestTimeRegisterCompositeConfigMixin:
     register_config_key = "vision_config"
 
     def __setattr__(self, name: str, value) -> None:
+        """Refuse a register setting written here (or given to the constructor): the model reads the sub-config's."""
         if name in REGISTER_SETTINGS:
-            raise AttributeError(
-                f"{type(self).__name__} holds no register settings: its {self.register_config_key} does. Write "
-                f"`config.{self.register_config_key}.{name}` or call `model.set_register_neurons(...)`."
+            raise TTRegValueError(
+                f"{type(self).__name__} holds no {name}: the {self.register_config_key} does, which the model reads. "
+                f"Set config.{self.register_config_key}.{name}, or call model.set_register_neurons(...)."
             )
         super().__setattr__(name, value)
 
     def __post_init__(self, **kwargs):
-        key, ours = self.register_config_key, self.register_config_class()
-        vision = getattr(self, key)
-        if vision is not None and not isinstance(vision, (dict, ours)):
-            parent = next(base for base in ours.__mro__[1:] if not issubclass(base, TestTimeRegisterConfigMixin))
-            if not isinstance(vision, parent):
-                raise TypeError(
-                    f"{key} must be a {parent.__name__} (or a {ours.__name__}), got a {type(vision).__name__}."
-                )
-            setattr(self, key, ours.from_parent_config(vision))
+        vision = getattr(self, self.register_config_key)
+        if vision is not None and not isinstance(vision, dict):  # a dict: the parent builds our class from it
+            setattr(self, self.register_config_key, self.as_register_config(vision))
         super().__post_init__(**kwargs)
         _name_our_architectures(self)
+
+    @classmethod
+    def as_register_config(cls, config: PreTrainedConfig) -> TestTimeRegisterConfigMixin:
+        """``config`` as the sub-config that holds the register settings: ours as it is, one of the parent's vision
+        config class converted (every field kept, the register settings at their defaults)."""
+        ours = cls.register_config_class()
+        if isinstance(config, ours):
+            return config
+        parent = next(base for base in ours.__mro__[1:] if not issubclass(base, TestTimeRegisterConfigMixin))
+        if not isinstance(config, parent):
+            raise TTRegTypeError(
+                f"{cls.register_config_key} must be a {parent.__name__} (or a {ours.__name__}), got a "
+                f"{type(config).__name__}."
+            )
+        return ours.from_parent_config(config)
 
     @classmethod
     def get_config_dict(cls, *args, **kwargs):
@@ -374,6 +438,11 @@ def _relabelled_config_dict(cls, parent, *args, **kwargs):
 
 
 REGISTER_SETTINGS = tuple(field.name for field in dataclasses.fields(TestTimeRegisterConfigMixin))
+_ENDS_INIT = REGISTER_SETTINGS[-1]  # the constructor writes the register settings in order: this one last
+_INDEX_GIVEN = "_register_index_given"  # an index file given to the constructor, until `__post_init__` reads it
+_DEFAULT_SEMANTICS = next(
+    f.default for f in dataclasses.fields(TestTimeRegisterConfigMixin) if f.name == "register_semantics"
+)
 
 
 def pop_register_settings(kwargs: dict) -> dict:

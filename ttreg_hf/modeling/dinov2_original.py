@@ -13,6 +13,7 @@ from torch import nn
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Model, Dinov2PatchEmbeddings
 
 from ..configs.dinov2 import Dinov2TTRegConfig
+from ..errors import TTRegTypeError, TTRegValueError
 from ..family import LOADER_ARGUMENTS, check_keywords
 from .registers import IndexSpec, adopt
 
@@ -54,7 +55,7 @@ _TOP_RENAMES = {
 def dinov2_architecture(arch: str) -> dict:
     """The config fields of the upstream ``dinov2_{arch}`` backbone's architecture (518 px position table, patch 14)."""
     if arch not in DINOV2_ARCHS:
-        raise ValueError(f"Unknown DINOv2 architecture {arch!r}; choose one of {sorted(DINOV2_ARCHS)}.")
+        raise TTRegValueError(f"Unknown DINOv2 architecture {arch!r}; choose one of {sorted(DINOV2_ARCHS)}.")
     hidden_size, num_layers, num_heads, swiglu = DINOV2_ARCHS[arch]
     return dict(
         hidden_size=hidden_size,
@@ -81,7 +82,7 @@ def convert_original_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Rename an original DINOv2 state dict (``blocks.N.attn.qkv`` ...) to `Dinov2Model`'s keys."""
     if "register_tokens" in state_dict:
-        raise ValueError(
+        raise TTRegValueError(
             "This checkpoint has trained registers (a dinov2_*_reg model); test-time registers are for the models "
             "trained without them (dinov2_vit{s,b,l,g}14)."
         )
@@ -90,7 +91,7 @@ def convert_original_state_dict(
         match = _BLOCK_KEY.match(key)
         if match is None:
             if key not in _TOP_RENAMES:
-                raise KeyError(f"Unexpected key {key!r}: is this an original DINOv2 checkpoint?")
+                raise TTRegValueError(f"Unexpected key {key!r}: is this an original DINOv2 checkpoint?")
             converted[_TOP_RENAMES[key]] = value.reshape(1, -1) if key == "mask_token" else value
             continue
         prefix, name = f"encoder.layer.{match[1]}.", match[2]
@@ -103,7 +104,7 @@ def convert_original_state_dict(
         else:
             old = next((old for old in _BLOCK_RENAMES if name.startswith(old)), None)
             if old is None:
-                raise KeyError(f"Unexpected key {key!r}: is this an original DINOv2 checkpoint?")
+                raise TTRegValueError(f"Unexpected key {key!r}: is this an original DINOv2 checkpoint?")
             converted[prefix + _BLOCK_RENAMES[old] + name.removeprefix(old)] = value
     return converted
 
@@ -136,11 +137,12 @@ def load_dinov2(model_class: type[Dinov2Model], config: Dinov2TTRegConfig, weigh
     """``model_class`` (`Dinov2TTRegModel`, which the family module passes: this module is below it) of ``config``:
     random weights when ``weights`` is None, else converted original ones."""
     if weights is None:
-        return model_class(config).eval()
+        return model_class._from_config(config).eval()  # built in ``config.dtype``, as `from_config` builds
     state_dict = convert_original_state_dict(load_original_state_dict(weights), config)
     with torch.device("meta"):  # built with the edit off; the edits are built once, on the weights' device
-        model = model_class(dataclasses.replace(config, register_neurons={}))
-    dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}  # upstream's fp32, whatever the file's
+        model = model_class._from_config(dataclasses.replace(config, register_neurons={}))
+    # in ``config.dtype``, whatever the file's
+    dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}
     state_dict = {name: value.to(dtypes.get(name, value.dtype)) for name, value in state_dict.items()}
     model.load_state_dict(state_dict, assign=True)
     provenance = config.register_index_provenance  # with the index: where it was found, for the warnings
@@ -253,21 +255,27 @@ class DinoVisionTransformerTTReg(nn.Module):
         """Upstream's choice: the last ``n`` blocks for an int, else the listed 0-based blocks, in block order.
 
         Unlike upstream, a negative index counts from the end (-1 is the last block)."""
-        if isinstance(n, int):
+
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if is_int(n):
             if not 1 <= n <= self.n_blocks:
-                raise ValueError(f"n={n} asks for the last {n} of {self.n_blocks} blocks: give 1 to {self.n_blocks}.")
+                raise TTRegValueError(
+                    f"n={n} asks for the last {n} of {self.n_blocks} blocks: give 1 to {self.n_blocks}."
+                )
             return list(range(self.n_blocks - n, self.n_blocks))
-        if not n or not all(isinstance(block, int) for block in n):
-            raise TypeError(f"n must be an int or a non-empty list of int block indices, got {n!r}.")
+        if not isinstance(n, (list, tuple, range)) or not n or not all(map(is_int, n)):
+            raise TTRegTypeError(f"n must be an int or a non-empty list of int block indices, got {n!r}.")
         outside = [block for block in n if not -self.n_blocks <= block < self.n_blocks]
         if outside:
-            raise ValueError(
+            raise TTRegValueError(
                 f"Blocks {outside} are out of range: the model has {self.n_blocks} blocks, 0 to {self.n_blocks - 1} "
                 f"(or -{self.n_blocks} to -1 from the end)."
             )
         blocks = sorted(block % self.n_blocks for block in n)
         if len(set(blocks)) < len(blocks):
-            raise ValueError(f"n={list(n)} names a block twice.")
+            raise TTRegValueError(f"n={list(n)} names a block twice.")
         return blocks
 
     def get_intermediate_layers(
@@ -307,7 +315,7 @@ class DinoVisionTransformerTTRegClassifier(nn.Module):
     def __init__(self, backbone: DinoVisionTransformerTTReg, linear_head: nn.Linear, layers: int = 4):
         super().__init__()
         if linear_head.in_features != (1 + layers) * backbone.embed_dim:
-            raise ValueError(
+            raise TTRegValueError(
                 f"A {layers}-layer head reads {(1 + layers) * backbone.embed_dim} features ((1 + layers) * embed_dim), "
                 f"but this one has {linear_head.in_features}."
             )
@@ -353,8 +361,8 @@ def load_dinov2_linear_head(
     """Upstream's ImageNet-1k linear head for ``dinov2_{arch}`` (``layers`` 1 or 4): from a local ``head_weights``
     file (``.pth`` or ``.safetensors``, keys ``weight`` and ``bias``), else from upstream's URL (``pretrained``),
     else random."""
-    if layers not in HEAD_LAYERS:
-        raise ValueError(f"layers={layers!r}: upstream's linear heads read the last 1 or 4 blocks.")
+    if type(layers) is not int or layers not in HEAD_LAYERS:  # 4.0 == 4, True == 1: the types are checked too
+        raise TTRegValueError(f"layers={layers!r}: upstream's linear heads read the last 1 or 4 blocks (an int).")
     embed_dim = DINOV2_ARCHS[arch][0]
     head = nn.Linear((1 + layers) * embed_dim, NUM_CLASSES)
     if pretrained and head_weights is None:
@@ -364,7 +372,7 @@ def load_dinov2_linear_head(
         in_features = state_dict.get("weight", head.weight).shape[-1]
         fits = [other for other in HEAD_LAYERS if other != layers and (1 + other) * embed_dim == in_features]
         if fits:
-            raise ValueError(
+            raise TTRegValueError(
                 f"{head_weights} holds a {fits[0]}-layer head of dinov2_{arch}, not a {layers}-layer one: pass "
                 f"layers={fits[0]}."
             )
@@ -389,6 +397,7 @@ def load_dinov2_linear_classifier(
     config = dinov2_config(arch, register_neurons, **settings)
     head = load_dinov2_linear_head(arch, layers, pretrained, head_weights)
     backbone = load_dinov2(model_class, config, backbone_weights(arch, pretrained, weights))
+    head = head.to(backbone.dtype)  # ``dtype=`` builds the backbone in it: the head reads its features
     return DinoVisionTransformerTTRegClassifier(DinoVisionTransformerTTReg(backbone), head, layers).eval()
 
 

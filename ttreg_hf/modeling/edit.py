@@ -1,12 +1,14 @@
 """The register-neuron edit: the one implementation every model family uses."""
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..index import warn_once
+from ..errors import TTRegValueError
+from ..index import RegisterIndexMismatchWarning
 from ..settings import PATCH_MODES, SEMANTICS
 from .layout import TokenLayout
 
@@ -15,7 +17,7 @@ NO_REGISTERS = TokenLayout(num_prefix_tokens=1, num_registers=0)  # the layout o
 
 
 def warn_if_far_from_found_size(found_at: tuple[int, int] | None, num_patches: int) -> None:
-    """Warn once when ``num_patches`` patch tokens (a square image's, or the same area) put the image side more than
+    """Warn (`RegisterIndexMismatchWarning`) when ``num_patches`` patch tokens (a square image's, or the same area) put the image side more than
     `IMAGE_SIZE_TOLERANCE` times away from the ``found_at = (image size, patch size)`` of the attached index, in
     pixels. Python ints only: no host sync, nothing traced under `torch.compile` (which skips the check)."""
     if found_at is None or torch.compiler.is_compiling():
@@ -23,11 +25,13 @@ def warn_if_far_from_found_size(found_at: tuple[int, int] | None, num_patches: i
     image_size, patch_size = found_at
     side = math.sqrt(num_patches) * patch_size
     if not 1 / IMAGE_SIZE_TOLERANCE <= side / image_size <= IMAGE_SIZE_TOLERANCE:
-        warn_once(
+        warnings.warn(
             f"The register-neuron index was found at {image_size} px; this model runs at about {side:.0f} px "
             f"({num_patches} patches of {patch_size} px), more than {IMAGE_SIZE_TOLERANCE}x away, where it may miss "
             f"outlier neurons (an index found at 518 px misses outliers at 224 px on DINOv2-S/B). Run at about "
-            f"{image_size} px, or find the neurons at this size with `ttreg find-neurons --image-size`."
+            f"{image_size} px, or find the neurons at this size with `ttreg find-neurons --image-size`.",
+            RegisterIndexMismatchWarning,
+            stacklevel=2,
         )
 
 
@@ -80,13 +84,13 @@ class RegisterNeuronEdit(nn.Module):
         """Set what the edit does, in place (the module stays, and the hooks on it): no ``neurons`` turns it off, so
         that the activations pass unchanged. The buffers are made on ``device`` (default: the current one)."""
         if semantics not in SEMANTICS:
-            raise ValueError(f"Unknown register semantics {semantics!r}; choose one of {SEMANTICS}.")
+            raise TTRegValueError(f"Unknown register semantics {semantics!r}; choose one of {SEMANTICS}.")
         if patch_mode not in PATCH_MODES:
-            raise ValueError(f"Unknown patch mode {patch_mode!r}; choose one of {PATCH_MODES}.")
+            raise TTRegValueError(f"Unknown patch mode {patch_mode!r}; choose one of {PATCH_MODES}.")
         if neurons and len(scale) != layout.num_registers:
-            raise ValueError(f"Got {len(scale)} register scales for {layout.num_registers} test-time registers.")
+            raise TTRegValueError(f"Got {len(scale)} register scales for {layout.num_registers} test-time registers.")
         if neurons and layout.num_registers == 0:
-            raise ValueError("A register-neuron edit with neurons needs at least one test-time register.")
+            raise TTRegValueError("A register-neuron edit with neurons needs at least one test-time register.")
         self.neuron_ids = tuple(int(n) for n in neurons)
         self.scale_values = tuple(float(s) for s in scale) if neurons else ()
         self.largest_scale = max((abs(s) for s in self.scale_values), default=0.0)
@@ -117,7 +121,7 @@ class RegisterNeuronEdit(nn.Module):
         if (
             self.largest_scale > torch.finfo(hidden_states.dtype).max
         ):  # settings and dtype only: no sync, no graph break
-            raise ValueError(
+            raise TTRegValueError(
                 f"register_scale {self.largest_scale:g} overflows {hidden_states.dtype} (largest "
                 f"{torch.finfo(hidden_states.dtype).max:g}): every register would be inf. Use a smaller scale or run "
                 "the model in float32 or bfloat16."

@@ -22,7 +22,16 @@ from open_clip.transformer import Transformer, VisionTransformer
 from torch import nn
 
 from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings, square_patch_size
-from ..family import LOADER_ARGUMENTS, Checkpoint, Family, check_close_keywords, check_keywords
+from ..errors import TTRegTypeError, TTRegValueError
+from ..family import (
+    LOADER_ARGUMENTS,
+    Checkpoint,
+    Family,
+    check_close_keywords,
+    check_keywords,
+    closest_keyword_on_error,
+    parameter_names,
+)
 from ..images import Preprocessor, transform_preprocessor
 from ..index import INDEX_FILENAME
 from .attention import attention_probabilities
@@ -68,7 +77,7 @@ def check_mlps(tower: VisionTransformer) -> None:
             and isinstance(layers[0], nn.Linear)
             and isinstance(layers[2], nn.Linear)
         ):
-            raise TypeError(
+            raise TTRegTypeError(
                 "Test-time registers expect open_clip's MLP `Sequential(c_fc: Linear, activation, c_proj: Linear)`, "
                 f"got {mlp!r}; this open_clip model or version builds its blocks differently and is not supported."
             )
@@ -94,19 +103,14 @@ class OpenCLIPTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransfo
     def adopt_register_modules(self) -> None:
         """Give the tower its config and the appender around ``patch_dropout``, then adopt at the seams (edit off)."""
         check_mlps(self)
-        blocks = self.transformer.resblocks
-        self.config = TestTimeRegisterConfig(
-            num_hidden_layers=len(blocks),
-            mlp_width=blocks[0].mlp[0].out_features,
-            patch_size=square_patch_size(self.patch_size),
-        )
+        self.config = register_config(self)
         self.patch_dropout = RegisterAppender(self.patch_dropout)  # dropout never drops the registers
         super().adopt_register_modules()
 
     def _embeds(self, x: torch.Tensor) -> torch.Tensor:
         check_pixel_values(x, self.patch_size)
         if tuple(x.shape[-2:]) != tuple(self.image_size):
-            raise ValueError(
+            raise TTRegValueError(
                 f"Image size {x.shape[-2]}x{x.shape[-1]} does not match the model's "
                 f"{self.image_size[0]}x{self.image_size[1]}: preprocess the images with the model's transform."
             )
@@ -125,14 +129,26 @@ def to_test_time_registers(model: nn.Module, register_neurons: IndexSpec | None 
     """
     visual = getattr(model, "visual", model)
     if not isinstance(visual, VisionTransformer):
-        raise TypeError(
+        raise TTRegTypeError(
             f"Test-time registers need open_clip's VisionTransformer tower (ViT-* models), not {type(visual).__name__}."
         )
     if not isinstance(visual, OpenCLIPTTRegVisionTransformer):
-        check_mlps(visual)  # before the class changes: a refused tower stays as it was
+        check_mlps(visual)  # before the class changes: a refused tower stays as it was, and so
+        register_config(visual).update_test_time_registers(register_neurons, **settings)  # does a refused setting
         adopt(visual, OpenCLIPTTRegVisionTransformer).adopt_register_modules()
     visual.set_register_neurons(register_neurons, **settings)
     return model
+
+
+def register_config(visual: VisionTransformer, **settings) -> TestTimeRegisterConfig:
+    """The register settings of an open_clip `VisionTransformer`: its depth and MLP width bound the index."""
+    blocks = visual.transformer.resblocks
+    return TestTimeRegisterConfig(
+        num_hidden_layers=len(blocks),
+        mlp_width=blocks[0].mlp[0].out_features,
+        patch_size=square_patch_size(visual.patch_size),
+        **settings,
+    )
 
 
 def checkpoint_uses_quick_gelu(model_name: str, pretrained: str | None) -> bool:
@@ -161,7 +177,8 @@ def create_model_and_transforms(
     settings = pop_register_settings(kwargs)
     check_close_keywords(kwargs, REGISTER_SETTINGS, "create_model_and_transforms")
     config = tower_config(model_name, **settings)
-    saved = repo_index(model_name) if register_neurons is None else None
+    wanted = register_neurons is None and settings.get("num_test_time_registers") != 0  # 0: the edit off, no index
+    saved = repo_index(model_name) if wanted else None
     if saved is not None:  # saved with the weights, as a `transformers` config saves one: the checkpoint's own
         config.update_test_time_registers(saved, **settings)
     checkpoint = checkpoint or (f"{model_name} ({pretrained})" if pretrained else model_name)
@@ -169,9 +186,19 @@ def create_model_and_transforms(
         register_neurons, checkpoint=checkpoint, register_semantics=settings.get("register_semantics")
     )
     kwargs.setdefault("force_quick_gelu", checkpoint_uses_quick_gelu(model_name, pretrained))  # False opts out
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_name, pretrained, **kwargs)
+    valid = {*OPEN_CLIP_KEYWORDS, *REGISTER_SETTINGS, *parameter_names(create_model_and_transforms)}
+    with closest_keyword_on_error(kwargs, valid, "create_model_and_transforms"):
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            model_name, pretrained, **kwargs
+        )
     settings = {name: getattr(config, name) for name in REGISTER_SETTINGS}
     return to_test_time_registers(model, **settings), preprocess_train, preprocess_val
+
+
+# what open_clip's loader takes: its own keywords and, passed on, the model classes' (``**model_kwargs``)
+OPEN_CLIP_KEYWORDS = parameter_names(
+    open_clip.create_model_and_transforms, open_clip.create_model, open_clip.CLIP, open_clip.CustomTextCLIP
+)
 
 
 def repo_index(model_name: str) -> Path | str | None:
@@ -197,11 +224,11 @@ def open_clip_model_config(model_name: str) -> dict:
     try:
         config = open_clip.get_model_config(model_name)
     except (AttributeError, TypeError, ValueError) as error:  # a file that is not JSON, or not an object
-        raise ValueError(f"The open_clip config of {model_name!r} is not a model config ({error}).") from error
+        raise TTRegValueError(f"The open_clip config of {model_name!r} is not a model config ({error}).") from error
     if config is None:
-        raise ValueError(f"Unknown open_clip model {model_name!r}; see `open_clip.list_models()`.")
+        raise TTRegValueError(f"Unknown open_clip model {model_name!r}; see `open_clip.list_models()`.")
     if not (isinstance(config, dict) and all(isinstance(config.get(f"{t}_cfg"), dict) for t in ("vision", "text"))):
-        raise ValueError(f"The open_clip config of {model_name!r} has no vision_cfg and text_cfg objects.")
+        raise TTRegValueError(f"The open_clip config of {model_name!r} has no vision_cfg and text_cfg objects.")
     return config
 
 
@@ -212,10 +239,12 @@ def tower_config(model_name: str, **settings) -> TestTimeRegisterConfig:
     try:
         vision = CLIPVisionCfg(**vision)
     except TypeError as error:
-        raise ValueError(f"The vision_cfg of open_clip model {model_name!r} is not open_clip's: {error}") from error
+        raise TTRegValueError(
+            f"The vision_cfg of open_clip model {model_name!r} is not open_clip's: {error}"
+        ) from error
     tower = "timm" if vision.timm_model_name else "ResNet" if isinstance(vision.layers, (list, tuple)) else None
     if tower:
-        raise ValueError(
+        raise TTRegValueError(
             f"open_clip model {model_name!r} has a {tower} image tower: test-time registers need open_clip's "
             "VisionTransformer (ViT-* models)."
         )

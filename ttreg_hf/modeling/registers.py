@@ -22,8 +22,9 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from transformers.utils import ModelOutput
 
 from ..configs.registers import pop_register_settings
+from ..errors import TTRegTypeError, TTRegValueError
 from ..family import check_close_keywords, parent_class
-from ..index import RegisterNeuronIndex, warn_once, weights_fingerprint
+from ..index import RegisterIndexMismatchWarning, RegisterNeuronIndex, fingerprinted_weight, weights_fingerprint
 from ..remote_code import remote_auto_map, write_remote_code
 from .edit import RegisterNeuronEdit
 from .layout import TokenLayout
@@ -156,7 +157,7 @@ def adopt(module: nn.Module, subclass: type[nn.Module]) -> nn.Module:
     only attributes the plumbing sets (``token_layout`` on the appender, ``register_edit`` on the MLPs).
     """
     if not issubclass(subclass, type(module)):
-        raise TypeError(f"{subclass.__name__} does not subclass {type(module).__name__}.")
+        raise TTRegTypeError(f"{subclass.__name__} does not subclass {type(module).__name__}.")
     module.__class__ = subclass
     return module
 
@@ -170,7 +171,7 @@ def build_sharing_weights(model_class: type[nn.Module], module: nn.Module, *args
         model = model_class(*args, **kwargs)
     ours, theirs = (dict(m.named_parameters(remove_duplicate=False)) for m in (model, module))
     if ours.keys() != theirs.keys():
-        raise TypeError(
+        raise TTRegTypeError(
             f"{model_class.__name__} built from {type(module).__name__}'s config has other parameters "
             f"({', '.join(sorted(ours.keys() ^ theirs.keys())[:3])}, ...): it cannot take that module's weights. A "
             "module wrapped by adapters or quantization is no longer the parent's: give it registers before."
@@ -200,14 +201,14 @@ def forward_calls(module: nn.Module, attribute: str) -> bool:
 def check_pixel_values(pixel_values: torch.Tensor, patch_size: int | Sequence[int]) -> None:
     """Refuse inputs the parent would silently mangle: integer images and sizes the patch size does not divide."""
     if not pixel_values.is_floating_point():
-        raise TypeError(
+        raise TTRegTypeError(
             f"pixel_values must be a floating-point tensor of normalized images, got {pixel_values.dtype}; "
             "run the images through the model's image processor (or convert and normalize them) first."
         )
     patch_h, patch_w = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
     height, width = pixel_values.shape[-2:]
     if height % patch_h or width % patch_w:
-        raise ValueError(
+        raise TTRegValueError(
             f"Image size {height}x{width} is not a multiple of the patch size {patch_h}x{patch_w}: the parent model "
             f"would silently drop the remainder. Resize or crop to a multiple, e.g. "
             f"{height // patch_h * patch_h}x{width // patch_w * patch_w}."
@@ -218,7 +219,7 @@ def check_image_size(pixel_values: torch.Tensor, image_size: int, interpolate_po
     """Refuse, like `check_pixel_values`, a size other than the position table's unless the caller interpolates."""
     height, width = pixel_values.shape[-2:]
     if not interpolate_pos_encoding and (height, width) != (image_size, image_size):
-        raise ValueError(
+        raise TTRegValueError(
             f"Image size {height}x{width} does not match the model's {image_size}x{image_size}: resize the images "
             "(the model's image processor does), or pass `interpolate_pos_encoding=True`."
         )
@@ -293,14 +294,14 @@ class TestTimeRegisterMixin:
         seams, name = self.register_seams, type(self).__name__
         appender = self.register_appender
         if not forward_calls(appender, "append_registers"):
-            raise TypeError(
+            raise TTRegTypeError(
                 f"{name}.register_seams.appender is {seams.appender!r}, a {type(appender).__name__}, whose forward "
                 "does not call `self.token_layout.append_registers(...)`: no register would be appended. Name the "
                 "module after the position embedding, adopted as a subclass that appends (or a `RegisterAppender`)."
             )
         for layer, mlp in enumerate(self.register_edit_sites):
             if not forward_calls(mlp, "register_edit"):
-                raise TypeError(
+                raise TTRegTypeError(
                     f"{name}.register_seams.mlp is {seams.mlp!r}, and block {layer}'s is a {type(mlp).__name__}, whose "
                     "forward does not call `self.register_edit(...)`: the edit would never run. Declare the MLP's "
                     "subclass that calls it in `register_seams.modules`, or fix the path."
@@ -376,23 +377,25 @@ class KeywordRegisterSettingsMixin(TestTimeRegisterMixin):
 
 
 def warn_if_other_weights(model: torch.nn.Module) -> None:
-    """Warn once (`RegisterIndexMismatchWarning`) when the attached index records a weights fingerprint that is not
-    ``model``'s. Called by the loaders once the weights are in place: one strided sample of at most 4096 values per
-    parameter, copied to the host once per load (milliseconds for a ViT-L), and only for an index that records a
-    fingerprint. The fingerprint hashes parameter names and float32 values, so a model in another dtype, or on the
-    meta device, is not compared (the same weights in bfloat16 would always differ)."""
+    """Warn (`RegisterIndexMismatchWarning`; Python's default filter shows it once per place) when the attached index
+    records a weights fingerprint that is not ``model``'s. Called by the loaders once the weights are in place: one
+    strided sample of at most 4096 values of the patch embedding (`weights_fingerprint`), copied to the host once per
+    load, and only for an index that records a fingerprint. The fingerprint hashes float32 values, so a model in
+    another dtype, or on the meta device, is not compared (the same weights in bfloat16 would always differ)."""
     fingerprint = (model.config.register_index_provenance or {}).get("weights_fingerprint")
-    parameters = list(model.parameters())
-    if not fingerprint or any(p.device.type == "meta" or p.dtype != torch.float32 for p in parameters):
+    weight = fingerprinted_weight(model)
+    if not fingerprint or weight.device.type == "meta" or weight.dtype != torch.float32:
         return
     own = weights_fingerprint(model)
     if own != fingerprint:
         found_for = ", ".join(model.config.register_index_provenance.get("checkpoints", {}).values())
-        warn_once(
+        warnings.warn(
             f"This register-neuron index was found on other weights ({found_for or 'fingerprint ' + fingerprint}; "
             f"this model's fingerprint is {own}, the index's {fingerprint}): the neurons may "
-            "not be this checkpoint's. The fingerprint hashes parameter names too, so the same weights in another "
-            "model class differ. Find this checkpoint's neurons with `ttreg find-neurons`."
+            "not be this checkpoint's (the fingerprint hashes the patch embedding, which fine-tuning changes). Find "
+            "this checkpoint's neurons with `ttreg find-neurons`.",
+            RegisterIndexMismatchWarning,
+            stacklevel=3,
         )
 
 
@@ -413,7 +416,7 @@ class TestTimeRegisterLoadingMixin:
             return config
         parent_config_class = super().config_class
         if not isinstance(config, parent_config_class):
-            raise TypeError(
+            raise TTRegTypeError(
                 f"{cls.__name__} needs a {cls.config_class.__name__} (or a {parent_config_class.__name__}, which it "
                 f"converts), got a {type(config).__name__}."
             )
@@ -481,10 +484,10 @@ class TestTimeRegisterLoadingMixin:
         if isinstance(config, PreTrainedConfig):
             config = copy.deepcopy(cls.convert_config(config))
         else:
-            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
             config = config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
-        for key, value in overrides.items():
-            setattr(config.register_config if key in settings else config, key, value)
+        for key, value in sorted(overrides.items(), key=lambda item: item[0] in settings):  # a new sub-config first
+            set_config_keyword(config.register_config if key in settings else config, key, value)
         config.register_config.attach_register_neurons(
             register_neurons,
             checkpoint=str(pretrained_model_name_or_path),
@@ -532,6 +535,18 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterLoadingMixin, TestTimeRegi
                     edit.reset_buffers()
 
 
+def set_config_keyword(config: PreTrainedConfig, key: str, value) -> None:
+    """``config.key = value`` as the parent's `from_pretrained` applies a keyword argument that names a config
+    attribute: a dict given for a sub-config updates it (its class kept); one of the parent's vision configs given for
+    a composite config's register sub-config is converted to ours."""
+    current = getattr(config, key, None)
+    if isinstance(value, Mapping) and isinstance(current, PreTrainedConfig):
+        value = type(current)(**{**current.to_dict(), **value})
+    elif key == getattr(config, "register_config_key", None):
+        value = config.as_register_config(value)
+    setattr(config, key, value)
+
+
 def register_settings(config_class: type) -> set[str]:
     """The fields a test-time-register config class adds to its parent's: the register settings and the family's own
     (``pool_registers``, ``position_interpolation``)."""
@@ -540,14 +555,14 @@ def register_settings(config_class: type) -> set[str]:
 
 
 MODEL_KEYWORDS = ("dtype", "torch_dtype")  # config attributes that `from_pretrained` gives the model, not the config
-_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
 def vision_tower_with_registers(model: nn.Module) -> PreTrainedTestTimeRegisterMixin:
     """The test-time-register tower inside ``model``, e.g. to call `set_register_neurons` on it."""
     towers = [module for module in model.modules() if isinstance(module, PreTrainedTestTimeRegisterMixin)]
     if len(towers) != 1:
-        raise ValueError(
+        raise TTRegValueError(
             f"{type(model).__name__} has {len(towers)} vision towers with test-time registers, not one; give it one "
             "with `to_test_time_registers(model, register_neurons=...)`."
         )

@@ -33,6 +33,7 @@ from transformers.models.siglip2.modeling_siglip2 import (
 from transformers.utils.generic import can_return_tuple
 
 from ..configs.siglip import Siglip2TTRegConfig, Siglip2VisionTTRegConfig, SiglipTTRegConfig, SiglipVisionTTRegConfig
+from ..errors import TTRegValueError
 from ..family import Family, register_auto_classes, transformers_checkpoint
 from .attention import attention_probabilities
 from .clip import clip_attention
@@ -182,14 +183,14 @@ def check_spatial_shapes(
         or spatial_shapes.is_floating_point()
     ):
         got = tuple(spatial_shapes.shape) if isinstance(spatial_shapes, torch.Tensor) else type(spatial_shapes)
-        raise ValueError(
+        raise TTRegValueError(
             f"spatial_shapes must be an integer tensor of shape (batch, 2) = ({batch}, 2), each image's patch rows and "
             f"columns, got {got}; pass the image processor's outputs together."
         )
     shapes = spatial_shapes.tolist()
     for image, (rows, columns) in enumerate(shapes):
         if rows < 1 or columns < 1 or rows * columns > length:
-            raise ValueError(
+            raise TTRegValueError(
                 f"spatial_shapes says image {image} is {rows}x{columns} patches, which does not fit the "
                 f"{length} patches of pixel_values; pass the image processor's outputs together."
             )
@@ -207,7 +208,7 @@ def check_spatial_shapes(
             f"{int((mask[image] == 0).sum())} padding (0) of {length}, where the first {rows * columns} must be real "
             "and the rest padding"
         )
-        raise ValueError(
+        raise TTRegValueError(
             f"spatial_shapes says image {image} is {rows}x{columns} = {rows * columns} patches, but {found}: pass the "
             "image processor's outputs (pixel_values, pixel_attention_mask, spatial_shapes) together."
         )
@@ -245,7 +246,7 @@ class Siglip2VisionTTRegModel(_SiglipTTRegMixin, Siglip2VisionModel):
         **kwargs,
     ) -> TestTimeRegisterModelOutput:
         if pixel_attention_mask is not None and pixel_attention_mask.shape != pixel_values.shape[:2]:
-            raise ValueError(
+            raise TTRegValueError(
                 f"pixel_attention_mask has shape {tuple(pixel_attention_mask.shape)}, pixel_values "
                 f"{tuple(pixel_values.shape)}: the mask needs one entry per patch, (batch, max_num_patches); pass the "
                 "image processor's outputs together."

@@ -18,7 +18,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings, square_patch_size
-from ..family import Family, check_close_keywords
+from ..errors import TTRegTypeError, TTRegValueError
+from ..family import Family, check_close_keywords, closest_keyword_on_error, parameter_names
 from ..images import Preprocessor, transform_preprocessor
 from .attention import attention_probabilities
 from .registers import IndexSpec, KeywordRegisterSettingsMixin, RegisterAppender, RegisterSeams, adopt
@@ -65,7 +66,7 @@ def check_editable_mlps(model: VisionTransformer) -> None:
     for layer, block in enumerate(model.blocks):
         mlp = getattr(block, "mlp", None)
         if type(mlp) not in EDITABLE_MLPS:
-            raise TypeError(
+            raise TTRegTypeError(
                 f"Test-time registers need blocks with a timm Mlp, GluMlp, SwiGLUPacked or SwiGLU `mlp`; block "
                 f"{layer} ({type(block).__name__}) has {type(mlp).__name__ if mlp is not None else 'none'}."
             )
@@ -98,7 +99,7 @@ class TimmTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransformer
         """`forward_features` and the test-time registers' final tokens, ``(batch, registers, dim)`` (`None` when
         the edit is off)."""
         if attn_mask is not None and self.token_layout.num_registers:
-            raise ValueError("attn_mask does not cover the test-time registers: turn the edit off to pass a mask.")
+            raise TTRegValueError("attn_mask does not cover the test-time registers: turn the edit off to pass a mask.")
         tokens = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
         layout = self.token_layout
         return layout.strip_registers(tokens), layout.registers(tokens) if layout.num_registers else None
@@ -128,9 +129,9 @@ class TimmTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransformer
         reshape and the parent's return structure is rebuilt.
         """
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+            raise TTRegValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
         if attn_mask is not None and self.token_layout.num_registers:
-            raise ValueError("attn_mask does not cover the test-time registers: turn the edit off to pass a mask.")
+            raise TTRegValueError("attn_mask does not cover the test-time registers: turn the edit off to pass a mask.")
         outputs = super().forward_intermediates(
             x, indices, return_prefix_tokens=True, norm=norm, stop_early=stop_early, output_fmt="NLC",
             intermediates_only=intermediates_only, output_dict=True, attn_mask=attn_mask, is_causal=is_causal,
@@ -169,7 +170,7 @@ def vision_transformer(model: nn.Module) -> VisionTransformer:
     if isinstance(model, FeatureGetterNet):
         model = model.model
     elif isinstance(model, (FeatureHookNet, FeatureGraphNet)):
-        raise TypeError(
+        raise TTRegTypeError(
             f"timm's {type(model).__name__} (feature_cls='hook' / 'fx') returns the blocks' raw outputs, which carry "
             "the test-time registers: use timm's default ViT feature wrapper, feature_cls='getter' "
             "(`features_only=True` without `feature_cls`), whose features come from `forward_intermediates` with the "
@@ -179,7 +180,7 @@ def vision_transformer(model: nn.Module) -> VisionTransformer:
         return model
     supported = "timm's VisionTransformer (vit_* models) and VisionTransformerDistilled (deit_*_distilled_*)"
     if isinstance(model, VisionTransformer):
-        raise TypeError(
+        raise TTRegTypeError(
             f"{type(model).__name__} subclasses timm's VisionTransformer and may build its tokens or heads differently, "
             f"so test-time registers do not convert it: supported are {supported}. For your own subclass, derive from "
             "both, e.g. `class MyTTReg(TimmTTRegVisionTransformer, MyViT)`, and check it against the parent."
@@ -187,7 +188,9 @@ def vision_transformer(model: nn.Module) -> VisionTransformer:
     got = type(model).__name__
     if isinstance(model, FeatureDictNet):  # and FeatureListNet: timm wraps CNN-style models so, never a ViT
         got = f"timm's {got}, the features_only wrapper of a model that is not a ViT"
-    raise TypeError(f"Test-time registers need {supported}, optionally in timm's features_only wrapper; got {got}.")
+    raise TTRegTypeError(
+        f"Test-time registers need {supported}, optionally in timm's features_only wrapper; got {got}."
+    )
 
 
 def _ours() -> dict[type, type]:
@@ -206,7 +209,8 @@ def to_test_time_registers(model: nn.Module, register_neurons: IndexSpec | None 
     """
     vit = vision_transformer(model)
     if not isinstance(vit, TimmTTRegVisionTransformer):
-        check_editable_mlps(vit)  # before the class changes: a refused model stays as it was
+        check_editable_mlps(vit)  # before the class changes: a refused model stays as it was, and so
+        register_config(vit).update_test_time_registers(register_neurons, **settings)  # does a refused setting
         adopt(vit, _ours()[type(vit)]).adopt_register_modules()
     vit.set_register_neurons(register_neurons, **settings)
     return model
@@ -217,6 +221,10 @@ DINOV2_HUB_NAMES = {
     f"vit_{size}_patch14_dinov2": f"dinov2_vit{arch}14"
     for size, arch in (("small", "s"), ("base", "b"), ("large", "l"), ("giant", "g"))
 }
+
+
+# what timm's loader takes: its own keywords and, passed on, its ViTs' (``**kwargs``)
+TIMM_KEYWORDS = parameter_names(timm.create_model, VisionTransformer, VisionTransformerDistilled)
 
 
 def create_model(model_name: str, pretrained: bool = False, *, register_neurons: IndexSpec | None = None, **kwargs):
@@ -230,7 +238,8 @@ def create_model(model_name: str, pretrained: bool = False, *, register_neurons:
     """
     settings = pop_register_settings(kwargs)
     check_close_keywords(kwargs, REGISTER_SETTINGS, "create_model")  # the rest: timm checks them
-    with torch.device("meta"):  # the architecture, refused or measured before any weights are downloaded
+    valid = {*TIMM_KEYWORDS, *REGISTER_SETTINGS, *parameter_names(create_model)}
+    with torch.device("meta"), closest_keyword_on_error(kwargs, valid, "create_model"):  # before any download
         skeleton = vision_transformer(timm.create_model(model_name, pretrained=False, **kwargs))
     check_editable_mlps(skeleton)
     config = register_config(skeleton, **settings)

@@ -16,13 +16,17 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
 
 from ..configs.registers import TestTimeRegisterCompositeConfigMixin, TestTimeRegisterConfigMixin
-from ..family import check_close_keywords
+from ..errors import TTRegTypeError, TTRegValueError
+from ..family import check_close_keywords, closest_keyword_on_error
 from ..registry import transformers_families
 from .registers import (
+    HUB_KWARGS,
+    MODEL_KEYWORDS,
     IndexSpec,
     PreTrainedTestTimeRegisterMixin,
     build_sharing_weights,
     register_settings,
+    set_config_keyword,
     set_tower,
     vision_tower_with_registers,
 )
@@ -66,7 +70,7 @@ def _with_settings(tower_config: PreTrainedConfig, **settings) -> TestTimeRegist
     config_class = _config_classes()[type(tower_config)]
     unknown = set(settings) - register_settings(config_class)
     if unknown:
-        raise TypeError(
+        raise TTRegTypeError(
             f"{', '.join(sorted(unknown))} not a setting of {config_class.__name__}; its settings are "
             f"{', '.join(sorted(register_settings(config_class)))}."
         )
@@ -91,7 +95,7 @@ def _tower_config_slot(config: PreTrainedConfig) -> tuple[PreTrainedConfig, str]
     slots = [(owner, key) for owner, key in _sub_configs(config) if type(getattr(owner, key)) in _config_classes()]
     if len(slots) != 1:
         found = ", ".join(f"{key}: {getattr(owner, key).model_type}" for owner, key in _sub_configs(config))
-        raise TypeError(
+        raise TTRegTypeError(
             f"Test-time registers plug into one vision tower of {_tower_names()}; this {type(config).__name__} has "
             f"{len(slots)} ({found or 'no sub-configs'})."
         )
@@ -111,14 +115,14 @@ def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
     """The path and module of the one submodule of ``vlm`` whose class is the parent of one of our families."""
     upgraded = [path for path, module in vlm.named_modules() if isinstance(module, PreTrainedTestTimeRegisterMixin)]
     if upgraded:
-        raise ValueError(
+        raise TTRegValueError(
             f"{type(vlm).__name__}.{upgraded[0]} already has test-time registers: change them with "
             "`vision_tower_with_registers(model).set_register_neurons(...)`."
         )
     towers = [(path, module) for path, module in vlm.named_modules() if path and type(module) in _tower_classes()]
     if not towers and type(vlm) in _tower_classes():
         ours = _tower_classes()[type(vlm)]
-        raise TypeError(
+        raise TTRegTypeError(
             f"to_test_time_registers upgrades the tower inside a model; this {type(vlm).__name__} is itself one: load "
             f"it as {ours.__name__} (`{ours.__name__}.from_pretrained(...)`), which takes its checkpoints."
         )
@@ -130,13 +134,13 @@ def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
             if towers
             else ""
         )
-        raise TypeError(
+        raise TTRegTypeError(
             f"to_test_time_registers upgrades the one vision tower of a model, a {_tower_names()}; "
             f"{type(vlm).__name__} has {found}{several}."
         )
     path, tower = towers[0]
     if any(hasattr(module, "_hf_hook") for module in tower.modules()):
-        raise ValueError(
+        raise TTRegValueError(
             f"{type(vlm).__name__}.{path} is dispatched by accelerate (device_map, offloading), whose hooks an upgrade "
             "would drop: upgrade before dispatching, or load with `load_vlm(..., device_map=...)`, which builds the "
             "test-time-register tower from the start."
@@ -171,9 +175,16 @@ def to_test_time_registers(
     """
     path, tower = _vision_tower(vlm)
     whole = tower.config is vlm.config  # a classifier's tower shares its config
+    if whole and isinstance(vlm, PreTrainedModel) and type(vlm) not in _our_classes():  # (a wrapper: its model's)
+        supported = ", ".join(sorted(cls.__name__ for cls in _our_classes() if cls.config_class is type(tower.config)))
+        raise TTRegTypeError(
+            f"A {type(vlm).__name__} with test-time registers would save a config that no Auto class reloads as it "
+            f"(ttreg_hf has no test-time-register class of it). Of the models on a {type(tower).__name__}, these have "
+            f"one: {supported}; or use the tower alone."
+        )
     slots = [(owner, key) for owner, key in _sub_configs(vlm.config) if getattr(owner, key) is tower.config]
     if not slots and not whole:
-        raise ValueError(
+        raise TTRegValueError(
             f"{type(vlm).__name__}.config does not hold its tower's config, so save_pretrained would save the tower "
             "without its registers: keep the tower's config among the model config's sub-configs."
         )
@@ -212,16 +223,23 @@ def load_vlm(
     unmodified model (a baseline, bit-identical); the other register settings (``register_scale``,
     ``pool_registers``, ...) go to the tower, everything else to `from_pretrained`.
     """
-    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path)
     every_family_setting = set().union(*map(register_settings, set(_config_classes().values())))
     settings = {name: kwargs.pop(name) for name in every_family_setting if name in kwargs}
     check_close_keywords(kwargs, every_family_setting, "load_vlm")  # the rest: `from_pretrained` checks them
+    config = kwargs.pop("config", None)
+    if config is None:  # as in the parent: keyword arguments that name config attributes go to the config
+        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+        config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        for key in [key for key in kwargs if key not in MODEL_KEYWORDS and hasattr(config, key)]:
+            set_config_keyword(config, key, kwargs.pop(key))
     config = with_test_time_register_tower(config, **settings)
     getattr(*_tower_config_slot(config)).attach_register_neurons(
         register_neurons,
         checkpoint=str(pretrained_model_name_or_path),
         register_semantics=settings.get("register_semantics"),
     )
-    model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+    valid = {*config.to_dict(), *every_family_setting, *HUB_KWARGS, *MODEL_KEYWORDS, "register_neurons", "model_class"}
+    with closest_keyword_on_error(kwargs, valid, "load_vlm"):
+        model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
     vision_tower_with_registers(model)  # a model that builds its tower without `AutoModel` has the parent's
     return model

@@ -3,7 +3,6 @@
 See "Vision Transformers Don't Need Trained Registers" (https://arxiv.org/abs/2506.08010) and https://github.com/nickjiang2378/test-time-registers."""
 
 import dataclasses
-import functools
 import inspect
 import math
 import warnings
@@ -19,7 +18,7 @@ from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings, Dinov2E
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_ttreg import PATCH_MODES, SEMANTICS, Dinov2TTRegConfig
+from .configuration_ttreg import PATCH_MODES, SEMANTICS, Dinov2TTRegConfig, TTRegTypeError, TTRegValueError
 
 # ---- ttreg_hf/family.py
 
@@ -36,12 +35,6 @@ def parent_class(cls: type) -> type:
 class RegisterIndexMismatchWarning(UserWarning):
     """A register-neuron index used outside where it was found: another checkpoint, other weights, or an image size
     far from its own (an index found at 518 px misses outliers at 224 px on DINOv2-S/B)."""
-
-
-@functools.cache
-def warn_once(message: str, category: type[Warning] = RegisterIndexMismatchWarning) -> None:
-    """``warnings.warn`` the first time this process sees ``message``."""
-    warnings.warn(message, category, stacklevel=3)
 
 
 # ---- ttreg_hf/modeling/layout.py
@@ -103,7 +96,7 @@ NO_REGISTERS = TokenLayout(num_prefix_tokens=1, num_registers=0)  # the layout o
 
 
 def warn_if_far_from_found_size(found_at: tuple[int, int] | None, num_patches: int) -> None:
-    """Warn once when ``num_patches`` patch tokens (a square image's, or the same area) put the image side more than
+    """Warn (`RegisterIndexMismatchWarning`) when ``num_patches`` patch tokens (a square image's, or the same area) put the image side more than
     `IMAGE_SIZE_TOLERANCE` times away from the ``found_at = (image size, patch size)`` of the attached index, in
     pixels. Python ints only: no host sync, nothing traced under `torch.compile` (which skips the check)."""
     if found_at is None or torch.compiler.is_compiling():
@@ -111,11 +104,13 @@ def warn_if_far_from_found_size(found_at: tuple[int, int] | None, num_patches: i
     image_size, patch_size = found_at
     side = math.sqrt(num_patches) * patch_size
     if not 1 / IMAGE_SIZE_TOLERANCE <= side / image_size <= IMAGE_SIZE_TOLERANCE:
-        warn_once(
+        warnings.warn(
             f"The register-neuron index was found at {image_size} px; this model runs at about {side:.0f} px "
             f"({num_patches} patches of {patch_size} px), more than {IMAGE_SIZE_TOLERANCE}x away, where it may miss "
             f"outlier neurons (an index found at 518 px misses outliers at 224 px on DINOv2-S/B). Run at about "
-            f"{image_size} px, or find the neurons at this size with `ttreg find-neurons --image-size`."
+            f"{image_size} px, or find the neurons at this size with `ttreg find-neurons --image-size`.",
+            RegisterIndexMismatchWarning,
+            stacklevel=2,
         )
 
 
@@ -168,13 +163,13 @@ class RegisterNeuronEdit(nn.Module):
         """Set what the edit does, in place (the module stays, and the hooks on it): no ``neurons`` turns it off, so
         that the activations pass unchanged. The buffers are made on ``device`` (default: the current one)."""
         if semantics not in SEMANTICS:
-            raise ValueError(f"Unknown register semantics {semantics!r}; choose one of {SEMANTICS}.")
+            raise TTRegValueError(f"Unknown register semantics {semantics!r}; choose one of {SEMANTICS}.")
         if patch_mode not in PATCH_MODES:
-            raise ValueError(f"Unknown patch mode {patch_mode!r}; choose one of {PATCH_MODES}.")
+            raise TTRegValueError(f"Unknown patch mode {patch_mode!r}; choose one of {PATCH_MODES}.")
         if neurons and len(scale) != layout.num_registers:
-            raise ValueError(f"Got {len(scale)} register scales for {layout.num_registers} test-time registers.")
+            raise TTRegValueError(f"Got {len(scale)} register scales for {layout.num_registers} test-time registers.")
         if neurons and layout.num_registers == 0:
-            raise ValueError("A register-neuron edit with neurons needs at least one test-time register.")
+            raise TTRegValueError("A register-neuron edit with neurons needs at least one test-time register.")
         self.neuron_ids = tuple(int(n) for n in neurons)
         self.scale_values = tuple(float(s) for s in scale) if neurons else ()
         self.largest_scale = max((abs(s) for s in self.scale_values), default=0.0)
@@ -205,7 +200,7 @@ class RegisterNeuronEdit(nn.Module):
         if (
             self.largest_scale > torch.finfo(hidden_states.dtype).max
         ):  # settings and dtype only: no sync, no graph break
-            raise ValueError(
+            raise TTRegValueError(
                 f"register_scale {self.largest_scale:g} overflows {hidden_states.dtype} (largest "
                 f"{torch.finfo(hidden_states.dtype).max:g}): every register would be inf. Use a smaller scale or run "
                 "the model in float32 or bfloat16."
@@ -376,7 +371,7 @@ def adopt(module: nn.Module, subclass: type[nn.Module]) -> nn.Module:
     only attributes the plumbing sets (``token_layout`` on the appender, ``register_edit`` on the MLPs).
     """
     if not issubclass(subclass, type(module)):
-        raise TypeError(f"{subclass.__name__} does not subclass {type(module).__name__}.")
+        raise TTRegTypeError(f"{subclass.__name__} does not subclass {type(module).__name__}.")
     module.__class__ = subclass
     return module
 
@@ -390,7 +385,7 @@ def build_sharing_weights(model_class: type[nn.Module], module: nn.Module, *args
         model = model_class(*args, **kwargs)
     ours, theirs = (dict(m.named_parameters(remove_duplicate=False)) for m in (model, module))
     if ours.keys() != theirs.keys():
-        raise TypeError(
+        raise TTRegTypeError(
             f"{model_class.__name__} built from {type(module).__name__}'s config has other parameters "
             f"({', '.join(sorted(ours.keys() ^ theirs.keys())[:3])}, ...): it cannot take that module's weights. A "
             "module wrapped by adapters or quantization is no longer the parent's: give it registers before."
@@ -420,14 +415,14 @@ def forward_calls(module: nn.Module, attribute: str) -> bool:
 def check_pixel_values(pixel_values: torch.Tensor, patch_size: int | Sequence[int]) -> None:
     """Refuse inputs the parent would silently mangle: integer images and sizes the patch size does not divide."""
     if not pixel_values.is_floating_point():
-        raise TypeError(
+        raise TTRegTypeError(
             f"pixel_values must be a floating-point tensor of normalized images, got {pixel_values.dtype}; "
             "run the images through the model's image processor (or convert and normalize them) first."
         )
     patch_h, patch_w = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
     height, width = pixel_values.shape[-2:]
     if height % patch_h or width % patch_w:
-        raise ValueError(
+        raise TTRegValueError(
             f"Image size {height}x{width} is not a multiple of the patch size {patch_h}x{patch_w}: the parent model "
             f"would silently drop the remainder. Resize or crop to a multiple, e.g. "
             f"{height // patch_h * patch_h}x{width // patch_w * patch_w}."
@@ -503,14 +498,14 @@ class TestTimeRegisterMixin:
         seams, name = self.register_seams, type(self).__name__
         appender = self.register_appender
         if not forward_calls(appender, "append_registers"):
-            raise TypeError(
+            raise TTRegTypeError(
                 f"{name}.register_seams.appender is {seams.appender!r}, a {type(appender).__name__}, whose forward "
                 "does not call `self.token_layout.append_registers(...)`: no register would be appended. Name the "
                 "module after the position embedding, adopted as a subclass that appends (or a `RegisterAppender`)."
             )
         for layer, mlp in enumerate(self.register_edit_sites):
             if not forward_calls(mlp, "register_edit"):
-                raise TypeError(
+                raise TTRegTypeError(
                     f"{name}.register_seams.mlp is {seams.mlp!r}, and block {layer}'s is a {type(mlp).__name__}, whose "
                     "forward does not call `self.register_edit(...)`: the edit would never run. Declare the MLP's "
                     "subclass that calls it in `register_seams.modules`, or fix the path."
@@ -565,7 +560,7 @@ class TestTimeRegisterLoadingMixin:
             return config
         parent_config_class = super().config_class
         if not isinstance(config, parent_config_class):
-            raise TypeError(
+            raise TTRegTypeError(
                 f"{cls.__name__} needs a {cls.config_class.__name__} (or a {parent_config_class.__name__}, which it "
                 f"converts), got a {type(config).__name__}."
             )

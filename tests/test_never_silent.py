@@ -1,0 +1,510 @@
+"""Never silent, round three (issue #25) and errors by kind (#24.4): each test failed before its fix."""
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, DepthAnythingConfig, DepthAnythingForDepthEstimation
+
+from ttreg_cli import main
+from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndex, RegisterNeuronIndexError
+from ttreg_hf.errors import TTRegError, TTRegTypeError, TTRegValueError
+from ttreg_hf.hub import entry_points, load_tt_model
+
+from conftest import tiny_dinov2_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::ttreg_hf.modeling.registers.RegisterEditOffWarning")
+
+
+def tiny_index(**changes) -> RegisterNeuronIndex:
+    """An index for `tiny_dinov2_config` (3 layers, MLP width 128), found with the reference semantics."""
+    fields = dict(neurons={1: [3, 70]}, num_layers=3, mlp_width=128, semantics="reference", image_size=56)
+    return RegisterNeuronIndex(**{**fields, **changes})
+
+
+@pytest.fixture
+def index_file(tmp_path):
+    return tiny_index().save(tmp_path / "index.safetensors")
+
+
+# item 2: `register_neurons` takes the same forms everywhere, configs included
+
+
+def test_a_config_takes_an_index_file_with_its_semantics_and_provenance(index_file):
+    config = tiny_dinov2_config(register_neurons=index_file)  # a `Path`; a str below
+    assert config.register_neurons == {"1": [3, 70]} and config.register_semantics == "reference"
+    assert config.register_index_provenance == tiny_index().provenance
+    given = tiny_dinov2_config(register_neurons=str(index_file), register_semantics="paper", num_hidden_layers=3)
+    assert given.register_neurons == {"1": [3, 70]}
+    explicit = tiny_dinov2_config(register_neurons=tiny_index(), register_index_provenance={"image_size": 99})
+    assert explicit.register_index_provenance == {"image_size": 99}  # given beside it: kept
+    written = tiny_dinov2_config(register_neurons={})
+    written.register_neurons = str(index_file)  # a write to a built config: the file's settings come with it
+    assert (written.register_neurons, written.register_semantics) == ({"1": [3, 70]}, "reference")
+    assert Dinov2TTRegConfig.from_dict(written.to_dict()).register_neurons == {"1": [3, 70]}  # saved as the dict
+
+
+def test_a_config_refuses_an_index_of_another_model(index_file):
+    with pytest.raises(RegisterNeuronIndexError, match="3 layers, MLP width 128"):
+        Dinov2TTRegConfig(register_neurons=index_file)  # the default config: 12 layers, MLP width 3072
+    config = tiny_dinov2_config(register_neurons={})
+    with pytest.raises(RegisterNeuronIndexError, match="3 layers, MLP width 4096"):
+        config.register_neurons = RegisterNeuronIndex({1: [3]}, num_layers=3, mlp_width=4096)
+    assert config.register_neurons == {}  # nothing written
+
+
+def test_auto_model_takes_an_index_file_like_our_class(index_file, tmp_path):
+    Dinov2TTRegModel(tiny_dinov2_config(register_neurons={})).save_pretrained(tmp_path / "saved")
+    ours = Dinov2TTRegModel.from_pretrained(tmp_path / "saved", register_neurons=str(index_file))
+    auto = AutoModel.from_pretrained(tmp_path / "saved", register_neurons=str(index_file))
+    assert type(auto) is Dinov2TTRegModel
+    assert auto.config.register_neurons == ours.config.register_neurons == {"1": [3, 70]}
+    assert auto.config.register_semantics == ours.config.register_semantics == "reference"
+
+
+def test_a_backbone_config_takes_an_index_file(index_file):
+    backbone = tiny_dinov2_config(register_neurons=str(index_file), out_indices=[1, 3], reshape_hidden_states=False)
+    model = DepthAnythingForDepthEstimation(DepthAnythingConfig(backbone_config=backbone, fusion_hidden_size=16))
+    assert model.backbone.config.register_neurons == {"1": [3, 70]}
+    from_dict = DepthAnythingConfig(backbone_config={**backbone.to_dict(), "register_neurons": str(index_file)})
+    assert from_dict.backbone_config.register_neurons == {"1": [3, 70]}
+
+
+# item 5: dtype honoured without pretrained weights
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "float16"])
+def test_random_weights_are_built_in_the_dtype_asked_for(dtype):
+    model = load_tt_model("dinov2_vits14", pretrained=False, dtype=dtype, num_test_time_registers=0)
+    expected = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    assert {p.dtype for p in model.parameters()} == {expected} and model.config.dtype == expected
+    vit = load_tt_model("vit_base_patch16_224_in21k", pretrained=False, dtype=dtype, num_test_time_registers=0)
+    assert {p.dtype for p in vit.parameters()} == {expected} and vit.config.dtype == expected
+
+
+def test_the_dinov2_classifier_runs_in_the_dtype_asked_for():
+    classifier = entry_points()["dinov2_vits14_tt_reg_lc"](
+        pretrained=False, dtype=torch.bfloat16, num_test_time_registers=0
+    )
+    assert {p.dtype for p in classifier.parameters()} == {torch.bfloat16}
+    assert classifier(torch.randn(1, 3, 28, 28, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_dinov2_weights_are_loaded_in_the_dtype_asked_for(tmp_path):
+    from safetensors.torch import save_file
+
+    from upstream_dinov2 import random_original_state_dict
+
+    original = random_original_state_dict(dim=384, depth=12, patch_size=14, table_side=37)  # ViT-S/14's shapes
+    save_file(original, tmp_path / "weights.safetensors")
+    model = load_tt_model(
+        "dinov2_vits14", weights=tmp_path / "weights.safetensors", dtype=torch.bfloat16, num_test_time_registers=0
+    )
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and model.config.dtype == torch.bfloat16
+    assert torch.equal(model.embeddings.cls_token, original["cls_token"].bfloat16())
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float33", 3, torch.int8])
+def test_a_dtype_no_model_is_built_in_is_refused(dtype):
+    with pytest.raises(TTRegValueError, match="dtype="):
+        load_tt_model("dinov2_vits14", pretrained=False, dtype=dtype, num_test_time_registers=0)
+
+
+# #24.4: errors by kind
+
+
+def test_the_package_refusals_share_one_base_and_keep_their_old_types():
+    from ttreg_hf.export import ExportError
+
+    assert issubclass(RegisterNeuronIndexError, TTRegError) and issubclass(RegisterNeuronIndexError, ValueError)
+    assert issubclass(ExportError, TTRegValueError)
+    with pytest.raises(TTRegTypeError, match="did you mean 'num_test_time_registers'"):
+        load_tt_model("dinov2_vits14", pretrained=False, num_test_time_register=0)
+    with pytest.raises(TTRegValueError, match="num_test_time_registers must be >= 0"):
+        tiny_dinov2_config().update_test_time_registers(num_test_time_registers=-1)
+
+
+def test_a_bug_is_exit_1_with_its_traceback(monkeypatch, tmp_path):
+    def bug(*args, **kwargs):
+        raise ValueError("an internal invariant broke")  # not a refusal of the package: a bug
+
+    monkeypatch.setattr("ttreg_cli.load_model", bug)
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    with pytest.raises(ValueError, match="an internal invariant broke"):  # `python -m ttreg_cli`: exit 1
+        main(["inspect", "planted", str(image), "--out", str(tmp_path / "r.png")])
+
+
+def test_mismatch_warnings_follow_the_warnings_filters(index_file):
+    """No process-wide memory of our own: Python's filters decide, so "always" shows every one."""
+    config = tiny_dinov2_config(register_neurons={})
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            config.attach_register_neurons(str(index_file), checkpoint="me/other")
+    assert len(record) == 0  # the index records no checkpoint: it applies anywhere
+    index = tiny_index(checkpoints={"hf": "me/tiny"})
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            config.attach_register_neurons(index, checkpoint="me/other")
+    assert len(record) == 2
+
+
+# item 6 and item 1: the CLI's --device and --weights
+
+
+def cli(argv, capsys) -> tuple[int, str]:
+    status = main(argv)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return status, captured.err.strip()
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:7", "meta", "xpu"])
+def test_a_device_that_is_not_there_is_refused_before_loading(device, monkeypatch, tmp_path, capsys):
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --device was checked")
+
+    monkeypatch.setattr("ttreg_cli.load_model", no_loading)
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    status, err = cli(["inspect", "planted", str(image), "--out", str(tmp_path / "r.png"), "--device", device], capsys)
+    assert status == 2 and err.startswith(f"ttreg: error: --device {device}") and len(err.splitlines()) == 1
+
+
+def test_weights_that_would_be_ignored_are_refused(tmp_path, capsys):
+    Dinov2TTRegModel(tiny_dinov2_config(register_neurons={})).save_pretrained(tmp_path / "folder")
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"")
+    images = tmp_path / "images"
+    images.mkdir()
+    out = ["--out", str(tmp_path / "i.safetensors")]
+    for model, reason in [("planted", "the planted model"), (str(tmp_path / "folder"), "a folder")]:
+        status, err = cli(["find-neurons", model, str(images), *out, "--weights", str(weights)], capsys)
+        assert status == 2 and "--weights is for a model name" in err and reason in err
+    status, err = cli(["find-neurons", "vit_base_patch16_224_in21k", str(images), *out, "--weights", "nope"], capsys)
+    assert status == 2 and "No checkpoint at --weights nope" in err
+
+
+def test_weights_of_another_family_are_refused(tmp_path, capsys):
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    arch = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=16)
+    DINOv3ViTModel(DINOv3ViTConfig(**arch, image_size=64)).save_pretrained(tmp_path / "dinov3")
+    with pytest.raises(TTRegValueError, match="hold a 'dinov3_vit' checkpoint, and vit_base_patch16_224_in21k loads"):
+        load_tt_model("vit_base_patch16_224_in21k", weights=tmp_path / "dinov3", num_test_time_registers=0)
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    argv = ["inspect", "vit_base_patch16_224_in21k", str(image), "--weights", str(tmp_path / "dinov3")]
+    status, err = cli([*argv, "--out", str(tmp_path / "r.png")], capsys)
+    assert status == 2 and "hold a 'dinov3_vit' checkpoint" in err and not (tmp_path / "r.png").exists()
+
+
+# item 11: types, not values
+
+
+@pytest.mark.parametrize("layers", [4.0, True, "4"])
+def test_a_head_layer_count_of_another_type_is_refused(layers):
+    with pytest.raises(TTRegValueError, match=f"layers={layers!r}"):
+        entry_points()["dinov2_vits14_tt_reg_lc"](pretrained=False, layers=layers, num_test_time_registers=0)
+
+
+@pytest.mark.parametrize("pretrained", ["False", 0, None])
+def test_pretrained_is_a_bool(pretrained):
+    with pytest.raises(TTRegTypeError, match="pretrained must be True or False"):
+        load_tt_model("dinov2_vits14", pretrained=pretrained, num_test_time_registers=0)
+
+
+@pytest.mark.parametrize("n", [4.0, True, "ab", [1.0]])
+def test_get_intermediate_layers_refuses_other_types(n):
+    model = entry_points()["dinov2_vits14_tt_reg"](pretrained=False, num_test_time_registers=0)
+    with pytest.raises(TTRegTypeError, match="n must be an int"):
+        model.get_intermediate_layers(torch.randn(1, 3, 28, 28), n=n)
+
+
+# item 3 and item 10: the VLM loader's keywords mean what the parent's mean; typos name the closest valid one
+
+
+@pytest.fixture
+def llava_folder(tmp_path):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**tower, image_size=28), text_config=LlamaConfig(**text), image_token_index=63
+    )
+    LlavaForConditionalGeneration(config).save_pretrained(tmp_path / "llava")
+    return tmp_path / "llava"
+
+
+def test_load_vlm_gives_config_keywords_to_the_config_as_the_parent_does(llava_folder):
+    from transformers import LlavaForConditionalGeneration
+
+    from ttreg_hf import load_vlm
+
+    settings = dict(
+        vision_feature_select_strategy="full",
+        image_seq_length=5,
+        text_config={"rms_norm_eps": 1e-3},
+        dtype=torch.bfloat16,
+    )
+    parent = LlavaForConditionalGeneration.from_pretrained(llava_folder, **settings)
+    ours = load_vlm(llava_folder, num_test_time_registers=0, **settings)
+    assert ours.config.text_config.rms_norm_eps == parent.config.text_config.rms_norm_eps == 1e-3
+    assert type(ours.config.text_config) is type(parent.config.text_config)
+    assert ours.config.vision_feature_select_strategy == parent.config.vision_feature_select_strategy == "full"
+    assert ours.config.image_seq_length == parent.config.image_seq_length == 5
+    assert ours.dtype == parent.dtype == torch.bfloat16
+    with pytest.raises(TTRegTypeError, match="'vision_feature_layr'; did you mean 'vision_feature_layer'"):
+        load_vlm(llava_folder, num_test_time_registers=0, vision_feature_layr=-1)
+
+
+def test_open_clip_and_timm_loaders_name_the_closest_keyword():
+    from ttreg_hf.modeling.open_clip import create_model_and_transforms
+    from ttreg_hf.modeling.timm import create_model
+
+    with pytest.raises(TTRegTypeError, match="'precison'; did you mean 'precision'"):
+        create_model_and_transforms("ViT-B-32", num_test_time_registers=0, precison="fp32")
+    with pytest.raises(TTRegTypeError, match="'drop_rat'; did you mean 'drop_rate'"):
+        create_model("vit_tiny_patch16_224", num_test_time_registers=0, drop_rat=0.1)
+
+
+# item 4: a composite model's sub-configs at load, as the parent takes them
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_sub_configs_given_at_load_are_taken_as_the_parent_takes_them(family, tmp_path):
+    import transformers
+
+    from ttreg_hf import CLIPTTRegModel, SiglipTTRegModel
+
+    prefix = "CLIP" if family == "clip" else "Siglip"
+    parent_class = getattr(transformers, f"{prefix}Model")
+    ours_class = CLIPTTRegModel if family == "clip" else SiglipTTRegModel
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    config = getattr(transformers, f"{prefix}Config")(vision_config={**tower, "image_size": 28}, text_config=text)
+    parent_class(config).save_pretrained(tmp_path / family)
+    vision_class = getattr(transformers, f"{prefix}VisionConfig")
+    for given in [
+        dict(vision_config={"layer_norm_eps": 1e-3}),
+        dict(vision_config=vision_class(**tower, image_size=28, layer_norm_eps=1e-3)),
+        dict(text_config={"layer_norm_eps": 1e-3}),
+    ]:
+        parent = parent_class.from_pretrained(tmp_path / family, **given)
+        ours = ours_class.from_pretrained(tmp_path / family, num_test_time_registers=0, **given)
+        for key in ("vision_config", "text_config"):
+            assert getattr(ours.config, key).layer_norm_eps == getattr(parent.config, key).layer_norm_eps
+        assert type(ours.config.vision_config) is ours_class.config_class.register_config_class()
+        assert ours.config.vision_config.num_test_time_registers == 0
+    with pytest.raises(TTRegTypeError, match=f"vision_config must be a {prefix}VisionConfig"):
+        ours_class.from_pretrained(tmp_path / family, vision_config=Dinov2TTRegConfig(), num_test_time_registers=0)
+
+
+# item 13: a setting the model will not honour is an error; an index the model will not use is not read
+
+
+def test_an_open_clip_export_with_the_edit_off_reads_no_index(tmp_path):
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from ttreg_hf.modeling.open_clip import create_model_and_transforms
+
+    vision = dict(image_size=32, layers=2, width=32, head_width=16, patch_size=8)
+    config = dict(embed_dim=16, vision_cfg=vision, text_cfg=dict(context_length=8, vocab_size=100, width=32, layers=1))
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+    base = open_clip.CLIP(**config).eval()
+    save_file(base.state_dict(), folder / "open_clip_model.safetensors")
+    (folder / "register_neurons.safetensors").write_bytes(b"not an index")
+    model, _, _ = create_model_and_transforms(f"local-dir:{folder}", num_test_time_registers=0)
+    pixels = torch.randn(1, 3, 32, 32)
+    assert torch.equal(model.eval().encode_image(pixels), base.encode_image(pixels))
+    with pytest.raises(RegisterNeuronIndexError, match="not a readable safetensors file"):
+        create_model_and_transforms(f"local-dir:{folder}")  # the edit on: the index is read, and refused
+
+
+def test_a_register_setting_on_a_dual_encoders_config_is_refused(tmp_path):
+    from transformers import CLIPConfig
+
+    from ttreg_hf import CLIPTTRegConfig, CLIPTTRegModel
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    config = CLIPConfig(vision_config={**tower, "image_size": 28}, text_config=text)
+    model = CLIPTTRegModel(CLIPTTRegConfig.from_parent_config(config))
+    with pytest.raises(TTRegValueError, match="CLIPTTRegConfig holds no num_test_time_registers: the vision_config"):
+        model.config.num_test_time_registers = 0
+    with pytest.raises(TTRegValueError, match="holds no register_neurons"):
+        CLIPTTRegConfig(register_neurons={1: [3]})
+    assert model.config.vision_config.num_test_time_registers == 1
+
+
+# item 12: no ratio where none was measured
+
+
+def test_discovery_without_evaluation_images_reports_no_ratio():
+    from ttreg_hf.discovery import find_register_neurons
+    from ttreg_hf.model_card import render_index_card
+    from ttreg_hf.planted import build_planted_model, planted_pixels, textured_images
+
+    model, images = build_planted_model(), planted_pixels(textured_images(16, seed=0, size=224))
+    result = find_register_neurons(model, images, calibration_images=8, batch_size=8, top_k=4, eval_images=0)
+    assert result.found and result.eval_outlier_ratio is None and result.index.details["num_eval_images"] == 0
+    assert "eval_outlier_ratio_before" not in result.index.details
+    assert "% before" not in result.summary() and "not measured" in result.summary()
+    assert "% before" not in render_index_card(result.index, "me/index")
+    measured = find_register_neurons(model, images, calibration_images=8, batch_size=8, top_k=4, eval_images=2)
+    assert "% before" in measured.summary() and "% before" in render_index_card(measured.index, "me/index")
+
+
+# item 9: the fingerprint names the weights, not the library's parameter names or its pruning
+
+
+def dinov2_s_index(fingerprint: str) -> RegisterNeuronIndex:
+    details = {"weights_fingerprint": fingerprint}
+    return RegisterNeuronIndex({3: [10, 200]}, num_layers=12, mlp_width=1536, checkpoints={}, details=details)
+
+
+def other_weights_warnings(record) -> list:
+    return [w for w in record if "found on other weights" in str(w.message)]
+
+
+def test_timm_dinov2_with_an_index_found_on_our_dinov2_of_the_same_weights_does_not_warn(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from ttreg_hf.index import weights_fingerprint
+    from ttreg_hf.modeling.timm import to_test_time_registers
+
+    from upstream_dinov2 import random_original_state_dict
+
+    original = random_original_state_dict(dim=384, depth=12, patch_size=14, table_side=37)  # ViT-S/14's shapes
+    save_file(original, tmp_path / "vits14.safetensors")
+    ours = load_tt_model("dinov2_vits14", weights=tmp_path / "vits14.safetensors", num_test_time_registers=0)
+    vits = timm.create_model("vit_small_patch14_dinov2", pretrained=False)
+    vits.load_state_dict(checkpoint_filter_fn(original, vits))
+    other = timm.create_model("vit_small_patch14_dinov2", pretrained=False)  # other (random) weights
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        to_test_time_registers(vits, register_neurons=dinov2_s_index(weights_fingerprint(ours)))
+        assert other_weights_warnings(record) == []
+        to_test_time_registers(other, register_neurons=dinov2_s_index(weights_fingerprint(ours)))
+        assert len(other_weights_warnings(record)) == 1
+
+
+def test_a_timm_model_built_with_features_only_matches_its_full_models_fingerprint():
+    from ttreg_hf.index import weights_fingerprint
+    from ttreg_hf.modeling.timm import create_model
+
+    torch.manual_seed(0)
+    full = create_model("vit_small_patch14_dinov2", num_test_time_registers=0)
+    index = dinov2_s_index(weights_fingerprint(full))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        torch.manual_seed(0)
+        create_model("vit_small_patch14_dinov2", register_neurons=index, features_only=True, out_indices=(3,))
+        assert other_weights_warnings(record) == []
+        torch.manual_seed(1)  # other weights
+        create_model("vit_small_patch14_dinov2", register_neurons=index, features_only=True, out_indices=(3,))
+        assert len(other_weights_warnings(record)) == 1
+
+
+# item 7: export folders on another file system, and what a killed export leaves
+
+
+def test_an_export_into_a_folder_on_another_file_system_is_copied_in(index_file, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from ttreg_hf.export import export_model
+
+    model = Dinov2TTRegModel(tiny_dinov2_config(register_neurons=index_file))
+    out = tmp_path / "mounted"
+    out.mkdir()
+
+    def no_renames_into_out(rename):
+        def refuse(source, target, *args, **kwargs):
+            if Path(target).parent == out:  # OUT is a mount point: a rename into it crosses devices
+                raise OSError(errno.EXDEV, "Invalid cross-device link", str(source), None, str(target))
+            return rename(source, target, *args, **kwargs)
+
+        return refuse
+
+    monkeypatch.setattr(os, "rename", no_renames_into_out(os.rename))
+    monkeypatch.setattr(os, "replace", no_renames_into_out(os.replace))
+    stale = tmp_path / ".mounted.ttreg-staging-killed"  # what a killed export leaves beside OUT
+    stale.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no preprocessor config: the family default, with a warning
+        export_model(model, index_file, out)
+    assert {"config.json", "model.safetensors", "register_neurons.safetensors"} <= {p.name for p in out.iterdir()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.safetensors", "mounted"]  # no staging folder left
+
+
+# item 8: an upgrade that could not be reloaded, or that fails on a bad setting, changes nothing
+
+
+@pytest.mark.parametrize("family", ["ViT", "DeiT"])
+def test_a_masked_image_model_is_refused_up_front(family):
+    import transformers
+
+    from ttreg_hf import to_test_time_registers
+
+    arch = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8)
+    config = getattr(transformers, f"{family}Config")(**arch, image_size=32)
+    model = getattr(transformers, f"{family}ForMaskedImageModeling")(config)
+    tower = getattr(model, family.lower())
+    with pytest.raises(TTRegTypeError, match=f"{family}ForMaskedImageModeling with test-time registers would save"):
+        to_test_time_registers(model, register_neurons={1: [3]})
+    assert getattr(model, family.lower()) is tower and type(model.config) is type(config)
+
+
+def tiny_towers():
+    import open_clip
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ttreg_hf.modeling.open_clip import to_test_time_registers as open_clip_upgrade
+    from ttreg_hf.modeling.timm import to_test_time_registers as timm_upgrade
+
+    timm_vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    open_clip_vit = open_clip.transformer.VisionTransformer(32, 8, 32, 2, 2, 2.0, output_dim=16)
+    return [(timm_upgrade, timm_vit), (open_clip_upgrade, open_clip_vit)]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(num_test_time_registers=-1), dict(register_neurons={5: [1]}), dict(register_scale=[1.0, 2.0])],
+    ids=["count", "index", "scales"],
+)
+def test_an_open_clip_or_timm_upgrade_refused_on_a_setting_leaves_the_model_as_it_was(bad):
+    for upgrade, tower in tiny_towers():
+        modules = [(name, type(module)) for name, module in tower.named_modules()]
+        with pytest.raises(TTRegError):
+            upgrade(tower, **bad)
+        assert [(name, type(module)) for name, module in tower.named_modules()] == modules
+        assert not hasattr(tower, "config")
+
+
+def test_an_unreadable_image_and_a_figure_format_matplotlib_lacks_are_user_errors(tmp_path, monkeypatch, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not a png")
+    with monkeypatch.context() as patch:
+        patch.setattr("ttreg_cli.load_model", no_loading)
+        status, err = cli(["inspect", "planted", str(image), "--out", str(tmp_path / "report.txt")], capsys)
+    assert status == 2 and "--out" in err and ".png" in err and len(err.splitlines()) == 1
+    status, err = cli(["inspect", "planted", str(image), "--out", str(tmp_path / "report.png")], capsys)
+    assert status == 2 and "Cannot read the image" in err and len(err.splitlines()) == 1
