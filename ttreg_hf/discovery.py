@@ -19,6 +19,7 @@ from .analysis.capture import capture
 from .analysis.distributed import all_reduce, is_main_process, rank_and_world_size
 from .analysis.interventions import with_register_neurons
 from .analysis.metrics import MAD_FACTOR, MIN_NORM_RATIO, NormHistogram, patch_mask, patch_norms
+from .analysis.towers import consumer_layer, register_tower
 from .index import RegisterNeuronIndex, weights_fingerprint
 from .modeling.registers import TestTimeRegisterMixin, check_pixel_values
 
@@ -37,6 +38,7 @@ class DiscoveryResult:
     num_outlier_tokens: int
     num_patch_tokens: int
     detection_layer: int
+    detection_layer_rule: str
     highest_layer: int
     threshold: float
     threshold_rule: str
@@ -57,7 +59,7 @@ class DiscoveryResult:
 
     def summary(self) -> str:
         norms = (
-            f"patch norms at layer {self.detection_layer}: median {self.median_norm:.4g}, max {self.max_norm:.4g} "
+            f"patch norms at layer {self.detection_layer} ({self.detection_layer_rule}): median {self.median_norm:.4g}, max {self.max_norm:.4g} "
             f"(max/median {self.max_norm / self.median_norm:.3g}); threshold {self.threshold:.4g} ({self.threshold_rule})"
         )
         if not self.found:
@@ -377,11 +379,11 @@ def _check_settings(settings: dict, images: Images, num_neurons: int) -> None:
 
 
 def find_register_neurons(
-    model: TestTimeRegisterMixin,
+    model: torch.nn.Module,
     images: Images,
     *,
     threshold: float | None = None,
-    detection_layer: int = -1,
+    detection_layer: int | None = None,
     highest_layer: int | None = None,
     top_k: int | None = None,
     max_top_k: int = 32,
@@ -393,17 +395,23 @@ def find_register_neurons(
     seed: int = 0,
     checkpoint: str = "",
 ) -> DiscoveryResult:
-    """Find the register neurons of ``model`` from ``images``: a sequence of preprocessed ``(3, H, W)`` float tensors,
+    """Find the register neurons of ``model``'s tower from ``images``: a sequence of preprocessed ``(3, H, W)`` float tensors,
     or of dicts of one image's keyword inputs for models that take more than pixel values (SigLIP2's NaFlex
     ``pixel_values``, ``pixel_attention_mask``, ``spatial_shapes``, each without the batch dimension), stacked key by
     key into batches. Padding (``pixel_attention_mask`` 0) is no patch: every statistic counts only real patches, so a
     padded batch gives what each image gives alone.
 
+    ``model`` is any model that holds one test-time-register tower (`ttreg_hf.analysis.register_tower`): a tower, a
+    classifier, a backbone host, a dual encoder, a VLM, the torch.hub DINOv2 model, an open_clip CLIP, a timm model;
+    discovery runs the tower alone, and the index it finds fits the tower wherever it sits.
+
     Args:
         threshold: norm above which a patch token at ``detection_layer`` is an outlier (the authors use 30 for
             OpenCLIP); `None` picks it from the norm distribution (`AUTOMATIC_THRESHOLD_RULE`) of
             ``calibration_images`` images drawn with ``seed`` (all of them when there are fewer).
-        detection_layer: block whose output norms define the outliers (the authors' default: the last, -1).
+        detection_layer: block whose output norms define the outliers; `None`: the one ``model`` reads from its tower
+            (`ttreg_hf.analysis.consumer_layer`: a VLM's ``vision_feature_layer``, LLaVA's second-to-last block;
+            the last block of a tower alone, the authors' default). Recorded with its reason in the index's details.
         highest_layer: last layer searched for neurons (default: the detection layer).
         top_k: number of neurons to keep; `None` picks the smallest k whose edit leaves at most
             ``remaining_outliers`` of the outliers on the first ``eval_images`` images that have them
@@ -419,8 +427,14 @@ def find_register_neurons(
     The model's own index is restored afterwards. Under ``torchrun`` every process takes its share of the images and
     every statistic is summed over processes, so all of them return the result one process would.
     """
-    num_layers = len(model.transformer_blocks)
-    detection = _layer("detection_layer", detection_layer, num_layers)
+    tower = register_tower(model)
+    num_layers = len(tower.transformer_blocks)
+    if detection_layer is None:
+        consumer = consumer_layer(model)
+        detection, detection_rule = consumer.layer, consumer.rule
+    else:
+        detection, detection_rule = _layer("detection_layer", detection_layer, num_layers), "given"
+    model = tower
     highest = detection if highest_layer is None else _layer("highest_layer", highest_layer, num_layers)
     config = model.config
     settings = dict(
@@ -455,6 +469,7 @@ def find_register_neurons(
             num_outlier_tokens=int(stats.outliers.sum()),
             num_patch_tokens=stats.histogram.total,
             detection_layer=detection,
+            detection_layer_rule=detection_rule,
             highest_layer=highest,
             threshold=threshold,
             threshold_rule=rule,
