@@ -40,7 +40,8 @@ class Inspection:
     def describe(self) -> str:
         s = self.summary
         text = (
-            f"{self.label} at layer {self.layer.layer} ({self.layer.rule}): max/median patch norm {s.max_median_ratio:.2f} (max {s.max_norm:.4g}, median {s.median_norm:.4g}), "
+            f"{self.label}: layer {self.layer.layer} ({self.layer.rule}), max/median patch norm "
+            f"{s.max_median_ratio:.2f} (max {s.max_norm:.4g}, median {s.median_norm:.4g}), "
             f"{s.outliers_per_image:.0f} outlier tokens; {self.attention_source} attention: top patch "
             f"{100 * s.cls_top_patch_share:.1f} %, outliers {100 * s.cls_outlier_share:.1f} %"
         )
