@@ -32,6 +32,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     Qwen2Config,
@@ -43,7 +44,9 @@ from ttreg_hf import (
     Dinov2TTRegForImageClassification,
     RegisterIndexMismatchWarning,
     RegisterNeuronIndex,
+    load_vlm,
     to_test_time_registers,
+    vision_tower_with_registers,
 )
 from ttreg_hf.analysis import (
     ablate_neurons,
@@ -205,6 +208,27 @@ def test_the_detection_layer_follows_a_vlms_vision_feature_layer():
     assert find_register_neurons(planted("llava"), pixels(16), top_k=2, detection_layer=-1).detection_layer == 3
 
 
+def test_the_llava_walk_through_finds_saves_attaches_and_generates(tmp_path):
+    """The README's walk-through: find on the VLM, attach to its tower, save, reload with the index, generate."""
+    vlm = planted("llava")
+    result = find_register_neurons(vlm, pixels(16))
+    vision_tower_with_registers(vlm).set_register_neurons(result.index, num_test_time_registers=1)
+    vlm.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RegisterIndexMismatchWarning)
+        reloaded = load_vlm(tmp_path).eval()
+    neurons = vision_tower_with_registers(reloaded).config.register_neuron_index
+    assert {layer: set(ids) for layer, ids in neurons.items()} == PLANTED
+    inputs = dict(input_ids=torch.tensor([[1, *[IMAGE_TOKEN] * NUM_PATCHES, 5, 6]]), pixel_values=pixels(1, seed=3))
+    with torch.no_grad():
+        logits = reloaded(**inputs).logits
+        with with_register_neurons(reloaded, {}):
+            assert not torch.allclose(reloaded(**inputs).logits, logits)  # the edit reaches the language model
+        assert torch.equal(vlm(**inputs).logits, logits)
+    generated = reloaded.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, vlm.generate(**inputs, max_new_tokens=3, do_sample=False))
+
+
 def test_the_analysis_tools_run_on_the_tower_of_a_vlm():
     model, images = planted("llava"), pixels(2)
     tower = register_tower(model)
@@ -305,6 +329,13 @@ def saved_timm(folder: Path) -> str:
 
 CLIP_PROCESSOR = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size=SIZE, image_mean=MEAN, image_std=STD)
 DPT_PROCESSOR = DPTImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=MEAN, image_std=STD)
+LLAVA_NEXT_PROCESSOR = LlavaNextImageProcessor(
+    size={"shortest_edge": SIZE},
+    crop_size=SIZE,
+    image_grid_pinpoints=[[SIZE, 2 * SIZE]],
+    image_mean=MEAN,
+    image_std=STD,
+)
 SAVED = {
     "classifier": saved_transformers("classifier", CLIP_PROCESSOR),
     "dpt": saved_transformers("dpt", DPT_PROCESSOR),
@@ -312,6 +343,7 @@ SAVED = {
     "dual_encoder": saved_transformers("dual_encoder", CLIP_PROCESSOR),
     "llava": saved_transformers("llava", CLIP_PROCESSOR),
     "llava_parent": saved_llava_parent,
+    "llava_next": saved_transformers("llava_next", LLAVA_NEXT_PROCESSOR),  # tiles: the tower sees each base view
     "open_clip": saved_open_clip,
     "timm": saved_timm,
 }
@@ -325,7 +357,8 @@ def test_the_cli_finds_the_planted_neurons_of_any_saved_model(kind, image_dir, t
     printed = capsys.readouterr().out
     index = RegisterNeuronIndex.load(out)
     assert {layer: set(ids) for layer, ids in index.neurons.items()} == PLANTED, printed
-    rule = "the vision_feature_layer -2 of LlavaForConditionalGeneration" if kind.startswith("llava") else None
+    consumer = {"llava": "Llava", "llava_parent": "Llava", "llava_next": "LlavaNext"}.get(kind)
+    rule = f"the vision_feature_layer -2 of {consumer}ForConditionalGeneration" if consumer else None
     assert f"patch norms at layer {index.details['detection_layer']} ({rule or ''}" in printed
     report = tmp_path / "report.png"
     assert main(["inspect", spec, str(image_dir / "00.png"), "--index", str(out), "--out", str(report)]) == 0

@@ -254,7 +254,25 @@ def _load_transformers_checkpoint(spec: str, device: str, image_size: int | None
         architecture = transformers.AutoModel
     model = _with_index_hint(load_vlm, spec, config=config, model_class=architecture, **settings)
     tower = register_tower(model)
-    return model.to(device).eval(), family_of(tower).preprocessing(tower, spec, image_size)
+    return model.to(device).eval(), _tower_inputs(family_of(tower).preprocessing(tower, spec, image_size), tower)
+
+
+def _tower_inputs(preprocessor, tower):
+    """A host's preprocessing (a VLM's image processor) as its tower's inputs: of a tiling (anyres) processor's
+    ``(batch, views, 3, H, W)`` pixel values, each image's first view, the whole image at the tower's resolution
+    (LLaVA-NeXT, LLaVA-OneVision); the keys only the host reads (``image_sizes``, ...) are dropped."""
+    import dataclasses
+    import inspect
+
+    accepted = inspect.signature(tower.forward).parameters
+
+    def process(images):
+        inputs = {key: value for key, value in preprocessor(images).items() if key in accepted}
+        if inputs["pixel_values"].dim() == 5:
+            inputs["pixel_values"] = inputs["pixel_values"][:, 0]
+        return inputs
+
+    return dataclasses.replace(preprocessor, process=process)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
