@@ -196,7 +196,9 @@ class _Statistics:
 
 # The provisional bound of a calibration batch, as a fraction of the least threshold the automatic rule can give from a
 # median like the batch's (MIN_NORM_RATIO x its median): settled thresholds fall below it only when a batch's median
-# is over 1 / CANDIDATE_FRACTION times the calibration set's, and such a batch is scored again.
+# is over 1 / CANDIDATE_FRACTION times the calibration set's, and such a batch is scored again. The bound lies above
+# the batch's median, so fewer than half of its tokens are kept: room for half of the calibration images' tokens never
+# runs out, however many outliers the images have.
 CANDIDATE_FRACTION = 0.5
 
 
@@ -214,26 +216,25 @@ def _scan(
     """One forward per selected image: the norms, the outliers and the scores (and, for an automatic threshold, the
     threshold) of every image; ``calibration``: positions of the calibration images in ``selected``.
 
-    The calibration images go first, each batch keeping the tokens above a provisional bound (bounded memory: one
-    batch's tokens in all); the threshold is settled from their norms, their kept tokens are scored, and the other
-    images stream with the threshold known. A batch whose bound came out above the threshold, or whose tokens did
-    not fit, is run again.
+    The calibration images go first, each batch keeping the tokens above a provisional bound (bounded memory: at
+    most the tokens of half the calibration images, or of one batch if that is more; a few percent of them where
+    outliers are rare); the threshold is settled from their norms, their kept tokens are scored, and the other images
+    stream with the threshold known. A batch whose bound came out above the threshold, or whose tokens did not fit
+    (padded batches of other lengths), is run again.
     """
     rank, world_size = rank_and_world_size()
     device = next(model.parameters()).device
     stats = _Statistics(device, len(selected), highest + 1, model.config.mlp_width)
     others = list(range(len(selected)))
     if threshold is None:
-        kept, again, room = [], [], None
-        for positions, inputs in _batches(
-            images, selected, calibration[rank::world_size], batch_size, model, "calibration"
-        ):
+        kept, again, room, share = [], [], None, calibration[rank::world_size]
+        for positions, inputs in _batches(images, selected, share, batch_size, model, "calibration"):
             norms, mask, tokens_above = _scoring_forward(model, inputs, detection, highest)
             batch = NormHistogram(device).add(norms, mask)
             stats.calibration += batch
             stats.count_patches(positions, norms, mask)
             tokens = tokens_above(CANDIDATE_FRACTION * MIN_NORM_RATIO * batch.median(), positions)
-            room = batch_size * norms.shape[1] if room is None else room
+            room = max(batch_size, math.ceil(len(share) / 2)) * norms.shape[1] if room is None else room
             if len(tokens.image) <= room:
                 kept.append(tokens)
                 room -= len(tokens.image)
