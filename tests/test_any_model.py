@@ -376,3 +376,11 @@ def test_export_refuses_what_it_cannot_write_with_the_reason(tmp_path, capsys):
     ]:
         assert main(["export", spec, "--index", "dinov2_vitl14", "--out", str(tmp_path / "e")]) == 2
         assert reason in capsys.readouterr().err
+
+
+def test_the_demo_runs_discovery_and_the_report_on_a_vlm_folder(image_dir, tmp_path, capsys):
+    folder = SAVED["llava"](tmp_path / "llava")
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", folder, "--images", str(image_dir), "--out-dir", str(out)]) == 0
+    assert RegisterNeuronIndex.load(out / "index.safetensors").neurons.keys() == PLANTED.keys()
+    assert f"with test-time register: layer {LAYER} (the vision_feature_layer -2" in capsys.readouterr().out

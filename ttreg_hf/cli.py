@@ -471,6 +471,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from .analysis.towers import register_tower
     from .discovery import find_register_neurons
     from .images import ImageFolder, open_rgb
     from .planted import planted_index, planted_pixels, textured_images
@@ -502,7 +503,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         print(f"Wrote {result.index.save(index_file)}")
         if args.model == PLANTED:
             print(_planted_recovery(result.index.neurons, planted_index()))
-        model.set_register_neurons(result.index, num_test_time_registers=1)
+        register_tower(model).set_register_neurons(result.index, num_test_time_registers=1)
     _report(model, preprocessor, image, report_file, title=f"ttreg demo: {args.model}")
     print(f"Done in {time.perf_counter() - start:.1f} s.")
     return EXIT_OK
