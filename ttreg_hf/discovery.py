@@ -178,12 +178,12 @@ class _Statistics:
 
     def score(self, tokens: _Tokens, threshold: float) -> None:
         """Add the scores of the images of ``tokens`` (which hold every token above ``threshold`` of these images)."""
-        outlier = tokens.norms > threshold
-        image = tokens.image[outlier]
+        outlier = (tokens.norms > threshold).double()
         counts = torch.zeros(len(tokens.positions), dtype=torch.float64, device=self.scores.device)
-        counts.index_add_(0, image, torch.ones_like(image, dtype=torch.float64))
-        weights = 1.0 / counts[image]  # each image's outliers weigh 1 / its number of outliers: its mean
-        self.scores += torch.einsum("n,lnw->lw", weights, tokens.activations[:, outlier].abs().double())
+        counts.index_add_(0, tokens.image, outlier)
+        # each image's outliers weigh 1 / its number of outliers (their mean); the other kept tokens 0
+        weights = outlier / counts[tokens.image].clamp(min=1)
+        self.scores += torch.matmul(weights, tokens.activations.double().abs_())  # (tokens) @ (layers, tokens, width)
         self.outliers[tokens.positions] = counts
 
     def all_reduce(self) -> None:
