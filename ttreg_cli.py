@@ -21,16 +21,21 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 from huggingface_hub.errors import StrictDataclassError
 
 PLANTED = "planted"
-OPEN_CLIP_PREFIX = "open_clip:"  # `ttreg export open_clip:NAME`: an OpenCLIP model, as open_clip names it
+OPEN_CLIP_PREFIX = "open_clip:"  # an OpenCLIP model as open_clip names it: `open_clip:ViT-B-16:laion2b_s34b_b88k`
+OPEN_CLIP_SOURCES = ("hf-hub:", "local-dir:")  # open_clip's own specs of a Hub repository or a folder
+TIMM_PREFIX = "timm:"  # a timm model as timm names it: `timm:vit_small_patch14_dinov2.lvd142m`, `timm:local-dir:DIR`
 MODEL_HELP = (
-    "a model name (`ttreg_hf.hub.model_names()`), a local Hugging Face folder of a checkpoint of one of the "
-    "`transformers` families (the parent's or ttreg_hf's), or 'planted'"
+    "a model name (`ttreg_hf.hub.model_names()`); a Hugging Face checkpoint, Hub id or folder, of any class holding "
+    "one vision tower of the package's families (a tower, a classifier, a backbone host, a dual encoder, a VLM); "
+    f"{OPEN_CLIP_PREFIX}NAME[:TAG], hf-hub:OWNER/NAME or local-dir:FOLDER (open_clip); {TIMM_PREFIX}NAME (timm); "
+    "or 'planted'"
 )
 EXIT_OK, EXIT_BUG, EXIT_USER_ERROR, EXIT_NO_OUTLIERS = 0, 1, 2, 3
 EXIT_CODES = f"""exit status:
@@ -116,18 +121,79 @@ def check_output(path: str | Path, overwrite: bool, *, folder: bool = False) -> 
     return path
 
 
-def load_model(spec: str, device: str, weights: str | None = None, image_size: int | None = None, **settings):
-    """The test-time-register model for a CLI MODEL argument, in eval mode on ``device``, and its checkpoint's
-    preprocessing (`ttreg_hf.images.Preprocessor`; ``image_size`` overrides its size).
+@dataclass(frozen=True)
+class ModelSpec:
+    """A CLI MODEL argument, parsed by `parse_model_spec`: the grammar of every command that takes one.
 
+    kind: ``"planted"``; ``"name"``, a `load_tt_model` name; ``"transformers"``, a Hugging Face checkpoint (a Hub id
+        or a folder); ``"open_clip"``, an open_clip model name or its ``hf-hub:`` / ``local-dir:`` spec; ``"timm"``,
+        a timm model name (or its ``hf-hub:`` / ``local-dir:`` spec).
+    name: what the kind's loader takes.
+    tag: open_clip's pretrained tag (``open_clip:NAME:TAG``), if any.
+    """
+
+    kind: str
+    name: str
+    tag: str | None = None
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """The `ModelSpec` of a MODEL argument (see `MODEL_HELP` and the README's table); reads no file but a folder's
+    existence, loads nothing."""
+    from ttreg_hf.family import checkpoints
+
+    if spec == PLANTED:
+        return ModelSpec("planted", spec)
+    if spec.startswith(OPEN_CLIP_SOURCES):
+        return ModelSpec("open_clip", spec)
+    if spec.startswith(OPEN_CLIP_PREFIX):
+        rest = spec.removeprefix(OPEN_CLIP_PREFIX)
+        name, _, tag = (rest, "", "") if rest.startswith(OPEN_CLIP_SOURCES) else rest.partition(":")
+        if not name:
+            raise CommandError(f"No model after {OPEN_CLIP_PREFIX!r}: e.g. {OPEN_CLIP_PREFIX}ViT-B-16:openai.")
+        return ModelSpec("open_clip", name, tag or None)
+    if spec.startswith(TIMM_PREFIX):
+        name = spec.removeprefix(TIMM_PREFIX)
+        if not name:
+            raise CommandError(f"No model after {TIMM_PREFIX!r}: e.g. {TIMM_PREFIX}vit_small_patch14_dinov2.lvd142m.")
+        return ModelSpec("timm", name)
+    if Path(spec).is_dir() or (spec not in checkpoints() and "/" in spec):
+        return ModelSpec("transformers", spec)
+    if spec not in checkpoints():
+        raise CommandError(
+            f"Unknown model {spec!r}: MODEL is one of {', '.join(checkpoints())}, a Hugging Face id or folder, "
+            f"{OPEN_CLIP_PREFIX}NAME, {TIMM_PREFIX}NAME, or {PLANTED!r}."
+        )
+    return ModelSpec("name", spec)
+
+
+def load_model(spec: str, device: str, weights: str | None = None, image_size: int | None = None, **settings):
+    """The model a CLI MODEL argument names (`parse_model_spec`), in eval mode on ``device``, with a test-time-register
+    tower, and its checkpoint's preprocessing (`ttreg_hf.images.Preprocessor`; ``image_size`` overrides its size).
+
+    What loads is what the user holds: a tower, or the whole model around one (a VLM, a DPT, an open_clip CLIP, a
+    timm ``features_only`` model); the commands run on its tower (`ttreg_hf.analysis.register_tower`).
     ``weights`` is a local checkpoint for a model name, in its upstream layout. ``settings`` go to the loader
     (``register_neurons``, ``num_test_time_registers``, ...); the index comes through the loaders' one attach path:
     ``register_neurons``, else the one saved with the checkpoint, else the one shipped for it.
     """
     from ttreg_hf.registry import checkpoints, family_of
 
-    _check_weights(spec, weights)
-    if spec == PLANTED:
+    parsed = parse_model_spec(spec)
+    _check_weights(parsed, spec, weights)
+    if parsed.kind == "open_clip":
+        from ttreg_hf.modeling.open_clip import create_model_and_transforms, open_clip_preprocessing
+
+        model = _with_index_hint(create_model_and_transforms, parsed.name, parsed.tag, **settings)[0]
+        return model.to(device).eval(), open_clip_preprocessing(model.visual, None, image_size)
+    if parsed.kind == "timm":
+        from ttreg_hf.modeling.timm import create_model, timm_preprocessing, vision_transformer
+
+        model = _with_index_hint(create_model, parsed.name, pretrained=True, **settings)
+        return model.to(device).eval(), timm_preprocessing(vision_transformer(model), None, image_size)
+    if parsed.kind == "transformers":
+        return _load_transformers_checkpoint(spec, device, image_size, **settings)
+    if parsed.kind == "planted":
         from ttreg_hf.planted import IMAGE_SIZE, build_planted_model, planted_preprocessor
 
         register_neurons = settings.pop("register_neurons", None)  # any index: a dict, a file, ...
@@ -135,16 +201,6 @@ def load_model(spec: str, device: str, weights: str | None = None, image_size: i
         if register_neurons is not None:
             model.set_register_neurons(register_neurons)
         return model.to(device).eval(), planted_preprocessor(image_size or IMAGE_SIZE)
-    if Path(spec).is_dir():
-        family = _family_of_folder(Path(spec))
-        with user_path():
-            model = _with_index_hint(family.model_class.from_pretrained, spec, **settings)
-        return model.to(device).eval(), family.preprocessor(model, spec, image_size)
-    known = checkpoints()
-    if spec not in known:
-        raise CommandError(
-            f"Unknown model {spec!r}: MODEL is one of {', '.join(known)}, a local folder, or {PLANTED!r}."
-        )
     from ttreg_hf.hub import load_tt_model
 
     if weights is not None:
@@ -158,16 +214,18 @@ def load_model(spec: str, device: str, weights: str | None = None, image_size: i
                 f"Could not fetch the weights of {spec!r} ({_one_line(error)}); pass a local checkpoint with "
                 "--weights FILE."
             ) from error
-    return model.to(device).eval(), family_of(model).preprocessor(model, known[spec].image_processor, image_size)
+    return model.to(device).eval(), family_of(model).preprocessor(
+        model, checkpoints()[spec].image_processor, image_size
+    )
 
 
-def _check_weights(spec: str, weights: str | None) -> None:
-    """Refuse ``--weights`` where it would be ignored (MODEL is a folder, which holds its own weights, or the planted
-    model) or names nothing."""
+def _check_weights(parsed: "ModelSpec", spec: str, weights: str | None) -> None:
+    """Refuse ``--weights`` where it would be ignored (MODEL is anything but a model name: a checkpoint, which holds
+    its own weights, or the planted model) or where it names nothing."""
     if weights is None:
         return
-    if spec == PLANTED or Path(spec).is_dir():
-        what = "the planted model, built here" if spec == PLANTED else "a folder, which holds its own weights"
+    if parsed.kind != "name":
+        what = "the planted model, built here" if parsed.kind == "planted" else "a checkpoint, which holds its weights"
         raise CommandError(f"--weights is for a model name, and MODEL {spec!r} is {what}: drop --weights.")
     if not Path(weights).exists():
         raise CommandError(f"No checkpoint at --weights {weights}: give a local file or folder.")
@@ -185,24 +243,64 @@ def _with_index_hint(load, *args, **kwargs):
         raise
 
 
-def _family_of_folder(folder: Path):
-    """The family whose class loads a folder of a Hugging Face checkpoint (the parent's or ours)."""
-    import json
+def _load_transformers_checkpoint(spec: str, device: str, image_size: int | None, **settings):
+    """`load_model` of a Hugging Face checkpoint (a Hub id or a folder): a checkpoint of a family's model type as the
+    family's tower (a classifier's, a backbone's or a dual encoder's folder gives its tower), any other model holding
+    one tower of the families (a VLM, a DPT, ...) as the class it was saved as (``architectures``), its tower built
+    with registers (`ttreg_hf.load_vlm`)."""
+    import transformers
 
-    from ttreg_hf.registry import family_of_model_type, transformers_families
+    from ttreg_hf.analysis.towers import register_tower
+    from ttreg_hf.modeling.vlm import load_vlm, with_test_time_register_tower
+    from ttreg_hf.registry import family_of, family_of_model_type, transformers_families
 
-    config = folder / "config.json"
-    if not config.is_file():
+    folder = Path(spec)
+    if folder.is_dir() and not (folder / "config.json").is_file():
         raise CommandError(f"{folder} is not a Hugging Face model folder (no config.json); MODEL is {MODEL_HELP}.")
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (ValueError, AttributeError) as error:
-        raise CommandError(f"{config} is not a JSON object of a model config ({_one_line(error)}).") from error
+        config_dict = transformers.PreTrainedConfig.get_config_dict(spec)[0]
+    except ValueError as error:
+        raise CommandError(f"The config.json of {spec} is not a model config ({_one_line(error)}).") from error
+    model_type = config_dict.get("model_type") if isinstance(config_dict, dict) else None
     family = family_of_model_type(model_type)
-    if family is None:
+    if family is not None:
+        with user_path():
+            model = _with_index_hint(family.model_class.from_pretrained, spec, **settings)
+        return model.to(device).eval(), family.preprocessor(model, spec, image_size)
+    config = transformers.AutoConfig.from_pretrained(spec)
+    try:
+        with_test_time_register_tower(config)
+    except TypeError as error:
         known = ", ".join(t for family in transformers_families() for t in family.model_types)
-        raise CommandError(f"{folder} holds a {model_type!r} model; folders of these model types load: {known}.")
-    return family
+        raise CommandError(
+            f"{spec} holds a {model_type!r} model; folders of these model types load: {known}, and models that hold "
+            f"one tower of theirs (VLMs, DPT, ...): {_one_line(error)}"
+        ) from error
+    architecture = getattr(transformers, (config.architectures or ["AutoModel"])[0], None)
+    if not (isinstance(architecture, type) and issubclass(architecture, transformers.PreTrainedModel)):
+        architecture = transformers.AutoModel
+    with user_path():
+        model = _with_index_hint(load_vlm, spec, config=config, model_class=architecture, **settings)
+    tower = register_tower(model)
+    return model.to(device).eval(), _tower_inputs(family_of(tower).preprocessor(tower, spec, image_size), tower)
+
+
+def _tower_inputs(preprocessor, tower):
+    """A host's preprocessing (a VLM's image processor) as its tower's inputs: of a tiling (anyres) processor's
+    ``(batch, views, 3, H, W)`` pixel values, each image's first view, the whole image at the tower's resolution
+    (LLaVA-NeXT, LLaVA-OneVision); the keys only the host reads (``image_sizes``, ...) are dropped."""
+    import dataclasses
+    import inspect
+
+    accepted = inspect.signature(tower.forward).parameters
+
+    def process(images):
+        inputs = {key: value for key, value in preprocessor(images).items() if key in accepted}
+        if inputs["pixel_values"].dim() == 5:
+            inputs["pixel_values"] = inputs["pixel_values"][:, 0]
+        return inputs
+
+    return dataclasses.replace(preprocessor, process=process)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -252,7 +350,12 @@ def _find_neurons_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("image_dir", metavar="IMAGE_DIR", help="folder of images (JPEG, PNG, ...)")
     parser.add_argument("--out", required=True, help="index file to write (.safetensors)")
     parser.add_argument("--threshold", type=positive_float, help="outlier norm threshold (default: automatic)")
-    parser.add_argument("--detection-layer", type=int, default=-1, help="block whose output norms define outliers")
+    parser.add_argument(
+        "--detection-layer",
+        type=int,
+        help="block whose output norms define outliers (default: the one the model reads from its tower: a VLM's "
+        "vision_feature_layer, else the last)",
+    )
     parser.add_argument("--highest-layer", type=int, help="last layer searched (default: the detection layer)")
     parser.add_argument(
         "--top-k", type=integer(1), help="number of neurons (default: smallest k that removes the outliers)"
@@ -427,6 +530,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from ttreg_hf.analysis.towers import register_tower
     from ttreg_hf.discovery import find_register_neurons
     from ttreg_hf.images import ImageFolder, open_rgb
     from ttreg_hf.planted import planted_index, planted_pixels, textured_images
@@ -461,7 +565,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             print(f"Wrote {result.index.save(index_file)}")
         if args.model == PLANTED:
             print(_planted_recovery(result.index.neurons, planted_index()))
-        model.set_register_neurons(result.index, num_test_time_registers=1)
+        register_tower(model).set_register_neurons(result.index, num_test_time_registers=1)
     _report(model, preprocessor, image, report_file, title=f"ttreg demo: {args.model}")
     print(f"Done in {time.perf_counter() - start:.1f} s.")
     return EXIT_OK
@@ -492,11 +596,14 @@ def _export_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "model",
         metavar="MODEL",
-        help=f"a Hugging Face checkpoint id or local folder of a `transformers` family, or {OPEN_CLIP_PREFIX}NAME: an "
-        "OpenCLIP model as open_clip names it (ViT-B-16 with --pretrained, hf-hub:owner/name, local-dir:folder)",
+        help=f"as for find-neurons: a Hugging Face checkpoint (Hub id or folder), or an OpenCLIP model "
+        f"({OPEN_CLIP_PREFIX}NAME[:TAG], hf-hub:owner/name, local-dir:folder); model names, {TIMM_PREFIX}NAME and "
+        "'planted' are refused with the reason",
     )
     parser.add_argument(
-        "--pretrained", help=f"open_clip's pretrained tag or checkpoint file of a {OPEN_CLIP_PREFIX}NAME model"
+        "--pretrained",
+        help=f"open_clip's pretrained tag or checkpoint file of a {OPEN_CLIP_PREFIX}NAME model (or {OPEN_CLIP_PREFIX}"
+        "NAME:TAG)",
     )
     parser.add_argument("--index", required=True, help="register-neuron index file, or a shipped index name")
     parser.add_argument("--out", required=True, help="folder to write")
@@ -508,10 +615,20 @@ def _export_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite, folder=True)
-    if args.model.startswith(OPEN_CLIP_PREFIX):
-        return _export_open_clip(args)
+    parsed = parse_model_spec(args.model)
+    if parsed.kind == "open_clip":
+        return _export_open_clip(args, parsed)
     if args.pretrained:
         raise CommandError(f"--pretrained is for OpenCLIP models ({OPEN_CLIP_PREFIX}NAME), not {args.model!r}.")
+    if parsed.kind != "transformers":
+        why = {
+            "planted": "the planted model is a test bench, not a checkpoint",
+            "name": "a model name is a loader, not a checkpoint: export its Hugging Face checkpoint (id or folder)",
+            "timm": "a timm model is published with timm's own `save_for_hf` / `push_to_hub`",
+        }[parsed.kind]
+        raise CommandError(
+            f"ttreg export writes Hugging Face and OpenCLIP checkpoints, and {args.model!r} is neither: {why}."
+        )
     from ttreg_hf.export import export_model
 
     try:
@@ -528,7 +645,7 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _export_open_clip(args: argparse.Namespace) -> int:
+def _export_open_clip(args: argparse.Namespace, parsed: ModelSpec) -> int:
     try:
         from ttreg_hf.export_open_clip import export_open_clip
     except ModuleNotFoundError as error:
@@ -536,15 +653,14 @@ def _export_open_clip(args: argparse.Namespace) -> int:
             raise
         raise CommandError(f"{OPEN_CLIP_PREFIX}NAME needs open_clip: pip install open_clip_torch.") from error
 
-    name = args.model.removeprefix(OPEN_CLIP_PREFIX)
-    if not name:
-        raise CommandError(f"No model after {OPEN_CLIP_PREFIX!r}: e.g. {OPEN_CLIP_PREFIX}ViT-B-16 --pretrained openai.")
+    if parsed.tag and args.pretrained:
+        raise CommandError(f"{args.model!r} names its pretrained tag already: drop --pretrained {args.pretrained}.")
     with user_path():  # opening the model and its --pretrained file, writing OUT
         out = export_open_clip(
-            name,
+            parsed.name,
             args.index,
             args.out,
-            pretrained=args.pretrained,
+            pretrained=parsed.tag or args.pretrained,
             license=args.license,
             repo_id=args.repo_id,
             overwrite=args.overwrite,

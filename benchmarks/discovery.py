@@ -1,6 +1,8 @@
 """Discovery throughput: `find_register_neurons` against the model's bare batched forward, side by side.
 
-On a planted-neuron model, for 256 and 1024 generated images: images per second of (a) the model's bare batched forward
+On a planted-neuron model, for 256 and 1024 generated images, on two distributions: the images as the model expects
+them (``normalised``), and the same images left in [0, 1] (``unnormalised``: about 30 % of the planted model's patch
+tokens are outliers, most calibration tokens sit above the provisional bound). Images per second of (a) the model's bare batched forward
 (batch 16, no statistics: the ceiling of any tool that has to run the model), (b) discovery with a given threshold and
 k (``eval_images=0``: no before / after ratio), (c) discovery with its defaults (automatic threshold, automatic k).
 They run in one process, in rounds that rotate their order; each ratio to (a) is the median over rounds of one round's
@@ -14,6 +16,7 @@ ratio, so that drift on a shared machine cancels out, in wall-clock time (the he
     python benchmarks/discovery.py --device cuda --dtype bfloat16 --compile
     python benchmarks/discovery.py --processes 2       # and (c) under torchrun: 1 process against 2
     python benchmarks/discovery.py --threads 1         # one thread per process (steadier on a shared machine)
+    python benchmarks/discovery.py --distributions unnormalised  # the outlier-heavy distribution only
 """
 
 import argparse
@@ -27,14 +30,17 @@ import time
 from pathlib import Path
 
 import torch
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ttreg_hf.analysis.distributed import all_reduce, init_from_environment, is_main_process, rank_and_world_size
 from ttreg_hf.discovery import find_register_neurons
-from ttreg_hf.planted import build_planted_model, planted_index, planted_pixels, textured_images
+from ttreg_hf.images import normalize
+from ttreg_hf.planted import build_planted_model, planted_index, textured_images
 
 from peak_memory import EXACT_CPU_ENV, extra_peak_mib  # benchmarks/peak_memory.py
 
 BATCH_SIZE = 16
+DISTRIBUTIONS = ("normalised", "unnormalised")
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 
 
@@ -53,19 +59,22 @@ def model_names() -> list[str]:
     return ["planted", *family_models().PLANTABLE, "siglip2"]
 
 
-def build(name: str, num_images: int, device: str, dtype: torch.dtype):
-    """The planted model on ``device`` in ``dtype``, ``num_images`` images for it (on the CPU, in float32: discovery
-    moves each batch), and the planted neurons as an index."""
+def build(name: str, num_images: int, device: str, dtype: torch.dtype, distribution: str = "normalised"):
+    """The planted model on ``device`` in ``dtype``, ``num_images`` images of ``distribution`` for it (on the CPU, in
+    float32: discovery moves each batch), and the planted neurons as an index."""
     if name == "planted":
         model = build_planted_model(num_test_time_registers=0)
-        images = planted_pixels(textured_images(num_images, seed=0))
+        images = textured_images(num_images, seed=0)
         truth = planted_index()
     else:
         tiny = family_models()
         model = tiny.planted(name)
-        images = tiny.tiny_images(num_images, seed=0)
-        images = tiny.naflex(images) if name == "siglip2" else images
+        images = textured_images(num_images, seed=0, size=tiny.SIZE)
         truth = {tiny.LAYER: tuple(tiny.NEURONS)}
+    if distribution == "normalised":  # as the tests and the planted model's preprocessing do
+        images = normalize(images, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    if name == "siglip2":
+        images = family_models().naflex(images)
     return model.to(device, dtype), images, {layer: sorted(ids) for layer, ids in truth.items()}
 
 
@@ -130,20 +139,20 @@ def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str
     return statistics.median(d / n for n, d in zip(times[numerator], times[denominator]))
 
 
-def prepare(args, num_images: int):
+def prepare(args, num_images: int, distribution: str = "normalised"):
     """The model (compiled if asked), the images, the truth, and the given threshold and k: the automatic threshold
     of the first 16 images and the number of planted neurons."""
     dtype = getattr(torch, args.dtype)
-    model, images, truth = build(args.model, num_images, args.device, dtype)
+    model, images, truth = build(args.model, num_images, args.device, dtype, distribution)
     if args.compile:
         model.compile()
     threshold = find_register_neurons(model, images[:16], top_k=1, eval_images=0).threshold
     return model, images, truth, threshold, sum(len(ids) for ids in truth.values()), dtype
 
 
-def _child_memory(args, num_images: int) -> None:
+def _child_memory(args, num_images: int, distribution: str) -> None:
     """Extra peak memory of discovery with its defaults, beyond the model and the images (a fresh process)."""
-    model, images, *_ = prepare(args, num_images)
+    model, images, *_ = prepare(args, num_images, distribution)
     find_register_neurons(model, images[:BATCH_SIZE], top_k=1, eval_images=0)  # warm-up: lazy initialisations
     print(json.dumps({"peak": extra_peak_mib(lambda: find_register_neurons(model, images), args.device)}))
 
@@ -172,8 +181,8 @@ def _child_processes(args, num_images: int) -> None:
         print(json.dumps({"ips": statistics.median(rates), "neurons": neurons, "details": details}))
 
 
-def _child(mode: str, args, num_images: int) -> dict:
-    command = [sys.executable, __file__, *_passed(args), "--child", json.dumps([mode, num_images])]
+def _child(mode: str, args, num_images: int, distribution: str = "normalised") -> dict:
+    command = [sys.executable, __file__, *_passed(args), "--child", json.dumps([mode, num_images, distribution])]
     env = {**os.environ, **(EXACT_CPU_ENV if mode == "memory" else {})}  # exact peaks cost time: not when timing
     if mode.startswith("torchrun"):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", mode[8:]]
@@ -197,6 +206,9 @@ def main() -> None:
         "--model", default="planted", help="planted (default), or a family: " + ", ".join(model_names()[1:])
     )
     parser.add_argument("--images", type=int, nargs="+", default=[256, 1024], help="numbers of images (256 1024)")
+    parser.add_argument(
+        "--distributions", nargs="+", choices=DISTRIBUTIONS, default=list(DISTRIBUTIONS), help="image distributions"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each method (3)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -212,8 +224,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        mode, num_images = json.loads(args.child)
-        return _child_processes(args, num_images) if mode.startswith("torchrun") else _child_memory(args, num_images)
+        mode, num_images, distribution = json.loads(args.child)
+        if mode.startswith("torchrun"):
+            return _child_processes(args, num_images)
+        return _child_memory(args, num_images, distribution)
     if args.quick:
         args.images, args.rounds, args.no_memory = [16], 1, True
 
@@ -223,13 +237,13 @@ def main() -> None:
         f"model {args.model}; batch {BATCH_SIZE}; {args.rounds} rounds"
     )
     print(
-        "| images | bare forward img/s | given img/s | **given / bare** | defaults img/s | **defaults / bare** | "
+        "| images | distribution | bare forward img/s | given img/s | **given / bare** | defaults img/s | **defaults / bare** | "
         "in CPU time: given / bare, defaults / bare | threshold (automatic) | k | extra peak MiB (defaults) | "
         "planted neurons found |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for num_images in args.images:
-        model, images, truth, threshold, top_k, dtype = prepare(args, num_images)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for num_images, distribution in ((n, d) for n in args.images for d in args.distributions):
+        model, images, truth, threshold, top_k, dtype = prepare(args, num_images, distribution)
         functions = methods(model, images, threshold, top_k, args.device, dtype)
         warmup = methods(model, images[: 4 * BATCH_SIZE], threshold, top_k, args.device, dtype)
         interleaved(warmup if not args.compile else functions, 1, args.device)  # compiled: every shape seen first
@@ -240,9 +254,9 @@ def main() -> None:
             for name in ("given", "defaults")
         ]
         rate = {name: num_images / statistics.median(seconds) for name, seconds in times.items()}
-        peak = "-" if args.no_memory else f"{_child('memory', args, num_images)['peak']:.0f}"
+        peak = "-" if args.no_memory else f"{_child('memory', args, num_images, distribution)['peak']:.0f}"
         print(
-            f"| {num_images} | {rate['bare forward']:.1f} | {rate['given']:.1f} | "
+            f"| {num_images} | {distribution} | {rate['bare forward']:.1f} | {rate['given']:.1f} | "
             f"**{paired_ratio(times, 'given', 'bare forward'):.2f}** | {rate['defaults']:.1f} | "
             f"**{paired_ratio(times, 'defaults', 'bare forward'):.2f}** | "
             f"{paired_ratio(cpu_times, 'given', 'bare forward'):.2f} / "

@@ -227,12 +227,12 @@ def test_automatic_threshold_and_k_run_each_image_once_and_edit_only_evaluation_
 
 @pytest.mark.parametrize(
     ("fraction", "again"),
-    [(100.0, 16), (1e-9, 12)],
+    [(100.0, 16), (1e-9, 8)],
     ids=["bound-above-the-threshold", "no-room-for-the-tokens"],
 )
 def test_calibration_batches_are_scored_again_when_their_tokens_fall_short(monkeypatch, fraction, again):
-    """A provisional bound above the settled threshold (every batch), or more tokens above it than one batch holds
-    (every batch after the first): those batches run again, and nothing changes."""
+    """A provisional bound above the settled threshold (every batch), or more tokens above it than half the
+    calibration images hold (every batch after the second): those batches run again, and nothing changes."""
     model, images = build_planted_model(), planted_images(24)
     expected = find_register_neurons(model, images, calibration_images=16, batch_size=4, top_k=4, eval_images=0)
     monkeypatch.setattr(discovery, "CANDIDATE_FRACTION", fraction)

@@ -61,6 +61,7 @@ LAYERS = {
         "analysis.distributed",
         "analysis.interventions",
         "analysis.metrics",
+        "analysis.towers",
         "evaluation",
         "evaluation.boxes",
         "evaluation.data",

@@ -19,6 +19,7 @@ from .analysis.capture import capture
 from .analysis.distributed import all_reduce, is_main_process, rank_and_world_size
 from .analysis.interventions import with_register_neurons
 from .analysis.metrics import MAD_FACTOR, MIN_NORM_RATIO, NormHistogram, patch_mask, patch_norms
+from .analysis.towers import consumer_layer, register_tower
 from .errors import TTRegValueError
 from .index import RegisterNeuronIndex, weights_fingerprint
 from .modeling.registers import TestTimeRegisterMixin, check_pixel_values
@@ -38,6 +39,7 @@ class DiscoveryResult:
     num_outlier_tokens: int
     num_patch_tokens: int
     detection_layer: int
+    detection_layer_rule: str
     highest_layer: int
     threshold: float
     threshold_rule: str
@@ -58,7 +60,7 @@ class DiscoveryResult:
 
     def summary(self) -> str:
         norms = (
-            f"patch norms at layer {self.detection_layer}: median {self.median_norm:.4g}, max {self.max_norm:.4g} "
+            f"patch norms at layer {self.detection_layer} ({self.detection_layer_rule}): median {self.median_norm:.4g}, max {self.max_norm:.4g} "
             f"(max/median {self.max_norm / self.median_norm:.3g}); threshold {self.threshold:.4g} ({self.threshold_rule})"
         )
         if not self.found:
@@ -180,12 +182,12 @@ class _Statistics:
 
     def score(self, tokens: _Tokens, threshold: float) -> None:
         """Add the scores of the images of ``tokens`` (which hold every token above ``threshold`` of these images)."""
-        outlier = tokens.norms > threshold
-        image = tokens.image[outlier]
+        outlier = (tokens.norms > threshold).double()
         counts = torch.zeros(len(tokens.positions), dtype=torch.float64, device=self.scores.device)
-        counts.index_add_(0, image, torch.ones_like(image, dtype=torch.float64))
-        weights = 1.0 / counts[image]  # each image's outliers weigh 1 / its number of outliers: its mean
-        self.scores += torch.einsum("n,lnw->lw", weights, tokens.activations[:, outlier].abs().double())
+        counts.index_add_(0, tokens.image, outlier)
+        # each image's outliers weigh 1 / its number of outliers (their mean); the other kept tokens 0
+        weights = outlier / counts[tokens.image].clamp(min=1)
+        self.scores += torch.matmul(weights, tokens.activations.double().abs_())  # (tokens) @ (layers, tokens, width)
         self.outliers[tokens.positions] = counts
 
     def all_reduce(self) -> None:
@@ -198,7 +200,9 @@ class _Statistics:
 
 # The provisional bound of a calibration batch, as a fraction of the least threshold the automatic rule can give from a
 # median like the batch's (MIN_NORM_RATIO x its median): settled thresholds fall below it only when a batch's median
-# is over 1 / CANDIDATE_FRACTION times the calibration set's, and such a batch is scored again.
+# is over 1 / CANDIDATE_FRACTION times the calibration set's, and such a batch is scored again. The bound lies above
+# the batch's median, so fewer than half of its tokens are kept: room for half of the calibration images' tokens never
+# runs out, however many outliers the images have.
 CANDIDATE_FRACTION = 0.5
 
 
@@ -216,26 +220,25 @@ def _scan(
     """One forward per selected image: the norms, the outliers and the scores (and, for an automatic threshold, the
     threshold) of every image; ``calibration``: positions of the calibration images in ``selected``.
 
-    The calibration images go first, each batch keeping the tokens above a provisional bound (bounded memory: one
-    batch's tokens in all); the threshold is settled from their norms, their kept tokens are scored, and the other
-    images stream with the threshold known. A batch whose bound came out above the threshold, or whose tokens did
-    not fit, is run again.
+    The calibration images go first, each batch keeping the tokens above a provisional bound (bounded memory: at
+    most the tokens of half the calibration images, or of one batch if that is more; a few percent of them where
+    outliers are rare); the threshold is settled from their norms, their kept tokens are scored, and the other images
+    stream with the threshold known. A batch whose bound came out above the threshold, or whose tokens did not fit
+    (padded batches of other lengths), is run again.
     """
     rank, world_size = rank_and_world_size()
     device = next(model.parameters()).device
     stats = _Statistics(device, len(selected), highest + 1, model.config.mlp_width)
     others = list(range(len(selected)))
     if threshold is None:
-        kept, again, room = [], [], None
-        for positions, inputs in _batches(
-            images, selected, calibration[rank::world_size], batch_size, model, "calibration"
-        ):
+        kept, again, room, share = [], [], None, calibration[rank::world_size]
+        for positions, inputs in _batches(images, selected, share, batch_size, model, "calibration"):
             norms, mask, tokens_above = _scoring_forward(model, inputs, detection, highest)
             batch = NormHistogram(device).add(norms, mask)
             stats.calibration += batch
             stats.count_patches(positions, norms, mask)
             tokens = tokens_above(CANDIDATE_FRACTION * MIN_NORM_RATIO * batch.median(), positions)
-            room = batch_size * norms.shape[1] if room is None else room
+            room = max(batch_size, math.ceil(len(share) / 2)) * norms.shape[1] if room is None else room
             if len(tokens.image) <= room:
                 kept.append(tokens)
                 room -= len(tokens.image)
@@ -381,11 +384,11 @@ def _check_settings(settings: dict, images: Images, num_neurons: int) -> None:
 
 
 def find_register_neurons(
-    model: TestTimeRegisterMixin,
+    model: torch.nn.Module,
     images: Images,
     *,
     threshold: float | None = None,
-    detection_layer: int = -1,
+    detection_layer: int | None = None,
     highest_layer: int | None = None,
     top_k: int | None = None,
     max_top_k: int = 32,
@@ -397,17 +400,23 @@ def find_register_neurons(
     seed: int = 0,
     checkpoint: str = "",
 ) -> DiscoveryResult:
-    """Find the register neurons of ``model`` from ``images``: a sequence of preprocessed ``(3, H, W)`` float tensors,
+    """Find the register neurons of ``model``'s tower from ``images``: a sequence of preprocessed ``(3, H, W)`` float tensors,
     or of dicts of one image's keyword inputs for models that take more than pixel values (SigLIP2's NaFlex
     ``pixel_values``, ``pixel_attention_mask``, ``spatial_shapes``, each without the batch dimension), stacked key by
     key into batches. Padding (``pixel_attention_mask`` 0) is no patch: every statistic counts only real patches, so a
     padded batch gives what each image gives alone.
 
+    ``model`` is any model that holds one test-time-register tower (`ttreg_hf.analysis.register_tower`): a tower, a
+    classifier, a backbone host, a dual encoder, a VLM, the torch.hub DINOv2 model, an open_clip CLIP, a timm model;
+    discovery runs the tower alone, and the index it finds fits the tower wherever it sits.
+
     Args:
         threshold: norm above which a patch token at ``detection_layer`` is an outlier (the authors use 30 for
             OpenCLIP); `None` picks it from the norm distribution (`AUTOMATIC_THRESHOLD_RULE`) of
             ``calibration_images`` images drawn with ``seed`` (all of them when there are fewer).
-        detection_layer: block whose output norms define the outliers (the authors' default: the last, -1).
+        detection_layer: block whose output norms define the outliers; `None`: the one ``model`` reads from its tower
+            (`ttreg_hf.analysis.consumer_layer`: a VLM's ``vision_feature_layer``, LLaVA's second-to-last block;
+            the last block of a tower alone, the authors' default). Recorded with its reason in the index's details.
         highest_layer: last layer searched for neurons (default: the detection layer).
         top_k: number of neurons to keep; `None` picks the smallest k whose edit leaves at most
             ``remaining_outliers`` of the outliers on the first ``eval_images`` images that have them
@@ -423,8 +432,14 @@ def find_register_neurons(
     The model's own index is restored afterwards. Under ``torchrun`` every process takes its share of the images and
     every statistic is summed over processes, so all of them return the result one process would.
     """
-    num_layers = len(model.transformer_blocks)
-    detection = _layer("detection_layer", detection_layer, num_layers)
+    tower = register_tower(model)
+    num_layers = len(tower.transformer_blocks)
+    if detection_layer is None:
+        consumer = consumer_layer(model)
+        detection, detection_rule = consumer.layer, consumer.rule
+    else:
+        detection, detection_rule = _layer("detection_layer", detection_layer, num_layers), "given"
+    model = tower
     highest = detection if highest_layer is None else _layer("highest_layer", highest_layer, num_layers)
     config = model.config
     settings = dict(
@@ -459,6 +474,7 @@ def find_register_neurons(
             num_outlier_tokens=int(stats.outliers.sum()),
             num_patch_tokens=stats.histogram.total,
             detection_layer=detection,
+            detection_layer_rule=detection_rule,
             highest_layer=highest,
             threshold=threshold,
             threshold_rule=rule,

@@ -1,4 +1,5 @@
-"""The inspect report: patch norms and CLS attention of the last layer, without and with the test-time register."""
+"""The inspect report: patch norms and CLS attention at the layer the model reads from its tower (the last block of a
+tower alone, a VLM's ``vision_feature_layer``), without and with the test-time register."""
 
 import math
 from collections.abc import Mapping
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .analysis.capture import ActivationCache, run_with_cache
+from .analysis.capture import ActivationCache, resolve_layer, run_with_cache
 from .analysis.interventions import with_register_neurons
 from .analysis.metrics import (
     LayerSummary,
@@ -17,18 +18,21 @@ from .analysis.metrics import (
     patch_norms,
     summarize_layers,
 )
+from .analysis.towers import ConsumerLayer, consumer_layer, register_tower
 from .errors import MissingDependencyError, TTRegValueError
-from .modeling.registers import IndexSpec, TestTimeRegisterMixin
+from .modeling.registers import IndexSpec
 
 
 @dataclass(frozen=True)
 class Inspection:
-    """One image through one setting of the model: last-layer maps on the patch grid and their numbers.
+    """One image through one setting of the model: the maps of one layer (``layer``) on the patch grid and their
+    numbers.
 
     ``attention_source`` is ``"CLS"``, or ``"mean"`` for models without a CLS token (SigLIP): the attention each
     token gets averaged over all tokens (`ttreg_hf.analysis.cls_attention`)."""
 
     label: str
+    layer: ConsumerLayer
     norm_map: torch.Tensor
     attention_map: torch.Tensor
     summary: LayerSummary
@@ -37,7 +41,8 @@ class Inspection:
     def describe(self) -> str:
         s = self.summary
         text = (
-            f"{self.label}: max/median patch norm {s.max_median_ratio:.2f} (max {s.max_norm:.4g}, median {s.median_norm:.4g}), "
+            f"{self.label}: layer {self.layer.layer} ({self.layer.rule}), max/median patch norm "
+            f"{s.max_median_ratio:.2f} (max {s.max_norm:.4g}, median {s.median_norm:.4g}), "
             f"{s.outliers_per_image:.0f} outlier tokens; {self.attention_source} attention: top patch "
             f"{100 * s.cls_top_patch_share:.1f} %, outliers {100 * s.cls_outlier_share:.1f} %"
         )
@@ -54,22 +59,32 @@ def _grid(values: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
 
 
 def inspect_image(
-    model: TestTimeRegisterMixin, inputs: Mapping[str, torch.Tensor], register_neurons: IndexSpec | None = None
+    model: torch.nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    register_neurons: IndexSpec | None = None,
+    layer: int | None = None,
 ) -> list[Inspection]:
-    """The last layer of ``model`` on one image's inputs (a batch of one: ``pixel_values``, and SigLIP2's NaFlex
-    ``pixel_attention_mask`` and ``spatial_shapes``), with the edit off and with ``register_neurons`` (default: the
-    model's own index). A padded NaFlex image is shown on its own patch grid, padding left out.
+    """One layer of ``model``'s tower (`register_tower`: any model that holds one) on one image's inputs (a batch of
+    one: ``pixel_values``, and SigLIP2's NaFlex ``pixel_attention_mask`` and ``spatial_shapes``), with the edit off and
+    with ``register_neurons`` (default: the model's own index). ``layer`` (a block, negative from the end) defaults to
+    the one ``model`` reads from its tower (`consumer_layer`: the last block of a tower alone, a VLM's
+    ``vision_feature_layer``). A padded NaFlex image is shown on its own patch grid, padding left out.
 
     Outliers are counted with one threshold for both: the automatic one of the run without the edit.
     """
+    tower = register_tower(model)
+    if layer is None:
+        chosen = consumer_layer(model)
+    else:
+        chosen = ConsumerLayer(resolve_layer(layer, len(tower.transformer_blocks)), "given")
     inputs = dict(inputs)
     pixel_values = inputs.pop("pixel_values")
     shape = tuple(inputs["spatial_shapes"][0].tolist()) if "spatial_shapes" in inputs else None
     runs, threshold = [], None
     for label, neurons in (("original", {}), ("with test-time register", register_neurons)):
-        with with_register_neurons(model, neurons):
-            _, cache = run_with_cache(model, pixel_values, blocks=[-1], attentions=[-1], **inputs)
-        layer = max(cache.block_outputs)
+        with with_register_neurons(tower, neurons):
+            _, cache = run_with_cache(tower, pixel_values, blocks=[chosen.layer], attentions=[chosen.layer], **inputs)
+        layer = chosen.layer
         if shape is not None:  # the image's own patches: the first rows x columns of the padded sequence
             cache = _without_padding(cache, layer, shape[0] * shape[1])
         norms = patch_norms(cache.block_outputs[layer], cache.layout)[0]
@@ -77,7 +92,9 @@ def inspect_image(
         attention = cache.layout.patches(cls_attention(cache.attentions[layer], cache.layout).unsqueeze(-1))[0, :, 0]
         summary = summarize_layers(cache, threshold)[0]
         runs.append(
-            Inspection(label, _grid(norms, shape), _grid(attention, shape), summary, attention_source(cache.layout))
+            Inspection(
+                label, chosen, _grid(norms, shape), _grid(attention, shape), summary, attention_source(cache.layout)
+            )
         )
     return runs
 
@@ -115,14 +132,14 @@ def save_report(image: torch.Tensor, inspections: list[Inspection], path: str | 
         row[0].set_title(f"input: {inspection.label}", fontsize=10)
         shown = row[1].imshow(inspection.norm_map.numpy(), cmap="viridis", vmin=0, vmax=norm_max)
         row[1].set_title(
-            f"patch norm, last layer\nmax/median {s.max_median_ratio:.1f}, {s.outliers_per_image:.0f} outliers",
+            f"patch norm, layer {inspection.layer.layer}\nmax/median {s.max_median_ratio:.1f}, {s.outliers_per_image:.0f} outliers",
             fontsize=10,
         )
         figure.colorbar(shown, ax=row[1], fraction=0.046, pad=0.04)
         shown = row[2].imshow(inspection.attention_map.numpy(), cmap="inferno", vmin=0, vmax=attention_max)
         register = "" if s.cls_register_share is None else f", register {100 * s.cls_register_share:.0f} %"
         row[2].set_title(
-            f"{inspection.attention_source} attention, last layer\ntop patch {100 * s.cls_top_patch_share:.0f} %{register}",
+            f"{inspection.attention_source} attention, layer {inspection.layer.layer}\ntop patch {100 * s.cls_top_patch_share:.0f} %{register}",
             fontsize=10,
         )
         figure.colorbar(shown, ax=row[2], fraction=0.046, pad=0.04)

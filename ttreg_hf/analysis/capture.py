@@ -1,6 +1,7 @@
 """Read a model's internals during its forward: MLP activations, block outputs and attention maps, per layer.
 
-Works through the public seams of `TestTimeRegisterMixin`, so every model family is covered: the MLP activations are
+Works through the public seams of `TestTimeRegisterMixin`, so every model family is covered, on the one
+test-time-register tower of whatever model is given (`register_tower`: a tower, a classifier, a VLM, ...): the MLP activations are
 the output of each MLP's ``register_edit`` slot (what the output projection receives, after the edit if one is
 attached), the block outputs are the residual stream after each of `transformer_blocks`, and the attention maps are
 recomputed from each block's input (see `attention.py`). Hooks exist only inside the ``with`` block.
@@ -19,8 +20,9 @@ from torch import nn
 
 from ..errors import TTRegTypeError, TTRegValueError
 from ..modeling.layout import TokenLayout
-from ..modeling.registers import TestTimeRegisterMixin, check_pixel_values
+from ..modeling.registers import check_pixel_values
 from .attention import attention_reader
+from .towers import register_tower
 
 Layers = Iterable[int] | int | str | None
 Observer = Callable[[torch.Tensor], None]
@@ -97,7 +99,7 @@ def hook_edit_slot(mlp: nn.Module, function: SlotFunction) -> Iterator[None]:
 
 @contextmanager
 def observe(
-    model: TestTimeRegisterMixin,
+    model: nn.Module,
     *,
     mlp: Mapping[int, Observer] = {},
     blocks: Mapping[int, Observer] = {},
@@ -111,8 +113,10 @@ def observe(
     ``attentions[layer]`` ``(batch, heads, tokens, tokens)``, ``keys[layer]`` the attention's keys ``(batch, tokens,
     heads * head_dim)`` (recomputed by the family's attention reader, as the maps are); tokens include the test-time registers, if any, and a
     padded batch's padding. Layers may be negative. ``detach=False`` hands over the MLP activations and block
-    outputs still attached to the autograd graph.
+    outputs still attached to the autograd graph. ``model`` is any model that holds one test-time-register tower
+    (`register_tower`), whose layers these are; a forward of ``model`` (a VLM's ``generate``) runs them.
     """
+    model = register_tower(model)
     sites, block_list = model.register_edit_sites, model.transformer_blocks
     mlp, blocks, attentions, keys = (
         resolve_layer_map(observers, len(block_list), name)
@@ -164,7 +168,7 @@ class ActivationCache:
 
 @contextmanager
 def capture(
-    model: TestTimeRegisterMixin,
+    model: nn.Module,
     *,
     mlp: Layers = None,
     blocks: Layers = None,
@@ -173,7 +177,8 @@ def capture(
     detach: bool = True,
 ) -> Iterator[ActivationCache]:
     """Keep the chosen layers' tensors of the latest forward in an `ActivationCache` (see `observe` for ``detach``),
-    with the layout and the padding mask that forward ran with."""
+    with the layout and the padding mask that forward ran with; ``model`` as in `observe`."""
+    model = register_tower(model)
     num_layers = len(model.transformer_blocks)
     cache = ActivationCache(model.token_layout)
 
@@ -200,7 +205,7 @@ def capture(
 
 
 def run_with_cache(
-    model: TestTimeRegisterMixin,
+    model: nn.Module,
     pixel_values: torch.Tensor,
     *,
     mlp: Layers = None,
@@ -210,11 +215,13 @@ def run_with_cache(
     keep_grad: bool = False,
     **forward_kwargs,
 ) -> tuple[object, ActivationCache]:
-    """One forward of ``pixel_values`` (moved to the model's device, floating-point images cast to its dtype; integer
+    """One forward of ``model``'s test-time-register tower (`register_tower`: ``model`` itself, or the one inside a
+    classifier, a VLM, ...) on ``pixel_values`` (moved to the model's device, floating-point images cast to its dtype; integer
     images are refused, as the model refuses them): ``(output, cache)``, as TransformerLens' ``run_with_cache``.
     Tensors among ``forward_kwargs`` (SigLIP2's ``pixel_attention_mask``, ``spatial_shapes``) move to the device too.
     ``keep_grad=True`` runs with autograd and keeps the cached MLP activations and block outputs in the graph;
     otherwise nothing is recorded for autograd."""
+    model = register_tower(model)
     if not isinstance(pixel_values, torch.Tensor):
         raise TTRegTypeError(
             f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}: run the images through the "

@@ -1,6 +1,7 @@
 """Research interventions at the MLP activation slot: move the outliers to any patch, ablate neurons, swap indices.
 
-Each is a context manager; the model is as before once the ``with`` block ends. Layers and neurons are checked as
+Each is a context manager; the model is as before once the ``with`` block ends. Each takes any model that holds
+one test-time-register tower (`register_tower`: a tower, a classifier, a VLM, ...) and acts on that tower. Layers and neurons are checked as
 the model checks an index, before anything is hooked; every forward inside the block is intervened on as it runs,
 whatever settings it runs with (see `capture.hook_edit_slot`).
 """
@@ -19,17 +20,19 @@ from ..errors import TTRegTypeError, TTRegValueError
 from ..index import RegisterNeuronIndex, check_neurons_fit, normalize_neurons
 from ..modeling.edit import RegisterNeuronEdit
 from ..modeling.layout import TokenLayout
-from ..modeling.registers import IndexSpec, TestTimeRegisterMixin
+from ..modeling.registers import IndexSpec
 from .capture import hook_edit_slot, resolve_layer_map
+from .towers import register_tower
 
 Neurons = Mapping[int, Sequence[int]] | RegisterNeuronIndex
 Rewrite = Callable[[torch.Tensor], torch.Tensor]
 
 
-def checked_neurons(model: TestTimeRegisterMixin, neurons: Neurons) -> dict[int, tuple[int, ...]]:
+def checked_neurons(model: torch.nn.Module, neurons: Neurons) -> dict[int, tuple[int, ...]]:
     """``neurons`` (``{layer: [neuron, ...]}`` or an index) checked as the model checks an index — neurons within its
     MLP width, each once, with the same messages — and its layers as `run_with_cache` reads them (negative ones count
     from the end); empty lists are dropped."""
+    model = register_tower(model)
     if isinstance(neurons, RegisterNeuronIndex):
         neurons = neurons.neurons
     if not isinstance(neurons, Mapping):
@@ -40,9 +43,9 @@ def checked_neurons(model: TestTimeRegisterMixin, neurons: Neurons) -> dict[int,
 
 
 @contextmanager
-def _rewrite_slots(model: TestTimeRegisterMixin, functions: Mapping[int, Callable]) -> Iterator[None]:
+def _rewrite_slots(model: torch.nn.Module, functions: Mapping[int, Callable]) -> Iterator[None]:
     """``functions[layer](activations, token_mask)`` replaces layer ``layer``'s activations at every forward."""
-    sites = model.register_edit_sites
+    sites = register_tower(model).register_edit_sites
     with ExitStack() as stack:
         for layer, function in functions.items():
             stack.enter_context(hook_edit_slot(sites[layer], function))
@@ -50,12 +53,12 @@ def _rewrite_slots(model: TestTimeRegisterMixin, functions: Mapping[int, Callabl
 
 
 @contextmanager
-def rewrite_activations(model: TestTimeRegisterMixin, rewrites: Mapping[int, Rewrite]) -> Iterator[None]:
+def rewrite_activations(model: torch.nn.Module, rewrites: Mapping[int, Rewrite]) -> Iterator[None]:
     """Inside the ``with`` block, every forward passes layer ``layer``'s MLP activations (``(batch, tokens,
     mlp_width)``, at the edit slot: after the activation and after the model's own edit, if any) through
     ``rewrites[layer]``, which returns the activations to use (same shape), before the MLP's output projection.
     Layers may be negative. The building block of every intervention here."""
-    rewrites = resolve_layer_map(rewrites, len(model.transformer_blocks), "rewrites")
+    rewrites = resolve_layer_map(rewrites, len(register_tower(model).transformer_blocks), "rewrites")
     for layer, rewrite in rewrites.items():
         if not callable(rewrite):
             raise TTRegTypeError(
@@ -80,17 +83,16 @@ def rewrite_activations(model: TestTimeRegisterMixin, rewrites: Mapping[int, Rew
 
 
 @contextmanager
-def with_register_neurons(
-    model: TestTimeRegisterMixin, register_neurons: IndexSpec, **settings
-) -> Iterator[TestTimeRegisterMixin]:
-    """Attach ``register_neurons`` (``{}``: edit off) with `set_register_neurons`; every previous setting comes back
-    after."""
-    saved = {name: copy.deepcopy(getattr(model.config, name)) for name in REGISTER_SETTINGS}
-    model.set_register_neurons(register_neurons, **settings)
+def with_register_neurons(model: torch.nn.Module, register_neurons: IndexSpec, **settings) -> Iterator[torch.nn.Module]:
+    """Attach ``register_neurons`` (``{}``: edit off) to ``model``'s tower with `set_register_neurons`; every previous
+    setting comes back after. Yields ``model``."""
+    tower = register_tower(model)
+    saved = {name: copy.deepcopy(getattr(tower.config, name)) for name in REGISTER_SETTINGS}
+    tower.set_register_neurons(register_neurons, **settings)
     try:
         yield model
     finally:
-        model.set_register_neurons(saved.pop("register_neurons") or {}, **saved)
+        tower.set_register_neurons(saved.pop("register_neurons") or {}, **saved)
 
 
 def _check_position(position: object) -> int:
@@ -106,13 +108,14 @@ def _check_position(position: object) -> int:
 
 
 @contextmanager
-def shift_outliers(model: TestTimeRegisterMixin, neurons: Neurons, position: int) -> Iterator[None]:
+def shift_outliers(model: torch.nn.Module, neurons: Neurons, position: int) -> Iterator[None]:
     """Move the register neurons' activations to patch ``position`` (row-major) instead of a register.
 
     The paper's "Shifted" experiment: the same `RegisterNeuronEdit`, with the chosen patch in the register's place;
     in a padded batch, over each image's real tokens. Needs the model's own edit off (``with_register_neurons(model,
     {})``) at every forward; the position must be a real patch of every image.
     """
+    model = register_tower(model)
     neurons = checked_neurons(model, neurons)
     position = _check_position(position)
     if model.token_layout.num_registers:
@@ -159,7 +162,7 @@ def shift_outliers(model: TestTimeRegisterMixin, neurons: Neurons, position: int
 
 
 @contextmanager
-def ablate_neurons(model: TestTimeRegisterMixin, neurons: Neurons, value: float = 0.0) -> Iterator[None]:
+def ablate_neurons(model: torch.nn.Module, neurons: Neurons, value: float = 0.0) -> Iterator[None]:
     """Set the listed neurons' activations to ``value`` (a finite number) at every token; an empty list ablates
     nothing."""
     neurons = checked_neurons(model, neurons)
