@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ttreg_hf"
 LAYERS = {
     "core": (
         "version",
+        "errors",
         "settings",
         "index",
         "images",
