@@ -12,7 +12,7 @@ from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndex, R
 from ttreg_hf.errors import TTRegError, TTRegTypeError, TTRegValueError
 from ttreg_hf.hub import entry_points, load_tt_model
 
-from conftest import tiny_dinov2_config
+from support import tiny_dinov2_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::ttreg_hf.modeling.registers.RegisterEditOffWarning")
 

@@ -1,3 +1,3 @@
 """The package version, in a module of its own: setup.cfg reads it without importing torch."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

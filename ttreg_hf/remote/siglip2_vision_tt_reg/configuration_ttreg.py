@@ -18,7 +18,9 @@ from pathlib import Path, PurePosixPath
 from typing import Literal, get_args
 
 import torch
-from huggingface_hub import constants as hub_constants, errors as hub_errors, hf_hub_download, parse_hf_uri
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import errors as hub_errors
+from huggingface_hub import hf_hub_download, parse_hf_uri
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
 from huggingface_hub.utils import validate_repo_id

@@ -36,9 +36,9 @@ from .configuration_ttreg import (
     SEMANTICS,
     Siglip2TTRegConfig,
     Siglip2VisionTTRegConfig,
+    TestTimeRegisterConfigMixin,
     TTRegTypeError,
     TTRegValueError,
-    TestTimeRegisterConfigMixin,
 )
 
 # ---- ttreg_hf/index.py

@@ -35,9 +35,9 @@ from .configuration_ttreg import (
     SEMANTICS,
     SiglipTTRegConfig,
     SiglipVisionTTRegConfig,
+    TestTimeRegisterConfigMixin,
     TTRegTypeError,
     TTRegValueError,
-    TestTimeRegisterConfigMixin,
 )
 
 # ---- ttreg_hf/index.py
