@@ -140,7 +140,7 @@ class ModelSpec:
 def parse_model_spec(spec: str) -> ModelSpec:
     """The `ModelSpec` of a MODEL argument (see `MODEL_HELP` and the README's table); reads no file but a folder's
     existence, loads nothing."""
-    from ttreg_hf.family import checkpoints
+    from ttreg_hf.registry import checkpoints
 
     if spec == PLANTED:
         return ModelSpec("planted", spec)

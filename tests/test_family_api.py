@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import CLIPVisionModel, Dinov2Config, Dinov2Model
 
 from ttreg_hf import (
@@ -19,6 +18,7 @@ from ttreg_hf import (
     RegisterNeuronEdit,
 )
 from ttreg_hf.configs import registers as config_registers
+from ttreg_hf.errors import TTRegValueError
 from ttreg_hf.hub import load_tt_model
 
 from support import tiny_dinov2_config
@@ -146,7 +146,7 @@ def test_writing_the_config_changes_what_runs_and_what_is_saved(tmp_path, images
 
 def test_an_invalid_config_write_is_refused_at_write_time(images):
     model = Dinov2TTRegModel(tiny_dinov2_config()).eval()
-    with pytest.raises(StrictDataclassClassValidationError, match="out of range"):
+    with pytest.raises(TTRegValueError, match="out of range"):
         model.config.register_neurons = {"1": [10_000]}
     assert model.config.register_neurons == {"1": [3, 70, 5], "2": [7, 100]}
 

@@ -14,6 +14,7 @@ from ttreg_hf import (
     RegisterNeuronIndex,
 )
 from ttreg_hf.analysis.interventions import with_register_neurons
+from ttreg_hf.errors import TTRegValueError
 from ttreg_hf.index import find_shipped_index, weights_fingerprint
 
 from support import tiny_dinov2_config
@@ -145,7 +146,7 @@ def test_the_provenance_is_saved_cleared_by_a_dict_and_restored_after_an_interve
 )
 def test_a_hostile_provenance_in_a_config_is_refused(provenance):
     model = Dinov2TTRegModel(tiny_dinov2_config())
-    with pytest.raises(StrictDataclassError, match="register_index_provenance must be null or a mapping"):
+    with pytest.raises(TTRegValueError, match="register_index_provenance must be null or a mapping"):
         model.config.register_index_provenance = provenance  # refused at write time, nothing changed
     assert model.config.register_index_provenance is None
     with pytest.raises(StrictDataclassError, match="register_index_provenance"):

@@ -21,11 +21,13 @@ from transformers import (
 
 from ttreg_hf import (
     CLIPTTRegModel,
+    DeiTTTRegModel,
     Dinov2TTRegBackbone,
     Dinov2TTRegConfig,
     DINOv3ViTTTRegBackbone,
     DINOv3ViTTTRegConfig,
     SiglipTTRegModel,
+    ViTTTRegModel,
     to_test_time_registers,
     vision_tower_with_registers,
 )
@@ -107,10 +109,11 @@ MASKED_IMAGE_MODELS = {
 
 
 @pytest.mark.parametrize("family", MASKED_IMAGE_MODELS)
-def test_an_upgraded_masked_image_modeling_tower_keeps_its_mask_token(family):
-    """`to_test_time_registers` on a `ViTForMaskedImageModeling` / `DeiTForMaskedImageModeling`: the new tower holds
-    the parent's mask token itself, and masked patches are reconstructed as the parent does (edit off: bit for bit;
-    edit on: the reference edit on the parent's tower)."""
+def test_a_tower_with_a_mask_token_masks_as_its_parent_does(family):
+    """A ViT / DeiT tower of ours in a masked-image-modeling parent's shape (``use_mask_token``, as
+    `constructor_arguments` reads it off the parent's tower) holds the parent's mask token and masks the patches of
+    ``bool_masked_pos`` as the parent does (edit off: bit for bit; edit on: the reference edit on the parent's tower).
+    Upgrading the whole `*ForMaskedImageModeling` in place is refused: what it saved would not reload."""
     model_class, config_class, tower_path, num_prefix = MASKED_IMAGE_MODELS[family]
     config = config_class(
         hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8,
@@ -118,20 +121,28 @@ def test_an_upgraded_masked_image_modeling_tower_keeps_its_mask_token(family):
     )  # fmt: skip
     torch.manual_seed(0)
     parent = model_class(config).eval()
-    nn.init.normal_(parent.get_submodule(tower_path).embeddings.mask_token)  # zeros at init: it would not show
+    parent_tower = parent.get_submodule(tower_path)
+    nn.init.normal_(parent_tower.embeddings.mask_token)  # zeros at init: it would not show
+    with pytest.raises(TypeError, match="no Auto class reloads"):
+        to_test_time_registers(copy.deepcopy(parent), register_neurons={})
+    ours_class = {"vit": ViTTTRegModel, "deit": DeiTTTRegModel}[family]
+
+    def ours(neurons):
+        tower_config = ours_class.config_class.from_parent_config(config, register_neurons=neurons)
+        tower = ours_class(tower_config, **ours_class.constructor_arguments(parent_tower)).eval()
+        tower.load_state_dict(parent_tower.state_dict())
+        return tower
+
+    off, on = ours({}), ours(NEURONS)
+    assert torch.equal(on.embeddings.mask_token, parent_tower.embeddings.mask_token)
     pixels, masked = torch.randn(2, 3, 32, 32), torch.rand(2, 16) < 0.5
-    off = to_test_time_registers(copy.deepcopy(parent), register_neurons={})
-    on = to_test_time_registers(copy.deepcopy(parent), register_neurons=NEURONS)
-    tower = vision_tower_with_registers(on)
-    assert tower.embeddings.mask_token is on.get_submodule(tower_path).embeddings.mask_token
-    assert torch.equal(tower.embeddings.mask_token, parent.get_submodule(tower_path).embeddings.mask_token)
     with torch.no_grad():
-        expected = parent(pixels, bool_masked_pos=masked).reconstruction
-        assert torch.equal(off(pixels, bool_masked_pos=masked).reconstruction, expected)
-        assert not torch.allclose(parent(pixels).reconstruction, expected, atol=1e-4)  # the mask token counts
-        with hooked_register_edit_of(tower, parent.get_submodule(tower_path), num_prefix):
-            reference = parent.get_submodule(tower_path)(pixels, bool_masked_pos=masked).last_hidden_state
-        torch.testing.assert_close(with_registers(tower(pixels, bool_masked_pos=masked)), reference, atol=1e-5, rtol=0)
+        expected = parent_tower(pixels, bool_masked_pos=masked).last_hidden_state
+        assert torch.equal(off(pixels, bool_masked_pos=masked).last_hidden_state, expected)
+        assert not torch.allclose(parent_tower(pixels).last_hidden_state, expected, atol=1e-4)  # the mask token counts
+        with hooked_register_edit_of(on, parent_tower, num_prefix):
+            reference = parent_tower(pixels, bool_masked_pos=masked).last_hidden_state
+        torch.testing.assert_close(with_registers(on(pixels, bool_masked_pos=masked)), reference, atol=1e-5, rtol=0)
 
 
 TEXT = dict(

@@ -252,15 +252,23 @@ def _import_block(selection: _Selection) -> str:
         if module:
             by_module.setdefault(module, []).append(name if bound == name else f"{name} as {bound}")
     for module, names in sorted(by_module.items()):
-        sections[module.split(".")[0] in sys.stdlib_module_names].append(_from_import(module, names))
+        # as ruff's isort (no combine-as-imports): each aliased name on a line of its own, the others on one line
+        groups = [[name] for name in names if " as " in name] + [[name for name in names if " as " not in name]]
+        for group in sorted((group for group in groups if group), key=lambda group: _member_order(group[0])):
+            sections[module.split(".")[0] in sys.stdlib_module_names].append(_from_import(module, group))
     blocks = [sections[True], sections[False]]
     if selection.from_sibling:
         blocks.append([_from_import(f".{CONFIG_FILE}", selection.from_sibling)])
     return "\n\n".join("\n".join(lines) for lines in blocks if lines)
 
 
+def _member_order(name: str) -> tuple:
+    """isort's order of imported names: constants, classes, then the rest."""
+    return (not name.isupper(), not name[:1].isupper(), name.lower(), name)
+
+
 def _from_import(module: str, names) -> str:
-    names = sorted(names, key=lambda name: (not name.isupper(), not name[:1].isupper(), name))  # constants, classes
+    names = sorted(names, key=_member_order)
     line = f"from {module} import {', '.join(names)}"
     if len(line) <= LINE_LENGTH:
         return line

@@ -10,7 +10,8 @@ import torch
 from huggingface_hub.constants import is_offline_mode
 from safetensors.torch import load_file
 from torch import nn
-from transformers.models.dinov2.modeling_dinov2 import Dinov2Model, Dinov2PatchEmbeddings
+from transformers import Dinov2Model
+from transformers.models.dinov2.modeling_dinov2 import Dinov2PatchEmbeddings
 
 from ..configs.dinov2 import Dinov2TTRegConfig
 from ..errors import TTRegTypeError, TTRegValueError
