@@ -728,25 +728,27 @@ def _evaluate(args: argparse.Namespace) -> int:
     out_dir = check_output(args.out_dir, args.overwrite, folder=True)
     outputs = ["evaluation.json"] + ([] if args.no_figure else ["evaluation.png"])
     json_file, *figure = (check_output(out_dir / name, args.overwrite) for name in outputs)
-    dataset = read_dataset(args.data)
+    with user_path():  # DATA, and below the --boxes and --masks files
+        dataset = read_dataset(args.data)
     tasks = check_tasks(args.tasks, dataset, boxes=args.boxes is not None, masks=args.masks is not None)
     model, preprocessor = load_model(
         args.model, _device(args), args.weights, args.image_size, register_neurons=_index_argument(args)
     )
-    result = evaluate(
-        model,
-        preprocessor,
-        dataset,
-        tasks=tasks,
-        boxes=args.boxes,
-        masks=args.masks,
-        batch_size=args.batch_size,
-        threshold=args.threshold,
-        calibration_images=args.calibration_images,
-        num_resamples=args.resamples,
-        seed=args.seed,
-        model_name=args.model,
-    )
+    with user_path():
+        result = evaluate(
+            model,
+            preprocessor,
+            dataset,
+            tasks=tasks,
+            boxes=args.boxes,
+            masks=args.masks,
+            batch_size=args.batch_size,
+            threshold=args.threshold,
+            calibration_images=args.calibration_images,
+            num_resamples=args.resamples,
+            seed=args.seed,
+            model_name=args.model,
+        )
     if is_main_process():
         print(result.table())
         out_dir.mkdir(parents=True, exist_ok=True)

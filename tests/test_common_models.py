@@ -80,6 +80,9 @@ SKIPS = {
     "test_training_gradient_checkpointing": "as test_training",
     "test_training_gradient_checkpointing_use_reentrant_false": "as test_training",
     "test_training_gradient_checkpointing_use_reentrant_true": "as test_training",
+    "test_reverse_loading_mapping": "our save_pretrained writes the current key layout (save_original_format=False), "
+    "which the remote code it writes beside the weights loads (remote code gets no key conversions); "
+    "tests/test_remote_code.py and tests/test_entry_paths.py check saving and loading",
 }
 # what a classifier adds to its base model, which runs the whole suite: a parent head, trained with labels
 TASK_TESTS = (

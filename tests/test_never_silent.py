@@ -184,7 +184,10 @@ def test_weights_that_would_be_ignored_are_refused(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
     out = ["--out", str(tmp_path / "i.safetensors")]
-    for model, reason in [("planted", "the planted model"), (str(tmp_path / "folder"), "a folder")]:
+    for model, reason in [
+        ("planted", "the planted model"),
+        (str(tmp_path / "folder"), "a checkpoint, which holds its weights"),
+    ]:
         status, err = cli(["find-neurons", model, str(images), *out, "--weights", str(weights)], capsys)
         assert status == 2 and "--weights is for a model name" in err and reason in err
     status, err = cli(["find-neurons", "vit_base_patch16_224_in21k", str(images), *out, "--weights", "nope"], capsys)

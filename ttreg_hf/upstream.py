@@ -212,7 +212,7 @@ PINS: tuple[Pin, ...] = (
     ),
     Pin(
         "transformers.modeling_utils.PreTrainedModel.post_init",
-        "vlm._set_tower: updates the `_no_split_modules` set each model gathers from its children",
+        "registers.set_tower: updates the `_no_split_modules` set each model gathers from its children",
         mentions=("_no_split_modules",),
     ),
     *(
@@ -226,6 +226,15 @@ PINS: tuple[Pin, ...] = (
             "vit.modeling_vit.ViTModel",
             "deit.modeling_deit.DeiTModel",
         )
+    ),
+    Pin(
+        "transformers.modeling_utils.PreTrainedModel._from_config",
+        "family._load_transformers, dinov2_original.load_dinov2: random weights built in ``config.dtype``",
+    ),
+    Pin(
+        "transformers.conversion_mapping.register_checkpoint_conversion_mapping",
+        "family.register_auto_classes: our classes and model types get their parents' key conversions",
+        keywords=("overwrite",),
     ),
     Pin(
         "transformers.utils.hub.cached_files",

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..errors import TTRegValueError
 from ..images import Preprocessor
 
 
@@ -19,7 +20,7 @@ def read_boxes(path: str | Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         files = sorted(path.glob("*.xml"))
         if not files:
-            raise ValueError(
+            raise TTRegValueError(
                 f"No Pascal VOC annotations (*.xml) in {path}; --boxes is such a folder or a COCO JSON file."
             )
         return {file.stem: boxes for file in files if len(boxes := _voc_boxes(file))}
@@ -36,7 +37,7 @@ def _voc_boxes(file: Path) -> torch.Tensor:
             for box in (obj.find("bndbox") for obj in objects)
         ]
     except (ElementTree.ParseError, AttributeError, TypeError, ValueError) as error:
-        raise ValueError(
+        raise TTRegValueError(
             f"Cannot read the VOC annotation {file} ({error}); every object needs a numeric bndbox."
         ) from error
     boxes = torch.tensor(boxes, dtype=torch.float64).view(-1, 4)
@@ -53,7 +54,7 @@ def _coco_boxes(file: Path) -> dict[str, torch.Tensor]:
                 x, y, width, height = annotation["bbox"]
                 boxes.setdefault(names[annotation["image_id"]], []).append([x, y, x + width, y + height])
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(
+        raise TTRegValueError(
             f"Cannot read the COCO annotations {file} ({error!r}); expected images and annotations."
         ) from error
     return {name: torch.tensor(found, dtype=torch.float64) for name, found in boxes.items()}

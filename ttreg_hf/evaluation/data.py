@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import TTRegValueError
 from ..images import IMAGE_SUFFIXES
 
 SPLITS = ("train", "val")
@@ -37,14 +38,16 @@ def labelled_images(folder: Path, classes: tuple[str, ...] | None = None) -> Lab
     classes = classes or found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(f"{folder} has classes the training split has not: {', '.join(unknown)}; add them to train/.")
+        raise TTRegValueError(
+            f"{folder} has classes the training split has not: {', '.join(unknown)}; add them to train/."
+        )
     paths, labels = [], []
     for label, name in enumerate(classes):
         images = image_paths(folder / name) if (folder / name).is_dir() else ()
         paths.extend(images)
         labels.extend([label] * len(images))
     if not paths:
-        raise ValueError(f"No images in the class folders of {folder} (expected {folder}/CLASS/IMAGE).")
+        raise TTRegValueError(f"No images in the class folders of {folder} (expected {folder}/CLASS/IMAGE).")
     return LabelledImages(tuple(paths), tuple(labels), classes)
 
 
@@ -73,17 +76,19 @@ def read_dataset(folder: str | Path) -> Dataset:
     if all((folder / split).is_dir() for split in SPLITS):
         train_images, images = image_paths(folder / "train"), image_paths(folder / "val")
         if not train_images or not images:
-            raise ValueError(f"{folder}/train and {folder}/val need images (in class folders for the probes).")
+            raise TTRegValueError(f"{folder}/train and {folder}/val need images (in class folders for the probes).")
         if not all(path.parent.parent.parent == folder for path in train_images + images):
             return Dataset(folder, images, train_images=train_images)
         train = labelled_images(folder / "train")
         if len(train.classes) < 2:
-            raise ValueError(f"{folder}/train has {len(train.classes)} class folder(s); the probes need at least 2.")
+            raise TTRegValueError(
+                f"{folder}/train has {len(train.classes)} class folder(s); the probes need at least 2."
+            )
         val = labelled_images(folder / "val", train.classes)
         return Dataset(folder, val.paths, train, val, train.paths)
     images = image_paths(folder)
     if not images:
-        raise ValueError(f"No images under {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
+        raise TTRegValueError(f"No images under {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
     if all(path.parent.parent == folder for path in images):  # class folders
         labelled = labelled_images(folder)
         return Dataset(folder, labelled.paths, val=labelled)
@@ -109,5 +114,5 @@ def read_mask(masks: Path, image: Path) -> torch.Tensor:
         raise FileNotFoundError(f"No mask for {image.name}: expected {path} (class ids per pixel, 255 ignored).")
     with Image.open(path) as mask:
         if mask.mode not in ("L", "P"):
-            raise ValueError(f"The mask {path} is {mask.mode}; masks hold one class id per pixel (mode L or P).")
+            raise TTRegValueError(f"The mask {path} is {mask.mode}; masks hold one class id per pixel (mode L or P).")
         return torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).view(mask.height, mask.width).long()

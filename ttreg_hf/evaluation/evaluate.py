@@ -23,6 +23,7 @@ from ..analysis.capture import capture, observe
 from ..analysis.distributed import all_reduce, is_main_process, rank_and_world_size
 from ..analysis.interventions import with_register_neurons
 from ..analysis.metrics import NormHistogram, cls_attention, real_patches
+from ..errors import TTRegValueError
 from ..images import Preprocessor, open_rgb
 from ..modeling.registers import TestTimeRegisterMixin
 from ..version import __version__
@@ -81,7 +82,7 @@ class EvaluationResult:
     def from_json(cls, data: dict) -> "EvaluationResult":
         """The result a `to_json` dict describes; a dict of another format is refused."""
         if data.get("format") != FORMAT:
-            raise ValueError(f"Not a ttreg evaluate result (format {data.get('format')!r}, expected {FORMAT!r}).")
+            raise TTRegValueError(f"Not a ttreg evaluate result (format {data.get('format')!r}, expected {FORMAT!r}).")
         info = {key: value for key, value in data.items() if key not in ("format", "thresholds", "layers", "tasks")}
         return cls(
             [{name: _comparison(c) for name, c in layer.items()} for layer in data["layers"]],
@@ -303,9 +304,11 @@ def evaluate(
     every layer (default: each layer's automatic one). ``seed`` fixes the bootstrap."""
     tower = vision_tower(model)
     if not tower.config.register_neurons:
-        raise ValueError("The model has no register-neuron index, so the edit cannot be turned on: attach one first.")
+        raise TTRegValueError(
+            "The model has no register-neuron index, so the edit cannot be turned on: attach one first."
+        )
     if not tower.config.num_test_time_registers:
-        raise ValueError(
+        raise TTRegValueError(
             "The model runs without test-time registers (num_test_time_registers=0), so the edit cannot be turned "
             "on: load it with num_test_time_registers=1."
         )
@@ -313,16 +316,18 @@ def evaluate(
     tasks = check_tasks(tasks, dataset, tokenizer is not None, boxes is not None, masks is not None)
     truth = read_boxes(boxes) if "lost" in tasks else {}
     if "lost" in tasks and not any(path.stem in truth for path in dataset.images):
-        raise ValueError(f"None of the images of {dataset.folder} has boxes in {boxes} (matched by file name stem).")
+        raise TTRegValueError(
+            f"None of the images of {dataset.folder} has boxes in {boxes} (matched by file name stem)."
+        )
     zero_shot = None
     if "zero-shot" in tasks:
         zero_shot = zero_shot_classifier(model, tokenizer, dataset.val.classes, template)
     model = tower
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
-        raise ValueError(f"threshold must be a finite norm above 0 (or None: automatic), got {threshold!r}.")
+        raise TTRegValueError(f"threshold must be a finite norm above 0 (or None: automatic), got {threshold!r}.")
     rank, world_size = rank_and_world_size()
     if len(dataset.images) < world_size:
-        raise ValueError(f"{len(dataset.images)} images cannot be shared by {world_size} processes: use fewer.")
+        raise TTRegValueError(f"{len(dataset.images)} images cannot be shared by {world_size} processes: use fewer.")
     num_layers = len(model.transformer_blocks)
     collector = _Collector(len(dataset.images))
     histograms = [NormHistogram() for _ in range(num_layers)]
@@ -451,11 +456,11 @@ def check_tasks(
         tasks = [tasks]
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
-        raise ValueError(f"Unknown task(s) {', '.join(map(repr, unknown))}; tasks are {', '.join(TASKS)}.")
+        raise TTRegValueError(f"Unknown task(s) {', '.join(map(repr, unknown))}; tasks are {', '.join(TASKS)}.")
     for task in tasks:
         possible, need = needs.get(task, (True, ""))
         if not possible:
-            raise ValueError(f"The {task} task needs {need}.")
+            raise TTRegValueError(f"The {task} task needs {need}.")
     return tuple(dict.fromkeys(tasks))
 
 
@@ -516,7 +521,7 @@ def _segmentation_probes(model, preprocessor, dataset, masks: Path, batch_size, 
     labels = gathered["labels"].flatten().long()
     kept = labels != 255
     if not kept.any():
-        raise ValueError(f"The training masks in {masks} label no patch (every one is 255, ignored).")
+        raise TTRegValueError(f"The training masks in {masks} label no patch (every one is 255, ignored).")
     num_classes = int(labels[kept].max()) + 1
     probes = {}
     for name in SETTINGS:

@@ -4,6 +4,8 @@ outlier curve (needs matplotlib, the ``plot`` extra)."""
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import MissingDependencyError
+
 if TYPE_CHECKING:
     from .evaluate import EvaluationResult
 
@@ -20,7 +22,9 @@ def save_figure(result: "EvaluationResult", path: str | Path) -> Path:
         matplotlib.use("Agg")
         from matplotlib import pyplot as plt
     except ImportError as error:
-        raise ImportError("The figure needs matplotlib: pip install 'ttreg_hf[plot]' (or pass --no-figure).") from error
+        raise MissingDependencyError(
+            "The figure needs matplotlib: pip install 'ttreg_hf[plot]' (or pass --no-figure)."
+        ) from error
     examples = result.examples.get("images", [])
     columns = [(key, title) for key, title in COLUMNS if examples and key in examples[0]]
     figure = plt.figure(figsize=(2.4 * (1 + len(columns)), 2.4 * len(examples) + 3.2))

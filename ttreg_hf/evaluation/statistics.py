@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import TTRegValueError
+
 # statistic(per-image values (images, ...), resampling weights (resamples, images)) -> one number per resample
 Statistic = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -51,9 +53,11 @@ def paired_bootstrap(
     percentile bootstrap intervals: the images are resampled with replacement, the same draw for both, so the interval
     of the difference is that of a paired comparison. Deterministic for a seed."""
     if off.shape != on.shape or not len(off):
-        raise ValueError(f"Paired values need the same images, at least one: got shapes {off.shape} and {on.shape}.")
+        raise TTRegValueError(
+            f"Paired values need the same images, at least one: got shapes {off.shape} and {on.shape}."
+        )
     if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be between 0 and 1, got {confidence}.")
+        raise TTRegValueError(f"confidence must be between 0 and 1, got {confidence}.")
     num_images = len(off)
     generator = torch.Generator().manual_seed(seed)
     draws = {"off": [], "on": [], "difference": []}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import TTRegTypeError, TTRegValueError
 from ..modeling.registers import TestTimeRegisterMixin
 
 TEMPLATE = "a photo of a {}."
@@ -36,7 +37,7 @@ def vision_tower(model: torch.nn.Module) -> TestTimeRegisterMixin:
         model = vision_tower_with_registers(model)
     tower = getattr(model, "visual", model)
     if not isinstance(tower, TestTimeRegisterMixin):
-        raise TypeError(
+        raise TTRegTypeError(
             f"{type(tower).__name__} has no test-time registers: load the model with ttreg_hf (a ttreg_hf class, "
             "`to_test_time_registers`, or ttreg_hf.modeling.open_clip.create_model_and_transforms)."
         )
@@ -52,7 +53,7 @@ def zero_shot_classifier(
     ...) and its tokenizer (prompts padded to the maximum length, as SigLIP was trained), or an open_clip model with
     test-time registers and ``open_clip.get_tokenizer(name)``."""
     if "{}" not in template:
-        raise ValueError(f"The prompt template must hold '{{}}' where the class name goes, got {template!r}.")
+        raise TTRegValueError(f"The prompt template must hold '{{}}' where the class name goes, got {template!r}.")
     prompts = [template.format(name.replace("_", " ")) for name in classes]
     device = next(model.parameters()).device
     if hasattr(model, "encode_text"):  # open_clip
@@ -69,7 +70,7 @@ def zero_shot_classifier(
             return model.get_image_features(**inputs).pooler_output
 
     else:
-        raise TypeError(
+        raise TTRegTypeError(
             f"{type(model).__name__} is not a dual encoder: zero-shot needs a CLIP / SigLIP model with its text tower "
             "(get_text_features) or an open_clip CLIP model (encode_text)."
         )
