@@ -154,7 +154,7 @@ def _scoring_forward(
     bound (the MLP activations stay referenced, not copied, until it is dropped)."""
     with capture(model, mlp=range(highest + 1), blocks=[detection]) as cache:
         _forward(model, inputs)
-    norms, mask = patch_norms(cache.block_outputs[detection], cache.layout), patch_mask(inputs)
+    norms, mask = patch_norms(cache.block_outputs[detection], cache.layout), patch_mask(inputs, model)
 
     def tokens_above(bound: float, positions: list[int]) -> _Tokens:
         above = norms > bound
@@ -290,7 +290,7 @@ class _Evaluation:
                 with capture(model, blocks=[self.detection]) as cache:
                     _forward(model, inputs)
                 outliers = patch_norms(cache.block_outputs[self.detection], cache.layout) > self.threshold
-                mask = patch_mask(inputs)
+                mask = patch_mask(inputs, model)
                 count += (outliers if mask is None else outliers & mask).sum()
             total += int(all_reduce(count))
             if limit is not None and total > limit:

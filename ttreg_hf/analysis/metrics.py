@@ -8,6 +8,7 @@ import torch
 
 from ..errors import TTRegValueError
 from ..modeling.layout import TokenLayout
+from ..registry import family_of
 from .capture import ActivationCache
 from .distributed import all_reduce
 
@@ -21,13 +22,16 @@ def patch_norms(tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return layout.patches(tokens).float().norm(dim=-1)
 
 
-def patch_mask(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+def patch_mask(inputs: torch.Tensor | Mapping[str, torch.Tensor], model: torch.nn.Module) -> torch.Tensor | None:
     """Which patch positions of a batch are real images' patches, ``(batch, patches)`` bool; `None` when unpadded.
 
-    ``inputs`` are the model's: pixel values, or a dict of keyword inputs. Padded batches are SigLIP2's NaFlex ones,
-    whose ``pixel_attention_mask`` (1 real, 0 padding) has one entry per patch position, as `patch_norms` returns them.
+    ``inputs`` are ``model``'s: pixel values, or a dict of keyword inputs. Its family declares the input that marks a
+    padded batch's real patches (`Family.padding_mask`: SigLIP2's NaFlex ``pixel_attention_mask``, 1 real, 0 padding),
+    one entry per patch position, as `patch_norms` returns them.
     """
-    mask = inputs.get("pixel_attention_mask") if isinstance(inputs, Mapping) else None
+    family = family_of(model)
+    name = family.padding_mask if family is not None else None
+    mask = inputs.get(name) if name is not None and isinstance(inputs, Mapping) else None
     if mask is None:
         return None
     mask = mask.bool()
