@@ -45,6 +45,8 @@ class Checkpoint:
 
 
 AutoClassDeclaration = tuple[str, type | tuple[type, ...]]  # ("AutoModelForImageClassification", the class(es))
+# class -> the names of the Auto classes that build it, in declaration order: filled by `register_auto_classes`
+AUTO_CLASS_NAMES: dict[type, dict[str, None]] = {}
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,8 @@ def register_auto_classes(*families: Family) -> None:
             model_classes = classes if isinstance(classes, tuple) else (classes,)
             auto_class = getattr(transformers, auto_name)
             auto_class.register(model_classes[0].config_class, classes, exist_ok=True)
+            for model_class in model_classes:
+                AUTO_CLASS_NAMES.setdefault(model_class, {})[auto_name] = None
 
 
 def transformers_checkpoint(name: str, summary: str, model_class: type, hub_id: str, arch: dict, **model_kwargs):

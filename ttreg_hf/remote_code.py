@@ -7,7 +7,7 @@ them beside the weights, with an ``auto_map`` in ``config.json``, so that plain 
 import shutil
 from pathlib import Path
 
-from .family import parent_class
+from .family import AUTO_CLASS_NAMES
 
 REMOTE_CODE_DIR = Path(__file__).parent / "remote"
 CONFIG_FILE, MODELING_FILE = "configuration_ttreg", "modeling_ttreg"
@@ -26,20 +26,12 @@ def remote_code_folder(model_class: type) -> Path | None:
 
 
 def remote_auto_map(model_class: type) -> dict[str, str] | None:
-    """The ``auto_map`` that loads ``model_class`` from its remote code: `AutoConfig`, and every Auto class that builds
-    its parent class (`AutoModel` where none does, e.g. for `CLIPVisionModelWithProjection`). `None` for a class the
-    remote code does not define."""
-    from transformers.models.auto import modeling_auto
-
+    """The ``auto_map`` that loads ``model_class`` from its remote code: `AutoConfig`, and every Auto class its family
+    declares for it (`Family.auto_classes`, where its parent class stands; `AutoModel` where none does, e.g. for
+    `CLIPVisionModelWithProjection`). `None` for a class the remote code does not define."""
     if remote_code_folder(model_class) is None:
         return None
-    parent = parent_class(model_class)
-    auto_classes = [getattr(modeling_auto, name) for name in modeling_auto.__all__ if name.startswith("Auto")]
-    names = [
-        auto_class.__name__
-        for auto_class in auto_classes
-        if parent in _as_tuple(getattr(auto_class, "_model_mapping", {}).get(parent.config_class, None))
-    ]
+    names = list(AUTO_CLASS_NAMES.get(model_class, ()))
     modeling = f"{MODELING_FILE}.{model_class.__name__}"
     return {"AutoConfig": f"{CONFIG_FILE}.{model_class.config_class.__name__}"} | dict.fromkeys(
         names or ["AutoModel"], modeling
@@ -50,7 +42,3 @@ def write_remote_code(model_class: type, folder: str | Path) -> None:
     """Copy the remote code that defines ``model_class`` into ``folder``."""
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(remote_code_folder(model_class) / name, Path(folder) / name)
-
-
-def _as_tuple(classes) -> tuple:
-    return classes if isinstance(classes, tuple) else (classes,)
