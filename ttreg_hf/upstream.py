@@ -26,7 +26,6 @@ INTERNALS: dict[str, tuple[str, ...]] = {
         "transformers.modeling_outputs.BackboneOutput",
         "transformers.modeling_outputs.BaseModelOutput",
         "transformers.modeling_outputs.BaseModelOutputWithPooling",
-        "transformers.models.auto.modeling_auto",
         "transformers.models.clip.modeling_clip.CLIPMLP",
         "transformers.models.clip.modeling_clip.CLIPVisionEmbeddings",
         "transformers.models.clip.modeling_clip.CLIPVisionModelOutput",
