@@ -46,6 +46,7 @@ LAYERS = {
         "modeling.dinov3",
         "modeling.open_clip",
         "modeling.timm",
+        "modeling.timm_registry",
     ),
     "registry": ("registry", "modeling.vlm", "modeling.llava"),
     "applications": (

@@ -1,17 +1,19 @@
 """`TimmTTRegVisionTransformer` against timm's `VisionTransformer` and the hook-based reference edit."""
 
 import copy
+import json
 
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 from timm.layers import SwiGLU, SwiGLUPacked
 from timm.models._features import FeatureGetterNet
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 from torch import nn
 
-from ttreg_hf import RegisterNeuronIndexError, load_index
+from ttreg_hf import RegisterNeuronIndex, RegisterNeuronIndexError, load_index
 from ttreg_hf.modeling.timm import (
     TimmTTRegVisionTransformer,
     TimmTTRegVisionTransformerDistilled,
@@ -20,6 +22,8 @@ from ttreg_hf.modeling.timm import (
 )
 
 from reference_edit import hooked_register_edit
+
+pytest_plugins = ["fake_hub"]  # its `hub` fixture
 
 NEURONS = {0: [3, 40], 2: [5]}
 TINY = dict(img_size=28, patch_size=7, embed_dim=32, depth=3, num_heads=2, num_classes=5)
@@ -333,3 +337,92 @@ def test_create_model_makes_deit_distilled_and_refuses_other_models_up_front():
     with pytest.raises(TypeError, match="MyViT subclasses timm's VisionTransformer.*derive from both"):
         to_test_time_registers(own, NEURONS)
     assert type(own) is MyViT
+
+
+# ---- timm's registry, `save_for_hf` / `push_to_hf_hub` and `create_model("local-dir:" / "hf-hub:")` ----------------
+
+
+def found_index() -> RegisterNeuronIndex:
+    """An index as `ttreg find-neurons` writes one for TINY (3 layers, MLP width 128), with its provenance."""
+    return RegisterNeuronIndex(
+        neurons={0: [3, 40], 2: [5]}, num_layers=3, mlp_width=128, checkpoints={"timm": "vit_small_patch16_224"},
+        image_size=28,
+    )  # fmt: skip
+
+
+def test_our_models_are_in_timms_registry_by_timms_names():
+    names = timm.list_models("ttreg_*")
+    assert {
+        "ttreg_vit_small_patch16_224",
+        "ttreg_vit_large_patch14_dinov2",
+        "ttreg_deit_tiny_distilled_patch16_224",
+    } <= {*names}
+    assert len(names) == len(timm.list_models(module=["vision_transformer", "deit"]))  # one per parent architecture
+    assert "ttreg_vit_large_patch14_dinov2.lvd142m" in timm.list_models("ttreg_*", pretrained=True)
+    model = timm.create_model("ttreg_vit_small_patch16_224", register_neurons=NEURONS, **TIMM_TINY, num_classes=5)
+    assert type(model) is TimmTTRegVisionTransformer and model.config.register_neuron_index == {0: (3, 40), 2: (5,)}
+    assert model.pretrained_cfg["architecture"] == "ttreg_vit_small_patch16_224"
+    distilled = timm.create_model("ttreg_deit_tiny_distilled_patch16_224", register_neurons=NEURONS, **TIMM_TINY)
+    assert type(distilled) is TimmTTRegVisionTransformerDistilled
+    # a pretrained tag: the parent's weights (not downloaded here) and the shipped index of those weights
+    dinov2 = timm.create_model("ttreg_vit_large_patch14_dinov2.lvd142m", device="meta")
+    assert dinov2.config.register_neuron_index == load_index("dinov2_vitl14").neurons
+    assert dinov2.pretrained_cfg["tag"] == "lvd142m" and dinov2.pretrained_cfg["input_size"] == (3, 518, 518)
+    with pytest.raises(RegisterNeuronIndexError, match="vit_small_patch16_224"):
+        timm.create_model("ttreg_vit_small_patch16_224", **TIMM_TINY)
+
+
+def _saved_and_reloaded(model: nn.Module, name: str, hub=None) -> nn.Module:
+    """``model`` through timm's own `push_to_hf_hub` (with ``hub``) or `save_for_hf`, and `timm.create_model`."""
+    if hub is not None:
+        timm.models.push_to_hf_hub(model, f"user/{name.rpartition('/')[2]}", safe_serialization=True)
+        return timm.create_model(f"hf-hub:user/{name.rpartition('/')[2]}", pretrained=True).eval()
+    timm.models.save_for_hf(model, name, safe_serialization=True)
+    return timm.create_model(f"local-dir:{name}", pretrained=True).eval()
+
+
+@pytest.mark.parametrize("where", ["local-dir", "hf-hub"])
+def test_save_for_hf_and_push_to_hub_keep_the_index_and_reload_as_ours(where, tmp_path, request):
+    hub = request.getfixturevalue("hub") if where == "hf-hub" else None
+    model = timm.create_model(
+        "ttreg_vit_small_patch16_224", register_neurons=found_index(), num_test_time_registers=2, register_scale=1.5,
+        register_semantics="reference", **TIMM_TINY, num_classes=5,
+    ).eval()  # fmt: skip
+    reloaded = _saved_and_reloaded(model, str(tmp_path / "saved"), hub)
+    assert type(reloaded) is TimmTTRegVisionTransformer
+    for name in ("register_neurons", "num_test_time_registers", "register_scale", "register_semantics"):
+        assert getattr(reloaded.config, name) == getattr(model.config, name), name
+    assert reloaded.config.register_index_provenance == found_index().provenance
+    pixels = _pixels("token")
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixels), model(pixels))
+        assert torch.equal(
+            reloaded.forward_features_with_registers(pixels)[1], model.forward_features_with_registers(pixels)[1]
+        )
+    if hub is not None:
+        config = json.loads(hub.file("user/saved", "config.json"))
+        assert config["architecture"] == "ttreg_vit_small_patch16_224"
+        assert config["model_args"]["register_neurons"] == {"0": [3, 40], "2": [5]}
+        assert not any(path.endswith(".bin") for path in hub.repos["user/saved"].files_at("main"))  # no pickle
+
+
+@torch.no_grad()
+def test_a_converted_timm_model_saves_what_it_runs(tmp_path):
+    parent = timm.create_model("vit_small_patch16_224", **TIMM_TINY, num_classes=5).eval()
+    model = to_test_time_registers(copy.deepcopy(parent), {1: [7]}, num_test_time_registers=0)
+    model.set_register_neurons(NEURONS, num_test_time_registers=1)  # changed after conversion: saved as it is now
+    reloaded = _saved_and_reloaded(model, str(tmp_path / "converted"))
+    assert type(reloaded) is TimmTTRegVisionTransformer and reloaded.config.register_neuron_index == {
+        0: (3, 40),
+        2: (5,),
+    }
+    pixels = _pixels("token")
+    assert torch.equal(reloaded(pixels), model(pixels)) and not torch.equal(reloaded(pixels), parent(pixels))
+    # the edit off and no index: it stays so (no shipped-index lookup, no error), and plain timm loads the weights
+    off = to_test_time_registers(copy.deepcopy(parent))
+    assert off.config.register_neurons is None
+    reloaded_off = _saved_and_reloaded(off, str(tmp_path / "off"))
+    assert reloaded_off.config.register_neurons == {} and torch.equal(reloaded_off(pixels), parent(pixels))
+    plain = timm.create_model("vit_small_patch16_224", **TIMM_TINY, num_classes=5)
+    plain.load_state_dict(load_file(tmp_path / "converted" / "model.safetensors"))  # timm's keys, every one
+    assert torch.equal(plain.eval()(pixels), parent(pixels))

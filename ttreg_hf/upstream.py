@@ -78,6 +78,9 @@ INTERNALS: dict[str, tuple[str, ...]] = {
         "timm.models.FeatureGraphNet",
         "timm.models.FeatureHookNet",
         "timm.models._features.FeatureGetterNet",
+        "timm.models.generate_default_cfgs",
+        "timm.models.get_arch_pretrained_cfgs",
+        "timm.models.register_model",
         "timm.models.deit.VisionTransformerDistilled",
         "timm.models.vision_transformer.VisionTransformer",
     ),
@@ -189,6 +192,16 @@ PINS: tuple[Pin, ...] = (
         "42d84d00c202e19780d65e6391144b3dd6640ed6b5092666d2fd315f64c6063a",
     ),
     # private names we override, read or write
+    Pin(
+        "timm.models._input.get_model_args",
+        "timm.TimmTTRegVisionTransformer._model_args (the register settings in what `save_for_hf` writes)",
+        mentions=("_model_args",),
+    ),
+    Pin(
+        "timm.models._factory.create_model",
+        "timm.TimmTTRegVisionTransformer._model_args (what timm records there, our settings taken out)",
+        mentions=("_model_args",),
+    ),
     Pin("open_clip.transformer.VisionTransformer._embeds", "open_clip.OpenCLIPTTRegVisionTransformer._embeds (checks)"),
     Pin("open_clip.transformer.VisionTransformer._pool", "open_clip.OpenCLIPTTRegVisionTransformer._pool (strips)"),
     Pin(

@@ -8,6 +8,9 @@ after the gating for `GluMlp` / `SwiGLUPacked` / `SwiGLU`), and the registers ar
 ``features_only`` wrapper (`FeatureGetterNet`, timm's default for ViTs) returns.
 """
 
+import json
+from collections.abc import Mapping
+
 import timm
 import torch
 from timm.layers import GluMlp, Mlp, SwiGLU
@@ -24,6 +27,7 @@ from ..images import Preprocessor, transform_preprocessor
 from .attention import attention_probabilities
 from .registers import IndexSpec, KeywordRegisterSettingsMixin, RegisterAppender, RegisterSeams, adopt
 from .sites import BlockSites, LinearRows, PlantingSites
+from .timm_registry import PREFIX, register_timm_models
 
 
 class TimmTTRegMlp(Mlp):
@@ -78,6 +82,9 @@ class TimmTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransformer
     Build one like the parent, with the register settings as extra keywords (``register_neurons=...``,
     ``num_test_time_registers=...``), with `create_model`, or convert a model in place with `to_test_time_registers`.
     `forward_features_with_registers` also returns the registers' final tokens. ``config`` is a `TestTimeRegisterConfig`.
+    Saved with timm's `save_for_hf` / `push_to_hf_hub`, it keeps its register settings (``config.json``'s
+    ``model_args``) and its timm name (``ttreg_<architecture>``): `timm.create_model("local-dir:FOLDER")` (or
+    ``"hf-hub:owner/name"``) gives it back, once this module is imported.
     """
 
     config: TestTimeRegisterConfig
@@ -92,6 +99,23 @@ class TimmTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransformer
         # after `_pos_embed`, in every forward; around `patch_drop`, so that patch dropout never drops the registers
         self.patch_drop = RegisterAppender(self.patch_drop)
         super().adopt_register_modules()
+        pretrained_cfg = self.__dict__.get("pretrained_cfg")  # set by timm's builder; absent when built directly
+        architecture = (pretrained_cfg or {}).get("architecture")
+        if architecture and timm.is_model(PREFIX + architecture):  # the name `save_for_hf` writes to config.json
+            pretrained_cfg["architecture"] = PREFIX + architecture
+
+    @property
+    def _model_args(self) -> dict:
+        """timm's record of the arguments that rebuild the model (set by `timm.create_model`, written by
+        `save_for_hf` as ``config.json``'s ``model_args``), with the register settings as they are now: the index
+        travels with the weights, as JSON, to our registered architecture's entrypoint."""
+        settings = {name: getattr(self.config, name) for name in REGISTER_SETTINGS}
+        settings["register_neurons"] = settings["register_neurons"] or {}  # none: the edit stays off when reloaded
+        return {**self.__dict__.get("_model_args", {}), **json.loads(json.dumps(settings))}
+
+    @_model_args.setter
+    def _model_args(self, model_args: dict) -> None:
+        self.__dict__["_model_args"] = {k: v for k, v in model_args.items() if k not in REGISTER_SETTINGS}
 
     def forward_features_with_registers(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
@@ -235,6 +259,8 @@ def create_model(model_name: str, pretrained: bool = False, *, register_neurons:
     (timm's DINOv2 models share the DINOv2 indices, e.g. ``vit_large_patch14_dinov2`` gets ``dinov2_vitl14``'s);
     without one, building fails unless ``num_test_time_registers=0``. Other register settings
     (``num_test_time_registers``, ``register_scale``, ...) go to the model, everything else to timm.
+    timm's own ``timm.create_model("ttreg_" + model_name, ...)`` calls this (`timm_registry`), as does
+    ``timm.create_model("local-dir:FOLDER")`` for a folder that `save_for_hf` wrote from one of our models.
     """
     settings = pop_register_settings(kwargs)
     check_close_keywords(kwargs, REGISTER_SETTINGS, "create_model")  # the rest: timm checks them
@@ -249,6 +275,9 @@ def create_model(model_name: str, pretrained: bool = False, *, register_neurons:
         checkpoint=DINOV2_HUB_NAMES.get(architecture, architecture),
         register_semantics=settings.get("register_semantics"),
     )
+    if isinstance(register_neurons, Mapping) and settings.get("register_index_provenance"):
+        # a saved model's ``model_args``: the provenance of its index, which a plain dict has not, kept
+        config.update_test_time_registers(register_index_provenance=settings["register_index_provenance"])
     model = timm.create_model(model_name, pretrained, **kwargs)
     return to_test_time_registers(model, **{name: getattr(config, name) for name in REGISTER_SETTINGS})
 
@@ -320,3 +349,5 @@ FAMILIES = (
         preprocessing=timm_preprocessing,
     ),
 )
+
+register_timm_models(FAMILIES[0].parents, create_model)
