@@ -362,6 +362,11 @@ def test_our_models_are_in_timms_registry_by_timms_names():
     model = timm.create_model("ttreg_vit_small_patch16_224", register_neurons=NEURONS, **TIMM_TINY, num_classes=5)
     assert type(model) is TimmTTRegVisionTransformer and model.config.register_neuron_index == {0: (3, 40), 2: (5,)}
     assert model.pretrained_cfg["architecture"] == "ttreg_vit_small_patch16_224"
+    ours = create_model("ttreg_vit_small_patch16_224", register_neurons=NEURONS, **TIMM_TINY, num_classes=5)
+    assert (
+        type(ours) is TimmTTRegVisionTransformer
+        and ours.pretrained_cfg["architecture"] == model.pretrained_cfg["architecture"]
+    )
     distilled = timm.create_model("ttreg_deit_tiny_distilled_patch16_224", register_neurons=NEURONS, **TIMM_TINY)
     assert type(distilled) is TimmTTRegVisionTransformerDistilled
     # a pretrained tag: the parent's weights (not downloaded here) and the shipped index of those weights
@@ -399,6 +404,12 @@ def test_save_for_hf_and_push_to_hub_keep_the_index_and_reload_as_ours(where, tm
         assert torch.equal(
             reloaded.forward_features_with_registers(pixels)[1], model.forward_features_with_registers(pixels)[1]
         )
+    source = "hf-hub:user/saved" if hub is not None else f"local-dir:{tmp_path / 'saved'}"
+    through_ours = create_model(source, pretrained=True).eval()  # our loader: the saved settings, ours over them
+    assert through_ours.config.register_index_provenance == found_index().provenance
+    assert create_model(source, num_test_time_registers=1).config.register_neurons == {"0": [3, 40], "2": [5]}
+    with torch.no_grad():
+        assert torch.equal(through_ours(pixels), model(pixels))
     if hub is not None:
         config = json.loads(hub.file("user/saved", "config.json"))
         assert config["architecture"] == "ttreg_vit_small_patch16_224"

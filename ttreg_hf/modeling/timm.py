@@ -264,11 +264,16 @@ def create_model(model_name: str, pretrained: bool = False, *, register_neurons:
     """
     settings = pop_register_settings(kwargs)
     check_close_keywords(kwargs, REGISTER_SETTINGS, "create_model")  # the rest: timm checks them
+    model_name = model_name.removeprefix(PREFIX)  # our name in timm's registry: the parent's architecture
     valid = {*TIMM_KEYWORDS, *REGISTER_SETTINGS, *parameter_names(create_model)}
     with torch.device("meta"), closest_keyword_on_error(kwargs, valid, "create_model"):  # before any download
         skeleton = vision_transformer(timm.create_model(model_name, pretrained=False, **kwargs))
-    check_editable_mlps(skeleton)
-    config = register_config(skeleton, **settings)
+    # a "local-dir:" / "hf-hub:" model that `save_for_hf` wrote from one of ours comes as ours: its settings first
+    ours = isinstance(skeleton, TimmTTRegVisionTransformer)
+    if not ours:
+        check_editable_mlps(skeleton)
+    saved = {name: getattr(skeleton.config, name) for name in REGISTER_SETTINGS} if ours else {}
+    config = register_config(skeleton, **{**saved, **settings})
     architecture = model_name.split(".")[0]  # without timm's pretrained tag (".lvd142m")
     config.attach_register_neurons(
         register_neurons,
