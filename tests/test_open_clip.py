@@ -238,3 +238,51 @@ def test_recomputed_attention_equals_multihead_attention_weights(pixels):
             _, weights = block.attn(normed, normed, normed, need_weights=True, average_attn_weights=False)
         assert weights.shape[-1] == 1 + 16 + 1  # CLS, patches, the test-time register
         torch.testing.assert_close(cache.attentions[layer], weights)
+
+
+@pytest.mark.parametrize("autograd", AUTOGRAD_MODES)
+def test_forward_with_registers_matches_hooked_reference(pixels, autograd):
+    parent, model = _parent_and_copy(register_neurons=NEURONS, num_test_time_registers=2, register_scale=[1.0, -0.5])
+    parent.visual.output_tokens = True
+    with torch.no_grad(), _hooked(parent, num_registers=2, scale=[1.0, -0.5]):
+        expected_pooled, expected_tokens = parent.visual(
+            pixels
+        )  # `tok` pool: the tokens after `ln_post`, registers last
+    with autograd():
+        pooled, registers = model.visual.forward_with_registers(pixels)
+        model.visual.output_tokens = True
+        (pooled_too, tokens), registers_too = model.visual.forward_with_registers(pixels)
+        pooled_by_forward, pooled_by_encode_image = model.visual(pixels)[0], model.encode_image(pixels)[0]
+    assert registers.shape == (3, 2, 32)
+    torch.testing.assert_close(registers, expected_tokens[:, -2:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled, expected_pooled, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tokens, expected_tokens[:, :-2], atol=1e-5, rtol=0)
+    assert torch.equal(pooled_too, pooled) and torch.equal(registers_too, registers)
+    assert torch.equal(pooled_by_forward, pooled) and torch.equal(pooled_by_encode_image, pooled)
+    # the edit off: the parent's outputs, and no registers
+    parent_off, off = _parent_and_copy(register_neurons=NEURONS, num_test_time_registers=0)
+    pooled_off, none = off.visual.forward_with_registers(pixels)
+    assert none is None and torch.equal(pooled_off, parent_off.visual(pixels))
+
+
+@pytest.mark.parametrize("autograd", AUTOGRAD_MODES)
+def test_forward_intermediates_give_the_registers_as_extra_tokens(pixels, autograd):
+    parent, model = _parent_and_copy(register_neurons=NEURONS, num_test_time_registers=2, register_scale=[1.0, -0.5])
+    with torch.no_grad(), _hooked(parent, num_registers=2, scale=[1.0, -0.5]):
+        expected = parent.forward_intermediates(pixels, image_output_fmt="NLC", image_output_extra_tokens=True)
+    with autograd():
+        tower = model.visual.forward_intermediates(pixels, indices=[0, 2], output_extra_tokens=True)
+        clip = model.forward_intermediates(pixels, image_output_extra_tokens=True)  # open_clip's CLIP passes it on
+        plain = model.visual.forward_intermediates(pixels, indices=[0, 2])
+    registers = [tokens[:, -2:] for tokens in expected["image_intermediates"]]  # every block, the last two tokens
+    assert len(clip["image_intermediates_registers"]) == 3
+    for actual, wanted in zip(clip["image_intermediates_registers"], registers, strict=True):
+        torch.testing.assert_close(actual, wanted, atol=1e-5, rtol=0)
+    for actual, wanted in zip(tower["image_intermediates_registers"], registers[::2], strict=True):
+        torch.testing.assert_close(actual, wanted, atol=1e-5, rtol=0)
+    assert (
+        "image_intermediates_registers" not in plain
+        and [y.shape for y in plain["image_intermediates"]] == [(3, 32, 4, 4)] * 2
+    )
+    _, off = _parent_and_copy(register_neurons=NEURONS, num_test_time_registers=0)
+    assert "image_intermediates_registers" not in off.visual.forward_intermediates(pixels, output_extra_tokens=True)

@@ -67,7 +67,6 @@ INTERNALS: dict[str, tuple[str, ...]] = {
         "open_clip.pretrained.get_pretrained_cfg",
         "open_clip.transform.PreprocessCfg",
         "open_clip.transform.image_transform_v2",
-        "open_clip.transformer.Transformer",
         "open_clip.transformer.VisionTransformer",
     ),
     "timm": (
@@ -188,8 +187,15 @@ PINS: tuple[Pin, ...] = (
     ),
     Pin(
         "open_clip.transformer.VisionTransformer.forward",
-        "open_clip.OpenCLIPTTRegVisionTransformer: `_embeds`, then `patch_dropout` (our appender), then `_pool`",
+        "open_clip.OpenCLIPTTRegVisionTransformer: `_embeds`, then `patch_dropout` (our appender), then `_pool`; "
+        "`forward_with_registers` re-states it, the registers' tokens taken before `_pool`",
         "42d84d00c202e19780d65e6391144b3dd6640ed6b5092666d2fd315f64c6063a",
+    ),
+    Pin(
+        "open_clip.transformer.VisionTransformer.forward_intermediates",
+        "open_clip.OpenCLIPTTRegVisionTransformer.forward_intermediates: run with NLC outputs (the class token split "
+        "off, the registers last), then the registers cut and the parent's NCHW reshape re-stated",
+        "babd45556ef242d6b1a3e677f3660db731f3ec2f66431757b4ff831fd717ada8",
     ),
     # private names we override, read or write
     Pin(

@@ -3,6 +3,8 @@
 The weights and state-dict keys stay as they are: the registers are appended by a `RegisterAppender` around
 `patch_dropout` (before `ln_pre`), the edit sits in a parameter-free ``register_edit`` slot between the activation
 and ``c_proj`` of every block's MLP, and the registers are stripped before pooling and from `forward_intermediates`.
+Their final tokens come from `OpenCLIPTTRegVisionTransformer.forward_with_registers`, and every intermediate's from
+`forward_intermediates` with ``output_extra_tokens=True`` (``image_intermediates_registers``).
 """
 
 import inspect
@@ -18,7 +20,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from open_clip.factory import parse_model_name
 from open_clip.model import CLIPVisionCfg
 from open_clip.pretrained import get_pretrained_cfg
-from open_clip.transformer import Transformer, VisionTransformer
+from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings, square_patch_size
@@ -35,7 +37,6 @@ from ..family import (
 from ..images import Preprocessor, transform_preprocessor
 from ..index import INDEX_FILENAME
 from .attention import attention_probabilities
-from .layout import TokenLayout
 from .registers import (
     IndexSpec,
     KeywordRegisterSettingsMixin,
@@ -45,16 +46,6 @@ from .registers import (
     check_pixel_values,
 )
 from .sites import BlockSites, LinearRows, PlantingSites
-
-
-class TTRegTransformer(Transformer):
-    """open_clip's `Transformer` whose intermediates come without the test-time registers (the last output keeps them)."""
-
-    token_layout: TokenLayout
-
-    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x, intermediates = super().forward_intermediates(x, *args, **kwargs)
-        return x, [self.token_layout.strip_registers(tokens) for tokens in intermediates]
 
 
 class OpenCLIPTTRegMLP(nn.Sequential):
@@ -88,16 +79,13 @@ class OpenCLIPTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransfo
 
     Build one like the parent, with the register settings as extra keywords (``register_neurons=...``,
     ``num_test_time_registers=...``), or convert a tower in place with `to_test_time_registers`.
-    ``config`` is a `TestTimeRegisterConfig`.
+    `forward_with_registers` also returns the registers' final tokens, `forward_intermediates` with
+    ``output_extra_tokens=True`` theirs at every intermediate. ``config`` is a `TestTimeRegisterConfig`.
     """
 
     config: TestTimeRegisterConfig
     register_seams = RegisterSeams(
-        appender="patch_dropout",
-        blocks="transformer.resblocks",
-        mlp="mlp",
-        layout_readers=("transformer",),
-        modules=(TTRegTransformer, OpenCLIPTTRegMLP),
+        appender="patch_dropout", blocks="transformer.resblocks", mlp="mlp", modules=(OpenCLIPTTRegMLP,)
     )
 
     def adopt_register_modules(self) -> None:
@@ -118,6 +106,59 @@ class OpenCLIPTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransfo
 
     def _pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return super()._pool(self.token_layout.strip_registers(x))
+
+    def forward_with_registers(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """`forward` (the pooled, projected embedding; ``(pooled, tokens)`` with ``output_tokens``) and the test-time
+        registers' final tokens after the final norm ``ln_post``, ``(batch, registers, width)`` (`None` when the edit
+        is off): what timm's `forward_features_with_registers` and the `transformers` classes'
+        ``test_time_registers`` give."""
+        tokens = self.transformer(self._embeds(x))
+        layout = self.token_layout
+        registers = self.ln_post(layout.registers(tokens)) if layout.num_registers else None
+        pooled, patch_tokens = self._pool(tokens)
+        if self.proj is not None:
+            pooled = pooled @ self.proj
+        return ((pooled, patch_tokens) if self.output_tokens else pooled), registers
+
+    def forward(self, x: torch.Tensor):
+        """open_clip's `forward`, the registers stripped before pooling."""
+        return self.forward_with_registers(x)[0]
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        stop_early: bool = False,
+        normalize_intermediates: bool = False,
+        intermediates_only: bool = False,
+        output_fmt: str = "NCHW",
+        output_extra_tokens: bool = False,
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """open_clip's `forward_intermediates`, the test-time registers cut from every intermediate; with
+        ``output_extra_tokens``, beside the class token of each (``image_intermediates_prefix``), the registers'
+        tokens ``(batch, registers, width)`` as ``image_intermediates_registers`` (when the edit is on), which
+        `CLIP.forward_intermediates` passes on with ``image_output_extra_tokens=True``.
+
+        The parent runs with token (``NLC``) outputs, from which the registers are cut before the ``NCHW`` reshape.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise TTRegValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+        output = super().forward_intermediates(
+            x, indices, stop_early, normalize_intermediates, intermediates_only, "NLC", output_extra_tokens
+        )
+        layout, tokens = self.token_layout, output["image_intermediates"]  # patches, then the registers
+        output["image_intermediates"] = [layout.strip_registers(y) for y in tokens]
+        if output_fmt == "NCHW":
+            height, width = (size // patch for size, patch in zip(x.shape[-2:], self.patch_size))
+            grids = [
+                y.unflatten(1, (height, width)).permute(0, 3, 1, 2).contiguous() for y in output["image_intermediates"]
+            ]
+            output["image_intermediates"] = grids
+        if output_extra_tokens and layout.num_registers:
+            output["image_intermediates_registers"] = [layout.registers(y) for y in tokens]
+        return output
 
 
 def to_test_time_registers(model: nn.Module, register_neurons: IndexSpec | None = None, **settings) -> nn.Module:
