@@ -113,6 +113,8 @@ def test_matches_hooked_reference(arch, semantics):
     torch.testing.assert_close(intermediates["image_features"], tokens, atol=0, rtol=0)
     expected_nchw = [_to_nchw(y[:, :-2], pixels) for y in expected["image_intermediates"]]
     torch.testing.assert_close(intermediates["image_intermediates"], expected_nchw, atol=1e-5, rtol=0)
+    expected_registers = [y[:, -2:] for y in expected["image_intermediates"]]
+    torch.testing.assert_close(intermediates["image_intermediates_registers"], expected_registers, atol=1e-5, rtol=0)
     if parent.num_prefix_tokens:
         prefix, expected_prefix = intermediates["image_intermediates_prefix"], expected["image_intermediates_prefix"]
         torch.testing.assert_close(prefix, expected_prefix, atol=1e-5, rtol=0)

@@ -147,7 +147,9 @@ class TimmTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransformer
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ):
-        """timm's `forward_intermediates`, the test-time registers cut from the features and every intermediate.
+        """timm's `forward_intermediates`, the test-time registers cut from the features and every intermediate; with
+        ``return_prefix_tokens`` and ``output_dict``, the registers' tokens ``(batch, registers, dim)`` of every
+        intermediate come as ``image_intermediates_registers`` (when the edit is on), as open_clip's do.
 
         The parent runs with token (``NLC``) dict outputs, from which the registers are cut before the ``NCHW``
         reshape and the parent's return structure is rebuilt.
@@ -172,6 +174,8 @@ class TimmTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransformer
             result = {"image_intermediates": intermediates}
             if prefix_tokens is not None:
                 result["image_intermediates_prefix"] = prefix_tokens
+            if return_prefix_tokens and layout.num_registers:
+                result["image_intermediates_registers"] = [layout.registers(y) for y in outputs["image_intermediates"]]
             if features is not None:
                 result["image_features"] = features
             return result
