@@ -194,9 +194,15 @@ def test_create_model_passes_timm_kwargs_and_needs_an_index():
     assert create_model("vit_small_patch14_dinov2", num_test_time_registers=0, **tiny).token_layout.num_registers == 0
 
 
-def test_timm_dinov2_gets_the_shipped_dinov2_index():
+def test_timm_dinov2_gets_the_shipped_dinov2_index(tmp_path):
     model = create_model("vit_large_patch14_dinov2.lvd142m", device="meta")  # no weights needed to attach an index
     shipped = load_index("dinov2_vitl14")
+    # also where timm's DINOv2 comes from a folder (or a Hub repo, as timm publishes them): named by its config
+    timm.models.save_for_hf(
+        timm.create_model("vit_small_patch14_dinov2", **TIMM_TINY), tmp_path, safe_serialization=True
+    )
+    with pytest.raises(RegisterNeuronIndexError, match="No register-neuron index is known for 'dinov2_vits14'"):
+        create_model(f"local-dir:{tmp_path}")
     assert model.config.register_neuron_index == shipped.neurons
     assert model.config.register_semantics == shipped.semantics
     assert model.blocks[12].mlp.register_edit.neuron_ids == shipped.neurons[12]

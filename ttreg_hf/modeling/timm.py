@@ -278,7 +278,8 @@ def create_model(model_name: str, pretrained: bool = False, *, register_neurons:
         check_editable_mlps(skeleton)
     saved = {name: getattr(skeleton.config, name) for name in REGISTER_SETTINGS} if ours else {}
     config = register_config(skeleton, **{**saved, **settings})
-    architecture = model_name.split(".")[0]  # without timm's pretrained tag (".lvd142m")
+    # timm's architecture name (no pretrained tag), also of a "local-dir:" / "hf-hub:" model: the shipped index's key
+    architecture = skeleton.pretrained_cfg.get("architecture", model_name.split(".")[0]).removeprefix(PREFIX)
     config.attach_register_neurons(
         register_neurons,
         checkpoint=DINOV2_HUB_NAMES.get(architecture, architecture),
