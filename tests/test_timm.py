@@ -445,3 +445,8 @@ def test_a_converted_timm_model_saves_what_it_runs(tmp_path):
     plain = timm.create_model("vit_small_patch16_224", **TIMM_TINY, num_classes=5)
     plain.load_state_dict(load_file(tmp_path / "converted" / "model.safetensors"))  # timm's keys, every one
     assert torch.equal(plain.eval()(pixels), parent(pixels))
+    # a pretrained_cfg that names the parent's architecture: saved as the parent, which plain timm loads
+    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": "vit_small_patch16_224"}
+    timm.models.save_for_hf(model, tmp_path / "as_parent", safe_serialization=True)
+    as_parent = timm.create_model(f"local-dir:{tmp_path / 'as_parent'}", pretrained=True).eval()
+    assert type(as_parent) is VisionTransformer and torch.equal(as_parent(pixels), parent(pixels))

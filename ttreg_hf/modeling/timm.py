@@ -107,11 +107,16 @@ class TimmTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransformer
     @property
     def _model_args(self) -> dict:
         """timm's record of the arguments that rebuild the model (set by `timm.create_model`, written by
-        `save_for_hf` as ``config.json``'s ``model_args``), with the register settings as they are now: the index
-        travels with the weights, as JSON, to our registered architecture's entrypoint."""
+        `save_for_hf` as ``config.json``'s ``model_args``), with the register settings as they are now when the
+        ``pretrained_cfg`` names our architecture: the index travels with the weights, as JSON, to its entrypoint.
+        Under the parent's name (a ``pretrained_cfg`` replaced), the model saves as the parent: weights only."""
+        model_args = dict(self.__dict__.get("_model_args", {}))
+        architecture = (self.__dict__.get("pretrained_cfg") or {}).get("architecture") or ""
+        if not (architecture.startswith(PREFIX) and timm.is_model(architecture)):
+            return model_args
         settings = {name: getattr(self.config, name) for name in REGISTER_SETTINGS}
         settings["register_neurons"] = settings["register_neurons"] or {}  # none: the edit stays off when reloaded
-        return {**self.__dict__.get("_model_args", {}), **json.loads(json.dumps(settings))}
+        return {**model_args, **json.loads(json.dumps(settings))}
 
     @_model_args.setter
     def _model_args(self, model_args: dict) -> None:
