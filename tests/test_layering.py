@@ -28,6 +28,7 @@ LAYERS = {
         "configs.clip",
         "configs.dinov2",
         "configs.dinov3",
+        "configs.hosts",
         "configs.siglip",
         "configs.vit",
         "modeling",
@@ -46,6 +47,7 @@ LAYERS = {
         "modeling.dinov3",
         "modeling.open_clip",
         "modeling.timm",
+        "modeling.hosts",
     ),
     "registry": ("registry", "modeling.vlm", "modeling.llava"),
     "applications": (

@@ -9,6 +9,7 @@ head, a neck or a pooling sees the parent's tokens and feature maps.
 """
 
 import copy
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +20,13 @@ from ..configs.registers import TestTimeRegisterCompositeConfigMixin, TestTimeRe
 from ..errors import TTRegTypeError, TTRegValueError
 from ..family import check_close_keywords, closest_keyword_on_error
 from ..registry import transformers_families
+from .hosts import HOSTS
 from .registers import (
     HUB_KWARGS,
     MODEL_KEYWORDS,
     IndexSpec,
     PreTrainedTestTimeRegisterMixin,
+    adopt,
     build_sharing_weights,
     register_settings,
     set_config_keyword,
@@ -37,6 +40,35 @@ def _our_classes() -> dict[type[PreTrainedModel], type[PreTrainedModel]]:
     return {
         parent: ours for family in transformers_families() for ours, parent in zip(family.model_classes, family.parents)
     }
+
+
+def _host_classes() -> dict[type[PreTrainedModel], type[PreTrainedModel]]:
+    """``{host class: our subclass of it}`` for the hosts whose saved folders load with plain `transformers`."""
+    return dict(zip(HOSTS.parents, HOSTS.model_classes))
+
+
+class HostNeedsPackageWarning(UserWarning):
+    """A model upgraded in place whose class has no subclass of ours: what it saves needs ttreg_hf to load."""
+
+
+def _as_our_class(model: PreTrainedModel) -> None:
+    """Make an upgraded ``model`` (and a host's config) an instance of our subclass of its class, in place (`adopt`):
+    its `save_pretrained` then writes the remote code that loads it with plain `transformers`. A host without one
+    is left as it is, with a warning that what it saves needs ttreg_hf."""
+    ours = {**_our_classes(), **_host_classes()}.get(type(model))
+    if ours is None:
+        hosts = ", ".join(parent.__name__ for parent in HOSTS.parents)
+        warnings.warn(
+            f"ttreg_hf has no {type(model).__name__} class with a test-time-register tower, so what its "
+            "save_pretrained writes loads only where ttreg_hf is imported (through the Auto classes, as before). "
+            f"These hosts also load with plain transformers (trust_remote_code=True): {hosts}.",
+            HostNeedsPackageWarning,
+            stacklevel=3,
+        )
+        return
+    if not isinstance(model.config, ours.config_class):  # a host's: no fields of its own
+        adopt(model.config, ours.config_class)
+    adopt(model, ours)
 
 
 def _tower_classes() -> dict[type[PreTrainedModel], type[PreTrainedTestTimeRegisterMixin]]:
@@ -205,6 +237,8 @@ def to_test_time_registers(
     composite = _composite_config_classes().get(type(vlm.config))
     if composite is not None:  # `CLIPConfig` would reload a plain tower
         vlm.config = composite.from_parent_config(vlm.config)
+    if isinstance(vlm, PreTrainedModel):
+        _as_our_class(vlm)
     return vlm
 
 
@@ -242,4 +276,5 @@ def load_vlm(
     with closest_keyword_on_error(kwargs, valid, "load_vlm"):
         model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
     vision_tower_with_registers(model)  # a model that builds its tower without `AutoModel` has the parent's
+    _as_our_class(model)
     return model
