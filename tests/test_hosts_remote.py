@@ -22,7 +22,9 @@ from transformers import (
     Mask2FormerModel,
 )
 
-from ttreg_hf import load_vlm, to_test_time_registers, vision_tower_with_registers
+from ttreg_cli import main
+from ttreg_hf import RegisterNeuronIndex, load_vlm, to_test_time_registers, vision_tower_with_registers
+from ttreg_hf.export import ExportError, export_model
 from ttreg_hf.modeling.hosts import HOSTS
 from ttreg_hf.modeling.vlm import HostNeedsPackageWarning
 
@@ -187,3 +189,18 @@ def test_a_host_without_a_class_of_ours_warns_that_its_folder_needs_the_package(
     with pytest.warns(HostNeedsPackageWarning, match="loads only where ttreg_hf is imported"):
         to_test_time_registers(model, register_neurons=NEURONS)
     assert type(model) is transformers.VipLlavaForConditionalGeneration
+
+
+@pytest.mark.parametrize("name", ["LlavaTTRegForConditionalGeneration", "DepthAnythingTTRegForDepthEstimation"])
+def test_export_refuses_a_host_naming_what_to_do_instead(saved, name, tmp_path, capsys):
+    """`ttreg export` writes one family's model: of a host it would drop everything but the tower."""
+    model, folder = saved[name]
+    config = vision_tower_with_registers(model).config
+    index = RegisterNeuronIndex(neurons=NEURONS, num_layers=config.num_hidden_layers, mlp_width=config.mlp_width)
+    index.save(tmp_path / "index.safetensors")
+    out = tmp_path / "out"
+    assert main(["export", str(folder), "--index", str(tmp_path / "index.safetensors"), "--out", str(out)]) == 2
+    assert "would drop the rest of this model" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(ExportError, match="save_pretrained"):
+        export_model(model, tmp_path / "index.safetensors", out)
+    assert not out.exists()
