@@ -4,16 +4,12 @@ loads through their Auto class (``trust_remote_code=True``) in a process where t
 the same outputs bit for bit."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from test_remote_code import REMOTE_LOADER, flatten
+from test_remote_code import flatten, load_without_package
 from test_task_models import HOSTS as BACKBONE_HOSTS
 from test_task_models import LOADED, _tiny_backbone_config
 from test_vlm import llava, llava_next, llava_onevision
@@ -78,27 +74,6 @@ CASES = {
 }
 
 
-def _load_without_package(folders: list[Path], tmp_path: Path) -> dict[str, torch.Tensor]:
-    (tmp_path / "load.py").write_text(REMOTE_LOADER.replace("# flatten", _flatten_source()))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    run = subprocess.run(
-        [sys.executable, "-I", "load.py", *map(str, folders)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return load_file(tmp_path / "outputs.safetensors")
-
-
-def _flatten_source() -> str:
-    import inspect
-
-    return inspect.getsource(flatten)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """``{case: (model, folder)}``: each case's tiny parent upgraded in place with the settings away from the
@@ -132,7 +107,7 @@ def _outputs(model, folder) -> dict[str, torch.Tensor]:
 
 
 def test_every_model_upgraded_in_place_saves_what_plain_transformers_loads_bit_equal(saved, tmp_path):
-    remote = _load_without_package([folder for _, folder in saved.values()], tmp_path)
+    remote = load_without_package([folder for _, folder in saved.values()], tmp_path)
     for name, (model, folder) in saved.items():
         expected = _outputs(model, folder)
         got = {key.removeprefix(str(folder)): t for key, t in remote.items() if key.startswith(f"{folder}.")}
@@ -168,7 +143,7 @@ def test_a_vlm_built_by_load_vlm_saves_what_plain_transformers_loads(tmp_path):
     folder = tmp_path / "saved"
     model.save_pretrained(folder)
     save_file(inputs, f"{folder}.inputs.safetensors")
-    remote = _load_without_package([folder], tmp_path)
+    remote = load_without_package([folder], tmp_path)
     expected = _outputs(model, folder)
     got = {key.removeprefix(str(folder)): t for key, t in remote.items() if key.startswith(f"{folder}.")}
     assert [key for key in expected if not torch.equal(got[key], expected[key])] == []
@@ -204,3 +179,9 @@ def test_export_refuses_a_host_naming_what_to_do_instead(saved, name, tmp_path, 
     with pytest.raises(ExportError, match="save_pretrained"):
         export_model(model, tmp_path / "index.safetensors", out)
     assert not out.exists()
+
+
+def test_a_host_class_built_from_the_parents_config_names_the_way_that_works():
+    parent, _ = llava()
+    with pytest.raises(TypeError, match="load_vlm"):
+        HOSTS.model_classes[0](parent.config)

@@ -55,7 +55,10 @@ def _as_our_class(model: PreTrainedModel) -> None:
     """Make an upgraded ``model`` (and a host's config) an instance of our subclass of its class, in place (`adopt`):
     its `save_pretrained` then writes the remote code that loads it with plain `transformers`. A host without one
     is left as it is, with a warning that what it saves needs ttreg_hf."""
-    ours = {**_our_classes(), **_host_classes()}.get(type(model))
+    classes = {**_our_classes(), **_host_classes()}
+    if type(model) in classes.values():  # built as ours (`load_vlm` of a saved host)
+        return
+    ours = classes.get(type(model))
     if ours is None:
         hosts = ", ".join(parent.__name__ for parent in HOSTS.parents)
         warnings.warn(

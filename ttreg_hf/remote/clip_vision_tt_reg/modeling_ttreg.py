@@ -660,6 +660,12 @@ class WithRegisterTowerHostMixin(SavesRemoteCodeMixin):
     (`adopt`). Its `save_pretrained` writes the remote code of the tower's family, with this class in it."""
 
     def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
+        if not hasattr(config, "register_config_key"):
+            raise TTRegTypeError(
+                f"{type(self).__name__} is built from a {self.config_class.__name__}, whose tower config is ours; got "
+                f"a {type(config).__name__}. Load a {parent_class(type(self)).__name__} checkpoint with `load_vlm`, or "
+                "upgrade a loaded one with `to_test_time_registers`."
+            )
         key = config.register_config_key
         ours = getattr(config, key)
         parent_config = ours.as_parent_config()
