@@ -204,7 +204,11 @@ def to_test_time_registers(
     model, bit-identical). The other ``settings`` (``register_scale``, ...) go to the tower's config, which replaces
     the original in ``vlm.config`` (a classifier's whole config, a composite model's ``vision_config``, a depth model's
     ``backbone_config``), so ``save_pretrained`` saves what runs and the Auto classes reload it with the registers; a
-    `CLIPConfig` / `SiglipConfig` becomes ours for that (`CLIPTTRegConfig`, ...). The tower is a new module: upgrade
+    `CLIPConfig` / `SiglipConfig` becomes ours for that (`CLIPTTRegConfig`, ...). ``vlm`` becomes the package's
+    subclass of its class in place (`Dinov2TTRegForImageClassification`, `LlavaTTRegForConditionalGeneration`, ...:
+    `ttreg_hf.modeling.hosts`), and a host's config its config class (``model_type`` ``llava_tt_reg``, ...), so that
+    what it saves also loads with plain `transformers` (``trust_remote_code=True``); a model the package has no class
+    for is upgraded as it is, with a `HostNeedsPackageWarning`. The tower is a new module: upgrade
     before wrapping the model (adapters, gradient checkpointing, `torch.compile`); a dispatched tower
     (``device_map``) is refused, `load_vlm` builds one.
     """
@@ -258,7 +262,9 @@ def load_vlm(
     The index is ``register_neurons``, else the one saved in the checkpoint's config, else the shipped one for this
     checkpoint id, and is resolved before any weights are downloaded. ``num_test_time_registers=0`` gives the
     unmodified model (a baseline, bit-identical); the other register settings (``register_scale``,
-    ``pool_registers``, ...) go to the tower, everything else to `from_pretrained`.
+    ``pool_registers``, ...) go to the tower, everything else to `from_pretrained`. The model is the package's class
+    for the class loaded, as `to_test_time_registers` makes it (e.g. `LlavaTTRegForConditionalGeneration`), so what it
+    saves also loads with plain `transformers`.
     """
     every_family_setting = set().union(*map(register_settings, set(_config_classes().values())))
     settings = {name: kwargs.pop(name) for name in every_family_setting if name in kwargs}
