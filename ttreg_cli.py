@@ -251,6 +251,7 @@ def _load_transformers_checkpoint(spec: str, device: str, image_size: int | None
     import transformers
 
     from ttreg_hf.analysis.towers import register_tower
+    from ttreg_hf.modeling.hosts import HOSTS
     from ttreg_hf.modeling.vlm import load_vlm, with_test_time_register_tower
     from ttreg_hf.registry import family_of, family_of_model_type, transformers_families
 
@@ -276,7 +277,8 @@ def _load_transformers_checkpoint(spec: str, device: str, image_size: int | None
             f"{spec} holds a {model_type!r} model; folders of these model types load: {known}, and models that hold "
             f"one tower of theirs (VLMs, DPT, ...): {_one_line(error)}"
         ) from error
-    architecture = getattr(transformers, (config.architectures or ["AutoModel"])[0], None)
+    name = (config.architectures or ["AutoModel"])[0]
+    architecture = {host.__name__: host for host in HOSTS.model_classes}.get(name) or getattr(transformers, name, None)
     if not (isinstance(architecture, type) and issubclass(architecture, transformers.PreTrainedModel)):
         architecture = transformers.AutoModel
     with user_path():

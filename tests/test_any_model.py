@@ -202,7 +202,8 @@ def test_the_detection_layer_follows_a_vlms_vision_feature_layer():
     result = find_register_neurons(planted("llava"), pixels(16), top_k=2)
     assert (
         result.detection_layer == LAYER
-        and "vision_feature_layer -2 of LlavaForConditionalGeneration" in (result.index.details["detection_layer_rule"])
+        and "vision_feature_layer -2 of LlavaTTRegForConditionalGeneration"
+        in (result.index.details["detection_layer_rule"])
     )
     assert f"layer {LAYER} (the vision_feature_layer -2" in result.summary()
     assert find_register_neurons(planted("llava"), pixels(16), top_k=2, detection_layer=-1).detection_layer == 3
@@ -358,7 +359,7 @@ def test_the_cli_finds_the_planted_neurons_of_any_saved_model(kind, image_dir, t
     index = RegisterNeuronIndex.load(out)
     assert {layer: set(ids) for layer, ids in index.neurons.items()} == PLANTED, printed
     consumer = {"llava": "Llava", "llava_parent": "Llava", "llava_next": "LlavaNext"}.get(kind)
-    rule = f"the vision_feature_layer -2 of {consumer}ForConditionalGeneration" if consumer else None
+    rule = f"the vision_feature_layer -2 of {consumer}TTRegForConditionalGeneration" if consumer else None
     assert f"patch norms at layer {index.details['detection_layer']} ({rule or ''}" in printed
     report = tmp_path / "report.png"
     assert main(["inspect", spec, str(image_dir / "00.png"), "--index", str(out), "--out", str(report)]) == 0

@@ -28,6 +28,7 @@ LAYERS = {
         "configs.clip",
         "configs.dinov2",
         "configs.dinov3",
+        "configs.hosts",
         "configs.siglip",
         "configs.vit",
         "modeling",
@@ -47,6 +48,7 @@ LAYERS = {
         "modeling.open_clip",
         "modeling.timm",
         "modeling.timm_registry",
+        "modeling.hosts",
     ),
     "registry": ("registry", "modeling.vlm", "modeling.llava"),
     "applications": (

@@ -55,6 +55,23 @@ REMOTE_LOADER = textwrap.dedent(
 )
 
 
+def load_without_package(folders: list[Path], tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The outputs of each folder's model on its inputs, loaded by `REMOTE_LOADER` in a process without ttreg_hf (run
+    in ``tmp_path``), each tensor's key its folder and its path in the outputs."""
+    (tmp_path / "load.py").write_text(REMOTE_LOADER.replace("# flatten", inspect.getsource(flatten)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    run = subprocess.run(
+        [sys.executable, "-I", "load.py", *map(str, folders)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return load_file(tmp_path / "outputs.safetensors")
+
+
 def flatten(outputs, prefix: str = "") -> dict:
     """Every tensor in a model's (nested) outputs, by its path."""
     if isinstance(outputs, torch.Tensor):
@@ -146,16 +163,9 @@ def test_every_class_saves_and_exports_what_plain_transformers_loads_bit_equal(s
     """`save_pretrained` and `ttreg export` folders of every class, loaded in a process without ttreg_hf through the
     Auto class their ``auto_map`` names, give the package model's outputs bit for bit (an export's: the package's
     class loading the export)."""
-    (tmp_path / "load.py").write_text(REMOTE_LOADER.replace("# flatten", inspect.getsource(flatten)))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     cases = [(model, folder) for model, folder in saved.values()]
     cases += [(model_class.from_pretrained(out).eval(), out) for model_class, out in exported.items()]
-    folders = [str(folder) for _, folder in cases]
-    run = subprocess.run(
-        [sys.executable, "-I", "load.py", *folders], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    remote = load_file(tmp_path / "outputs.safetensors")
+    remote = load_without_package([folder for _, folder in cases], tmp_path)
     for model, folder in cases:
         with torch.no_grad():
             expected = flatten(model(**load_file(f"{folder}.inputs.safetensors")))

@@ -335,6 +335,7 @@ def test_to_test_time_registers_upgrades_a_loaded_model_in_place_and_it_reloads_
         inputs["input_ids"] = torch.tensor([[4, 5, 6, 2], [7, 8, 9, 2]])
     parent = copy.deepcopy(model)
     assert to_test_time_registers(model, register_neurons=NEURONS) is model
+    assert type(model) is reloaded_class  # ours in place: its save_pretrained writes the remote code
     tower = vision_tower_with_registers(model)
     parent_tower = next(module for module in parent.modules() if type(module) is parent_class(type(tower)))
     with torch.no_grad():

@@ -186,8 +186,8 @@ def test_load_vlm_builds_what_the_upgrade_makes(kind, tmp_path):
     parent, inputs, _ = kind
     parent.save_pretrained(tmp_path)
     loaded = load_vlm(tmp_path, register_neurons=NEURONS, register_semantics="reference").eval()
-    assert type(loaded) is type(parent)
     upgraded = _upgraded(parent, register_neurons=NEURONS, register_semantics="reference")
+    assert type(loaded) is type(upgraded) and type(upgraded).__bases__[-1] is type(parent)  # our host class, in place
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, upgraded(**inputs).logits)
     baseline = load_vlm(tmp_path, num_test_time_registers=0).eval()

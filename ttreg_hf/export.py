@@ -179,11 +179,14 @@ def _model_with_index(model, index: RegisterNeuronIndex) -> PreTrainedModel:
     if isinstance(model, (str, Path)):
         config = AutoConfig.from_pretrained(model)
         family = family_of_model_type(config.model_type)
+        _refuse_a_host(config, repr(str(model)))
         if family is None:
             known = ", ".join(t for family in transformers_families() for t in family.model_types)
             raise ExportError(f"Cannot export {str(model)!r}: its model type {config.model_type!r} is none of {known}.")
         return _saved_class(family, config.architectures).from_pretrained(model, register_neurons=index).eval()
     family = family_of(model) if isinstance(model, PreTrainedModel) else None
+    if isinstance(model, PreTrainedModel):
+        _refuse_a_host(model.config, f"a {type(model).__name__}")
     if family is None or type(model) not in family.model_classes:
         raise ExportError(
             f"Cannot export a {type(model).__name__}: pass a checkpoint or a model of one of ttreg_hf's `transformers` "
@@ -194,6 +197,25 @@ def _model_with_index(model, index: RegisterNeuronIndex) -> PreTrainedModel:
     if config.register_neuron_index != index.neurons:
         raise ExportError("The model's register neurons are not the index's: call `model.set_register_neurons(index)`.")
     return model
+
+
+def _refuse_a_host(config, what: str) -> None:
+    """Refuse a model built around a tower of one of the families (a VLM, a depth or segmentation model), whose
+    ``vision_config`` / ``backbone_config`` an export would write alone, dropping the rest."""
+    towers = [
+        (key, sub.model_type)
+        for key in config.sub_configs
+        if family_of_model_type(getattr(sub := getattr(config, key, None), "model_type", None)) is not None
+    ]
+    if towers and family_of_model_type(config.model_type) is None:
+        key, tower_type = towers[0]
+        raise ExportError(
+            f"Cannot export {what}: a {config.model_type} model built around a {tower_type} tower ({key}). An export "
+            "writes one family's tower, classifier or dual encoder, and would drop the rest of this model. Give it "
+            "test-time registers with `load_vlm(...)` or `to_test_time_registers(model, ...)`, then "
+            "`model.save_pretrained(folder)` or `model.push_to_hub(repo_id)`: that folder loads with plain "
+            "transformers (trust_remote_code=True) and the index is in its config."
+        )
 
 
 def _saved_class(family, architectures: list[str] | None) -> type:

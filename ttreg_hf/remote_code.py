@@ -14,22 +14,27 @@ CONFIG_FILE, MODELING_FILE = "configuration_ttreg", "modeling_ttreg"
 REMOTE_CODE_FILES = (f"{CONFIG_FILE}.py", f"{MODELING_FILE}.py")
 
 
-def remote_code_folder(model_class: type) -> Path | None:
-    """The folder of the remote code that defines ``model_class``, if any (none for a subclass of yours)."""
+def remote_code_folder(model_class: type, config=None) -> Path | None:
+    """The folder of the remote code that defines ``model_class``, if any (none for a subclass of yours): its family's.
+    A host's (`ttreg_hf.modeling.hosts`) is the family of its tower's config, in its ``config``."""
     config_class = getattr(model_class, "config_class", None)
-    if config_class is None or not hasattr(config_class, "register_config_class"):
+    if config is not None and hasattr(config, "register_config"):
+        tower_config_class = type(config.register_config).register_config_class()
+    elif hasattr(config_class, "register_config_class"):
+        tower_config_class = config_class.register_config_class()
+    else:
         return None
-    folder = REMOTE_CODE_DIR / config_class.register_config_class().model_type
+    folder = REMOTE_CODE_DIR / tower_config_class.model_type
     modeling = folder / REMOTE_CODE_FILES[1]
     defined = modeling.is_file() and f"\nclass {model_class.__name__}(" in modeling.read_text()
     return folder if defined else None
 
 
-def remote_auto_map(model_class: type) -> dict[str, str] | None:
-    """The ``auto_map`` that loads ``model_class`` from its remote code: `AutoConfig`, and every Auto class its family
-    declares for it (`Family.auto_classes`, where its parent class stands; `AutoModel` where none does, e.g. for
-    `CLIPVisionModelWithProjection`). `None` for a class the remote code does not define."""
-    if remote_code_folder(model_class) is None:
+def remote_auto_map(model_class: type, config=None) -> dict[str, str] | None:
+    """The ``auto_map`` that loads ``model_class`` (with ``config``, for a host) from its remote code: `AutoConfig`,
+    and every Auto class its family declares for it (`Family.auto_classes`, where its parent class stands; `AutoModel`
+    where none does, e.g. for `CLIPVisionModelWithProjection`). `None` for a class the remote code does not define."""
+    if remote_code_folder(model_class, config) is None:
         return None
     names = list(AUTO_CLASS_NAMES.get(model_class, ()))
     modeling = f"{MODELING_FILE}.{model_class.__name__}"
@@ -38,7 +43,7 @@ def remote_auto_map(model_class: type) -> dict[str, str] | None:
     )
 
 
-def write_remote_code(model_class: type, folder: str | Path) -> None:
-    """Copy the remote code that defines ``model_class`` into ``folder``."""
+def write_remote_code(model_class: type, folder: str | Path, config=None) -> None:
+    """Copy the remote code that defines ``model_class`` (with ``config``, for a host) into ``folder``."""
     for name in REMOTE_CODE_FILES:
-        shutil.copyfile(remote_code_folder(model_class) / name, Path(folder) / name)
+        shutil.copyfile(remote_code_folder(model_class, config) / name, Path(folder) / name)

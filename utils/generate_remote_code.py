@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from importlib.util import resolve_name
 from pathlib import Path
 
+from ttreg_hf.modeling.hosts import HOSTS
 from ttreg_hf.registry import transformers_families
 from ttreg_hf.remote_code import CONFIG_FILE, MODELING_FILE, REMOTE_CODE_DIR
 
@@ -42,7 +43,7 @@ PACKAGE_ONLY = {
     "ttreg_hf.modeling.registers": {
         "TestTimeRegisterMixin.set_register_neurons",  # index files, shipped and Hub indices
         "TestTimeRegisterLoadingMixin.from_pretrained",  # the same, at load
-        "TestTimeRegisterLoadingMixin.save_pretrained",  # writes this remote code (the remote classes save their own)
+        "SavesRemoteCodeMixin.save_pretrained",  # writes this remote code (the remote classes save their own)
         "WithRegisterTowerMixin.set_register_neurons",
     },
 }
@@ -300,12 +301,21 @@ def remote_code(model_classes: tuple[type, ...], family: str) -> dict[str, str]:
     }
 
 
+def hosts_of(family) -> tuple[type, ...]:
+    """The hosts (`HOSTS`) whose tower can be of ``family``: all of them, but those built on a backbone
+    (``backbone_config``) for a family that has a backbone class."""
+    backbone = any(name == "AutoBackbone" for name, _ in family.auto_classes)
+    return tuple(
+        host for host in HOSTS.model_classes if backbone or "backbone_config" not in host.config_class.sub_configs
+    )
+
+
 def generated_files() -> dict[Path, str]:
-    """``{path: source}`` of every family's remote code."""
+    """``{path: source}`` of every family's remote code: its classes, and the hosts its tower can stand in."""
     return {
         REMOTE_CODE_DIR / family.config_class.register_config_class().model_type / name: source
         for family in transformers_families()
-        for name, source in remote_code(family.model_classes, family.name).items()
+        for name, source in remote_code((*family.model_classes, *hosts_of(family)), family.name).items()
     }
 
 

@@ -183,6 +183,14 @@ class TestTimeRegisterConfigMixin:
         implementation kept, the register ``settings`` added."""
         return cls(**{**_fields(config), **settings}, attn_implementation=config._attn_implementation)
 
+    def as_parent_config(self) -> PreTrainedConfig:
+        """This config as its parent's class (e.g. a `Dinov2Config`): every field kept but the register settings and
+        the family's own."""
+        parent = next(base for base in type(self).__mro__[1:] if not issubclass(base, TestTimeRegisterConfigMixin))
+        ours = {field.name for field in dataclasses.fields(self)} - {field.name for field in dataclasses.fields(parent)}
+        fields = {key: value for key, value in _fields(self).items() if key not in ours}
+        return parent(**fields, attn_implementation=self._attn_implementation)
+
     @property
     def register_config(self) -> "TestTimeRegisterConfigMixin":
         """The config that holds the register settings: this one (a composite config's is its ``vision_config``)."""
@@ -406,6 +414,56 @@ class TestTimeRegisterCompositeConfigMixin:
     @classmethod
     def register_config_class(cls) -> type:
         return cls.sub_configs[cls.register_config_key]
+
+
+def subclasses(cls: type) -> list[type]:
+    """Every subclass of ``cls``, breadth first: the package's (or the remote code's) before their subclasses."""
+    found, pending = [], [cls]
+    while pending:
+        pending = [sub for base in pending for sub in base.__subclasses__() if sub not in found]
+        found += pending
+    return found
+
+
+class TestTimeRegisterHostConfigMixin:
+    """For the config of a model built around one vision tower or backbone of any of our families (a VLM's
+    ``vision_config``, a depth or segmentation model's ``backbone_config``): that sub-config is ours and holds the
+    register settings (``register_config``). Mixed in before the host's config class, which it gives no fields: a
+    loaded host's config becomes one in place (`ttreg_hf.modeling.registers.adopt`). A sub-config given as a dict is
+    built as the config class of ours its ``model_type`` names, so this resolves where the Auto classes do not know
+    ours (the remote code)."""
+
+    def __post_init__(self, **kwargs):
+        ours = {}
+        for config_class in subclasses(TestTimeRegisterConfigMixin):
+            if getattr(config_class, "model_type", None):
+                ours.setdefault(config_class.model_type, config_class)
+        for key in self.sub_configs:
+            value = getattr(self, key, None)
+            if isinstance(value, dict) and value.get("model_type") in ours:
+                setattr(self, key, ours[value["model_type"]](**value))
+        super().__post_init__(**kwargs)
+        _name_our_architectures(self)
+
+    @property
+    def register_config_key(self) -> str:
+        """The key of the one sub-config that is ours."""
+        # a tower's config holds its own settings (in the remote code, it may be of the modeling file's copy of ours)
+        keys = [
+            key for key in self.sub_configs if getattr(getattr(self, key, None), "register_config", None) is not None
+        ]
+        if len(keys) != 1:
+            raise TTRegTypeError(
+                f"A {type(self).__name__} has one sub-config of a test-time-register config class, the tower's; this "
+                f"one has {len(keys)}: build the model with `load_vlm`, or upgrade a loaded one with "
+                "`to_test_time_registers`."
+            )
+        return keys[0]
+
+    @property
+    def register_config(self) -> TestTimeRegisterConfigMixin:
+        """The sub-config that holds the register settings."""
+        return getattr(self, self.register_config_key)
 
 
 # parent class name -> ours ("DeiTForImageClassificationWithTeacher" -> "DeiTTTRegForImageClassificationWithTeacher"),

@@ -21,7 +21,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from ..configs.registers import pop_register_settings
+from ..configs.registers import pop_register_settings, subclasses
 from ..errors import TTRegTypeError, TTRegValueError
 from ..family import check_close_keywords, parent_class
 from ..index import RegisterIndexMismatchWarning, RegisterNeuronIndex, fingerprinted_weight, weights_fingerprint
@@ -403,24 +403,9 @@ class RegisterEditOffWarning(UserWarning):
     """A model built with test-time registers asked for (``num_test_time_registers > 0``) but no index: edit off."""
 
 
-class TestTimeRegisterLoadingMixin:
-    """What every `transformers` class of the package does on top of its parent: parent configs accepted (and
-    converted), the parent's weight init, and `from_pretrained` resolving the register-neuron index. The register
-    settings live in ``config.register_config``: the config itself, or a composite config's ``vision_config``."""
-
-    @classmethod
-    def convert_config(cls, config: PreTrainedConfig) -> PreTrainedConfig:
-        """``config`` as a ``cls.config_class``: a parent config (a `Dinov2Config` for `Dinov2TTRegModel`) is
-        converted with every field kept and the register settings at their defaults."""
-        if isinstance(config, cls.config_class):
-            return config
-        parent_config_class = super().config_class
-        if not isinstance(config, parent_config_class):
-            raise TTRegTypeError(
-                f"{cls.__name__} needs a {cls.config_class.__name__} (or a {parent_config_class.__name__}, which it "
-                f"converts), got a {type(config).__name__}."
-            )
-        return cls.config_class.from_parent_config(config)
+class SavesRemoteCodeMixin:
+    """What every `transformers` class of the package saves and initialises as: the remote code beside the weights
+    (`save_pretrained`), and the parent's weight init."""
 
     def save_pretrained(self, save_directory: str | Path, *args, push_to_hub: bool = False, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, plus the family's remote code and an ``auto_map`` in ``config.json``: the
@@ -432,7 +417,7 @@ class TestTimeRegisterLoadingMixin:
                 "save_pretrained(push_to_hub=True) would upload before the remote code is written: call "
                 "`model.push_to_hub(repo_id)`, which uploads everything save_pretrained writes."
             )
-        auto_map = remote_auto_map(type(self))
+        auto_map = remote_auto_map(type(self), self.config)
         if auto_map is None:
             return super().save_pretrained(save_directory, *args, **kwargs)
         # the keys as the module tree has them, not `transformers`' older layout: the remote classes (named apart from
@@ -449,13 +434,33 @@ class TestTimeRegisterLoadingMixin:
             else:
                 config.auto_map = previous
         if kwargs.get("is_main_process", True):
-            write_remote_code(type(self), save_directory)
+            write_remote_code(type(self), save_directory, self.config)
 
     @classmethod
     def is_custom_code(cls) -> bool:
         """`False`: to `transformers` a class defined outside it is custom code, whose modules keep their constructors'
         torch init; ours initialise as the parent does (its `_init_weights`), fresh or missing from a checkpoint."""
         return False
+
+
+class TestTimeRegisterLoadingMixin(SavesRemoteCodeMixin):
+    """What every `transformers` tower, classifier and dual encoder of the package does on top of its parent: parent
+    configs accepted (and converted), and `from_pretrained` resolving the register-neuron index. The register
+    settings live in ``config.register_config``: the config itself, or a composite config's ``vision_config``."""
+
+    @classmethod
+    def convert_config(cls, config: PreTrainedConfig) -> PreTrainedConfig:
+        """``config`` as a ``cls.config_class``: a parent config (a `Dinov2Config` for `Dinov2TTRegModel`) is
+        converted with every field kept and the register settings at their defaults."""
+        if isinstance(config, cls.config_class):
+            return config
+        parent_config_class = super().config_class
+        if not isinstance(config, parent_config_class):
+            raise TTRegTypeError(
+                f"{cls.__name__} needs a {cls.config_class.__name__} (or a {parent_config_class.__name__}, which it "
+                f"converts), got a {type(config).__name__}."
+            )
+        return cls.config_class.from_parent_config(config)
 
     @classmethod
     def from_pretrained(
@@ -601,3 +606,46 @@ class WithRegisterTowerMixin(TestTimeRegisterLoadingMixin):
         """The tower's `set_register_neurons` (it writes the config, which this model saves)."""
         vision_tower_with_registers(self).set_register_neurons(register_neurons, **settings)
         return self
+
+
+class WithRegisterTowerHostMixin(SavesRemoteCodeMixin):
+    """For a model built around one vision tower or backbone of a family's parent class, whatever the family — a VLM
+    (LLaVA's ``vision_config``), a depth or segmentation model (DPT's ``backbone_config``) — from a config whose
+    sub-config is ours (`TestTimeRegisterHostConfigMixin`): the parent builds everything with its own tower (the Auto
+    classes of a process without ttreg_hf do not know ours), which then becomes ours on the same weights
+    (`build_sharing_weights`), as `to_test_time_registers` upgrades a loaded host, which becomes one in place
+    (`adopt`). Its `save_pretrained` writes the remote code of the tower's family, with this class in it."""
+
+    def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
+        if not hasattr(config, "register_config_key"):
+            raise TTRegTypeError(
+                f"{type(self).__name__} is built from a {self.config_class.__name__}, whose tower config is ours; got "
+                f"a {type(config).__name__}. Load a {parent_class(type(self)).__name__} checkpoint with `load_vlm`, or "
+                "upgrade a loaded one with `to_test_time_registers`."
+            )
+        key = config.register_config_key
+        ours = getattr(config, key)
+        parent_config = ours.as_parent_config()
+        setattr(config, key, parent_config)
+        try:
+            super().__init__(config, *inputs, **kwargs)
+        finally:
+            setattr(config, key, ours)
+        tower_classes = {}
+        for tower_class in subclasses(PreTrainedTestTimeRegisterMixin):
+            # by model type: in the remote code, the config file transformers loaded is another module than the one
+            # the modeling file imports (`convert_config` takes the config from one class to the other)
+            if getattr(getattr(tower_class, "config_class", None), "model_type", None) == ours.model_type:
+                tower_classes.setdefault(parent_class(tower_class), tower_class)
+        towers = [(path, module) for path, module in self.named_modules() if type(module) in tower_classes]
+        if len(towers) != 1:
+            raise TTRegTypeError(
+                f"{type(self).__name__} builds {len(towers)} towers of {', '.join(c.__name__ for c in tower_classes)}, "
+                f"not one, from its {key}: a {type(ours).__name__} configures one tower."
+            )
+        [(path, tower)] = towers
+        tower_class = tower_classes[type(tower)]
+        set_tower(
+            self, path, build_sharing_weights(tower_class, tower, ours, **tower_class.constructor_arguments(tower))
+        )
+        setattr(config, key, self.get_submodule(path).config)

@@ -9,6 +9,7 @@ head, a neck or a pooling sees the parent's tokens and feature maps.
 """
 
 import copy
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +20,13 @@ from ..configs.registers import TestTimeRegisterCompositeConfigMixin, TestTimeRe
 from ..errors import TTRegTypeError, TTRegValueError
 from ..family import check_close_keywords, closest_keyword_on_error
 from ..registry import transformers_families
+from .hosts import HOSTS
 from .registers import (
     HUB_KWARGS,
     MODEL_KEYWORDS,
     IndexSpec,
     PreTrainedTestTimeRegisterMixin,
+    adopt,
     build_sharing_weights,
     register_settings,
     set_config_keyword,
@@ -37,6 +40,38 @@ def _our_classes() -> dict[type[PreTrainedModel], type[PreTrainedModel]]:
     return {
         parent: ours for family in transformers_families() for ours, parent in zip(family.model_classes, family.parents)
     }
+
+
+def _host_classes() -> dict[type[PreTrainedModel], type[PreTrainedModel]]:
+    """``{host class: our subclass of it}`` for the hosts whose saved folders load with plain `transformers`."""
+    return dict(zip(HOSTS.parents, HOSTS.model_classes))
+
+
+class HostNeedsPackageWarning(UserWarning):
+    """A model upgraded in place whose class has no subclass of ours: what it saves needs ttreg_hf to load."""
+
+
+def _as_our_class(model: PreTrainedModel) -> None:
+    """Make an upgraded ``model`` (and a host's config) an instance of our subclass of its class, in place (`adopt`):
+    its `save_pretrained` then writes the remote code that loads it with plain `transformers`. A host without one
+    is left as it is, with a warning that what it saves needs ttreg_hf."""
+    classes = {**_our_classes(), **_host_classes()}
+    if type(model) in classes.values():  # built as ours (`load_vlm` of a saved host)
+        return
+    ours = classes.get(type(model))
+    if ours is None:
+        hosts = ", ".join(parent.__name__ for parent in HOSTS.parents)
+        warnings.warn(
+            f"ttreg_hf has no {type(model).__name__} class with a test-time-register tower, so what its "
+            "save_pretrained writes loads only where ttreg_hf is imported (through the Auto classes, as before). "
+            f"These hosts also load with plain transformers (trust_remote_code=True): {hosts}.",
+            HostNeedsPackageWarning,
+            stacklevel=3,
+        )
+        return
+    if not isinstance(model.config, ours.config_class):  # a host's: no fields of its own
+        adopt(model.config, ours.config_class)
+    adopt(model, ours)
 
 
 def _tower_classes() -> dict[type[PreTrainedModel], type[PreTrainedTestTimeRegisterMixin]]:
@@ -169,7 +204,11 @@ def to_test_time_registers(
     model, bit-identical). The other ``settings`` (``register_scale``, ...) go to the tower's config, which replaces
     the original in ``vlm.config`` (a classifier's whole config, a composite model's ``vision_config``, a depth model's
     ``backbone_config``), so ``save_pretrained`` saves what runs and the Auto classes reload it with the registers; a
-    `CLIPConfig` / `SiglipConfig` becomes ours for that (`CLIPTTRegConfig`, ...). The tower is a new module: upgrade
+    `CLIPConfig` / `SiglipConfig` becomes ours for that (`CLIPTTRegConfig`, ...). ``vlm`` becomes the package's
+    subclass of its class in place (`Dinov2TTRegForImageClassification`, `LlavaTTRegForConditionalGeneration`, ...:
+    `ttreg_hf.modeling.hosts`), and a host's config its config class (``model_type`` ``llava_tt_reg``, ...), so that
+    what it saves also loads with plain `transformers` (``trust_remote_code=True``); a model the package has no class
+    for is upgraded as it is, with a `HostNeedsPackageWarning`. The tower is a new module: upgrade
     before wrapping the model (adapters, gradient checkpointing, `torch.compile`); a dispatched tower
     (``device_map``) is refused, `load_vlm` builds one.
     """
@@ -205,6 +244,8 @@ def to_test_time_registers(
     composite = _composite_config_classes().get(type(vlm.config))
     if composite is not None:  # `CLIPConfig` would reload a plain tower
         vlm.config = composite.from_parent_config(vlm.config)
+    if isinstance(vlm, PreTrainedModel):
+        _as_our_class(vlm)
     return vlm
 
 
@@ -221,7 +262,9 @@ def load_vlm(
     The index is ``register_neurons``, else the one saved in the checkpoint's config, else the shipped one for this
     checkpoint id, and is resolved before any weights are downloaded. ``num_test_time_registers=0`` gives the
     unmodified model (a baseline, bit-identical); the other register settings (``register_scale``,
-    ``pool_registers``, ...) go to the tower, everything else to `from_pretrained`.
+    ``pool_registers``, ...) go to the tower, everything else to `from_pretrained`. The model is the package's class
+    for the class loaded, as `to_test_time_registers` makes it (e.g. `LlavaTTRegForConditionalGeneration`), so what it
+    saves also loads with plain `transformers`.
     """
     every_family_setting = set().union(*map(register_settings, set(_config_classes().values())))
     settings = {name: kwargs.pop(name) for name in every_family_setting if name in kwargs}
@@ -242,4 +285,5 @@ def load_vlm(
     with closest_keyword_on_error(kwargs, valid, "load_vlm"):
         model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
     vision_tower_with_registers(model)  # a model that builds its tower without `AutoModel` has the parent's
+    _as_our_class(model)
     return model

@@ -14,6 +14,9 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
     PreTrainedConfig,
     PreTrainedModel,
     Siglip2VisionConfig,
@@ -33,11 +36,15 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_ttreg import (
     PATCH_MODES,
     SEMANTICS,
+    LlavaNextTTRegConfig,
+    LlavaOnevisionTTRegConfig,
+    LlavaTTRegConfig,
     SiglipTTRegConfig,
     SiglipVisionTTRegConfig,
     TestTimeRegisterConfigMixin,
     TTRegTypeError,
     TTRegValueError,
+    subclasses,
 )
 
 # ---- ttreg_hf/index.py
@@ -569,9 +576,20 @@ class RegisterEditOffWarning(UserWarning):
     """A model built with test-time registers asked for (``num_test_time_registers > 0``) but no index: edit off."""
 
 
-class TestTimeRegisterLoadingMixin:
-    """What every `transformers` class of the package does on top of its parent: parent configs accepted (and
-    converted), the parent's weight init, and `from_pretrained` resolving the register-neuron index. The register
+class SavesRemoteCodeMixin:
+    """What every `transformers` class of the package saves and initialises as: the remote code beside the weights
+    (`save_pretrained`), and the parent's weight init."""
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """`False`: to `transformers` a class defined outside it is custom code, whose modules keep their constructors'
+        torch init; ours initialise as the parent does (its `_init_weights`), fresh or missing from a checkpoint."""
+        return False
+
+
+class TestTimeRegisterLoadingMixin(SavesRemoteCodeMixin):
+    """What every `transformers` tower, classifier and dual encoder of the package does on top of its parent: parent
+    configs accepted (and converted), and `from_pretrained` resolving the register-neuron index. The register
     settings live in ``config.register_config``: the config itself, or a composite config's ``vision_config``."""
 
     @classmethod
@@ -587,12 +605,6 @@ class TestTimeRegisterLoadingMixin:
                 f"converts), got a {type(config).__name__}."
             )
         return cls.config_class.from_parent_config(config)
-
-    @classmethod
-    def is_custom_code(cls) -> bool:
-        """`False`: to `transformers` a class defined outside it is custom code, whose modules keep their constructors'
-        torch init; ours initialise as the parent does (its `_init_weights`), fresh or missing from a checkpoint."""
-        return False
 
 
 class PreTrainedTestTimeRegisterMixin(TestTimeRegisterLoadingMixin, TestTimeRegisterMixin):
@@ -657,6 +669,64 @@ class WithRegisterTowerMixin(TestTimeRegisterLoadingMixin):
         [(path, tower)] = [(path, module) for path, module in self.named_modules() if type(module) is parent_tower]
         arguments = self.tower_class.constructor_arguments(tower)
         set_tower(self, path, build_sharing_weights(self.tower_class, tower, tower.config, **arguments))
+
+
+class WithRegisterTowerHostMixin(SavesRemoteCodeMixin):
+    """For a model built around one vision tower or backbone of a family's parent class, whatever the family — a VLM
+    (LLaVA's ``vision_config``), a depth or segmentation model (DPT's ``backbone_config``) — from a config whose
+    sub-config is ours (`TestTimeRegisterHostConfigMixin`): the parent builds everything with its own tower (the Auto
+    classes of a process without ttreg_hf do not know ours), which then becomes ours on the same weights
+    (`build_sharing_weights`), as `to_test_time_registers` upgrades a loaded host, which becomes one in place
+    (`adopt`). Its `save_pretrained` writes the remote code of the tower's family, with this class in it."""
+
+    def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
+        if not hasattr(config, "register_config_key"):
+            raise TTRegTypeError(
+                f"{type(self).__name__} is built from a {self.config_class.__name__}, whose tower config is ours; got "
+                f"a {type(config).__name__}. Load a {parent_class(type(self)).__name__} checkpoint with `load_vlm`, or "
+                "upgrade a loaded one with `to_test_time_registers`."
+            )
+        key = config.register_config_key
+        ours = getattr(config, key)
+        parent_config = ours.as_parent_config()
+        setattr(config, key, parent_config)
+        try:
+            super().__init__(config, *inputs, **kwargs)
+        finally:
+            setattr(config, key, ours)
+        tower_classes = {}
+        for tower_class in subclasses(PreTrainedTestTimeRegisterMixin):
+            # by model type: in the remote code, the config file transformers loaded is another module than the one
+            # the modeling file imports (`convert_config` takes the config from one class to the other)
+            if getattr(getattr(tower_class, "config_class", None), "model_type", None) == ours.model_type:
+                tower_classes.setdefault(parent_class(tower_class), tower_class)
+        towers = [(path, module) for path, module in self.named_modules() if type(module) in tower_classes]
+        if len(towers) != 1:
+            raise TTRegTypeError(
+                f"{type(self).__name__} builds {len(towers)} towers of {', '.join(c.__name__ for c in tower_classes)}, "
+                f"not one, from its {key}: a {type(ours).__name__} configures one tower."
+            )
+        [(path, tower)] = towers
+        tower_class = tower_classes[type(tower)]
+        set_tower(
+            self, path, build_sharing_weights(tower_class, tower, ours, **tower_class.constructor_arguments(tower))
+        )
+        setattr(config, key, self.get_submodule(path).config)
+
+
+# ---- ttreg_hf/modeling/hosts.py
+
+
+class LlavaTTRegForConditionalGeneration(WithRegisterTowerHostMixin, LlavaForConditionalGeneration):
+    config_class = LlavaTTRegConfig
+
+
+class LlavaNextTTRegForConditionalGeneration(WithRegisterTowerHostMixin, LlavaNextForConditionalGeneration):
+    config_class = LlavaNextTTRegConfig
+
+
+class LlavaOnevisionTTRegForConditionalGeneration(WithRegisterTowerHostMixin, LlavaOnevisionForConditionalGeneration):
+    config_class = LlavaOnevisionTTRegConfig
 
 
 # ---- ttreg_hf/modeling/siglip.py
