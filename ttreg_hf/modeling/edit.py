@@ -118,9 +118,8 @@ class RegisterNeuronEdit(nn.Module):
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not self.neuron_ids:
             return hidden_states
-        if (
-            self.largest_scale > torch.finfo(hidden_states.dtype).max
-        ):  # settings and dtype only: no sync, no graph break
+        # settings and dtype only: no sync, no graph break
+        if self.largest_scale > torch.finfo(hidden_states.dtype).max:
             raise TTRegValueError(
                 f"register_scale {self.largest_scale:g} overflows {hidden_states.dtype} (largest "
                 f"{torch.finfo(hidden_states.dtype).max:g}): every register would be inf. Use a smaller scale or run "
