@@ -50,7 +50,11 @@ PACKAGE_ONLY = {
     "ttreg_hf.configs.dinov2": {"Dinov2TTRegConfig.get_config_dict"},  # refuses a parent checkpoint with registers
     # where an index was found (its image size, checkpoints and weights), and the warnings when a model runs elsewhere
     "ttreg_hf.index": {"check_provenance"},
-    "ttreg_hf.modeling.edit": {"warn_if_far_from_found_size", "RegisterNeuronEdit.found_at"},
+    "ttreg_hf.modeling.edit": {
+        "warn_if_far_from_found_size",
+        "RegisterNeuronEdit.found_at",
+        "check_edit_arguments",  # a model's edits are configured from its config, validated first
+    },
     "ttreg_hf.modeling.registers": {
         "TestTimeRegisterMixin.set_register_neurons",  # index files, shipped and Hub indices
         "WithRegisterTowerMixin.set_register_neurons",

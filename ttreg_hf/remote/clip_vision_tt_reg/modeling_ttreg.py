@@ -22,14 +22,7 @@ from transformers.models.clip.modeling_clip import CLIPMLP, CLIPVisionEmbeddings
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_ttreg import (
-    PATCH_MODES,
-    SEMANTICS,
-    CLIPTTRegConfig,
-    CLIPVisionTTRegConfig,
-    TTRegTypeError,
-    TTRegValueError,
-)
+from .configuration_ttreg import CLIPTTRegConfig, CLIPVisionTTRegConfig, TTRegTypeError, TTRegValueError
 
 
 # ---- ttreg_hf/family.py
@@ -100,14 +93,6 @@ class RegisterNeuronEdit(nn.Module):
         patch_mode: str = "zero",
         device: torch.device | str | None = None,
     ) -> None:
-        if semantics not in SEMANTICS:
-            raise TTRegValueError(f"Unknown register semantics {semantics!r}; choose one of {SEMANTICS}.")
-        if patch_mode not in PATCH_MODES:
-            raise TTRegValueError(f"Unknown patch mode {patch_mode!r}; choose one of {PATCH_MODES}.")
-        if neurons and len(scale) != layout.num_registers:
-            raise TTRegValueError(f"Got {len(scale)} register scales for {layout.num_registers} test-time registers.")
-        if neurons and layout.num_registers == 0:
-            raise TTRegValueError("A register-neuron edit with neurons needs at least one test-time register.")
         self.neuron_ids = tuple(int(n) for n in neurons)
         self.scale_values = tuple(float(s) for s in scale) if neurons else ()
         self.largest_scale = max((abs(s) for s in self.scale_values), default=0.0)

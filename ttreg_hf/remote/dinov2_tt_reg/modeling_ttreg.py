@@ -16,7 +16,7 @@ from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings, Dinov2E
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_ttreg import PATCH_MODES, SEMANTICS, Dinov2TTRegConfig, TTRegError, TTRegValueError
+from .configuration_ttreg import Dinov2TTRegConfig, TTRegError, TTRegValueError
 
 
 # ---- ttreg_hf/errors.py
@@ -92,14 +92,6 @@ class RegisterNeuronEdit(nn.Module):
         patch_mode: str = "zero",
         device: torch.device | str | None = None,
     ) -> None:
-        if semantics not in SEMANTICS:
-            raise TTRegValueError(f"Unknown register semantics {semantics!r}; choose one of {SEMANTICS}.")
-        if patch_mode not in PATCH_MODES:
-            raise TTRegValueError(f"Unknown patch mode {patch_mode!r}; choose one of {PATCH_MODES}.")
-        if neurons and len(scale) != layout.num_registers:
-            raise TTRegValueError(f"Got {len(scale)} register scales for {layout.num_registers} test-time registers.")
-        if neurons and layout.num_registers == 0:
-            raise TTRegValueError("A register-neuron edit with neurons needs at least one test-time register.")
         self.neuron_ids = tuple(int(n) for n in neurons)
         self.scale_values = tuple(float(s) for s in scale) if neurons else ()
         self.largest_scale = max((abs(s) for s in self.scale_values), default=0.0)
