@@ -32,10 +32,10 @@ OPEN_CLIP_PREFIX = "open_clip:"  # an OpenCLIP model as open_clip names it: `ope
 OPEN_CLIP_SOURCES = ("hf-hub:", "local-dir:")  # open_clip's own specs of a Hub repository or a folder
 TIMM_PREFIX = "timm:"  # a timm model as timm names it: `timm:vit_small_patch14_dinov2.lvd142m`, `timm:local-dir:DIR`
 MODEL_HELP = (
-    "a model name (`ttreg_hf.hub.model_names()`); a Hugging Face checkpoint, Hub id or folder, of any class holding "
-    "one vision tower of the package's families (a tower, a classifier, a backbone host, a dual encoder, a VLM); "
-    f"{OPEN_CLIP_PREFIX}NAME[:TAG], hf-hub:OWNER/NAME or local-dir:FOLDER (open_clip); {TIMM_PREFIX}NAME (timm); "
-    "or 'planted'"
+    "a model name (`ttreg_hf.hub.model_names()`, 'planted' among them); a Hugging Face checkpoint, Hub id or folder, "
+    "of any class holding one vision tower of the package's families (a tower, a classifier, a backbone host, a dual "
+    f"encoder, a VLM); {OPEN_CLIP_PREFIX}NAME[:TAG], hf-hub:OWNER/NAME or local-dir:FOLDER (open_clip); or "
+    f"{TIMM_PREFIX}NAME (timm)"
 )
 EXIT_OK, EXIT_BUG, EXIT_USER_ERROR, EXIT_NO_OUTLIERS = 0, 1, 2, 3
 EXIT_CODES = f"""exit status:
@@ -125,9 +125,9 @@ def check_output(path: str | Path, overwrite: bool, *, folder: bool = False) -> 
 class ModelSpec:
     """A CLI MODEL argument, parsed by `parse_model_spec`: the grammar of every command that takes one.
 
-    kind: ``"planted"``; ``"name"``, a `load_tt_model` name; ``"transformers"``, a Hugging Face checkpoint (a Hub id
-        or a folder); ``"open_clip"``, an open_clip model name or its ``hf-hub:`` / ``local-dir:`` spec; ``"timm"``,
-        a timm model name (or its ``hf-hub:`` / ``local-dir:`` spec).
+    kind: ``"name"``, a `load_tt_model` name (the planted test bench's ``planted`` among them); ``"transformers"``,
+        a Hugging Face checkpoint (a Hub id or a folder); ``"open_clip"``, an open_clip model name or its ``hf-hub:``
+        / ``local-dir:`` spec; ``"timm"``, a timm model name (or its ``hf-hub:`` / ``local-dir:`` spec).
     name: what the kind's loader takes.
     tag: open_clip's pretrained tag (``open_clip:NAME:TAG``), if any.
     """
@@ -140,10 +140,8 @@ class ModelSpec:
 def parse_model_spec(spec: str) -> ModelSpec:
     """The `ModelSpec` of a MODEL argument (see `MODEL_HELP` and the README's table); reads no file but a folder's
     existence, loads nothing."""
-    from ttreg_hf.registry import checkpoints
+    from ttreg_hf.hub import model_names
 
-    if spec == PLANTED:
-        return ModelSpec("planted", spec)
     if spec.startswith(OPEN_CLIP_SOURCES):
         return ModelSpec("open_clip", spec)
     if spec.startswith(OPEN_CLIP_PREFIX):
@@ -157,12 +155,12 @@ def parse_model_spec(spec: str) -> ModelSpec:
         if not name:
             raise CommandError(f"No model after {TIMM_PREFIX!r}: e.g. {TIMM_PREFIX}vit_small_patch14_dinov2.lvd142m.")
         return ModelSpec("timm", name)
-    if Path(spec).is_dir() or (spec not in checkpoints() and "/" in spec):
+    if Path(spec).is_dir() or (spec not in model_names() and "/" in spec):
         return ModelSpec("transformers", spec)
-    if spec not in checkpoints():
+    if spec not in model_names():
         raise CommandError(
-            f"Unknown model {spec!r}: MODEL is one of {', '.join(checkpoints())}, a Hugging Face id or folder, "
-            f"{OPEN_CLIP_PREFIX}NAME, {TIMM_PREFIX}NAME, or {PLANTED!r}."
+            f"Unknown model {spec!r}: MODEL is one of {', '.join(model_names())}, a Hugging Face id or folder, "
+            f"{OPEN_CLIP_PREFIX}NAME or {TIMM_PREFIX}NAME."
         )
     return ModelSpec("name", spec)
 
@@ -177,8 +175,6 @@ def load_model(spec: str, device: str, weights: str | None = None, image_size: i
     (``register_neurons``, ``num_test_time_registers``, ...); the index comes through the loaders' one attach path:
     ``register_neurons``, else the one saved with the checkpoint, else the one shipped for it.
     """
-    from ttreg_hf.registry import checkpoints, family_of
-
     parsed = parse_model_spec(spec)
     _check_weights(parsed, spec, weights)
     if parsed.kind == "open_clip":
@@ -193,15 +189,7 @@ def load_model(spec: str, device: str, weights: str | None = None, image_size: i
         return model.to(device).eval(), timm_preprocessing(vision_transformer(model), None, image_size)
     if parsed.kind == "transformers":
         return _load_transformers_checkpoint(spec, device, image_size, **settings)
-    if parsed.kind == "planted":
-        from ttreg_hf.planted import IMAGE_SIZE, build_planted_model, planted_preprocessor
-
-        register_neurons = settings.pop("register_neurons", None)  # any index: a dict, a file, ...
-        model = build_planted_model(**settings)
-        if register_neurons is not None:
-            model.set_register_neurons(register_neurons)
-        return model.to(device).eval(), planted_preprocessor(image_size or IMAGE_SIZE)
-    from ttreg_hf.hub import load_tt_model
+    from ttreg_hf.hub import checkpoint_preprocessor, load_tt_model
 
     if weights is not None:
         with user_path():
@@ -214,19 +202,18 @@ def load_model(spec: str, device: str, weights: str | None = None, image_size: i
                 f"Could not fetch the weights of {spec!r} ({_one_line(error)}); pass a local checkpoint with "
                 "--weights FILE."
             ) from error
-    return model.to(device).eval(), family_of(model).preprocessor(
-        model, checkpoints()[spec].image_processor, image_size
-    )
+    return model.to(device).eval(), checkpoint_preprocessor(spec, model, image_size)
 
 
 def _check_weights(parsed: "ModelSpec", spec: str, weights: str | None) -> None:
     """Refuse ``--weights`` where it would be ignored (MODEL is anything but a model name: a checkpoint, which holds
-    its own weights, or the planted model) or where it names nothing."""
+    its own weights) or where it names nothing."""
     if weights is None:
         return
     if parsed.kind != "name":
-        what = "the planted model, built here" if parsed.kind == "planted" else "a checkpoint, which holds its weights"
-        raise CommandError(f"--weights is for a model name, and MODEL {spec!r} is {what}: drop --weights.")
+        raise CommandError(
+            f"--weights is for a model name, and MODEL {spec!r} is a checkpoint, which holds its weights: drop --weights."
+        )
     if not Path(weights).exists():
         raise CommandError(f"No checkpoint at --weights {weights}: give a local file or folder.")
 
@@ -453,7 +440,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if not Path(args.image).is_file():
         raise CommandError(f"No image at {args.image}; check the path.")
     model, preprocessor = load_model(
-        args.model, _device(args), args.weights, args.image_size, register_neurons=_index_argument(args)
+        args.model, _device(args), args.weights, args.image_size, register_neurons=args.index
     )
     with user_path():
         image = open_rgb(args.image)
@@ -473,15 +460,6 @@ def _check_figure_format(path: Path) -> None:
             f"--out {path}: a figure is written as one of {', '.join('.' + name for name in sorted(formats))}; name it "
             "with one of those suffixes."
         )
-
-
-def _index_argument(args: argparse.Namespace):
-    """``--index``, or the planted truth for the planted model; `None` lets the loader find the checkpoint's own."""
-    if args.index or args.model != PLANTED:
-        return args.index
-    from ttreg_hf.planted import planted_index
-
-    return planted_index()
 
 
 def _report(model, preprocessor, image, out: Path, title: str) -> None:
@@ -624,7 +602,6 @@ def _export(args: argparse.Namespace) -> int:
         raise CommandError(f"--pretrained is for OpenCLIP models ({OPEN_CLIP_PREFIX}NAME), not {args.model!r}.")
     if parsed.kind != "transformers":
         why = {
-            "planted": "the planted model is a test bench, not a checkpoint",
             "name": "a model name is a loader, not a checkpoint: export its Hugging Face checkpoint (id or folder)",
             "timm": "a timm model is published with timm's own `save_for_hf` / `push_to_hub`",
         }[parsed.kind]
@@ -734,7 +711,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         dataset = read_dataset(args.data)
     tasks = check_tasks(args.tasks, dataset, boxes=args.boxes is not None, masks=args.masks is not None)
     model, preprocessor = load_model(
-        args.model, _device(args), args.weights, args.image_size, register_neurons=_index_argument(args)
+        args.model, _device(args), args.weights, args.image_size, register_neurons=args.index
     )
     with user_path():
         result = evaluate(

@@ -11,7 +11,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ttreg_hf import DeiTTTRegModel, Dinov2TTRegConfig, Dinov2TTRegModel, DINOv3ViTTTRegModel, ViTTTRegModel
+from ttreg_hf import (
+    CLIPVisionTTRegModel,
+    DeiTTTRegModel,
+    Dinov2TTRegConfig,
+    Dinov2TTRegModel,
+    DINOv3ViTTTRegModel,
+    SiglipVisionTTRegModel,
+    ViTTTRegModel,
+)
 from ttreg_hf.family import parent_class
 from ttreg_hf.modeling.registers import register_settings
 
@@ -225,6 +233,24 @@ SPECS = {
             "model.layer.1.mlp.up_proj.weight", "embeddings.patch_embeddings.weight", "embeddings.register_tokens",
         ),
     ),
+    "clip": FamilySpec(
+        CLIPVisionTTRegModel,
+        VIT_ARCH,
+        image_size=32,
+        num_prefix=1,
+        resized=({"interpolate_pos_encoding": True}, (48, 40)),
+        gradient_parameters=("encoder.layers.1.mlp.fc1.weight", "embeddings.patch_embedding.weight"),
+    ),
+    "siglip": FamilySpec(
+        SiglipVisionTTRegModel,
+        VIT_ARCH,
+        image_size=32,
+        num_prefix=0,
+        resized=({"interpolate_pos_encoding": True}, (48, 40)),
+        gradient_parameters=("encoder.layers.1.mlp.fc1.weight", "embeddings.patch_embedding.weight"),
+    ),
+    # SigLIP2's NaFlex tower is not here: it takes patches flattened beside `pixel_attention_mask` and
+    # `spatial_shapes` (its processor's), not (batch, 3, height, width) images; test_siglip.py covers it
 }  # fmt: skip
 
 

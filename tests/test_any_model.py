@@ -261,7 +261,7 @@ def test_a_model_with_several_towers_or_none_is_refused_naming_them():
 @pytest.mark.parametrize(
     "spec, parsed",
     [
-        ("planted", ModelSpec("planted", "planted")),
+        ("planted", ModelSpec("name", "planted")),  # a registered checkpoint, as the families' are
         ("dinov2_vitl14", ModelSpec("name", "dinov2_vitl14")),
         ("facebook/dinov2-small", ModelSpec("transformers", "facebook/dinov2-small")),
         ("open_clip:ViT-B-16", ModelSpec("open_clip", "ViT-B-16")),
@@ -371,7 +371,7 @@ def test_the_cli_finds_the_planted_neurons_of_any_saved_model(kind, image_dir, t
 
 def test_export_refuses_what_it_cannot_write_with_the_reason(tmp_path, capsys):
     for spec, reason in [
-        ("planted", "a test bench"),
+        ("planted", "a model name is a loader"),
         ("timm:vit_small_patch14_dinov2", "save_for_hf"),
         ("dinov2_vits14", "a model name is a loader"),
     ]:

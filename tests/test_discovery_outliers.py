@@ -2,11 +2,12 @@
 normalisation, where about 30 % of the patch tokens are outliers, still runs each image once, and finds what the
 algorithm as it was finds."""
 
-from reference_discovery import reference_discovery
-from test_discovery import ForwardCounter, assert_same_as_reference
+from reference_discovery import assert_same_as_reference, reference_discovery
 
 from ttreg_hf.discovery import find_register_neurons
 from ttreg_hf.planted import build_planted_model, planted_index, textured_images
+
+from support import ForwardCounter
 
 
 def test_outlier_heavy_images_run_once_and_find_what_the_algorithm_as_it_was_finds():

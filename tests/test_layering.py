@@ -163,3 +163,18 @@ def test_the_reader_sees_lazy_relative_and_absolute_imports():
     assert imported_modules("modeling.vit", "from .. import __version__\n") == {""}  # the package: the top layer
     assert imported_modules("analysis.capture", "from . import metrics\n") == {"analysis.metrics"}
     assert imported_modules("modeling.vit", "if TYPE_CHECKING:\n    from ..hub import load_tt_model\n") == set()
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_no_test_module_imports_another():
+    """Test modules share helpers through the support modules (`support`, `family_models`, ...), never by importing
+    one another: a test module is run, not used."""
+    found = []
+    for path in sorted(TESTS.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            found += [f"{path.name} imports {name}" for name in names if name.split(".")[0].startswith("test_")]
+    assert found == []

@@ -42,3 +42,28 @@ def test_construction_is_deterministic_for_a_seed():
     first, second, other = build_planted_model(seed=5), build_planted_model(seed=5), build_planted_model(seed=6)
     assert all((a == b).all() for a, b in zip(first.parameters(), second.parameters()))
     assert any((a != b).any() for a, b in zip(first.parameters(), other.parameters()))
+
+
+def test_the_planted_model_is_a_registered_checkpoint_loaded_like_the_others(tmp_path):
+    """`load_tt_model("planted")`, the torch.hub entry and the CLI's MODEL take the one path of every named
+    checkpoint: its loader, with the planted neurons as its shipped index unless an index is given."""
+    import torch
+
+    from ttreg_cli import parse_model_spec
+    from ttreg_hf import load_tt_model, register_checkpoint
+    from ttreg_hf.errors import TTRegError
+    from ttreg_hf.hub import checkpoint_preprocessor, entry_points
+    from ttreg_hf.planted import PLANTED
+
+    model = load_tt_model("planted")
+    assert model.config.register_neuron_index == planted_index() and not model.training
+    built = build_planted_model()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), built.state_dict().values(), strict=True))
+    assert load_tt_model("planted", register_neurons={1: [2]}).config.register_neuron_index == {1: (2,)}
+    assert load_tt_model("planted", num_test_time_registers=0).config.num_test_time_registers == 0
+    assert parse_model_spec("planted").kind == "name" and "planted_tt_reg" in entry_points()
+    assert checkpoint_preprocessor("planted", model, 112).mean == tuple(IMAGENET_DEFAULT_MEAN)
+    with pytest.raises(TTRegError, match="takes no weights"):
+        load_tt_model("planted", weights=tmp_path)
+    with pytest.raises(TTRegError, match="names a checkpoint of a family"):
+        register_checkpoint(PLANTED.__class__("dinov2_vits14", "", PLANTED.load))

@@ -73,7 +73,7 @@ from .modeling.vit import (
     ViTTTRegModel,
 )
 from .modeling.vlm import load_vlm, to_test_time_registers
-from .registry import families, family_of, register_family
+from .registry import families, family_of, register_checkpoint, register_family
 from .version import __version__
 
 __all__ = sorted(name for name, value in globals().items() if not (name[0] == "_" or isinstance(value, ModuleType)))

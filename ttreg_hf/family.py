@@ -30,6 +30,8 @@ class Checkpoint:
     tower: what `load_tt_model` returns of that object: the test-time-register model (by default, the object).
     image_processor: where the checkpoint's preprocessing comes from: a Hugging Face id whose image processor it is,
         or a function returning the processor the checkpoint's authors document (`None`: the family's).
+    preprocessing: ``preprocessing(image_size)`` -> the `ttreg_hf.images.Preprocessor` of a checkpoint whose images
+        are prepared by hand (the planted model's), instead of its family's from ``image_processor``.
     """
 
     name: str
@@ -38,6 +40,7 @@ class Checkpoint:
     tower: Callable = lambda model: model
     image_processor: str | Callable | None = None
     entry: str | None = None
+    preprocessing: Callable[[int | None], Preprocessor] | None = None
 
     @property
     def entry_name(self) -> str:

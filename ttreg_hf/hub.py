@@ -12,9 +12,11 @@ from pathlib import Path
 
 from torch import nn
 
+from . import planted  # noqa: F401  (registers the planted checkpoint, a name like the families')
 from .errors import TTRegTypeError, TTRegValueError
 from .family import Checkpoint
-from .registry import checkpoints, families
+from .images import Preprocessor
+from .registry import checkpoints, families, family_of
 
 ENTRY_SUFFIX = "_tt_reg"
 
@@ -54,7 +56,10 @@ def _check_same_family(weights: str | Path, checkpoint: Checkpoint) -> None:
     from transformers import PreTrainedConfig
 
     model_type = PreTrainedConfig.get_config_dict(str(weights))[0].get("model_type")
-    known = next(family for family in families() if checkpoint in family.checkpoints).model_types
+    family = next((family for family in families() if checkpoint in family.checkpoints), None)
+    if family is None:  # a registered checkpoint: its loader takes the weights it can
+        return
+    known = family.model_types
     if model_type not in known:
         raise TTRegValueError(
             f"weights {weights} hold a {model_type!r} checkpoint, and {checkpoint.name} loads {', '.join(known)} "
@@ -71,8 +76,17 @@ def _checkpoint(name: str) -> Checkpoint:
 
 
 def model_names() -> tuple[str, ...]:
-    """The names `load_tt_model` (and the CLI) know: every family's checkpoints."""
+    """The names `load_tt_model` (and the CLI) know: every family's checkpoints, and the planted test bench's."""
     return tuple(checkpoints())
+
+
+def checkpoint_preprocessor(name: str, model: nn.Module, image_size: int | None = None) -> Preprocessor:
+    """How images become the inputs of ``model``, loaded as the checkpoint called ``name``: its own preprocessing,
+    else its family's from its image processor; ``image_size`` overrides the size."""
+    checkpoint = _checkpoint(name)
+    if checkpoint.preprocessing is not None:
+        return checkpoint.preprocessing(image_size)
+    return family_of(model).preprocessor(model, checkpoint.image_processor, image_size)
 
 
 def _entry(checkpoint: Checkpoint) -> Callable[..., nn.Module]:

@@ -12,7 +12,8 @@ paper (Proposition 1) into a randomly initialised ViT, deterministically from a 
 
 Every other weight keeps its random value, so the planted neurons must be found among many others. A model names the
 weights planting writes in `PlantingSites`; `planting_sites` knows the package's families. `build_planted_model` is
-the demo's DINOv2-shaped model with `PLANTED_NEURONS` at `PLANTED_LAYER`.
+the demo's DINOv2-shaped model with `PLANTED_NEURONS` at `PLANTED_LAYER`, registered as the checkpoint ``"planted"``
+(`load_tt_model("planted")`, the CLI's MODEL ``planted``) with the planted neurons as its shipped index.
 """
 
 from collections.abc import Sequence
@@ -23,10 +24,11 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .configs.dinov2 import Dinov2TTRegConfig
 from .errors import TTRegTypeError, TTRegValueError
+from .family import Checkpoint
 from .images import Preprocessor, normalize, statistics_preprocessor
 from .modeling.dinov2 import Dinov2TTRegModel
 from .modeling.sites import BlockSites, PlantingSites, Projection
-from .registry import family_of
+from .registry import family_of, register_checkpoint
 
 PLANTED_LAYER = 3
 PLANTED_NEURONS = (37, 101, 222, 300)
@@ -259,3 +261,23 @@ def planted_preprocessor(image_size: int = IMAGE_SIZE) -> Preprocessor:
 def planted_pixels(images: torch.Tensor) -> torch.Tensor:
     """Images in ``[0, 1]`` (e.g. `textured_images`) as the planted model's pixel values."""
     return normalize(images, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+
+def _load_planted(*, pretrained: bool, weights, register_neurons, **settings) -> Dinov2TTRegModel:
+    """The planted checkpoint's loader: `build_planted_model` (planted weights, with ``pretrained`` or not) with
+    ``register_neurons``, else the planted ones (`planted_index`), as a named checkpoint gets its shipped index."""
+    if weights is not None:
+        raise TTRegValueError("The planted model is built here, not loaded: it takes no weights; drop them.")
+    model = build_planted_model(**settings)
+    model.set_register_neurons(planted_index() if register_neurons is None else register_neurons)
+    return model
+
+
+PLANTED = register_checkpoint(
+    Checkpoint(
+        "planted",
+        "The planted test bench: a random DINOv2-shaped ViT (6 layers, width 96) with register neurons planted.",
+        _load_planted,
+        preprocessing=lambda image_size: planted_preprocessor(image_size or IMAGE_SIZE),
+    )
+)

@@ -1,7 +1,8 @@
 """The registry: every family the package knows, read from the declarations of its family modules.
 
 `families`, `family_of` and `checkpoints` are what the applications (the CLI, discovery, export, the analysis tools,
-the torch.hub entries) read; a family of your own, outside the package, joins with `register_family`.
+the torch.hub entries) read; a family of your own, outside the package, joins with `register_family`, and a named
+checkpoint of your own (or of an application: the planted test bench) with `register_checkpoint`.
 """
 
 import functools
@@ -22,6 +23,7 @@ FAMILY_MODULES = {
 }
 
 _REGISTERED: list[Family] = []
+_CHECKPOINTS: dict[str, Checkpoint] = {}  # registered beside the families' (`register_checkpoint`)
 
 
 def register_family(family: Family) -> Family:
@@ -81,9 +83,20 @@ def family_of_model_type(model_type: str) -> Family | None:
     return next((family for family in transformers_families() if model_type in family.model_types), None)
 
 
+def register_checkpoint(checkpoint: Checkpoint) -> Checkpoint:
+    """Add a named checkpoint beside the families' (a `load_tt_model` name, a CLI MODEL and a torch.hub entry), one
+    whose loader lives above the families: the planted test bench's (`ttreg_hf.planted`), a model of your own.
+    Registering a name again replaces that checkpoint; the families' names are taken."""
+    if any(checkpoint.name == known.name for family in families() for known in family.checkpoints):
+        raise TTRegValueError(f"{checkpoint.name!r} names a checkpoint of a family: choose another name.")
+    _CHECKPOINTS[checkpoint.name] = checkpoint
+    return checkpoint
+
+
 def checkpoints() -> dict[str, Checkpoint]:
-    """Every named checkpoint of every family, by name."""
-    return {checkpoint.name: checkpoint for family in families() for checkpoint in family.checkpoints}
+    """Every named checkpoint, by name: every family's, then those registered (`register_checkpoint`)."""
+    declared = {checkpoint.name: checkpoint for family in families() for checkpoint in family.checkpoints}
+    return {**declared, **_CHECKPOINTS}
 
 
 def licence_of(checkpoint_id: str) -> str | None:

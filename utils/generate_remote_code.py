@@ -6,9 +6,12 @@ Each family gets two self-contained files that `transformers` loads with ``trust
 is not installed: ``configuration_ttreg.py`` (the family's config classes and the definitions they use) and
 ``modeling_ttreg.py`` (its model classes and the definitions they use beyond those, importing the rest from the
 configuration file). A definition is kept when a family class reaches it through the names its code uses (the classes
-it subclasses, the functions it calls, across the package's relative imports), and is copied verbatim: the package's
-code is the one implementation. What only the package does (`PACKAGE_ONLY`: resolving index files, shipped and Hub
-indices, loading parent checkpoints, writing this remote code) is left out, with what it alone uses.
+it subclasses, the functions it calls, across the package's relative imports), and is copied verbatim, without its
+docstrings and comments (the package's modules document it): the package's code is the one implementation. What only
+the package does (`PACKAGE_ONLY`: index files, shipped and Hub indices, loading parent checkpoints and configs,
+provenance warnings, checks of a family's declaration, writing this remote code) is left out, with what it alone
+uses: a member of a class, a class among a kept class's bases (replaced by its own bases), and a statement that only
+calls a package-only function or member (a check, a warning).
 
     python utils/generate_remote_code.py          # write the files
     python utils/generate_remote_code.py --check  # exit 1, naming the stale files, if they are not what it writes
@@ -18,7 +21,9 @@ import argparse
 import ast
 import importlib
 import inspect
+import io
 import sys
+import tokenize
 from dataclasses import dataclass, field
 from importlib.util import resolve_name
 from pathlib import Path
@@ -31,20 +36,36 @@ PACKAGE = "ttreg_hf"
 LINE_LENGTH = 120  # ruff's, in pyproject.toml: the files are checked as the package is
 # module -> its definitions (``name``) or class members (``Class.name``) that only the package needs
 PACKAGE_ONLY = {
+    # index files, shipped and Hub indices (a remote config holds an index as the dict its `config.json` holds); a
+    # class here that a kept class subclasses is replaced by its own bases
     "ttreg_hf.configs.registers": {
-        # index files, shipped and Hub indices (the remote code runs the index in its config; change it by writing
-        # `register_neurons` and the other settings to the config)
-        "TestTimeRegisterConfigMixin.update_test_time_registers",
-        "TestTimeRegisterConfigMixin.attach_register_neurons",
-        # loading a parent checkpoint's config as ours
-        "TestTimeRegisterConfigMixin.get_config_dict",
+        "TestTimeRegisterConfigMixin",
+        "RegisterSettingsMixin.get_config_dict",  # loading a parent checkpoint's config as ours
         "TestTimeRegisterCompositeConfigMixin.get_config_dict",
+        "_check_dtype",  # a config built by hand (`pretrained=False`); a saved one holds a dtype that loaded
+        "_name_our_architectures",  # a parent upgraded in place: `register_auto_classes` fills its table
+        "RegisterSettingsMixin.register_config",  # the package's loaders reach a tower's config through these
+        "RegisterSettingsMixin.register_config_class",
+        "RegisterSettingsMixin.register_index_found_at",
+    },
+    "ttreg_hf.configs.dinov2": {"Dinov2TTRegConfig.get_config_dict"},  # refuses a parent checkpoint with registers
+    # where an index was found (its image size, checkpoints and weights), and the warnings when a model runs elsewhere
+    "ttreg_hf.index": {"check_provenance"},
+    "ttreg_hf.modeling.edit": {
+        "warn_if_far_from_found_size",
+        "RegisterNeuronEdit.found_at",
+        "check_edit_arguments",  # a model's edits are configured from its config, validated first
     },
     "ttreg_hf.modeling.registers": {
         "TestTimeRegisterMixin.set_register_neurons",  # index files, shipped and Hub indices
-        "TestTimeRegisterLoadingMixin.from_pretrained",  # the same, at load
-        "SavesRemoteCodeMixin.save_pretrained",  # writes this remote code (the remote classes save their own)
         "WithRegisterTowerMixin.set_register_neurons",
+        "TestTimeRegisterLoadingMixin.from_pretrained",  # the same, at load
+        "TestTimeRegisterLoadingMixin.__init__",  # a parent config converted: the remote code loads its own
+        "TestTimeRegisterLoadingMixin.convert_config",
+        "SavesRemoteCodeMixin.save_pretrained",  # writes this remote code (the remote classes save their own)
+        "TestTimeRegisterMixin.set_index_found_at",
+        "TestTimeRegisterMixin.check_register_seams",  # a family's declaration checked: the remote code's was
+        "warn_if_edit_off",  # the edit off for want of an index: a saved config says what it holds
     },
 }
 HEADER = (
@@ -120,8 +141,8 @@ def _defined_names(node: ast.stmt) -> set[str]:
     return set()
 
 
-def _is_docstring(node: ast.stmt, tree: ast.Module) -> bool:
-    return node is tree.body[0] and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+def _is_docstring(node: ast.stmt, parent: ast.AST) -> bool:
+    return node is parent.body[0] and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
 
 
 def _is_registration(node: ast.stmt) -> bool:
@@ -146,10 +167,64 @@ def _cut_members(module_name: str, node: ast.stmt) -> list[ast.stmt]:
     return members
 
 
+def _package_only(module_name: str, name: str) -> bool:
+    """Whether ``name``, as module ``module_name`` binds it, is a definition that `PACKAGE_ONLY` names."""
+    source, imported = module_name, name
+    if name in _module(module_name).imports and _module(module_name).imports[name][2]:
+        source, imported = _module(module_name).imports[name][:2]
+    return imported in PACKAGE_ONLY.get(source, ())
+
+
+def _cut_calls(module_name: str, node: ast.stmt) -> list[ast.stmt]:
+    """The statements in ``node`` (outside its cut members) that only call what `PACKAGE_ONLY` names: a function
+    (``check_provenance(...)``) or a cut member of the module's classes (``self.check_register_seams()``). What the
+    package only checks or warns about is left out with the check."""
+    cut_members = {entry.partition(".")[2] for entry in PACKAGE_ONLY.get(module_name, ()) if "." in entry}
+    skipped = {id(child) for member in _cut_members(module_name, node) for child in ast.walk(member)}
+    calls = []
+    for child in ast.walk(node):
+        call = child.value if isinstance(child, ast.Expr) and id(child) not in skipped else None
+        if not isinstance(call, ast.Call):
+            continue
+        function = call.func
+        if isinstance(function, ast.Name) and _package_only(module_name, function.id):
+            calls.append(child)
+        elif isinstance(function, ast.Attribute) and getattr(function.value, "id", None) == "self":
+            calls += [child] if function.attr in cut_members else []
+    return calls
+
+
+def _bases(module_name: str, node: ast.stmt) -> list[tuple[str, ast.expr]]:
+    """The bases of class ``node`` as the remote code has them, each with the module whose names it uses: a base that
+    `PACKAGE_ONLY` names (where it is defined) is replaced by its own bases."""
+    module, bases = _module(module_name), []
+    for base in getattr(node, "bases", ()):
+        source, name = module_name, getattr(base, "id", None)
+        if name in module.imports and module.imports[name][2]:
+            source, name = module.imports[name][:2]
+        if _package_only(module_name, getattr(base, "id", None)):
+            bases += _bases(source, _module(source).definitions[name])
+        else:
+            bases.append((module_name, base))
+    return bases
+
+
+def _cut_bases(module_name: str, node: ast.stmt) -> list[ast.expr]:
+    kept = {id(base) for _, base in _bases(module_name, node)}
+    return [base for base in getattr(node, "bases", ()) if id(base) not in kept]
+
+
 def _used_names(module_name: str, node: ast.stmt) -> set[str]:
-    """The names ``node``'s code uses, without those of its members that stay in the package."""
-    cut = {id(child) for member in _cut_members(module_name, node) for child in ast.walk(member)}
+    """The names ``node``'s code uses, without those of its members and bases that stay in the package."""
+    cut_nodes = [*_cut_members(module_name, node), *_cut_bases(module_name, node), *_cut_calls(module_name, node)]
+    cut = {id(child) for member in cut_nodes for child in ast.walk(member)}
     return {child.id for child in ast.walk(node) if isinstance(child, ast.Name) and id(child) not in cut}
+
+
+def _replacement_bases(module_name: str, node: ast.stmt) -> list[tuple[str, str]]:
+    """``(module, name)`` of the bases that stand in for ``node``'s package-only ones."""
+    own = {id(base) for base in getattr(node, "bases", ())}
+    return [(source, base.id) for source, base in _bases(module_name, node) if id(base) not in own]
 
 
 @dataclass
@@ -179,6 +254,7 @@ def _select(roots: list[type], sibling: _Selection | None = None) -> _Selection:
                 kept.add(name)
                 uses = _used_names(module_name, module.definitions[name])
                 pending += [(module_name, used) for used in uses - {name}]
+                pending += _replacement_bases(module_name, module.definitions[name])
         elif name in module.imports:
             source, imported, from_package = module.imports[name]
             if from_package:
@@ -216,14 +292,21 @@ def _start(module: _Module, node: ast.stmt) -> int:
 
 
 def _source(module: _Module, node: ast.stmt) -> str:
-    """``node``'s lines, without its members that stay in the package."""
+    """``node``'s lines, without its members, bases and calls that stay in the package."""
     lines = module.lines[_start(module, node) : node.end_lineno]
     offset = _start(module, node)
-    for member in sorted(_cut_members(module.name, node), key=lambda m: m.lineno, reverse=True):
-        start, end = _start(module, member) - offset, member.end_lineno - offset
-        while start and not lines[start - 1].strip():  # the blank line before it goes too
+    members = _cut_members(module.name, node)
+    for cut in sorted([*members, *_cut_calls(module.name, node)], key=lambda m: m.lineno, reverse=True):
+        start, end = _start(module, cut) - offset, cut.end_lineno - offset
+        while cut in members and start and not lines[start - 1].strip():  # the blank line before a member goes too
             start -= 1
         del lines[start:end]
+    cut_bases = _cut_bases(module.name, node)
+    if cut_bases:  # the class statement, without them
+        kept = [ast.unparse(base) for _, base in _bases(module.name, node)]
+        kept += [ast.unparse(keyword) for keyword in node.keywords]
+        header = slice(node.lineno - offset - 1, node.body[0].lineno - offset - 1)
+        lines[header] = [f"class {node.name}({', '.join(kept)}):" if kept else f"class {node.name}:"]
     return "\n".join(lines)
 
 
@@ -239,7 +322,7 @@ def _section(module_name: str, names: set[str]) -> str:
         between = module.lines[previous.end_lineno : _start(module, node)]
         adjacent = not any(line.strip() for line in between)
         body += ("\n" * (len(between) + 1) if adjacent else "\n\n\n") + _source(module, node)
-    return f"# ---- {module_name.replace('.', '/')}.py\n\n\n{body}"
+    return f"# ---- {module_name.replace('.', '/')}.py\n{body}"
 
 
 def _import_block(selection: _Selection) -> str:
@@ -286,9 +369,43 @@ def _assemble(selection: _Selection, family: str, stem: str) -> str:
         )
     header = HEADER.format(family=family)
     sections = "\n\n\n".join(_section(module, kept) for module, kept in names)
-    text = f"{header}\n\n{_import_block(selection)}\n\n{sections}\n"
+    text = _without_documentation(f"{header}\n\n{_import_block(selection)}\n\n\n{sections}\n")
     compile(text, f"{family}/{stem}.py (generated)", "exec")
     return text
+
+
+def _without_documentation(text: str) -> str:
+    """``text`` without the docstrings of its definitions and without its comments: the package's modules document
+    the code, the remote code is the code. The file's own docstring, the ``# ---- module`` lines and a docstring that
+    is a definition's whole body stay; the blank lines are left as ruff's formatter leaves them."""
+    lines = text.splitlines()
+    dropped: set[int] = set()  # 0-based line numbers
+    for node in ast.walk(ast.parse(text)):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and len(body) > 1 and _is_docstring(body[0], node):
+            dropped.update(range(body[0].lineno - 1, body[0].end_lineno))
+            following = body[0].end_lineno
+            while not lines[following].strip():  # a body starts with no blank line
+                dropped.add(following)
+                following += 1
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        row, column = token.start[0] - 1, token.start[1]
+        if token.type == tokenize.COMMENT and not token.string.startswith("# ---- "):
+            if lines[row][:column].strip():
+                lines[row] = lines[row][:column].rstrip()
+            else:
+                dropped.add(row)
+    out: list[str] = []
+    blank = 0
+    for line in (line for number, line in enumerate(lines) if number not in dropped):
+        if not line.strip():
+            blank += 1
+            continue
+        if out and not out[-1].endswith(":"):  # a block starts with no blank line
+            out += [""] * min(blank, 1 if line[0].isspace() else 2)
+        out.append(line)
+        blank = 0
+    return "\n".join(out) + "\n"
 
 
 def remote_code(model_classes: tuple[type, ...], family: str) -> dict[str, str]:

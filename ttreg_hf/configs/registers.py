@@ -83,14 +83,11 @@ _FOLLOWERS: dict[int, list[weakref.WeakMethod]] = {}
 
 
 @dataclass
-class TestTimeRegisterConfigMixin:
+class RegisterSettingsMixin:
     r"""
     register_neurons (`dict[str, list[int]]`, *optional*):
         The register-neuron index: 0-based block index -> MLP neuron indices. `None` or empty turns the edit off.
-        Also given (to the constructor, or written) as any index `load_index` reads: an index file, a shipped name,
-        a Hub repo id or a `RegisterNeuronIndex`, stored as its dict; its semantics and provenance come with it,
-        except, in a constructor, a `register_semantics` other than the default or a `register_index_provenance`
-        given beside it.
+        Also given, in the package, as any index `load_index` reads (`TestTimeRegisterConfigMixin`).
     num_test_time_registers (`int`, *optional*, defaults to 1):
         How many zero-initialised tokens to append after the patches. 0 turns the edit off. At most
         `MAX_TEST_TIME_REGISTERS` (64): the paper uses one, models trained with registers use 4 to 16, and every
@@ -109,7 +106,7 @@ class TestTimeRegisterConfigMixin:
         other weights; the edit does not depend on it.
     """
 
-    register_neurons: dict | str | os.PathLike | RegisterNeuronIndex | None = None  # stored as a dict (`__setattr__`)
+    register_neurons: dict | None = None
     num_test_time_registers: int = 1
     register_scale: float | int | list[float | int] = 1.0
     register_semantics: RegisterSemantics = "paper"
@@ -117,15 +114,8 @@ class TestTimeRegisterConfigMixin:
     register_index_provenance: dict | None = None
 
     def __post_init__(self, **kwargs):
-        index = self.__dict__.pop(_INDEX_GIVEN, None)  # an index file given to the constructor
-        if index is not None:
-            index.check_fits(self.num_hidden_layers, self.mlp_width)
-            if self.register_semantics == _DEFAULT_SEMANTICS:
-                self.register_semantics = index.semantics
-            if self.register_index_provenance is None:
-                self.register_index_provenance = index.provenance
         if self.register_neurons is not None:
-            self.register_neurons = {str(k): list(v) for k, v in normalize_neurons(self.register_neurons).items()}
+            self.register_neurons = _neuron_lists(self.register_neurons)
         parent_post_init = getattr(super(), "__post_init__", None)  # absent on plain (non-`transformers`) dataclasses
         if parent_post_init is not None:
             _check_dtype(self.dtype)
@@ -134,28 +124,14 @@ class TestTimeRegisterConfigMixin:
 
     def __setattr__(self, name: str, value) -> None:
         """A register setting written to the config of a model (one that a model follows, `follow_register_settings`)
-        is validated and applied at once, as `update_test_time_registers` does, or refused with nothing changed;
-        ``register_neurons`` takes what `set_register_neurons` takes (``None``: ``{}``, the edit off).
-
-        Elsewhere, ``register_neurons`` written as an index file, shipped name, Hub repo id or `RegisterNeuronIndex`
-        is read (`load_index`) and stored as its dict, with the index's semantics and provenance: at once when written
-        to a built config (after checking the index fits it), by `__post_init__` in the constructor."""
-        if name in REGISTER_SETTINGS and self._followers():
-            if name == "register_neurons":
-                self.update_test_time_registers({} if value is None else value)
-            else:
-                self._write_register_settings({name: value})
-            return
-        if name != "register_neurons" or value is None or isinstance(value, Mapping):
+        is validated and applied at once, or refused with nothing changed; ``register_neurons`` written as a dict
+        drops the provenance of the index it replaces (``None``: ``{}``, the edit off)."""
+        if name not in REGISTER_SETTINGS or not self._followers():
             return super().__setattr__(name, value)
-        index = load_index(value)
-        if _ENDS_INIT in self.__dict__:  # a built config
-            index.check_fits(self.num_hidden_layers, self.mlp_width)
-            super().__setattr__("register_semantics", index.semantics)
-            super().__setattr__("register_index_provenance", index.provenance)
-        else:
-            self.__dict__[_INDEX_GIVEN] = index
-        super().__setattr__(name, {str(layer): list(ids) for layer, ids in index.neurons.items()})
+        updates = {name: value}
+        if name == "register_neurons":
+            updates = {name: _neuron_lists(value or {}), "register_index_provenance": None}
+        self._write_register_settings(updates)
 
     def follow_register_settings(self, apply: Callable[[], None]) -> None:
         """Call ``apply()`` (a bound method, held weakly: a model's method that updates its edits) after every write
@@ -186,13 +162,13 @@ class TestTimeRegisterConfigMixin:
     def as_parent_config(self) -> PreTrainedConfig:
         """This config as its parent's class (e.g. a `Dinov2Config`): every field kept but the register settings and
         the family's own."""
-        parent = next(base for base in type(self).__mro__[1:] if not issubclass(base, TestTimeRegisterConfigMixin))
+        parent = next(base for base in type(self).__mro__[1:] if not issubclass(base, RegisterSettingsMixin))
         ours = {field.name for field in dataclasses.fields(self)} - {field.name for field in dataclasses.fields(parent)}
         fields = {key: value for key, value in _fields(self).items() if key not in ours}
         return parent(**fields, attn_implementation=self._attn_implementation)
 
     @property
-    def register_config(self) -> "TestTimeRegisterConfigMixin":
+    def register_config(self) -> "RegisterSettingsMixin":
         """The config that holds the register settings: this one (a composite config's is its ``vision_config``)."""
         return self
 
@@ -255,23 +231,6 @@ class TestTimeRegisterConfigMixin:
         check_neurons_fit(self.register_neuron_index, self.num_hidden_layers, self.mlp_width)
         check_provenance(self.register_index_provenance)
 
-    def update_test_time_registers(self, register_neurons=None, **settings) -> None:
-        """Write an index (a dict, a file, a shipped name, a Hub repo id or a `RegisterNeuronIndex`; `None` keeps the
-        current one) and the settings that are not `None`; an index file's semantics and provenance apply unless
-        ``register_semantics`` / ``register_index_provenance`` are given, and a plain dict has no provenance.
-        Everything is validated before anything is written."""
-        updates = {name: value for name, value in settings.items() if value is not None}
-        if register_neurons is not None:
-            index = load_index(register_neurons)
-            if isinstance(index, RegisterNeuronIndex):
-                index.check_fits(self.num_hidden_layers, self.mlp_width)
-                updates.setdefault("register_semantics", index.semantics)
-                updates.setdefault("register_index_provenance", index.provenance)
-                index = index.neurons
-            updates.setdefault("register_index_provenance", None)
-            updates["register_neurons"] = {str(layer): list(ids) for layer, ids in index.items()}
-        self._write_register_settings(updates)
-
     def _write_register_settings(self, updates: dict) -> None:
         """Validate ``updates`` with the other settings, write them (read-only on a model's config) and apply them to
         the models that follow this config; nothing is written when one is invalid."""
@@ -288,6 +247,62 @@ class TestTimeRegisterConfigMixin:
             super().__setattr__(name, read_only(value) if followers else value)
         for apply in followers:
             apply()
+
+
+@dataclass
+class TestTimeRegisterConfigMixin(RegisterSettingsMixin):
+    """The test-time-register fields of a config (`RegisterSettingsMixin`), and index files: ``register_neurons`` given
+    or written as any index `load_index` reads (an index file, a shipped name, a Hub repo id or a
+    `RegisterNeuronIndex`) is read and stored as its dict, with its semantics and provenance, except, in a
+    constructor, a `register_semantics` other than the default or a `register_index_provenance` given beside it. (The
+    remote code's configs are `RegisterSettingsMixin`s: a saved config holds the index as its dict.)"""
+
+    register_neurons: dict | str | os.PathLike | RegisterNeuronIndex | None = None  # stored as a dict (`__setattr__`)
+
+    def __post_init__(self, **kwargs):
+        index = self.__dict__.pop(_INDEX_GIVEN, None)  # an index file given to the constructor
+        if index is not None:
+            index.check_fits(self.num_hidden_layers, self.mlp_width)
+            if self.register_semantics == _DEFAULT_SEMANTICS:
+                self.register_semantics = index.semantics
+            if self.register_index_provenance is None:
+                self.register_index_provenance = index.provenance
+        super().__post_init__(**kwargs)
+
+    def __setattr__(self, name: str, value) -> None:
+        """``register_neurons`` written as an index file, shipped name, Hub repo id or `RegisterNeuronIndex` is read
+        (`load_index`) and written as `update_test_time_registers` writes it to the config of a model; elsewhere
+        stored as its dict, with the index's semantics and provenance: at once when written to a built config (after
+        checking the index fits it), by `__post_init__` in the constructor."""
+        if name != "register_neurons" or value is None or isinstance(value, Mapping):
+            return super().__setattr__(name, value)
+        index = load_index(value)
+        if self._followers():
+            return self.update_test_time_registers(index)
+        if _ENDS_INIT in self.__dict__:  # a built config
+            index.check_fits(self.num_hidden_layers, self.mlp_width)
+            super().__setattr__("register_semantics", index.semantics)
+            super().__setattr__("register_index_provenance", index.provenance)
+        else:
+            self.__dict__[_INDEX_GIVEN] = index
+        super().__setattr__(name, _neuron_lists(index.neurons))
+
+    def update_test_time_registers(self, register_neurons=None, **settings) -> None:
+        """Write an index (a dict, a file, a shipped name, a Hub repo id or a `RegisterNeuronIndex`; `None` keeps the
+        current one) and the settings that are not `None`; an index file's semantics and provenance apply unless
+        ``register_semantics`` / ``register_index_provenance`` are given, and a plain dict has no provenance.
+        Everything is validated before anything is written."""
+        updates = {name: value for name, value in settings.items() if value is not None}
+        if register_neurons is not None:
+            index = load_index(register_neurons)
+            if isinstance(index, RegisterNeuronIndex):
+                index.check_fits(self.num_hidden_layers, self.mlp_width)
+                updates.setdefault("register_semantics", index.semantics)
+                updates.setdefault("register_index_provenance", index.provenance)
+                index = index.neurons
+            updates.setdefault("register_index_provenance", None)
+            updates["register_neurons"] = _neuron_lists(index)
+        self._write_register_settings(updates)
 
     def attach_register_neurons(
         self, register_neurons=None, *, checkpoint: str, register_semantics: str | None = None
@@ -381,13 +396,13 @@ class TestTimeRegisterCompositeConfigMixin:
         _name_our_architectures(self)
 
     @classmethod
-    def as_register_config(cls, config: PreTrainedConfig) -> TestTimeRegisterConfigMixin:
+    def as_register_config(cls, config: PreTrainedConfig) -> RegisterSettingsMixin:
         """``config`` as the sub-config that holds the register settings: ours as it is, one of the parent's vision
         config class converted (every field kept, the register settings at their defaults)."""
         ours = cls.register_config_class()
         if isinstance(config, ours):
             return config
-        parent = next(base for base in ours.__mro__[1:] if not issubclass(base, TestTimeRegisterConfigMixin))
+        parent = next(base for base in ours.__mro__[1:] if not issubclass(base, RegisterSettingsMixin))
         if not isinstance(config, parent):
             raise TTRegTypeError(
                 f"{cls.register_config_key} must be a {parent.__name__} (or a {ours.__name__}), got a "
@@ -407,7 +422,7 @@ class TestTimeRegisterCompositeConfigMixin:
         return cls(**{**_fields(config), **sub_configs}, attn_implementation=config._attn_implementation)
 
     @property
-    def register_config(self) -> TestTimeRegisterConfigMixin:
+    def register_config(self) -> RegisterSettingsMixin:
         """The sub-config that holds the register settings."""
         return getattr(self, self.register_config_key)
 
@@ -435,7 +450,7 @@ class TestTimeRegisterHostConfigMixin:
 
     def __post_init__(self, **kwargs):
         ours = {}
-        for config_class in subclasses(TestTimeRegisterConfigMixin):
+        for config_class in subclasses(RegisterSettingsMixin):
             if getattr(config_class, "model_type", None):
                 ours.setdefault(config_class.model_type, config_class)
         for key in self.sub_configs:
@@ -461,7 +476,7 @@ class TestTimeRegisterHostConfigMixin:
         return keys[0]
 
     @property
-    def register_config(self) -> TestTimeRegisterConfigMixin:
+    def register_config(self) -> RegisterSettingsMixin:
         """The sub-config that holds the register settings."""
         return getattr(self, self.register_config_key)
 
@@ -477,6 +492,11 @@ def _name_our_architectures(config) -> None:
     """``config.architectures`` with our class for each parent class."""
     if config.architectures:
         config.architectures = [ARCHITECTURES.get(name, name) for name in config.architectures]
+
+
+def _neuron_lists(neurons: Mapping) -> dict[str, list[int]]:
+    """A register-neuron index as a config stores it (JSON's form): ``{"layer": [neuron, ...]}``, normalized."""
+    return {str(layer): list(ids) for layer, ids in normalize_neurons(neurons).items()}
 
 
 def _fields(config) -> dict:
@@ -495,11 +515,11 @@ def _relabelled_config_dict(cls, parent, *args, **kwargs):
     return config_dict, kwargs
 
 
-REGISTER_SETTINGS = tuple(field.name for field in dataclasses.fields(TestTimeRegisterConfigMixin))
+REGISTER_SETTINGS = tuple(field.name for field in dataclasses.fields(RegisterSettingsMixin))
 _ENDS_INIT = REGISTER_SETTINGS[-1]  # the constructor writes the register settings in order: this one last
 _INDEX_GIVEN = "_register_index_given"  # an index file given to the constructor, until `__post_init__` reads it
 _DEFAULT_SEMANTICS = next(
-    f.default for f in dataclasses.fields(TestTimeRegisterConfigMixin) if f.name == "register_semantics"
+    f.default for f in dataclasses.fields(RegisterSettingsMixin) if f.name == "register_semantics"
 )
 
 

@@ -35,6 +35,20 @@ def warn_if_far_from_found_size(found_at: tuple[int, int] | None, num_patches: i
         )
 
 
+def check_edit_arguments(
+    neurons: Sequence[int], layout: TokenLayout, scale: Sequence[float], semantics: str, patch_mode: str
+) -> None:
+    """Refuse what `RegisterNeuronEdit.configure` cannot do (a model configures its edits from its validated config)."""
+    if semantics not in SEMANTICS:
+        raise TTRegValueError(f"Unknown register semantics {semantics!r}; choose one of {SEMANTICS}.")
+    if patch_mode not in PATCH_MODES:
+        raise TTRegValueError(f"Unknown patch mode {patch_mode!r}; choose one of {PATCH_MODES}.")
+    if neurons and len(scale) != layout.num_registers:
+        raise TTRegValueError(f"Got {len(scale)} register scales for {layout.num_registers} test-time registers.")
+    if neurons and layout.num_registers == 0:
+        raise TTRegValueError("A register-neuron edit with neurons needs at least one test-time register.")
+
+
 class RegisterNeuronEdit(nn.Module):
     """Moves the register neurons' activations of one MLP onto the test-time registers.
 
@@ -83,14 +97,7 @@ class RegisterNeuronEdit(nn.Module):
     ) -> None:
         """Set what the edit does, in place (the module stays, and the hooks on it): no ``neurons`` turns it off, so
         that the activations pass unchanged. The buffers are made on ``device`` (default: the current one)."""
-        if semantics not in SEMANTICS:
-            raise TTRegValueError(f"Unknown register semantics {semantics!r}; choose one of {SEMANTICS}.")
-        if patch_mode not in PATCH_MODES:
-            raise TTRegValueError(f"Unknown patch mode {patch_mode!r}; choose one of {PATCH_MODES}.")
-        if neurons and len(scale) != layout.num_registers:
-            raise TTRegValueError(f"Got {len(scale)} register scales for {layout.num_registers} test-time registers.")
-        if neurons and layout.num_registers == 0:
-            raise TTRegValueError("A register-neuron edit with neurons needs at least one test-time register.")
+        check_edit_arguments(neurons, layout, scale, semantics, patch_mode)
         self.neuron_ids = tuple(int(n) for n in neurons)
         self.scale_values = tuple(float(s) for s in scale) if neurons else ()
         self.largest_scale = max((abs(s) for s in self.scale_values), default=0.0)
@@ -118,9 +125,8 @@ class RegisterNeuronEdit(nn.Module):
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not self.neuron_ids:
             return hidden_states
-        if (
-            self.largest_scale > torch.finfo(hidden_states.dtype).max
-        ):  # settings and dtype only: no sync, no graph break
+        # settings and dtype only: no sync, no graph break
+        if self.largest_scale > torch.finfo(hidden_states.dtype).max:
             raise TTRegValueError(
                 f"register_scale {self.largest_scale:g} overflows {hidden_states.dtype} (largest "
                 f"{torch.finfo(hidden_states.dtype).max:g}): every register would be inf. Use a smaller scale or run "

@@ -330,8 +330,15 @@ class TestTimeRegisterMixin:
                 config.register_patch_mode,
                 device=None if device.type == "meta" else device,  # an offloaded MLP's weights sit on meta
             )
-            first = listed and layer == min(neurons)  # the first edited layer's edit warns, once
-            mlp.register_edit.found_at = config.register_index_found_at if first else None
+        self.set_index_found_at()
+
+    def set_index_found_at(self) -> None:
+        """Give the first edited layer's edit the ``(image size, patch size)`` the index was found at, which it warns
+        about when the model runs far from it (`warn_if_far_from_found_size`, once), and the other edits none."""
+        neurons = self.config.register_neuron_index if self.token_layout.num_registers else {}
+        for layer, mlp in enumerate(self.register_edit_sites):
+            first = neurons and layer == min(neurons)
+            mlp.register_edit.found_at = self.config.register_index_found_at if first else None
 
     def set_register_neurons(
         self,
@@ -403,6 +410,20 @@ class RegisterEditOffWarning(UserWarning):
     """A model built with test-time registers asked for (``num_test_time_registers > 0``) but no index: edit off."""
 
 
+def warn_if_edit_off(model: "PreTrainedTestTimeRegisterMixin") -> None:
+    """Warn (`RegisterEditOffWarning`) when ``model`` was built with test-time registers but no index."""
+    config = model.config
+    if config.num_test_time_registers and config.register_neurons is None:
+        warnings.warn(
+            f"{type(model).__name__} was built with num_test_time_registers={config.num_test_time_registers} but "
+            "no register_neurons, so the edit is off and it computes what its parent class does. Attach an index "
+            "with `model.set_register_neurons(...)` (a dict, an index file or a shipped name), or set "
+            "num_test_time_registers=0 to build the parent on purpose.",
+            RegisterEditOffWarning,
+            stacklevel=4,
+        )
+
+
 class SavesRemoteCodeMixin:
     """What every `transformers` class of the package saves and initialises as: the remote code beside the weights
     (`save_pretrained`), and the parent's weight init."""
@@ -447,6 +468,9 @@ class TestTimeRegisterLoadingMixin(SavesRemoteCodeMixin):
     """What every `transformers` tower, classifier and dual encoder of the package does on top of its parent: parent
     configs accepted (and converted), and `from_pretrained` resolving the register-neuron index. The register
     settings live in ``config.register_config``: the config itself, or a composite config's ``vision_config``."""
+
+    def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
+        super().__init__(self.convert_config(config), *inputs, **kwargs)
 
     @classmethod
     def convert_config(cls, config: PreTrainedConfig) -> PreTrainedConfig:
@@ -510,18 +534,9 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterLoadingMixin, TestTimeRegi
     parent's init (their buffers refilled after a meta-device load)."""
 
     def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
-        config = self.convert_config(config)
         super().__init__(config, *inputs, **kwargs)
         self.adopt_register_modules()
-        if config.num_test_time_registers and config.register_neurons is None:
-            warnings.warn(
-                f"{type(self).__name__} was built with num_test_time_registers={config.num_test_time_registers} but "
-                "no register_neurons, so the edit is off and it computes what its parent class does. Attach an index "
-                "with `model.set_register_neurons(...)` (a dict, an index file or a shipped name), or set "
-                "num_test_time_registers=0 to build the parent on purpose.",
-                RegisterEditOffWarning,
-                stacklevel=3,
-            )
+        warn_if_edit_off(self)
 
     @classmethod
     def constructor_arguments(cls, parent_model: PreTrainedModel) -> dict:
@@ -596,7 +611,7 @@ class WithRegisterTowerMixin(TestTimeRegisterLoadingMixin):
     tower_class: ClassVar[type[PreTrainedTestTimeRegisterMixin]]
 
     def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
-        super().__init__(self.convert_config(config), *inputs, **kwargs)
+        super().__init__(config, *inputs, **kwargs)
         parent_tower = parent_class(self.tower_class)
         [(path, tower)] = [(path, module) for path, module in self.named_modules() if type(module) is parent_tower]
         arguments = self.tower_class.constructor_arguments(tower)

@@ -4,28 +4,15 @@ See "Vision Transformers Don't Need Trained Registers" (https://arxiv.org/abs/25
 
 import copy
 import dataclasses
-import importlib
-import json
 import math
 import numbers
-import os
 import weakref
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from os import PathLike
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass
 from typing import Literal, get_args
 
-import torch
-from huggingface_hub import constants as hub_constants
-from huggingface_hub import errors as hub_errors
-from huggingface_hub import hf_hub_download, parse_hf_uri
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
-from huggingface_hub.utils import validate_repo_id
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save, save_file
 from transformers import (
     DepthAnythingConfig,
     Dinov2Config,
@@ -38,9 +25,8 @@ from transformers import (
     ZoeDepthConfig,
 )
 
+
 # ---- ttreg_hf/errors.py
-
-
 class TTRegError(Exception):
     """ttreg_hf refused its input: a bad argument, setting, file or index. The message says what to change."""
 
@@ -54,50 +40,16 @@ class TTRegTypeError(TTRegError, TypeError):
 
 
 # ---- ttreg_hf/settings.py
-
-
 RegisterSemantics = Literal["paper", "reference"]
 RegisterPatchMode = Literal["zero", "mean", "only_outliers", "same"]
 SEMANTICS: tuple[str, ...] = get_args(RegisterSemantics)
 PATCH_MODES: tuple[str, ...] = get_args(RegisterPatchMode)
 MAX_TEST_TIME_REGISTERS = 64
-FLOAT32_MAX = 3.4028234663852886e38  # `torch.finfo(torch.float32).max`, without importing torch
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 # ---- ttreg_hf/index.py
-
-
-SCHEMA_VERSION = 1
-METADATA_KEY = "ttreg_index"
-INDEX_FILENAME = "register_neurons.safetensors"  # the index file of a Hub repository (`ttreg push-index` writes it)
-MAX_INDEX_FILE_BYTES = 16 * 2**20  # an index is a few kB; a Hub file over this is something else (a model's weights)
-HUB_FORM = "owner/name[@revision][/path/to/index.safetensors]"
-# a checkout (torch.hub, editable install) has `precomputed/` beside the package; a wheel installs it inside
-PRECOMPUTED_DIR = next(
-    (
-        path
-        for path in (Path(__file__).resolve().parent / d for d in ("../precomputed", "precomputed"))
-        if path.is_dir()
-    ),
-    None,
-)
-FIND_NEURONS_HINT = (
-    "Pass `register_neurons={layer: [neuron, ...]}`, the path of an index file (a `.safetensors` written by "
-    "`ttreg find-neurons`) or a Hub repo id holding one (owner/name), find one with `ttreg find-neurons MODEL IMAGE_DIR --out index.safetensors`, or pass "
-    "`num_test_time_registers=0` to run the model without test-time registers."
-)
-REWRITE_HINT = "Write the index again with `ttreg find-neurons` or `RegisterNeuronIndex(...).save(path)`."
-MAX_KEY_DIGITS = 6  # no model has a million blocks; and `int` refuses strings over 4300 digits with a plain ValueError
-MAX_INDEX_CHARS = 1_000_000  # the JSON of an index is a few kB; a bigger header was not written as one
-MAX_DETAILS_DEPTH = 32  # `details` holds flat facts and score lists; deep nesting would only defeat recursion limits
-
-
-def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str]) -> None:
-    """`safetensors.torch.save_file`, with the permissions of any file the user writes (it creates files 0600)."""
-    save_file(tensors, str(path), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+MAX_KEY_DIGITS = 6
 
 
 class RegisterNeuronIndexError(TTRegValueError):
@@ -108,12 +60,7 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_size(value) -> bool:
-    return _is_int(value) and value >= 1
-
-
 def _describe(value) -> str:
-    """``value`` for an error message: its type and a repr short enough for one line."""
     text = repr(value)
     return (
         f"{text[:60]}... ({type(value).__name__}, {len(text)} characters)"
@@ -123,19 +70,14 @@ def _describe(value) -> str:
 
 
 def _layer_id(layer) -> int | None:
-    """A layer key as an int: ints >= 0 and strings of ASCII digits (JSON's keys); `None` for anything else."""
     if _is_int(layer):
         return int(layer) if layer >= 0 else None
     if isinstance(layer, str) and layer.isascii() and layer.isdigit() and len(layer) <= MAX_KEY_DIGITS:
-        return int(layer)  # `isascii`: `int` also reads other scripts' digits ("١"), and `isdigit` passes "²"
+        return int(layer)
     return None
 
 
 def normalize_neurons(neurons: Mapping) -> dict[int, tuple[int, ...]]:
-    """``{layer: [neuron, ...]}`` with int keys (JSON's str keys of digits too), sorted by layer, neuron order kept.
-
-    A layer given twice under keys that name the same block (``1`` and ``"1"``, ``"1"`` and ``"01"``) is an error,
-    not a merge: one list would silently replace the other."""
     if not isinstance(neurons, Mapping):
         raise RegisterNeuronIndexError(
             f"Register neurons must be a mapping {{layer: [neuron, ...]}}, e.g. {{17: [884, 133]}}; got {_describe(neurons)}."
@@ -162,43 +104,7 @@ def normalize_neurons(neurons: Mapping) -> dict[int, tuple[int, ...]]:
     return dict(sorted(normalized.items()))
 
 
-def _check_field(name: str, value, valid: bool, expected: str) -> None:
-    if not valid:
-        raise RegisterNeuronIndexError(f"Index field {name!r} must be {expected}, got {_describe(value)}.")
-
-
-def _depth(value) -> int:
-    """How deeply JSON-like containers nest in ``value`` (0 for a scalar), without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else None
-        if children is not None:
-            deepest = max(deepest, depth)
-            if deepest > MAX_DETAILS_DEPTH:
-                break
-            stack.extend((child, depth + 1) for child in children)
-    return deepest
-
-
-def _dict_without_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object as a dict; a key given twice is an error (`json` would keep the last one silently)."""
-    data = dict(pairs)
-    if len(data) != len(pairs):
-        repeated = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
-        raise RegisterNeuronIndexError(f"The JSON object keys {repeated} are given twice.")
-    return data
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
-        return False
-
-
 def check_neurons_fit(neurons: Mapping[int, Sequence[int]], num_layers: int, mlp_width: int, what: str = "") -> None:
-    """Raise a clear error when a layer or neuron is outside a model of this depth and MLP width."""
     for layer, ids in neurons.items():
         if not 0 <= layer < num_layers:
             raise RegisterNeuronIndexError(
@@ -213,426 +119,8 @@ def check_neurons_fit(neurons: Mapping[int, Sequence[int]], num_layers: int, mlp
             )
 
 
-@dataclass(frozen=True)
-class RegisterNeuronIndex:
-    """Which MLP neurons of which layers write the high-norm outliers of one checkpoint, and where that came from."""
-
-    neurons: dict[int, tuple[int, ...]]
-    num_layers: int
-    mlp_width: int
-    semantics: str = "paper"
-    checkpoints: dict[str, str] = field(default_factory=dict)
-    image_size: int | None = None
-    source: str = ""
-    details: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        """Check every field's type and range: the one validation of an index, whether built or loaded."""
-        _check_field(
-            "num_layers", self.num_layers, _is_size(self.num_layers), "an int >= 1, the model's number of blocks"
-        )
-        _check_field("mlp_width", self.mlp_width, _is_size(self.mlp_width), "an int >= 1, the neurons per MLP")
-        _check_field(
-            "semantics",
-            self.semantics,
-            isinstance(self.semantics, str) and self.semantics in SEMANTICS,
-            f"one of {SEMANTICS}",
-        )
-        _check_field(
-            "checkpoints",
-            self.checkpoints,
-            isinstance(self.checkpoints, dict)
-            and all(isinstance(v, str) for v in [*self.checkpoints, *self.checkpoints.values()]),
-            'a mapping of strings, e.g. {"hf": "facebook/dinov2-large"}',
-        )
-        _check_field(
-            "image_size", self.image_size, self.image_size is None or _is_size(self.image_size), "null or an int >= 1"
-        )
-        _check_field("source", self.source, isinstance(self.source, str), "a string")
-        _check_field(
-            "details",
-            self.details,
-            isinstance(self.details, dict) and _depth(self.details) <= MAX_DETAILS_DEPTH,
-            f"a mapping nested at most {MAX_DETAILS_DEPTH} levels deep",
-        )
-        object.__setattr__(self, "neurons", normalize_neurons(self.neurons))
-        check_neurons_fit(self.neurons, self.num_layers, self.mlp_width)
-
-    @property
-    def num_neurons(self) -> int:
-        return sum(len(ids) for ids in self.neurons.values())
-
-    @property
-    def provenance(self) -> dict:
-        """Where the index applies, as a model's config keeps it (``register_index_provenance``): the image size and
-        checkpoint ids it was found at, and the weights fingerprint `ttreg find-neurons` records (or `None`)."""
-        fingerprint = self.details.get("weights_fingerprint")
-        return {
-            "image_size": self.image_size,
-            "checkpoints": dict(self.checkpoints),
-            "weights_fingerprint": fingerprint if isinstance(fingerprint, str) else None,
-        }
-
-    def made_for(self, checkpoint: str) -> bool:
-        """Whether ``checkpoint`` (a Hub id, a model name, or a local folder) is one the index records; an index that
-        records none applies anywhere. A local folder matches an id that ends with its name (``.../dinov2-large``
-        for ``facebook/dinov2-large``)."""
-        ids = set(self.checkpoints.values())
-        if not ids or checkpoint in ids:
-            return True
-        return _is_dir(Path(checkpoint)) and Path(checkpoint).name in {PurePosixPath(i).name for i in ids}
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data["neurons"] = {str(layer): list(ids) for layer, ids in self.neurons.items()}
-        return {"schema_version": SCHEMA_VERSION, **data}
-
-    def _metadata(self) -> dict[str, str]:
-        return {"format": "pt", METADATA_KEY: json.dumps(self.to_json())}
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_safetensors({}, path, self._metadata())
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path, *, name: str | None = None) -> "RegisterNeuronIndex":
-        """Read an index file; anything but a valid index is a `RegisterNeuronIndexError` naming the problem (and the
-        file as ``name``, when given, e.g. its place on the Hub rather than in the cache)."""
-        path = Path(path)
-        name = name or str(path)
-        if not _is_file(path):
-            raise RegisterNeuronIndexError(f"No register-neuron index at {name}. {FIND_NEURONS_HINT}")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as error:
-            raise RegisterNeuronIndexError(
-                f"{name} is not a readable safetensors file ({error}). {FIND_NEURONS_HINT}"
-            ) from error
-        if METADATA_KEY not in metadata:
-            raise RegisterNeuronIndexError(f"{name} holds no register-neuron index (no {METADATA_KEY!r} metadata).")
-        try:
-            return cls._from_json(metadata[METADATA_KEY])
-        except RegisterNeuronIndexError as error:
-            raise RegisterNeuronIndexError(
-                f"The register-neuron index in {name} is corrupt. {error} {REWRITE_HINT}"
-            ) from error
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_index_name_or_path: str | PathLike,
-        *,
-        filename: str = INDEX_FILENAME,
-        revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        force_download: bool = False,
-        local_files_only: bool = False,
-        token: bool | str | None = None,
-    ) -> "RegisterNeuronIndex":
-        """The index ``filename`` (default `INDEX_FILENAME`; a path inside the repository) of a Hub repository
-        ``owner/name`` at ``revision`` (a branch, tag or commit; default ``main``), or of a local folder, as
-        ``transformers``' ``from_pretrained`` reads a model. Downloads go through `huggingface_hub.hf_hub_download`
-        (its cache, ``HF_HUB_OFFLINE``, tokens, ``HF_ENDPOINT``); a file over `MAX_INDEX_FILE_BYTES` is refused
-        before it is downloaded. Every failure is one `RegisterNeuronIndexError` that says what to do."""
-        source = pretrained_index_name_or_path
-        _check_repo_filename(filename, str(source))
-        if isinstance(source, PathLike) or _is_dir(Path(source)):
-            return _load_from_folder(Path(source), filename)
-        if not isinstance(source, str):
-            raise TTRegTypeError(f"from_pretrained takes a Hub repo id or a folder, got {_describe(source)}.")
-        try:
-            validate_repo_id(source)
-        except hub_errors.HFValidationError as error:
-            raise RegisterNeuronIndexError(
-                f"{source!r} is neither a folder nor a Hub repo id 'owner/name' ({_first_line(error)})."
-            ) from None
-        if "/" not in source:
-            raise RegisterNeuronIndexError(f"{source!r} is neither a folder nor a Hub repo id 'owner/name'.")
-        if revision is not None and (not isinstance(revision, str) or not revision.strip()):
-            raise RegisterNeuronIndexError(f"revision must be a branch, tag or commit, got {_describe(revision)}.")
-        hub_kwargs = dict(
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            local_files_only=local_files_only,
-            token=token,
-        )
-        path = _download_index(source, filename, **hub_kwargs)
-        return cls.load(path, name=_hub_name(source, filename, revision))
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-    ):
-        """Upload the index alone, as `INDEX_FILENAME`, with a model card generated from its provenance, to the Hub
-        model repository ``repo_id`` (created if missing, as ``huggingface_hub``'s ``push_to_hub`` does), in one
-        commit on ``revision`` (a branch, created from ``main`` if missing; default ``main``). The weights it is for
-        stay where they are: load it with ``register_neurons="owner/name"``. Returns the `CommitInfo`."""
-        from huggingface_hub import CommitOperationAdd, HfApi
-
-        # by name: `transformers` reads every `from .x import` of an exported model's remote code (this module is part
-        # of it) as a file that must sit beside it, and the card is the package's business, not the remote code's
-        render_index_card = importlib.import_module(f"{__name__.rpartition('.')[0]}.model_card").render_index_card
-        api = HfApi(token=token, library_name="ttreg_hf")
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if revision is not None and not create_pr:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        files = {INDEX_FILENAME: save({}, metadata=self._metadata()), "README.md": render_index_card(self, repo_id)}
-        return api.create_commit(
-            repo_id,
-            [
-                CommitOperationAdd(path, content if isinstance(content, bytes) else content.encode())
-                for path, content in files.items()
-            ],
-            commit_message=commit_message
-            or f"Upload a register-neuron index ({self.num_neurons} neurons) with ttreg_hf",
-            revision=revision,
-            create_pr=create_pr,
-        )
-
-    @classmethod
-    def _from_json(cls, text: str) -> "RegisterNeuronIndex":
-        if len(text) > MAX_INDEX_CHARS:
-            raise RegisterNeuronIndexError(
-                f"Its JSON has {len(text)} characters, over the {MAX_INDEX_CHARS} an index may have."
-            )
-        try:
-            data = json.loads(text, object_pairs_hook=_dict_without_repeated_keys)
-        except RegisterNeuronIndexError:
-            raise
-        except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError; so are over-long int literals
-            raise RegisterNeuronIndexError(f"It is not valid JSON ({str(error)[:200]}).") from error
-        if not isinstance(data, dict):
-            raise RegisterNeuronIndexError(f"It must be a JSON object of index fields, got {_describe(data)}.")
-        version = data.pop("schema_version", None)
-        if not _is_int(version) or version != SCHEMA_VERSION:
-            raise RegisterNeuronIndexError(
-                f"Index field 'schema_version' is {_describe(version)}; this ttreg_hf reads schema version {SCHEMA_VERSION} "
-                "(an int): a newer version needs a newer ttreg_hf."
-            )
-        names = {f.name for f in fields(cls)}
-        missing = sorted({"neurons", "num_layers", "mlp_width"} - set(data))
-        unknown = sorted(set(data) - names)
-        if missing or unknown:
-            raise RegisterNeuronIndexError(
-                f"Index fields {missing or unknown} are {'missing' if missing else 'unknown'}; an index has the fields "
-                f"{sorted(names)}."
-            )
-        return cls(**data)
-
-    def check_fits(self, num_layers: int, mlp_width: int) -> None:
-        """Raise unless this index was made for a model of this depth and MLP width."""
-        if (self.num_layers, self.mlp_width) != (num_layers, mlp_width):
-            made_for = self.checkpoints.get("hf") or self.checkpoints.get("hub") or "another checkpoint"
-            raise RegisterNeuronIndexError(
-                f"This register-neuron index was made for {made_for} ({self.num_layers} layers, MLP width "
-                f"{self.mlp_width}), not for a model with {num_layers} layers and MLP width {mlp_width}."
-            )
-
-
-def shipped_indices() -> dict[str, Path]:
-    """The indices in ``precomputed/``, by file stem (e.g. ``"dinov2_vitl14"``)."""
-    if PRECOMPUTED_DIR is None:
-        return {}
-    return {path.stem: path for path in sorted(PRECOMPUTED_DIR.glob("*.safetensors"))}
-
-
-def load_index(spec: "str | Path | Mapping | RegisterNeuronIndex") -> RegisterNeuronIndex | dict[int, tuple[int, ...]]:
-    """An index from a mapping, a local file or folder, a shipped name or a Hub location, resolved by the rule in
-    this module's docstring; a plain ``{layer: [neuron, ...]}`` dict comes back normalized."""
-    if isinstance(spec, RegisterNeuronIndex):
-        return spec
-    if isinstance(spec, Mapping):
-        return normalize_neurons(spec)
-    if not isinstance(spec, (str, PathLike)):
-        raise TTRegTypeError(
-            f"register_neurons must be a dict {{layer: [neuron, ...]}}, an index file, a shipped index name, a Hub "
-            f"repo id or a RegisterNeuronIndex, got {_describe(spec)}."
-        )
-    text = os.fspath(spec) if isinstance(spec, PathLike) else spec
-    if not isinstance(text, str):  # a PathLike of bytes
-        raise TTRegTypeError(f"register_neurons must be a str path, got {_describe(spec)}.")
-    hub_only = text.startswith(hub_constants.HF_PROTOCOL)
-    if not hub_only and _is_file(Path(text)):
-        return RegisterNeuronIndex.load(text)
-    if not hub_only and _is_dir(Path(text)):
-        return _load_from_folder(Path(text), INDEX_FILENAME)
-    if isinstance(spec, PathLike):
-        raise RegisterNeuronIndexError(
-            f"No register-neuron index at {text}: no such file or folder. {FIND_NEURONS_HINT}"
-        )
-    shipped = shipped_indices()
-    if text in shipped:
-        return RegisterNeuronIndex.load(shipped[text])
-    repo_id, revision, filename = _hub_location(text, shipped)
-    path = _download_index(repo_id, filename, revision=revision)
-    return RegisterNeuronIndex.load(path, name=_hub_name(repo_id, filename, revision))
-
-
-def _hub_location(spec: str, shipped: Mapping[str, Path]) -> tuple[str, str | None, str]:
-    """``(repo id, revision or None, file in the repo)`` of a Hub location string, or the error naming every form."""
-    neither = (
-        f"{spec!r} is not a register-neuron index: not an existing file or folder, not a shipped index "
-        f"({', '.join(shipped) or 'none'}), and not a Hub repo id {HUB_FORM}"
-    )
-    if spec.startswith(("/", "./", "../", "~")) or "\\" in spec or "\0" in spec:  # a path, never a repo id
-        raise RegisterNeuronIndexError(
-            f"No register-neuron index at {spec}: no such file or folder. {FIND_NEURONS_HINT}"
-        )
-    if "/" not in spec:
-        raise RegisterNeuronIndexError(f"{neither}. {FIND_NEURONS_HINT}")
-    looks_like_a_file = spec.count("/") == 1 and spec.endswith(".safetensors") and "@" not in spec
-    if looks_like_a_file:  # "folder/index.safetensors" is a missing file, not a repository named "index.safetensors"
-        raise RegisterNeuronIndexError(
-            f"{neither}: there is no file {spec}; a Hub file is named owner/name/path/to/index.safetensors."
-        )
-    uri = spec if spec.startswith(hub_constants.HF_PROTOCOL) or "://" in spec else hub_constants.HF_PROTOCOL + spec
-    try:
-        location = parse_hf_uri(uri, endpoint=hub_constants.ENDPOINT)
-    except ValueError as error:  # HfUriError
-        raise RegisterNeuronIndexError(f"{neither}: {_first_line(getattr(error, 'msg', error))}") from None
-    if location.type != "model":
-        raise RegisterNeuronIndexError(f"{spec!r} names a {location.type}; an index lives in a model repository.")
-    path = location.path_in_repo
-    if "@" in path:
-        raise RegisterNeuronIndexError(
-            f"{spec!r}: the revision goes right after the repo id, {HUB_FORM} (e.g. owner/name@v1/index.safetensors)."
-        )
-    filename = path if path.endswith(".safetensors") else f"{path}/{INDEX_FILENAME}" if path else INDEX_FILENAME
-    _check_repo_filename(filename, spec)
-    return location.id, location.revision, filename
-
-
-def _check_repo_filename(filename: str, spec: str) -> None:
-    """Refuse a file name in a repository that is empty, absolute, or steps out of it (``..``)."""
-    if not isinstance(filename, str):
-        raise TTRegTypeError(f"filename must be a str, a path inside the repository; got {_describe(filename)}.")
-    if filename.startswith("/") or any(p in ("", ".", "..") for p in filename.split("/")) or "\\" in filename:
-        raise RegisterNeuronIndexError(
-            f"{spec!r}: {filename!r} is not a file name inside a repository (no empty, '.' or '..' parts)."
-        )
-
-
-def _hub_name(repo_id: str, filename: str, revision: str | None) -> str:
-    return f"{repo_id}/{filename}" + (f" (revision {revision})" if revision else "") + " on the Hub"
-
-
-def _load_from_folder(folder: Path, filename: str) -> RegisterNeuronIndex:
-    path = folder / filename
-    if not _is_file(path):
-        what = "no such folder" if not _is_dir(folder) else f"it holds no {filename}"
-        raise RegisterNeuronIndexError(
-            f"No register-neuron index in {folder}: {what} (an index folder or repository holds {INDEX_FILENAME}). "
-            f"{FIND_NEURONS_HINT}"
-        )
-    return RegisterNeuronIndex.load(path)
-
-
-def _download_index(repo_id: str, filename: str, **hub_kwargs) -> Path:
-    """The cached path of ``filename`` in Hub repository ``repo_id``, downloaded if needed; every failure is one
-    `RegisterNeuronIndexError` that names the file and the fix (no traceback of `huggingface_hub`'s)."""
-    revision = hub_kwargs.get("revision")
-    where = f"{filename} of Hub repository {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
-    try:
-        preview = hf_hub_download(repo_id, filename, dry_run=True, library_name="ttreg_hf", **hub_kwargs)
-        if preview.will_download and (preview.file_size or 0) > MAX_INDEX_FILE_BYTES:
-            raise RegisterNeuronIndexError(
-                f"The {where} has {preview.file_size} bytes: an index file has a few kB (at most "
-                f"{MAX_INDEX_FILE_BYTES}), so this is not one (a model's weights?). Name the index file of the repo."
-            )
-        return Path(hf_hub_download(repo_id, filename, library_name="ttreg_hf", **hub_kwargs))
-    except hub_errors.LocalEntryNotFoundError:
-        if hub_constants.is_offline_mode() or hub_kwargs.get("local_files_only"):
-            fix = "HF_HUB_OFFLINE is set" if hub_constants.is_offline_mode() else "local_files_only=True"
-            raise RegisterNeuronIndexError(
-                f"The {where} is not in the Hugging Face cache and {fix}: download it once online (`hf download "
-                f"{repo_id} {filename}{f' --revision {revision}' if revision else ''}`), or pass a local index file."
-            ) from None
-        raise RegisterNeuronIndexError(
-            f"Could not reach {hub_constants.ENDPOINT} for the {where}, and it is not in the Hugging Face cache: "
-            "check the connection (or HF_ENDPOINT), or pass a local index file."
-        ) from None
-    except hub_errors.GatedRepoError:
-        raise RegisterNeuronIndexError(
-            f"Hub repository {repo_id!r} is gated: accept its conditions on its page, then log in (`hf auth login` "
-            "or HF_TOKEN)."
-        ) from None
-    except hub_errors.RepositoryNotFoundError:
-        raise RegisterNeuronIndexError(
-            f"No Hub repository {repo_id!r} at {hub_constants.ENDPOINT} (if it is private, log in with `hf auth "
-            "login` or set HF_TOKEN)."
-        ) from None
-    except hub_errors.RevisionNotFoundError:
-        raise RegisterNeuronIndexError(
-            f"Hub repository {repo_id!r} has no revision {revision!r} (a branch, tag or commit)."
-        ) from None
-    except hub_errors.RemoteEntryNotFoundError:
-        raise RegisterNeuronIndexError(
-            f"Hub repository {repo_id!r}{f' at revision {revision!r}' if revision else ''} has no {filename}: an "
-            f"index repository holds {INDEX_FILENAME} (`ttreg push-index` writes it); name another file as "
-            f"{repo_id}/path/to/index.safetensors."
-        ) from None
-    except (OSError, ValueError) as error:  # other HTTP errors (HfHubHTTPError is an OSError), invalid arguments
-        if isinstance(error, RegisterNeuronIndexError):
-            raise
-        raise RegisterNeuronIndexError(f"Could not download the {where}: {_first_line(error)}") from None
-
-
-def _first_line(error: BaseException | str) -> str:
-    text = str(error).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return " ".join(lines[:2])[:300] if lines else type(error).__name__
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return path.is_dir()
-    except (OSError, ValueError):
-        return False
-
-
-PROVENANCE_FIELDS = ("image_size", "checkpoints", "weights_fingerprint")
-
-
-def check_provenance(provenance) -> None:
-    """Raise unless ``provenance`` is `None` or what `RegisterNeuronIndex.provenance` gives (a config may be hostile)."""
-    if provenance is None:
-        return
-    name = "register_index_provenance"
-    valid = isinstance(provenance, Mapping) and set(provenance) <= set(PROVENANCE_FIELDS)
-    if valid:
-        image_size, checkpoints = provenance.get("image_size"), provenance.get("checkpoints", {})
-        fingerprint = provenance.get("weights_fingerprint")
-        valid = (
-            (image_size is None or _is_size(image_size))
-            and isinstance(checkpoints, Mapping)
-            and all(isinstance(v, str) for v in [*checkpoints, *checkpoints.values()])
-            and (fingerprint is None or isinstance(fingerprint, str))
-        )
-    if not valid:
-        raise RegisterNeuronIndexError(
-            f"{name} must be null or a mapping of {list(PROVENANCE_FIELDS)} (an int image size or null, a mapping of "
-            f"strings, a string or null), as an index file gives it; got {_describe(provenance)}."
-        )
-
-
 # ---- ttreg_hf/configs/registers.py
-
-
 class _ReadOnly:
-    """A register setting's container as the config of a model stores it: editing it in place would change the
-    config without the model (the write goes unseen), so it is refused. A deep copy is a plain container (what
-    `to_dict` and a copied config hold, which no model follows); a shallow copy or a pickle stays read-only."""
-
     def _refuse(self, *args, **kwargs):
         raise TypeError(
             "A register setting cannot be edited in place: assign a new value (`config.register_neurons = {...}`) or "
@@ -663,7 +151,6 @@ class ReadOnlyDict(_ReadOnly, dict):
 
 
 def read_only(value):
-    """``value`` with every dict and list in it read-only (`ReadOnlyDict`, `ReadOnlyList`)."""
     if isinstance(value, dict):
         return ReadOnlyDict({key: read_only(item) for key, item in value.items()})
     if isinstance(value, list):
@@ -671,39 +158,12 @@ def read_only(value):
     return value
 
 
-# id(config) -> weak references to the functions that apply its register settings (a config is unhashable, so no
-# `WeakKeyDictionary`; an entry goes when its config is collected)
 _FOLLOWERS: dict[int, list[weakref.WeakMethod]] = {}
 
 
 @dataclass
-class TestTimeRegisterConfigMixin:
-    r"""
-    register_neurons (`dict[str, list[int]]`, *optional*):
-        The register-neuron index: 0-based block index -> MLP neuron indices. `None` or empty turns the edit off.
-        Also given (to the constructor, or written) as any index `load_index` reads: an index file, a shipped name,
-        a Hub repo id or a `RegisterNeuronIndex`, stored as its dict; its semantics and provenance come with it,
-        except, in a constructor, a `register_semantics` other than the default or a `register_index_provenance`
-        given beside it.
-    num_test_time_registers (`int`, *optional*, defaults to 1):
-        How many zero-initialised tokens to append after the patches. 0 turns the edit off. At most
-        `MAX_TEST_TIME_REGISTERS` (64): the paper uses one, models trained with registers use 4 to 16, and every
-        register lengthens the sequence attention is quadratic in (a ViT-L/14 at 224 px has 256 patches).
-    register_scale (`float` or `list[float]`, *optional*, defaults to 1.0):
-        Factor applied to the register value, one for all registers or one per register. Finite in float32
-        (|scale| <= 3.4e38); a model run in float16 is refused at its first forward unless |scale| <= 65504.
-    register_semantics (`str`, *optional*, defaults to `"paper"`):
-        `"paper"` (Algorithm 2 of the paper) or `"reference"` (the authors' released code); see `RegisterNeuronEdit`.
-    register_patch_mode (`str`, *optional*, defaults to `"zero"`):
-        What reset tokens get: `"zero"`, `"mean"`, `"only_outliers"` or `"same"`.
-    register_index_provenance (`dict`, *optional*):
-        Where the index in `register_neurons` applies, copied from its file whenever one is attached (`None` for a
-        plain dict): `image_size` (pixels) and `checkpoints` (ids) it was found at, and its `weights_fingerprint`.
-        Only read to warn (`RegisterIndexMismatchWarning`) when the model runs far from that image size or holds
-        other weights; the edit does not depend on it.
-    """
-
-    register_neurons: dict | str | os.PathLike | RegisterNeuronIndex | None = None  # stored as a dict (`__setattr__`)
+class RegisterSettingsMixin:
+    register_neurons: dict | None = None
     num_test_time_registers: int = 1
     register_scale: float | int | list[float | int] = 1.0
     register_semantics: RegisterSemantics = "paper"
@@ -711,56 +171,28 @@ class TestTimeRegisterConfigMixin:
     register_index_provenance: dict | None = None
 
     def __post_init__(self, **kwargs):
-        index = self.__dict__.pop(_INDEX_GIVEN, None)  # an index file given to the constructor
-        if index is not None:
-            index.check_fits(self.num_hidden_layers, self.mlp_width)
-            if self.register_semantics == _DEFAULT_SEMANTICS:
-                self.register_semantics = index.semantics
-            if self.register_index_provenance is None:
-                self.register_index_provenance = index.provenance
         if self.register_neurons is not None:
-            self.register_neurons = {str(k): list(v) for k, v in normalize_neurons(self.register_neurons).items()}
-        parent_post_init = getattr(super(), "__post_init__", None)  # absent on plain (non-`transformers`) dataclasses
+            self.register_neurons = _neuron_lists(self.register_neurons)
+        parent_post_init = getattr(super(), "__post_init__", None)
         if parent_post_init is not None:
-            _check_dtype(self.dtype)
             parent_post_init(**kwargs)
-            _name_our_architectures(self)
 
     def __setattr__(self, name: str, value) -> None:
-        """A register setting written to the config of a model (one that a model follows, `follow_register_settings`)
-        is validated and applied at once, as `update_test_time_registers` does, or refused with nothing changed;
-        ``register_neurons`` takes what `set_register_neurons` takes (``None``: ``{}``, the edit off).
-
-        Elsewhere, ``register_neurons`` written as an index file, shipped name, Hub repo id or `RegisterNeuronIndex`
-        is read (`load_index`) and stored as its dict, with the index's semantics and provenance: at once when written
-        to a built config (after checking the index fits it), by `__post_init__` in the constructor."""
-        if name in REGISTER_SETTINGS and self._followers():
-            if name == "register_neurons":
-                self.update_test_time_registers({} if value is None else value)
-            else:
-                self._write_register_settings({name: value})
-            return
-        if name != "register_neurons" or value is None or isinstance(value, Mapping):
+        if name not in REGISTER_SETTINGS or not self._followers():
             return super().__setattr__(name, value)
-        index = load_index(value)
-        if _ENDS_INIT in self.__dict__:  # a built config
-            index.check_fits(self.num_hidden_layers, self.mlp_width)
-            super().__setattr__("register_semantics", index.semantics)
-            super().__setattr__("register_index_provenance", index.provenance)
-        else:
-            self.__dict__[_INDEX_GIVEN] = index
-        super().__setattr__(name, {str(layer): list(ids) for layer, ids in index.neurons.items()})
+        updates = {name: value}
+        if name == "register_neurons":
+            updates = {name: _neuron_lists(value or {}), "register_index_provenance": None}
+        self._write_register_settings(updates)
 
     def follow_register_settings(self, apply: Callable[[], None]) -> None:
-        """Call ``apply()`` (a bound method, held weakly: a model's method that updates its edits) after every write
-        of a register setting to this config, once the write is validated."""
         followers = _FOLLOWERS.get(id(self))
         if followers is None:
             followers = _FOLLOWERS[id(self)] = []
             weakref.finalize(self, _FOLLOWERS.pop, id(self), None)
         reference = weakref.WeakMethod(apply)
         followers[:] = [r for r in followers if r() is not None and r != reference] + [reference]
-        for name in REGISTER_SETTINGS:  # from now on, an edit in place would go unseen
+        for name in REGISTER_SETTINGS:
             super().__setattr__(name, read_only(getattr(self, name)))
 
     def _followers(self) -> list[Callable[[], None]]:
@@ -769,45 +201,21 @@ class TestTimeRegisterConfigMixin:
 
     @classmethod
     def from_parent_config(cls, config, **settings):
-        """``config`` (the parent's config class, e.g. a `Dinov2Config`) as this class: every field and the attention
-        implementation kept, the register ``settings`` added."""
         return cls(**{**_fields(config), **settings}, attn_implementation=config._attn_implementation)
 
     def as_parent_config(self) -> PreTrainedConfig:
-        """This config as its parent's class (e.g. a `Dinov2Config`): every field kept but the register settings and
-        the family's own."""
-        parent = next(base for base in type(self).__mro__[1:] if not issubclass(base, TestTimeRegisterConfigMixin))
+        parent = next(base for base in type(self).__mro__[1:] if not issubclass(base, RegisterSettingsMixin))
         ours = {field.name for field in dataclasses.fields(self)} - {field.name for field in dataclasses.fields(parent)}
         fields = {key: value for key, value in _fields(self).items() if key not in ours}
         return parent(**fields, attn_implementation=self._attn_implementation)
 
     @property
-    def register_config(self) -> "TestTimeRegisterConfigMixin":
-        """The config that holds the register settings: this one (a composite config's is its ``vision_config``)."""
-        return self
-
-    @classmethod
-    def register_config_class(cls) -> type:
-        return cls
-
-    @property
     def mlp_width(self) -> int:
-        """Number of neurons in each MLP hidden layer (after the gating for gated MLPs), the range of a register-neuron
-        index: the parent config's ``intermediate_size``; a config that names its width otherwise overrides this."""
         return self.intermediate_size
 
     @property
     def register_neuron_index(self) -> dict[int, tuple[int, ...]]:
         return normalize_neurons(self.register_neurons or {})
-
-    @property
-    def register_index_found_at(self) -> tuple[int, int] | None:
-        """``(image size, patch size)`` in pixels that the attached index was found at, when both are known (the
-        index records its image size; the config has an int ``patch_size``)."""
-        image_size = (self.register_index_provenance or {}).get("image_size")
-        patch_size = getattr(self, "patch_size", None)
-        both_known = image_size is not None and isinstance(patch_size, int) and patch_size > 0
-        return (image_size, patch_size) if both_known else None
 
     @property
     def register_scales(self) -> tuple[float, ...]:
@@ -816,7 +224,6 @@ class TestTimeRegisterConfigMixin:
         return (float(self.register_scale),) * self.num_test_time_registers
 
     def validate_test_time_registers(self):
-        """Every register setting, against each other and the model's depth and MLP width."""
         count = self.num_test_time_registers
         if not 0 <= count <= MAX_TEST_TIME_REGISTERS:
             raise TTRegValueError(
@@ -829,7 +236,6 @@ class TestTimeRegisterConfigMixin:
                 f"register_scale must be finite in float32 (|scale| <= {FLOAT32_MAX:.4g}), got {self.register_scale}; "
                 "the paper uses 1.0."
             )
-        # with 0 registers (edit off) the scales are unused and stay for later, like the index
         num_registers = self.num_test_time_registers
         if isinstance(self.register_scale, list) and num_registers and len(self.register_scale) != num_registers:
             raise TTRegValueError(
@@ -843,18 +249,15 @@ class TestTimeRegisterConfigMixin:
                 f"register_patch_mode must be one of {PATCH_MODES}, got {self.register_patch_mode!r}."
             )
         check_neurons_fit(self.register_neuron_index, self.num_hidden_layers, self.mlp_width)
-        check_provenance(self.register_index_provenance)
 
     def _write_register_settings(self, updates: dict) -> None:
-        """Validate ``updates`` with the other settings, write them (read-only on a model's config) and apply them to
-        the models that follow this config; nothing is written when one is invalid."""
         try:
             candidate = dataclasses.replace(self, **updates)
-        except StrictDataclassError as error:  # our refusal, wrapped by the constructor's class validation
+        except StrictDataclassError as error:
             if isinstance(error.__cause__, TTRegError):
                 raise error.__cause__ from None
             raise
-        candidate.validate_test_time_registers()  # a config class without `@strict` runs no validator at init
+        candidate.validate_test_time_registers()
         followers = self._followers()
         for name in updates:
             value = getattr(candidate, name)
@@ -863,21 +266,7 @@ class TestTimeRegisterConfigMixin:
             apply()
 
 
-def _check_dtype(dtype) -> None:
-    """Refuse a config ``dtype`` that no model can be built in: a `transformers` config keeps any value, and a model
-    built from it (``pretrained=False``) fails deep inside torch, or silently in float32."""
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if dtype is not None and not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
-        auto = dtype == "auto"
-        raise TTRegValueError(
-            f"dtype={dtype!r}: a model is built in a floating-point torch dtype, given as one or by name "
-            "(torch.bfloat16, 'float16')"
-            + ("; 'auto' means the dtype of a checkpoint's weights, and there are none here." if auto else ".")
-        )
-
-
 def subclasses(cls: type) -> list[type]:
-    """Every subclass of ``cls``, breadth first: the package's (or the remote code's) before their subclasses."""
     found, pending = [], [cls]
     while pending:
         pending = [sub for base in pending for sub in base.__subclasses__() if sub not in found]
@@ -886,16 +275,9 @@ def subclasses(cls: type) -> list[type]:
 
 
 class TestTimeRegisterHostConfigMixin:
-    """For the config of a model built around one vision tower or backbone of any of our families (a VLM's
-    ``vision_config``, a depth or segmentation model's ``backbone_config``): that sub-config is ours and holds the
-    register settings (``register_config``). Mixed in before the host's config class, which it gives no fields: a
-    loaded host's config becomes one in place (`ttreg_hf.modeling.registers.adopt`). A sub-config given as a dict is
-    built as the config class of ours its ``model_type`` names, so this resolves where the Auto classes do not know
-    ours (the remote code)."""
-
     def __post_init__(self, **kwargs):
         ours = {}
-        for config_class in subclasses(TestTimeRegisterConfigMixin):
+        for config_class in subclasses(RegisterSettingsMixin):
             if getattr(config_class, "model_type", None):
                 ours.setdefault(config_class.model_type, config_class)
         for key in self.sub_configs:
@@ -903,12 +285,9 @@ class TestTimeRegisterHostConfigMixin:
             if isinstance(value, dict) and value.get("model_type") in ours:
                 setattr(self, key, ours[value["model_type"]](**value))
         super().__post_init__(**kwargs)
-        _name_our_architectures(self)
 
     @property
     def register_config_key(self) -> str:
-        """The key of the one sub-config that is ours."""
-        # a tower's config holds its own settings (in the remote code, it may be of the modeling file's copy of ours)
         keys = [
             key for key in self.sub_configs if getattr(getattr(self, key, None), "register_config", None) is not None
         ]
@@ -921,134 +300,68 @@ class TestTimeRegisterHostConfigMixin:
         return keys[0]
 
     @property
-    def register_config(self) -> TestTimeRegisterConfigMixin:
-        """The sub-config that holds the register settings."""
+    def register_config(self) -> RegisterSettingsMixin:
         return getattr(self, self.register_config_key)
 
 
-# parent class name -> ours ("DeiTForImageClassificationWithTeacher" -> "DeiTTTRegForImageClassificationWithTeacher"),
-# filled by `ttreg_hf.family.register_auto_classes`: a parent model upgraded in place (`to_test_time_registers`) saves our
-# config with its own class name in ``architectures``, by which an Auto class with several classes for one config
-# (DeiT's two classifiers) picks one
-ARCHITECTURES: dict[str, str] = {}
-
-
-def _name_our_architectures(config) -> None:
-    """``config.architectures`` with our class for each parent class."""
-    if config.architectures:
-        config.architectures = [ARCHITECTURES.get(name, name) for name in config.architectures]
+def _neuron_lists(neurons: Mapping) -> dict[str, list[int]]:
+    return {str(layer): list(ids) for layer, ids in normalize_neurons(neurons).items()}
 
 
 def _fields(config) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
 
 
-REGISTER_SETTINGS = tuple(field.name for field in dataclasses.fields(TestTimeRegisterConfigMixin))
-_ENDS_INIT = REGISTER_SETTINGS[-1]  # the constructor writes the register settings in order: this one last
-_INDEX_GIVEN = "_register_index_given"  # an index file given to the constructor, until `__post_init__` reads it
-_DEFAULT_SEMANTICS = next(
-    f.default for f in dataclasses.fields(TestTimeRegisterConfigMixin) if f.name == "register_semantics"
-)
+REGISTER_SETTINGS = tuple(field.name for field in dataclasses.fields(RegisterSettingsMixin))
 
 
 # ---- ttreg_hf/configs/dinov2.py
-
-
 PositionInterpolation = Literal["transformers", "upstream"]
 
 
 @strict
-class Dinov2TTRegConfig(TestTimeRegisterConfigMixin, Dinov2Config):
-    r"""
-    [`Dinov2Config`] plus the test-time-register fields of [`TestTimeRegisterConfigMixin`], and:
-
-    position_interpolation (`str`, *optional*, defaults to `"transformers"`):
-        How the position table is resized for images of another size. `"transformers"`: as [`Dinov2Model`] does
-        (bicubic to the patch grid's size). `"upstream"`: as facebookresearch/dinov2 does (bicubic by the scale
-        factors (patches + 0.1) / table side, the table unchanged only for square images of its own patch count),
-        which the upstream torch.hub models, their heads and the papers' numbers use. The two agree at the table's
-        own size and differ elsewhere (by up to 0.1 in DINOv2 ViT-S/14 features at 224 px). The torch.hub models of
-        this package use `"upstream"`.
-
-    Example:
-
-    ```python
-    >>> from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel
-    >>> config = Dinov2TTRegConfig(register_neurons={17: [884, 133]}, num_test_time_registers=1)
-    >>> model = Dinov2TTRegModel(config)
-    ```"""
-
+class Dinov2TTRegConfig(RegisterSettingsMixin, Dinov2Config):
     model_type = "dinov2_tt_reg"
 
-    position_interpolation: PositionInterpolation = "transformers"  # `@strict` refuses any other value
-
-    @classmethod
-    def get_config_dict(cls, *args, **kwargs):
-        """Refuses a DINOv2-with-registers checkpoint: this model has no place for its trained ``register_tokens``."""
-        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
-        if config_dict.get("model_type") == "dinov2_with_registers":
-            raise ValueError(
-                f"{config_dict.get('_name_or_path') or 'This checkpoint'} is a DINOv2 with trained registers "
-                "(Dinov2WithRegisters): a Dinov2TTReg class would drop its `embeddings.register_tokens`. Load it with "
-                "`transformers.Dinov2WithRegistersModel`, which has registers already, or give test-time registers to "
-                "a DINOv2 trained without them (facebook/dinov2-small, -base, -large, -giant)."
-            )
-        return config_dict, kwargs
+    position_interpolation: PositionInterpolation = "transformers"
 
     @property
     def mlp_width(self) -> int:
         width = int(self.hidden_size * self.mlp_ratio)
-        # Dinov2SwiGLUFFN keeps two thirds of the width, rounded up to a multiple of 8
         return (int(width * 2 / 3) + 7) // 8 * 8 if self.use_swiglu_ffn else width
 
 
 # ---- ttreg_hf/configs/hosts.py
-
-
 @strict
 class LlavaTTRegConfig(TestTimeRegisterHostConfigMixin, LlavaConfig):
-    """[`LlavaConfig`] whose `vision_config` is one of ours (e.g. a [`CLIPVisionTTRegConfig`])."""
-
     model_type = "llava_tt_reg"
 
 
 @strict
 class LlavaNextTTRegConfig(TestTimeRegisterHostConfigMixin, LlavaNextConfig):
-    """[`LlavaNextConfig`] whose `vision_config` is one of ours."""
-
     model_type = "llava_next_tt_reg"
 
 
 @strict
 class LlavaOnevisionTTRegConfig(TestTimeRegisterHostConfigMixin, LlavaOnevisionConfig):
-    """[`LlavaOnevisionConfig`] whose `vision_config` is one of ours (e.g. a [`SiglipVisionTTRegConfig`])."""
-
     model_type = "llava_onevision_tt_reg"
 
 
 @strict
 class DPTTTRegConfig(TestTimeRegisterHostConfigMixin, DPTConfig):
-    """[`DPTConfig`] whose `backbone_config` is one of ours (e.g. a [`Dinov2TTRegConfig`])."""
-
     model_type = "dpt_tt_reg"
 
 
 @strict
 class DepthAnythingTTRegConfig(TestTimeRegisterHostConfigMixin, DepthAnythingConfig):
-    """[`DepthAnythingConfig`] whose `backbone_config` is one of ours."""
-
     model_type = "depth_anything_tt_reg"
 
 
 @strict
 class ZoeDepthTTRegConfig(TestTimeRegisterHostConfigMixin, ZoeDepthConfig):
-    """[`ZoeDepthConfig`] whose `backbone_config` is one of ours."""
-
     model_type = "zoedepth_tt_reg"
 
 
 @strict
 class Mask2FormerTTRegConfig(TestTimeRegisterHostConfigMixin, Mask2FormerConfig):
-    """[`Mask2FormerConfig`] whose `backbone_config` is one of ours."""
-
     model_type = "mask2former_tt_reg"

@@ -3,9 +3,6 @@
 See "Vision Transformers Don't Need Trained Registers" (https://arxiv.org/abs/2506.08010) and https://github.com/nickjiang2378/test-time-registers."""
 
 import dataclasses
-import inspect
-import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -28,8 +25,6 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_ttreg import (
-    PATCH_MODES,
-    SEMANTICS,
     LlavaNextTTRegConfig,
     LlavaOnevisionTTRegConfig,
     LlavaTTRegConfig,
@@ -39,46 +34,25 @@ from .configuration_ttreg import (
     subclasses,
 )
 
+
 # ---- ttreg_hf/family.py
-
-
 def parent_class(cls: type) -> type:
-    """The class a test-time-register class subclasses: the first class of its MRO not defined in ttreg_hf (the
-    package's mixins and classes are skipped, so a subclass of one of ours has the same parent)."""
     return next(base for base in cls.__mro__[1:] if not base.__module__.startswith(f"{__package__}."))
 
 
-# ---- ttreg_hf/index.py
-
-
-class RegisterIndexMismatchWarning(UserWarning):
-    """A register-neuron index used outside where it was found: another checkpoint, other weights, or an image size
-    far from its own (an index found at 518 px misses outliers at 224 px on DINOv2-S/B)."""
-
-
 # ---- ttreg_hf/modeling/layout.py
-
-
 @dataclass(frozen=True)
 class TokenLayout:
-    """Tokens are ``[prefix (CLS, trained registers) | patches | test-time registers]``.
-
-    Test-time registers are appended last, so every parent-class convention that indexes from the front
-    (``[:, 0]`` is CLS, ``[:, num_prefix_tokens:]`` are patches once the registers are stripped) keeps working.
-    """
-
     num_prefix_tokens: int
     num_registers: int
 
     def append_registers(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append ``num_registers`` zero tokens (no position embedding) after the patches."""
         if self.num_registers == 0:
             return tokens
         registers = tokens.new_zeros(tokens.shape[0], self.num_registers, tokens.shape[-1])
         return torch.cat((tokens, registers), dim=1)
 
     def append_registers_to_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """A ``(batch, tokens)`` attention mask extended with ones: every token may attend to the registers."""
         if attention_mask is None or self.num_registers == 0:
             return attention_mask
         return torch.nn.functional.pad(attention_mask, (0, self.num_registers), value=1)
@@ -87,19 +61,16 @@ class TokenLayout:
         return tokens.shape[1] - self.num_registers
 
     def strip_registers(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens`` without the test-time registers: the parent model's layout and shape."""
         return tokens[:, : self.num_tokens_without_registers(tokens)]
 
     def registers(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens[:, self.num_tokens_without_registers(tokens) :]
 
     def strip_registers_from_attentions(self, attentions: torch.Tensor) -> torch.Tensor:
-        """``(..., tokens, tokens)`` attention maps without the registers' rows and columns: the parent's shape."""
         end = attentions.shape[-1] - self.num_registers
         return attentions[..., :end, :end]
 
     def attentions_to_registers(self, attentions: torch.Tensor) -> torch.Tensor:
-        """The attention of every non-register token onto the registers, ``(..., tokens - registers, registers)``."""
         end = attentions.shape[-1] - self.num_registers
         return attentions[..., :end, end:]
 
@@ -108,57 +79,10 @@ class TokenLayout:
 
 
 # ---- ttreg_hf/modeling/edit.py
-
-
-IMAGE_SIZE_TOLERANCE = 1.5  # an index applies within 1.5x of the image side it was found at, either way
-NO_REGISTERS = TokenLayout(num_prefix_tokens=1, num_registers=0)  # the layout of an edit that is off
-
-
-def warn_if_far_from_found_size(found_at: tuple[int, int] | None, num_patches: int) -> None:
-    """Warn (`RegisterIndexMismatchWarning`) when ``num_patches`` patch tokens (a square image's, or the same area) put the image side more than
-    `IMAGE_SIZE_TOLERANCE` times away from the ``found_at = (image size, patch size)`` of the attached index, in
-    pixels. Python ints only: no host sync, nothing traced under `torch.compile` (which skips the check)."""
-    if found_at is None or torch.compiler.is_compiling():
-        return
-    image_size, patch_size = found_at
-    side = math.sqrt(num_patches) * patch_size
-    if not 1 / IMAGE_SIZE_TOLERANCE <= side / image_size <= IMAGE_SIZE_TOLERANCE:
-        warnings.warn(
-            f"The register-neuron index was found at {image_size} px; this model runs at about {side:.0f} px "
-            f"({num_patches} patches of {patch_size} px), more than {IMAGE_SIZE_TOLERANCE}x away, where it may miss "
-            f"outlier neurons (an index found at 518 px misses outliers at 224 px on DINOv2-S/B). Run at about "
-            f"{image_size} px, or find the neurons at this size with `ttreg find-neurons --image-size`.",
-            RegisterIndexMismatchWarning,
-            stacklevel=2,
-        )
+NO_REGISTERS = TokenLayout(num_prefix_tokens=1, num_registers=0)
 
 
 class RegisterNeuronEdit(nn.Module):
-    """Moves the register neurons' activations of one MLP onto the test-time registers.
-
-    Applied to the MLP hidden activations ``h[b, t, n]`` right after the activation function (after the gating for
-    SwiGLU). Every image is edited on its own; nothing leaves the device, and no Python branch depends on tensor
-    values (only on settings and on whether autograd needs the input).
-
-    * ``semantics="paper"`` (Algorithm 2 of "Vision Transformers Don't Need Trained Registers"): the register value of
-      neuron ``n`` is ``max_t h[b, t, n]``; every non-register token, CLS included, is reset by ``patch_mode``.
-    * ``semantics="reference"`` (the authors' released code): one value per image, the signed entry of largest
-      magnitude over all tokens and all listed neurons, written to every listed neuron; prefix tokens are kept and
-      only patch tokens are reset.
-
-    Register ``r`` receives ``scale[r] * value``. ``patch_mode`` says what reset tokens get: ``zero``; ``mean`` (the
-    mean over patch tokens); ``only_outliers`` (values above mean + 1 std of the patch tokens become the mean; the
-    std is the unbiased one, as ``torch.std``); ``same`` (untouched).
-
-    ``token_mask`` (``(batch, tokens)``, registers included, true on real tokens), given by the MLP of a family with
-    padded batches (variable-resolution inputs), keeps padding out of the register value and the patch statistics.
-    An image with no real patch has mean 0 and no outlier; one with no real token at all gets register value 0.
-    """
-
-    # (image size, patch size) in pixels that the attached index was found at, on one edit of the model (the plumbing
-    # sets it from the config): its forward warns once when the image is far from that size
-    found_at: tuple[int, int] | None = None
-
     def __init__(
         self,
         neurons: Sequence[int] = (),
@@ -179,16 +103,6 @@ class RegisterNeuronEdit(nn.Module):
         patch_mode: str = "zero",
         device: torch.device | str | None = None,
     ) -> None:
-        """Set what the edit does, in place (the module stays, and the hooks on it): no ``neurons`` turns it off, so
-        that the activations pass unchanged. The buffers are made on ``device`` (default: the current one)."""
-        if semantics not in SEMANTICS:
-            raise TTRegValueError(f"Unknown register semantics {semantics!r}; choose one of {SEMANTICS}.")
-        if patch_mode not in PATCH_MODES:
-            raise TTRegValueError(f"Unknown patch mode {patch_mode!r}; choose one of {PATCH_MODES}.")
-        if neurons and len(scale) != layout.num_registers:
-            raise TTRegValueError(f"Got {len(scale)} register scales for {layout.num_registers} test-time registers.")
-        if neurons and layout.num_registers == 0:
-            raise TTRegValueError("A register-neuron edit with neurons needs at least one test-time register.")
         self.neuron_ids = tuple(int(n) for n in neurons)
         self.scale_values = tuple(float(s) for s in scale) if neurons else ()
         self.largest_scale = max((abs(s) for s in self.scale_values), default=0.0)
@@ -201,7 +115,6 @@ class RegisterNeuronEdit(nn.Module):
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
-        """Refill the buffers, e.g. by `_init_weights` after a meta-device load (where they were made without data)."""
         self.neurons.copy_(torch.tensor(self.neuron_ids, dtype=torch.long))
         self.scale.copy_(torch.tensor(self.scale_values).view(1, -1, 1))
 
@@ -216,20 +129,17 @@ class RegisterNeuronEdit(nn.Module):
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not self.neuron_ids:
             return hidden_states
-        if (
-            self.largest_scale > torch.finfo(hidden_states.dtype).max
-        ):  # settings and dtype only: no sync, no graph break
+        if self.largest_scale > torch.finfo(hidden_states.dtype).max:
             raise TTRegValueError(
                 f"register_scale {self.largest_scale:g} overflows {hidden_states.dtype} (largest "
                 f"{torch.finfo(hidden_states.dtype).max:g}): every register would be inf. Use a smaller scale or run "
                 "the model in float32 or bfloat16."
             )
-        neurons = self.neurons.to(hidden_states.device, non_blocking=True)  # a no-op unless the MLP is offloaded
-        activations = hidden_states.index_select(-1, neurons)  # (batch, tokens, listed neurons)
+        neurons = self.neurons.to(hidden_states.device, non_blocking=True)
+        activations = hidden_states.index_select(-1, neurons)
         valid = None if token_mask is None else token_mask.to(activations.device, torch.bool).unsqueeze(-1)
         num_kept = 0 if self.semantics == "paper" else self.layout.num_prefix_tokens
         end = self.layout.num_tokens_without_registers(activations)
-        warn_if_far_from_found_size(self.found_at, end - self.layout.num_prefix_tokens)
         edited = torch.cat(
             (
                 activations[:, :num_kept],
@@ -238,13 +148,11 @@ class RegisterNeuronEdit(nn.Module):
             ),
             dim=1,
         )
-        # in place when autograd does not need the activations: no second full-size copy at inference
         if torch.is_grad_enabled() and hidden_states.requires_grad:
             return hidden_states.index_copy(-1, neurons, edited)
         return hidden_states.index_copy_(-1, neurons, edited)
 
     def _register_value(self, activations: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """Per image, shape ``(batch, 1, listed neurons)``; ``valid`` (``(batch, tokens, 1)``) leaves padding out."""
         if self.semantics == "paper":
             if valid is None:
                 return activations.amax(dim=1, keepdim=True)
@@ -256,7 +164,7 @@ class RegisterNeuronEdit(nn.Module):
             value = largest.unsqueeze(-1).expand(-1, 1, activations.shape[-1])
             if valid is None:
                 return value
-        return torch.where(valid.any(dim=1, keepdim=True), value, 0)  # no real token: nothing to move
+        return torch.where(valid.any(dim=1, keepdim=True), value, 0)
 
     def _reset(self, tokens: torch.Tensor, patches: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         if self.patch_mode == "same":
@@ -266,7 +174,7 @@ class RegisterNeuronEdit(nn.Module):
         patches = patches.float()
         if valid is None:
             mean, std = patches.mean(dim=1, keepdim=True), patches.std(dim=1, keepdim=True)
-        else:  # over the real patches only; with none, the mean is 0 and the std NaN (as torch.std of one value): no outlier
+        else:
             valid_patches = self.layout.patches(valid).float()
             count = valid_patches.sum(dim=1, keepdim=True)
             mean = (patches * valid_patches).sum(dim=1, keepdim=True) / count.clamp(min=1)
@@ -278,39 +186,21 @@ class RegisterNeuronEdit(nn.Module):
 
 
 # ---- ttreg_hf/modeling/registers.py
-
-
 REGISTER_FIELDS = ("test_time_registers", "test_time_register_attentions")
 
 
 class TestTimeRegisterOutputMixin:
-    """Keeps ``return_dict=False`` tuples the parent's: the `REGISTER_FIELDS` are fields, never tuple entries."""
-
     def to_tuple(self) -> tuple:
         return tuple(self[key] for key in self.keys() if key not in REGISTER_FIELDS)
 
 
 @dataclasses.dataclass
 class TestTimeRegisterModelOutput(TestTimeRegisterOutputMixin, BaseModelOutputWithPooling):
-    r"""
-    test_time_registers (`torch.FloatTensor` of shape `(batch_size, num_test_time_registers, hidden_size)`):
-        The test-time registers' rows of the final sequence, in the space of `last_hidden_state`, from which they are
-        stripped. `None` when the edit is off.
-    test_time_register_attentions (`tuple(torch.FloatTensor)`, one per layer, each of shape `(batch_size, num_heads,
-    sequence_length, num_test_time_registers)`):
-        The attention of every token (`sequence_length` as in `attentions`, registers excluded) onto the test-time
-        registers, the columns cut from `attentions`: per row, `attentions` and these sum to 1. Returned with
-        `output_attentions=True` when the edit is on.
-    """
-
     test_time_registers: torch.FloatTensor | None = None
     test_time_register_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def strip_registers(outputs: ModelOutput, layout: TokenLayout, output_class: type[ModelOutput]) -> ModelOutput:
-    """``outputs`` as an ``output_class`` with the parent's shapes: the registers cut from ``last_hidden_state``, every
-    hidden state and every attention map, and exposed in the register fields. Without registers, the parent's tensors
-    themselves (``retain_grad`` works on them)."""
     fields = dict(outputs.items())
     if not layout.num_registers:
         return output_class(**fields)
@@ -327,21 +217,6 @@ def strip_registers(outputs: ModelOutput, layout: TokenLayout, output_class: typ
 
 @dataclass(frozen=True)
 class RegisterSeams:
-    """Where a model family keeps the parts test-time registers touch, as dotted attribute paths.
-
-    appender: from the model, the module whose output gets the registers appended: its forward returns
-        ``self.token_layout.append_registers(...)`` (after the position embedding, so the registers get none).
-    blocks: from the model, the transformer blocks in order; their outputs are the residual stream.
-    mlp: from each block, the MLP whose forward calls ``self.register_edit(...)`` on its hidden activations right
-        after the activation function (after the gating for gated MLPs).
-    layout_readers: from the model, further modules whose forward reads ``self.token_layout`` (e.g. one that strips
-        the registers from intermediate outputs).
-    modules: the parameter-free subclasses of the parent's modules that give those parts their register behaviour.
-        `TestTimeRegisterMixin.adopt_register_modules` adopts each where a module of its direct base class stands:
-        at the appender, a layout reader, a block or a block's MLP. A layout reader that is a `PreTrainedModel` (an
-        encoder, whose class `transformers` tracks) is rebuilt as the subclass on the same weights instead.
-    """
-
     appender: str
     blocks: str
     mlp: str
@@ -350,10 +225,6 @@ class RegisterSeams:
 
 
 class EditAfterActivationMixin:
-    """For the MLPs that compute ``fc2(activation_fn(fc1(x)))`` (DINOv2, CLIP, SigLIP, ViT, DeiT): their forward with the
-    register-neuron edit right after the activation. Mixed in before the parent MLP class, then adopted.
-    ``token_mask`` (padded batches) goes to the edit; see `RegisterNeuronEdit`."""
-
     register_edit: nn.Module
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -361,12 +232,6 @@ class EditAfterActivationMixin:
 
 
 def adopt(module: nn.Module, subclass: type[nn.Module]) -> nn.Module:
-    """Make ``module`` an instance of ``subclass``, which changes its forward but adds no parameters.
-
-    The weights (and state-dict keys) stay as they are; `torch.nn.utils.parametrize` swaps classes the same way.
-    The rule for an adopted subclass: no ``__init__`` and no state of its own — it overrides ``forward`` and reads
-    only attributes the plumbing sets (``token_layout`` on the appender, ``register_edit`` on the MLPs).
-    """
     if not issubclass(subclass, type(module)):
         raise TTRegTypeError(f"{subclass.__name__} does not subclass {type(module).__name__}.")
     module.__class__ = subclass
@@ -374,10 +239,6 @@ def adopt(module: nn.Module, subclass: type[nn.Module]) -> nn.Module:
 
 
 def build_sharing_weights(model_class: type[nn.Module], module: nn.Module, *args, **kwargs) -> nn.Module:
-    """``model_class(*args, **kwargs)`` built on the meta device (no init cost), then given ``module``'s parameters and
-    buffers themselves (the same tensors, so frozen weights, optimizers and devices carry over), in ``module``'s
-    training mode: how a `PreTrainedModel` part becomes ours without changing its class. The edits inside are then
-    built on the weights' device."""
     with torch.device("meta"):
         model = model_class(*args, **kwargs)
     ours, theirs = (dict(m.named_parameters(remove_duplicate=False)) for m in (model, module))
@@ -387,30 +248,20 @@ def build_sharing_weights(model_class: type[nn.Module], module: nn.Module, *args
             f"({', '.join(sorted(ours.keys() ^ theirs.keys())[:3])}, ...): it cannot take that module's weights. A "
             "module wrapped by adapters or quantization is no longer the parent's: give it registers before."
         )
-    # not `load_state_dict(assign=True)`: it skips non-persistent buffers (`position_ids`) and resets `requires_grad`
     for name, tensor in [*theirs.items(), *module.named_buffers(remove_duplicate=False)]:
         owner, _, attribute = name.rpartition(".")
         setattr(model.get_submodule(owner), attribute, tensor)
     for part in model.modules():
-        if isinstance(part, TestTimeRegisterMixin):  # its edits were built on the meta device
+        if isinstance(part, TestTimeRegisterMixin):
             part.apply_register_settings()
     return model.train(module.training)
 
 
 def _subclass_to_adopt(module: nn.Module, subclasses: Sequence[type[nn.Module]]) -> type[nn.Module] | None:
-    """The one of ``subclasses`` whose direct base is ``module``'s class, if any."""
     return next((subclass for subclass in subclasses if type(module) in subclass.__bases__), None)
 
 
-def forward_calls(module: nn.Module, attribute: str) -> bool:
-    """Whether the code of ``module``'s forward names ``attribute`` (e.g. ``register_edit``): how the plumbing checks
-    that a declared seam does its part. A forward that delegates the call to a helper must name it itself."""
-    forward = inspect.unwrap(type(module).forward)
-    return attribute in forward.__code__.co_names
-
-
 def check_pixel_values(pixel_values: torch.Tensor, patch_size: int | Sequence[int]) -> None:
-    """Refuse inputs the parent would silently mangle: integer images and sizes the patch size does not divide."""
     if not pixel_values.is_floating_point():
         raise TTRegTypeError(
             f"pixel_values must be a floating-point tensor of normalized images, got {pixel_values.dtype}; "
@@ -427,45 +278,26 @@ def check_pixel_values(pixel_values: torch.Tensor, patch_size: int | Sequence[in
 
 
 class TestTimeRegisterMixin:
-    """Gives a vision transformer test-time registers; a model family declares only where its parts are.
-
-    A family sets ``register_seams`` and ``num_prefix_tokens``, keeps its settings in ``self.config`` (a
-    `TestTimeRegisterConfigMixin` with ``num_hidden_layers`` and ``mlp_width``) and calls `adopt_register_modules`
-    once its parent is built (`PreTrainedTestTimeRegisterMixin` does). The config is the one truth: a register setting
-    takes effect when it is written, through `set_register_neurons` or to the config's fields, which updates the
-    layout and the edits in place (`apply_register_settings`), so ``save_pretrained`` saves exactly what runs and a
-    forward only reads them.
-    """
-
     register_seams: ClassVar[RegisterSeams]
     num_prefix_tokens: int = 1
 
     @property
     def register_appender(self) -> nn.Module:
-        """The module that appends the test-time registers (``register_seams.appender``)."""
         return self.get_submodule(self.register_seams.appender)
 
     @property
     def transformer_blocks(self) -> Sequence[nn.Module]:
-        """The transformer blocks in order (``register_seams.blocks``)."""
         return self.get_submodule(self.register_seams.blocks)
 
     @property
     def register_edit_sites(self) -> list[nn.Module]:
-        """Every block's MLP, whose ``register_edit`` slot holds its layer's edit (off when the layer lists no neuron)."""
         return [block.get_submodule(self.register_seams.mlp) for block in self.transformer_blocks]
 
     @property
     def token_layout(self) -> TokenLayout:
-        """The layout of the sequence the blocks see."""
         return self.register_appender.token_layout
 
     def adopt_register_modules(self) -> None:
-        """Adopt the declared subclasses (``register_seams.modules``) where their base classes stand at the seams:
-        the appender, the layout readers, every block and every block's MLP. Weights and keys stay the parent's.
-        A layout reader that is a `PreTrainedModel` is rebuilt as its subclass first (`build_sharing_weights`). Then
-        give every MLP its ``register_edit`` (one `RegisterNeuronEdit` each, kept for the model's life), set them from
-        the config and follow it: every later write of a register setting is applied at once."""
         seams = self.register_seams
         for path in seams.layout_readers:
             module = self.get_submodule(path)
@@ -485,35 +317,10 @@ class TestTimeRegisterMixin:
         self.config.follow_register_settings(self.apply_register_settings)
 
     def __setstate__(self, state: dict) -> None:
-        """A copy (`copy.deepcopy`) or an unpickled model follows its own config."""
         super().__setstate__(state)
         self.config.follow_register_settings(self.apply_register_settings)
 
-    def check_register_seams(self) -> None:
-        """Refuse seams that would leave the edit silently undone: an appender whose forward does not call
-        ``self.token_layout.append_registers`` or an MLP whose forward does not call ``self.register_edit``."""
-        seams, name = self.register_seams, type(self).__name__
-        appender = self.register_appender
-        if not forward_calls(appender, "append_registers"):
-            raise TTRegTypeError(
-                f"{name}.register_seams.appender is {seams.appender!r}, a {type(appender).__name__}, whose forward "
-                "does not call `self.token_layout.append_registers(...)`: no register would be appended. Name the "
-                "module after the position embedding, adopted as a subclass that appends (or a `RegisterAppender`)."
-            )
-        for layer, mlp in enumerate(self.register_edit_sites):
-            if not forward_calls(mlp, "register_edit"):
-                raise TTRegTypeError(
-                    f"{name}.register_seams.mlp is {seams.mlp!r}, and block {layer}'s is a {type(mlp).__name__}, whose "
-                    "forward does not call `self.register_edit(...)`: the edit would never run. Declare the MLP's "
-                    "subclass that calls it in `register_seams.modules`, or fix the path."
-                )
-
     def apply_register_settings(self) -> None:
-        """Set the layout and every MLP's edit from the config's register settings, in place: the modules stay (a hook
-        on an edit survives), their buffers made on their MLP's device (the current one for an offloaded MLP). Called
-        when a setting is written; a forward only reads what this sets, so under `torch.compile` a settings change
-        recompiles through dynamo's guards."""
-        self.check_register_seams()
         config = self.config
         config.validate_test_time_registers()
         neurons = config.register_neuron_index
@@ -529,29 +336,16 @@ class TestTimeRegisterMixin:
                 config.register_scales,
                 config.register_semantics,
                 config.register_patch_mode,
-                device=None if device.type == "meta" else device,  # an offloaded MLP's weights sit on meta
+                device=None if device.type == "meta" else device,
             )
-            first = listed and layer == min(neurons)  # the first edited layer's edit warns, once
-            mlp.register_edit.found_at = config.register_index_found_at if first else None
 
     def strip_test_time_registers(self, outputs: ModelOutput, output_class: type[ModelOutput]) -> ModelOutput:
-        """``outputs`` with the parent's shapes: registers cut from every token tensor and attention map, exposed in
-        their own fields. Without registers, the parent's tensors themselves (``retain_grad`` works on them)."""
         return strip_registers(outputs, self.token_layout, output_class)
 
 
-class RegisterEditOffWarning(UserWarning):
-    """A model built with test-time registers asked for (``num_test_time_registers > 0``) but no index: edit off."""
-
-
 class SavesRemoteCodeMixin:
-    """What every `transformers` class of the package saves and initialises as: the remote code beside the weights
-    (`save_pretrained`), and the parent's weight init."""
-
     @classmethod
     def is_custom_code(cls) -> bool:
-        """`False`: to `transformers` a class defined outside it is custom code, whose modules keep their constructors'
-        torch init; ours initialise as the parent does (its `_init_weights`), fresh or missing from a checkpoint."""
         return False
 
 
@@ -560,50 +354,19 @@ class TestTimeRegisterLoadingMixin(SavesRemoteCodeMixin):
     configs accepted (and converted), and `from_pretrained` resolving the register-neuron index. The register
     settings live in ``config.register_config``: the config itself, or a composite config's ``vision_config``."""
 
-    @classmethod
-    def convert_config(cls, config: PreTrainedConfig) -> PreTrainedConfig:
-        """``config`` as a ``cls.config_class``: a parent config (a `Dinov2Config` for `Dinov2TTRegModel`) is
-        converted with every field kept and the register settings at their defaults."""
-        if isinstance(config, cls.config_class):
-            return config
-        parent_config_class = super().config_class
-        if not isinstance(config, parent_config_class):
-            raise TTRegTypeError(
-                f"{cls.__name__} needs a {cls.config_class.__name__} (or a {parent_config_class.__name__}, which it "
-                f"converts), got a {type(config).__name__}."
-            )
-        return cls.config_class.from_parent_config(config)
-
 
 class PreTrainedTestTimeRegisterMixin(TestTimeRegisterLoadingMixin, TestTimeRegisterMixin):
-    """`TestTimeRegisterMixin` for `transformers` models: `TestTimeRegisterLoadingMixin`, and the edits built after the
-    parent's init (their buffers refilled after a meta-device load)."""
-
     def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
-        config = self.convert_config(config)
         super().__init__(config, *inputs, **kwargs)
         self.adopt_register_modules()
-        if config.num_test_time_registers and config.register_neurons is None:
-            warnings.warn(
-                f"{type(self).__name__} was built with num_test_time_registers={config.num_test_time_registers} but "
-                "no register_neurons, so the edit is off and it computes what its parent class does. Attach an index "
-                "with `model.set_register_neurons(...)` (a dict, an index file or a shipped name), or set "
-                "num_test_time_registers=0 to build the parent on purpose.",
-                RegisterEditOffWarning,
-                stacklevel=3,
-            )
 
     @classmethod
     def constructor_arguments(cls, parent_model: PreTrainedModel) -> dict:
-        """The keyword arguments besides the config that build this class in the shape of ``parent_model`` (e.g. a
-        `ViTModel` without a pooler): what `build_sharing_weights` passes when a parent part becomes ours."""
         return {}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        # `transformers` initialises the model itself last, after the sub-models (e.g. `Dinov2Encoder`) that use their
-        # own `_init_weights` and never reach the edits: (re)fill every edit's buffers here, e.g. after a meta-device load
         if module is self:
             for edit in self.modules():
                 if isinstance(edit, RegisterNeuronEdit):
@@ -611,8 +374,6 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterLoadingMixin, TestTimeRegi
 
 
 def set_tower(model: PreTrainedModel, path: str, tower: PreTrainedTestTimeRegisterMixin) -> None:
-    """Put ``tower`` at ``path``, and its modules that must stay on one device (our adopted embeddings) into the
-    ``_no_split_modules`` that each model above it gathered from its children at init, for ``device_map``."""
     model.set_submodule(path, tower)
     parts = path.split(".")
     for owner in (model.get_submodule(".".join(parts[:depth])) for depth in range(len(parts))):
@@ -621,18 +382,10 @@ def set_tower(model: PreTrainedModel, path: str, tower: PreTrainedTestTimeRegist
 
 
 class WithRegisterTowerMixin(TestTimeRegisterLoadingMixin):
-    """For a parent model built around a tower of one of our families — a classifier (`Dinov2ForImageClassification`'s
-    `dinov2`), a dual encoder (`CLIPModel`'s `vision_model`): the parent builds everything, then its one tower of
-    ``tower_class``'s parent class is rebuilt as ``tower_class`` on the same weights (`build_sharing_weights`, as
-    `to_test_time_registers` does to a loaded parent). The parent's forward runs unchanged on a tower that returns
-    parent-shaped outputs, so its head and pooling never see the registers; the tower's register fields reach the
-    caller wherever the parent returns the tower's output (`CLIPOutput.vision_model_output`).
-    `vision_tower_with_registers(model)` is the tower."""
-
     tower_class: ClassVar[type[PreTrainedTestTimeRegisterMixin]]
 
     def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
-        super().__init__(self.convert_config(config), *inputs, **kwargs)
+        super().__init__(config, *inputs, **kwargs)
         parent_tower = parent_class(self.tower_class)
         [(path, tower)] = [(path, module) for path, module in self.named_modules() if type(module) is parent_tower]
         arguments = self.tower_class.constructor_arguments(tower)
@@ -640,13 +393,6 @@ class WithRegisterTowerMixin(TestTimeRegisterLoadingMixin):
 
 
 class WithRegisterTowerHostMixin(SavesRemoteCodeMixin):
-    """For a model built around one vision tower or backbone of a family's parent class, whatever the family — a VLM
-    (LLaVA's ``vision_config``), a depth or segmentation model (DPT's ``backbone_config``) — from a config whose
-    sub-config is ours (`TestTimeRegisterHostConfigMixin`): the parent builds everything with its own tower (the Auto
-    classes of a process without ttreg_hf do not know ours), which then becomes ours on the same weights
-    (`build_sharing_weights`), as `to_test_time_registers` upgrades a loaded host, which becomes one in place
-    (`adopt`). Its `save_pretrained` writes the remote code of the tower's family, with this class in it."""
-
     def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
         if not hasattr(config, "register_config_key"):
             raise TTRegTypeError(
@@ -664,8 +410,6 @@ class WithRegisterTowerHostMixin(SavesRemoteCodeMixin):
             setattr(config, key, ours)
         tower_classes = {}
         for tower_class in subclasses(PreTrainedTestTimeRegisterMixin):
-            # by model type: in the remote code, the config file transformers loaded is another module than the one
-            # the modeling file imports (`convert_config` takes the config from one class to the other)
             if getattr(getattr(tower_class, "config_class", None), "model_type", None) == ours.model_type:
                 tower_classes.setdefault(parent_class(tower_class), tower_class)
         towers = [(path, module) for path, module in self.named_modules() if type(module) in tower_classes]
@@ -683,8 +427,6 @@ class WithRegisterTowerHostMixin(SavesRemoteCodeMixin):
 
 
 # ---- ttreg_hf/modeling/hosts.py
-
-
 class LlavaTTRegForConditionalGeneration(WithRegisterTowerHostMixin, LlavaForConditionalGeneration):
     config_class = LlavaTTRegConfig
 
@@ -698,11 +440,7 @@ class LlavaOnevisionTTRegForConditionalGeneration(WithRegisterTowerHostMixin, Ll
 
 
 # ---- ttreg_hf/modeling/vit.py
-
-
 class ViTStyleTTRegEmbeddingsMixin:
-    """Appends the test-time registers after the position embedding (they get none)."""
-
     token_layout: TokenLayout
 
     def forward(
@@ -724,15 +462,11 @@ class ViTTTRegMLP(EditAfterActivationMixin, ViTMLP):
 
 
 class ViTStyleTTRegModelMixin(PreTrainedTestTimeRegisterMixin):
-    """The test-time-register side of [`ViTModel`] and of [`DeiTModel`], which share their layout and forward."""
-
     def __init__(self, config, add_pooling_layer: bool = True, use_mask_token: bool = False):
-        # the parent's signature, which callers inspect (e.g. for `use_mask_token`)
         super().__init__(config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
 
     @classmethod
     def constructor_arguments(cls, parent_model: ViTModel | DeiTModel) -> dict:
-        """A classifier's tower has no pooler; a masked-image-modeling one has a mask token."""
         return dict(
             add_pooling_layer=parent_model.pooler is not None,
             use_mask_token=parent_model.embeddings.mask_token is not None,
@@ -747,7 +481,7 @@ class ViTStyleTTRegModelMixin(PreTrainedTestTimeRegisterMixin):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> TestTimeRegisterModelOutput:
-        check_pixel_values(pixel_values, self.config.patch_size)  # here: the parent casts to float before embedding
+        check_pixel_values(pixel_values, self.config.patch_size)
         attention_mask = self.token_layout.append_registers_to_mask(attention_mask)
         outputs = super().forward(
             pixel_values,
@@ -761,11 +495,6 @@ class ViTStyleTTRegModelMixin(PreTrainedTestTimeRegisterMixin):
 
 
 class ViTTTRegModel(ViTStyleTTRegModelMixin, ViTModel):
-    """[`ViTModel`] with test-time registers: same weights, same output shapes, registers in their own field.
-
-    `pooler_output` reads the CLS token, as in the parent.
-    """
-
     config: ViTTTRegConfig
     config_class = ViTTTRegConfig
     register_seams = RegisterSeams("embeddings", "layers", "mlp", modules=(ViTTTRegEmbeddings, ViTTTRegMLP))
@@ -773,9 +502,6 @@ class ViTTTRegModel(ViTStyleTTRegModelMixin, ViTModel):
 
 
 class ViTTTRegForImageClassification(WithRegisterTowerMixin, ViTForImageClassification):
-    """[`ViTForImageClassification`] on a `ViTTTRegModel` (``vit``): the head reads the CLS token; labels and loss as in
-    the parent."""
-
     config: ViTTTRegConfig
     config_class = ViTTTRegConfig
     tower_class = ViTTTRegModel
