@@ -30,7 +30,7 @@ except ImportError:  # an environment without the test extra: each page is one s
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "tests"))  # fake_hub, as the tests import it
 
-PAGES = ["README.md", "docs/*.md"]
+PAGES = ["README.md", "docs/*.md", "docs/*/*.md"]
 
 
 def run_shell_block(example) -> None:
@@ -129,14 +129,16 @@ def _docs_hub(tmp_path_factory):
     shipped index attaches) and ``facebook/dinov2-base`` (the planted model: register neurons to find)."""
     import transformers.utils.hub
     from huggingface_hub import constants, hf_api
-    from transformers import Dinov2Model
+    from transformers import Dinov2Config, Dinov2Model
 
     from ttreg_hf.planted import build_planted_model
 
     from fake_hub import FakeHub, FakeRepo
 
     build = tmp_path_factory.mktemp("docs-hub-repos")
-    planted = Dinov2Model(build_planted_model().config)
+    planted_settings = build_planted_model().config.to_dict()
+    plain = Dinov2Config(**{key: planted_settings[key] for key in Dinov2Config().to_dict() if key in planted_settings})
+    planted = Dinov2Model(plain)  # a parent checkpoint, as the Hub holds them
     planted.load_state_dict(build_planted_model().state_dict())
     models = {
         "facebook/dinov2-large": (_tiny_dinov2(24, 4096), _dinov2_processor()),
@@ -157,14 +159,21 @@ def _docs_hub(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def docs_world(_docs_hub, tmp_path_factory):
-    """One page's session: a fresh working folder with ``photo.jpg``, ``images/`` (32 images) and ``ttreg_hf/`` (this
-    repository, for ``torch.hub.load("ttreg_hf", ..., source="local")``), on the fake Hub."""
+def docs_world(_docs_hub, tmp_path_factory, request):
+    """One page's session: a fresh working folder with ``photo.jpg``, ``images/`` (32 images), ``ttreg_hf/`` (this
+    repository, for ``torch.hub.load("ttreg_hf", ..., source="local")``) and ``dinov2-base.safetensors`` (the index
+    ``ttreg find-neurons facebook/dinov2-base images/`` finds, unless the page makes it), on the fake Hub."""
     from PIL import Image
 
-    from ttreg_hf.planted import textured_images
+    from ttreg_hf import RegisterNeuronIndex
+    from ttreg_hf.planted import planted_config, planted_index, textured_images
 
     folder = tmp_path_factory.mktemp("page")
+    config = planted_config()
+    if "--out dinov2-base.safetensors" not in request.path.read_text():
+        RegisterNeuronIndex(
+            planted_index(), config.num_hidden_layers, config.mlp_width, checkpoints={"hub": "facebook/dinov2-base"}
+        ).save(folder / "dinov2-base.safetensors")
     _write_images(folder / "images", 32, seed=0)
     picture = textured_images(1, seed=2024)[0].permute(1, 2, 0)
     Image.fromarray((picture * 255).round().byte().numpy()).save(folder / "photo.jpg")
