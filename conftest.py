@@ -12,6 +12,7 @@ command fails the block (mark it skipped, with the reason).
 """
 
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -133,7 +134,7 @@ def _docs_hub(tmp_path_factory):
 
     from ttreg_hf.planted import build_planted_model
 
-    from fake_hub import FakeHub, FakeRepo
+    from fake_hub import TOKEN, FakeHub, FakeRepo
 
     build = tmp_path_factory.mktemp("docs-hub-repos")
     planted_settings = build_planted_model().config.to_dict()
@@ -155,6 +156,7 @@ def _docs_hub(tmp_path_factory):
         patch.setattr(transformers.utils.hub, "_hf_api", None)
         patch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("docs-hub-cache")))
         patch.setenv("NO_PROXY", "127.0.0.1")
+        patch.setenv("HF_TOKEN", TOKEN)  # as `hf auth login` would: the pages push to the fake Hub
         yield hub
 
 
@@ -170,7 +172,7 @@ def docs_world(_docs_hub, tmp_path_factory, request):
 
     folder = tmp_path_factory.mktemp("page")
     config = planted_config()
-    if "--out dinov2-base.safetensors" not in request.path.read_text():
+    if not re.search(r"^ttreg find-neurons .* --out dinov2-base.safetensors", request.path.read_text(), re.MULTILINE):
         RegisterNeuronIndex(
             planted_index(), config.num_hidden_layers, config.mlp_width, checkpoints={"hub": "facebook/dinov2-base"}
         ).save(folder / "dinov2-base.safetensors")
