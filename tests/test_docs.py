@@ -52,3 +52,18 @@ def test_the_cli_help_and_the_model_cards_speak_of_the_product_only():
         helps += [sub.format_help() for sub in action.choices.values()]
     assert DEVELOPMENT.findall("\n".join(helps)) == []
     assert DEVELOPMENT.findall((ROOT / "ttreg_hf" / "model_card.py").read_text()) == []
+
+
+def test_the_cli_reference_is_generated_from_the_parser():
+    """docs/reference/cli.md holds a marker that the site's hook replaces with every command's help."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mkdocs_hooks", ROOT / "utils" / "mkdocs_hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    page = (ROOT / "docs" / "reference" / "cli.md").read_text()
+    assert hooks.MARKER in page
+    rendered = hooks.on_page_markdown(page, page=None)
+    commands = ["find-neurons", "inspect", "demo", "export", "evaluate", "push-index"]
+    assert [f"## ttreg {command}\n" in rendered for command in commands] == [True] * len(commands)
+    assert "usage: ttreg find-neurons" in rendered and hooks.MARKER not in rendered
