@@ -128,13 +128,11 @@ def _write_images(folder: Path, count: int, seed: int) -> None:
 def _docs_hub(tmp_path_factory):
     """The fake Hub with the pages' models: ``facebook/dinov2-large`` (random, the real depth and MLP width, so the
     shipped index attaches) and ``facebook/dinov2-base`` (the planted model: register neurons to find)."""
-    import transformers.utils.hub
-    from huggingface_hub import constants, hf_api
     from transformers import Dinov2Config, Dinov2Model
 
     from ttreg_hf.planted import build_planted_model
 
-    from fake_hub import TOKEN, FakeHub, FakeRepo
+    from fake_hub import FakeHub, FakeRepo
 
     build = tmp_path_factory.mktemp("docs-hub-repos")
     planted_settings = build_planted_model().config.to_dict()
@@ -145,18 +143,11 @@ def _docs_hub(tmp_path_factory):
         "facebook/dinov2-large": (_tiny_dinov2(24, 4096), _dinov2_processor()),
         "facebook/dinov2-base": (planted.eval(), _dinov2_processor()),
     }
-    with FakeHub() as hub, pytest.MonkeyPatch.context() as patch:
+    with FakeHub() as hub:
         for repo_id, (model, processor) in models.items():
             hub.repos[repo_id] = FakeRepo()
             hub.repos[repo_id].commit("main", _repo_files(model, processor, build / repo_id), "upload")
-        patch.setattr(constants, "ENDPOINT", hub.url)
-        patch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-        patch.setattr(constants, "HF_HUB_OFFLINE", False)
-        patch.setattr(hf_api.api, "endpoint", hub.url)
-        patch.setattr(transformers.utils.hub, "_hf_api", None)
-        patch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("docs-hub-cache")))
-        patch.setenv("NO_PROXY", "127.0.0.1")
-        patch.setenv("HF_TOKEN", TOKEN)  # as `hf auth login` would: the pages push to the fake Hub
+        hub.cache = tmp_path_factory.mktemp("docs-hub-cache")  # one download cache for every page
         yield hub
 
 
@@ -164,11 +155,16 @@ def _docs_hub(tmp_path_factory):
 def docs_world(_docs_hub, tmp_path_factory, request):
     """One page's session: a fresh working folder with ``photo.jpg``, ``images/`` (32 images), ``ttreg_hf/`` (this
     repository, for ``torch.hub.load("ttreg_hf", ..., source="local")``) and ``dinov2-base.safetensors`` (the index
-    ``ttreg find-neurons facebook/dinov2-base images/`` finds, unless the page makes it), on the fake Hub."""
+    ``ttreg find-neurons facebook/dinov2-base images/`` finds, unless the page makes it), with the fake Hub as
+    `huggingface_hub`'s endpoint (as the `hub` fixture of tests/fake_hub.py sets it) for the page's blocks only."""
+    import transformers.utils.hub
+    from huggingface_hub import constants, hf_api
     from PIL import Image
 
     from ttreg_hf import RegisterNeuronIndex
     from ttreg_hf.planted import planted_config, planted_index, textured_images
+
+    from fake_hub import TOKEN
 
     folder = tmp_path_factory.mktemp("page")
     config = planted_config()
@@ -180,6 +176,15 @@ def docs_world(_docs_hub, tmp_path_factory, request):
     picture = textured_images(1, seed=2024)[0].permute(1, 2, 0)
     Image.fromarray((picture * 255).round().byte().numpy()).save(folder / "photo.jpg")
     (folder / "ttreg_hf").symlink_to(ROOT, target_is_directory=True)
+    hub = _docs_hub
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "ENDPOINT", hub.url)
+        patch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        patch.setattr(constants, "HF_HUB_OFFLINE", False)
+        patch.setattr(hf_api.api, "endpoint", hub.url)
+        patch.setattr(transformers.utils.hub, "_hf_api", None)
+        patch.setattr(constants, "HF_HUB_CACHE", str(hub.cache))
+        patch.setenv("NO_PROXY", "127.0.0.1")
+        patch.setenv("HF_TOKEN", TOKEN)  # as `hf auth login` would: the pages push to the fake Hub
         patch.chdir(folder)
-        yield _docs_hub
+        yield hub
