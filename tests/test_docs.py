@@ -35,6 +35,17 @@ def test_the_readmes_links_are_absolute():
     assert [link for link in found if not link.startswith(("https://", "#"))] == []
 
 
+def test_the_readmes_links_into_the_repository_name_files_it_has():
+    """The README links to the docs and the figure by absolute URLs; each must name a file of this checkout."""
+    prefixes = (
+        "https://github.com/ttreg-hf/ttreg_hf/blob/main/",
+        "https://raw.githubusercontent.com/ttreg-hf/ttreg_hf/main/",
+    )
+    paths = [link.removeprefix(p) for link in links(README.read_text()) for p in prefixes if link.startswith(p)]
+    assert len(paths) >= 5
+    assert [path for path in paths if not (ROOT / path.partition("#")[0]).is_file()] == []
+
+
 def test_links_are_found_in_every_form():
     text = "[a](docs/a.md) ![b](assets/b.png) <img src='d.png'> [e](https://x.org/e)\n[c]: c.md\n"
     assert sorted(links(text)) == ["assets/b.png", "c.md", "d.png", "docs/a.md", "https://x.org/e"]
