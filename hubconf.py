@@ -1,4 +1,4 @@
-"""torch.hub entry points: ``torch.hub.load("<owner>/ttreg_hf", "dinov2_vitl14_tt_reg")``.
+"""torch.hub entry points: ``torch.hub.load("ttreg-hf/ttreg_hf", "dinov2_vitl14_tt_reg")``.
 
 One entry ``<name>_tt_reg`` per named checkpoint of every family (`ttreg_hf.hub.entry_points`, from the families'
 declarations; ``torch.hub.list`` shows them). Every entry takes ``pretrained`` (False: random weights, offline),

@@ -41,7 +41,7 @@ def test_a_settings_change_inside_a_tool_is_followed(name):
         return tokens(model(pixel_values, **keywords))
 
     with ablate_neurons(model, INDEX):
-        model.config.register_neurons = {str(LAYER + 1): [3]}  # written directly, as the README allows
+        model.config.register_neurons = {str(LAYER + 1): [3]}  # written directly, as the docs allow
         model.config.num_test_time_registers = 2
         inside = run()
     with ablate_neurons(model, INDEX):  # hooked after the rebuild

@@ -210,7 +210,7 @@ def test_the_detection_layer_follows_a_vlms_vision_feature_layer():
 
 
 def test_the_llava_walk_through_finds_saves_attaches_and_generates(tmp_path):
-    """The README's walk-through: find on the VLM, attach to its tower, save, reload with the index, generate."""
+    """The VLM guide's walk-through: find on the VLM, attach to its tower, save, reload with the index, generate."""
     vlm = planted("llava")
     result = find_register_neurons(vlm, pixels(16))
     vision_tower_with_registers(vlm).set_register_neurons(result.index, num_test_time_registers=1)

@@ -43,7 +43,7 @@ def test_compiled_with_dynamic_shapes_follows_eager():
 
 @pytest.mark.usefixtures("fresh_compile_caches")
 def test_compiled_with_the_default_backend_equals_eager(images):
-    """The README's claim as users run it: `torch.compile(fullgraph=True)`, default backend (inductor; C++ on a CPU).
+    """The docs' claim as users run it: `torch.compile(fullgraph=True)`, default backend (inductor; C++ on a CPU).
 
     SLOW: the C++ build takes ~50 s of CPU on a cold inductor cache (1.5-3 min wall on a loaded 2-core machine), ~20 s
     warm; the other compile tests use `aot_eager`, which builds nothing.
