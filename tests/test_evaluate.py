@@ -1,6 +1,7 @@
 """`ttreg evaluate`: each number against a plain computation on constructed data, and end to end on the planted
 model with generated labelled images."""
 
+import functools
 import json
 import math
 
@@ -8,12 +9,13 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from family_models import LAYER, NEURONS, TINY, analysis_inputs, plant
 from PIL import Image
 from transformers import BatchEncoding, CLIPConfig
 
 from ttreg_cli import main
 from ttreg_hf import CLIPTTRegModel
-from ttreg_hf.analysis import run_with_cache, summarize_layers, with_register_neurons
+from ttreg_hf.analysis import observe, run_with_cache, summarize_layers, with_register_neurons
 from ttreg_hf.evaluation import LAYER_MEASURES, EvaluationResult, evaluate, paired_bootstrap
 from ttreg_hf.evaluation.boxes import box_in_image, patch_centers, read_boxes
 from ttreg_hf.evaluation.evaluate import _forward, _layer_measures, _patch_labels
@@ -162,6 +164,28 @@ def test_features_are_the_last_block_cls_and_patch_mean_without_registers(plante
     assert cache.layout.num_registers == 1
     torch.testing.assert_close(forward.features["cls"], tokens[:, 0])
     torch.testing.assert_close(forward.features["patch_mean"], tokens[:, 1:-1].mean(dim=1))  # 256 patches, no register
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_the_cls_rows_are_those_of_the_full_attention_maps(family):
+    """`evaluate` reads only the first query row of each map (``attention_rows=1``): every family's reader gives the
+    rows of its full maps, at every layer, with the padding of a padded batch (SigLIP2) masked as in the full ones."""
+    model, inputs = plant(TINY[family]), analysis_inputs(family)
+    model.set_register_neurons({LAYER: NEURONS})  # the edit on: the register draws attention
+    layers, pixels = range(len(model.transformer_blocks)), inputs.pop("pixel_values")
+    full, rows = {}, {}
+    with torch.no_grad():
+        with observe(model, attentions={layer: functools.partial(full.__setitem__, layer) for layer in layers}):
+            model(pixels, **inputs)
+        for count in (1, 3):
+            keep = {layer: functools.partial(rows.__setitem__, (layer, count)) for layer in layers}
+            with observe(model, attentions=keep, attention_rows=count):
+                model(pixels, **inputs)
+    for layer in layers:
+        assert full[layer].shape[-1] == full[layer].shape[-2]  # every row
+        for count in (1, 3):
+            assert rows[layer, count].shape == (*full[layer].shape[:2], count, full[layer].shape[-1])
+            torch.testing.assert_close(rows[layer, count], full[layer][:, :, :count], rtol=1e-5, atol=1e-7)
 
 
 # ---- end to end ----------------------------------------------------------------------------------------------------
