@@ -4,6 +4,9 @@ model with generated labelled images."""
 import functools
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import open_clip
@@ -251,6 +254,20 @@ def test_cli_writes_the_table_json_and_figure(labelled_data, tmp_path, capsys):
     assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
     assert main([*argv, "--overwrite", "--tasks", "knn"]) == 2
     assert "needs a classification split" in capsys.readouterr().err
+
+
+def test_two_processes_measure_what_one_does(labelled_data, tmp_path):
+    """`ttreg evaluate` under torchrun with 2 processes (uneven shares of 8 val and 8 train images, batches of 3):
+    each process's per-image numbers, summed across processes, give the one-process JSON."""
+    argv = ["evaluate", "planted", str(labelled_data), "--resamples", "50", "--batch-size", "3", "--no-figure"]
+    argv += ["--calibration-images", "5"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*command, "ttreg_cli", *argv, "--out-dir", str(tmp_path / "two")], check=True, env=env, timeout=600)
+    assert main([*argv, "--out-dir", str(tmp_path / "one")]) == 0
+    one, two = (json.loads((tmp_path / n / "evaluation.json").read_text()) for n in ("one", "two"))
+    assert two["settings"].pop("world_size") == 2 and one["settings"].pop("world_size") == 1
+    assert _close(two, one) and two["layers"][-1]["outlier_ratio"]["off"] > 0
 
 
 SIZE = 96  # the tiny dual encoders' image size (tests/family_models.py)
