@@ -1,7 +1,7 @@
 """Zero-shot classification for dual encoders: `transformers`' CLIP / SigLIP / SigLIP2 models and open_clip's CLIP
 models, with their tokenizer and a prompt template; the image embedding runs the model's register tower inside."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +38,12 @@ def vision_tower(model: torch.nn.Module) -> TestTimeRegisterMixin:
         raise TTRegTypeError(str(error)) from None
 
 
-def _check_distinct(token_ids: Sequence[Sequence[int]], classes: Sequence[str]) -> None:
+def _check_distinct(tokens, classes: Sequence[str]) -> None:
     """Refuse prompts that tokenize alike (e.g. by a tokenizer without a vocabulary, every word unknown): the model
-    could not tell their classes apart."""
+    could not tell their classes apart. ``tokens``: token ids (a tensor or lists), or a tokenizer's output holding
+    them (``input_ids``)."""
+    token_ids = tokens["input_ids"] if isinstance(tokens, Mapping) else tokens
+    token_ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids
     seen = {}
     for name, ids in zip(classes, token_ids):
         if tuple(ids) in seen:
@@ -66,14 +69,14 @@ def zero_shot_classifier(
     device = next(model.parameters()).device
     if hasattr(model, "encode_text"):  # open_clip
         tokens = tokenizer(prompts)
-        _check_distinct(tokens.tolist(), classes)
+        _check_distinct(tokens, classes)
         text = model.encode_text(tokens.to(device))
 
         def embed_images(inputs: dict) -> torch.Tensor:
             return model.encode_image(inputs["pixel_values"])
 
     elif hasattr(model, "get_text_features"):
-        _check_distinct(tokenizer(prompts, truncation=True)["input_ids"], classes)
+        _check_distinct(tokenizer(prompts, truncation=True), classes)  # unpadded: a tokenizer without a vocabulary
         tokens = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").to(device)
         text = model.get_text_features(**tokens).pooler_output
 
