@@ -242,14 +242,8 @@ def _load_transformers_checkpoint(spec: str, device: str, image_size: int | None
     from ttreg_hf.modeling.vlm import load_vlm, with_test_time_register_tower
     from ttreg_hf.registry import family_of, family_of_model_type, transformers_families
 
-    folder = Path(spec)
-    if folder.is_dir() and not (folder / "config.json").is_file():
-        raise CommandError(f"{folder} is not a Hugging Face model folder (no config.json); MODEL is {MODEL_HELP}.")
-    try:
-        config_dict = transformers.PreTrainedConfig.get_config_dict(spec)[0]
-    except ValueError as error:
-        raise CommandError(f"The config.json of {spec} is not a model config ({_one_line(error)}).") from error
-    model_type = config_dict.get("model_type") if isinstance(config_dict, dict) else None
+    config_dict = _config_dict(spec)
+    model_type = config_dict.get("model_type")
     family = family_of_model_type(model_type)
     if family is not None:
         with user_path():
@@ -272,6 +266,72 @@ def _load_transformers_checkpoint(spec: str, device: str, image_size: int | None
         model = _with_index_hint(load_vlm, spec, config=config, model_class=architecture, **settings)
     tower = register_tower(model)
     return model.to(device).eval(), _tower_inputs(family_of(tower).preprocessor(tower, spec, image_size), tower)
+
+
+def _config_dict(spec: str) -> dict:
+    """The ``config.json`` of a Hugging Face checkpoint (a Hub id or a folder), as a dict; a folder without one, or a
+    file that is not a model config, is refused."""
+    import transformers
+
+    folder = Path(spec)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise CommandError(f"{folder} is not a Hugging Face model folder (no config.json); MODEL is {MODEL_HELP}.")
+    try:
+        config_dict = transformers.PreTrainedConfig.get_config_dict(spec)[0]
+    except ValueError as error:
+        raise CommandError(f"The config.json of {spec} is not a model config ({_one_line(error)}).") from error
+    return config_dict if isinstance(config_dict, dict) else {}
+
+
+ZERO_SHOT_AUTO_CLASS = "AutoModelForZeroShotImageClassification"  # where a family declares its dual encoder
+
+
+def load_dual_encoder(spec: str, device: str, weights: str | None = None, image_size: int | None = None, **settings):
+    """The dual encoder (image and text towers) a CLI MODEL argument names, for zero-shot classification, in eval mode
+    on ``device``: ``(model, preprocessor, tokenizer)``. A `transformers` CLIP / SigLIP / SigLIP2 checkpoint (a Hub id
+    or a folder) loads as the class its family declares for `AutoModelForZeroShotImageClassification`, with the
+    checkpoint's own tokenizer (`AutoTokenizer`); an open_clip model as `load_model` loads it, with
+    ``open_clip.get_tokenizer``. Anything else (a tower alone, a VLM, timm, the planted model) is refused, naming what
+    zero-shot needs. ``weights`` and ``settings`` as in `load_model`."""
+    import transformers
+
+    from ttreg_hf.analysis.towers import register_tower
+    from ttreg_hf.registry import family_of_model_type
+
+    parsed = parse_model_spec(spec)
+    _check_weights(parsed, spec, weights)
+    need = (
+        "zero-shot needs a dual encoder with its text tower and tokenizer: a CLIP, SigLIP or SigLIP2 checkpoint (Hub "
+        f"id or folder) or an open_clip model; {spec!r} is "
+    )
+    if parsed.kind == "open_clip":
+        import open_clip
+
+        model, preprocessor = load_model(spec, device, None, image_size, **settings)
+        with user_path():
+            tokenizer = open_clip.get_tokenizer(parsed.name)
+        return model, preprocessor, tokenizer
+    if parsed.kind != "transformers":
+        what = {"name": "a vision tower", "timm": "a timm vision model"}
+        raise CommandError(need + what[parsed.kind] + ".")
+    config_dict = _config_dict(spec)
+    model_type = config_dict.get("model_type")
+    family = family_of_model_type(model_type)
+    declared = [cls for name, cls in (family.auto_classes if family else ()) if name == ZERO_SHOT_AUTO_CLASS]
+    if not declared or "text_config" not in config_dict:
+        raise CommandError(need + f"a {model_type!r} checkpoint without a text tower.")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as error:
+        raise CommandError(
+            f"{spec} has no tokenizer that loads ({_one_line(error)}): zero-shot prompts its text tower through the "
+            "checkpoint's own tokenizer (tokenizer.json or the tokenizer's vocabulary files, as save_pretrained "
+            "writes them)."
+        ) from error
+    with user_path():
+        model = _with_index_hint(declared[0].from_pretrained, spec, **settings)
+    preprocessor = family.preprocessor(register_tower(model), spec, image_size)
+    return model.to(device).eval(), preprocessor, tokenizer
 
 
 def _tower_inputs(preprocessor, tower):
@@ -657,8 +717,8 @@ def _evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
         "a paired bootstrap interval: per layer the outlier ratio, max and median patch norm, CLS attention entropy "
         "and its share on outliers and registers; with DATA/train/CLASS/IMAGE and DATA/val/CLASS/IMAGE also k-NN and "
         "linear-probe accuracy on the CLS and mean-patch features; with --boxes, LOST's CorLoc; with --masks, a linear "
-        "segmentation probe's mIoU. Prints a table and writes evaluation.json and "
-        "evaluation.png into --out-dir. Runs unchanged under `torchrun --nproc_per_node N`.",
+        "segmentation probe's mIoU; with --tasks zero-shot, a CLIP / SigLIP / open_clip model's zero-shot accuracy on "
+        "DATA's class folders. Prints a table and writes evaluation.json and evaluation.png into --out-dir. Runs unchanged under `torchrun --nproc_per_node N`.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -672,9 +732,15 @@ def _evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--tasks",
         type=lambda text: text.split(","),
-        help="comma-separated, among outliers,knn,linear,lost,segmentation (default: all that DATA, --boxes and "
-        "--masks allow; zero-shot "
-        "is in the Python API, `ttreg_hf.evaluation.evaluate(model, ..., tokenizer=...)`)",
+        help="comma-separated, among outliers,knn,linear,zero-shot,lost,segmentation (default: all that DATA, --boxes "
+        "and --masks allow; zero-shot only when named: it loads MODEL's text tower and tokenizer, and reads DATA's "
+        "class folders, DATA/CLASS/IMAGE or DATA/val/CLASS/IMAGE, whose names are the class names)",
+    )
+    parser.add_argument(
+        "--template",
+        type=prompt_template,
+        help="zero-shot prompt, with {} where the class name goes (default: 'a photo of a {}.'); '_' in a folder name "
+        "reads as a space",
     )
     parser.add_argument(
         "--boxes", help="object boxes for LOST's CorLoc: a folder of Pascal VOC XML files or a COCO JSON file"
@@ -703,14 +769,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ttreg_hf.analysis.distributed import is_main_process
     from ttreg_hf.evaluation.data import read_dataset
     from ttreg_hf.evaluation.evaluate import check_tasks, evaluate
+    from ttreg_hf.evaluation.zero_shot import TEMPLATE
 
     out_dir = check_output(args.out_dir, args.overwrite, folder=True)
     outputs = ["evaluation.json"] + ([] if args.no_figure else ["evaluation.png"])
     json_file, *figure = (check_output(out_dir / name, args.overwrite) for name in outputs)
     with user_path():  # DATA, and below the --boxes and --masks files
         dataset = read_dataset(args.data)
-    tasks = check_tasks(args.tasks, dataset, boxes=args.boxes is not None, masks=args.masks is not None)
-    model, preprocessor = load_model(
+    zero_shot = "zero-shot" in (args.tasks or ())
+    tasks = check_tasks(args.tasks, dataset, zero_shot, boxes=args.boxes is not None, masks=args.masks is not None)
+    if args.template and not zero_shot:
+        raise CommandError("--template is the zero-shot prompt: add zero-shot to --tasks, or drop --template.")
+    load = load_dual_encoder if zero_shot else load_model
+    model, preprocessor, *tokenizer = load(
         args.model, _device(args), args.weights, args.image_size, register_neurons=args.index
     )
     with user_path():
@@ -719,6 +790,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             preprocessor,
             dataset,
             tasks=tasks,
+            tokenizer=tokenizer[0] if tokenizer else None,
+            template=args.template or TEMPLATE,
             boxes=args.boxes,
             masks=args.masks,
             batch_size=args.batch_size,
@@ -735,6 +808,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         if figure:
             print(f"Wrote {result.save_figure(figure[0])}")
     return EXIT_OK
+
+
+def prompt_template(text: str) -> str:
+    """An argparse ``type``: a zero-shot prompt template, with ``{}`` where the class name goes."""
+    if "{}" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r} has no {{}} where the class name goes, e.g. 'a photo of a {{}}.'")
+    return text
 
 
 def hub_repo_id(text: str) -> str:

@@ -5,10 +5,13 @@ images per second of (a) the bare pipeline: read and preprocess each batch, then
 and with it on (the least any off-vs-on comparison runs); (b) ``evaluate(tasks=["outliers"])``: every layer's norms
 and CLS attention, off and on, with bootstrap intervals; (c) every task the folder allows (outliers, k-NN and linear
 probes, LOST with boxes), counting the training images too. They run in rounds that rotate their order; each ratio to
-(a) is the median over rounds of one round's ratio (drift on a shared machine cancels out).
+(a) is the median over rounds of one round's ratio (drift on a shared machine cancels out). ``--clock cpu`` times the
+process's CPU seconds instead of wall-clock ones: on a machine others load, with ``--threads 1``, what the process
+itself spends.
 
     python benchmarks/evaluate.py                          # the planted model, 64 val images, CPU
     python benchmarks/evaluate.py --quick                  # 8 images, one round (a smoke test)
+    python benchmarks/evaluate.py --threads 1 --clock cpu  # a loaded machine
     python benchmarks/evaluate.py --model vits --device cuda   # a DINOv2 ViT-S/14-shaped model, random weights
 """
 
@@ -83,10 +86,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="val images (as many train images)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall-clock or process CPU seconds")
     parser.add_argument("--quick", action="store_true", help="8 images, one round")
     args = parser.parse_args()
     if args.quick:
         args.images, args.rounds = 8, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     model, preprocessor = MODELS[args.model]().to(args.device).eval(), planted_preprocessor()
     with tempfile.TemporaryDirectory() as folder:
         boxes = write_data(Path(folder), args.images)
@@ -109,11 +117,14 @@ def main() -> None:
         names = list(runs)
         for round_ in range(args.rounds):
             for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-                start = time.perf_counter()
+                start = clock()
                 runs[name][1]()
-                seconds[name].append(time.perf_counter() - start)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                seconds[name].append(clock() - start)
     print(
-        f"{args.model} on {args.device}, {len(paths)} val images of 224 px, batch {BATCH_SIZE}, {args.rounds} round(s)"
+        f"{args.model} on {args.device}, {len(paths)} val images of 224 px, batch {BATCH_SIZE}, {args.rounds} round(s), "
+        f"{args.clock} clock, {torch.get_num_threads()} thread(s)"
     )
     print(f"{'run':<32} {'images/s':>9} {'vs (a)':>7}")
     base = seconds[names[0]]

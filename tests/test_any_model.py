@@ -367,6 +367,11 @@ def test_the_cli_finds_the_planted_neurons_of_any_saved_model(kind, image_dir, t
     outliers = [int(re.search(r"(\d+) outlier tokens", line).group(1)) for line in (original, edited)]
     assert outliers[0] >= 1 and outliers[1] == 0, (original, edited)
     assert f"layer {index.details['detection_layer']} (" in original
+    evaluation = tmp_path / "evaluation"
+    argv = ["evaluate", spec, str(image_dir), "--index", str(out), "--out-dir", str(evaluation), "--no-figure"]
+    assert main([*argv, "--resamples", "20"]) == 0
+    ratio = json.loads((evaluation / "evaluation.json").read_text())["layers"][-1]["outlier_ratio"]
+    assert ratio["on"] < ratio["off"], ratio  # the last block's outliers, which the edit moves onto the register
 
 
 def test_export_refuses_what_it_cannot_write_with_the_reason(tmp_path, capsys):

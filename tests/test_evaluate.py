@@ -1,19 +1,24 @@
 """`ttreg evaluate`: each number against a plain computation on constructed data, and end to end on the planted
 model with generated labelled images."""
 
+import functools
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import open_clip
 import pytest
 import torch
+from family_models import LAYER, NEURONS, TINY, analysis_inputs, plant
 from PIL import Image
 from transformers import BatchEncoding, CLIPConfig
 
 from ttreg_cli import main
 from ttreg_hf import CLIPTTRegModel
-from ttreg_hf.analysis import run_with_cache, summarize_layers, with_register_neurons
+from ttreg_hf.analysis import observe, run_with_cache, summarize_layers, with_register_neurons
 from ttreg_hf.evaluation import LAYER_MEASURES, EvaluationResult, evaluate, paired_bootstrap
 from ttreg_hf.evaluation.boxes import box_in_image, patch_centers, read_boxes
 from ttreg_hf.evaluation.evaluate import _forward, _layer_measures, _patch_labels
@@ -164,6 +169,28 @@ def test_features_are_the_last_block_cls_and_patch_mean_without_registers(plante
     torch.testing.assert_close(forward.features["patch_mean"], tokens[:, 1:-1].mean(dim=1))  # 256 patches, no register
 
 
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_the_cls_rows_are_those_of_the_full_attention_maps(family):
+    """`evaluate` reads only the first query row of each map (``attention_rows=1``): every family's reader gives the
+    rows of its full maps, at every layer, with the padding of a padded batch (SigLIP2) masked as in the full ones."""
+    model, inputs = plant(TINY[family]), analysis_inputs(family)
+    model.set_register_neurons({LAYER: NEURONS})  # the edit on: the register draws attention
+    layers, pixels = range(len(model.transformer_blocks)), inputs.pop("pixel_values")
+    full, rows = {}, {}
+    with torch.no_grad():
+        with observe(model, attentions={layer: functools.partial(full.__setitem__, layer) for layer in layers}):
+            model(pixels, **inputs)
+        for count in (1, 3):
+            keep = {layer: functools.partial(rows.__setitem__, (layer, count)) for layer in layers}
+            with observe(model, attentions=keep, attention_rows=count):
+                model(pixels, **inputs)
+    for layer in layers:
+        assert full[layer].shape[-1] == full[layer].shape[-2]  # every row
+        for count in (1, 3):
+            assert rows[layer, count].shape == (*full[layer].shape[:2], count, full[layer].shape[-1])
+            torch.testing.assert_close(rows[layer, count], full[layer][:, :, :count], rtol=1e-5, atol=1e-7)
+
+
 # ---- end to end ----------------------------------------------------------------------------------------------------
 
 
@@ -227,6 +254,20 @@ def test_cli_writes_the_table_json_and_figure(labelled_data, tmp_path, capsys):
     assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
     assert main([*argv, "--overwrite", "--tasks", "knn"]) == 2
     assert "needs a classification split" in capsys.readouterr().err
+
+
+def test_two_processes_measure_what_one_does(labelled_data, tmp_path):
+    """`ttreg evaluate` under torchrun with 2 processes (uneven shares of 8 val and 8 train images, batches of 3):
+    each process's per-image numbers, summed across processes, give the one-process JSON."""
+    argv = ["evaluate", "planted", str(labelled_data), "--resamples", "50", "--batch-size", "3", "--no-figure"]
+    argv += ["--calibration-images", "5"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*command, "ttreg_cli", *argv, "--out-dir", str(tmp_path / "two")], check=True, env=env, timeout=600)
+    assert main([*argv, "--out-dir", str(tmp_path / "one")]) == 0
+    one, two = (json.loads((tmp_path / n / "evaluation.json").read_text()) for n in ("one", "two"))
+    assert two["settings"].pop("world_size") == 2 and one["settings"].pop("world_size") == 1
+    assert _close(two, one) and two["layers"][-1]["outlier_ratio"]["off"] > 0
 
 
 SIZE = 96  # the tiny dual encoders' image size (tests/family_models.py)

@@ -66,7 +66,9 @@ class Family:
         (the parent's, and composite models' such as ``"clip"``); ours (the config classes') are added.
     attention_reader: ``reader(block, hidden_states, **block_kwargs)`` -> the block's attention probabilities
         ``(batch, heads, tokens, tokens)``, recomputed from its input for the analysis tools (`None`: no maps); with
-        ``keys_only=True``, the attention's keys ``(batch, tokens, heads * head_dim)`` instead.
+        ``num_queries=n``, only the rows of the first ``n`` query tokens ``(batch, heads, n, tokens)`` (the CLS row's
+        is all some measures need); with ``keys_only=True``, the attention's keys ``(batch, tokens, heads *
+        head_dim)`` instead.
     planting_sites: ``planting_sites(model)`` -> the `ttreg_hf.modeling.sites.PlantingSites` of a model of the
         family or of its parent (`None`: no planting).
     preprocessing: ``preprocessing(model, source, image_size)`` -> the `ttreg_hf.images.Preprocessor` that turns

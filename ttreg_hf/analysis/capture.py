@@ -105,12 +105,15 @@ def observe(
     blocks: Mapping[int, Observer] = {},
     attentions: Mapping[int, Observer] = {},
     keys: Mapping[int, Observer] = {},
+    attention_rows: int | None = None,
     detach: bool = True,
 ) -> Iterator[None]:
     """Call each observer with its layer's tensor during every forward inside the ``with`` block.
 
     ``mlp[layer]`` gets ``(batch, tokens, mlp_width)``, ``blocks[layer]`` ``(batch, tokens, width)`` and
-    ``attentions[layer]`` ``(batch, heads, tokens, tokens)``, ``keys[layer]`` the attention's keys ``(batch, tokens,
+    ``attentions[layer]`` ``(batch, heads, tokens, tokens)``, or only the rows of the first ``attention_rows`` query
+    tokens ``(batch, heads, attention_rows, tokens)`` (the CLS token's: ``attention_rows=1``, far cheaper than every
+    row), ``keys[layer]`` the attention's keys ``(batch, tokens,
     heads * head_dim)`` (recomputed by the family's attention reader, as the maps are); tokens include the test-time registers, if any, and a
     padded batch's padding. Layers may be negative. ``detach=False`` hands over the MLP activations and block
     outputs still attached to the autograd graph. ``model`` is any model that holds one test-time-register tower
@@ -130,10 +133,12 @@ def observe(
     read_attention = attention_reader(model) if attentions or keys else None
 
     def on_attention(observer: Observer, keys_only: bool = False):
+        rows = {} if keys_only or attention_rows is None else {"num_queries": attention_rows}
+
         def hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
             with torch.no_grad():
                 hidden_states, block_kwargs = _block_input(args, kwargs)
-                observer(read_attention(block, hidden_states, **block_kwargs, keys_only=keys_only))
+                observer(read_attention(block, hidden_states, **block_kwargs, keys_only=keys_only, **rows))
 
         return hook
 

@@ -26,7 +26,14 @@ def is_main_process() -> bool:
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Sum (or ``op="max"``) ``tensor`` over all processes, in place; returns it."""
+    """Sum (or ``op="max"``) ``tensor`` over all processes, in place; returns it. A host tensor goes through the
+    process's GPU where the group is NCCL's, which reduces GPU tensors only."""
     if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+        if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+            on_gpu = tensor.cuda()
+            dist.all_reduce(on_gpu, op=reduce_op)
+            tensor.copy_(on_gpu)
+        else:
+            dist.all_reduce(tensor, op=reduce_op)
     return tensor

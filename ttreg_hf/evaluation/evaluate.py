@@ -142,8 +142,9 @@ def _comparison(data: dict) -> Comparison:
 class _Forward:
     """One batch through one setting, reduced: per layer the patch norms and the patches' CLS attention ``(batch,
     layers, patches)``, the registers' attention share ``(batch, layers)``, which patches are real ``(batch,
-    patches)``, the pooled features ``(batch, width)``, each image's patch grid and LOST box (in patches), and the
-    last block's patch tokens ``(batch, patches, width)`` for the segmentation probe."""
+    patches)``, the pooled features ``(batch, width)`` (these on the model's device), and for LOST and the
+    segmentation probe each image's patch grid and LOST box (in patches) and the last block's patch tokens ``(batch,
+    patches, width)``."""
 
     norms: torch.Tensor
     attention: torch.Tensor | None
@@ -157,17 +158,19 @@ class _Forward:
 
 def _forward(model: TestTimeRegisterMixin, inputs: dict, tasks: Sequence[str] = (), zero_shot=None) -> _Forward:
     """Run ``inputs`` once through ``model``, or through ``zero_shot.embed_images`` (which runs it inside), for
-    ``tasks``; every layer's tensors are reduced as they come, so no layer's tokens are kept."""
+    ``tasks``; every layer's tensors are reduced as they come, so no layer's tokens are kept. With a CLS token only
+    the CLS row of each attention map is computed; what the outlier measures need stays on the model's device (no
+    host synchronisation)."""
     attentions, lost = "outliers" in tasks, "lost" in tasks
     layers = range(len(model.transformer_blocks))
     norms, rows = {}, {}
+    cls_only = model.token_layout.num_prefix_tokens > 0  # else every row, averaged (SigLIP)
 
     def keep_norms(layer: int):
         return lambda tokens: norms.__setitem__(layer, tokens.float().norm(dim=-1))
 
     def keep_attention(layer: int):
-        def keep(probabilities: torch.Tensor) -> None:  # the CLS row; every row without a CLS token (SigLIP)
-            cls_only = cache.layout.num_prefix_tokens > 0
+        def keep(probabilities: torch.Tensor) -> None:
             rows[layer] = probabilities[:, :, :1] if cls_only else probabilities.float().mean(1, keepdim=True)
 
         return keep
@@ -175,35 +178,41 @@ def _forward(model: TestTimeRegisterMixin, inputs: dict, tasks: Sequence[str] = 
     observers = {"blocks": {layer: keep_norms(layer) for layer in layers}}
     if attentions:
         observers["attentions"] = {layer: keep_attention(layer) for layer in layers}
+        observers["attention_rows"] = 1 if cls_only else None
     keys = [-1] if lost else None
     with torch.no_grad(), capture(model, blocks=[-1], keys=keys) as cache, observe(model, **observers):
-        embeddings = zero_shot.embed_images(inputs) if zero_shot else model(**inputs)
+        if zero_shot:
+            embeddings = zero_shot.embed_images(inputs)
+        else:  # pixel values first: open_clip's and timm's towers name them otherwise
+            model(inputs["pixel_values"], **{key: value for key, value in inputs.items() if key != "pixel_values"})
     layout, last = cache.layout, cache.block_outputs[layers[-1]]
     real = real_patches(cache, last)
     stacked = torch.stack([norms[layer] for layer in layers], dim=1)  # (batch, layers, tokens)
     patches = layout.patches(last)
     mean = (patches.float() * real.unsqueeze(-1)).sum(dim=1) / real.sum(dim=1, keepdim=True).clamp(min=1)
-    features = {"patch_mean": mean.cpu()}
+    features = {"patch_mean": mean}
     if layout.num_prefix_tokens:
-        features["cls"] = last[:, 0].float().cpu()
+        features["cls"] = last[:, 0].float()
     if zero_shot:
-        features["zero_shot"] = embeddings.float().cpu()
+        features["zero_shot"] = embeddings.float()
     attention = register_share = None
     if attentions:
         cls = torch.stack([cls_attention(rows[layer], layout, cache.token_mask) for layer in layers], dim=1)
-        attention = layout.patches(cls.transpose(1, 2)).transpose(1, 2).cpu()
-        register_share = layout.registers(cls.transpose(1, 2)).sum(dim=1).cpu()
-    patch_norms = layout.patches(stacked.transpose(1, 2)).transpose(1, 2).cpu()
-    if "spatial_shapes" in inputs:
-        grids = [tuple(shape) for shape in inputs["spatial_shapes"].tolist()]
-    else:
-        grids = [(math.isqrt(patch_norms.shape[-1]),) * 2] * len(patch_norms)
-    lost_boxes = []
+        attention = layout.patches(cls.transpose(1, 2)).transpose(1, 2)
+        register_share = layout.registers(cls.transpose(1, 2)).sum(dim=1)
+    patch_norms = layout.patches(stacked.transpose(1, 2)).transpose(1, 2)
+    grids, lost_boxes, tokens = [], [], None
+    if lost or "segmentation" in tasks:  # these read on the host
+        if "spatial_shapes" in inputs:
+            grids = [tuple(shape) for shape in inputs["spatial_shapes"].tolist()]
+        else:
+            grids = [(math.isqrt(patch_norms.shape[-1]),) * 2] * len(patch_norms)
     if lost:
         patch_keys = layout.patches(cache.keys[layers[-1]])
         lost_boxes = [lost_box(k[: rows * columns], rows, columns) for k, (rows, columns) in zip(patch_keys, grids)]
-    tokens = patches.float().cpu() if "segmentation" in tasks else None
-    return _Forward(patch_norms, attention, register_share, real.cpu(), features, grids, lost_boxes, tokens)
+    if "segmentation" in tasks:
+        tokens = patches.float().cpu()
+    return _Forward(patch_norms, attention, register_share, real, features, grids, lost_boxes, tokens)
 
 
 def _layer_measures(forward: _Forward, thresholds: torch.Tensor) -> torch.Tensor:
@@ -239,34 +248,47 @@ def _batches(paths: Sequence[Path], indices: Sequence[int], preprocessor: Prepro
 
 
 def _on_device(inputs: dict, model: torch.nn.Module) -> dict:
+    """``inputs`` on ``model``'s device, floating-point ones in its dtype; to a GPU through pinned memory, without
+    waiting for it (no host synchronisation)."""
     parameter = next(model.parameters())
+    pinned = parameter.device.type == "cuda"
     return {
-        key: value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
+        key: (value.pin_memory() if pinned else value).to(
+            parameter.device, parameter.dtype if value.is_floating_point() else value.dtype, non_blocking=pinned
+        )
         for key, value in inputs.items()
     }
 
 
 def _settings(model: TestTimeRegisterMixin) -> Iterator[tuple[str, TestTimeRegisterMixin]]:
-    for name, neurons in zip(SETTINGS, ({}, None)):  # None: the model's own index
-        with with_register_neurons(model, neurons):
-            yield name, model
+    """The model with its edit off, then on: with its own index, as it came (one switch and back per batch)."""
+    with with_register_neurons(model, {}):
+        yield SETTINGS[0], model
+    yield SETTINGS[1], model
 
 
 class _Collector:
-    """Per-image numbers of every image, filled by each process at its own images and summed across processes."""
+    """Per-image numbers of every image, filled by each process at its own images and summed across processes. A
+    GPU's values are copied to the host as they come, without waiting for them: the copies are waited for once, in
+    `gathered`."""
 
     def __init__(self, num_images: int):
-        self.num_images, self.tensors = num_images, {}
+        self.num_images, self.parts = num_images, {}
 
     def put(self, name: str, indices: list[int], values: torch.Tensor) -> None:
-        if name not in self.tensors:
-            self.tensors[name] = torch.zeros(self.num_images, *values.shape[1:], dtype=torch.float64)
-        self.tensors[name][indices] = values.double()
+        values = values.detach().double()
+        self.parts.setdefault(name, []).append((indices, values.to("cpu", non_blocking=values.is_cuda)))
 
     def gathered(self) -> dict[str, torch.Tensor]:
-        for tensor in self.tensors.values():
-            all_reduce(tensor)
-        return self.tensors
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        tensors = {}
+        for name, parts in self.parts.items():
+            tensors[name] = torch.zeros(self.num_images, *parts[0][1].shape[1:], dtype=torch.float64)
+            for indices, values in parts:
+                tensors[name][indices] = values
+            all_reduce(tensors[name])
+        return tensors
 
 
 def evaluate(
@@ -330,9 +352,10 @@ def evaluate(
         raise TTRegValueError(f"{len(dataset.images)} images cannot be shared by {world_size} processes: use fewer.")
     num_layers = len(model.transformer_blocks)
     collector = _Collector(len(dataset.images))
-    histograms = [NormHistogram() for _ in range(num_layers)]
+    device = next(model.parameters()).device
+    histograms = [NormHistogram(device) for _ in range(num_layers)]
     pending: list[tuple[list[int], dict[str, _Forward]]] = []
-    thresholds = None if threshold is None else torch.full((num_layers,), float(threshold))
+    thresholds = None if threshold is None else torch.full((num_layers,), float(threshold), device=device)
     quota = math.ceil(calibration_images / world_size)
     shard = list(range(rank, len(dataset.images), world_size))
     examples = {}
@@ -369,11 +392,11 @@ def evaluate(
         if "outliers" in tasks:
             pending.append((indices, forwards))
             if thresholds is None and (position + 1) * batch_size >= min(quota, len(shard)):
-                thresholds = torch.tensor([h.all_reduce().threshold() for h in histograms])
+                thresholds = torch.tensor([h.all_reduce().threshold() for h in histograms], device=device)
             if thresholds is not None:
                 flush()
     if "outliers" in tasks and thresholds is None:  # a process without images still joins the reduction
-        thresholds = torch.tensor([h.all_reduce().threshold() for h in histograms])
+        thresholds = torch.tensor([h.all_reduce().threshold() for h in histograms], device=device)
         flush()
     gathered = collector.gathered()
 
@@ -544,7 +567,8 @@ def _confusions(forward: _Forward, paths: list[Path], sizes, probe: _Segmentatio
 def _examples(forwards: dict[str, _Forward], preprocessor: Preprocessor, inputs: dict, count: int) -> dict:
     """The first ``count`` images of a batch, for the figure: each input image and, per setting, its last layer's
     patch-norm and CLS-attention maps on its patch grid (a NaFlex image's own grid, padding left out)."""
-    images = preprocessor.to_images(inputs)[:count]
+    inputs = {key: value[:count].cpu() for key, value in inputs.items()}
+    images = preprocessor.to_images(inputs)
     shapes = inputs["spatial_shapes"].tolist() if "spatial_shapes" in inputs else None
     examples = []
     for i, image in enumerate(images):
@@ -553,7 +577,7 @@ def _examples(forwards: dict[str, _Forward], preprocessor: Preprocessor, inputs:
         for name, forward in forwards.items():
             for kind, values in (("norms", forward.norms), ("attention", forward.attention)):
                 if values is not None and rows * columns <= values.shape[-1]:
-                    maps[f"{kind}/{name}"] = values[i, -1, : rows * columns].view(rows, columns)
+                    maps[f"{kind}/{name}"] = values[i, -1, : rows * columns].view(rows, columns).cpu()
         examples.append(maps)
     return {"images": examples}
 

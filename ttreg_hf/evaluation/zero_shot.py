@@ -1,11 +1,12 @@
 """Zero-shot classification for dual encoders: `transformers`' CLIP / SigLIP / SigLIP2 models and open_clip's CLIP
 models, with their tokenizer and a prompt template; the image embedding runs the model's register tower inside."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from ..analysis.towers import register_tower
 from ..errors import TTRegTypeError, TTRegValueError
 from ..modeling.registers import TestTimeRegisterMixin
 
@@ -29,19 +30,29 @@ class ZeroShotClassifier:
 
 
 def vision_tower(model: torch.nn.Module) -> TestTimeRegisterMixin:
-    """The test-time-register vision tower of ``model``: itself, an open_clip model's ``visual``, or a `transformers`
-    dual encoder's vision model."""
-    if hasattr(model, "get_text_features"):
-        from ..modeling.registers import vision_tower_with_registers
+    """The test-time-register vision tower of ``model``: itself, or the one inside it (`register_tower`: an open_clip
+    model's ``visual``, a dual encoder's vision model, a classifier's or a VLM's tower, ...)."""
+    try:
+        return register_tower(model)
+    except ValueError as error:
+        raise TTRegTypeError(str(error)) from None
 
-        model = vision_tower_with_registers(model)
-    tower = getattr(model, "visual", model)
-    if not isinstance(tower, TestTimeRegisterMixin):
-        raise TTRegTypeError(
-            f"{type(tower).__name__} has no test-time registers: load the model with ttreg_hf (a ttreg_hf class, "
-            "`to_test_time_registers`, or ttreg_hf.modeling.open_clip.create_model_and_transforms)."
-        )
-    return tower
+
+def _check_distinct(tokens, classes: Sequence[str]) -> None:
+    """Refuse prompts that tokenize alike (e.g. by a tokenizer without a vocabulary, every word unknown): the model
+    could not tell their classes apart. ``tokens``: token ids (a tensor or lists), or a tokenizer's output holding
+    them (``input_ids``)."""
+    token_ids = tokens["input_ids"] if isinstance(tokens, Mapping) else tokens
+    token_ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids
+    seen = {}
+    for name, ids in zip(classes, token_ids):
+        if tuple(ids) in seen:
+            raise TTRegValueError(
+                f"The tokenizer gives the prompts of the classes {seen[tuple(ids)]!r} and {name!r} the same tokens, so "
+                "zero-shot cannot tell them apart: use the model's own tokenizer (one with its vocabulary), a template "
+                "short enough to leave room for the class name, and class folders named apart."
+            )
+        seen[tuple(ids)] = name
 
 
 @torch.no_grad()
@@ -57,12 +68,15 @@ def zero_shot_classifier(
     prompts = [template.format(name.replace("_", " ")) for name in classes]
     device = next(model.parameters()).device
     if hasattr(model, "encode_text"):  # open_clip
-        text = model.encode_text(tokenizer(prompts).to(device))
+        tokens = tokenizer(prompts)
+        _check_distinct(tokens, classes)
+        text = model.encode_text(tokens.to(device))
 
         def embed_images(inputs: dict) -> torch.Tensor:
             return model.encode_image(inputs["pixel_values"])
 
     elif hasattr(model, "get_text_features"):
+        _check_distinct(tokenizer(prompts, truncation=True), classes)  # unpadded: a tokenizer without a vocabulary
         tokens = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").to(device)
         text = model.get_text_features(**tokens).pooler_output
 

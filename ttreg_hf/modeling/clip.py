@@ -155,14 +155,15 @@ def clip_image_processor(config: CLIPVisionTTRegConfig) -> CLIPImageProcessor:
     return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
 
-def clip_attention(block: nn.Module, hidden_states: torch.Tensor, keys_only: bool = False, **_) -> torch.Tensor:
+def clip_attention(
+    block: nn.Module, hidden_states: torch.Tensor, keys_only: bool = False, num_queries: int | None = None, **_
+) -> torch.Tensor:
     """CLIP's (and SigLIP's) encoder layer: pre-norm ``layer_norm1``, ``self_attn`` with ``q_proj`` / ``k_proj``."""
     attention, normed = block.self_attn, block.layer_norm1(hidden_states)
     if keys_only:
         return attention.k_proj(normed)
-    return attention_probabilities(
-        attention.q_proj(normed), attention.k_proj(normed), attention.num_heads, attention.scale
-    )
+    queries = attention.q_proj(normed[:, :num_queries])
+    return attention_probabilities(queries, attention.k_proj(normed), attention.num_heads, attention.scale)
 
 
 def clip_planting_sites(model: CLIPVisionModel | CLIPVisionModelWithProjection) -> PlantingSites:

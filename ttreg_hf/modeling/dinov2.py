@@ -158,11 +158,14 @@ def dinov2_image_processor(config: Dinov2TTRegConfig | None = None) -> BitImageP
     )
 
 
-def dinov2_attention(block: nn.Module, hidden_states: torch.Tensor, keys_only: bool = False, **_) -> torch.Tensor:
+def dinov2_attention(
+    block: nn.Module, hidden_states: torch.Tensor, keys_only: bool = False, num_queries: int | None = None, **_
+) -> torch.Tensor:
     attention, normed = block.attention, block.norm1(hidden_states)
-    queries, keys = attention.q_proj(normed), attention.k_proj(normed)
+    keys = attention.k_proj(normed)
     if keys_only:
         return keys
+    queries = attention.q_proj(normed[:, :num_queries])
     return attention_probabilities(queries, keys, attention.num_attention_heads, attention.scaling)
 
 

@@ -142,10 +142,16 @@ def dinov3_image_processor(config: DINOv3ViTTTRegConfig) -> DINOv3ViTImageProces
 
 
 def dinov3_attention(
-    block: nn.Module, hidden_states: torch.Tensor, position_embeddings=None, keys_only: bool = False, **_
+    block: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings=None,
+    keys_only: bool = False,
+    num_queries: int | None = None,
+    **_,
 ) -> torch.Tensor:
     """With RoPE on the patches (and, through this family's rotation table, the identity on the test-time registers);
-    the keys as the attention uses them, rotated."""
+    the keys as the attention uses them, rotated. RoPE tells the prefix tokens by the sequence length, so every
+    query is computed, and the rows of the first ``num_queries`` kept."""
     attention, normed = block.attention, block.norm1(hidden_states)
     shape = (*normed.shape[:2], attention.num_heads, attention.head_dim)
     queries = attention.q_proj(normed).view(shape).transpose(1, 2)
@@ -154,7 +160,8 @@ def dinov3_attention(
         queries, keys = apply_rotary_pos_emb(queries, keys, *position_embeddings)
     if keys_only:
         return keys.transpose(1, 2).flatten(2)
-    return torch.softmax(queries.float() @ keys.float().transpose(-1, -2) * attention.scaling, dim=-1)
+    scores = queries[:, :, :num_queries].float() @ keys.float().transpose(-1, -2)
+    return torch.softmax(scores * attention.scaling, dim=-1)
 
 
 def dinov3_planting_sites(model: DINOv3ViTModel) -> PlantingSites:

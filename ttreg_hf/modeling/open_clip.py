@@ -36,7 +36,7 @@ from ..family import (
 )
 from ..images import Preprocessor, transform_preprocessor
 from ..index import INDEX_FILENAME
-from .attention import attention_probabilities
+from .attention import attention_probabilities, fused_projection
 from .registers import (
     IndexSpec,
     KeywordRegisterSettingsMixin,
@@ -321,12 +321,15 @@ def open_clip_preprocessing(model: VisionTransformer, source=None, image_size: i
     return transform_preprocessor(image_transform_v2(config, is_train=False), description, config.mean, config.std)
 
 
-def open_clip_attention(block: nn.Module, hidden_states: torch.Tensor, keys_only: bool = False, **_) -> torch.Tensor:
-    attention = block.attn  # nn.MultiheadAttention, batch first
-    projected = nn.functional.linear(block.ln_1(hidden_states), attention.in_proj_weight, attention.in_proj_bias)
-    queries, keys, _ = projected.chunk(3, dim=-1)
+def open_clip_attention(
+    block: nn.Module, hidden_states: torch.Tensor, keys_only: bool = False, num_queries: int | None = None, **_
+) -> torch.Tensor:
+    attention, normed = block.attn, block.ln_1(hidden_states)  # nn.MultiheadAttention, batch first
+    weight, bias = attention.in_proj_weight, attention.in_proj_bias
+    keys = fused_projection(normed, weight, bias, 1)
     if keys_only:
         return keys
+    queries = fused_projection(normed[:, :num_queries], weight, bias, 0)
     return attention_probabilities(queries, keys, attention.num_heads, attention.head_dim**-0.5)
 
 

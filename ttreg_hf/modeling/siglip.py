@@ -314,13 +314,15 @@ def siglip2_attention(
     hidden_states: torch.Tensor,
     register_token_mask: torch.Tensor | None = None,
     keys_only: bool = False,
+    num_queries: int | None = None,
     **_,
 ) -> torch.Tensor:
     """As `clip_attention`, with the padding keys masked as the layer's attention masks them."""
     attention, normed = block.self_attn, block.layer_norm1(hidden_states)
-    queries, keys = attention.q_proj(normed), attention.k_proj(normed)
+    keys = attention.k_proj(normed)
     if keys_only:
         return keys
+    queries = attention.q_proj(normed[:, :num_queries])
     return attention_probabilities(queries, keys, attention.num_heads, attention.scale, register_token_mask)
 
 

@@ -24,7 +24,7 @@ from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_r
 from ..errors import TTRegTypeError, TTRegValueError
 from ..family import Family, check_close_keywords, closest_keyword_on_error, parameter_names
 from ..images import Preprocessor, transform_preprocessor
-from .attention import attention_probabilities
+from .attention import attention_probabilities, fused_projection
 from .registers import IndexSpec, KeywordRegisterSettingsMixin, RegisterAppender, RegisterSeams, adopt
 from .sites import BlockSites, LinearRows, PlantingSites
 from .timm_registry import PREFIX, register_timm_models
@@ -325,14 +325,18 @@ def timm_preprocessing(model: VisionTransformer, source=None, image_size: int | 
     return transform_preprocessor(timm.data.create_transform(**config), description, config["mean"], config["std"])
 
 
-def timm_attention(block: nn.Module, hidden_states: torch.Tensor, keys_only: bool = False, **_) -> torch.Tensor:
-    attention = block.attn  # timm's `Attention` (pre-norm `Block`)
+def timm_attention(
+    block: nn.Module, hidden_states: torch.Tensor, keys_only: bool = False, num_queries: int | None = None, **_
+) -> torch.Tensor:
+    attention, normed = block.attn, block.norm1(hidden_states)  # timm's `Attention` (pre-norm `Block`)
     if type(attention).__name__ != "Attention":
         raise NotImplementedError(f"No attention reader for timm's {type(attention).__name__}.")
-    qkv = attention.qkv(block.norm1(hidden_states)).unflatten(-1, (3, attention.num_heads, attention.head_dim))
-    queries, keys = attention.q_norm(qkv[..., 0, :, :]), attention.k_norm(qkv[..., 1, :, :])  # norms act per head
+    heads = (attention.num_heads, attention.head_dim)
+    weight, bias = attention.qkv.weight, attention.qkv.bias
+    keys = attention.k_norm(fused_projection(normed, weight, bias, 1).unflatten(-1, heads))  # norms act per head
     if keys_only:
         return keys.flatten(2)
+    queries = attention.q_norm(fused_projection(normed[:, :num_queries], weight, bias, 0).unflatten(-1, heads))
     return attention_probabilities(queries.flatten(2), keys.flatten(2), attention.num_heads, attention.scale)
 
 

@@ -169,11 +169,14 @@ def deit_image_processor(config: DeiTTTRegConfig) -> DeiTImageProcessor:
     return DeiTImageProcessor(size={"height": resized, "width": resized}, crop_size={"height": side, "width": side})
 
 
-def vit_attention(block: nn.Module, hidden_states: torch.Tensor, keys_only: bool = False, **_) -> torch.Tensor:
+def vit_attention(
+    block: nn.Module, hidden_states: torch.Tensor, keys_only: bool = False, num_queries: int | None = None, **_
+) -> torch.Tensor:
     attention, normed = block.attention, block.layernorm_before(hidden_states)
-    queries, keys = attention.q_proj(normed), attention.k_proj(normed)
+    keys = attention.k_proj(normed)
     if keys_only:
         return keys
+    queries = attention.q_proj(normed[:, :num_queries])
     return attention_probabilities(queries, keys, attention.num_attention_heads, attention.scaling)
 
 
