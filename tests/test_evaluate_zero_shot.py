@@ -182,7 +182,7 @@ def test_zero_shot_refuses_a_model_without_a_text_tower_or_tokenizer(class_folde
         (
             "planted",
             "zero-shot needs a dual encoder with its text tower and tokenizer: a CLIP, SigLIP or SigLIP2 "
-            "checkpoint (Hub id or folder) or an open_clip model; 'planted' is the planted vision tower.",
+            "checkpoint (Hub id or folder) or an open_clip model; 'planted' is a vision tower.",
         ),
         (
             str(tower),
