@@ -206,7 +206,8 @@ class _Statistics:
         """Add the scores of the images of ``outliers`` (every outlier of these images, and nothing else)."""
         counts = torch.bincount(outliers.image, minlength=len(outliers.positions)).double()
         weights = 1 / counts[outliers.image]  # each image's outliers weigh 1 / its number of outliers: their mean
-        # one layer at a time through two buffers (in cache), summed in float64: sums that do not depend on the batches
+        # one layer at a time, through two buffers reused across layers (they stay in cache); in float64, so that how the
+        # images are batched (in one process or several) changes the sums by rounding only
         rows = outliers.activations[0].new_empty(len(outliers.rows), outliers.activations[0].shape[-1])
         magnitudes = torch.empty(rows.shape, dtype=torch.float64, device=rows.device)
         for layer, activations in enumerate(outliers.activations):
