@@ -99,7 +99,10 @@ def _batches(
         if isinstance(images, torch.Tensor):  # a view where the images are evenly spaced: no copy
             steps = {b - a for a, b in zip(indices, indices[1:])}
             step = steps.pop() if len(steps) == 1 else 1 if len(indices) == 1 else None
-            batch = images[indices[0] : indices[-1] + 1 : step] if step and step > 0 else images[indices]
+            if step and step > 0:
+                batch = images[indices[0] : indices[-1] + 1 : step]
+            else:  # one copy (faster than indexing with a list)
+                batch = images.index_select(0, torch.tensor(indices, device=images.device))
             yield chunk, _to_model("pixel_values", batch, parameter)
             continue
         chosen = [images[i] for i in indices]
@@ -138,31 +141,50 @@ def _forward(model: torch.nn.Module, inputs: Inputs):
 @dataclass
 class _Tokens:
     """Patch tokens of one batch above a norm bound (all of them, of real patches): the image each belongs to, its
-    norm, and the searched layers' MLP activations there."""
+    norm, and where its MLP activations are: row ``rows[i]`` of each searched layer's ``activations``."""
 
     positions: list[int]  # the batch's images, as positions in the selected images
     image: torch.Tensor  # (tokens,): index into positions
     norms: torch.Tensor  # (tokens,)
-    activations: torch.Tensor  # (layers, tokens, mlp_width), in the model's dtype
+    activations: list[torch.Tensor]  # per searched layer, (rows, mlp_width) in the model's dtype
+    rows: torch.Tensor  # (tokens,): index into each layer's rows
     bound: float
+
+    def above(self, bound: float) -> "_Tokens":
+        """The tokens above a higher ``bound``, in the same order (no activation is copied)."""
+        if bound == self.bound:
+            return self
+        keep = (self.norms > bound).nonzero().flatten()
+        return _Tokens(self.positions, self.image[keep], self.norms[keep], self.activations, self.rows[keep], bound)
+
+    def kept(self) -> "_Tokens":
+        """The same tokens with a copy of their own rows only, so that the batch's activations can go."""
+        width = self.activations[0].shape[-1]
+        rows = self.activations[0].new_empty(len(self.activations), len(self.rows), width)
+        for layer, activations in enumerate(self.activations):
+            torch.index_select(activations, 0, self.rows, out=rows[layer])
+        everyone = torch.arange(len(self.rows), device=self.rows.device)
+        return _Tokens(self.positions, self.image, self.norms, list(rows), everyone, self.bound)
 
 
 def _scoring_forward(
     model: TestTimeRegisterMixin, inputs: Inputs, detection: int, highest: int
-) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[float], "_Tokens"]]:
-    """One forward: the detection layer's patch norms, the patch mask, and a function that gathers the tokens above a
-    bound (the MLP activations stay referenced, not copied, until it is dropped)."""
+) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[float, list[int]], _Tokens]]:
+    """One forward: the detection layer's patch norms, the patch mask, and a function that finds the tokens above a
+    bound (their MLP activations are the batch's, referenced, not copied)."""
     with capture(model, mlp=range(highest + 1), blocks=[detection]) as cache:
         _forward(model, inputs)
     norms, mask = patch_norms(cache.block_outputs[detection], cache.layout), patch_mask(inputs, model)
+    layers = [cache.mlp_activations[layer] for layer in range(highest + 1)]  # (batch, tokens, mlp_width) each
+    num_tokens, width = layers[0].shape[1:]
 
     def tokens_above(bound: float, positions: list[int]) -> _Tokens:
         above = norms > bound
-        image, token = (above if mask is None else above & mask).nonzero(as_tuple=True)
-        activations = torch.stack(
-            [cache.layout.patches(cache.mlp_activations[layer])[image, token] for layer in range(highest + 1)]
+        image, patch = (above if mask is None else above & mask).nonzero(as_tuple=True)
+        rows = image * num_tokens + cache.layout.num_prefix_tokens + patch  # of the (batch x tokens, width) rows
+        return _Tokens(
+            positions, image, norms[image, patch], [layer.reshape(-1, width) for layer in layers], rows, bound
         )
-        return _Tokens(positions, image, norms[image, token], activations, bound)
 
     return norms, mask, tokens_above
 
@@ -180,15 +202,18 @@ class _Statistics:
     def count_patches(self, positions: list[int], norms: torch.Tensor, mask: torch.Tensor | None) -> None:
         self.patches[positions] = float(norms.shape[1]) if mask is None else mask.sum(dim=-1).double()
 
-    def score(self, tokens: _Tokens, threshold: float) -> None:
-        """Add the scores of the images of ``tokens`` (which hold every token above ``threshold`` of these images)."""
-        outlier = (tokens.norms > threshold).double()
-        counts = torch.zeros(len(tokens.positions), dtype=torch.float64, device=self.scores.device)
-        counts.index_add_(0, tokens.image, outlier)
-        # each image's outliers weigh 1 / its number of outliers (their mean); the other kept tokens 0
-        weights = outlier / counts[tokens.image].clamp(min=1)
-        self.scores += torch.matmul(weights, tokens.activations.double().abs_())  # (tokens) @ (layers, tokens, width)
-        self.outliers[tokens.positions] = counts
+    def score(self, outliers: _Tokens) -> None:
+        """Add the scores of the images of ``outliers`` (every outlier of these images, and nothing else)."""
+        counts = torch.bincount(outliers.image, minlength=len(outliers.positions)).double()
+        weights = 1 / counts[outliers.image]  # each image's outliers weigh 1 / its number of outliers: their mean
+        # one layer at a time, through two buffers reused across layers (they stay in cache); in float64, so that how the
+        # images are batched (in one process or several) changes the sums by rounding only
+        rows = outliers.activations[0].new_empty(len(outliers.rows), outliers.activations[0].shape[-1])
+        magnitudes = torch.empty(rows.shape, dtype=torch.float64, device=rows.device)
+        for layer, activations in enumerate(outliers.activations):
+            torch.index_select(activations, 0, outliers.rows, out=rows)
+            self.scores[layer].addmv_(magnitudes.copy_(rows.abs_()).T, weights)
+        self.outliers[outliers.positions] = counts
 
     def all_reduce(self) -> None:
         """Sum over processes (the calibration histogram is summed when the threshold is settled)."""
@@ -240,26 +265,26 @@ def _scan(
             tokens = tokens_above(CANDIDATE_FRACTION * MIN_NORM_RATIO * batch.median(), positions)
             room = max(batch_size, math.ceil(len(share) / 2)) * norms.shape[1] if room is None else room
             if len(tokens.image) <= room:
-                kept.append(tokens)
+                kept.append(tokens.kept())
                 room -= len(tokens.image)
             else:
                 again += positions
         threshold = stats.calibration.all_reduce().threshold()
         for tokens in kept:
             if tokens.bound <= threshold:
-                stats.score(tokens, threshold)
+                stats.score(tokens.above(threshold))
             else:
                 again += tokens.positions
         del kept
         for positions, inputs in _batches(images, selected, sorted(again), batch_size, model, "calibration again"):
-            stats.score(_scoring_forward(model, inputs, detection, highest)[2](threshold, positions), threshold)
+            stats.score(_scoring_forward(model, inputs, detection, highest)[2](threshold, positions))
         in_calibration = set(calibration)
         others = [position for position in others if position not in in_calibration]
     for positions, inputs in _batches(images, selected, others[rank::world_size], batch_size, model, "scores"):
         norms, mask, tokens_above = _scoring_forward(model, inputs, detection, highest)
         stats.histogram.add(norms, mask)
         stats.count_patches(positions, norms, mask)
-        stats.score(tokens_above(threshold, positions), threshold)
+        stats.score(tokens_above(threshold, positions))
     stats.all_reduce()
     return stats, threshold
 
