@@ -8,11 +8,8 @@ import json
 import pytest
 import torch
 import transformers
+from host_models import BACKBONE_HOSTS, LOADED, llava, llava_next, llava_onevision, tiny_backbone_config
 from safetensors.torch import load_file, save_file
-from test_remote_code import flatten, load_without_package
-from test_task_models import HOSTS as BACKBONE_HOSTS
-from test_task_models import LOADED, _tiny_backbone_config
-from test_vlm import llava, llava_next, llava_onevision
 from transformers import (
     Mask2FormerForUniversalSegmentation,
     Mask2FormerModel,
@@ -24,13 +21,15 @@ from ttreg_hf.export import ExportError, export_model
 from ttreg_hf.modeling.hosts import HOSTS
 from ttreg_hf.modeling.vlm import HostNeedsPackageWarning
 
+from support import flatten, load_without_package
+
 NEURONS = {1: [3, 40], 2: [5]}
 SETTINGS = dict(num_test_time_registers=2, register_scale=[1.0, -0.5], register_semantics="reference")
 
 
 def _backbone_host(name, model_class=None):
     host_class, host_config, fields, _ = BACKBONE_HOSTS[name]
-    model = (model_class or host_class)(host_config(_tiny_backbone_config(False, **fields)))
+    model = (model_class or host_class)(host_config(tiny_backbone_config(False, **fields)))
     return model, dict(pixel_values=torch.randn(2, 3, 42, 42))
 
 
@@ -60,7 +59,7 @@ def test_every_declared_host_is_tested_here():
 
 
 def _loaded(name):
-    """A classifier or dual encoder of `test_task_models.LOADED`, and its inputs."""
+    """A classifier or dual encoder of `host_models.LOADED`, and its inputs."""
     inputs = dict(pixel_values=torch.randn(2, 3, 42, 42))
     if LOADED[name][1] == "logits_per_image":
         inputs["input_ids"] = torch.tensor([[4, 5, 6, 2], [7, 8, 9, 2]])
