@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from ttreg_hf import RegisterNeuronIndex, vision_tower_with_registers
 from ttreg_hf.export import export_model
 from ttreg_hf.registry import transformers_families
-from ttreg_hf.remote_code import remote_code_folder
+from ttreg_hf.remote_code import remote_code_files, remote_code_folder
 
 from support import flatten, load_without_package
 
@@ -76,12 +76,20 @@ def test_the_remote_code_is_the_run_time_of_a_saved_model():
 
 @pytest.mark.parametrize("model_class", [cls for _, cls in CLASSES], ids=lambda cls: cls.__name__)
 def test_every_class_has_remote_code_that_defines_it(model_class):
-    folder = remote_code_folder(model_class)
-    assert sorted(path.name for path in folder.iterdir()) == ["configuration_ttreg.py", "modeling_ttreg.py"]
-    configuration, modeling = ((folder / name).read_text() for name in ("configuration_ttreg.py", "modeling_ttreg.py"))
+    """A family's classes are defined by its two files; the hosts' two (`test_hosts_remote`) lie beside them."""
+    files = remote_code_files(model_class)
+    assert [path.name for path in files] == ["configuration_ttreg.py", "modeling_ttreg.py"]
+    assert sorted(path.name for path in files[0].parent.iterdir()) == [
+        "configuration_ttreg.py",
+        "configuration_ttreg_hosts.py",
+        "modeling_ttreg.py",
+        "modeling_ttreg_hosts.py",
+    ]
+    configuration, modeling = (path.read_text() for path in files)
     assert f"\nclass {model_class.config_class.__name__}(" in configuration
     assert "nn.Module" not in configuration and "ttreg_hf" not in configuration.split('"""')[2].split("# ---- ")[0]
     assert "ttreg_hf" not in modeling.split('"""')[2].split("# ---- ")[0]  # imports: no package, relative only
+    assert "_hosts import" not in configuration + modeling  # a family's files stand alone
 
 
 def test_a_subclass_of_yours_saves_without_remote_code(tmp_path):
@@ -155,6 +163,8 @@ def test_an_export_keeps_the_class_it_was_given_with_every_weight(saved, exporte
 @pytest.mark.parametrize("model_class", [cls for _, cls in CLASSES], ids=lambda cls: cls.__name__)
 def test_with_the_package_the_auto_classes_build_our_class_from_a_saved_folder(saved, model_class):
     model, folder = saved[model_class]
+    remote_code = sorted(path.name for path in folder.glob("*.py"))
+    assert remote_code == ["configuration_ttreg.py", "modeling_ttreg.py"]  # the hosts' files only beside a host
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map["AutoConfig"] == f"configuration_ttreg.{model_class.config_class.__name__}"
     auto_name = next(name for name in auto_map if name != "AutoConfig")
