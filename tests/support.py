@@ -1,14 +1,21 @@
 """Helpers shared by the test modules: a model's parent on its weights, the hook-based reference edit run on that
-parent, and the per-family specs (`SPECS`) that drive the shared suites of `test_family_suite.py`. Test modules import
-from here (and from `family_models`, `reference_edit`, `reference_discovery`), never from one another."""
+parent, the per-family specs (`SPECS`) that drive the shared suites of `test_family_suite.py`, and a saved folder
+loaded with `transformers` alone (`load_without_package`). Test modules import from here (and from `family_models`,
+`host_models`, `reference_edit`, `reference_discovery`), never from one another."""
 
 import functools
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ttreg_hf import (
@@ -257,3 +264,56 @@ SPECS = {
 def tiny_dinov2_config(**overrides) -> Dinov2TTRegConfig:
     """The DINOv2 spec's tiny config: 3 layers, 32 wide, 56 px images of 14 px patches, eager attention."""
     return SPECS["dinov2"].config(**overrides)
+
+
+# loads every folder through the Auto class its config's auto_map names, with `transformers` alone
+REMOTE_LOADER = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["ttreg_hf"] = None  # whatever the environment, the package cannot be imported here
+    import torch, transformers
+    from safetensors.torch import load_file, save_file
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    # flatten
+    outputs = {}
+    for folder in sys.argv[1:]:
+        auto_map = json.load(open(f"{folder}/config.json"))["auto_map"]
+        auto_name = next(name for name in auto_map if name != "AutoConfig")
+        if auto_name == "AutoBackbone":  # its from_pretrained takes Hub ids only: the class it would load, directly
+            model_class = get_class_from_dynamic_module(auto_map[auto_name], folder)
+            model = model_class.from_pretrained(folder).eval()
+        else:
+            model = getattr(transformers, auto_name).from_pretrained(folder, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        with torch.no_grad():
+            result = model(**load_file(f"{folder}.inputs.safetensors"))
+        outputs.update({f"{folder}{key}": t.contiguous() for key, t in flatten(result).items()})
+    save_file(outputs, "outputs.safetensors")
+    """
+)
+
+
+def load_without_package(folders: list[Path], tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The outputs of each folder's model on its inputs, loaded by `REMOTE_LOADER` in a process without ttreg_hf (run
+    in ``tmp_path``), each tensor's key its folder and its path in the outputs."""
+    (tmp_path / "load.py").write_text(REMOTE_LOADER.replace("# flatten", inspect.getsource(flatten)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    run = subprocess.run(
+        [sys.executable, "-I", "load.py", *map(str, folders)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return load_file(tmp_path / "outputs.safetensors")
+
+
+def flatten(outputs, prefix: str = "") -> dict:
+    """Every tensor in a model's (nested) outputs, by its path."""
+    if isinstance(outputs, torch.Tensor):
+        return {prefix: outputs}
+    items = outputs.items() if hasattr(outputs, "items") else enumerate(outputs) if isinstance(outputs, tuple) else ()
+    return {path: t for key, value in items for path, t in flatten(value, f"{prefix}.{key}").items()}

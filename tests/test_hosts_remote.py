@@ -8,11 +8,8 @@ import json
 import pytest
 import torch
 import transformers
+from host_models import BACKBONE_HOSTS, LOADED, llava, llava_next, llava_onevision, tiny_backbone_config
 from safetensors.torch import load_file, save_file
-from test_remote_code import flatten, load_without_package
-from test_task_models import HOSTS as BACKBONE_HOSTS
-from test_task_models import LOADED, _tiny_backbone_config
-from test_vlm import llava, llava_next, llava_onevision
 from transformers import (
     Mask2FormerForUniversalSegmentation,
     Mask2FormerModel,
@@ -23,6 +20,9 @@ from ttreg_hf import RegisterNeuronIndex, load_vlm, to_test_time_registers, visi
 from ttreg_hf.export import ExportError, export_model
 from ttreg_hf.modeling.hosts import HOSTS
 from ttreg_hf.modeling.vlm import HostNeedsPackageWarning
+from ttreg_hf.remote_code import REMOTE_CODE_DIR
+
+from support import flatten, load_without_package
 
 NEURONS = {1: [3, 40], 2: [5]}
 SETTINGS = dict(num_test_time_registers=2, register_scale=[1.0, -0.5], register_semantics="reference")
@@ -30,7 +30,7 @@ SETTINGS = dict(num_test_time_registers=2, register_scale=[1.0, -0.5], register_
 
 def _backbone_host(name, model_class=None):
     host_class, host_config, fields, _ = BACKBONE_HOSTS[name]
-    model = (model_class or host_class)(host_config(_tiny_backbone_config(False, **fields)))
+    model = (model_class or host_class)(host_config(tiny_backbone_config(False, **fields)))
     return model, dict(pixel_values=torch.randn(2, 3, 42, 42))
 
 
@@ -60,7 +60,7 @@ def test_every_declared_host_is_tested_here():
 
 
 def _loaded(name):
-    """A classifier or dual encoder of `test_task_models.LOADED`, and its inputs."""
+    """A classifier or dual encoder of `host_models.LOADED`, and its inputs."""
     inputs = dict(pixel_values=torch.randn(2, 3, 42, 42))
     if LOADED[name][1] == "logits_per_image":
         inputs["input_ids"] = torch.tensor([[4, 5, 6, 2], [7, 8, 9, 2]])
@@ -123,7 +123,12 @@ def test_with_the_package_a_saved_model_reloads_as_ours_bit_equal(saved, name):
     ours = CASES[name][1]
     config = json.loads((folder / "config.json").read_text())
     auto_name = next(name for name in config["auto_map"] if name != "AutoConfig")
-    assert config["auto_map"][auto_name] == f"modeling_ttreg.{ours.__name__}"
+    stems = ["configuration_ttreg", "modeling_ttreg"]
+    stems += ["configuration_ttreg_hosts", "modeling_ttreg_hosts"] if ours in HOSTS.model_classes else []
+    assert sorted(path.stem for path in folder.glob("*.py")) == sorted(stems)  # the hosts' files beside a host only
+    assert config["auto_map"] == {"AutoConfig": f"{stems[-2]}.{ours.config_class.__name__}"} | {
+        name: f"{stems[-1]}.{ours.__name__}" for name in config["auto_map"] if name != "AutoConfig"
+    }
     assert config["model_type"] == ours.config_class.model_type
     loaded = getattr(transformers, auto_name).from_pretrained(folder).eval()
     assert type(loaded) is ours
@@ -132,6 +137,23 @@ def test_with_the_package_a_saved_model_reloads_as_ours_bit_equal(saved, name):
     assert tower.config.register_neuron_index == {layer: tuple(ids) for layer, ids in NEURONS.items()}
     expected, actual = _outputs(model, folder), _outputs(loaded, folder)
     assert [key for key in expected if not torch.equal(actual[key], expected[key])] == []
+
+
+@pytest.mark.parametrize("folder", sorted(REMOTE_CODE_DIR.iterdir()), ids=lambda folder: folder.name)
+def test_each_family_has_the_hosts_remote_code_in_files_of_their_own(folder):
+    """Every host is defined in the hosts' two files, which import the family's files (a configuration file imports
+    configuration files only); the family's files define no host, so a tower's save carries none of them."""
+    tower, hosts = ((folder / f"{stem}.py").read_text() for stem in ("modeling_ttreg", "modeling_ttreg_hosts"))
+    configuration = (folder / "configuration_ttreg_hosts.py").read_text()
+    assert "from .configuration_ttreg import " in configuration and "from .modeling_" not in configuration
+    assert "from .configuration_ttreg_hosts import " in hosts and "from .modeling_ttreg import " in hosts
+    defined = [host for host in HOSTS.model_classes if f"\nclass {host.__name__}(" in hosts]
+    assert set(HOSTS.model_classes[:3]) <= set(defined)  # the VLMs: every family's tower can be theirs
+    for host in defined:
+        assert f"\nclass {host.config_class.__name__}(" in configuration
+    for host in HOSTS.model_classes:
+        assert f"class {host.__name__}(" not in tower
+        assert host.config_class.__name__ not in (folder / "configuration_ttreg.py").read_text()
 
 
 def test_a_vlm_built_by_load_vlm_saves_what_plain_transformers_loads(tmp_path):

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,65 +18,15 @@ from safetensors.torch import load_file, save_file
 from ttreg_hf import RegisterNeuronIndex, vision_tower_with_registers
 from ttreg_hf.export import export_model
 from ttreg_hf.registry import transformers_families
-from ttreg_hf.remote_code import remote_code_folder
+from ttreg_hf.remote_code import remote_code_files, remote_code_folder
+
+from support import flatten, load_without_package
 
 pytest_plugins = ["fake_hub"]  # its `hub` fixture
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFORMERS = {family.name: family for family in transformers_families()}
 CLASSES = [(name, cls) for name, family in TRANSFORMERS.items() for cls in family.model_classes]
 SETTINGS = dict(num_test_time_registers=2, register_scale=[1.0, -0.5], register_semantics="reference")
-
-# loads every folder through the Auto class its config's auto_map names, with `transformers` alone
-REMOTE_LOADER = textwrap.dedent(
-    """
-    import json, sys
-    sys.modules["ttreg_hf"] = None  # whatever the environment, the package cannot be imported here
-    import torch, transformers
-    from safetensors.torch import load_file, save_file
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
-    # flatten
-    outputs = {}
-    for folder in sys.argv[1:]:
-        auto_map = json.load(open(f"{folder}/config.json"))["auto_map"]
-        auto_name = next(name for name in auto_map if name != "AutoConfig")
-        if auto_name == "AutoBackbone":  # its from_pretrained takes Hub ids only: the class it would load, directly
-            model_class = get_class_from_dynamic_module(auto_map[auto_name], folder)
-            model = model_class.from_pretrained(folder).eval()
-        else:
-            model = getattr(transformers, auto_name).from_pretrained(folder, trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
-        with torch.no_grad():
-            result = model(**load_file(f"{folder}.inputs.safetensors"))
-        outputs.update({f"{folder}{key}": t.contiguous() for key, t in flatten(result).items()})
-    save_file(outputs, "outputs.safetensors")
-    """
-)
-
-
-def load_without_package(folders: list[Path], tmp_path: Path) -> dict[str, torch.Tensor]:
-    """The outputs of each folder's model on its inputs, loaded by `REMOTE_LOADER` in a process without ttreg_hf (run
-    in ``tmp_path``), each tensor's key its folder and its path in the outputs."""
-    (tmp_path / "load.py").write_text(REMOTE_LOADER.replace("# flatten", inspect.getsource(flatten)))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    run = subprocess.run(
-        [sys.executable, "-I", "load.py", *map(str, folders)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return load_file(tmp_path / "outputs.safetensors")
-
-
-def flatten(outputs, prefix: str = "") -> dict:
-    """Every tensor in a model's (nested) outputs, by its path."""
-    if isinstance(outputs, torch.Tensor):
-        return {prefix: outputs}
-    items = outputs.items() if hasattr(outputs, "items") else enumerate(outputs) if isinstance(outputs, tuple) else ()
-    return {path: t for key, value in items for path, t in flatten(value, f"{prefix}.{key}").items()}
 
 
 def inputs_for(name: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -127,12 +76,20 @@ def test_the_remote_code_is_the_run_time_of_a_saved_model():
 
 @pytest.mark.parametrize("model_class", [cls for _, cls in CLASSES], ids=lambda cls: cls.__name__)
 def test_every_class_has_remote_code_that_defines_it(model_class):
-    folder = remote_code_folder(model_class)
-    assert sorted(path.name for path in folder.iterdir()) == ["configuration_ttreg.py", "modeling_ttreg.py"]
-    configuration, modeling = ((folder / name).read_text() for name in ("configuration_ttreg.py", "modeling_ttreg.py"))
+    """A family's classes are defined by its two files; the hosts' two (`test_hosts_remote`) lie beside them."""
+    files = remote_code_files(model_class)
+    assert [path.name for path in files] == ["configuration_ttreg.py", "modeling_ttreg.py"]
+    assert sorted(path.name for path in files[0].parent.iterdir()) == [
+        "configuration_ttreg.py",
+        "configuration_ttreg_hosts.py",
+        "modeling_ttreg.py",
+        "modeling_ttreg_hosts.py",
+    ]
+    configuration, modeling = (path.read_text() for path in files)
     assert f"\nclass {model_class.config_class.__name__}(" in configuration
     assert "nn.Module" not in configuration and "ttreg_hf" not in configuration.split('"""')[2].split("# ---- ")[0]
     assert "ttreg_hf" not in modeling.split('"""')[2].split("# ---- ")[0]  # imports: no package, relative only
+    assert "_hosts import" not in configuration + modeling  # a family's files stand alone
 
 
 def test_a_subclass_of_yours_saves_without_remote_code(tmp_path):
@@ -206,6 +163,8 @@ def test_an_export_keeps_the_class_it_was_given_with_every_weight(saved, exporte
 @pytest.mark.parametrize("model_class", [cls for _, cls in CLASSES], ids=lambda cls: cls.__name__)
 def test_with_the_package_the_auto_classes_build_our_class_from_a_saved_folder(saved, model_class):
     model, folder = saved[model_class]
+    remote_code = sorted(path.name for path in folder.glob("*.py"))
+    assert remote_code == ["configuration_ttreg.py", "modeling_ttreg.py"]  # the hosts' files only beside a host
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map["AutoConfig"] == f"configuration_ttreg.{model_class.config_class.__name__}"
     auto_name = next(name for name in auto_map if name != "AutoConfig")

@@ -11,20 +11,27 @@ import copy
 import numpy as np
 import pytest
 import torch
+from host_models import (
+    BACKBONE_HOSTS,
+    DEPTH_ANYTHING,
+    DINOV2,
+    LOADED,
+    NEURONS,
+    TEXT,
+    VISION,
+    tiny_backbone_config,
+    tiny_clip,
+)
 from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     AutoBackbone,
     AutoModel,
     AutoModelForDepthEstimation,
-    AutoModelForImageClassification,
-    AutoModelForZeroShotImageClassification,
     BitImageProcessor,
     CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
-    DeiTConfig,
-    DeiTForImageClassificationWithTeacher,
     DepthAnythingConfig,
     DepthAnythingForDepthEstimation,
     DepthProConfig,
@@ -32,17 +39,11 @@ from transformers import (
     Dinov2Config,
     Dinov2ForImageClassification,
     Dinov2Model,
-    DPTConfig,
-    DPTForDepthEstimation,
     DPTImageProcessor,
-    Mask2FormerConfig,
-    Mask2FormerModel,
     PreTrainedTokenizerFast,
     SiglipConfig,
     SiglipImageProcessor,
     SiglipModel,
-    ZoeDepthConfig,
-    ZoeDepthForDepthEstimation,
     pipeline,
 )
 from transformers.backbone_utils import load_backbone
@@ -50,7 +51,6 @@ from transformers.backbone_utils import load_backbone
 from ttreg_hf import (
     CLIPTTRegForImageClassification,
     CLIPTTRegModel,
-    DeiTTTRegForImageClassificationWithTeacher,
     Dinov2TTRegBackbone,
     Dinov2TTRegConfig,
     Dinov2TTRegForImageClassification,
@@ -65,19 +65,6 @@ from ttreg_hf import (
 from ttreg_hf.family import parent_class
 
 from reference_edit import hooked_register_edit
-
-NEURONS = {1: [3, 40], 2: [7]}
-TOWER = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, patch_size=14, image_size=42)
-DINOV2 = dict(**TOWER, mlp_ratio=2)
-VISION = dict(**TOWER, intermediate_size=64)
-TEXT = dict(
-    hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, vocab_size=16,
-    max_position_embeddings=64, eos_token_id=2,
-)  # fmt: skip
-DEPTH_ANYTHING = dict(
-    reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 32], fusion_hidden_size=8, head_hidden_size=8,
-    reassemble_factors=[2, 1, 0.5],
-)  # fmt: skip
 
 
 @pytest.fixture
@@ -130,60 +117,14 @@ def test_dinov3_backbone_maps_are_the_models_patch_tokens(pixels):
         assert torch.equal(cls, stage_tokens[:, 0])
 
 
-def _tiny_backbone_config(ours: bool, **fields):
-    config_class = Dinov2TTRegConfig if ours else Dinov2Config
-    return config_class(**DINOV2, **fields, **({"register_neurons": NEURONS} if ours else {}))
-
-
-# model class, its config from a backbone config, its inputs' image side, the output to compare
-HOSTS = {
-    "dpt": (
-        DPTForDepthEstimation,
-        lambda backbone: DPTConfig(
-            backbone_config=backbone, is_hybrid=False, hidden_size=32, neck_hidden_sizes=[8, 16, 32],
-            fusion_hidden_size=8, reassemble_factors=[2, 1, 0.5],
-        ),
-        dict(out_indices=[1, 2, 3], reshape_hidden_states=False),
-        "predicted_depth",
-    ),
-    "depth_anything": (
-        DepthAnythingForDepthEstimation,
-        lambda backbone: DepthAnythingConfig(backbone_config=backbone, **DEPTH_ANYTHING),
-        dict(out_indices=[1, 2, 3], reshape_hidden_states=False),
-        "predicted_depth",
-    ),
-    "zoedepth": (
-        ZoeDepthForDepthEstimation,
-        lambda backbone: ZoeDepthConfig(
-            backbone_config=backbone, backbone_hidden_size=32, reassemble_factors=[4, 2, 1, 0.5],
-            neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=16, num_relative_features=8, bottleneck_features=16,
-            patch_size=14, num_attractors=[4, 2, 2, 1], bin_embedding_dim=16,
-            bin_configurations=[{"n_bins": 8, "min_depth": 0.001, "max_depth": 10.0, "name": "nyu"}],
-        ),
-        dict(out_indices=[0, 1, 2, 3], reshape_hidden_states=False),
-        "predicted_depth",
-    ),
-    "mask2former": (  # its segmentation head needs scipy; the model is what takes the backbone
-        Mask2FormerModel,
-        lambda backbone: Mask2FormerConfig(
-            backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_layers=1,
-            encoder_feedforward_dim=64, dim_feedforward=64, decoder_layers=2, num_queries=5, num_attention_heads=2,
-            feature_strides=[14, 14, 14], common_stride=14,
-        ),
-        dict(out_indices=[1, 2, 3]),
-        "pixel_decoder_last_hidden_state",
-    ),
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("host", BACKBONE_HOSTS)
 def test_depth_and_segmentation_models_take_our_backbone_config(host, pixels):
     """A ``backbone_config`` of ours builds our backbone in the host (through `load_backbone` / `AutoBackbone`); its
     output has the parent's shape, and with the edit off is the parent's."""
-    model_class, host_config, backbone_fields, output = HOSTS[host]
+    model_class, host_config, backbone_fields, output = BACKBONE_HOSTS[host]
     torch.manual_seed(0)
-    parent = model_class(host_config(_tiny_backbone_config(False, **backbone_fields))).eval()
-    ours = model_class(host_config(_tiny_backbone_config(True, **backbone_fields))).eval()
+    parent = model_class(host_config(tiny_backbone_config(False, **backbone_fields))).eval()
+    ours = model_class(host_config(tiny_backbone_config(True, **backbone_fields))).eval()
     ours.load_state_dict(parent.state_dict())
     backbone = vision_tower_with_registers(ours)
     assert isinstance(backbone, Dinov2TTRegBackbone)
@@ -197,15 +138,17 @@ def test_depth_and_segmentation_models_take_our_backbone_config(host, pixels):
 
 
 def test_auto_backbone_and_load_backbone_build_ours():
-    config = _tiny_backbone_config(True)
+    config = tiny_backbone_config(True)
     assert type(AutoBackbone.from_config(config)) is Dinov2TTRegBackbone
     assert type(load_backbone(DepthAnythingConfig(backbone_config=config.to_dict()))) is Dinov2TTRegBackbone
 
 
 def test_depth_anything_upgraded_in_place_reloads_with_its_registers(pixels, tmp_path):
     torch.manual_seed(0)
-    fields = HOSTS["depth_anything"][2]
-    model = DepthAnythingForDepthEstimation(HOSTS["depth_anything"][1](_tiny_backbone_config(False, **fields))).eval()
+    fields = BACKBONE_HOSTS["depth_anything"][2]
+    model = DepthAnythingForDepthEstimation(
+        BACKBONE_HOSTS["depth_anything"][1](tiny_backbone_config(False, **fields))
+    ).eval()
     weight = model.backbone.embeddings.patch_embeddings.projection.weight
     assert to_test_time_registers(model, register_neurons=NEURONS) is model
     backbone = model.backbone
@@ -244,10 +187,6 @@ def test_several_towers_are_refused_with_a_way_out():
 
 
 # ---- classifiers and whole CLIP / SigLIP models ------------------------------------------------------------------
-
-
-def _tiny_clip(model_class, **fields):
-    return model_class(CLIPConfig(vision_config=VISION, text_config=TEXT, projection_dim=16, **fields)).eval()
 
 
 # our class, the parent's config, the parent's tower, tokens before the patches, the parent's pooling of the tokens
@@ -294,35 +233,6 @@ def test_a_classifier_loads_a_parent_checkpoint_with_a_new_head_and_the_index(tm
         Dinov2TTRegForImageClassification.from_pretrained(tmp_path, register_neurons=NEURONS, num_lables=5)
     with pytest.raises(TypeError, match="'out_indice'; did you mean 'out_indices'"):
         Dinov2TTRegBackbone.from_pretrained(tmp_path, register_neurons=NEURONS, out_indice=[1])
-
-
-# a loaded parent, its inputs, the output to compare, the Auto class that reloads it, the class it reloads as
-LOADED = {
-    "dinov2-classifier": (
-        lambda: Dinov2ForImageClassification(Dinov2Config(**DINOV2, num_labels=3)),
-        "logits",
-        AutoModelForImageClassification,
-        Dinov2TTRegForImageClassification,
-    ),
-    "deit-with-teacher": (  # DeiT has two classifiers for one config: the saved name picks ours
-        lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**VISION, num_labels=3)),
-        "logits",
-        AutoModelForImageClassification,
-        DeiTTTRegForImageClassificationWithTeacher,
-    ),
-    "clip-model": (
-        lambda: _tiny_clip(CLIPModel),
-        "logits_per_image",
-        AutoModelForZeroShotImageClassification,
-        CLIPTTRegModel,
-    ),
-    "siglip-model": (
-        lambda: SiglipModel(SiglipConfig(vision_config=VISION, text_config=TEXT)),
-        "logits_per_image",
-        AutoModel,
-        SiglipTTRegModel,
-    ),
-}
 
 
 @pytest.mark.parametrize("name", LOADED)
@@ -405,7 +315,7 @@ PIPELINES = {
         {},
     ),
     "zero-shot-image-classification": (
-        lambda: _tiny_clip(CLIPModel),
+        lambda: tiny_clip(CLIPModel),
         CLIPTTRegModel,
         dict(image_processor=CLIPImageProcessor(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42})),
         dict(candidate_labels=["cat", "dog", "car"]),
@@ -419,7 +329,7 @@ PIPELINES = {
     "depth-estimation": (
         lambda: DepthAnythingForDepthEstimation(
             DepthAnythingConfig(
-                backbone_config=_tiny_backbone_config(False, **HOSTS["depth_anything"][2]), **DEPTH_ANYTHING
+                backbone_config=tiny_backbone_config(False, **BACKBONE_HOSTS["depth_anything"][2]), **DEPTH_ANYTHING
             )
         ),
         None,  # Depth Anything with our backbone: `to_test_time_registers`

@@ -6,17 +6,13 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from host_models import IMAGE_TOKEN, PAD, VLM_TEXT, llava, llava_next, llava_onevision
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
     PixtralVisionConfig,
-    Qwen2Config,
     SiglipVisionConfig,
 )
 
@@ -33,57 +29,6 @@ from ttreg_hf.modeling.vlm import with_test_time_register_tower
 from reference_edit import hooked_register_edit
 
 NEURONS = {0: [3, 40], 1: [5]}
-IMAGE_TOKEN, PAD = 63, 0
-TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, patch_size=14)
-TEXT = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    vocab_size=64,
-    max_position_embeddings=128,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=PAD,
-)
-PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
-IMAGE_SIZES = torch.tensor([[56, 40], [30, 56]])  # two aspect ratios: different tiles, unpadding and token counts
-
-
-def llava():
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**TOWER, image_size=56),
-        text_config=LlamaConfig(**TEXT),
-        image_token_index=IMAGE_TOKEN,
-        image_seq_length=16,
-        vision_feature_layer=[-3, -1],
-    )
-    return LlavaForConditionalGeneration(config), dict(pixel_values=torch.randn(2, 3, 56, 56))
-
-
-def llava_next():
-    config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**TOWER, image_size=28),
-        text_config=LlamaConfig(**TEXT),
-        image_token_index=IMAGE_TOKEN,
-        image_grid_pinpoints=PINPOINTS,
-    )
-    images = dict(pixel_values=torch.randn(2, 5, 3, 28, 28), image_sizes=IMAGE_SIZES)  # a base image and up to 4 tiles
-    return LlavaNextForConditionalGeneration(config), images
-
-
-def llava_onevision():
-    config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**TOWER, image_size=28, vision_use_head=False),
-        text_config=Qwen2Config(**TEXT),
-        image_token_index=IMAGE_TOKEN,
-        video_token_index=62,
-        image_grid_pinpoints=PINPOINTS,
-        vision_feature_layer=-2,
-    )
-    images = dict(pixel_values=torch.randn(2, 5, 3, 28, 28), image_sizes=IMAGE_SIZES)
-    return LlavaOnevisionForConditionalGeneration(config), images
 
 
 KINDS = [llava, llava_next, llava_onevision]
@@ -232,7 +177,7 @@ def test_unsupported_tower_is_a_clear_error():
         vision_config=PixtralVisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
         ),
-        text_config=LlamaConfig(**TEXT),
+        text_config=LlamaConfig(**VLM_TEXT),
     )
     with pytest.raises(TypeError, match="SiglipVisionModel.*has 0 .*vision_config: pixtral"):
         with_test_time_register_tower(config)

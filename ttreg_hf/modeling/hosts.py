@@ -1,8 +1,9 @@
 """The models built around one of our towers whose saved folders load with plain `transformers`: VLMs (LLaVA,
 LLaVA-NeXT, LLaVA-OneVision) and depth and segmentation models on a backbone (DPT, Depth Anything, ZoeDepth,
 Mask2Former), with the tower of any family (`WithRegisterTowerHostMixin`). `to_test_time_registers` and `load_vlm`
-make a loaded host one of these in place; each family's remote code holds them all, so a saved host loads through
-its Auto class (``trust_remote_code=True``) where ttreg_hf is not installed.
+make a loaded host one of these in place; each family's remote code holds those its tower can stand in, in two files
+of their own that a saved host carries beside the family's two (a tower's save carries the family's only), so a saved
+host loads through its Auto class (``trust_remote_code=True``) where ttreg_hf is not installed.
 
 `HOSTS` declares them: each class and the Auto classes that build it, as a family declares its classes."""
 

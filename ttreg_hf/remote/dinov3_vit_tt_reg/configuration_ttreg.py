@@ -13,17 +13,7 @@ from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
-from transformers import (
-    DepthAnythingConfig,
-    DINOv3ViTConfig,
-    DPTConfig,
-    LlavaConfig,
-    LlavaNextConfig,
-    LlavaOnevisionConfig,
-    Mask2FormerConfig,
-    PreTrainedConfig,
-    ZoeDepthConfig,
-)
+from transformers import DINOv3ViTConfig, PreTrainedConfig
 
 
 # ---- ttreg_hf/errors.py
@@ -33,10 +23,6 @@ class TTRegError(Exception):
 
 class TTRegValueError(TTRegError, ValueError):
     """A value ttreg_hf refuses (a `ValueError`, as before there was a `TTRegError`)."""
-
-
-class TTRegTypeError(TTRegError, TypeError):
-    """An argument of the wrong type or name, e.g. an unknown keyword (a `TypeError`, as Python raises for those)."""
 
 
 # ---- ttreg_hf/settings.py
@@ -210,6 +196,10 @@ class RegisterSettingsMixin:
         return parent(**fields, attn_implementation=self._attn_implementation)
 
     @property
+    def register_config(self) -> "RegisterSettingsMixin":
+        return self
+
+    @property
     def mlp_width(self) -> int:
         return self.intermediate_size
 
@@ -266,44 +256,6 @@ class RegisterSettingsMixin:
             apply()
 
 
-def subclasses(cls: type) -> list[type]:
-    found, pending = [], [cls]
-    while pending:
-        pending = [sub for base in pending for sub in base.__subclasses__() if sub not in found]
-        found += pending
-    return found
-
-
-class TestTimeRegisterHostConfigMixin:
-    def __post_init__(self, **kwargs):
-        ours = {}
-        for config_class in subclasses(RegisterSettingsMixin):
-            if getattr(config_class, "model_type", None):
-                ours.setdefault(config_class.model_type, config_class)
-        for key in self.sub_configs:
-            value = getattr(self, key, None)
-            if isinstance(value, dict) and value.get("model_type") in ours:
-                setattr(self, key, ours[value["model_type"]](**value))
-        super().__post_init__(**kwargs)
-
-    @property
-    def register_config_key(self) -> str:
-        keys = [
-            key for key in self.sub_configs if getattr(getattr(self, key, None), "register_config", None) is not None
-        ]
-        if len(keys) != 1:
-            raise TTRegTypeError(
-                f"A {type(self).__name__} has one sub-config of a test-time-register config class, the tower's; this "
-                f"one has {len(keys)}: build the model with `load_vlm`, or upgrade a loaded one with "
-                "`to_test_time_registers`."
-            )
-        return keys[0]
-
-    @property
-    def register_config(self) -> RegisterSettingsMixin:
-        return getattr(self, self.register_config_key)
-
-
 def _neuron_lists(neurons: Mapping) -> dict[str, list[int]]:
     return {str(layer): list(ids) for layer, ids in normalize_neurons(neurons).items()}
 
@@ -319,39 +271,3 @@ REGISTER_SETTINGS = tuple(field.name for field in dataclasses.fields(RegisterSet
 @strict
 class DINOv3ViTTTRegConfig(RegisterSettingsMixin, DINOv3ViTConfig):
     model_type = "dinov3_vit_tt_reg"
-
-
-# ---- ttreg_hf/configs/hosts.py
-@strict
-class LlavaTTRegConfig(TestTimeRegisterHostConfigMixin, LlavaConfig):
-    model_type = "llava_tt_reg"
-
-
-@strict
-class LlavaNextTTRegConfig(TestTimeRegisterHostConfigMixin, LlavaNextConfig):
-    model_type = "llava_next_tt_reg"
-
-
-@strict
-class LlavaOnevisionTTRegConfig(TestTimeRegisterHostConfigMixin, LlavaOnevisionConfig):
-    model_type = "llava_onevision_tt_reg"
-
-
-@strict
-class DPTTTRegConfig(TestTimeRegisterHostConfigMixin, DPTConfig):
-    model_type = "dpt_tt_reg"
-
-
-@strict
-class DepthAnythingTTRegConfig(TestTimeRegisterHostConfigMixin, DepthAnythingConfig):
-    model_type = "depth_anything_tt_reg"
-
-
-@strict
-class ZoeDepthTTRegConfig(TestTimeRegisterHostConfigMixin, ZoeDepthConfig):
-    model_type = "zoedepth_tt_reg"
-
-
-@strict
-class Mask2FormerTTRegConfig(TestTimeRegisterHostConfigMixin, Mask2FormerConfig):
-    model_type = "mask2former_tt_reg"

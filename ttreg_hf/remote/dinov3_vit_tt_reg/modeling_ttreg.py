@@ -9,20 +9,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import (
-    DepthAnythingForDepthEstimation,
-    DINOv3ViTBackbone,
-    DINOv3ViTModel,
-    DPTForDepthEstimation,
-    LlavaForConditionalGeneration,
-    LlavaNextForConditionalGeneration,
-    LlavaOnevisionForConditionalGeneration,
-    Mask2FormerForUniversalSegmentation,
-    Mask2FormerModel,
-    PreTrainedConfig,
-    PreTrainedModel,
-    ZoeDepthForDepthEstimation,
-)
+from transformers import DINOv3ViTBackbone, DINOv3ViTModel, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTBackboneOutput,
@@ -35,24 +22,21 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_ttreg import (
-    DepthAnythingTTRegConfig,
-    DINOv3ViTTTRegConfig,
-    DPTTTRegConfig,
-    LlavaNextTTRegConfig,
-    LlavaOnevisionTTRegConfig,
-    LlavaTTRegConfig,
-    Mask2FormerTTRegConfig,
-    TTRegTypeError,
-    TTRegValueError,
-    ZoeDepthTTRegConfig,
-    subclasses,
-)
+from .configuration_ttreg import DINOv3ViTTTRegConfig, TTRegError, TTRegValueError
 
 
-# ---- ttreg_hf/family.py
-def parent_class(cls: type) -> type:
-    return next(base for base in cls.__mro__[1:] if not base.__module__.startswith(f"{__package__}."))
+# ---- ttreg_hf/errors.py
+class TTRegTypeError(TTRegError, TypeError):
+    """An argument of the wrong type or name, e.g. an unknown keyword (a `TypeError`, as Python raises for those)."""
+
+
+# ---- ttreg_hf/configs/registers.py
+def subclasses(cls: type) -> list[type]:
+    found, pending = [], [cls]
+    while pending:
+        pending = [sub for base in pending for sub in base.__subclasses__() if sub not in found]
+        found += pending
+    return found
 
 
 # ---- ttreg_hf/modeling/layout.py
@@ -394,48 +378,6 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterLoadingMixin, TestTimeRegi
                     edit.reset_buffers()
 
 
-def set_tower(model: PreTrainedModel, path: str, tower: PreTrainedTestTimeRegisterMixin) -> None:
-    model.set_submodule(path, tower)
-    parts = path.split(".")
-    for owner in (model.get_submodule(".".join(parts[:depth])) for depth in range(len(parts))):
-        if isinstance(owner, PreTrainedModel) and isinstance(owner._no_split_modules, set):
-            owner._no_split_modules.update(tower._no_split_modules)
-
-
-class WithRegisterTowerHostMixin(SavesRemoteCodeMixin):
-    def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
-        if not hasattr(config, "register_config_key"):
-            raise TTRegTypeError(
-                f"{type(self).__name__} is built from a {self.config_class.__name__}, whose tower config is ours; got "
-                f"a {type(config).__name__}. Load a {parent_class(type(self)).__name__} checkpoint with `load_vlm`, or "
-                "upgrade a loaded one with `to_test_time_registers`."
-            )
-        key = config.register_config_key
-        ours = getattr(config, key)
-        parent_config = ours.as_parent_config()
-        setattr(config, key, parent_config)
-        try:
-            super().__init__(config, *inputs, **kwargs)
-        finally:
-            setattr(config, key, ours)
-        tower_classes = {}
-        for tower_class in subclasses(PreTrainedTestTimeRegisterMixin):
-            if getattr(getattr(tower_class, "config_class", None), "model_type", None) == ours.model_type:
-                tower_classes.setdefault(parent_class(tower_class), tower_class)
-        towers = [(path, module) for path, module in self.named_modules() if type(module) in tower_classes]
-        if len(towers) != 1:
-            raise TTRegTypeError(
-                f"{type(self).__name__} builds {len(towers)} towers of {', '.join(c.__name__ for c in tower_classes)}, "
-                f"not one, from its {key}: a {type(ours).__name__} configures one tower."
-            )
-        [(path, tower)] = towers
-        tower_class = tower_classes[type(tower)]
-        set_tower(
-            self, path, build_sharing_weights(tower_class, tower, ours, **tower_class.constructor_arguments(tower))
-        )
-        setattr(config, key, self.get_submodule(path).config)
-
-
 # ---- ttreg_hf/modeling/dinov3.py
 class DINOv3ViTTTRegEmbeddings(DINOv3ViTEmbeddings):
     token_layout: TokenLayout
@@ -516,36 +458,3 @@ class DINOv3ViTTTRegBackbone(_DINOv3ViTTTRegMixin, DINOv3ViTBackbone):
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> DINOv3ViTBackboneOutput:
         check_pixel_values(pixel_values, self.config.patch_size)
         return super().forward(pixel_values, **kwargs)
-
-
-# ---- ttreg_hf/modeling/hosts.py
-class LlavaTTRegForConditionalGeneration(WithRegisterTowerHostMixin, LlavaForConditionalGeneration):
-    config_class = LlavaTTRegConfig
-
-
-class LlavaNextTTRegForConditionalGeneration(WithRegisterTowerHostMixin, LlavaNextForConditionalGeneration):
-    config_class = LlavaNextTTRegConfig
-
-
-class LlavaOnevisionTTRegForConditionalGeneration(WithRegisterTowerHostMixin, LlavaOnevisionForConditionalGeneration):
-    config_class = LlavaOnevisionTTRegConfig
-
-
-class DPTTTRegForDepthEstimation(WithRegisterTowerHostMixin, DPTForDepthEstimation):
-    config_class = DPTTTRegConfig
-
-
-class DepthAnythingTTRegForDepthEstimation(WithRegisterTowerHostMixin, DepthAnythingForDepthEstimation):
-    config_class = DepthAnythingTTRegConfig
-
-
-class ZoeDepthTTRegForDepthEstimation(WithRegisterTowerHostMixin, ZoeDepthForDepthEstimation):
-    config_class = ZoeDepthTTRegConfig
-
-
-class Mask2FormerTTRegModel(WithRegisterTowerHostMixin, Mask2FormerModel):
-    config_class = Mask2FormerTTRegConfig
-
-
-class Mask2FormerTTRegForUniversalSegmentation(WithRegisterTowerHostMixin, Mask2FormerForUniversalSegmentation):
-    config_class = Mask2FormerTTRegConfig

@@ -13,15 +13,7 @@ from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
-from transformers import (
-    LlavaConfig,
-    LlavaNextConfig,
-    LlavaOnevisionConfig,
-    PreTrainedConfig,
-    SiglipConfig,
-    SiglipTextConfig,
-    SiglipVisionConfig,
-)
+from transformers import PreTrainedConfig, SiglipConfig, SiglipTextConfig, SiglipVisionConfig
 
 
 # ---- ttreg_hf/errors.py
@@ -208,6 +200,10 @@ class RegisterSettingsMixin:
         return parent(**fields, attn_implementation=self._attn_implementation)
 
     @property
+    def register_config(self) -> "RegisterSettingsMixin":
+        return self
+
+    @property
     def mlp_width(self) -> int:
         return self.intermediate_size
 
@@ -308,44 +304,6 @@ class TestTimeRegisterCompositeConfigMixin:
         return cls.sub_configs[cls.register_config_key]
 
 
-def subclasses(cls: type) -> list[type]:
-    found, pending = [], [cls]
-    while pending:
-        pending = [sub for base in pending for sub in base.__subclasses__() if sub not in found]
-        found += pending
-    return found
-
-
-class TestTimeRegisterHostConfigMixin:
-    def __post_init__(self, **kwargs):
-        ours = {}
-        for config_class in subclasses(RegisterSettingsMixin):
-            if getattr(config_class, "model_type", None):
-                ours.setdefault(config_class.model_type, config_class)
-        for key in self.sub_configs:
-            value = getattr(self, key, None)
-            if isinstance(value, dict) and value.get("model_type") in ours:
-                setattr(self, key, ours[value["model_type"]](**value))
-        super().__post_init__(**kwargs)
-
-    @property
-    def register_config_key(self) -> str:
-        keys = [
-            key for key in self.sub_configs if getattr(getattr(self, key, None), "register_config", None) is not None
-        ]
-        if len(keys) != 1:
-            raise TTRegTypeError(
-                f"A {type(self).__name__} has one sub-config of a test-time-register config class, the tower's; this "
-                f"one has {len(keys)}: build the model with `load_vlm`, or upgrade a loaded one with "
-                "`to_test_time_registers`."
-            )
-        return keys[0]
-
-    @property
-    def register_config(self) -> RegisterSettingsMixin:
-        return getattr(self, self.register_config_key)
-
-
 def _neuron_lists(neurons: Mapping) -> dict[str, list[int]]:
     return {str(layer): list(ids) for layer, ids in normalize_neurons(neurons).items()}
 
@@ -355,22 +313,6 @@ def _fields(config) -> dict:
 
 
 REGISTER_SETTINGS = tuple(field.name for field in dataclasses.fields(RegisterSettingsMixin))
-
-
-# ---- ttreg_hf/configs/hosts.py
-@strict
-class LlavaTTRegConfig(TestTimeRegisterHostConfigMixin, LlavaConfig):
-    model_type = "llava_tt_reg"
-
-
-@strict
-class LlavaNextTTRegConfig(TestTimeRegisterHostConfigMixin, LlavaNextConfig):
-    model_type = "llava_next_tt_reg"
-
-
-@strict
-class LlavaOnevisionTTRegConfig(TestTimeRegisterHostConfigMixin, LlavaOnevisionConfig):
-    model_type = "llava_onevision_tt_reg"
 
 
 # ---- ttreg_hf/configs/siglip.py

@@ -11,9 +11,6 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
-    LlavaForConditionalGeneration,
-    LlavaNextForConditionalGeneration,
-    LlavaOnevisionForConditionalGeneration,
     PreTrainedConfig,
     PreTrainedModel,
     Siglip2VisionConfig,
@@ -31,16 +28,21 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_ttreg import (
-    LlavaNextTTRegConfig,
-    LlavaOnevisionTTRegConfig,
-    LlavaTTRegConfig,
     RegisterSettingsMixin,
     SiglipTTRegConfig,
     SiglipVisionTTRegConfig,
     TTRegTypeError,
     TTRegValueError,
-    subclasses,
 )
+
+
+# ---- ttreg_hf/configs/registers.py
+def subclasses(cls: type) -> list[type]:
+    found, pending = [], [cls]
+    while pending:
+        pending = [sub for base in pending for sub in base.__subclasses__() if sub not in found]
+        found += pending
+    return found
 
 
 # ---- ttreg_hf/configs/siglip.py
@@ -414,53 +416,6 @@ class WithRegisterTowerMixin(TestTimeRegisterLoadingMixin):
         [(path, tower)] = [(path, module) for path, module in self.named_modules() if type(module) is parent_tower]
         arguments = self.tower_class.constructor_arguments(tower)
         set_tower(self, path, build_sharing_weights(self.tower_class, tower, tower.config, **arguments))
-
-
-class WithRegisterTowerHostMixin(SavesRemoteCodeMixin):
-    def __init__(self, config: PreTrainedConfig, *inputs, **kwargs):
-        if not hasattr(config, "register_config_key"):
-            raise TTRegTypeError(
-                f"{type(self).__name__} is built from a {self.config_class.__name__}, whose tower config is ours; got "
-                f"a {type(config).__name__}. Load a {parent_class(type(self)).__name__} checkpoint with `load_vlm`, or "
-                "upgrade a loaded one with `to_test_time_registers`."
-            )
-        key = config.register_config_key
-        ours = getattr(config, key)
-        parent_config = ours.as_parent_config()
-        setattr(config, key, parent_config)
-        try:
-            super().__init__(config, *inputs, **kwargs)
-        finally:
-            setattr(config, key, ours)
-        tower_classes = {}
-        for tower_class in subclasses(PreTrainedTestTimeRegisterMixin):
-            if getattr(getattr(tower_class, "config_class", None), "model_type", None) == ours.model_type:
-                tower_classes.setdefault(parent_class(tower_class), tower_class)
-        towers = [(path, module) for path, module in self.named_modules() if type(module) in tower_classes]
-        if len(towers) != 1:
-            raise TTRegTypeError(
-                f"{type(self).__name__} builds {len(towers)} towers of {', '.join(c.__name__ for c in tower_classes)}, "
-                f"not one, from its {key}: a {type(ours).__name__} configures one tower."
-            )
-        [(path, tower)] = towers
-        tower_class = tower_classes[type(tower)]
-        set_tower(
-            self, path, build_sharing_weights(tower_class, tower, ours, **tower_class.constructor_arguments(tower))
-        )
-        setattr(config, key, self.get_submodule(path).config)
-
-
-# ---- ttreg_hf/modeling/hosts.py
-class LlavaTTRegForConditionalGeneration(WithRegisterTowerHostMixin, LlavaForConditionalGeneration):
-    config_class = LlavaTTRegConfig
-
-
-class LlavaNextTTRegForConditionalGeneration(WithRegisterTowerHostMixin, LlavaNextForConditionalGeneration):
-    config_class = LlavaNextTTRegConfig
-
-
-class LlavaOnevisionTTRegForConditionalGeneration(WithRegisterTowerHostMixin, LlavaOnevisionForConditionalGeneration):
-    config_class = LlavaOnevisionTTRegConfig
 
 
 # ---- ttreg_hf/modeling/siglip.py
