@@ -4,7 +4,6 @@ wrong number."""
 
 import pytest
 import torch
-from family_models import LAYER, NEURONS, TINY, analysis_inputs, planted
 
 from ttreg_hf.analysis import (
     ablate_neurons,
@@ -16,6 +15,8 @@ from ttreg_hf.analysis import (
     with_register_neurons,
 )
 from ttreg_hf.analysis.metrics import automatic_threshold, patch_norms
+
+from family_models import LAYER, NEURONS, TINY, analysis_inputs, planted
 
 INDEX = {LAYER: list(NEURONS)}
 

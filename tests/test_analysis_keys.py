@@ -3,12 +3,13 @@ attention maps are made of."""
 
 import pytest
 import torch
-from family_models import SIZE, TINY, planted
 from PIL import Image
 
 from ttreg_hf.analysis import run_with_cache
 from ttreg_hf.planted import textured_images
 from ttreg_hf.registry import families
+
+from family_models import SIZE, TINY, planted
 
 
 def unexplained(keys: torch.Tensor, attention: torch.Tensor) -> float:

@@ -13,7 +13,6 @@ import open_clip
 import pytest
 import timm
 import torch
-from family_models import DEPTH, HEADS, HF, LAYER, MLP, NEURONS, PATCH, SIZE, TINY, WIDTH, tiny_model
 from PIL import Image
 from safetensors.torch import save_file
 from timm.models._features import FeatureGetterNet
@@ -65,6 +64,8 @@ from ttreg_hf.modeling.open_clip import to_test_time_registers as open_clip_tt
 from ttreg_hf.modeling.timm import to_test_time_registers as timm_tt
 from ttreg_hf.planted import plant_register_neurons, planting_sites, textured_images
 from ttreg_hf.report import inspect_image
+
+from family_models import DEPTH, HEADS, HF, LAYER, MLP, NEURONS, PATCH, SIZE, TINY, WIDTH, tiny_model
 
 PLANTED = {LAYER: set(NEURONS)}
 MEAN, STD = [0.5] * 3, [0.5] * 3  # what every processor saved below normalises with

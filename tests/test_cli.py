@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from family_models import LAYER, NEURONS, SIZE, planted, tiny_images
 
 from ttreg_cli import CommandError, load_model, main
 from ttreg_hf import Dinov2TTRegModel, RegisterNeuronIndex
 from ttreg_hf.discovery import find_register_neurons, weights_fingerprint
 from ttreg_hf.planted import build_planted_model, planted_index
+
+from family_models import LAYER, NEURONS, SIZE, planted, tiny_images
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ROOT = README.parent

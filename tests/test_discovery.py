@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-from reference_discovery import assert_same_as_reference, reference_discovery
 from torch import nn
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -20,6 +19,7 @@ from ttreg_hf.images import ImageFolder, normalize, statistics_preprocessor
 from ttreg_hf.index import RegisterIndexMismatchWarning
 from ttreg_hf.planted import PLANTED_LAYER, PLANTED_NEURONS, build_planted_model, planted_index, textured_images
 
+from reference_discovery import assert_same_as_reference, reference_discovery
 from support import ForwardCounter
 
 

@@ -2,11 +2,10 @@
 normalisation, where about 30 % of the patch tokens are outliers, still runs each image once, and finds what the
 algorithm as it was finds."""
 
-from reference_discovery import assert_same_as_reference, reference_discovery
-
 from ttreg_hf.discovery import find_register_neurons
 from ttreg_hf.planted import build_planted_model, planted_index, textured_images
 
+from reference_discovery import assert_same_as_reference, reference_discovery
 from support import ForwardCounter
 
 

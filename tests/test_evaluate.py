@@ -12,7 +12,6 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from family_models import LAYER, NEURONS, TINY, analysis_inputs, plant
 from PIL import Image
 from transformers import BatchEncoding, CLIPConfig
 
@@ -35,6 +34,8 @@ from ttreg_hf.evaluation.statistics import (
 from ttreg_hf.images import open_rgb, statistics_preprocessor
 from ttreg_hf.modeling.open_clip import to_test_time_registers as open_clip_tt
 from ttreg_hf.planted import build_planted_model, planted_index, planted_pixels, planted_preprocessor, textured_images
+
+from family_models import LAYER, NEURONS, TINY, analysis_inputs, plant
 
 # ---- the statistics, against plain computations ------------------------------------------------------------------
 

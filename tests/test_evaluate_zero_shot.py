@@ -8,7 +8,6 @@ import open_clip
 import pytest
 import torch
 import transformers
-from family_models import HF, LAYER, MLP, NAFLEX, NEURONS, SIZE
 from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -20,6 +19,7 @@ from ttreg_hf.index import RegisterNeuronIndex
 from ttreg_hf.modeling.open_clip import create_model_and_transforms
 from ttreg_hf.planted import textured_images
 
+from family_models import HF, LAYER, MLP, NAFLEX, NEURONS, SIZE
 from support import save_as_parent_checkpoint
 
 CLASSES = ("cat", "dog", "red_fox")  # folder names; "red_fox" is prompted as "red fox"

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from family_models import LAYER, NEURONS, SIZE, TINY, analysis_inputs, planted, tiny_model
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoImageProcessor
@@ -24,6 +23,7 @@ from ttreg_hf.index import RegisterNeuronIndex
 from ttreg_hf.planted import textured_images
 from ttreg_hf.registry import FAMILY_MODULES, families, transformers_families
 
+from family_models import LAYER, NEURONS, SIZE, TINY, analysis_inputs, planted, tiny_model
 from support import save_as_parent_checkpoint
 
 FAMILIES = {family.name: family for family in families()}

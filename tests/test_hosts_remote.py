@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 import transformers
-from host_models import BACKBONE_HOSTS, LOADED, llava, llava_next, llava_onevision, tiny_backbone_config
 from safetensors.torch import load_file, save_file
 from transformers import (
     Mask2FormerForUniversalSegmentation,
@@ -22,6 +21,7 @@ from ttreg_hf.modeling.hosts import HOSTS
 from ttreg_hf.modeling.vlm import HostNeedsPackageWarning
 from ttreg_hf.remote_code import REMOTE_CODE_DIR
 
+from host_models import BACKBONE_HOSTS, LOADED, llava, llava_next, llava_onevision, tiny_backbone_config
 from support import flatten, load_without_package
 
 NEURONS = {1: [3, 40], 2: [5]}

@@ -5,7 +5,6 @@ import warnings
 
 import pytest
 import torch
-from family_models import TINY
 from safetensors.torch import save_file
 from transformers import Dinov2Config, Dinov2Model
 
@@ -13,6 +12,7 @@ from ttreg_hf import Dinov2TTRegModel, RegisterIndexMismatchWarning, RegisterNeu
 from ttreg_hf.hub import load_tt_model
 from ttreg_hf.registry import transformers_families
 
+from family_models import TINY
 from support import save_as_parent_checkpoint
 from upstream_dinov2 import random_original_state_dict
 

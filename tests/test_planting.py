@@ -6,6 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from ttreg_hf import (
+    Dinov2TTRegModel,
+    DINOv3ViTTTRegConfig,
+    DINOv3ViTTTRegModel,
+    ViTTTRegConfig,
+    ViTTTRegModel,
+    find_register_neurons,
+)
+from ttreg_hf.analysis import patch_norms, run_with_cache
+from ttreg_hf.planted import build_planted_model, plant_register_neurons, planting_sites, textured_images
+from ttreg_hf.registry import family_of
+
 from family_models import (
     DEPTH,
     HEADS,
@@ -23,18 +36,6 @@ from family_models import (
     tiny_images,
 )
 from reference_discovery import assert_same_as_reference, reference_discovery
-
-from ttreg_hf import (
-    Dinov2TTRegModel,
-    DINOv3ViTTTRegConfig,
-    DINOv3ViTTTRegModel,
-    ViTTTRegConfig,
-    ViTTTRegModel,
-    find_register_neurons,
-)
-from ttreg_hf.analysis import patch_norms, run_with_cache
-from ttreg_hf.planted import build_planted_model, plant_register_neurons, planting_sites, textured_images
-from ttreg_hf.registry import family_of
 
 
 def outlier_ratio(model, inputs, threshold: float) -> float:

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from family_models import LAYER, NEURONS, TINY, tiny_model
 from safetensors.torch import load_file, save_file
 
 from ttreg_hf import RegisterNeuronIndex, vision_tower_with_registers
@@ -20,6 +19,7 @@ from ttreg_hf.export import export_model
 from ttreg_hf.registry import transformers_families
 from ttreg_hf.remote_code import remote_code_files, remote_code_folder
 
+from family_models import LAYER, NEURONS, TINY, tiny_model
 from support import flatten, load_without_package
 
 pytest_plugins = ["fake_hub"]  # its `hub` fixture

@@ -5,13 +5,13 @@ import copy
 
 import pytest
 import torch
-from family_models import LAYER, NEURONS, SIZE, TINY, tiny_model
 from transformers import PreTrainedModel
 
 from ttreg_hf import CLIPTTRegModel, Dinov2TTRegBackbone, Dinov2TTRegModel, vision_tower_with_registers
 from ttreg_hf.configs.registers import REGISTER_SETTINGS
 from ttreg_hf.errors import TTRegValueError
 
+from family_models import LAYER, NEURONS, SIZE, TINY, tiny_model
 from support import tiny_dinov2_config
 
 NAFLEX_SIDE = 8  # the tiny SigLIP2's images: 8 x 8 patches of 12 px

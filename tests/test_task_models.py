@@ -11,17 +11,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from host_models import (
-    BACKBONE_HOSTS,
-    DEPTH_ANYTHING,
-    DINOV2,
-    LOADED,
-    NEURONS,
-    TEXT,
-    VISION,
-    tiny_backbone_config,
-    tiny_clip,
-)
 from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
@@ -64,6 +53,17 @@ from ttreg_hf import (
 )
 from ttreg_hf.family import parent_class
 
+from host_models import (
+    BACKBONE_HOSTS,
+    DEPTH_ANYTHING,
+    DINOV2,
+    LOADED,
+    NEURONS,
+    TEXT,
+    VISION,
+    tiny_backbone_config,
+    tiny_clip,
+)
 from reference_edit import hooked_register_edit
 
 

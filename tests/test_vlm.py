@@ -6,7 +6,6 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from host_models import IMAGE_TOKEN, PAD, VLM_TEXT, llava, llava_next, llava_onevision
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -26,6 +25,7 @@ from ttreg_hf import (
 )
 from ttreg_hf.modeling.vlm import with_test_time_register_tower
 
+from host_models import IMAGE_TOKEN, PAD, VLM_TEXT, llava, llava_next, llava_onevision
 from reference_edit import hooked_register_edit
 
 NEURONS = {0: [3, 40], 1: [5]}
