@@ -32,6 +32,8 @@ class Checkpoint:
         or a function returning the processor the checkpoint's authors document (`None`: the family's).
     preprocessing: ``preprocessing(image_size)`` -> the `ttreg_hf.images.Preprocessor` of a checkpoint whose images
         are prepared by hand (the planted model's), instead of its family's from ``image_processor``.
+    aliases: other libraries' names of the same weights (timm's ``vit_large_patch14_dinov2``), whose shipped index
+        is this checkpoint's.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Checkpoint:
     image_processor: str | Callable | None = None
     entry: str | None = None
     preprocessing: Callable[[int | None], Preprocessor] | None = None
+    aliases: tuple[str, ...] = ()
 
     @property
     def entry_name(self) -> str:

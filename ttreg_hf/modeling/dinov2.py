@@ -177,14 +177,16 @@ def dinov2_planting_sites(model: Dinov2Model) -> PlantingSites:
     return PlantingSites(embeddings.patch_embeddings.projection, blocks, heads, prefix, embeddings.position_embeddings)
 
 
-def _upstream(arch: str, summary: str) -> tuple[Checkpoint, Checkpoint]:
-    """Upstream's ``dinov2_{arch}`` backbone and its ImageNet-1k linear classifier ``dinov2_{arch}_lc``."""
+def _upstream(arch: str, summary: str, timm_size: str) -> tuple[Checkpoint, Checkpoint]:
+    """Upstream's ``dinov2_{arch}`` backbone and its ImageNet-1k linear classifier ``dinov2_{arch}_lc``. timm's
+    ``vit_{timm_size}_patch14_dinov2`` holds the same weights (converted with the neuron order kept)."""
     backbone = Checkpoint(
         f"dinov2_{arch}",
         summary,
         partial(load_upstream_dinov2, Dinov2TTRegModel, arch),
         tower=lambda hub_model: hub_model.dinov2,
         image_processor=dinov2_image_processor,
+        aliases=(f"vit_{timm_size}_patch14_dinov2",),
     )
     classifier = Checkpoint(
         f"dinov2_{arch}_lc",
@@ -214,17 +216,24 @@ FAMILIES = (
         licences={"facebook/dinov2-": "apache-2.0"},
         checkpoints=(
             *_upstream(
-                "vits14", "DINOv2 ViT-S/14 with test-time registers (no shipped index: pass ``register_neurons``)."
+                "vits14",
+                "DINOv2 ViT-S/14 with test-time registers (no shipped index: pass ``register_neurons``).",
+                "small",
             ),
             *_upstream(
-                "vitb14", "DINOv2 ViT-B/14 with test-time registers (no shipped index: pass ``register_neurons``)."
+                "vitb14",
+                "DINOv2 ViT-B/14 with test-time registers (no shipped index: pass ``register_neurons``).",
+                "base",
             ),
             *_upstream(
-                "vitl14", "DINOv2 ViT-L/14 with a test-time register and the authors' index (45 neurons, layers 12-17)."
+                "vitl14",
+                "DINOv2 ViT-L/14 with a test-time register and the authors' index (45 neurons, layers 12-17).",
+                "large",
             ),
             *_upstream(
                 "vitg14",
                 "DINOv2 ViT-g/14 (SwiGLU) with test-time registers (no shipped index: pass ``register_neurons``).",
+                "giant",
             ),
         ),
     ),

@@ -25,6 +25,7 @@ from ..errors import TTRegTypeError, TTRegValueError
 from ..family import Family, check_close_keywords, closest_keyword_on_error, parameter_names
 from ..images import Preprocessor, transform_preprocessor
 from .attention import attention_probabilities, fused_projection
+from .dinov2 import FAMILIES as DINOV2_FAMILIES
 from .registers import IndexSpec, KeywordRegisterSettingsMixin, RegisterAppender, RegisterSeams, adopt
 from .sites import BlockSites, LinearRows, PlantingSites
 from .timm_registry import PREFIX, register_timm_models
@@ -249,10 +250,12 @@ def to_test_time_registers(model: nn.Module, register_neurons: IndexSpec | None 
     return model
 
 
-# timm's DINOv2 weights are facebook's, converted with the neuron order kept: the shipped indices apply as they are
-DINOV2_HUB_NAMES = {
-    f"vit_{size}_patch14_dinov2": f"dinov2_vit{arch}14"
-    for size, arch in (("small", "s"), ("base", "b"), ("large", "l"), ("giant", "g"))
+# other libraries' names of the families' weights (timm's DINOv2 are facebook's): the shipped index is the checkpoint's
+CHECKPOINT_ALIASES = {
+    alias: checkpoint.name
+    for family in DINOV2_FAMILIES
+    for checkpoint in family.checkpoints
+    for alias in checkpoint.aliases
 }
 
 
@@ -287,7 +290,7 @@ def create_model(model_name: str, pretrained: bool = False, *, register_neurons:
     architecture = skeleton.pretrained_cfg.get("architecture", model_name.split(".")[0]).removeprefix(PREFIX)
     config.attach_register_neurons(
         register_neurons,
-        checkpoint=DINOV2_HUB_NAMES.get(architecture, architecture),
+        checkpoint=CHECKPOINT_ALIASES.get(architecture, architecture),
         register_semantics=settings.get("register_semantics"),
     )
     if isinstance(register_neurons, Mapping) and settings.get("register_index_provenance"):
