@@ -185,11 +185,11 @@ def test_weights_that_would_be_ignored_are_refused(tmp_path, capsys):
     images.mkdir()
     out = ["--out", str(tmp_path / "i.safetensors")]
     for model, reason in [
-        ("planted", "the planted model"),
-        (str(tmp_path / "folder"), "a checkpoint, which holds its weights"),
+        ("planted", "The planted model is built here, not loaded: it takes no weights"),
+        (str(tmp_path / "folder"), "is a checkpoint, which holds its weights: drop --weights"),
     ]:
         status, err = cli(["find-neurons", model, str(images), *out, "--weights", str(weights)], capsys)
-        assert status == 2 and "--weights is for a model name" in err and reason in err
+        assert status == 2 and reason in err and err.count("ttreg: error:") == 1
     status, err = cli(["find-neurons", "vit_base_patch16_224_in21k", str(images), *out, "--weights", "nope"], capsys)
     assert status == 2 and "No checkpoint at --weights nope" in err
 
