@@ -141,6 +141,7 @@ def parse_model_spec(spec: str) -> ModelSpec:
     """The `ModelSpec` of a MODEL argument (see `MODEL_HELP` and the README's table); reads no file but a folder's
     existence, loads nothing."""
     from ttreg_hf.hub import model_names
+    from ttreg_hf.registry import closest_checkpoint
 
     if spec.startswith(OPEN_CLIP_SOURCES):
         return ModelSpec("open_clip", spec)
@@ -159,8 +160,8 @@ def parse_model_spec(spec: str) -> ModelSpec:
         return ModelSpec("transformers", spec)
     if spec not in model_names():
         raise CommandError(
-            f"Unknown model {spec!r}: MODEL is one of {', '.join(model_names())}, a Hugging Face id or folder, "
-            f"{OPEN_CLIP_PREFIX}NAME or {TIMM_PREFIX}NAME."
+            f"Unknown model {spec!r}{closest_checkpoint(spec)}. MODEL is one of {', '.join(model_names())}, a "
+            f"Hugging Face id or folder, {OPEN_CLIP_PREFIX}NAME or {TIMM_PREFIX}NAME."
         )
     return ModelSpec("name", spec)
 

@@ -169,6 +169,8 @@ def mistakes(tmp_path, image_dir, image_file, planted_index_file):
         (find + ["--image-size", "big"], "'big' is not an integer"),
         (["find-neurons", "planted", str(tmp_path / "nope"), "--out", out], "does not exist"),
         (["find-neurons", "dinov2_vitz99", images, "--out", out], "Unknown model 'dinov2_vitz99'"),
+        (["find-neurons", "dinov2_vitb4", images, "--out", out], "did you mean 'dinov2_vitb14'?"),
+        (["find-neurons", "dinov2_vitb14_tt_reg", images, "--out", out], "torch.hub entry of 'dinov2_vitb14'"),
         (
             ["find-neurons", str(tmp_path / "bert"), images, "--out", out],
             "'bert' model; folders of these model types load: dinov2",

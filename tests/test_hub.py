@@ -66,9 +66,13 @@ def test_entries_without_a_shipped_index_ask_for_one():
     assert model.dinov2.token_layout.num_registers == 0
 
 
-def test_unknown_model_names_list_the_known_ones():
-    with pytest.raises(ValueError, match="Unknown model 'dinov2_vitx14'; choose one of dinov2_vits14"):
+def test_unknown_model_names_list_the_known_ones_and_the_closest():
+    with pytest.raises(ValueError, match="Unknown model 'dinov2_vitx14'; did you mean 'dinov2_vits14'.*dinov2_vits14"):
         load_tt_model("dinov2_vitx14", pretrained=False)
+    with pytest.raises(ValueError, match="'dinov2_vitl14_tt_reg' is the torch.hub entry of 'dinov2_vitl14'"):
+        load_tt_model("dinov2_vitl14_tt_reg", pretrained=False)
+    with pytest.raises(ValueError, match=r"Unknown model 'resnet50'; the names: "):  # nothing close: no guess
+        load_tt_model("resnet50", pretrained=False)
     assert {"dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14"} <= set(MODEL_NAMES)
 
 

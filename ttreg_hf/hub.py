@@ -16,7 +16,7 @@ from . import planted  # noqa: F401  (registers the planted checkpoint, a name l
 from .errors import TTRegTypeError, TTRegValueError
 from .family import Checkpoint
 from .images import Preprocessor
-from .registry import checkpoints, families, family_of
+from .registry import checkpoints, closest_checkpoint, families, family_of
 
 ENTRY_SUFFIX = "_tt_reg"
 
@@ -71,7 +71,7 @@ def _check_same_family(weights: str | Path, checkpoint: Checkpoint) -> None:
 def _checkpoint(name: str) -> Checkpoint:
     known = checkpoints()
     if name not in known:
-        raise TTRegValueError(f"Unknown model {name!r}; choose one of {', '.join(known)}.")
+        raise TTRegValueError(f"Unknown model {name!r}{closest_checkpoint(name)}; the names: {', '.join(known)}.")
     return known[name]
 
 

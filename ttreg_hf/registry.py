@@ -5,6 +5,7 @@ the torch.hub entries) read; a family of your own, outside the package, joins wi
 checkpoint of your own (or of an application: the planted test bench) with `register_checkpoint`.
 """
 
+import difflib
 import functools
 import importlib
 
@@ -97,6 +98,16 @@ def checkpoints() -> dict[str, Checkpoint]:
     """Every named checkpoint, by name: every family's, then those registered (`register_checkpoint`)."""
     declared = {checkpoint.name: checkpoint for family in families() for checkpoint in family.checkpoints}
     return {**declared, **_CHECKPOINTS}
+
+
+def closest_checkpoint(name: str) -> str:
+    """A hint for an unknown checkpoint name: the name whose torch.hub entry ``name`` is, or the closest name."""
+    known = checkpoints()
+    entries = {checkpoint.entry_name: checkpoint.name for checkpoint in known.values()}
+    if name in entries:
+        return f"; {name!r} is the torch.hub entry of {entries[name]!r}, the name to give here"
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def licence_of(checkpoint_id: str) -> str | None:
