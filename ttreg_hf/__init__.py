@@ -18,6 +18,15 @@ from .configs import (
     TestTimeRegisterConfigMixin,
     ViTTTRegConfig,
 )
+from .configs.hosts import (
+    DepthAnythingTTRegConfig,
+    DPTTTRegConfig,
+    LlavaNextTTRegConfig,
+    LlavaOnevisionTTRegConfig,
+    LlavaTTRegConfig,
+    Mask2FormerTTRegConfig,
+    ZoeDepthTTRegConfig,
+)
 from .configs.siglip import Siglip2TTRegConfig, Siglip2VisionTTRegConfig, SiglipTTRegConfig, SiglipVisionTTRegConfig
 from .discovery import DiscoveryResult, find_register_neurons
 from .family import Checkpoint, Family
@@ -40,6 +49,16 @@ from .modeling.clip import (
 from .modeling.dinov2 import Dinov2TTRegBackbone, Dinov2TTRegForImageClassification, Dinov2TTRegModel
 from .modeling.dinov3 import DINOv3ViTTTRegBackbone, DINOv3ViTTTRegModel
 from .modeling.edit import RegisterNeuronEdit
+from .modeling.hosts import (
+    DepthAnythingTTRegForDepthEstimation,
+    DPTTTRegForDepthEstimation,
+    LlavaNextTTRegForConditionalGeneration,
+    LlavaOnevisionTTRegForConditionalGeneration,
+    LlavaTTRegForConditionalGeneration,
+    Mask2FormerTTRegForUniversalSegmentation,
+    Mask2FormerTTRegModel,
+    ZoeDepthTTRegForDepthEstimation,
+)
 from .modeling.layout import TokenLayout
 from .modeling.registers import (
     EditAfterActivationMixin,
