@@ -589,6 +589,14 @@ def vision_tower_with_registers(model: nn.Module) -> PreTrainedTestTimeRegisterM
     return towers[0]
 
 
+def tower_with_registers(
+    ours: type["PreTrainedTestTimeRegisterMixin"], tower: PreTrainedModel, config: PreTrainedConfig
+) -> "PreTrainedTestTimeRegisterMixin":
+    """``tower`` (of ``ours``' parent class) as ``ours``, built from ``config`` on the tower's own weights
+    (`build_sharing_weights`); ``tower`` is left as it is."""
+    return build_sharing_weights(ours, tower, config, **ours.constructor_arguments(tower))
+
+
 def set_tower(model: PreTrainedModel, path: str, tower: PreTrainedTestTimeRegisterMixin) -> None:
     """Put ``tower`` at ``path``, and its modules that must stay on one device (our adopted embeddings) into the
     ``_no_split_modules`` that each model above it gathered from its children at init, for ``device_map``."""
@@ -614,8 +622,7 @@ class WithRegisterTowerMixin(TestTimeRegisterLoadingMixin):
         super().__init__(config, *inputs, **kwargs)
         parent_tower = parent_class(self.tower_class)
         [(path, tower)] = [(path, module) for path, module in self.named_modules() if type(module) is parent_tower]
-        arguments = self.tower_class.constructor_arguments(tower)
-        set_tower(self, path, build_sharing_weights(self.tower_class, tower, tower.config, **arguments))
+        set_tower(self, path, tower_with_registers(self.tower_class, tower, tower.config))
 
     def set_register_neurons(self, register_neurons: IndexSpec | None, **settings) -> "WithRegisterTowerMixin":
         """The tower's `set_register_neurons` (it writes the config, which this model saves)."""
@@ -660,7 +667,5 @@ class WithRegisterTowerHostMixin(SavesRemoteCodeMixin):
             )
         [(path, tower)] = towers
         tower_class = tower_classes[type(tower)]
-        set_tower(
-            self, path, build_sharing_weights(tower_class, tower, ours, **tower_class.constructor_arguments(tower))
-        )
+        set_tower(self, path, tower_with_registers(tower_class, tower, ours))
         setattr(config, key, self.get_submodule(path).config)

@@ -27,10 +27,10 @@ from .registers import (
     IndexSpec,
     PreTrainedTestTimeRegisterMixin,
     adopt,
-    build_sharing_weights,
     register_settings,
     set_config_keyword,
     set_tower,
+    tower_with_registers,
     vision_tower_with_registers,
 )
 
@@ -181,14 +181,6 @@ def _vision_tower(vlm: nn.Module) -> tuple[str, PreTrainedModel]:
             "test-time-register tower from the start."
         )
     return path, tower
-
-
-def tower_with_registers(
-    ours: type[PreTrainedTestTimeRegisterMixin], tower: PreTrainedModel, config: PreTrainedConfig
-) -> PreTrainedTestTimeRegisterMixin:
-    """``tower`` (of ``ours``' parent class) as ``ours``, built from ``config`` on the tower's own weights
-    (`build_sharing_weights`); ``tower`` is left as it is."""
-    return build_sharing_weights(ours, tower, config, **ours.constructor_arguments(tower))
 
 
 def to_test_time_registers(

@@ -14,10 +14,10 @@ from .modeling_ttreg import (
     PreTrainedTestTimeRegisterMixin,
     SavesRemoteCodeMixin,
     TTRegTypeError,
-    build_sharing_weights,
     parent_class,
     set_tower,
     subclasses,
+    tower_with_registers,
 )
 
 
@@ -50,9 +50,7 @@ class WithRegisterTowerHostMixin(SavesRemoteCodeMixin):
             )
         [(path, tower)] = towers
         tower_class = tower_classes[type(tower)]
-        set_tower(
-            self, path, build_sharing_weights(tower_class, tower, ours, **tower_class.constructor_arguments(tower))
-        )
+        set_tower(self, path, tower_with_registers(tower_class, tower, ours))
         setattr(config, key, self.get_submodule(path).config)
 
 

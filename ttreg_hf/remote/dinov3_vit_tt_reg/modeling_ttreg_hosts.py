@@ -39,6 +39,12 @@ def parent_class(cls: type) -> type:
 
 
 # ---- ttreg_hf/modeling/registers.py
+def tower_with_registers(
+    ours: type["PreTrainedTestTimeRegisterMixin"], tower: PreTrainedModel, config: PreTrainedConfig
+) -> "PreTrainedTestTimeRegisterMixin":
+    return build_sharing_weights(ours, tower, config, **ours.constructor_arguments(tower))
+
+
 def set_tower(model: PreTrainedModel, path: str, tower: PreTrainedTestTimeRegisterMixin) -> None:
     model.set_submodule(path, tower)
     parts = path.split(".")
@@ -75,9 +81,7 @@ class WithRegisterTowerHostMixin(SavesRemoteCodeMixin):
             )
         [(path, tower)] = towers
         tower_class = tower_classes[type(tower)]
-        set_tower(
-            self, path, build_sharing_weights(tower_class, tower, ours, **tower_class.constructor_arguments(tower))
-        )
+        set_tower(self, path, tower_with_registers(tower_class, tower, ours))
         setattr(config, key, self.get_submodule(path).config)
 
 

@@ -193,8 +193,12 @@ class RegisterSettingsMixin:
     def from_parent_config(cls, config, **settings):
         return cls(**{**_fields(config), **settings}, attn_implementation=config._attn_implementation)
 
+    @classmethod
+    def parent_config_class(cls) -> type[PreTrainedConfig]:
+        return next(base for base in cls.__mro__[1:] if not issubclass(base, RegisterSettingsMixin))
+
     def as_parent_config(self) -> PreTrainedConfig:
-        parent = next(base for base in type(self).__mro__[1:] if not issubclass(base, RegisterSettingsMixin))
+        parent = self.parent_config_class()
         ours = {field.name for field in dataclasses.fields(self)} - {field.name for field in dataclasses.fields(parent)}
         fields = {key: value for key, value in _fields(self).items() if key not in ours}
         return parent(**fields, attn_implementation=self._attn_implementation)
@@ -282,7 +286,7 @@ class TestTimeRegisterCompositeConfigMixin:
         ours = cls.register_config_class()
         if isinstance(config, ours):
             return config
-        parent = next(base for base in ours.__mro__[1:] if not issubclass(base, RegisterSettingsMixin))
+        parent = ours.parent_config_class()
         if not isinstance(config, parent):
             raise TTRegTypeError(
                 f"{cls.register_config_key} must be a {parent.__name__} (or a {ours.__name__}), got a "

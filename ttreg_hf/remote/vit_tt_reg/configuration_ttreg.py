@@ -189,8 +189,12 @@ class RegisterSettingsMixin:
     def from_parent_config(cls, config, **settings):
         return cls(**{**_fields(config), **settings}, attn_implementation=config._attn_implementation)
 
+    @classmethod
+    def parent_config_class(cls) -> type[PreTrainedConfig]:
+        return next(base for base in cls.__mro__[1:] if not issubclass(base, RegisterSettingsMixin))
+
     def as_parent_config(self) -> PreTrainedConfig:
-        parent = next(base for base in type(self).__mro__[1:] if not issubclass(base, RegisterSettingsMixin))
+        parent = self.parent_config_class()
         ours = {field.name for field in dataclasses.fields(self)} - {field.name for field in dataclasses.fields(parent)}
         fields = {key: value for key, value in _fields(self).items() if key not in ours}
         return parent(**fields, attn_implementation=self._attn_implementation)

@@ -370,6 +370,12 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterLoadingMixin, TestTimeRegi
                     edit.reset_buffers()
 
 
+def tower_with_registers(
+    ours: type["PreTrainedTestTimeRegisterMixin"], tower: PreTrainedModel, config: PreTrainedConfig
+) -> "PreTrainedTestTimeRegisterMixin":
+    return build_sharing_weights(ours, tower, config, **ours.constructor_arguments(tower))
+
+
 def set_tower(model: PreTrainedModel, path: str, tower: PreTrainedTestTimeRegisterMixin) -> None:
     model.set_submodule(path, tower)
     parts = path.split(".")
@@ -385,8 +391,7 @@ class WithRegisterTowerMixin(TestTimeRegisterLoadingMixin):
         super().__init__(config, *inputs, **kwargs)
         parent_tower = parent_class(self.tower_class)
         [(path, tower)] = [(path, module) for path, module in self.named_modules() if type(module) is parent_tower]
-        arguments = self.tower_class.constructor_arguments(tower)
-        set_tower(self, path, build_sharing_weights(self.tower_class, tower, tower.config, **arguments))
+        set_tower(self, path, tower_with_registers(self.tower_class, tower, tower.config))
 
 
 # ---- ttreg_hf/modeling/vit.py
