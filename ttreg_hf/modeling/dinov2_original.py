@@ -16,6 +16,7 @@ from transformers.models.dinov2.modeling_dinov2 import Dinov2PatchEmbeddings
 from ..configs.dinov2 import Dinov2TTRegConfig
 from ..errors import TTRegTypeError, TTRegValueError
 from ..family import LOADER_ARGUMENTS, check_keywords
+from .layout import feature_maps
 from .registers import IndexSpec, adopt
 
 # arch -> (hidden_size, num_hidden_layers, num_attention_heads, use_swiglu_ffn), as in dinov2/hub/backbones.py
@@ -297,9 +298,8 @@ class DinoVisionTransformerTTReg(nn.Module):
         class_tokens = [out[:, 0] for out in outputs]
         outputs = [out[:, 1:] for out in outputs]
         if reshape:
-            batch, _, height, width = x.shape
-            grid = (height // self.patch_size, width // self.patch_size)
-            outputs = [out.reshape(batch, *grid, -1).permute(0, 3, 1, 2).contiguous() for out in outputs]
+            height, width = (size // self.patch_size for size in x.shape[-2:])
+            outputs = [feature_maps(out, height, width) for out in outputs]
         return tuple(zip(outputs, class_tokens)) if return_class_token else tuple(outputs)
 
 

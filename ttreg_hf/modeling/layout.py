@@ -51,3 +51,8 @@ class TokenLayout:
 
     def patches(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens[:, self.num_prefix_tokens : self.num_tokens_without_registers(tokens)]
+
+
+def feature_maps(patch_tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(batch, height * width, dim)`` patch tokens as ``(batch, dim, height, width)`` maps (``NCHW``)."""
+    return patch_tokens.unflatten(1, (height, width)).permute(0, 3, 1, 2).contiguous()

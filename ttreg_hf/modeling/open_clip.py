@@ -37,6 +37,7 @@ from ..family import (
 from ..images import Preprocessor, transform_preprocessor
 from ..index import INDEX_FILENAME
 from .attention import attention_probabilities, fused_projection
+from .layout import feature_maps
 from .registers import (
     IndexSpec,
     KeywordRegisterSettingsMixin,
@@ -152,10 +153,7 @@ class OpenCLIPTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransfo
         output["image_intermediates"] = [layout.strip_registers(y) for y in tokens]
         if output_fmt == "NCHW":
             height, width = (size // patch for size, patch in zip(x.shape[-2:], self.patch_size))
-            grids = [
-                y.unflatten(1, (height, width)).permute(0, 3, 1, 2).contiguous() for y in output["image_intermediates"]
-            ]
-            output["image_intermediates"] = grids
+            output["image_intermediates"] = [feature_maps(y, height, width) for y in output["image_intermediates"]]
         if output_extra_tokens and layout.num_registers:
             output["image_intermediates_registers"] = [layout.registers(y) for y in tokens]
         return output

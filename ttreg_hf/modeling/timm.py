@@ -26,6 +26,7 @@ from ..family import Family, check_close_keywords, closest_keyword_on_error, par
 from ..images import Preprocessor, transform_preprocessor
 from .attention import attention_probabilities, fused_projection
 from .dinov2 import FAMILIES as DINOV2_FAMILIES
+from .layout import feature_maps
 from .registers import IndexSpec, KeywordRegisterSettingsMixin, RegisterAppender, RegisterSeams, adopt
 from .sites import BlockSites, LinearRows, PlantingSites
 from .timm_registry import PREFIX, register_timm_models
@@ -172,7 +173,7 @@ class TimmTTRegVisionTransformer(KeywordRegisterSettingsMixin, VisionTransformer
         intermediates = [layout.strip_registers(tokens) for tokens in outputs["image_intermediates"]]
         if output_fmt == "NCHW":
             height, width = self.patch_embed.dynamic_feat_size(x.shape[-2:])
-            intermediates = [y.unflatten(1, (height, width)).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+            intermediates = [feature_maps(y, height, width) for y in intermediates]
         prefix_tokens = outputs.get("image_intermediates_prefix") if return_prefix_tokens else None
         features = outputs.get("image_features")
         features = None if features is None else layout.strip_registers(features)
