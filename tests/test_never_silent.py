@@ -455,6 +455,78 @@ def test_an_export_into_a_folder_on_another_file_system_is_copied_in(index_file,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.safetensors", "mounted"]  # no staging folder left
 
 
+@pytest.fixture
+def other_file_system(tmp_path):
+    """A new folder on a file system other than ``tmp_path``'s (``/dev/shm``, a tmpfs), removed afterwards."""
+    import os
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK) or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no writable /dev/shm on another file system than the temporary folder")
+    folder = Path(tempfile.mkdtemp(dir=shm, prefix="ttreg-test-"))
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_an_export_through_a_link_to_another_file_system_lands_there(index_file, tmp_path, other_file_system):
+    """A real cross-device OUT (a link into a tmpfs): written, rewritten with overwrite, a killed export's staging
+    folder removed, nothing left behind on either side."""
+    from ttreg_hf.export import export_model
+
+    model = Dinov2TTRegModel(tiny_dinov2_config(register_neurons=index_file))
+    target = other_file_system / "export"
+    target.mkdir()
+    out = tmp_path / "out"
+    out.symlink_to(target)
+    (tmp_path / ".out.ttreg-staging-killed").mkdir()  # what a killed export leaves beside OUT
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no preprocessor config: the family default, with a warning
+        export_model(model, index_file, out)
+        written, card = sorted(path.name for path in target.iterdir()), (target / "README.md").read_text()
+        (target / "README.md").write_text("edited")
+        export_model(model, index_file, out, overwrite=True)
+    assert sorted(path.name for path in target.iterdir()) == written and (target / "README.md").read_text() == card
+    assert RegisterNeuronIndex.load(target / "register_neurons.safetensors") == tiny_index()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["index.safetensors", "out"]
+    assert sorted(path.name for path in other_file_system.iterdir()) == ["export"]
+
+
+def test_an_export_through_a_link_to_nothing_is_refused_before_writing(index_file, tmp_path, other_file_system):
+    """A link whose target is missing (a disk not mounted?) is refused up front, and nothing is created there."""
+    from ttreg_hf.export import ExportError, export_model
+
+    model = Dinov2TTRegModel(tiny_dinov2_config(register_neurons=index_file))
+    out = tmp_path / "out"
+    out.symlink_to(other_file_system / "missing")
+    with pytest.raises(ExportError, match=f"{out} is a link to {other_file_system / 'missing'}, which does not exist"):
+        export_model(model, index_file, out)
+    assert not (other_file_system / "missing").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["index.safetensors", "out"]
+
+
+def test_an_export_that_fails_while_writing_leaves_out_as_it_was(index_file, tmp_path, monkeypatch):
+    from ttreg_hf import export
+
+    model = Dinov2TTRegModel(tiny_dinov2_config(register_neurons=index_file))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no preprocessor config: the family default, with a warning
+        out = export.export_model(model, index_file, tmp_path / "out")
+        (out / "README.md").write_text("an earlier export, edited")
+        before = {path.name: path.read_bytes() for path in out.iterdir()}
+
+        def killed(*args, **kwargs):  # the card is written last: the rest is written by then
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(export, "render_model_card", killed)
+        other = Dinov2TTRegModel(tiny_dinov2_config(register_neurons=index_file, num_test_time_registers=2))
+        with pytest.raises(KeyboardInterrupt):
+            export.export_model(other, index_file, out, overwrite=True)  # other weights, another config
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["index.safetensors", "out"]
+
+
 # item 8: an upgrade that could not be reloaded, or that fails on a bad setting, changes nothing
 
 

@@ -120,10 +120,16 @@ def _write_export(model, index: RegisterNeuronIndex, folder: Path, *, base_model
 
 
 def check_export_folder(out: Path, overwrite: bool, source, exported: frozenset[str] = EXPORTED_FILES) -> None:
-    """Refuse a file, the parent checkpoint's folder ``source``, and a non-empty folder (but with ``overwrite`` one that
-    holds only files of ``exported``, an earlier export's), before anything is loaded or written."""
+    """Refuse a file, a link to nothing, the parent checkpoint's folder ``source``, and a non-empty folder (but with
+    ``overwrite`` one that holds only files of ``exported``, an earlier export's), before anything is loaded or
+    written."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file: export writes a folder.")
+    if out.is_symlink() and not out.exists():  # creating its target could write where a disk should be mounted
+        raise ExportError(
+            f"{out} is a link to {out.readlink()}, which does not exist (a disk not mounted?): create that folder, "
+            "or export into another folder."
+        )
     parent_folder = Path(source) if isinstance(source, (str, Path)) and str(source) else None
     if parent_folder and parent_folder.is_dir() and parent_folder.resolve() == out.resolve():
         raise ExportError(f"{out} is the parent checkpoint's own folder: export into a new folder.")
