@@ -33,6 +33,8 @@ from ttreg_hf.model_card import BIBTEX, UNKNOWN_LICENCE
 
 from reference_edit import hooked_register_edit
 
+pytest_plugins = ["fake_hub"]  # its `hub` fixture
+
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14)
 PARENTS = {  # name -> (parent class, config, package class, MLP width)
     "dinov2": (Dinov2Model, Dinov2Config(**TINY), Dinov2TTRegModel, 128),
@@ -288,6 +290,41 @@ def test_the_parent_checkpoint_folder_is_always_refused(exported):
         with pytest.raises(ExportError, match="parent checkpoint's own folder"):
             export_model(parent_dir, parent_dir.parent / "dinov2-index.safetensors", parent_dir, overwrite=overwrite)
     assert {p.name: p.read_bytes() for p in parent_dir.iterdir()} == before
+
+
+def test_the_folder_a_loaded_model_came_from_is_refused_by_any_name(exported, tmp_path):
+    """The parent's folder holds only files an export writes (config, weights, preprocessor): nothing but the
+    source-folder rule stands between ``overwrite`` and the checkpoint being replaced, whatever names OUT."""
+    parent_dir, index, _ = exported["dinov2"]
+    source = tmp_path / "checkpoint"
+    Dinov2TTRegModel.from_pretrained(parent_dir, register_neurons=index).save_pretrained(source)
+    before = {path.name: path.read_bytes() for path in source.iterdir()}
+    model = Dinov2TTRegModel.from_pretrained(source)  # the folder is only in its config's name_or_path
+    (tmp_path / "link").symlink_to(source)
+    for out in (source, tmp_path / "link", tmp_path / "." / "checkpoint"):
+        with pytest.raises(ExportError, match="parent checkpoint's own folder"):
+            export_model(model, index, out, overwrite=True)
+    with pytest.raises(ExportError, match="does not write .*checkpoint"):
+        export_model(model, index, tmp_path, overwrite=True)  # a folder above it
+    assert {path.name: path.read_bytes() for path in source.iterdir()} == before
+
+
+def test_the_cached_snapshot_of_a_hub_checkpoint_is_refused(exported, hub, tmp_path):
+    """OUT = the Hub cache's folder of the checkpoint id being exported (by any name): rewriting it would swap the
+    checkpoint's cached files (they are all names an export writes) for the export's."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    parent_dir, index, _ = exported["dinov2"]
+    HfApi().create_repo("me/dinov2")
+    HfApi().upload_folder(repo_id="me/dinov2", folder_path=parent_dir)
+    snapshot = {Path(hf_hub_download("me/dinov2", path.name)).parent for path in parent_dir.iterdir()}.pop()
+    before = {path.name: path.read_bytes() for path in snapshot.iterdir()}
+    for out in (snapshot, snapshot.parent, tmp_path / "link"):
+        (tmp_path / "link").unlink(missing_ok=True)
+        (tmp_path / "link").symlink_to(snapshot)
+        with pytest.raises(ExportError, match="is in the Hugging Face cache .*: export into a folder of your own"):
+            export_model("me/dinov2", index, out, overwrite=True)
+    assert {path.name: path.read_bytes() for path in snapshot.iterdir()} == before
 
 
 @pytest.mark.filterwarnings("ignore:The model has no preprocessor_config.json")

@@ -4,11 +4,13 @@ our `create_model_and_transforms` (the repository's index found by default), fro
 import copy
 import json
 import warnings
+from pathlib import Path
 
 import open_clip
 import pytest
 import torch
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, hf_hub_download
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME
 from open_clip.transformer import QuickGELU
 from safetensors.torch import load_file, save_file
 
@@ -121,6 +123,17 @@ def test_through_the_hub_open_clip_and_we_load_the_export(exported, inputs, hub)
     assert torch.equal(_outputs(plain, inputs)[0], _outputs(base, inputs)[0])
     with pytest.raises(RegisterNeuronIndexError, match="No register-neuron index is known for 'hf-hub:me/plain'"):
         create_model_and_transforms("hf-hub:me/plain")
+
+
+def test_the_cached_snapshot_of_an_hf_hub_model_is_refused_as_out(exported, hub):
+    _, index, out = exported
+    HfApi().create_repo("me/tiny-ttreg")
+    HfApi().upload_folder(repo_id="me/tiny-ttreg", folder_path=out)
+    snapshot = Path(hf_hub_download("me/tiny-ttreg", HF_SAFE_WEIGHTS_NAME)).parent
+    before = {path.name: path.read_bytes() for path in snapshot.iterdir()}
+    with pytest.raises(ExportError, match="is in the Hugging Face cache"):
+        export_open_clip("hf-hub:me/tiny-ttreg", index, snapshot, overwrite=True)
+    assert {path.name: path.read_bytes() for path in snapshot.iterdir()} == before
 
 
 def test_a_loaded_model_exports_its_settings_and_the_config_must_rebuild_it(exported, inputs, tmp_path):

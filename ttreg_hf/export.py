@@ -16,6 +16,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from huggingface_hub import constants as hub_constants
 from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import cached_file
 
@@ -120,9 +121,9 @@ def _write_export(model, index: RegisterNeuronIndex, folder: Path, *, base_model
 
 
 def check_export_folder(out: Path, overwrite: bool, source, exported: frozenset[str] = EXPORTED_FILES) -> None:
-    """Refuse a file, a link to nothing, the parent checkpoint's folder ``source``, and a non-empty folder (but with
-    ``overwrite`` one that holds only files of ``exported``, an earlier export's), before anything is loaded or
-    written."""
+    """Refuse a file, a link to nothing, the parent checkpoint's folder ``source``, a folder in the Hub cache, and a
+    non-empty folder (but with ``overwrite`` one that holds only files of ``exported``, an earlier export's), before
+    anything is loaded or written."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file: export writes a folder.")
     if out.is_symlink() and not out.exists():  # creating its target could write where a disk should be mounted
@@ -133,6 +134,12 @@ def check_export_folder(out: Path, overwrite: bool, source, exported: frozenset[
     parent_folder = Path(source) if isinstance(source, (str, Path)) and str(source) else None
     if parent_folder and parent_folder.is_dir() and parent_folder.resolve() == out.resolve():
         raise ExportError(f"{out} is the parent checkpoint's own folder: export into a new folder.")
+    cache = Path(hub_constants.HF_HUB_CACHE).resolve()
+    if out.resolve().is_relative_to(cache):  # a Hub id's checkpoint folder is a snapshot there
+        raise ExportError(
+            f"{out} is in the Hugging Face cache ({cache}), where downloaded checkpoints (the parent's, maybe) live: "
+            "export into a folder of your own."
+        )
     present = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
     if present and not overwrite:
         raise ExportError(
