@@ -336,6 +336,37 @@ def test_an_open_clip_export_with_the_edit_off_reads_no_index(tmp_path):
         create_model_and_transforms(f"local-dir:{folder}")  # the edit on: the index is read, and refused
 
 
+def test_a_transformers_export_reads_its_index_from_the_config_and_names_it_when_corrupt(index_file, tmp_path):
+    """The index file beside the weights is for index look-ups, never read to load: corrupt, it blocks nothing. The
+    index in ``config.json`` is the model's, kept whatever the load's settings (``save_pretrained`` writes it back):
+    one the model cannot use is refused, with 0 registers too, naming the file and the fix, which works."""
+    import json
+
+    from ttreg_hf.export import export_model
+
+    model = Dinov2TTRegModel(tiny_dinov2_config(register_neurons=index_file)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no preprocessor config: the family default, with a warning
+        out = export_model(model, index_file, tmp_path / "out")
+    (out / "register_neurons.safetensors").write_bytes(b"not an index")
+    pixels = torch.randn(1, 3, 56, 56)
+    for settings in ({}, {"num_test_time_registers": 0}):
+        loaded = Dinov2TTRegModel.from_pretrained(out, **settings).eval()
+        assert loaded.config.register_neurons == {"1": [3, 70]}
+        expected = Dinov2TTRegModel(tiny_dinov2_config(register_neurons=index_file, **settings)).eval()
+        expected.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(pixels).last_hidden_state, expected(pixels).last_hidden_state)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "register_neurons": {"1": [3, 999]}}))
+    for settings in ({}, {"num_test_time_registers": 0}):
+        with pytest.raises(RegisterNeuronIndexError, match=f"{out}/config.json holds .*999.* out of range.*remove"):
+            Dinov2TTRegModel.from_pretrained(out, **settings)
+    del config["register_neurons"], config["register_index_provenance"]  # the fix the message gives
+    (out / "config.json").write_text(json.dumps(config))
+    assert Dinov2TTRegModel.from_pretrained(out, num_test_time_registers=0).config.register_neurons is None
+
+
 def test_a_register_setting_on_a_dual_encoders_config_is_refused(tmp_path):
     from transformers import CLIPConfig
 

@@ -16,15 +16,22 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
-from transformers.utils import ModelOutput
+from transformers.utils import CONFIG_NAME, ModelOutput
 
 from ..configs.registers import pop_register_settings, subclasses
 from ..errors import TTRegTypeError, TTRegValueError
 from ..family import check_close_keywords, parent_class
-from ..index import RegisterIndexMismatchWarning, RegisterNeuronIndex, fingerprinted_weight, weights_fingerprint
+from ..index import (
+    RegisterIndexMismatchWarning,
+    RegisterNeuronIndex,
+    RegisterNeuronIndexError,
+    fingerprinted_weight,
+    weights_fingerprint,
+)
 from ..remote_code import remote_auto_map, write_remote_code
 from .edit import RegisterNeuronEdit
 from .layout import TokenLayout
@@ -514,7 +521,7 @@ class TestTimeRegisterLoadingMixin(SavesRemoteCodeMixin):
             config = copy.deepcopy(cls.convert_config(config))
         else:
             hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-            config = config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
+            config = saved_config(config_class, config or pretrained_model_name_or_path, **hub_kwargs)
         for key, value in sorted(overrides.items(), key=lambda item: item[0] in settings):  # a new sub-config first
             set_config_keyword(config.register_config if key in settings else config, key, value)
         config.register_config.attach_register_neurons(
@@ -553,6 +560,23 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterLoadingMixin, TestTimeRegi
             for edit in self.modules():
                 if isinstance(edit, RegisterNeuronEdit):
                     edit.reset_buffers()
+
+
+def saved_config(config_class: type[PreTrainedConfig], source, **hub_kwargs) -> PreTrainedConfig:
+    """``config_class.from_pretrained(source)``. An index in that config which the model cannot use is refused naming
+    the file and the fix: the config keeps its index whatever the load's settings (``save_pretrained`` writes it)."""
+    try:
+        return config_class.from_pretrained(source, **hub_kwargs)
+    except (StrictDataclassError, RegisterNeuronIndexError) as error:
+        cause = error.__cause__ if isinstance(error, StrictDataclassError) else error
+        if not isinstance(cause, RegisterNeuronIndexError):
+            raise
+        file = source if str(source).endswith(".json") else f"{source}/{CONFIG_NAME}"
+        raise RegisterNeuronIndexError(
+            f"{file} holds a register-neuron index this model cannot use: {cause} The config keeps its index whatever "
+            "the load's settings (num_test_time_registers=0 too): mend or remove its `register_neurons` (and "
+            "`register_index_provenance`), then give the index with register_neurons=."
+        ) from error
 
 
 def set_config_keyword(config: PreTrainedConfig, key: str, value) -> None:
