@@ -1,5 +1,6 @@
 """Never silent, round three (issue #25) and errors by kind (#24.4): each test failed before its fix."""
 
+import json
 import warnings
 from pathlib import Path
 
@@ -469,7 +470,7 @@ def test_an_export_into_a_folder_on_another_file_system_is_copied_in(index_file,
 
     def no_renames_into_out(rename):
         def refuse(source, target, *args, **kwargs):
-            if Path(target).parent == out:  # OUT is a mount point: a rename into it crosses devices
+            if Path(target).parent == out and out not in Path(source).parents:  # OUT is a mount point
                 raise OSError(errno.EXDEV, "Invalid cross-device link", str(source), None, str(target))
             return rename(source, target, *args, **kwargs)
 
@@ -522,6 +523,41 @@ def test_an_export_through_a_link_to_another_file_system_lands_there(index_file,
     assert RegisterNeuronIndex.load(target / "register_neurons.safetensors") == tiny_index()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["index.safetensors", "out"]
     assert sorted(path.name for path in other_file_system.iterdir()) == ["export"]
+
+
+def test_a_copy_to_another_file_system_that_fails_leaves_out_as_it_was(index_file, tmp_path, other_file_system):
+    """A full disk while the staged files are copied across devices: OUT (an earlier export) keeps its files, the
+    half-copied one included, and nothing is left behind; the next export removes what a killed one left in OUT."""
+    import errno
+    import shutil
+
+    from ttreg_hf.export import export_model
+
+    out = tmp_path / "out"
+    out.symlink_to(other_file_system)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no preprocessor config: the family default, with a warning
+        export_model(Dinov2TTRegModel(tiny_dinov2_config(register_neurons=index_file)), index_file, out)
+        before = {path.name: path.read_bytes() for path in other_file_system.iterdir()}
+        copyfile = shutil.copyfile
+
+        def full_disk(source, target, *args, **kwargs):
+            if Path(source).name == "model.safetensors":
+                Path(target).write_bytes(Path(source).read_bytes()[:100])
+                raise OSError(errno.ENOSPC, "No space left on device", str(target))
+            return copyfile(source, target, *args, **kwargs)
+
+        other = Dinov2TTRegModel(tiny_dinov2_config(register_neurons=index_file, num_test_time_registers=2))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(shutil, "copyfile", full_disk)
+            with pytest.raises(OSError, match="No space left"):
+                export_model(other, index_file, out, overwrite=True)
+        assert {path.name: path.read_bytes() for path in other_file_system.iterdir()} == before
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["index.safetensors", "out"]
+        (other_file_system / ".ttreg-staging-killed").mkdir()  # what an export killed while copying leaves in OUT
+        export_model(other, index_file, out, overwrite=True)
+    assert ".ttreg-staging-killed" not in {path.name for path in other_file_system.iterdir()}
+    assert json.loads((other_file_system / "config.json").read_text())["num_test_time_registers"] == 2
 
 
 def test_an_export_through_a_link_to_nothing_is_refused_before_writing(index_file, tmp_path, other_file_system):

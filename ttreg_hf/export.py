@@ -7,8 +7,10 @@ without one gets, come from its declaration (`ttreg_hf.family`). Everything is w
 """
 
 import copy
+import errno
 import glob
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -92,19 +94,33 @@ def export_model(
 
 def write_staged(out: Path, write: Callable[[Path], None]) -> Path:
     """``write(staging)`` into a new hidden folder beside ``out`` (``.OUT.ttreg-staging-*``), then everything it wrote
-    moved into ``out``: an export that fails while writing leaves ``out`` as it was. A move is a rename, or a copy
-    where ``out`` is on another file system (a mount point, a symlink to another disk). A staging folder that a killed
-    export left beside ``out`` is removed first. Returns ``out``."""
+    moved into ``out`` (`_move_in`): an export that fails while writing leaves ``out`` as it was. A staging folder
+    that a killed export left beside or in ``out`` is removed first. Returns ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{out.name}{STAGING_MARK}"
-    for stale in out.parent.glob(f"{glob.escape(prefix)}*"):
+    for stale in [*out.parent.glob(f"{glob.escape(prefix)}*"), *out.glob(f"{glob.escape(STAGING_MARK)}*")]:
         shutil.rmtree(stale)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=prefix) as staging:
         write(Path(staging))
         out.mkdir(exist_ok=True)
-        for path in sorted(Path(staging).iterdir()):
-            shutil.move(path, out / path.name)  # `os.rename`, else (across devices) a copy
+        _move_in(Path(staging), out)
     return out
+
+
+def _move_in(staging: Path, out: Path) -> None:
+    """Rename every file of ``staging`` into ``out``. Where a rename would cross file systems (``out`` a mount point,
+    a link to another disk), they are copied into a hidden folder in ``out`` first and renamed from there: a copy
+    that fails (a full disk) leaves ``out``'s files as they were."""
+    try:
+        for path in sorted(staging.iterdir()):
+            os.replace(path, out / path.name)
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+        with tempfile.TemporaryDirectory(dir=out, prefix=STAGING_MARK) as near:
+            for path in staging.iterdir():
+                shutil.copy2(path, Path(near) / path.name)
+            _move_in(Path(near), out)
 
 
 def _write_export(model, index: RegisterNeuronIndex, folder: Path, *, base_model, license, repo_id) -> None:
@@ -123,7 +139,8 @@ def _write_export(model, index: RegisterNeuronIndex, folder: Path, *, base_model
 def check_export_folder(out: Path, overwrite: bool, source, exported: frozenset[str] = EXPORTED_FILES) -> None:
     """Refuse a file, a link to nothing, the parent checkpoint's folder ``source``, a folder in the Hub cache, and a
     non-empty folder (but with ``overwrite`` one that holds only files of ``exported``, an earlier export's), before
-    anything is loaded or written."""
+    anything is loaded or written. What a killed export left in ``out`` (`STAGING_MARK`) is not counted: it is
+    removed."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file: export writes a folder.")
     if out.is_symlink() and not out.exists():  # creating its target could write where a disk should be mounted
@@ -140,7 +157,9 @@ def check_export_folder(out: Path, overwrite: bool, source, exported: frozenset[
             f"{out} is in the Hugging Face cache ({cache}), where downloaded checkpoints (the parent's, maybe) live: "
             "export into a folder of your own."
         )
-    present = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    present = (
+        sorted(path.name for path in out.iterdir() if not path.name.startswith(STAGING_MARK)) if out.is_dir() else []
+    )
     if present and not overwrite:
         raise ExportError(
             f"{out} is not empty ({', '.join(present)}): export into a new folder, or pass overwrite=True (--overwrite)."
