@@ -675,7 +675,7 @@ def _export(args: argparse.Namespace) -> int:
         out = export_model(
             args.model, args.index, args.out, license=args.license, repo_id=args.repo_id, overwrite=args.overwrite
         )
-    except (OSError, StrictDataclassError) as error:  # opening MODEL, or writing OUT
+    except (OSError, StrictDataclassError) as error:  # opening MODEL (writing OUT is an ExportError)
         if Path(args.model).exists():
             raise CommandError(_one_line(error)) from error
         raise CommandError(
@@ -695,7 +695,7 @@ def _export_open_clip(args: argparse.Namespace, parsed: ModelSpec) -> int:
 
     if parsed.tag and args.pretrained:
         raise CommandError(f"{args.model!r} names its pretrained tag already: drop --pretrained {args.pretrained}.")
-    with user_path():  # opening the model and its --pretrained file, writing OUT
+    with user_path():  # opening the model and its --pretrained file
         out = export_open_clip(
             parsed.name,
             args.index,

@@ -327,6 +327,32 @@ def test_the_cached_snapshot_of_a_hub_checkpoint_is_refused(exported, hub, tmp_p
     assert {path.name: path.read_bytes() for path in snapshot.iterdir()} == before
 
 
+def test_a_hub_checkpoint_that_fails_to_write_is_not_called_unfetchable(exported, hub, tmp_path, monkeypatch, capsys):
+    """A full disk while OUT is written, with MODEL a Hub id: the CLI says so in one line (not "Could not fetch")."""
+    import errno
+
+    from huggingface_hub import HfApi
+
+    from ttreg_cli import main
+    from ttreg_hf import export
+
+    parent_dir, index, _ = exported["dinov2"]
+    HfApi().create_repo("me/dinov2")
+    HfApi().upload_folder(repo_id="me/dinov2", folder_path=parent_dir)
+    index_file = index.save(tmp_path / "index.safetensors")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "write_safetensors", full_disk)
+    capsys.readouterr()
+    assert main(["export", "me/dinov2", "--index", str(index_file), "--out", str(tmp_path / "out")]) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(error) == 1 and "fetch" not in error[0], error
+    assert error[0].endswith(f"error: Could not write {tmp_path / 'out'}: [Errno 28] No space left on device."), error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["hub-cache", "index.safetensors"]  # nor staging
+
+
 @pytest.mark.filterwarnings("ignore:The model has no preprocessor_config.json")
 def test_exported_files_follow_the_umask(package_model, tmp_path):
     package, index = package_model

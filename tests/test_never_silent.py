@@ -531,7 +531,7 @@ def test_a_copy_to_another_file_system_that_fails_leaves_out_as_it_was(index_fil
     import errno
     import shutil
 
-    from ttreg_hf.export import export_model
+    from ttreg_hf.export import ExportError, export_model
 
     out = tmp_path / "out"
     out.symlink_to(other_file_system)
@@ -550,7 +550,7 @@ def test_a_copy_to_another_file_system_that_fails_leaves_out_as_it_was(index_fil
         other = Dinov2TTRegModel(tiny_dinov2_config(register_neurons=index_file, num_test_time_registers=2))
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(shutil, "copyfile", full_disk)
-            with pytest.raises(OSError, match="No space left"):
+            with pytest.raises(ExportError, match=f"Could not write {out}: .*No space left"):
                 export_model(other, index_file, out, overwrite=True)
         assert {path.name: path.read_bytes() for path in other_file_system.iterdir()} == before
         assert sorted(path.name for path in tmp_path.iterdir()) == ["index.safetensors", "out"]

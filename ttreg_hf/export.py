@@ -94,16 +94,20 @@ def export_model(
 
 def write_staged(out: Path, write: Callable[[Path], None]) -> Path:
     """``write(staging)`` into a new hidden folder beside ``out`` (``.OUT.ttreg-staging-*``), then everything it wrote
-    moved into ``out`` (`_move_in`): an export that fails while writing leaves ``out`` as it was. A staging folder
-    that a killed export left beside or in ``out`` is removed first. Returns ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    moved into ``out`` (`_move_in`): an export that fails while writing leaves ``out`` as it was (a file system's
+    refusal is an `ExportError`). A staging folder that a killed export left beside or in ``out`` is removed first.
+    Returns ``out``."""
     prefix = f".{out.name}{STAGING_MARK}"
-    for stale in [*out.parent.glob(f"{glob.escape(prefix)}*"), *out.glob(f"{glob.escape(STAGING_MARK)}*")]:
-        shutil.rmtree(stale)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=prefix) as staging:
-        write(Path(staging))
-        out.mkdir(exist_ok=True)
-        _move_in(Path(staging), out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in [*out.parent.glob(f"{glob.escape(prefix)}*"), *out.glob(f"{glob.escape(STAGING_MARK)}*")]:
+            shutil.rmtree(stale)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=prefix) as staging:
+            write(Path(staging))
+            out.mkdir(exist_ok=True)
+            _move_in(Path(staging), out)
+    except OSError as error:  # a full disk, a file system that refuses: the export's, not the model's
+        raise ExportError(f"Could not write {out}: {error}.") from error
     return out
 
 
