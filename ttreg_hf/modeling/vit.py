@@ -9,9 +9,11 @@ from torch import nn
 from transformers import (
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
+    DeiTForMaskedImageModeling,
     DeiTImageProcessor,
     DeiTModel,
     ViTForImageClassification,
+    ViTForMaskedImageModeling,
     ViTImageProcessor,
     ViTModel,
 )
@@ -154,6 +156,24 @@ class DeiTTTRegForImageClassificationWithTeacher(WithRegisterTowerMixin, DeiTFor
     tower_class = DeiTTTRegModel
 
 
+class ViTTTRegForMaskedImageModeling(WithRegisterTowerMixin, ViTForMaskedImageModeling):
+    """[`ViTForMaskedImageModeling`] on a `ViTTTRegModel` (``vit``, with the parent's mask token): the decoder reads the
+    patches, the registers cut; ``bool_masked_pos``, reconstruction and loss as in the parent."""
+
+    config: ViTTTRegConfig
+    config_class = ViTTTRegConfig
+    tower_class = ViTTTRegModel
+
+
+class DeiTTTRegForMaskedImageModeling(WithRegisterTowerMixin, DeiTForMaskedImageModeling):
+    """[`DeiTForMaskedImageModeling`] on a `DeiTTTRegModel` (``deit``, with the parent's mask token): the decoder reads
+    the patches, the registers cut; ``bool_masked_pos``, reconstruction and loss as in the parent."""
+
+    config: DeiTTTRegConfig
+    config_class = DeiTTTRegConfig
+    tower_class = DeiTTTRegModel
+
+
 # ---- the families' declarations ----------------------------------------------------------------------------------
 
 
@@ -195,10 +215,11 @@ VIT_B16_ARCH = dict(
 FAMILIES = (
     Family(
         name="vit",
-        model_classes=(ViTTTRegModel, ViTTTRegForImageClassification),
+        model_classes=(ViTTTRegModel, ViTTTRegForImageClassification, ViTTTRegForMaskedImageModeling),
         auto_classes=(
             ("AutoModel", ViTTTRegModel),
             ("AutoModelForImageClassification", ViTTTRegForImageClassification),
+            ("AutoModelForMaskedImageModeling", ViTTTRegForMaskedImageModeling),
         ),
         checkpoint_model_types=("vit",),
         attention_reader=vit_attention,
@@ -220,6 +241,7 @@ FAMILIES = (
             DeiTTTRegModel,
             DeiTTTRegForImageClassification,
             DeiTTTRegForImageClassificationWithTeacher,
+            DeiTTTRegForMaskedImageModeling,
         ),
         auto_classes=(
             ("AutoModel", DeiTTTRegModel),
@@ -227,6 +249,7 @@ FAMILIES = (
                 "AutoModelForImageClassification",
                 (DeiTTTRegForImageClassification, DeiTTTRegForImageClassificationWithTeacher),
             ),
+            ("AutoModelForMaskedImageModeling", DeiTTTRegForMaskedImageModeling),
         ),
         checkpoint_model_types=("deit",),
         attention_reader=vit_attention,
