@@ -252,6 +252,7 @@ def test_load_vlm_gives_config_keywords_to_the_config_as_the_parent_does(llava_f
     from ttreg_hf import load_vlm
 
     settings = dict(
+        vision_feature_layer=-1,
         vision_feature_select_strategy="full",
         image_seq_length=5,
         text_config={"rms_norm_eps": 1e-3},
@@ -261,11 +262,22 @@ def test_load_vlm_gives_config_keywords_to_the_config_as_the_parent_does(llava_f
     ours = load_vlm(llava_folder, num_test_time_registers=0, **settings)
     assert ours.config.text_config.rms_norm_eps == parent.config.text_config.rms_norm_eps == 1e-3
     assert type(ours.config.text_config) is type(parent.config.text_config)
+    assert ours.config.vision_feature_layer == parent.config.vision_feature_layer == -1
     assert ours.config.vision_feature_select_strategy == parent.config.vision_feature_select_strategy == "full"
     assert ours.config.image_seq_length == parent.config.image_seq_length == 5
     assert ours.dtype == parent.dtype == torch.bfloat16
     with pytest.raises(TTRegTypeError, match="'vision_feature_layr'; did you mean 'vision_feature_layer'"):
         load_vlm(llava_folder, num_test_time_registers=0, vision_feature_layr=-1)
+
+
+def test_load_vlm_returns_the_loading_info_as_the_parent_does(llava_folder):
+    from transformers import LlavaForConditionalGeneration
+
+    from ttreg_hf import LlavaTTRegForConditionalGeneration, load_vlm
+
+    _, expected = LlavaForConditionalGeneration.from_pretrained(llava_folder, output_loading_info=True)
+    ours, info = load_vlm(llava_folder, num_test_time_registers=0, output_loading_info=True)
+    assert type(ours) is LlavaTTRegForConditionalGeneration and info == expected
 
 
 def test_open_clip_and_timm_loaders_name_the_closest_keyword():

@@ -256,7 +256,8 @@ def load_vlm(
     unmodified model (a baseline, bit-identical); the other register settings (``register_scale``,
     ``pool_registers``, ...) go to the tower, everything else to `from_pretrained`. The model is the package's class
     for the class loaded, as `to_test_time_registers` makes it (e.g. `LlavaTTRegForConditionalGeneration`), so what it
-    saves also loads with plain `transformers`.
+    saves also loads with plain `transformers`; with ``output_loading_info=True``, ``(model, loading info)`` as in the
+    parent.
     """
     every_family_setting = set().union(*map(register_settings, set(_config_classes().values())))
     settings = {name: kwargs.pop(name) for name in every_family_setting if name in kwargs}
@@ -275,7 +276,8 @@ def load_vlm(
     )
     valid = {*config.to_dict(), *every_family_setting, *HUB_KWARGS, *MODEL_KEYWORDS, "register_neurons", "model_class"}
     with closest_keyword_on_error(kwargs, valid, "load_vlm"):
-        model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+        loaded = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True`: (model, info)
     vision_tower_with_registers(model)  # a model that builds its tower without `AutoModel` has the parent's
     _as_our_class(model)
-    return model
+    return loaded
