@@ -514,6 +514,24 @@ def test_an_open_clip_or_timm_upgrade_refused_on_a_setting_leaves_the_model_as_i
         assert not hasattr(tower, "config")
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [dict(num_test_time_registers=-1), dict(register_neurons={5: [1]}), dict(register_scale=[1.0, 2.0])],
+    ids=["count", "index", "scales"],
+)
+def test_a_transformers_upgrade_refused_on_a_setting_is_the_packages_error_and_changes_nothing(bad):
+    from ttreg_hf import to_test_time_registers
+
+    from host_models import LOADED, llava
+
+    for model in (LOADED["dinov2-classifier"][0](), llava()[0]):
+        modules, config = [(name, type(module)) for name, module in model.named_modules()], model.config.to_dict()
+        with pytest.raises(TTRegError):
+            to_test_time_registers(model, **{"register_neurons": {1: [3]}, **bad})
+        assert [(name, type(module)) for name, module in model.named_modules()] == modules
+        assert model.config.to_dict() == config
+
+
 def test_an_unreadable_image_and_a_figure_format_matplotlib_lacks_are_user_errors(tmp_path, monkeypatch, capsys):
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
