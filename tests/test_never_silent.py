@@ -268,6 +268,10 @@ def test_load_vlm_gives_config_keywords_to_the_config_as_the_parent_does(llava_f
     assert ours.dtype == parent.dtype == torch.bfloat16
     with pytest.raises(TTRegTypeError, match="'vision_feature_layr'; did you mean 'vision_feature_layer'"):
         load_vlm(llava_folder, num_test_time_registers=0, vision_feature_layr=-1)
+    with pytest.raises(TTRegTypeError, match="'ignore_mismatched_size'; did you mean 'ignore_mismatched_sizes'"):
+        load_vlm(llava_folder, num_test_time_registers=0, ignore_mismatched_size=True)  # from_pretrained's own
+    with pytest.raises(TTRegTypeError, match="'device_mapp'; did you mean 'device_map'"):
+        load_vlm(llava_folder, num_test_time_registers=0, device_mapp="cpu")  # documented, not in its signature
 
 
 def test_load_vlm_returns_the_loading_info_as_the_parent_does(llava_folder):

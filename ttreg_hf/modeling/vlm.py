@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConf
 
 from ..configs.registers import TestTimeRegisterCompositeConfigMixin, TestTimeRegisterConfigMixin
 from ..errors import TTRegTypeError, TTRegValueError
-from ..family import check_close_keywords, closest_keyword_on_error
+from ..family import check_close_keywords, closest_keyword_on_error, parameter_names
 from ..registry import transformers_families
 from .hosts import HOSTS
 from .registers import (
@@ -241,6 +241,13 @@ def to_test_time_registers(
     return vlm
 
 
+# what `from_pretrained` documents but takes through ``**kwargs`` (not in its signature): for the closest-name hint
+LOADING_KEYWORDS = (
+    "attn_implementation", "device_map", "max_memory", "offload_folder", "offload_buffers", "quantization_config",
+    "variant", "output_loading_info", "key_mapping", "generation_config", "trust_remote_code", "adapter_name",
+)  # fmt: skip
+
+
 def load_vlm(
     pretrained_model_name_or_path: str | Path,
     *,
@@ -274,7 +281,14 @@ def load_vlm(
         checkpoint=str(pretrained_model_name_or_path),
         register_semantics=settings.get("register_semantics"),
     )
-    valid = {*config.to_dict(), *every_family_setting, *HUB_KWARGS, *MODEL_KEYWORDS, "register_neurons", "model_class"}
+    valid = {
+        *config.to_dict(),
+        *parameter_names(PreTrainedModel.from_pretrained, load_vlm),
+        *LOADING_KEYWORDS,
+        *every_family_setting,
+        *HUB_KWARGS,
+        *MODEL_KEYWORDS,
+    }
     with closest_keyword_on_error(kwargs, valid, "load_vlm"):
         loaded = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
     model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True`: (model, info)
