@@ -1,7 +1,8 @@
 """ViT and DeiT with test-time registers: the parent does the work; these classes add the registers and the edit.
 
 `transformers` generates DeiT's modules from ViT's (``modular_deit.py``): same forwards, own classes. So each piece
-here is one mixin, combined with the ViT and with the DeiT parent. The classifiers are the parents' on our towers.
+here is one mixin, combined with the ViT and with the DeiT parent. The classifiers and the masked-image models are
+the parents' on our towers.
 """
 
 import torch

@@ -189,7 +189,8 @@ def to_test_time_registers(
     """Upgrade the vision tower or backbone inside ``vlm`` (a `CLIPVisionModel`, `SiglipVisionModel`,
     `Dinov2Backbone`, ... submodule) in place to its family's test-time-register class, sharing its weights; returns
     ``vlm``. ``vlm`` is a VLM (LLaVA, ...), a depth or segmentation model built on a backbone (DPT, Depth Anything,
-    Mask2Former, ZoeDepth), a classifier (`Dinov2ForImageClassification`, ...) or a `CLIPModel` / `SiglipModel`.
+    Mask2Former, ZoeDepth), a classifier (`Dinov2ForImageClassification`, ...), a masked-image model
+    (`ViTForMaskedImageModeling`, `DeiTForMaskedImageModeling`) or a `CLIPModel` / `SiglipModel`.
 
     The index is ``register_neurons`` (dict, file, shipped name), else the one shipped for ``checkpoint`` (default:
     ``vlm.name_or_path``); ``register_neurons={}`` or ``num_test_time_registers=0`` keeps the edit off (the original
