@@ -2,9 +2,11 @@
 with both values (`RegisterIndexMismatchWarning`); the provenance is a config field, saved and restored with it."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import StrictDataclassError
 
 from ttreg_hf import (
@@ -52,6 +54,24 @@ def test_a_local_folder_of_the_checkpoint_is_the_checkpoint(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RegisterIndexMismatchWarning)
         tiny_dinov2_config(register_neurons=None).attach_register_neurons(index_for_tiny(), checkpoint=str(folder))
+
+
+def test_a_snapshot_folder_of_the_hub_cache_is_its_repo_id(hub, tmp_path):
+    """A model loaded from the Hub cache's folder of ``me/tiny`` (``models--me--tiny/snapshots/<commit>``, where
+    `snapshot_download` puts it): the index found for ``me/tiny`` is its own there, and not ``other/tiny``'s."""
+    parent = save_as_parent_checkpoint(Dinov2TTRegModel(tiny_dinov2_config(register_neurons=None)), tmp_path / "p")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for repo in ("me/tiny", "other/tiny"):
+            parent.push_to_hub(repo)
+            snapshot = Path(hf_hub_download(repo, "config.json")).parent
+            hf_hub_download(repo, "model.safetensors")
+            assert snapshot.parent.parent.name == f"models--{repo.replace('/', '--')}"
+            Dinov2TTRegModel.from_pretrained(snapshot, register_neurons=index_for_tiny())
+            if repo == "me/tiny":
+                assert mismatch_warnings(record) == []
+    [message] = mismatch_warnings(record)
+    assert "found for me/tiny, not for" in message and "models--other--tiny" in message
 
 
 def test_an_index_for_one_repo_id_warns_on_another_repo_id_and_not_on_its_own(hub, tmp_path):
