@@ -536,6 +536,22 @@ def test_a_transformers_upgrade_refused_on_a_setting_is_the_packages_error_and_c
         assert model.config.to_dict() == config
 
 
+def test_a_typo_in_an_upgrades_setting_names_the_closest_setting_and_changes_nothing():
+    from ttreg_hf import to_test_time_registers
+
+    from host_models import LOADED
+
+    for upgrade, tower in tiny_towers():
+        with pytest.raises(TTRegTypeError, match="'registr_scale'; did you mean 'register_scale'"):
+            upgrade(tower, register_neurons={1: [3]}, registr_scale=2.0)
+        assert not hasattr(tower, "config")
+    model = LOADED["dinov2-classifier"][0]()
+    tower = model.dinov2
+    with pytest.raises(TTRegTypeError, match="registr_scale not a setting of Dinov2TTRegConfig; did you mean 'regis"):
+        to_test_time_registers(model, register_neurons={1: [3]}, registr_scale=2.0)
+    assert model.dinov2 is tower
+
+
 def test_an_unreadable_image_and_a_figure_format_matplotlib_lacks_are_user_errors(tmp_path, monkeypatch, capsys):
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")

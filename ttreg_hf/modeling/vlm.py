@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConf
 
 from ..configs.registers import TestTimeRegisterCompositeConfigMixin, TestTimeRegisterConfigMixin
 from ..errors import TTRegTypeError, TTRegValueError
-from ..family import check_close_keywords, closest_keyword_on_error, parameter_names
+from ..family import check_close_keywords, closest_keyword_on_error, closest_name, parameter_names
 from ..registry import transformers_families
 from .hosts import HOSTS
 from .registers import (
@@ -103,12 +103,9 @@ def _with_settings(tower_config: PreTrainedConfig, **settings) -> TestTimeRegist
     """``tower_config`` (a `CLIPVisionConfig`, `SiglipVisionConfig`, ...) as its family's config: every field kept,
     plus the register ``settings``."""
     config_class = _config_classes()[type(tower_config)]
-    unknown = set(settings) - register_settings(config_class)
-    if unknown:
-        raise TTRegTypeError(
-            f"{', '.join(sorted(unknown))} not a setting of {config_class.__name__}; its settings are "
-            f"{', '.join(sorted(register_settings(config_class)))}."
-        )
+    valid = register_settings(config_class)
+    for name in sorted(set(settings) - valid):
+        raise TTRegTypeError(f"{name} not a setting of {config_class.__name__}{closest_name(name, valid)}")
     return config_class.from_parent_config(tower_config, **settings)
 
 
