@@ -284,6 +284,13 @@ def test_load_vlm_returns_the_loading_info_as_the_parent_does(llava_folder):
     assert type(ours) is LlavaTTRegForConditionalGeneration and info == expected
 
 
+def test_from_pretrained_names_the_closest_of_its_own_keywords(index_file, tmp_path):
+    Dinov2TTRegModel(tiny_dinov2_config(register_neurons=index_file)).save_pretrained(tmp_path)
+    for typo, meant in [("device_mapp", "device_map"), ("ignore_mismatched_size", "ignore_mismatched_sizes")]:
+        with pytest.raises(TTRegTypeError, match=f"'{typo}'; did you mean '{meant}'"):
+            Dinov2TTRegModel.from_pretrained(tmp_path, **{typo: "cpu"})
+
+
 def test_open_clip_and_timm_loaders_name_the_closest_keyword():
     from ttreg_hf.modeling.open_clip import create_model_and_transforms
     from ttreg_hf.modeling.timm import create_model

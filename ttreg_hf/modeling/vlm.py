@@ -27,6 +27,7 @@ from .registers import (
     IndexSpec,
     PreTrainedTestTimeRegisterMixin,
     adopt,
+    from_pretrained_keywords,
     register_settings,
     set_config_keyword,
     set_tower,
@@ -239,13 +240,6 @@ def to_test_time_registers(
     return vlm
 
 
-# what `from_pretrained` documents but takes through ``**kwargs`` (not in its signature): for the closest-name hint
-LOADING_KEYWORDS = (
-    "attn_implementation", "device_map", "max_memory", "offload_folder", "offload_buffers", "quantization_config",
-    "variant", "output_loading_info", "key_mapping", "generation_config", "trust_remote_code", "adapter_name",
-)  # fmt: skip
-
-
 def load_vlm(
     pretrained_model_name_or_path: str | Path,
     *,
@@ -279,14 +273,7 @@ def load_vlm(
         checkpoint=str(pretrained_model_name_or_path),
         register_semantics=settings.get("register_semantics"),
     )
-    valid = {
-        *config.to_dict(),
-        *parameter_names(PreTrainedModel.from_pretrained, load_vlm),
-        *LOADING_KEYWORDS,
-        *every_family_setting,
-        *HUB_KWARGS,
-        *MODEL_KEYWORDS,
-    }
+    valid = {*config.to_dict(), *from_pretrained_keywords(), *parameter_names(load_vlm), *every_family_setting}
     with closest_keyword_on_error(kwargs, valid, "load_vlm"):
         loaded = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
     model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True`: (model, info)
