@@ -6,12 +6,14 @@ import torch
 from transformers import (
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForMaskedImageModeling,
     AutoModelForZeroShotImageClassification,
     CLIPConfig,
     CLIPModel,
     CLIPVisionConfig,
     DeiTConfig,
     DeiTForImageClassificationWithTeacher,
+    DeiTForMaskedImageModeling,
     DepthAnythingConfig,
     DepthAnythingForDepthEstimation,
     Dinov2Config,
@@ -31,6 +33,8 @@ from transformers import (
     SiglipConfig,
     SiglipModel,
     SiglipVisionConfig,
+    ViTConfig,
+    ViTForMaskedImageModeling,
     ZoeDepthConfig,
     ZoeDepthForDepthEstimation,
 )
@@ -38,9 +42,11 @@ from transformers import (
 from ttreg_hf import (
     CLIPTTRegModel,
     DeiTTTRegForImageClassificationWithTeacher,
+    DeiTTTRegForMaskedImageModeling,
     Dinov2TTRegConfig,
     Dinov2TTRegForImageClassification,
     SiglipTTRegModel,
+    ViTTTRegForMaskedImageModeling,
 )
 
 NEURONS = {1: [3, 40], 2: [7]}
@@ -121,6 +127,18 @@ LOADED = {
         "logits",
         AutoModelForImageClassification,
         DeiTTTRegForImageClassificationWithTeacher,
+    ),
+    "vit-masked-image-modeling": (  # a tower with a mask token; the decoder reads the patches
+        lambda: ViTForMaskedImageModeling(ViTConfig(**VISION, encoder_stride=14)),
+        "reconstruction",
+        AutoModelForMaskedImageModeling,
+        ViTTTRegForMaskedImageModeling,
+    ),
+    "deit-masked-image-modeling": (
+        lambda: DeiTForMaskedImageModeling(DeiTConfig(**VISION, encoder_stride=14)),
+        "reconstruction",
+        AutoModelForMaskedImageModeling,
+        DeiTTTRegForMaskedImageModeling,
     ),
     "clip-model": (
         lambda: tiny_clip(CLIPModel),

@@ -2,9 +2,11 @@
 with both values (`RegisterIndexMismatchWarning`); the provenance is a config field, saved and restored with it."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import StrictDataclassError
 
 from ttreg_hf import (
@@ -17,8 +19,9 @@ from ttreg_hf.analysis.interventions import with_register_neurons
 from ttreg_hf.errors import TTRegValueError
 from ttreg_hf.index import find_shipped_index, weights_fingerprint
 
-from support import tiny_dinov2_config
+from support import save_as_parent_checkpoint, tiny_dinov2_config
 
+pytest_plugins = ["fake_hub"]  # its `hub` fixture
 pytestmark = pytest.mark.filterwarnings("ignore::ttreg_hf.modeling.registers.RegisterEditOffWarning")
 
 
@@ -51,6 +54,51 @@ def test_a_local_folder_of_the_checkpoint_is_the_checkpoint(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RegisterIndexMismatchWarning)
         tiny_dinov2_config(register_neurons=None).attach_register_neurons(index_for_tiny(), checkpoint=str(folder))
+
+
+def test_a_snapshot_folder_of_the_hub_cache_is_its_repo_id(hub, tmp_path):
+    """A model loaded from the Hub cache's folder of ``me/tiny`` (``models--me--tiny/snapshots/<commit>``, where
+    `snapshot_download` puts it): the index found for ``me/tiny`` is its own there, and not ``other/tiny``'s."""
+    parent = save_as_parent_checkpoint(Dinov2TTRegModel(tiny_dinov2_config(register_neurons=None)), tmp_path / "p")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for repo in ("me/tiny", "other/tiny"):
+            parent.push_to_hub(repo)
+            snapshot = Path(hf_hub_download(repo, "config.json")).parent
+            hf_hub_download(repo, "model.safetensors")
+            assert snapshot.parent.parent.name == f"models--{repo.replace('/', '--')}"
+            Dinov2TTRegModel.from_pretrained(snapshot, register_neurons=index_for_tiny())
+            if repo == "me/tiny":
+                assert mismatch_warnings(record) == []
+    [message] = mismatch_warnings(record)
+    assert "found for me/tiny, not for" in message and "models--other--tiny" in message
+
+
+def test_an_index_for_one_repo_id_warns_on_another_repo_id_and_not_on_its_own(hub, tmp_path):
+    """By repo id, through the Hub (`fake_hub`): the same tiny DINOv2 under ``me/tiny`` and ``other/tiny``, loaded with
+    an index found for ``me/tiny`` by `from_pretrained` and upgraded in place by `to_test_time_registers` (which reads
+    the model's ``name_or_path``). Same name, other owner: other weights as far as the index knows."""
+    from transformers import Dinov2ForImageClassification
+
+    from ttreg_hf import to_test_time_registers
+
+    parent = save_as_parent_checkpoint(Dinov2TTRegModel(tiny_dinov2_config(register_neurons=None)), tmp_path / "p")
+    classifier = Dinov2ForImageClassification(parent.config)
+    for repo in ("me/tiny", "other/tiny"):
+        parent.push_to_hub(repo)
+        classifier.push_to_hub(f"{repo}-classifier")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for owner in ("me", "other"):
+            Dinov2TTRegModel.from_pretrained(f"{owner}/tiny", register_neurons=index_for_tiny())
+            loaded = Dinov2ForImageClassification.from_pretrained(f"{owner}/tiny-classifier")
+            to_test_time_registers(loaded, index_for_tiny(checkpoints={"hf": "me/tiny-classifier"}))
+            if owner == "me":
+                assert mismatch_warnings(record) == []  # its own id: quiet
+    messages = mismatch_warnings(record)
+    assert len(messages) == 2
+    assert "found for me/tiny, not for 'other/tiny'" in messages[0]
+    assert "found for me/tiny-classifier, not for 'other/tiny-classifier'" in messages[1]
 
 
 def test_the_readme_default_is_quiet_the_shipped_index_records_no_image_size():

@@ -253,6 +253,7 @@ def test_load_vlm_gives_config_keywords_to_the_config_as_the_parent_does(llava_f
     from ttreg_hf import load_vlm
 
     settings = dict(
+        vision_feature_layer=-1,
         vision_feature_select_strategy="full",
         image_seq_length=5,
         text_config={"rms_norm_eps": 1e-3},
@@ -262,11 +263,33 @@ def test_load_vlm_gives_config_keywords_to_the_config_as_the_parent_does(llava_f
     ours = load_vlm(llava_folder, num_test_time_registers=0, **settings)
     assert ours.config.text_config.rms_norm_eps == parent.config.text_config.rms_norm_eps == 1e-3
     assert type(ours.config.text_config) is type(parent.config.text_config)
+    assert ours.config.vision_feature_layer == parent.config.vision_feature_layer == -1
     assert ours.config.vision_feature_select_strategy == parent.config.vision_feature_select_strategy == "full"
     assert ours.config.image_seq_length == parent.config.image_seq_length == 5
     assert ours.dtype == parent.dtype == torch.bfloat16
     with pytest.raises(TTRegTypeError, match="'vision_feature_layr'; did you mean 'vision_feature_layer'"):
         load_vlm(llava_folder, num_test_time_registers=0, vision_feature_layr=-1)
+    with pytest.raises(TTRegTypeError, match="'ignore_mismatched_size'; did you mean 'ignore_mismatched_sizes'"):
+        load_vlm(llava_folder, num_test_time_registers=0, ignore_mismatched_size=True)  # from_pretrained's own
+    with pytest.raises(TTRegTypeError, match="'device_mapp'; did you mean 'device_map'"):
+        load_vlm(llava_folder, num_test_time_registers=0, device_mapp="cpu")  # documented, not in its signature
+
+
+def test_load_vlm_returns_the_loading_info_as_the_parent_does(llava_folder):
+    from transformers import LlavaForConditionalGeneration
+
+    from ttreg_hf import LlavaTTRegForConditionalGeneration, load_vlm
+
+    _, expected = LlavaForConditionalGeneration.from_pretrained(llava_folder, output_loading_info=True)
+    ours, info = load_vlm(llava_folder, num_test_time_registers=0, output_loading_info=True)
+    assert type(ours) is LlavaTTRegForConditionalGeneration and info == expected
+
+
+def test_from_pretrained_names_the_closest_of_its_own_keywords(index_file, tmp_path):
+    Dinov2TTRegModel(tiny_dinov2_config(register_neurons=index_file)).save_pretrained(tmp_path)
+    for typo, meant in [("device_mapp", "device_map"), ("ignore_mismatched_size", "ignore_mismatched_sizes")]:
+        with pytest.raises(TTRegTypeError, match=f"'{typo}'; did you mean '{meant}'"):
+            Dinov2TTRegModel.from_pretrained(tmp_path, **{typo: "cpu"})
 
 
 def test_open_clip_and_timm_loaders_name_the_closest_keyword():
@@ -598,16 +621,19 @@ def test_an_export_that_fails_while_writing_leaves_out_as_it_was(index_file, tmp
 
 
 @pytest.mark.parametrize("family", ["ViT", "DeiT"])
-def test_a_masked_image_model_is_refused_up_front(family):
+def test_a_model_on_a_tower_without_a_class_of_ours_is_refused_up_front(family):
+    """A user's subclass of a classifier: what it saved would not reload as it (masked-image models are ours now:
+    `test_task_model_seams`)."""
     import transformers
 
     from ttreg_hf import to_test_time_registers
 
     arch = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8)
     config = getattr(transformers, f"{family}Config")(**arch, image_size=32)
-    model = getattr(transformers, f"{family}ForMaskedImageModeling")(config)
+    mine = type(f"My{family}Classifier", (getattr(transformers, f"{family}ForImageClassification"),), {})
+    model = mine(config)
     tower = getattr(model, family.lower())
-    with pytest.raises(TTRegTypeError, match=f"{family}ForMaskedImageModeling with test-time registers would save"):
+    with pytest.raises(TTRegTypeError, match=f"My{family}Classifier with test-time registers would save"):
         to_test_time_registers(model, register_neurons={1: [3]})
     assert getattr(model, family.lower()) is tower and type(model.config) is type(config)
 
@@ -636,6 +662,40 @@ def test_an_open_clip_or_timm_upgrade_refused_on_a_setting_leaves_the_model_as_i
             upgrade(tower, **bad)
         assert [(name, type(module)) for name, module in tower.named_modules()] == modules
         assert not hasattr(tower, "config")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(num_test_time_registers=-1), dict(register_neurons={5: [1]}), dict(register_scale=[1.0, 2.0])],
+    ids=["count", "index", "scales"],
+)
+def test_a_transformers_upgrade_refused_on_a_setting_is_the_packages_error_and_changes_nothing(bad):
+    from ttreg_hf import to_test_time_registers
+
+    from host_models import LOADED, llava
+
+    for model in (LOADED["dinov2-classifier"][0](), llava()[0]):
+        modules, config = [(name, type(module)) for name, module in model.named_modules()], model.config.to_dict()
+        with pytest.raises(TTRegError):
+            to_test_time_registers(model, **{"register_neurons": {1: [3]}, **bad})
+        assert [(name, type(module)) for name, module in model.named_modules()] == modules
+        assert model.config.to_dict() == config
+
+
+def test_a_typo_in_an_upgrades_setting_names_the_closest_setting_and_changes_nothing():
+    from ttreg_hf import to_test_time_registers
+
+    from host_models import LOADED
+
+    for upgrade, tower in tiny_towers():
+        with pytest.raises(TTRegTypeError, match="'registr_scale'; did you mean 'register_scale'"):
+            upgrade(tower, register_neurons={1: [3]}, registr_scale=2.0)
+        assert not hasattr(tower, "config")
+    model = LOADED["dinov2-classifier"][0]()
+    tower = model.dinov2
+    with pytest.raises(TTRegTypeError, match="registr_scale not a setting of Dinov2TTRegConfig; did you mean 'regis"):
+        to_test_time_registers(model, register_neurons={1: [3]}, registr_scale=2.0)
+    assert model.dinov2 is tower
 
 
 def test_an_unreadable_image_and_a_figure_format_matplotlib_lacks_are_user_errors(tmp_path, monkeypatch, capsys):

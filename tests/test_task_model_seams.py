@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 from transformers import (
+    AutoModelForMaskedImageModeling,
     CLIPConfig,
     CLIPModel,
     DeiTConfig,
@@ -21,13 +22,13 @@ from transformers import (
 
 from ttreg_hf import (
     CLIPTTRegModel,
-    DeiTTTRegModel,
+    DeiTTTRegForMaskedImageModeling,
     Dinov2TTRegBackbone,
     Dinov2TTRegConfig,
     DINOv3ViTTTRegBackbone,
     DINOv3ViTTTRegConfig,
     SiglipTTRegModel,
-    ViTTTRegModel,
+    ViTTTRegForMaskedImageModeling,
     to_test_time_registers,
     vision_tower_with_registers,
 )
@@ -103,18 +104,18 @@ def test_a_dinov2_backbones_attention_mask_leaves_the_registers_visible(pixels):
 
 
 MASKED_IMAGE_MODELS = {
-    "vit": (ViTForMaskedImageModeling, ViTConfig, "vit", 1),
-    "deit": (DeiTForMaskedImageModeling, DeiTConfig, "deit", 2),  # CLS and distillation token
+    "vit": (ViTForMaskedImageModeling, ViTConfig, "vit", 1, ViTTTRegForMaskedImageModeling),
+    "deit": (DeiTForMaskedImageModeling, DeiTConfig, "deit", 2, DeiTTTRegForMaskedImageModeling),  # CLS, distillation
 }
 
 
 @pytest.mark.parametrize("family", MASKED_IMAGE_MODELS)
-def test_a_tower_with_a_mask_token_masks_as_its_parent_does(family):
-    """A ViT / DeiT tower of ours in a masked-image-modeling parent's shape (``use_mask_token``, as
-    `constructor_arguments` reads it off the parent's tower) holds the parent's mask token and masks the patches of
-    ``bool_masked_pos`` as the parent does (edit off: bit for bit; edit on: the reference edit on the parent's tower).
-    Upgrading the whole `*ForMaskedImageModeling` in place is refused: what it saved would not reload."""
-    model_class, config_class, tower_path, num_prefix = MASKED_IMAGE_MODELS[family]
+def test_an_upgraded_masked_image_model_keeps_its_mask_token_masks_as_its_parent_and_reloads(family, tmp_path):
+    """A `*ForMaskedImageModeling` upgraded in place (`to_test_time_registers`) becomes ours: its tower holds the
+    parent's mask token and masks the patches of ``bool_masked_pos`` as the parent does (edit off: loss and
+    reconstruction bit for bit; edit on: the reference edit on the parent's tower), and what `save_pretrained` writes
+    reloads through `AutoModelForMaskedImageModeling` as ours, with the same outputs."""
+    model_class, config_class, tower_path, num_prefix, ours_class = MASKED_IMAGE_MODELS[family]
     config = config_class(
         hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8,
         encoder_stride=8, attn_implementation="eager",
@@ -123,26 +124,26 @@ def test_a_tower_with_a_mask_token_masks_as_its_parent_does(family):
     parent = model_class(config).eval()
     parent_tower = parent.get_submodule(tower_path)
     nn.init.normal_(parent_tower.embeddings.mask_token)  # zeros at init: it would not show
-    with pytest.raises(TypeError, match="no Auto class reloads"):
-        to_test_time_registers(copy.deepcopy(parent), register_neurons={})
-    ours_class = {"vit": ViTTTRegModel, "deit": DeiTTTRegModel}[family]
-
-    def ours(neurons):
-        tower_config = ours_class.config_class.from_parent_config(config, register_neurons=neurons)
-        tower = ours_class(tower_config, **ours_class.constructor_arguments(parent_tower)).eval()
-        tower.load_state_dict(parent_tower.state_dict())
-        return tower
-
-    off, on = ours({}), ours(NEURONS)
-    assert torch.equal(on.embeddings.mask_token, parent_tower.embeddings.mask_token)
+    off, on = (to_test_time_registers(copy.deepcopy(parent), register_neurons=n) for n in ({}, NEURONS))
+    assert type(off) is type(on) is ours_class
+    for model in (off, on):
+        assert torch.equal(vision_tower_with_registers(model).embeddings.mask_token, parent_tower.embeddings.mask_token)
     pixels, masked = torch.randn(2, 3, 32, 32), torch.rand(2, 16) < 0.5
     with torch.no_grad():
-        expected = parent_tower(pixels, bool_masked_pos=masked).last_hidden_state
-        assert torch.equal(off(pixels, bool_masked_pos=masked).last_hidden_state, expected)
-        assert not torch.allclose(parent_tower(pixels).last_hidden_state, expected, atol=1e-4)  # the mask token counts
-        with hooked_register_edit_of(on, parent_tower, num_prefix):
+        expected = parent(pixels, bool_masked_pos=masked)
+        assert not torch.allclose(parent(pixels).reconstruction, expected.reconstruction, atol=1e-4)  # the mask counts
+        got = off(pixels, bool_masked_pos=masked)
+        assert torch.equal(got.loss, expected.loss) and torch.equal(got.reconstruction, expected.reconstruction)
+        with hooked_register_edit_of(vision_tower_with_registers(on), parent_tower, num_prefix):
             reference = parent_tower(pixels, bool_masked_pos=masked).last_hidden_state
-        torch.testing.assert_close(with_registers(on(pixels, bool_masked_pos=masked)), reference, atol=1e-5, rtol=0)
+        tower_output = vision_tower_with_registers(on)(pixels, bool_masked_pos=masked)
+        torch.testing.assert_close(with_registers(tower_output), reference, atol=1e-5, rtol=0)
+        edited = on(pixels, bool_masked_pos=masked)
+    on.save_pretrained(tmp_path)
+    reloaded = AutoModelForMaskedImageModeling.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert type(reloaded) is ours_class
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixels, bool_masked_pos=masked).reconstruction, edited.reconstruction)
 
 
 TEXT = dict(

@@ -87,8 +87,10 @@ from .modeling.siglip import (
 from .modeling.vit import (
     DeiTTTRegForImageClassification,
     DeiTTTRegForImageClassificationWithTeacher,
+    DeiTTTRegForMaskedImageModeling,
     DeiTTTRegModel,
     ViTTTRegForImageClassification,
+    ViTTTRegForMaskedImageModeling,
     ViTTTRegModel,
 )
 from .modeling.vlm import load_vlm, to_test_time_registers

@@ -200,9 +200,13 @@ def check_keywords(given: Iterable[str], valid: Collection[str], callee: str) ->
     """Raise `TypeError`, as Python does for an unexpected keyword argument, naming the closest valid one."""
     for name in given:
         if name not in valid:
-            close = difflib.get_close_matches(name, sorted(valid), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid ones: {', '.join(sorted(valid))}."
-            raise TTRegTypeError(f"{callee}() got an unexpected keyword argument {name!r}{hint}")
+            raise TTRegTypeError(f"{callee}() got an unexpected keyword argument {name!r}{closest_name(name, valid)}")
+
+
+def closest_name(name: str, valid: Collection[str]) -> str:
+    """The end of a message refusing ``name``: "; did you mean 'x'?" with the closest of ``valid``, else the list."""
+    close = difflib.get_close_matches(name, sorted(valid), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid ones: {', '.join(sorted(valid))}."
 
 
 def check_close_keywords(given: Mapping | Iterable[str], known: Collection[str], callee: str) -> None:

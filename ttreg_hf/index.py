@@ -275,11 +275,18 @@ class RegisterNeuronIndex:
     def made_for(self, checkpoint: str) -> bool:
         """Whether ``checkpoint`` (a Hub id, a model name, or a local folder) is one the index records; an index that
         records none applies anywhere. A local folder matches an id that ends with its name (``.../dinov2-large``
-        for ``facebook/dinov2-large``)."""
+        for ``facebook/dinov2-large``); a snapshot folder of the Hub cache (``models--facebook--dinov2-large/
+        snapshots/<commit>``, as `snapshot_download` gives it) is its repo id."""
         ids = set(self.checkpoints.values())
         if not ids or checkpoint in ids:
             return True
-        return _is_dir(Path(checkpoint)) and Path(checkpoint).name in {PurePosixPath(i).name for i in ids}
+        folder = Path(checkpoint)
+        if not _is_dir(folder):
+            return False
+        cache_entry = folder.parent.parent.name
+        if folder.parent.name == "snapshots" and cache_entry.startswith("models--"):
+            return cache_entry.removeprefix("models--").replace("--", "/") in ids
+        return folder.name in {PurePosixPath(i).name for i in ids}
 
     def to_json(self) -> dict:
         data = asdict(self)

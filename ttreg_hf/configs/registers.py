@@ -1,12 +1,13 @@
 """Configuration fields shared by every test-time-register model, and the one place they are validated."""
 
+import contextlib
 import copy
 import dataclasses
 import math
 import os
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,17 @@ def read_only(value):
 # id(config) -> weak references to the functions that apply its register settings (a config is unhashable, so no
 # `WeakKeyDictionary`; an entry goes when its config is collected)
 _FOLLOWERS: dict[int, list[weakref.WeakMethod]] = {}
+
+
+@contextlib.contextmanager
+def unwrapped_refusals() -> Iterator[None]:
+    """Our refusal (a `TTRegError`) raised as itself where a `@strict` constructor's class validation wraps it."""
+    try:
+        yield
+    except StrictDataclassError as error:
+        if isinstance(error.__cause__, TTRegError):
+            raise error.__cause__ from None
+        raise
 
 
 @dataclass
@@ -157,7 +169,8 @@ class RegisterSettingsMixin:
     def from_parent_config(cls, config, **settings):
         """``config`` (the parent's config class, e.g. a `Dinov2Config`) as this class: every field and the attention
         implementation kept, the register ``settings`` added."""
-        return cls(**{**_fields(config), **settings}, attn_implementation=config._attn_implementation)
+        with unwrapped_refusals():
+            return cls(**{**_fields(config), **settings}, attn_implementation=config._attn_implementation)
 
     @classmethod
     def parent_config_class(cls) -> type[PreTrainedConfig]:
@@ -239,12 +252,8 @@ class RegisterSettingsMixin:
     def _write_register_settings(self, updates: dict) -> None:
         """Validate ``updates`` with the other settings, write them (read-only on a model's config) and apply them to
         the models that follow this config; nothing is written when one is invalid."""
-        try:
+        with unwrapped_refusals():
             candidate = dataclasses.replace(self, **updates)
-        except StrictDataclassError as error:  # our refusal, wrapped by the constructor's class validation
-            if isinstance(error.__cause__, TTRegError):
-                raise error.__cause__ from None
-            raise
         candidate.validate_test_time_registers()  # a config class without `@strict` runs no validator at init
         followers = self._followers()
         for name in updates:

@@ -171,6 +171,7 @@ def to_test_time_registers(model: nn.Module, register_neurons: IndexSpec | None 
         raise TTRegTypeError(
             f"Test-time registers need open_clip's VisionTransformer tower (ViT-* models), not {type(visual).__name__}."
         )
+    check_keywords(settings, REGISTER_SETTINGS, "to_test_time_registers")
     if not isinstance(visual, OpenCLIPTTRegVisionTransformer):
         check_mlps(visual)  # before the class changes: a refused tower stays as it was, and so
         register_config(visual).update_test_time_registers(register_neurons, **settings)  # does a refused setting

@@ -24,7 +24,7 @@ from transformers.utils import CONFIG_NAME, ModelOutput
 
 from ..configs.registers import pop_register_settings, subclasses
 from ..errors import TTRegTypeError, TTRegValueError
-from ..family import check_close_keywords, parent_class
+from ..family import check_close_keywords, closest_keyword_on_error, parameter_names, parent_class
 from ..index import (
     RegisterIndexMismatchWarning,
     RegisterNeuronIndex,
@@ -529,7 +529,9 @@ class TestTimeRegisterLoadingMixin(SavesRemoteCodeMixin):
             checkpoint=str(pretrained_model_name_or_path),
             register_semantics=overrides.get("register_semantics"),
         )
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        valid = {*known, *from_pretrained_keywords(), "register_neurons"}
+        with closest_keyword_on_error(kwargs, valid, f"{cls.__name__}.from_pretrained"):
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         for model in (loaded[0] if isinstance(loaded, tuple) else loaded).modules():  # `output_loading_info=True`
             if isinstance(model, TestTimeRegisterMixin):
                 warn_if_other_weights(model)
@@ -600,6 +602,17 @@ def register_settings(config_class: type) -> set[str]:
 
 MODEL_KEYWORDS = ("dtype", "torch_dtype")  # config attributes that `from_pretrained` gives the model, not the config
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+# what `from_pretrained` documents but takes through ``**kwargs`` (not in its signature)
+LOADING_KWARGS = (
+    "attn_implementation", "device_map", "max_memory", "offload_folder", "offload_buffers", "quantization_config",
+    "variant", "output_loading_info", "key_mapping", "generation_config", "trust_remote_code", "adapter_name",
+)  # fmt: skip
+
+
+def from_pretrained_keywords() -> set[str]:
+    """The keyword arguments `PreTrainedModel.from_pretrained` takes besides the config's fields: for the closest-name
+    hint of a loader that passes the others on to it."""
+    return {*parameter_names(PreTrainedModel.from_pretrained), *LOADING_KWARGS, *HUB_KWARGS, *MODEL_KEYWORDS}
 
 
 def vision_tower_with_registers(model: nn.Module) -> PreTrainedTestTimeRegisterMixin:

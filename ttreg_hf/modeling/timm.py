@@ -22,7 +22,7 @@ from torch import nn
 
 from ..configs.registers import REGISTER_SETTINGS, TestTimeRegisterConfig, pop_register_settings, square_patch_size
 from ..errors import TTRegTypeError, TTRegValueError
-from ..family import Family, check_close_keywords, closest_keyword_on_error, parameter_names
+from ..family import Family, check_close_keywords, check_keywords, closest_keyword_on_error, parameter_names
 from ..images import Preprocessor, transform_preprocessor
 from .attention import attention_probabilities, fused_projection
 from .dinov2 import FAMILIES as DINOV2_FAMILIES
@@ -242,6 +242,7 @@ def to_test_time_registers(model: nn.Module, register_neurons: IndexSpec | None 
     Returns ``model``. ``settings`` are `TestTimeRegisterConfig` fields such as ``num_test_time_registers`` (0: edit off).
     Without ``register_neurons`` the edit stays off until `set_register_neurons` gets an index.
     """
+    check_keywords(settings, REGISTER_SETTINGS, "to_test_time_registers")
     vit = vision_transformer(model)
     if not isinstance(vit, TimmTTRegVisionTransformer):
         check_editable_mlps(vit)  # before the class changes: a refused model stays as it was, and so

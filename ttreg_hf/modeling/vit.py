@@ -1,7 +1,8 @@
 """ViT and DeiT with test-time registers: the parent does the work; these classes add the registers and the edit.
 
 `transformers` generates DeiT's modules from ViT's (``modular_deit.py``): same forwards, own classes. So each piece
-here is one mixin, combined with the ViT and with the DeiT parent. The classifiers are the parents' on our towers.
+here is one mixin, combined with the ViT and with the DeiT parent. The classifiers and the masked-image models are
+the parents' on our towers.
 """
 
 import torch
@@ -9,9 +10,11 @@ from torch import nn
 from transformers import (
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
+    DeiTForMaskedImageModeling,
     DeiTImageProcessor,
     DeiTModel,
     ViTForImageClassification,
+    ViTForMaskedImageModeling,
     ViTImageProcessor,
     ViTModel,
 )
@@ -154,6 +157,24 @@ class DeiTTTRegForImageClassificationWithTeacher(WithRegisterTowerMixin, DeiTFor
     tower_class = DeiTTTRegModel
 
 
+class ViTTTRegForMaskedImageModeling(WithRegisterTowerMixin, ViTForMaskedImageModeling):
+    """[`ViTForMaskedImageModeling`] on a `ViTTTRegModel` (``vit``, with the parent's mask token): the decoder reads the
+    patches, the registers cut; ``bool_masked_pos``, reconstruction and loss as in the parent."""
+
+    config: ViTTTRegConfig
+    config_class = ViTTTRegConfig
+    tower_class = ViTTTRegModel
+
+
+class DeiTTTRegForMaskedImageModeling(WithRegisterTowerMixin, DeiTForMaskedImageModeling):
+    """[`DeiTForMaskedImageModeling`] on a `DeiTTTRegModel` (``deit``, with the parent's mask token): the decoder reads
+    the patches, the registers cut; ``bool_masked_pos``, reconstruction and loss as in the parent."""
+
+    config: DeiTTTRegConfig
+    config_class = DeiTTTRegConfig
+    tower_class = DeiTTTRegModel
+
+
 # ---- the families' declarations ----------------------------------------------------------------------------------
 
 
@@ -195,10 +216,11 @@ VIT_B16_ARCH = dict(
 FAMILIES = (
     Family(
         name="vit",
-        model_classes=(ViTTTRegModel, ViTTTRegForImageClassification),
+        model_classes=(ViTTTRegModel, ViTTTRegForImageClassification, ViTTTRegForMaskedImageModeling),
         auto_classes=(
             ("AutoModel", ViTTTRegModel),
             ("AutoModelForImageClassification", ViTTTRegForImageClassification),
+            ("AutoModelForMaskedImageModeling", ViTTTRegForMaskedImageModeling),
         ),
         checkpoint_model_types=("vit",),
         attention_reader=vit_attention,
@@ -220,6 +242,7 @@ FAMILIES = (
             DeiTTTRegModel,
             DeiTTTRegForImageClassification,
             DeiTTTRegForImageClassificationWithTeacher,
+            DeiTTTRegForMaskedImageModeling,
         ),
         auto_classes=(
             ("AutoModel", DeiTTTRegModel),
@@ -227,6 +250,7 @@ FAMILIES = (
                 "AutoModelForImageClassification",
                 (DeiTTTRegForImageClassification, DeiTTTRegForImageClassificationWithTeacher),
             ),
+            ("AutoModelForMaskedImageModeling", DeiTTTRegForMaskedImageModeling),
         ),
         checkpoint_model_types=("deit",),
         attention_reader=vit_attention,

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConf
 
 from ..configs.registers import TestTimeRegisterCompositeConfigMixin, TestTimeRegisterConfigMixin
 from ..errors import TTRegTypeError, TTRegValueError
-from ..family import check_close_keywords, closest_keyword_on_error
+from ..family import check_close_keywords, closest_keyword_on_error, closest_name, parameter_names
 from ..registry import transformers_families
 from .hosts import HOSTS
 from .registers import (
@@ -27,6 +27,7 @@ from .registers import (
     IndexSpec,
     PreTrainedTestTimeRegisterMixin,
     adopt,
+    from_pretrained_keywords,
     register_settings,
     set_config_keyword,
     set_tower,
@@ -103,12 +104,9 @@ def _with_settings(tower_config: PreTrainedConfig, **settings) -> TestTimeRegist
     """``tower_config`` (a `CLIPVisionConfig`, `SiglipVisionConfig`, ...) as its family's config: every field kept,
     plus the register ``settings``."""
     config_class = _config_classes()[type(tower_config)]
-    unknown = set(settings) - register_settings(config_class)
-    if unknown:
-        raise TTRegTypeError(
-            f"{', '.join(sorted(unknown))} not a setting of {config_class.__name__}; its settings are "
-            f"{', '.join(sorted(register_settings(config_class)))}."
-        )
+    valid = register_settings(config_class)
+    for name in sorted(set(settings) - valid):
+        raise TTRegTypeError(f"{name} not a setting of {config_class.__name__}{closest_name(name, valid)}")
     return config_class.from_parent_config(tower_config, **settings)
 
 
@@ -189,7 +187,8 @@ def to_test_time_registers(
     """Upgrade the vision tower or backbone inside ``vlm`` (a `CLIPVisionModel`, `SiglipVisionModel`,
     `Dinov2Backbone`, ... submodule) in place to its family's test-time-register class, sharing its weights; returns
     ``vlm``. ``vlm`` is a VLM (LLaVA, ...), a depth or segmentation model built on a backbone (DPT, Depth Anything,
-    Mask2Former, ZoeDepth), a classifier (`Dinov2ForImageClassification`, ...) or a `CLIPModel` / `SiglipModel`.
+    Mask2Former, ZoeDepth), a classifier (`Dinov2ForImageClassification`, ...), a masked-image model
+    (`ViTForMaskedImageModeling`, `DeiTForMaskedImageModeling`) or a `CLIPModel` / `SiglipModel`.
 
     The index is ``register_neurons`` (dict, file, shipped name), else the one shipped for ``checkpoint`` (default:
     ``vlm.name_or_path``); ``register_neurons={}`` or ``num_test_time_registers=0`` keeps the edit off (the original
@@ -256,7 +255,8 @@ def load_vlm(
     unmodified model (a baseline, bit-identical); the other register settings (``register_scale``,
     ``pool_registers``, ...) go to the tower, everything else to `from_pretrained`. The model is the package's class
     for the class loaded, as `to_test_time_registers` makes it (e.g. `LlavaTTRegForConditionalGeneration`), so what it
-    saves also loads with plain `transformers`.
+    saves also loads with plain `transformers`; with ``output_loading_info=True``, ``(model, loading info)`` as in the
+    parent.
     """
     every_family_setting = set().union(*map(register_settings, set(_config_classes().values())))
     settings = {name: kwargs.pop(name) for name in every_family_setting if name in kwargs}
@@ -273,9 +273,10 @@ def load_vlm(
         checkpoint=str(pretrained_model_name_or_path),
         register_semantics=settings.get("register_semantics"),
     )
-    valid = {*config.to_dict(), *every_family_setting, *HUB_KWARGS, *MODEL_KEYWORDS, "register_neurons", "model_class"}
+    valid = {*config.to_dict(), *from_pretrained_keywords(), *parameter_names(load_vlm), *every_family_setting}
     with closest_keyword_on_error(kwargs, valid, "load_vlm"):
-        model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+        loaded = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True`: (model, info)
     vision_tower_with_registers(model)  # a model that builds its tower without `AutoModel` has the parent's
     _as_our_class(model)
-    return model
+    return loaded

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import (
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
+    DeiTForMaskedImageModeling,
     DeiTModel,
     PreTrainedConfig,
     PreTrainedModel,
@@ -471,6 +472,12 @@ class DeiTTTRegForImageClassification(WithRegisterTowerMixin, DeiTForImageClassi
 
 
 class DeiTTTRegForImageClassificationWithTeacher(WithRegisterTowerMixin, DeiTForImageClassificationWithTeacher):
+    config: DeiTTTRegConfig
+    config_class = DeiTTTRegConfig
+    tower_class = DeiTTTRegModel
+
+
+class DeiTTTRegForMaskedImageModeling(WithRegisterTowerMixin, DeiTForMaskedImageModeling):
     config: DeiTTTRegConfig
     config_class = DeiTTTRegConfig
     tower_class = DeiTTTRegModel

@@ -2,12 +2,13 @@
 
 See "Vision Transformers Don't Need Trained Registers" (https://arxiv.org/abs/2506.08010) and https://github.com/nickjiang2378/test-time-registers."""
 
+import contextlib
 import copy
 import dataclasses
 import math
 import numbers
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -147,6 +148,16 @@ def read_only(value):
 _FOLLOWERS: dict[int, list[weakref.WeakMethod]] = {}
 
 
+@contextlib.contextmanager
+def unwrapped_refusals() -> Iterator[None]:
+    try:
+        yield
+    except StrictDataclassError as error:
+        if isinstance(error.__cause__, TTRegError):
+            raise error.__cause__ from None
+        raise
+
+
 @dataclass
 class RegisterSettingsMixin:
     register_neurons: dict | None = None
@@ -187,7 +198,8 @@ class RegisterSettingsMixin:
 
     @classmethod
     def from_parent_config(cls, config, **settings):
-        return cls(**{**_fields(config), **settings}, attn_implementation=config._attn_implementation)
+        with unwrapped_refusals():
+            return cls(**{**_fields(config), **settings}, attn_implementation=config._attn_implementation)
 
     @classmethod
     def parent_config_class(cls) -> type[PreTrainedConfig]:
@@ -245,12 +257,8 @@ class RegisterSettingsMixin:
         check_neurons_fit(self.register_neuron_index, self.num_hidden_layers, self.mlp_width)
 
     def _write_register_settings(self, updates: dict) -> None:
-        try:
+        with unwrapped_refusals():
             candidate = dataclasses.replace(self, **updates)
-        except StrictDataclassError as error:
-            if isinstance(error.__cause__, TTRegError):
-                raise error.__cause__ from None
-            raise
         candidate.validate_test_time_registers()
         followers = self._followers()
         for name in updates:

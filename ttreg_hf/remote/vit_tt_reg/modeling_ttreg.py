@@ -9,7 +9,14 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import DeiTModel, PreTrainedConfig, PreTrainedModel, ViTForImageClassification, ViTModel
+from transformers import (
+    DeiTModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+    ViTForImageClassification,
+    ViTForMaskedImageModeling,
+    ViTModel,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTMLP
 from transformers.utils import ModelOutput
@@ -457,6 +464,12 @@ class ViTTTRegModel(ViTStyleTTRegModelMixin, ViTModel):
 
 
 class ViTTTRegForImageClassification(WithRegisterTowerMixin, ViTForImageClassification):
+    config: ViTTTRegConfig
+    config_class = ViTTTRegConfig
+    tower_class = ViTTTRegModel
+
+
+class ViTTTRegForMaskedImageModeling(WithRegisterTowerMixin, ViTForMaskedImageModeling):
     config: ViTTTRegConfig
     config_class = ViTTTRegConfig
     tower_class = ViTTTRegModel
