@@ -378,12 +378,28 @@ def _device(args: argparse.Namespace) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(args.device)
-        torch.empty(0, device=device)  # an unknown index, or a type this machine has no device or build of, fails here
-    except (RuntimeError, AssertionError, NotImplementedError) as error:  # torch's "not compiled with X" asserts
+    except RuntimeError as error:  # not a device name
         raise CommandError(f"--device {args.device}: {_one_line(error)}") from None
     if device.type == "meta":
         raise CommandError("--device meta holds no data, so no model runs there: name a cpu or an accelerator.")
+    try:
+        torch.empty(0, device=device)  # an unknown index, or a type this machine has no device or build of, fails here
+    except (RuntimeError, AssertionError, NotImplementedError, ImportError) as error:  # "not compiled with X" asserts,
+        # a backend without its module (hpu), a dispatcher's list of every backend (mps on Linux)
+        reason = _one_line(error).split(". ")[0][:200]
+        raise CommandError(
+            f"--device {args.device} is not on this machine ({reason}): use {_devices_here()}."
+        ) from None
     return args.device
+
+
+def _devices_here() -> str:
+    """The devices this machine runs models on, for a message: the cpu and the accelerator's devices."""
+    import torch
+
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    count = torch.accelerator.device_count() if accelerator else 0
+    return " or ".join(["cpu", *(f"{accelerator.type}:{index}" for index in range(count))])
 
 
 @subcommand

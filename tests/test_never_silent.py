@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModel, DepthAnythingConfig, DepthAnythingForDepthEstimation
 
 from ttreg_cli import main
@@ -12,7 +13,7 @@ from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndex, R
 from ttreg_hf.errors import TTRegError, TTRegTypeError, TTRegValueError
 from ttreg_hf.hub import entry_points, load_tt_model
 
-from support import tiny_dinov2_config
+from support import tiny_dinov2_config, ttreg_in_a_fresh_process
 
 pytestmark = pytest.mark.filterwarnings("ignore::ttreg_hf.modeling.registers.RegisterEditOffWarning")
 
@@ -162,10 +163,17 @@ def cli(argv, capsys) -> tuple[int, str]:
     return status, captured.err.strip()
 
 
-@pytest.mark.parametrize("device", ["bogus", "cuda:7", "meta", "xpu"])
+def available(device: str) -> bool:
+    """Whether this machine has ``device`` (a type it may have, with or without an index)."""
+    kind, _, index = device.partition(":")
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    return accelerator is not None and accelerator.type == kind and int(index or 0) < torch.accelerator.device_count()
+
+
+@pytest.mark.parametrize("device", ["bogus", "", "cuda:7", "meta", "xpu", "mps", "hpu", "cuda"])
 def test_a_device_that_is_not_there_is_refused_before_loading(device, monkeypatch, tmp_path, capsys):
-    if device == "cuda:7" and torch.cuda.device_count() > 7:
-        pytest.skip("this machine has a cuda:7")
+    if available(device):
+        pytest.skip(f"this machine has a {device}")
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before --device was checked")
@@ -175,6 +183,24 @@ def test_a_device_that_is_not_there_is_refused_before_loading(device, monkeypatc
     image.write_bytes(b"")
     status, err = cli(["inspect", "planted", str(image), "--out", str(tmp_path / "r.png"), "--device", device], capsys)
     assert status == 2 and err.startswith(f"ttreg: error: --device {device}") and len(err.splitlines()) == 1
+    assert len(err) < 400  # one line to read, not torch's list of every backend it was built with
+
+
+def test_every_command_checks_its_device_before_loading_in_a_fresh_process(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32)).save(images / "a.png")
+    device = next(device for device in ("cuda", "mps", "hpu", "cuda:7") if not available(device))
+    commands = [
+        ["find-neurons", "planted", images, "--out", tmp_path / "i.safetensors"],
+        ["inspect", "planted", images / "a.png", "--out", tmp_path / "r.png"],
+        ["demo", "--out-dir", tmp_path / "demo"],
+        ["evaluate", "planted", images, "--out-dir", tmp_path / "evaluation", "--no-figure"],
+    ]
+    for status, err in ttreg_in_a_fresh_process(*([*argv, "--device", device] for argv in commands)):
+        assert status == 2 and err.startswith(f"ttreg: error: --device {device} is not on this machine"), err
+        assert len(err.splitlines()) == 1 and "use cpu" in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["images"]  # nothing written
 
 
 def test_weights_that_would_be_ignored_are_refused(tmp_path, capsys):
