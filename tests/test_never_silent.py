@@ -1,5 +1,6 @@
 """Never silent, round three (issue #25) and errors by kind (#24.4): each test failed before its fix."""
 
+import re
 import warnings
 from pathlib import Path
 
@@ -232,6 +233,44 @@ def test_weights_of_another_family_are_refused(tmp_path, capsys):
     argv = ["inspect", "vit_base_patch16_224_in21k", str(image), "--weights", str(tmp_path / "dinov3")]
     status, err = cli([*argv, "--out", str(tmp_path / "r.png")], capsys)
     assert status == 2 and "hold a 'dinov3_vit' checkpoint" in err and not (tmp_path / "r.png").exists()
+
+
+def dinov2_weights_file(problem: str, folder: Path) -> Path:
+    """A ``weights`` file for ``dinov2_vitb14`` that does not load, for the reason ``problem``."""
+    from safetensors.torch import save_file
+
+    from upstream_dinov2 import random_original_state_dict
+
+    path = folder / f"{problem.replace(' ', '-')}.{'pth' if problem in ('empty', 'a list') else 'safetensors'}"
+    if problem == "empty":
+        path.write_bytes(b"")
+    elif problem == "damaged":
+        path.write_bytes(b"not a safetensors header")
+    elif problem == "a list":
+        torch.save([torch.zeros(1)], path)
+    else:
+        dim = 768 if problem == "missing blocks" else 384  # ViT-B/14's width, or ViT-S/14's: another size
+        weights = random_original_state_dict(dim=dim, depth=12, patch_size=14, table_side=37)
+        missing = "blocks.11." if problem == "missing blocks" else "-"
+        save_file({key: value for key, value in weights.items() if not key.startswith(missing)}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("empty", "Cannot read the checkpoint"),
+        ("damaged", "Cannot read the checkpoint"),
+        ("a list", "holds a list, not a state dict"),
+        ("missing blocks", "does not fit DINOv2 with width 768 and 12 layers: Missing key(s)"),
+        ("another size", "does not fit DINOv2 with width 768 and 12 layers: size mismatch"),
+    ],
+)
+def test_dinov2_weights_that_do_not_load_are_refused_naming_the_file(problem, message, tmp_path):
+    path = dinov2_weights_file(problem, tmp_path)
+    with pytest.raises(TTRegValueError, match=re.escape(message)) as error:
+        load_tt_model("dinov2_vitb14", weights=path, num_test_time_registers=0)
+    assert str(path) in str(error.value) and len(str(error.value)) < 600
 
 
 # item 11: types, not values
