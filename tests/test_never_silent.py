@@ -204,6 +204,48 @@ def test_every_command_checks_its_device_before_loading_in_a_fresh_process(tmp_p
     assert sorted(path.name for path in tmp_path.iterdir()) == ["images"]  # nothing written
 
 
+def test_every_command_refuses_weights_it_cannot_load_in_a_fresh_process(tmp_path):
+    """Each kind of --weights no model loads, through each command that takes it: exit 2, one line, nothing written;
+    export takes no --weights at all."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    arch = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=16)
+    DINOv3ViTModel(DINOv3ViTConfig(**arch, image_size=64)).save_pretrained(tmp_path / "dinov3")
+    Dinov2TTRegModel(tiny_dinov2_config(register_neurons={})).save_pretrained(tmp_path / "dinov2")
+    (tmp_path / "no-config").mkdir()
+    (tmp_path / "no-config" / "model.safetensors").write_bytes(b"")
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"not a safetensors header")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32)).save(images / "a.png")
+    out = tmp_path / "out"
+    commands = {
+        "find-neurons": lambda model: ["find-neurons", model, images, "--out", out / "i.safetensors"],
+        "inspect": lambda model: ["inspect", model, images / "a.png", "--out", out / "r.png"],
+        "evaluate": lambda model: ["evaluate", model, images, "--out-dir", out, "--no-figure"],
+        "demo": lambda model: ["demo", "--model", model, "--out-dir", out],
+    }
+    vit = "vit_base_patch16_224_in21k"
+    cases = [  # (MODEL, --weights, the refusal)
+        ("planted", damaged, "The planted model is built here, not loaded: it takes no weights"),
+        (tmp_path / "dinov2", tmp_path / "nope", "is a checkpoint, which holds its weights: drop --weights"),
+        ("open_clip:ViT-B-16", damaged, "is a checkpoint, which holds its weights: drop --weights"),
+        (vit, tmp_path / "nope", "No checkpoint at --weights"),
+        (vit, tmp_path / "dinov3", "hold a 'dinov3_vit' checkpoint, and vit_base_patch16_224_in21k loads vit"),
+        (vit, tmp_path / "no-config", "is a folder without a config.json"),
+        (vit, damaged, "is a file, and vit_base_patch16_224_in21k loads a Hugging Face checkpoint folder"),
+        ("dinov2_vitl14", damaged, "Cannot read the checkpoint"),  # it has a shipped index: the weights are read
+    ]
+    argvs = [[*command(model), "--weights", weights] for command in commands.values() for model, weights, _ in cases]
+    argvs.append(["export", tmp_path / "dinov2", "--index", "planted", "--out", out, "--weights", damaged])
+    results = ttreg_in_a_fresh_process(*argvs)
+    expected = [refusal for _ in commands for *_, refusal in cases] + ["unrecognized arguments: --weights"]
+    for argv, (status, err), refusal in zip(argvs, results, expected):
+        assert status == 2 and refusal in err and len(err.splitlines()) == 1, (argv, err)
+    assert not out.exists()
+
+
 def test_weights_that_would_be_ignored_are_refused(tmp_path, capsys):
     Dinov2TTRegModel(tiny_dinov2_config(register_neurons={})).save_pretrained(tmp_path / "folder")
     weights = tmp_path / "weights.safetensors"

@@ -51,14 +51,19 @@ def _load(checkpoint: Checkpoint, pretrained, **kwargs) -> nn.Module:
 
 
 def _check_same_family(weights: str | Path, checkpoint: Checkpoint) -> None:
-    """Refuse a ``weights`` folder whose config names a model type of another family: `from_pretrained` would load
-    none of its weights and return a random model."""
-    from transformers import PreTrainedConfig
+    """Refuse a ``weights`` folder without a ``config.json``, or whose config names a model type of another family:
+    `from_pretrained` would load none of its weights and return a random model."""
+    from transformers import CONFIG_NAME, PreTrainedConfig
 
-    model_type = PreTrainedConfig.get_config_dict(str(weights))[0].get("model_type")
     family = next((family for family in families() if checkpoint in family.checkpoints), None)
     if family is None:  # a registered checkpoint: its loader takes the weights it can
         return
+    if not (Path(weights) / CONFIG_NAME).is_file():
+        raise TTRegValueError(
+            f"weights {weights} is a folder without a {CONFIG_NAME}, so no checkpoint: give the folder "
+            "`save_pretrained` wrote, or the checkpoint's file."
+        )
+    model_type = PreTrainedConfig.get_config_dict(str(weights))[0].get("model_type")
     known = family.model_types
     if model_type not in known:
         raise TTRegValueError(
