@@ -477,6 +477,21 @@ def test_discovery_without_evaluation_images_reports_no_ratio():
     assert "% before" in measured.summary() and "% before" in render_index_card(measured.index, "me/index")
 
 
+def test_the_index_card_shows_no_ratio_where_none_was_measured():
+    """An index that records ratios beside no evaluation images (as discovery wrote them before): not measured."""
+    from ttreg_hf.model_card import render_index_card
+
+    unmeasured = {"num_eval_images": 0, "eval_outlier_ratio_before": 0.0, "eval_outlier_ratio_after": 0.0}
+    card = render_index_card(tiny_index(details=unmeasured), "me/index")
+    assert "% before" not in card and "- outlier ratio: not measured (no evaluation images)\n" in card
+    measured = {"num_eval_images": 8, "eval_outlier_ratio_before": 0.02, "eval_outlier_ratio_after": 0.001}
+    card = render_index_card(tiny_index(details=measured), "me/index")
+    assert "- outlier tokens on the 8 evaluation images: 2.00 % before, 0.10 % with the edit\n" in card
+    measured.pop("num_eval_images")  # an index that records no count: its ratios as they are
+    older = render_index_card(tiny_index(details=measured), "me/index")
+    assert "- outlier tokens on the evaluation images: 2.00 % before, 0.10 % with the edit\n" in older
+
+
 # item 9: the fingerprint names the weights, not the library's parameter names or its pruning
 
 
