@@ -449,10 +449,11 @@ def _find_neurons_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _find_neurons(args: argparse.Namespace) -> int:
     from ttreg_hf.analysis.distributed import is_main_process
-    from ttreg_hf.discovery import find_register_neurons
+    from ttreg_hf.discovery import check_eval_images, find_register_neurons
     from ttreg_hf.images import ImageFolder
 
     out = check_output(args.out, args.overwrite)
+    check_eval_images(args.eval_images, args.top_k)
     if args.push_to_hub:
         from huggingface_hub import is_offline_mode
 

@@ -285,6 +285,7 @@ def test_discovery_threshold_is_the_rule_of_the_calibration_images_norms():
         (dict(top_k=6 * 384 + 1), "top_k=2305 is more than the 2304 neurons searched"),
         (dict(highest_layer=1, top_k=769), "top_k=769 is more than the 768 neurons searched"),
         (dict(eval_images=0), "eval_images must be an integer of at least 1 (the automatic top_k is chosen on them)"),
+        (dict(eval_images=True, top_k=4), "eval_images must be an integer of at least 0, got True"),
         (dict(remaining_outliers=1.0), "remaining_outliers must be in [0, 1), got 1.0"),
         (dict(threshold=-1.0), "threshold must be a positive number, got -1.0"),
         (dict(threshold=float("nan")), "threshold must be a positive number, got nan"),

@@ -477,6 +477,16 @@ def test_discovery_without_evaluation_images_reports_no_ratio():
     assert "% before" in measured.summary() and "% before" in render_index_card(measured.index, "me/index")
 
 
+def test_no_evaluation_images_for_the_automatic_k_is_refused_before_loading(monkeypatch, tmp_path, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --eval-images was checked")
+
+    monkeypatch.setattr("ttreg_cli.load_model", no_loading)
+    argv = ["find-neurons", "planted", str(tmp_path), "--out", str(tmp_path / "i.safetensors"), "--eval-images", "0"]
+    status, err = cli(argv, capsys)
+    assert status == 2 and "eval_images must be an integer of at least 1 (the automatic top_k" in err
+
+
 def test_the_index_card_shows_no_ratio_where_none_was_measured():
     """An index that records ratios beside no evaluation images (as discovery wrote them before): not measured."""
     from ttreg_hf.model_card import render_index_card

@@ -387,6 +387,17 @@ def default_eval_images(num_images: int) -> int:
     return min(32, max(8, num_images // 32))
 
 
+def check_eval_images(eval_images: int | None, top_k: int | None) -> None:
+    """Refuse an ``eval_images`` discovery cannot use with ``top_k``: none leaves the automatic k nothing to choose
+    on. Checked before the model loads on the command line."""
+    least = 0 if top_k else 1
+    if eval_images is not None and (
+        isinstance(eval_images, bool) or not isinstance(eval_images, int) or eval_images < least
+    ):
+        why = "" if least == 0 else " (the automatic top_k is chosen on them)"
+        raise TTRegValueError(f"eval_images must be an integer of at least {least}{why}, got {eval_images!r}.")
+
+
 def _check_settings(settings: dict, images: Images, num_neurons: int) -> None:
     """Refuse settings discovery cannot use, in one line naming the argument."""
     if not len(images):
@@ -395,10 +406,7 @@ def _check_settings(settings: dict, images: Images, num_neurons: int) -> None:
         value = settings[name]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise TTRegValueError(f"{name} must be a positive integer, got {value!r}.")
-    eval_images, least = settings["eval_images"], 0 if settings["top_k"] else 1
-    if eval_images is not None and (not isinstance(eval_images, int) or eval_images < least):
-        why = "" if least == 0 else " (the automatic top_k is chosen on them)"
-        raise TTRegValueError(f"eval_images must be an integer of at least {least}{why}, got {eval_images!r}.")
+    check_eval_images(settings["eval_images"], settings["top_k"])
     if settings["top_k"] is not None and settings["top_k"] > num_neurons:
         raise TTRegValueError(f"top_k={settings['top_k']} is more than the {num_neurons} neurons searched.")
     if not 0 <= settings["remaining_outliers"] < 1:
