@@ -26,6 +26,16 @@ PROCESSORS = {
             resample=PILImageResampling.BICUBIC, **STATISTICS,
         ),
     ),
+    "fit-256-crop-224": (  # fit within 256 x 256 (aspect kept), then the central 224: ratio 8/7 again
+        BitImageProcessor(
+            size={"max_height": 256, "max_width": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+            resample=PILImageResampling.BICUBIC, **STATISTICS,
+        ),
+        BitImageProcessor(
+            size={"max_height": 128, "max_width": 128}, crop_size={"height": 112, "width": 112}, do_center_crop=True,
+            resample=PILImageResampling.BICUBIC, **STATISTICS,
+        ),
+    ),
     "resize-to-224": (  # ViT's: a square resize, no crop
         ViTImageProcessor(size={"height": 224, "width": 224}, **STATISTICS),
         ViTImageProcessor(size={"height": 112, "width": 112}, **STATISTICS),
