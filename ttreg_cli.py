@@ -203,7 +203,7 @@ def load_model(spec: str, device: str, weights: str | None = None, image_size: i
                 f"Could not fetch the weights of {spec!r} ({_one_line(error)}); pass a local checkpoint with "
                 "--weights FILE."
             ) from error
-    return model.to(device).eval(), checkpoint_preprocessor(spec, model, image_size)
+    return model.to(device).eval(), checkpoint_preprocessor(spec, model, image_size, weights)
 
 
 def _check_weights(parsed: "ModelSpec", spec: str, weights: str | None) -> None:

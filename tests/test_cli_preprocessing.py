@@ -59,3 +59,18 @@ def test_image_size_keeps_the_checkpoints_resize_to_crop_ratio(name, picture, tm
     assert pixels.shape == (1, 3, 112, 112)
     assert torch.equal(pixels, expected([picture], return_tensors="pt")["pixel_values"])
     assert (preprocessor.mean, preprocessor.std) == (tuple(STATISTICS["image_mean"]), tuple(STATISTICS["image_std"]))
+
+
+def test_a_weights_folder_brings_its_own_image_processor(tmp_path):
+    """A named checkpoint loaded from a local --weights folder is preprocessed as that folder's processor says."""
+    from transformers import ViTConfig
+
+    from ttreg_hf import ViTTTRegModel
+
+    arch = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=16)
+    ViTTTRegModel(ViTConfig(**arch, image_size=64)).save_pretrained(tmp_path)
+    ViTImageProcessor(size={"height": 64, "width": 64}, **STATISTICS).save_pretrained(tmp_path)
+    name = "vit_base_patch16_224_in21k"
+    _, preprocessor = load_model(name, "cpu", weights=str(tmp_path), image_size=32, num_test_time_registers=0)
+    assert (preprocessor.mean, preprocessor.std) == (tuple(STATISTICS["image_mean"]), tuple(STATISTICS["image_std"]))
+    assert preprocessor([Image.new("RGB", (48, 48))])["pixel_values"].shape == (1, 3, 32, 32)

@@ -15,7 +15,7 @@ from torch import nn
 from . import planted  # noqa: F401  (registers the planted checkpoint, a name like the families')
 from .errors import TTRegTypeError, TTRegValueError
 from .family import Checkpoint
-from .images import Preprocessor
+from .images import PREPROCESSOR_FILE, Preprocessor
 from .registry import checkpoints, closest_checkpoint, families, family_of
 
 ENTRY_SUFFIX = "_tt_reg"
@@ -85,13 +85,17 @@ def model_names() -> tuple[str, ...]:
     return tuple(checkpoints())
 
 
-def checkpoint_preprocessor(name: str, model: nn.Module, image_size: int | None = None) -> Preprocessor:
-    """How images become the inputs of ``model``, loaded as the checkpoint called ``name``: its own preprocessing,
-    else its family's from its image processor; ``image_size`` overrides the size."""
+def checkpoint_preprocessor(
+    name: str, model: nn.Module, image_size: int | None = None, weights: str | Path | None = None
+) -> Preprocessor:
+    """How images become the inputs of ``model``, loaded as the checkpoint called ``name`` (from ``weights``, if
+    given): its own preprocessing, else its family's from the image processor saved beside ``weights`` or else the
+    checkpoint's; ``image_size`` overrides the size."""
     checkpoint = _checkpoint(name)
     if checkpoint.preprocessing is not None:
         return checkpoint.preprocessing(image_size)
-    return family_of(model).preprocessor(model, checkpoint.image_processor, image_size)
+    saved = weights is not None and (Path(weights) / PREPROCESSOR_FILE).is_file()
+    return family_of(model).preprocessor(model, weights if saved else checkpoint.image_processor, image_size)
 
 
 def _entry(checkpoint: Checkpoint) -> Callable[..., nn.Module]:
