@@ -422,7 +422,11 @@ def _find_neurons_parser(subparsers: argparse._SubParsersAction) -> None:
         help="block whose output norms define outliers (default: the one the model reads from its tower: a VLM's "
         "vision_feature_layer, else the last)",
     )
-    parser.add_argument("--highest-layer", type=int, help="last layer searched (default: the detection layer)")
+    parser.add_argument(
+        "--highest-layer",
+        type=int,
+        help="last layer searched, at most the detection layer (default: the detection layer)",
+    )
     parser.add_argument(
         "--top-k", type=integer(1), help="number of neurons (default: smallest k that removes the outliers)"
     )

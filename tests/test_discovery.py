@@ -278,6 +278,7 @@ def test_discovery_threshold_is_the_rule_of_the_calibration_images_norms():
         (dict(detection_layer=6), "detection_layer=6 is out of range: the model has 6 layers (0 to 5, or -6 to -1"),
         (dict(detection_layer=-7), "detection_layer=-7 is out of range"),
         (dict(highest_layer=9), "highest_layer=9 is out of range"),
+        (dict(detection_layer=2, highest_layer=-2), "highest_layer=-2 (layer 4) is after the detection layer 2"),
         (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
         (dict(calibration_images=0), "calibration_images must be a positive integer, got 0"),
         (dict(num_images=0), "num_images must be a positive integer, got 0"),

@@ -450,7 +450,7 @@ def find_register_neurons(
         detection_layer: block whose output norms define the outliers; `None`: the one ``model`` reads from its tower
             (`ttreg_hf.analysis.consumer_layer`: a VLM's ``vision_feature_layer``, LLaVA's second-to-last block;
             the last block of a tower alone, the authors' default). Recorded with its reason in the index's details.
-        highest_layer: last layer searched for neurons (default: the detection layer).
+        highest_layer: last layer searched for neurons, at most the detection layer (default: the detection layer).
         top_k: number of neurons to keep; `None` picks the smallest k whose edit leaves at most
             ``remaining_outliers`` of the outliers on the first ``eval_images`` images that have them
             (k <= ``max_top_k``). The outlier ratio before and after the edit is measured on these images.
@@ -474,6 +474,11 @@ def find_register_neurons(
         detection, detection_rule = _layer("detection_layer", detection_layer, num_layers), "given"
     model = tower
     highest = detection if highest_layer is None else _layer("highest_layer", highest_layer, num_layers)
+    if highest > detection:
+        raise TTRegValueError(
+            f"highest_layer={highest_layer} (layer {highest}) is after the detection layer {detection}: its neurons "
+            f"cannot write the outliers seen there. Search up to layer {detection}, or detect at a later layer."
+        )
     config = model.config
     settings = dict(
         threshold=threshold,
