@@ -203,7 +203,7 @@ def load_model(spec: str, device: str, weights: str | None = None, image_size: i
                 f"Could not fetch the weights of {spec!r} ({_one_line(error)}); pass a local checkpoint with "
                 "--weights FILE."
             ) from error
-    return model.to(device).eval(), checkpoint_preprocessor(spec, model, image_size)
+    return model.to(device).eval(), checkpoint_preprocessor(spec, model, image_size, weights)
 
 
 def _check_weights(parsed: "ModelSpec", spec: str, weights: str | None) -> None:
@@ -378,12 +378,28 @@ def _device(args: argparse.Namespace) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(args.device)
-        torch.empty(0, device=device)  # an unknown index, or a type this machine has no device or build of, fails here
-    except (RuntimeError, AssertionError, NotImplementedError) as error:  # torch's "not compiled with X" asserts
+    except RuntimeError as error:  # not a device name
         raise CommandError(f"--device {args.device}: {_one_line(error)}") from None
     if device.type == "meta":
         raise CommandError("--device meta holds no data, so no model runs there: name a cpu or an accelerator.")
+    try:
+        torch.empty(0, device=device)  # an unknown index, or a type this machine has no device or build of, fails here
+    except (RuntimeError, AssertionError, NotImplementedError, ImportError) as error:  # "not compiled with X" asserts,
+        # a backend without its module (hpu), a dispatcher's list of every backend (mps on Linux)
+        reason = _one_line(error).split(". ")[0][:200]
+        raise CommandError(
+            f"--device {args.device} is not on this machine ({reason}): use {_devices_here()}."
+        ) from None
     return args.device
+
+
+def _devices_here() -> str:
+    """The devices this machine runs models on, for a message: the cpu and the accelerator's devices."""
+    import torch
+
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    count = torch.accelerator.device_count() if accelerator else 0
+    return " or ".join(["cpu", *(f"{accelerator.type}:{index}" for index in range(count))])
 
 
 @subcommand
@@ -406,7 +422,11 @@ def _find_neurons_parser(subparsers: argparse._SubParsersAction) -> None:
         help="block whose output norms define outliers (default: the one the model reads from its tower: a VLM's "
         "vision_feature_layer, else the last)",
     )
-    parser.add_argument("--highest-layer", type=int, help="last layer searched (default: the detection layer)")
+    parser.add_argument(
+        "--highest-layer",
+        type=int,
+        help="last layer searched, at most the detection layer (default: the detection layer)",
+    )
     parser.add_argument(
         "--top-k", type=integer(1), help="number of neurons (default: smallest k that removes the outliers)"
     )
@@ -433,10 +453,11 @@ def _find_neurons_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _find_neurons(args: argparse.Namespace) -> int:
     from ttreg_hf.analysis.distributed import is_main_process
-    from ttreg_hf.discovery import find_register_neurons
+    from ttreg_hf.discovery import check_eval_images, find_register_neurons
     from ttreg_hf.images import ImageFolder
 
     out = check_output(args.out, args.overwrite)
+    check_eval_images(args.eval_images, args.top_k)
     if args.push_to_hub:
         from huggingface_hub import is_offline_mode
 

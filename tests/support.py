@@ -5,6 +5,7 @@ loaded with `transformers` alone (`load_without_package`). Test modules import f
 
 import functools
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,39 @@ from ttreg_hf.modeling.registers import register_settings
 from reference_edit import hooked_register_edit
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"  # real weights, beside the development checkout
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """``python -c code *args`` in a fresh process, offline, with the checkout on its path."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", code, *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+TTREG_RUNNER = """
+import contextlib, io, json, sys
+import ttreg_cli
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            status = ttreg_cli.main(argv)
+        except SystemExit as exit:  # argparse's refusals
+            status = exit.code
+    results.append([status, err.getvalue().strip()])
+print(json.dumps(results))
+"""
+
+
+def ttreg_in_a_fresh_process(*argvs: list[str]) -> list[tuple[int, str]]:
+    """Each ``ttreg`` command line run in turn by `ttreg_cli.main` in one fresh process (none of the test process's
+    imports or patches): its exit status and stderr. An error that escapes `main` (a bug: exit 1, a traceback) fails
+    the run, and the test with its stderr."""
+    run = run_python(TTREG_RUNNER, json.dumps([list(map(str, argv)) for argv in argvs]))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [tuple(result) for result in json.loads(run.stdout.splitlines()[-1])]
 
 
 def parent_of(model: nn.Module) -> nn.Module:

@@ -1,10 +1,7 @@
 """The `ttreg` command line: the demo end to end (against the README), inspect, help, exit codes, clear errors."""
 
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +13,9 @@ from ttreg_hf.discovery import find_register_neurons, weights_fingerprint
 from ttreg_hf.planted import build_planted_model, planted_index
 
 from family_models import LAYER, NEURONS, SIZE, planted, tiny_images
+from support import run_python
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-ROOT = README.parent
 
 
 def readme_demo_block() -> list[str]:
@@ -246,11 +243,6 @@ def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(CommandError, match="does not exist") as error:
         main(["--debug", "find-neurons", "planted", str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors")])
     assert isinstance(error.value.__cause__, FileNotFoundError)  # the file error, chained into the traceback
-
-
-def run_python(code: str, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, **kwargs)
 
 
 def test_the_parser_imports_neither_torch_nor_transformers():

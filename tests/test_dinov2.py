@@ -69,6 +69,8 @@ def test_image_size_the_patch_size_does_not_divide_is_an_error():
     model = Dinov2TTRegModel(tiny_dinov2_config())
     with pytest.raises(ValueError, match="not a multiple of the patch size 14x14.*e.g. 56x56"):
         model(torch.randn(1, 3, 60, 56))
+    with pytest.raises(ValueError, match="not a multiple of the patch size 14x14.*e.g. 14x28"):
+        model(torch.randn(1, 3, 7, 30))  # a side shorter than a patch: the smallest multiple, not 0
 
 
 def test_integer_images_are_an_error():

@@ -1,11 +1,13 @@
 """Never silent, round three (issue #25) and errors by kind (#24.4): each test failed before its fix."""
 
 import json
+import re
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModel, DepthAnythingConfig, DepthAnythingForDepthEstimation
 
 from ttreg_cli import main
@@ -13,7 +15,7 @@ from ttreg_hf import Dinov2TTRegConfig, Dinov2TTRegModel, RegisterNeuronIndex, R
 from ttreg_hf.errors import TTRegError, TTRegTypeError, TTRegValueError
 from ttreg_hf.hub import entry_points, load_tt_model
 
-from support import tiny_dinov2_config
+from support import tiny_dinov2_config, ttreg_in_a_fresh_process
 
 pytestmark = pytest.mark.filterwarnings("ignore::ttreg_hf.modeling.registers.RegisterEditOffWarning")
 
@@ -163,10 +165,17 @@ def cli(argv, capsys) -> tuple[int, str]:
     return status, captured.err.strip()
 
 
-@pytest.mark.parametrize("device", ["bogus", "cuda:7", "meta", "xpu"])
+def available(device: str) -> bool:
+    """Whether this machine has ``device`` (a type it may have, with or without an index)."""
+    kind, _, index = device.partition(":")
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    return accelerator is not None and accelerator.type == kind and int(index or 0) < torch.accelerator.device_count()
+
+
+@pytest.mark.parametrize("device", ["bogus", "", "cuda:7", "meta", "xpu", "mps", "hpu", "cuda"])
 def test_a_device_that_is_not_there_is_refused_before_loading(device, monkeypatch, tmp_path, capsys):
-    if device == "cuda:7" and torch.cuda.device_count() > 7:
-        pytest.skip("this machine has a cuda:7")
+    if available(device):
+        pytest.skip(f"this machine has a {device}")
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before --device was checked")
@@ -176,6 +185,66 @@ def test_a_device_that_is_not_there_is_refused_before_loading(device, monkeypatc
     image.write_bytes(b"")
     status, err = cli(["inspect", "planted", str(image), "--out", str(tmp_path / "r.png"), "--device", device], capsys)
     assert status == 2 and err.startswith(f"ttreg: error: --device {device}") and len(err.splitlines()) == 1
+    assert len(err) < 400  # one line to read, not torch's list of every backend it was built with
+
+
+def test_every_command_checks_its_device_before_loading_in_a_fresh_process(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32)).save(images / "a.png")
+    device = next(device for device in ("cuda", "mps", "hpu", "cuda:7") if not available(device))
+    commands = [
+        ["find-neurons", "planted", images, "--out", tmp_path / "i.safetensors"],
+        ["inspect", "planted", images / "a.png", "--out", tmp_path / "r.png"],
+        ["demo", "--out-dir", tmp_path / "demo"],
+        ["evaluate", "planted", images, "--out-dir", tmp_path / "evaluation", "--no-figure"],
+    ]
+    for status, err in ttreg_in_a_fresh_process(*([*argv, "--device", device] for argv in commands)):
+        assert status == 2 and err.startswith(f"ttreg: error: --device {device} is not on this machine"), err
+        assert len(err.splitlines()) == 1 and "use cpu" in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["images"]  # nothing written
+
+
+def test_every_command_refuses_weights_it_cannot_load_in_a_fresh_process(tmp_path):
+    """Each kind of --weights no model loads, through each command that takes it: exit 2, one line, nothing written;
+    export takes no --weights at all."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    arch = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=16)
+    DINOv3ViTModel(DINOv3ViTConfig(**arch, image_size=64)).save_pretrained(tmp_path / "dinov3")
+    Dinov2TTRegModel(tiny_dinov2_config(register_neurons={})).save_pretrained(tmp_path / "dinov2")
+    (tmp_path / "no-config").mkdir()
+    (tmp_path / "no-config" / "model.safetensors").write_bytes(b"")
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"not a safetensors header")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32)).save(images / "a.png")
+    out = tmp_path / "out"
+    commands = {
+        "find-neurons": lambda model: ["find-neurons", model, images, "--out", out / "i.safetensors"],
+        "inspect": lambda model: ["inspect", model, images / "a.png", "--out", out / "r.png"],
+        "evaluate": lambda model: ["evaluate", model, images, "--out-dir", out, "--no-figure"],
+        "demo": lambda model: ["demo", "--model", model, "--out-dir", out],
+    }
+    vit = "vit_base_patch16_224_in21k"
+    cases = [  # (MODEL, --weights, the refusal)
+        ("planted", damaged, "The planted model is built here, not loaded: it takes no weights"),
+        (tmp_path / "dinov2", tmp_path / "nope", "is a checkpoint, which holds its weights: drop --weights"),
+        ("open_clip:ViT-B-16", damaged, "is a checkpoint, which holds its weights: drop --weights"),
+        (vit, tmp_path / "nope", "No checkpoint at --weights"),
+        (vit, tmp_path / "dinov3", "hold a 'dinov3_vit' checkpoint, and vit_base_patch16_224_in21k loads vit"),
+        (vit, tmp_path / "no-config", "is a folder without a config.json"),
+        (vit, damaged, "is a file, and vit_base_patch16_224_in21k loads a Hugging Face checkpoint folder"),
+        ("dinov2_vitl14", damaged, "Cannot read the checkpoint"),  # it has a shipped index: the weights are read
+    ]
+    argvs = [[*command(model), "--weights", weights] for command in commands.values() for model, weights, _ in cases]
+    argvs.append(["export", tmp_path / "dinov2", "--index", "planted", "--out", out, "--weights", damaged])
+    results = ttreg_in_a_fresh_process(*argvs)
+    expected = [refusal for _ in commands for *_, refusal in cases] + ["unrecognized arguments: --weights"]
+    for argv, (status, err), refusal in zip(argvs, results, expected):
+        assert status == 2 and refusal in err and len(err.splitlines()) == 1, (argv, err)
+    assert not out.exists()
 
 
 def test_weights_that_would_be_ignored_are_refused(tmp_path, capsys):
@@ -207,6 +276,44 @@ def test_weights_of_another_family_are_refused(tmp_path, capsys):
     argv = ["inspect", "vit_base_patch16_224_in21k", str(image), "--weights", str(tmp_path / "dinov3")]
     status, err = cli([*argv, "--out", str(tmp_path / "r.png")], capsys)
     assert status == 2 and "hold a 'dinov3_vit' checkpoint" in err and not (tmp_path / "r.png").exists()
+
+
+def dinov2_weights_file(problem: str, folder: Path) -> Path:
+    """A ``weights`` file for ``dinov2_vitb14`` that does not load, for the reason ``problem``."""
+    from safetensors.torch import save_file
+
+    from upstream_dinov2 import random_original_state_dict
+
+    path = folder / f"{problem.replace(' ', '-')}.{'pth' if problem in ('empty', 'a list') else 'safetensors'}"
+    if problem == "empty":
+        path.write_bytes(b"")
+    elif problem == "damaged":
+        path.write_bytes(b"not a safetensors header")
+    elif problem == "a list":
+        torch.save([torch.zeros(1)], path)
+    else:
+        dim = 768 if problem == "missing blocks" else 384  # ViT-B/14's width, or ViT-S/14's: another size
+        weights = random_original_state_dict(dim=dim, depth=12, patch_size=14, table_side=37)
+        missing = "blocks.11." if problem == "missing blocks" else "-"
+        save_file({key: value for key, value in weights.items() if not key.startswith(missing)}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("empty", "Cannot read the checkpoint"),
+        ("damaged", "Cannot read the checkpoint"),
+        ("a list", "holds a list, not a state dict"),
+        ("missing blocks", "does not fit DINOv2 with width 768 and 12 layers: Missing key(s)"),
+        ("another size", "does not fit DINOv2 with width 768 and 12 layers: size mismatch"),
+    ],
+)
+def test_dinov2_weights_that_do_not_load_are_refused_naming_the_file(problem, message, tmp_path):
+    path = dinov2_weights_file(problem, tmp_path)
+    with pytest.raises(TTRegValueError, match=re.escape(message)) as error:
+        load_tt_model("dinov2_vitb14", weights=path, num_test_time_registers=0)
+    assert str(path) in str(error.value) and len(str(error.value)) < 600
 
 
 # item 11: types, not values
@@ -423,6 +530,31 @@ def test_discovery_without_evaluation_images_reports_no_ratio():
     assert "% before" not in render_index_card(result.index, "me/index")
     measured = find_register_neurons(model, images, calibration_images=8, batch_size=8, top_k=4, eval_images=2)
     assert "% before" in measured.summary() and "% before" in render_index_card(measured.index, "me/index")
+
+
+def test_no_evaluation_images_for_the_automatic_k_is_refused_before_loading(monkeypatch, tmp_path, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --eval-images was checked")
+
+    monkeypatch.setattr("ttreg_cli.load_model", no_loading)
+    argv = ["find-neurons", "planted", str(tmp_path), "--out", str(tmp_path / "i.safetensors"), "--eval-images", "0"]
+    status, err = cli(argv, capsys)
+    assert status == 2 and "eval_images must be an integer of at least 1 (the automatic top_k" in err
+
+
+def test_the_index_card_shows_no_ratio_where_none_was_measured():
+    """An index that records ratios beside no evaluation images (as discovery wrote them before): not measured."""
+    from ttreg_hf.model_card import render_index_card
+
+    unmeasured = {"num_eval_images": 0, "eval_outlier_ratio_before": 0.0, "eval_outlier_ratio_after": 0.0}
+    card = render_index_card(tiny_index(details=unmeasured), "me/index")
+    assert "% before" not in card and "- outlier ratio: not measured (no evaluation images)\n" in card
+    measured = {"num_eval_images": 8, "eval_outlier_ratio_before": 0.02, "eval_outlier_ratio_after": 0.001}
+    card = render_index_card(tiny_index(details=measured), "me/index")
+    assert "- outlier tokens on the 8 evaluation images: 2.00 % before, 0.10 % with the edit\n" in card
+    measured.pop("num_eval_images")  # an index that records no count: its ratios as they are
+    older = render_index_card(tiny_index(details=measured), "me/index")
+    assert "- outlier tokens on the evaluation images: 2.00 % before, 0.10 % with the edit\n" in older
 
 
 # item 9: the fingerprint names the weights, not the library's parameter names or its pruning

@@ -387,6 +387,17 @@ def default_eval_images(num_images: int) -> int:
     return min(32, max(8, num_images // 32))
 
 
+def check_eval_images(eval_images: int | None, top_k: int | None) -> None:
+    """Refuse an ``eval_images`` discovery cannot use with ``top_k``: none leaves the automatic k nothing to choose
+    on. Checked before the model loads on the command line."""
+    least = 0 if top_k else 1
+    if eval_images is not None and (
+        isinstance(eval_images, bool) or not isinstance(eval_images, int) or eval_images < least
+    ):
+        why = "" if least == 0 else " (the automatic top_k is chosen on them)"
+        raise TTRegValueError(f"eval_images must be an integer of at least {least}{why}, got {eval_images!r}.")
+
+
 def _check_settings(settings: dict, images: Images, num_neurons: int) -> None:
     """Refuse settings discovery cannot use, in one line naming the argument."""
     if not len(images):
@@ -395,10 +406,7 @@ def _check_settings(settings: dict, images: Images, num_neurons: int) -> None:
         value = settings[name]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise TTRegValueError(f"{name} must be a positive integer, got {value!r}.")
-    eval_images, least = settings["eval_images"], 0 if settings["top_k"] else 1
-    if eval_images is not None and (not isinstance(eval_images, int) or eval_images < least):
-        why = "" if least == 0 else " (the automatic top_k is chosen on them)"
-        raise TTRegValueError(f"eval_images must be an integer of at least {least}{why}, got {eval_images!r}.")
+    check_eval_images(settings["eval_images"], settings["top_k"])
     if settings["top_k"] is not None and settings["top_k"] > num_neurons:
         raise TTRegValueError(f"top_k={settings['top_k']} is more than the {num_neurons} neurons searched.")
     if not 0 <= settings["remaining_outliers"] < 1:
@@ -442,7 +450,7 @@ def find_register_neurons(
         detection_layer: block whose output norms define the outliers; `None`: the one ``model`` reads from its tower
             (`ttreg_hf.analysis.consumer_layer`: a VLM's ``vision_feature_layer``, LLaVA's second-to-last block;
             the last block of a tower alone, the authors' default). Recorded with its reason in the index's details.
-        highest_layer: last layer searched for neurons (default: the detection layer).
+        highest_layer: last layer searched for neurons, at most the detection layer (default: the detection layer).
         top_k: number of neurons to keep; `None` picks the smallest k whose edit leaves at most
             ``remaining_outliers`` of the outliers on the first ``eval_images`` images that have them
             (k <= ``max_top_k``). The outlier ratio before and after the edit is measured on these images.
@@ -466,6 +474,11 @@ def find_register_neurons(
         detection, detection_rule = _layer("detection_layer", detection_layer, num_layers), "given"
     model = tower
     highest = detection if highest_layer is None else _layer("highest_layer", highest_layer, num_layers)
+    if highest > detection:
+        raise TTRegValueError(
+            f"highest_layer={highest_layer} (layer {highest}) is after the detection layer {detection}: its neurons "
+            f"cannot write the outliers seen there. Search up to layer {detection}, or detect at a later layer."
+        )
     config = model.config
     settings = dict(
         threshold=threshold,

@@ -15,10 +15,11 @@ import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 from torch import nn
 
-from .errors import TTRegError, TTRegTypeError
+from .errors import TTRegError, TTRegTypeError, TTRegValueError
 from .images import Preprocessor, transformers_preprocessing
 
 
@@ -180,6 +181,11 @@ def transformers_checkpoint(name: str, summary: str, model_class: type, hub_id: 
 def _load_transformers(
     name, model_class, hub_id, arch, model_kwargs, *, pretrained, weights, register_neurons, **settings
 ) -> nn.Module:
+    if weights is not None and Path(weights).is_file():  # `from_pretrained` would read it as a config.json
+        raise TTRegValueError(
+            f"weights {weights} is a file, and {name} loads a Hugging Face checkpoint folder (config.json and "
+            "model.safetensors, as `save_pretrained` writes them): give that folder."
+        )
     if pretrained or weights:  # `from_pretrained` checks its keyword arguments itself
         source = weights or hub_id
         return model_class.from_pretrained(source, register_neurons=register_neurons, **model_kwargs, **settings)

@@ -15,7 +15,7 @@ from torch import nn
 from . import planted  # noqa: F401  (registers the planted checkpoint, a name like the families')
 from .errors import TTRegTypeError, TTRegValueError
 from .family import Checkpoint
-from .images import Preprocessor
+from .images import PREPROCESSOR_FILE, Preprocessor
 from .registry import checkpoints, closest_checkpoint, families, family_of
 
 ENTRY_SUFFIX = "_tt_reg"
@@ -51,14 +51,19 @@ def _load(checkpoint: Checkpoint, pretrained, **kwargs) -> nn.Module:
 
 
 def _check_same_family(weights: str | Path, checkpoint: Checkpoint) -> None:
-    """Refuse a ``weights`` folder whose config names a model type of another family: `from_pretrained` would load
-    none of its weights and return a random model."""
-    from transformers import PreTrainedConfig
+    """Refuse a ``weights`` folder without a ``config.json``, or whose config names a model type of another family:
+    `from_pretrained` would load none of its weights and return a random model."""
+    from transformers import CONFIG_NAME, PreTrainedConfig
 
-    model_type = PreTrainedConfig.get_config_dict(str(weights))[0].get("model_type")
     family = next((family for family in families() if checkpoint in family.checkpoints), None)
     if family is None:  # a registered checkpoint: its loader takes the weights it can
         return
+    if not (Path(weights) / CONFIG_NAME).is_file():
+        raise TTRegValueError(
+            f"weights {weights} is a folder without a {CONFIG_NAME}, so no checkpoint: give the folder "
+            "`save_pretrained` wrote, or the checkpoint's file."
+        )
+    model_type = PreTrainedConfig.get_config_dict(str(weights))[0].get("model_type")
     known = family.model_types
     if model_type not in known:
         raise TTRegValueError(
@@ -80,13 +85,17 @@ def model_names() -> tuple[str, ...]:
     return tuple(checkpoints())
 
 
-def checkpoint_preprocessor(name: str, model: nn.Module, image_size: int | None = None) -> Preprocessor:
-    """How images become the inputs of ``model``, loaded as the checkpoint called ``name``: its own preprocessing,
-    else its family's from its image processor; ``image_size`` overrides the size."""
+def checkpoint_preprocessor(
+    name: str, model: nn.Module, image_size: int | None = None, weights: str | Path | None = None
+) -> Preprocessor:
+    """How images become the inputs of ``model``, loaded as the checkpoint called ``name`` (from ``weights``, if
+    given): its own preprocessing, else its family's from the image processor saved beside ``weights`` or else the
+    checkpoint's; ``image_size`` overrides the size."""
     checkpoint = _checkpoint(name)
     if checkpoint.preprocessing is not None:
         return checkpoint.preprocessing(image_size)
-    return family_of(model).preprocessor(model, checkpoint.image_processor, image_size)
+    saved = weights is not None and (Path(weights) / PREPROCESSOR_FILE).is_file()
+    return family_of(model).preprocessor(model, weights if saved else checkpoint.image_processor, image_size)
 
 
 def _entry(checkpoint: Checkpoint) -> Callable[..., nn.Module]:

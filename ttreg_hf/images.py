@@ -75,12 +75,12 @@ def _size_overrides(processor, image_size: int) -> dict:
         )
     size, crop = dict(processor.size), getattr(processor, "crop_size", None)
     crop_side = crop["height"] if crop and getattr(processor, "do_center_crop", False) else None
-    scale = image_size / crop_side if crop_side else None
-    if "shortest_edge" in size:
-        size = {"shortest_edge": round(size["shortest_edge"] * scale) if scale else image_size}
+    if crop_side:  # every bound of the resize (shortest edge, height and width, max sides) scaled as the crop
+        size = {key: round(value * image_size / crop_side) for key, value in size.items()}
+    elif "shortest_edge" in size:
+        size = {"shortest_edge": image_size}
     else:
-        side = round(size["height"] * scale) if scale else image_size
-        size = {"height": side, "width": side}
+        size = {"height": image_size, "width": image_size}
     return {"size": size, **({"crop_size": {"height": image_size, "width": image_size}} if crop_side else {})}
 
 

@@ -92,27 +92,40 @@ FOUND_WITH = {
     "threshold": lambda d: (
         f"threshold: {d['threshold']:g}" + (f" ({d['threshold_rule']})" if "threshold_rule" in d else "")
     ),
-    "eval_outlier_ratio_before": lambda d: (
-        f"outlier tokens on the evaluation images: {100 * d['eval_outlier_ratio_before']:.2f} % before, "
-        f"{100 * d.get('eval_outlier_ratio_after', float('nan')):.2f} % with the edit"
+    "num_eval_images": lambda d: (
+        _outlier_ratios(d, f"the {d['num_eval_images']} evaluation images")
+        if d["num_eval_images"]
+        else "outlier ratio: not measured (no evaluation images)"  # whatever ratios an older version recorded
     ),
+    "eval_outlier_ratio_before": lambda d: _outlier_ratios(d, "the evaluation images"),
     "package_version": lambda d: f"found with ttreg_hf {d['package_version']}",
 }
-SHOWN_WITH = {"threshold_rule": "threshold", "eval_outlier_ratio_after": "eval_outlier_ratio_before"}
+SHOWN_WITH = {
+    "threshold_rule": "threshold",
+    "eval_outlier_ratio_before": "num_eval_images",
+    "eval_outlier_ratio_after": "eval_outlier_ratio_before",
+}
+
+
+def _outlier_ratios(details: dict, images: str) -> str:
+    return (
+        f"outlier tokens on {images}: {100 * details['eval_outlier_ratio_before']:.2f} % before, "
+        f"{100 * details['eval_outlier_ratio_after']:.2f} % with the edit"
+    )
 
 
 def index_section(index: RegisterNeuronIndex, *, semantics: str, num_registers: int | None = None) -> str:
     """The index in a card: its neurons as a table, then where it applies and how it was found (its provenance)."""
     details = []
     for key, value in index.details.items():
+        if SHOWN_WITH.get(key) in index.details:
+            continue
         if key in FOUND_WITH:
             try:
                 details.append(FOUND_WITH[key](index.details))
                 continue
-            except (TypeError, ValueError):  # a value of an unexpected type is shown as it is
+            except (KeyError, TypeError, ValueError):  # a value missing or of an unexpected type: shown as it is
                 pass
-        elif SHOWN_WITH.get(key) in index.details:
-            continue
         details.append(f"{key}: {value}")
     return INDEX_SECTION.substitute(
         neuron_rows="\n".join(f"| {layer} | {', '.join(map(str, ids))} |" for layer, ids in index.neurons.items()),

@@ -1,6 +1,7 @@
 """DINOv2 as facebookresearch/dinov2 ships it: checkpoint layout, architectures, and its torch.hub interface."""
 
 import dataclasses
+import pickle
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -8,6 +9,7 @@ from urllib.parse import urlparse
 
 import torch
 from huggingface_hub.constants import is_offline_mode
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from transformers import Dinov2Model
@@ -130,9 +132,37 @@ def load_original_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
         return torch.hub.load_state_dict_from_url(weights, map_location="cpu", weights_only=True)
     if not Path(weights).is_file():
         raise FileNotFoundError(f"No checkpoint at {weights}: give a URL, a .pth or a .safetensors file.")
-    if weights.endswith(".safetensors"):
-        return load_file(weights)
-    return torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        state_dict = (
+            load_file(weights)
+            if weights.endswith(".safetensors")
+            else torch.load(weights, map_location="cpu", weights_only=True)
+        )
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as error:  # torch.load's, by damage
+        raise TTRegValueError(
+            f"Cannot read the checkpoint {weights} ({_first_line(error)}): give a .pth or .safetensors file of "
+            "upstream DINOv2's layout."
+        ) from error
+    if not (isinstance(state_dict, dict) and all(isinstance(value, torch.Tensor) for value in state_dict.values())):
+        raise TTRegValueError(f"{weights} holds a {type(state_dict).__name__}, not a state dict of tensors by name.")
+    return state_dict
+
+
+def load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], weights: str | Path, what: str, **kwargs):
+    """``module.load_state_dict(state_dict)``, read from ``weights``: keys or shapes that do not fit ``what`` (another
+    model's file, another size's) are the file's, and refused naming the first of them."""
+    try:
+        module.load_state_dict(state_dict, **kwargs)
+    except RuntimeError as error:  # "Error(s) in loading state_dict for X:", then a line per kind of misfit
+        first = str(error).splitlines()[1:2] or [str(error)]
+        raise TTRegValueError(
+            f"{weights} does not fit {what}: {_first_line(first[0])} Give the checkpoint of this architecture."
+        ) from error
+
+
+def _first_line(error: BaseException | str) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def load_dinov2(model_class: type[Dinov2Model], config: Dinov2TTRegConfig, weights: str | Path | None):
@@ -146,7 +176,8 @@ def load_dinov2(model_class: type[Dinov2Model], config: Dinov2TTRegConfig, weigh
     # in ``config.dtype``, whatever the file's
     dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}
     state_dict = {name: value.to(dtypes.get(name, value.dtype)) for name, value in state_dict.items()}
-    model.load_state_dict(state_dict, assign=True)
+    size = f"DINOv2 with width {config.hidden_size} and {config.num_hidden_layers} layers"
+    load_weights(model, state_dict, weights, size, assign=True)
     provenance = config.register_index_provenance  # with the index: where it was found, for the warnings
     return model.set_register_neurons(config.register_neurons or {}, register_index_provenance=provenance).eval()
 
@@ -377,7 +408,7 @@ def load_dinov2_linear_head(
                 f"{head_weights} holds a {fits[0]}-layer head of dinov2_{arch}, not a {layers}-layer one: pass "
                 f"layers={fits[0]}."
             )
-        head.load_state_dict(state_dict)
+        load_weights(head, state_dict, head_weights, f"the {layers}-layer linear head of dinov2_{arch}")
     return head
 
 

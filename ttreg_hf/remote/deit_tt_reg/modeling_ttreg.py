@@ -278,7 +278,7 @@ def check_pixel_values(pixel_values: torch.Tensor, patch_size: int | Sequence[in
         raise TTRegValueError(
             f"Image size {height}x{width} is not a multiple of the patch size {patch_h}x{patch_w}: the parent model "
             f"would silently drop the remainder. Resize or crop to a multiple, e.g. "
-            f"{height // patch_h * patch_h}x{width // patch_w * patch_w}."
+            f"{max(height // patch_h, 1) * patch_h}x{max(width // patch_w, 1) * patch_w}."
         )
 
 
