@@ -1,0 +1,191 @@
+"""The loaders and configs take each argument in the same forms, with the same meaning, on every path (#25 items 2
+and 13, #29 item 4): ``register_neurons`` in every form through every constructor and loader of every family, and a
+register setting given to a config that holds none is refused, naming the one that holds it."""
+
+import pytest
+import transformers
+from transformers import AutoConfig, AutoModel
+
+import ttreg_hf.index
+from ttreg_hf import RegisterNeuronIndex, vision_tower_with_registers
+from ttreg_hf.configs.hosts import LlavaTTRegConfig
+from ttreg_hf.configs.registers import (
+    REGISTER_SETTINGS,
+    TestTimeRegisterCompositeConfigMixin,
+    TestTimeRegisterHostConfigMixin,
+    subclasses,
+)
+from ttreg_hf.errors import TTRegValueError
+from ttreg_hf.registry import transformers_families
+
+from family_models import TEXT, TINY, tiny_model
+
+pytest_plugins = ["fake_hub"]  # its `hub` fixture
+pytestmark = pytest.mark.filterwarnings("ignore::ttreg_hf.modeling.registers.RegisterEditOffWarning")
+
+FAMILIES = {family.name: family for family in transformers_families()}
+NEURONS = {1: [3, 5]}
+FORMS = ("dict", "str", "path", "shipped name", "hub repo id", "RegisterNeuronIndex")
+
+
+def is_composite(model_class: type) -> bool:
+    return issubclass(model_class.config_class, TestTimeRegisterCompositeConfigMixin)
+
+
+def tower_fields(config) -> dict:
+    """A tower config's fields as a dict sub-config gives them, without the register settings."""
+    return {k: v for k, v in config.to_dict().items() if k not in (*REGISTER_SETTINGS, "transformers_version")}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """``saved(family, model_class)``: a folder holding a tiny ``model_class`` of ``family`` (edit off), saved once."""
+    folders = {}
+
+    def save(family: str, model_class: type):
+        key = (family, model_class.config_class)
+        if key not in folders:
+            folders[key] = tmp_path_factory.mktemp(f"{family}-{model_class.config_class.model_type}")
+            tiny_model(family, model_class).save_pretrained(folders[key])
+        return folders[key]
+
+    return save
+
+
+def index_in_form(form: str, index: RegisterNeuronIndex, name: str, tmp_path, request):
+    """``index`` given as ``form``: a dict, a file (str or `Path`), a shipped name, a Hub repo id or the object."""
+    if form == "dict":
+        return NEURONS
+    if form == "RegisterNeuronIndex":
+        return index
+    path = index.save(tmp_path / "shipped" / f"tiny_{name}.safetensors")
+    if form == "shipped name":
+        request.getfixturevalue("monkeypatch").setattr(ttreg_hf.index, "PRECOMPUTED_DIR", path.parent)
+        return path.stem
+    if form == "hub repo id":
+        request.getfixturevalue("hub")
+        index.push_to_hub(f"me/tiny-{name}-index")
+        return f"me/tiny-{name}-index"
+    return str(path) if form == "str" else path
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_register_neurons_takes_every_form_on_every_path(name, form, saved, tmp_path, request):
+    """Item 2: the config constructor, each class's `from_pretrained`, `AutoModel` / `AutoConfig`, and a host's or a
+    dual encoder's sub-config given as a dict read the same index, with an index file's semantics and provenance."""
+    family, tower = FAMILIES[name], TINY[name]().config
+    index = RegisterNeuronIndex(NEURONS, tower.num_hidden_layers, tower.mlp_width, semantics="reference", image_size=96)
+    given = index_in_form(form, index, name, tmp_path, request)
+    fields = tower_fields(tower)
+    configs = {
+        "constructor": family.config_class(
+            **{k: v for k, v in fields.items() if k != "model_type"}, register_neurons=given
+        ),
+        "AutoConfig": AutoConfig.from_pretrained(saved(name, family.model_class), register_neurons=given),
+        "AutoModel": AutoModel.from_pretrained(saved(name, family.model_class), register_neurons=given).config,
+        "our host's vision_config": LlavaTTRegConfig(
+            vision_config={**fields, "register_neurons": given}, text_config={"model_type": "llama"}
+        ).vision_config,
+        "a transformers host's backbone_config": transformers.DepthAnythingConfig(
+            backbone_config={**fields, "register_neurons": given}
+        ).backbone_config,
+    }
+    for model_class in family.model_classes:
+        loaded = model_class.from_pretrained(saved(name, model_class), register_neurons=given)
+        configs[f"{model_class.__name__}.from_pretrained"] = loaded.config.register_config
+        if is_composite(model_class):
+            composite = model_class.config_class(vision_config={**fields, "register_neurons": given}, text_config=TEXT)
+            configs[f"{model_class.config_class.__name__}'s vision_config"] = composite.vision_config
+    from_file = form != "dict"
+    for path, config in configs.items():
+        assert type(config) is family.config_class, path
+        assert config.register_neurons == {"1": [3, 5]}, path  # stored as the constructor stores it
+        assert config.register_semantics == ("reference" if from_file else "paper"), path
+        assert config.register_index_provenance == (index.provenance if from_file else None), path
+
+
+def test_a_dict_written_to_a_loaded_config_drops_the_saved_index_provenance(saved, tmp_path):
+    """Item 2's neighbour: `AutoModel.from_pretrained(folder, register_neurons={...})` writes the dict to the loaded
+    config, as `Dinov2TTRegModel.from_pretrained` attaches it: the provenance of the index saved there goes with it."""
+    tower = TINY["dinov2"]().config
+    index = RegisterNeuronIndex({2: [7]}, tower.num_hidden_layers, tower.mlp_width, image_size=96)
+    model_class = FAMILIES["dinov2"].model_class
+    model_class.from_pretrained(saved("dinov2", model_class), register_neurons=index).save_pretrained(tmp_path)
+    ours = model_class.from_pretrained(tmp_path, register_neurons=NEURONS).config
+    auto = AutoModel.from_pretrained(tmp_path, register_neurons=NEURONS).config
+    for config in (ours, auto, AutoConfig.from_pretrained(tmp_path, register_neurons=NEURONS)):
+        assert (config.register_neurons, config.register_index_provenance) == ({"1": [3, 5]}, None)
+
+
+# item 13: a register setting on a config that holds none (a dual encoder's, a host's) is refused
+
+VALID = dict(
+    register_neurons=NEURONS,
+    num_test_time_registers=0,
+    register_scale=2.0,
+    register_semantics="reference",
+    register_patch_mode="mean",
+    register_index_provenance={"image_size": 96},
+)
+# the configs of dual encoders and of hosts (VLMs, depth and segmentation models)
+OUTER = (TestTimeRegisterCompositeConfigMixin, TestTimeRegisterHostConfigMixin)
+OUTER_CONFIGS = [cls for base in OUTER for cls in subclasses(base) if getattr(cls, "model_type", "")]
+
+
+def test_every_register_setting_has_a_value_here():
+    assert VALID.keys() == set(REGISTER_SETTINGS)
+
+
+def outer_config(config_class: type):
+    """``config_class`` (a dual encoder's or a host's config) around the tiny tower it takes."""
+    if "backbone_config" in config_class.sub_configs:
+        return config_class(backbone_config=tower_fields(TINY["dinov2"]().config))
+    towers = {family.config_class: name for name, family in FAMILIES.items()}
+    family = towers.get(config_class.sub_configs["vision_config"], "clip")  # a host's `AutoConfig`: any tower
+    return config_class(vision_config=tower_fields(TINY[family]().config), text_config={"model_type": "llama", **TEXT})
+
+
+@pytest.mark.parametrize("config_class", OUTER_CONFIGS, ids=lambda cls: cls.__name__)
+def test_a_register_setting_on_a_config_that_holds_none_is_refused(config_class):
+    """The model reads its tower's sub-config only, as a `transformers` model reads a tower's fields: a setting
+    written to the outer config (or given to its constructor) would be ignored, so it is refused, naming the key."""
+    config = outer_config(config_class)
+    key = config.register_config_key
+    before = config.register_config.to_dict()
+    for name, value in VALID.items():
+        with pytest.raises(TTRegValueError, match=f"holds no {name}: the {key} does.*config.{key}.{name}"):
+            setattr(config, name, value)
+        with pytest.raises(TTRegValueError, match=f"holds no {name}"):
+            config.update({name: value})
+        assert name not in vars(config)
+    assert config.register_config.to_dict() == before
+    with pytest.raises(TTRegValueError, match=f"holds no num_test_time_registers: the {key} does"):
+        config_class(**{key: config.register_config}, num_test_time_registers=0)
+
+
+# #29 item 4: the register settings given to a dual encoder's `from_pretrained` reach its vision tower
+
+
+@pytest.mark.parametrize(
+    "name, model_class",
+    [(n, cls) for n, family in FAMILIES.items() for cls in family.model_classes if is_composite(cls)],
+    ids=lambda value: getattr(value, "__name__", value),
+)
+def test_register_settings_given_to_a_dual_encoder_reach_its_vision_tower(name, model_class, saved):
+    settings = dict(VALID, num_test_time_registers=2, register_scale=[2.0, 3.0], register_index_provenance=None)
+    model = model_class.from_pretrained(saved(name, model_class), **settings)
+    tower = vision_tower_with_registers(model)
+    assert tower.config is model.config.vision_config
+    for setting, value in settings.items():
+        expected = {"1": [3, 5]} if setting == "register_neurons" else value
+        assert getattr(tower.config, setting) == expected, setting
+        assert setting not in vars(model.config), setting
+    assert tower.token_layout.num_registers == 2
+    edit = tower.register_edit_sites[1].register_edit
+    assert (edit.neuron_ids, edit.scale_values, edit.semantics, edit.patch_mode) == (
+        (3, 5),
+        (2.0, 3.0),
+        "reference",
+        "mean",
+    )
