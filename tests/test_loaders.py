@@ -2,8 +2,11 @@
 and 13, #29 item 4): ``register_neurons`` in every form through every constructor and loader of every family, and a
 register setting given to a config that holds none is refused, naming the one that holds it."""
 
+import numpy as np
 import pytest
+import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import AutoConfig, AutoModel
 
 import ttreg_hf.index
@@ -15,8 +18,9 @@ from ttreg_hf.configs.registers import (
     TestTimeRegisterHostConfigMixin,
     subclasses,
 )
-from ttreg_hf.errors import TTRegValueError
-from ttreg_hf.registry import transformers_families
+from ttreg_hf.errors import TTRegError, TTRegTypeError, TTRegValueError
+from ttreg_hf.hub import entry_points, load_tt_model
+from ttreg_hf.registry import checkpoints, families, transformers_families
 
 from family_models import TEXT, TINY, tiny_model
 
@@ -189,3 +193,80 @@ def test_register_settings_given_to_a_dual_encoder_reach_its_vision_tower(name, 
         "reference",
         "mean",
     )
+
+
+# item 5: every named checkpoint built in the dtype asked for; item 11: types checked, fields as in `from_pretrained`
+
+NAMES = list(checkpoints())
+# the checkpoints whose models are not `transformers` models (OpenCLIP's): their loaders take no dtype
+OTHER_LIBRARIES = {c.name for f in families() if f not in transformers_families() for c in f.checkpoints}
+
+
+@pytest.mark.parametrize("keyword", ["dtype", "torch_dtype"])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_named_checkpoint_is_built_in_the_dtype_asked_for(name, keyword):
+    """With random weights, as `from_config` builds: the parameters and ``config.dtype`` in the dtype given (by
+    either of the parent's names, as a dtype or by name); built on the meta device, so ViT-g costs nothing."""
+    entry = entry_points()[checkpoints()[name].entry_name]
+    if name in OTHER_LIBRARIES:
+        with pytest.raises(TTRegTypeError, match=f"unexpected keyword argument '{keyword}'"):
+            entry(pretrained=False, num_test_time_registers=0, **{keyword: torch.bfloat16})
+        return
+    for dtype in (torch.bfloat16, "bfloat16"):
+        with torch.device("meta"):
+            hub_model = entry(pretrained=False, num_test_time_registers=0, **{keyword: dtype})
+            model = load_tt_model(name, pretrained=False, num_test_time_registers=0, **{keyword: dtype})
+        assert {p.dtype for p in hub_model.parameters()} == {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert model.config.dtype == torch.bfloat16
+    with pytest.raises(TTRegValueError, match="'auto' means the dtype of a checkpoint's weights"):
+        load_tt_model(name, pretrained=False, num_test_time_registers=0, **{keyword: "auto"})
+    with pytest.raises(TTRegValueError, match="dtype='int8'"):
+        load_tt_model(name, pretrained=False, num_test_time_registers=0, **{keyword: "int8"})
+
+
+def test_the_planted_model_in_bfloat16_is_the_planted_model_converted():
+    planted, converted = (load_tt_model("planted", pretrained=False, dtype=dtype) for dtype in (torch.bfloat16, None))
+    converted = converted.to(torch.bfloat16)
+    pixels = torch.randn(1, 3, 224, 224, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(planted(pixels).last_hidden_state, converted(pixels).last_hidden_state)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in OTHER_LIBRARIES and n != "planted"])
+def test_a_config_field_given_with_random_weights_overrides_the_architectures(name):
+    """`from_pretrained(..., num_hidden_layers=2)` builds two layers; so does an entry with ``pretrained=False`` (it
+    raised Python's "got multiple values for keyword argument")."""
+    with torch.device("meta"):
+        model = load_tt_model(name, pretrained=False, register_neurons={}, num_hidden_layers=2)
+    assert model.config.num_hidden_layers == len(model.transformer_blocks) == 2
+
+
+@pytest.mark.parametrize(
+    "keyword, value",
+    [("num_hidden_layers", 2), ("seed", 1.0), ("seed", True), ("weights", True), ("weights", 3)],
+)
+def test_the_planted_entry_refuses_what_it_cannot_honour(keyword, value):
+    with pytest.raises(TTRegError, match=keyword):
+        load_tt_model("planted", pretrained=False, **{keyword: value})
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("num_test_time_registers", True),  # `True` is an int to Python, not a count
+        ("num_test_time_registers", 1.0),
+        ("num_test_time_registers", "1"),
+        ("num_test_time_registers", np.int64(1)),
+        ("register_scale", "2.0"),
+        ("register_scale", True),
+        ("register_scale", [True]),
+        ("register_semantics", 1),
+    ],
+)
+def test_a_register_setting_of_another_type_is_refused_by_every_entry(name, setting, value):
+    """Types, not values: refused before anything is built, naming the setting (`huggingface_hub`'s strict config
+    validation, as for any `transformers` config field)."""
+    entry = entry_points()[checkpoints()[name].entry_name]
+    with pytest.raises((TTRegError, StrictDataclassFieldValidationError), match=setting), torch.device("meta"):
+        entry(pretrained=False, register_neurons={1: [3]}, **{setting: value})

@@ -119,6 +119,7 @@ class RegisterSettingsMixin:
         parent_post_init = getattr(super(), "__post_init__", None)  # absent on plain (non-`transformers`) dataclasses
         if parent_post_init is not None:
             _check_dtype(self.dtype)
+            _check_dtype(kwargs.get("torch_dtype"))  # the older name, which the parent reads from ``kwargs``
             parent_post_init(**kwargs)
             _name_our_architectures(self)
 

@@ -15,7 +15,7 @@ from transformers.models.dinov2.modeling_dinov2 import Dinov2PatchEmbeddings
 
 from ..configs.dinov2 import Dinov2TTRegConfig
 from ..errors import TTRegTypeError, TTRegValueError
-from ..family import LOADER_ARGUMENTS, check_keywords
+from ..family import CONFIG_KEYWORDS, LOADER_ARGUMENTS, check_keywords
 from .layout import feature_maps
 from .registers import IndexSpec, adopt
 
@@ -73,7 +73,7 @@ def dinov2_config(arch: str, register_neurons: IndexSpec | None = None, **settin
     """The configuration of the upstream ``dinov2_{arch}`` backbone (518 px position table, patch 14, upstream
     position interpolation unless ``settings`` say ``position_interpolation="transformers"``), with
     ``register_neurons`` or the index shipped for ``dinov2_{arch}`` attached (or refused, before any download)."""
-    config = Dinov2TTRegConfig(**dinov2_architecture(arch), **{"position_interpolation": "upstream", **settings})
+    config = Dinov2TTRegConfig(**{**dinov2_architecture(arch), "position_interpolation": "upstream", **settings})
     semantics = settings.get("register_semantics")
     config.attach_register_neurons(register_neurons, checkpoint=f"dinov2_{arch}", register_semantics=semantics)
     return config
@@ -331,7 +331,7 @@ class DinoVisionTransformerTTRegClassifier(nn.Module):
         return self.linear_head(torch.cat([*class_tokens, last_patches.mean(dim=1)], dim=1))
 
 
-_CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(Dinov2TTRegConfig)) | {"attn_implementation"}
+_CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(Dinov2TTRegConfig)) | set(CONFIG_KEYWORDS)
 _HEAD_ARGUMENTS = ("layers", "head_weights")
 
 
