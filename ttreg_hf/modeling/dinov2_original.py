@@ -357,14 +357,19 @@ def load_dinov2_backbone(
 
 
 def load_dinov2_linear_head(
-    arch: str, layers: int = 4, pretrained: bool = True, head_weights: str | Path | None = None
+    arch: str,
+    layers: int = 4,
+    pretrained: bool = True,
+    head_weights: str | Path | None = None,
+    embed_dim: int | None = None,
 ) -> nn.Linear:
     """Upstream's ImageNet-1k linear head for ``dinov2_{arch}`` (``layers`` 1 or 4): from a local ``head_weights``
     file (``.pth`` or ``.safetensors``, keys ``weight`` and ``bias``), else from upstream's URL (``pretrained``),
-    else random."""
+    else random; on features of ``embed_dim`` channels (default: the architecture's; a backbone built with another
+    ``hidden_size`` gives its own)."""
     if type(layers) is not int or layers not in HEAD_LAYERS:  # 4.0 == 4, True == 1: the types are checked too
         raise TTRegValueError(f"layers={layers!r}: upstream's linear heads read the last 1 or 4 blocks (an int).")
-    embed_dim = DINOV2_ARCHS[arch][0]
+    embed_dim = embed_dim or DINOV2_ARCHS[arch][0]
     head = nn.Linear((1 + layers) * embed_dim, NUM_CLASSES)
     if pretrained and head_weights is None:
         head_weights = DINOV2_LINEAR_HEAD_URL.format(arch=arch, layers="4" if layers == 4 else "")
@@ -396,7 +401,7 @@ def load_dinov2_linear_classifier(
     loaded (offline, a head missing from the cache fails before the backbone loads), then the backbone."""
     check_keywords(settings, {*_CONFIG_FIELDS, *LOADER_ARGUMENTS, *_HEAD_ARGUMENTS}, f"dinov2_{arch}_tt_reg_lc")
     config = dinov2_config(arch, register_neurons, **settings)
-    head = load_dinov2_linear_head(arch, layers, pretrained, head_weights)
+    head = load_dinov2_linear_head(arch, layers, pretrained, head_weights, config.hidden_size)
     backbone = load_dinov2(model_class, config, backbone_weights(arch, pretrained, weights))
     head = head.to(backbone.dtype)  # ``dtype=`` builds the backbone in it: the head reads its features
     return DinoVisionTransformerTTRegClassifier(DinoVisionTransformerTTReg(backbone), head, layers).eval()
