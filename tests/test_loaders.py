@@ -19,6 +19,7 @@ from ttreg_hf.configs.registers import (
     subclasses,
 )
 from ttreg_hf.errors import TTRegError, TTRegTypeError, TTRegValueError
+from ttreg_hf.family import parent_class
 from ttreg_hf.hub import entry_points, load_tt_model
 from ttreg_hf.registry import checkpoints, families, transformers_families
 
@@ -270,3 +271,33 @@ def test_a_register_setting_of_another_type_is_refused_by_every_entry(name, sett
     entry = entry_points()[checkpoints()[name].entry_name]
     with pytest.raises((TTRegError, StrictDataclassFieldValidationError), match=setting), torch.device("meta"):
         entry(pretrained=False, register_neurons={1: [3]}, **{setting: value})
+
+
+# item 4: a dual encoder's sub-configs given at load mean what they mean to its parent
+
+
+@pytest.mark.parametrize(
+    "name, model_class",
+    [(n, cls) for n, family in FAMILIES.items() for cls in family.model_classes if is_composite(cls)],
+    ids=lambda value: getattr(value, "__name__", value),
+)
+def test_sub_configs_given_at_load_are_taken_as_the_parent_takes_them_by_every_loader(name, model_class, saved):
+    """``vision_config=`` / ``text_config=`` as a dict (updates the saved one) or a config (replaces it; one of the
+    parent's vision config class is converted): our class and `AutoModel` build what the parent builds."""
+    folder = saved(name, model_class)
+    parent = parent_class(model_class)
+    vision = model_class.config_class.from_pretrained(folder).vision_config.as_parent_config()
+    vision.layer_norm_eps = 1e-3
+    for given in (
+        dict(vision_config={"layer_norm_eps": 1e-3}),
+        dict(vision_config=vision),
+        dict(text_config={"layer_norm_eps": 1e-3}, vision_config={"hidden_act": "gelu"}),
+    ):
+        expected = parent.from_pretrained(folder, **given).config
+        for loader in (model_class, AutoModel):
+            config = loader.from_pretrained(folder, num_test_time_registers=0, **given).config
+            for key in ("vision_config", "text_config"):
+                ours, theirs = getattr(config, key), getattr(expected, key)
+                assert (ours.layer_norm_eps, ours.hidden_act) == (theirs.layer_norm_eps, theirs.hidden_act), key
+            assert type(config.vision_config) is model_class.config_class.register_config_class()
+            assert config.vision_config.num_test_time_registers == 0

@@ -416,10 +416,14 @@ class TestTimeRegisterCompositeConfigMixin(SubConfigRegisterSettingsMixin):
 
     register_config_key = "vision_config"
 
+    def __setattr__(self, name: str, value) -> None:
+        """A vision config of the parent's class, given or written (as `AutoConfig.from_pretrained` writes a keyword
+        argument), is converted (`as_register_config`); a dict is the parent's to build (as our class)."""
+        if name == self.register_config_key and isinstance(value, PreTrainedConfig):
+            value = self.as_register_config(value)
+        super().__setattr__(name, value)
+
     def __post_init__(self, **kwargs):
-        vision = getattr(self, self.register_config_key)
-        if vision is not None and not isinstance(vision, dict):  # a dict: the parent builds our class from it
-            setattr(self, self.register_config_key, self.as_register_config(vision))
         super().__post_init__(**kwargs)
         _name_our_architectures(self)
 

@@ -558,7 +558,8 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterLoadingMixin, TestTimeRegi
 def set_config_keyword(config: PreTrainedConfig, key: str, value) -> None:
     """``config.key = value`` as the parent's `from_pretrained` applies a keyword argument that names a config
     attribute: a dict given for a sub-config updates it (its class kept); one of the parent's vision configs given for
-    a composite config's register sub-config is converted to ours."""
+    a composite config's register sub-config is converted to ours (here, to refuse a config of another class before
+    the strict field validation does, with our message)."""
     current = getattr(config, key, None)
     if isinstance(value, Mapping) and isinstance(current, PreTrainedConfig):
         value = type(current)(**{**current.to_dict(), **value})

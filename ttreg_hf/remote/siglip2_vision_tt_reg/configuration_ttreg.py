@@ -290,10 +290,12 @@ class SubConfigRegisterSettingsMixin:
 class TestTimeRegisterCompositeConfigMixin(SubConfigRegisterSettingsMixin):
     register_config_key = "vision_config"
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == self.register_config_key and isinstance(value, PreTrainedConfig):
+            value = self.as_register_config(value)
+        super().__setattr__(name, value)
+
     def __post_init__(self, **kwargs):
-        vision = getattr(self, self.register_config_key)
-        if vision is not None and not isinstance(vision, dict):
-            setattr(self, self.register_config_key, self.as_register_config(vision))
         super().__post_init__(**kwargs)
 
     @classmethod
