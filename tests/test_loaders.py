@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 from huggingface_hub.errors import StrictDataclassFieldValidationError
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel
 
 import ttreg_hf.index
@@ -24,6 +25,7 @@ from ttreg_hf.hub import entry_points, load_tt_model
 from ttreg_hf.registry import checkpoints, families, transformers_families
 
 from family_models import TEXT, TINY, tiny_model
+from upstream_dinov2 import random_original_state_dict
 
 pytest_plugins = ["fake_hub"]  # its `hub` fixture
 pytestmark = pytest.mark.filterwarnings("ignore::ttreg_hf.modeling.registers.RegisterEditOffWarning")
@@ -301,3 +303,21 @@ def test_sub_configs_given_at_load_are_taken_as_the_parent_takes_them_by_every_l
                 assert (ours.layer_norm_eps, ours.hidden_act) == (theirs.layer_norm_eps, theirs.hidden_act), key
             assert type(config.vision_config) is model_class.config_class.register_config_class()
             assert config.vision_config.num_test_time_registers == 0
+
+
+@pytest.mark.parametrize("keyword", ["dtype", "torch_dtype"])
+@pytest.mark.parametrize("name", ["dinov2_vits14", "dinov2_vits14_lc"])
+def test_an_upstream_dinov2_weights_file_loads_in_its_own_dtype_with_auto(name, keyword, tmp_path):
+    """``dtype="auto"`` means the weights' dtype, as in `from_pretrained`: the file's, not a refusal that says there
+    are no weights."""
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    original = {key: value.bfloat16() for key, value in random_original_state_dict(32, 2, 14, 37).items()}
+    save_file(original, tmp_path / "weights.safetensors")
+    weights = tmp_path / "weights.safetensors"
+    model = load_tt_model(name, pretrained=False, weights=weights, register_neurons={}, **{keyword: "auto"}, **tiny)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and model.config.dtype == torch.bfloat16
+    assert torch.equal(model.embeddings.cls_token, original["cls_token"])
+    hub_model = entry_points()[checkpoints()[name].entry_name](
+        pretrained=False, weights=weights, register_neurons={}, **{keyword: "auto"}, **tiny
+    )
+    assert {p.dtype for p in hub_model.parameters()} == {torch.bfloat16}

@@ -135,12 +135,22 @@ def load_original_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(weights, map_location="cpu", weights_only=True)
 
 
-def load_dinov2(model_class: type[Dinov2Model], config: Dinov2TTRegConfig, weights: str | Path | None):
+def load_dinov2(
+    model_class: type[Dinov2Model], config: Dinov2TTRegConfig, weights: str | Path | None, auto_dtype: bool = False
+):
     """``model_class`` (`Dinov2TTRegModel`, which the family module passes: this module is below it) of ``config``:
-    random weights when ``weights`` is None, else converted original ones."""
+    random weights when ``weights`` is None, else converted original ones; with ``auto_dtype``, in the weights' dtype
+    (``dtype="auto"``, as `from_pretrained` reads it)."""
     if weights is None:
+        if auto_dtype:
+            raise TTRegValueError(
+                "dtype='auto': 'auto' means the dtype of a checkpoint's weights, and there are none here (random "
+                "weights): give a dtype, or weights."
+            )
         return model_class._from_config(config).eval()  # built in ``config.dtype``, as `from_config` builds
     state_dict = convert_original_state_dict(load_original_state_dict(weights), config)
+    if auto_dtype:
+        config.dtype = next(tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point())
     with torch.device("meta"):  # built with the edit off; the edits are built once, on the weights' device
         model = model_class._from_config(dataclasses.replace(config, register_neurons={}))
     # in ``config.dtype``, whatever the file's
@@ -335,6 +345,15 @@ _CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(Dinov2TTRe
 _HEAD_ARGUMENTS = ("layers", "head_weights")
 
 
+def pop_auto_dtype(settings: dict) -> bool:
+    """Whether ``dtype`` (or its older name ``torch_dtype``) is ``"auto"``, then removed from ``settings``: the
+    weights' dtype, known once they are read (`load_dinov2`)."""
+    auto = [key for key in ("dtype", "torch_dtype") if settings.get(key) == "auto"]
+    for key in auto:
+        del settings[key]
+    return bool(auto)
+
+
 def backbone_weights(arch: str, pretrained: bool, weights: str | Path | None) -> str | Path | None:
     """Where the ``dinov2_{arch}`` backbone's weights come from: the local ``weights``, else upstream's URL when
     ``pretrained``, else none (random)."""
@@ -352,8 +371,9 @@ def load_dinov2_backbone(
     """The ``dinov2_{arch}`` backbone: upstream's checkpoint (``pretrained``), a local ``weights`` file in its layout,
     or random weights; ``register_neurons`` or the index shipped for it; ``settings`` are config fields."""
     check_keywords(settings, {*_CONFIG_FIELDS, *LOADER_ARGUMENTS}, f"dinov2_{arch}_tt_reg")
+    auto_dtype = pop_auto_dtype(settings)
     config = dinov2_config(arch, register_neurons, **settings)
-    return load_dinov2(model_class, config, backbone_weights(arch, pretrained, weights))
+    return load_dinov2(model_class, config, backbone_weights(arch, pretrained, weights), auto_dtype)
 
 
 def load_dinov2_linear_head(
@@ -400,9 +420,10 @@ def load_dinov2_linear_classifier(
     head as `load_dinov2_linear_head` does. Arguments and the index are checked first, then the small head is
     loaded (offline, a head missing from the cache fails before the backbone loads), then the backbone."""
     check_keywords(settings, {*_CONFIG_FIELDS, *LOADER_ARGUMENTS, *_HEAD_ARGUMENTS}, f"dinov2_{arch}_tt_reg_lc")
+    auto_dtype = pop_auto_dtype(settings)
     config = dinov2_config(arch, register_neurons, **settings)
     head = load_dinov2_linear_head(arch, layers, pretrained, head_weights, config.hidden_size)
-    backbone = load_dinov2(model_class, config, backbone_weights(arch, pretrained, weights))
+    backbone = load_dinov2(model_class, config, backbone_weights(arch, pretrained, weights), auto_dtype)
     head = head.to(backbone.dtype)  # ``dtype=`` builds the backbone in it: the head reads its features
     return DinoVisionTransformerTTRegClassifier(DinoVisionTransformerTTReg(backbone), head, layers).eval()
 
