@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel
 
 import ttreg_hf.index
-from ttreg_hf import RegisterNeuronIndex, vision_tower_with_registers
+from ttreg_hf import RegisterNeuronIndex, to_test_time_registers, vision_tower_with_registers
 from ttreg_hf.configs.hosts import LlavaTTRegConfig
 from ttreg_hf.configs.registers import (
     REGISTER_SETTINGS,
@@ -20,11 +20,13 @@ from ttreg_hf.configs.registers import (
     subclasses,
 )
 from ttreg_hf.errors import TTRegError, TTRegTypeError, TTRegValueError
-from ttreg_hf.family import parent_class
+from ttreg_hf.family import AUTO_CLASS_NAMES, parent_class
 from ttreg_hf.hub import entry_points, load_tt_model
 from ttreg_hf.registry import checkpoints, families, transformers_families
 
+import host_models
 from family_models import TEXT, TINY, tiny_model
+from host_models import BACKBONE_HOSTS, tiny_backbone_config
 from upstream_dinov2 import random_original_state_dict
 
 pytest_plugins = ["fake_hub"]  # its `hub` fixture
@@ -321,3 +323,37 @@ def test_an_upstream_dinov2_weights_file_loads_in_its_own_dtype_with_auto(name, 
         pretrained=False, weights=weights, register_neurons={}, **{keyword: "auto"}, **tiny
     )
     assert {p.dtype for p in hub_model.parameters()} == {torch.bfloat16}
+
+
+# item 13's neighbour: a host loaded by its class or its Auto class takes the register settings as our towers do
+
+
+def saved_host(name: str, folder):
+    """A tiny host ``name`` of `host_models`, upgraded (its tower ours, edit off) and saved to ``folder``."""
+    if name in BACKBONE_HOSTS:
+        host_class, config, fields, _ = BACKBONE_HOSTS[name]
+        parent = host_class(config(tiny_backbone_config(False, **fields)))
+    else:
+        parent, _ = getattr(host_models, name)()
+    host = to_test_time_registers(parent, register_neurons={}, num_test_time_registers=1)
+    host.save_pretrained(folder)
+    return type(host)
+
+
+@pytest.mark.parametrize("name", [*BACKBONE_HOSTS, "llava", "llava_next", "llava_onevision"])
+def test_a_host_loaded_by_its_class_or_its_auto_class_takes_the_register_settings(name, tmp_path):
+    host_class = saved_host(name, tmp_path)
+    auto_class = getattr(transformers, next(iter(AUTO_CLASS_NAMES[host_class])))
+    settings = dict(register_neurons={1: [3, 5]}, num_test_time_registers=2, register_scale=[2.0, 3.0])
+    for loader in (host_class, auto_class):
+        model = loader.from_pretrained(tmp_path, **settings)
+        tower = vision_tower_with_registers(model)
+        assert type(model) is host_class and tower.config is model.config.register_config
+        assert (tower.config.register_neurons, tower.config.register_scale) == ({"1": [3, 5]}, [2.0, 3.0])
+        assert tower.token_layout.num_registers == 2
+        assert not set(REGISTER_SETTINGS) & set(vars(model.config))
+        baseline = loader.from_pretrained(tmp_path, num_test_time_registers=0)
+        assert vision_tower_with_registers(baseline).token_layout.num_registers == 0
+    other = "pool_registers" if name in BACKBONE_HOSTS else "position_interpolation"  # another family's setting
+    with pytest.raises(TTRegTypeError, match=f"unexpected keyword argument '{other}'"):
+        host_class.from_pretrained(tmp_path, **{other: "upstream" if other == "position_interpolation" else True})

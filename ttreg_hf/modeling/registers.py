@@ -21,9 +21,9 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from ..configs.registers import pop_register_settings, subclasses
+from ..configs.registers import RegisterSettingsMixin, pop_register_settings, subclasses
 from ..errors import TTRegTypeError, TTRegValueError
-from ..family import check_close_keywords, parent_class
+from ..family import check_close_keywords, check_keywords, parent_class
 from ..index import RegisterIndexMismatchWarning, RegisterNeuronIndex, fingerprinted_weight, weights_fingerprint
 from ..remote_code import remote_auto_map, write_remote_code
 from .edit import RegisterNeuronEdit
@@ -670,3 +670,29 @@ class WithRegisterTowerHostMixin(SavesRemoteCodeMixin):
         tower_class = tower_classes[type(tower)]
         set_tower(self, path, tower_with_registers(tower_class, tower, ours))
         setattr(config, key, self.get_submodule(path).config)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *model_args, register_neurons: IndexSpec | None = None, **kwargs
+    ):
+        """`PreTrainedModel.from_pretrained`, plus ``register_neurons`` and the register settings, as our towers'
+        `from_pretrained` takes them (the Auto classes pass them here): they go to the tower's sub-config, which
+        attaches the index (`attach_register_neurons`), before the weights load. Without them, the parent's."""
+        ours = (c for c in subclasses(RegisterSettingsMixin) if getattr(c, "model_type", None))
+        every_family_setting = set().union(*map(register_settings, ours))  # `pool_registers`, ... too
+        settings = {name: kwargs.pop(name) for name in every_family_setting if name in kwargs}
+        if register_neurons is None and not settings:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        config = kwargs.pop("config", None)
+        if not isinstance(config, PreTrainedConfig):
+            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+            config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
+        tower = config.register_config
+        check_keywords(settings, register_settings(type(tower)), f"{cls.__name__}.from_pretrained")
+        tower.update_test_time_registers(**settings)
+        tower.attach_register_neurons(
+            register_neurons,
+            checkpoint=str(pretrained_model_name_or_path),
+            register_semantics=settings.get("register_semantics"),
+        )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
