@@ -114,6 +114,21 @@ def test_register_neurons_takes_every_form_on_every_path(name, form, saved, tmp_
         assert config.register_index_provenance == (index.provenance if from_file else None), path
 
 
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", [family.name for family in families()])
+def test_set_register_neurons_takes_every_form_in_every_family(name, form, tmp_path, request):
+    """The same forms for the families without a `transformers` config (OpenCLIP, timm), whose settings are a
+    `TestTimeRegisterConfig`, as for the others."""
+    model = TINY[name]()
+    index = RegisterNeuronIndex(NEURONS, model.config.num_hidden_layers, model.config.mlp_width, semantics="reference")
+    config = model.set_register_neurons(index_in_form(form, index, name, tmp_path, request)).config
+    from_file = form != "dict"
+    assert config.register_neurons == {"1": [3, 5]}
+    assert config.register_semantics == ("reference" if from_file else "paper")
+    assert config.register_index_provenance == (index.provenance if from_file else None)
+    assert model.register_edit_sites[1].register_edit.neuron_ids == (3, 5)
+
+
 def test_a_dict_written_to_a_loaded_config_drops_the_saved_index_provenance(saved, tmp_path):
     """Item 2's neighbour: `AutoModel.from_pretrained(folder, register_neurons={...})` writes the dict to the loaded
     config, as `Dinov2TTRegModel.from_pretrained` attaches it: the provenance of the index saved there goes with it."""
