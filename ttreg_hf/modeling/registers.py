@@ -575,6 +575,15 @@ def register_settings(config_class: type) -> set[str]:
     return {field.name for field in dataclasses.fields(config_class)} - {f.name for f in dataclasses.fields(parent)}
 
 
+def every_family_setting() -> set[str]:
+    """The fields that any family's config adds to its parent's (`register_settings`, ``pool_registers`` ... too): what
+    a loader that meets the tower's config only later takes for it."""
+    ours = (
+        config_class for config_class in subclasses(RegisterSettingsMixin) if getattr(config_class, "model_type", None)
+    )
+    return set().union(*map(register_settings, ours))
+
+
 MODEL_KEYWORDS = ("dtype", "torch_dtype")  # config attributes that `from_pretrained` gives the model, not the config
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
@@ -678,9 +687,7 @@ class WithRegisterTowerHostMixin(SavesRemoteCodeMixin):
         """`PreTrainedModel.from_pretrained`, plus ``register_neurons`` and the register settings, as our towers'
         `from_pretrained` takes them (the Auto classes pass them here): they go to the tower's sub-config, which
         attaches the index (`attach_register_neurons`), before the weights load. Without them, the parent's."""
-        ours = (c for c in subclasses(RegisterSettingsMixin) if getattr(c, "model_type", None))
-        every_family_setting = set().union(*map(register_settings, ours))  # `pool_registers`, ... too
-        settings = {name: kwargs.pop(name) for name in every_family_setting if name in kwargs}
+        settings = {name: kwargs.pop(name) for name in every_family_setting() if name in kwargs}
         if register_neurons is None and not settings:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         config = kwargs.pop("config", None)

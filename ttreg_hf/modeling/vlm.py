@@ -27,6 +27,7 @@ from .registers import (
     IndexSpec,
     PreTrainedTestTimeRegisterMixin,
     adopt,
+    every_family_setting,
     register_settings,
     set_config_keyword,
     set_tower,
@@ -258,9 +259,9 @@ def load_vlm(
     for the class loaded, as `to_test_time_registers` makes it (e.g. `LlavaTTRegForConditionalGeneration`), so what it
     saves also loads with plain `transformers`.
     """
-    every_family_setting = set().union(*map(register_settings, set(_config_classes().values())))
-    settings = {name: kwargs.pop(name) for name in every_family_setting if name in kwargs}
-    check_close_keywords(kwargs, every_family_setting, "load_vlm")  # the rest: `from_pretrained` checks them
+    family_settings = every_family_setting()
+    settings = {name: kwargs.pop(name) for name in family_settings if name in kwargs}
+    check_close_keywords(kwargs, family_settings, "load_vlm")  # the rest: `from_pretrained` checks them
     config = kwargs.pop("config", None)
     if config is None:  # as in the parent: keyword arguments that name config attributes go to the config
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
@@ -273,7 +274,7 @@ def load_vlm(
         checkpoint=str(pretrained_model_name_or_path),
         register_semantics=settings.get("register_semantics"),
     )
-    valid = {*config.to_dict(), *every_family_setting, *HUB_KWARGS, *MODEL_KEYWORDS, "register_neurons", "model_class"}
+    valid = {*config.to_dict(), *family_settings, *HUB_KWARGS, *MODEL_KEYWORDS, "register_neurons", "model_class"}
     with closest_keyword_on_error(kwargs, valid, "load_vlm"):
         model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
     vision_tower_with_registers(model)  # a model that builds its tower without `AutoModel` has the parent's
