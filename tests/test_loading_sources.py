@@ -10,6 +10,7 @@ from transformers import Dinov2Config, Dinov2Model
 
 from ttreg_hf import Dinov2TTRegModel, RegisterIndexMismatchWarning, RegisterNeuronIndex
 from ttreg_hf.hub import load_tt_model
+from ttreg_hf.modeling.dinov2_original import convert_original_state_dict, dinov2_config
 from ttreg_hf.registry import transformers_families
 
 from family_models import TINY
@@ -18,23 +19,26 @@ from upstream_dinov2 import random_original_state_dict
 
 # the named checkpoints of the `transformers` families that load a Hub id (`weights=` a folder instead) -> family
 TRANSFORMERS_CHECKPOINTS = {
-    "clip_vitl14_336": "clip",
-    "siglip_so400m_patch14_384": "siglip",
-    "siglip2_base_patch16_naflex": "siglip2",
-    "vit_base_patch16_224_in21k": "vit",
-    "deit_base_distilled_patch16_224": "deit",
-    "dinov3_vitl16": "dinov3",
+    checkpoint.name: family.name
+    for family in transformers_families()
+    for checkpoint in family.checkpoints
+    if isinstance(checkpoint.image_processor, str)  # a Hub id: the checkpoint is that repository's
 }
+# the upstream DINOv2 names (backbones and linear classifiers), whose `weights=` is a file in upstream's layout
+UPSTREAM_DINOV2_CHECKPOINTS = [
+    checkpoint.name
+    for family in transformers_families()
+    for checkpoint in family.checkpoints
+    if checkpoint.name not in TRANSFORMERS_CHECKPOINTS
+]
+TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)  # the architecture's other fields kept
 
 
-def test_every_named_transformers_checkpoint_is_loaded_from_a_folder_below():
-    named = {
-        checkpoint.name
-        for family in transformers_families()
-        for checkpoint in family.checkpoints
-        if isinstance(checkpoint.image_processor, str)  # a Hub id: the checkpoint is that repository's
-    }
-    assert named == set(TRANSFORMERS_CHECKPOINTS)
+def test_every_named_transformers_checkpoint_is_loaded_from_a_folder_or_a_file_below():
+    named = {checkpoint.name for family in transformers_families() for checkpoint in family.checkpoints}
+    assert named == {*TRANSFORMERS_CHECKPOINTS, *UPSTREAM_DINOV2_CHECKPOINTS}
+    assert set(TRANSFORMERS_CHECKPOINTS.values()) == {family.name for family in transformers_families()} - {"dinov2"}
+    assert all(name.startswith("dinov2_") for name in UPSTREAM_DINOV2_CHECKPOINTS)
 
 
 @pytest.mark.parametrize("name", TRANSFORMERS_CHECKPOINTS)
@@ -50,16 +54,24 @@ def test_a_named_checkpoint_with_weights_from_a_folder_loads_that_folders_weight
         assert torch.equal(parameter, saved[key]), key
 
 
-def test_an_upstream_dinov2_name_with_pretrained_false_loads_its_weights_file(tmp_path):
+@pytest.mark.parametrize("name", UPSTREAM_DINOV2_CHECKPOINTS)
+def test_an_upstream_dinov2_name_with_pretrained_false_loads_its_weights_file(name, tmp_path):
     """The same rule for a name whose ``weights=`` is a file in upstream's layout: the file's weights, as with
-    ``pretrained=True``."""
-    original = random_original_state_dict(dim=384, depth=12, patch_size=14, table_side=37)  # ViT-S/14's shapes
-    save_file(original, tmp_path / "vits14.safetensors")
+    ``pretrained=True``; each name's architecture (ViT-g's SwiGLU MLPs too), made small by the config fields given."""
+    arch = name.removeprefix("dinov2_").removesuffix("_lc")
+    config = dinov2_config(arch, register_neurons={}, **TINY_DINOV2)
+    swiglu_width = config.mlp_width if config.use_swiglu_ffn else None
+    original = random_original_state_dict(config.hidden_size, 2, config.patch_size, 37, swiglu_width=swiglu_width)
+    save_file(original, tmp_path / "weights.safetensors")
     model = load_tt_model(
-        "dinov2_vits14", pretrained=False, weights=tmp_path / "vits14.safetensors", num_test_time_registers=0
+        name, pretrained=False, weights=tmp_path / "weights.safetensors", register_neurons={}, **TINY_DINOV2
     )
     assert torch.equal(model.embeddings.cls_token, original["cls_token"])
-    assert torch.equal(model.encoder.layer[11].mlp.fc2.weight, original["blocks.11.mlp.fc2.weight"])
+    converted = convert_original_state_dict(original, config)
+    parameters = dict(model.named_parameters())
+    assert parameters.keys() == converted.keys()
+    for key, parameter in parameters.items():
+        assert torch.equal(parameter, converted[key]), key
 
 
 def _cached(cache_dir, repo_id: str, model: torch.nn.Module) -> None:

@@ -106,8 +106,11 @@ class UpstreamDinov2(nn.Module):
         return {"x_norm_clstoken": x_norm[:, 0], "x_norm_patchtokens": x_norm[:, 1:], "x_prenorm": x}
 
 
-def random_original_state_dict(dim: int, depth: int, patch_size: int, table_side: int) -> dict[str, torch.Tensor]:
-    """Random weights of a small DINOv2 in the original layout (position table of ``table_side``²)."""
+def random_original_state_dict(
+    dim: int, depth: int, patch_size: int, table_side: int, swiglu_width: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Random weights of a small DINOv2 in the original layout (position table of ``table_side``²); with
+    ``swiglu_width``, SwiGLU MLPs of that width (ViT-g's ``mlp.w12``, ``mlp.w3``), which the forward here lacks."""
     state_dict = {
         "cls_token": torch.randn(1, 1, dim),
         "pos_embed": torch.randn(1, table_side**2 + 1, dim),
@@ -119,5 +122,11 @@ def random_original_state_dict(dim: int, depth: int, patch_size: int, table_side
     }
     for i in range(depth):
         block = Block(dim, num_heads=1).state_dict()
+        if swiglu_width is not None:
+            block = {key: value for key, value in block.items() if not key.startswith("mlp.")}
+            w12, w3 = torch.empty(2 * swiglu_width, dim), torch.empty(dim, swiglu_width)
+            block.update(
+                {"mlp.w12.weight": w12, "mlp.w12.bias": w12[:, 0], "mlp.w3.weight": w3, "mlp.w3.bias": w3[:, 0]}
+            )
         state_dict.update({f"blocks.{i}.{key}": torch.randn_like(value) / 4 for key, value in block.items()})
     return state_dict

@@ -191,8 +191,8 @@ def _load_transformers(
         return model_class.from_pretrained(source, register_neurons=register_neurons, **model_kwargs, **settings)
     config_class = model_class.config_class
     fields = {field.name for field in dataclasses.fields(config_class)}
-    check_keywords(settings, {*fields, *LOADER_ARGUMENTS}, f"{name}_tt_reg")
-    config = config_class(**arch, **settings)
+    check_keywords(settings, {*fields, *CONFIG_KEYWORDS, *LOADER_ARGUMENTS}, f"{name}_tt_reg")
+    config = config_class(**{**arch, **settings})  # a field given overrides the architecture's, as in `from_pretrained`
     config.attach_register_neurons(
         register_neurons, checkpoint=name, register_semantics=settings.get("register_semantics")
     )
@@ -200,6 +200,9 @@ def _load_transformers(
 
 
 LOADER_ARGUMENTS = ("pretrained", "weights", "register_neurons")  # what every checkpoint loader takes besides settings
+# what a `transformers` config takes besides its fields, as `from_pretrained` and `from_config` take them: the attention,
+# and the older name of ``dtype``
+CONFIG_KEYWORDS = ("attn_implementation", "torch_dtype")
 
 
 def check_keywords(given: Iterable[str], valid: Collection[str], callee: str) -> None:

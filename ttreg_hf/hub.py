@@ -7,6 +7,7 @@ given, else the shipped one for that checkpoint, else an error that says how to 
 are a `TypeError` that names the closest valid one, as in upstream's entries.
 """
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def _load(checkpoint: Checkpoint, pretrained, **kwargs) -> nn.Module:
     if not isinstance(pretrained, bool):  # "False" is true
         raise TTRegTypeError(f"pretrained must be True or False, got {pretrained!r}.")
     weights = kwargs.get("weights")
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise TTRegTypeError(f"weights must be the path of a local checkpoint (a str or a Path), got {weights!r}.")
     if weights is not None and Path(weights).is_dir():
         _check_same_family(weights, checkpoint)
     return checkpoint.load(pretrained=pretrained, **{"weights": None, "register_neurons": None, **kwargs}).eval()

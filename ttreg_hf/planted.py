@@ -35,6 +35,16 @@ PLANTED_NEURONS = (37, 101, 222, 300)
 IMAGE_SIZE = 224
 
 _WIDTH, _LAYERS, _HEADS = 96, 6, 4
+# the planted model's architecture, which its planted neurons and the demo's numbers are made for
+_ARCHITECTURE = dict(
+    hidden_size=_WIDTH,
+    num_hidden_layers=_LAYERS,
+    num_attention_heads=_HEADS,
+    mlp_ratio=4,
+    patch_size=14,
+    image_size=IMAGE_SIZE,
+    layerscale_value=1.0,
+)
 
 # The residual-stream channels planting uses (a model needs a width of at least `OUTLIER.stop`); every other channel
 # keeps its random weights.
@@ -52,17 +62,13 @@ def alternating(size: int) -> torch.Tensor:
 
 def planted_config(**settings) -> Dinov2TTRegConfig:
     """The planted model's configuration (ViT with patch 14 at 224 px, width 96, 6 layers, MLP width 384)."""
+    fixed = sorted(_ARCHITECTURE.keys() & settings.keys())
+    if fixed:
+        raise TTRegValueError(
+            f"The planted model's architecture is fixed (its neurons are planted in it): drop {', '.join(fixed)}."
+        )
     settings = {"register_neurons": {}, "num_test_time_registers": 1, **settings}
-    return Dinov2TTRegConfig(
-        hidden_size=_WIDTH,
-        num_hidden_layers=_LAYERS,
-        num_attention_heads=_HEADS,
-        mlp_ratio=4,
-        patch_size=14,
-        image_size=IMAGE_SIZE,
-        layerscale_value=1.0,
-        **settings,
-    )
+    return Dinov2TTRegConfig(**_ARCHITECTURE, **settings)
 
 
 def planted_index() -> dict[int, tuple[int, ...]]:
@@ -72,13 +78,16 @@ def planted_index() -> dict[int, tuple[int, ...]]:
 
 @torch.no_grad()
 def build_planted_model(seed: int = 0, **settings) -> Dinov2TTRegModel:
-    """The planted model in eval mode; ``settings`` go to the config (e.g. ``register_neurons=planted_index()``)."""
-
+    """The planted model in eval mode; ``settings`` go to the config (e.g. ``register_neurons=planted_index()``), whose
+    ``dtype`` the model is in (planted in float32, then converted: the same model in that dtype)."""
+    if type(seed) is not int:  # a float or a bool would seed another model, or fail inside torch
+        raise TTRegTypeError(f"seed must be an int, got {seed!r}.")
+    config = planted_config(**settings)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = Dinov2TTRegModel(planted_config(**settings)).eval()
+        model = Dinov2TTRegModel(config).eval()
     plant_register_neurons(planting_sites(model), PLANTED_LAYER, PLANTED_NEURONS, seed=seed, quiet_channels=False)
-    return model
+    return model if config.dtype is None else model.to(config.dtype)
 
 
 @torch.no_grad()

@@ -63,6 +63,7 @@ PACKAGE_ONLY = {
         "TestTimeRegisterMixin.set_register_neurons",  # index files, shipped and Hub indices
         "WithRegisterTowerMixin.set_register_neurons",
         "TestTimeRegisterLoadingMixin.from_pretrained",  # the same, at load
+        "WithRegisterTowerHostMixin.from_pretrained",
         "TestTimeRegisterLoadingMixin.__init__",  # a parent config converted: the remote code loads its own
         "TestTimeRegisterLoadingMixin.convert_config",
         "SavesRemoteCodeMixin.save_pretrained",  # writes this remote code (the remote classes save their own)

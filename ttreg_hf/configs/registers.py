@@ -126,23 +126,31 @@ class RegisterSettingsMixin:
     register_index_provenance: dict | None = None
 
     def __post_init__(self, **kwargs):
-        if self.register_neurons is not None:
-            self.register_neurons = _neuron_lists(self.register_neurons)
+        if self.register_neurons is not None:  # normalized, with the provenance given beside it (`__setattr__`)
+            super().__setattr__("register_neurons", _neuron_lists(self.register_neurons))
         parent_post_init = getattr(super(), "__post_init__", None)  # absent on plain (non-`transformers`) dataclasses
         if parent_post_init is not None:
             _check_dtype(self.dtype)
+            _check_dtype(kwargs.get("torch_dtype"))  # the older name, which the parent reads from ``kwargs``
             parent_post_init(**kwargs)
             _name_our_architectures(self)
 
     def __setattr__(self, name: str, value) -> None:
         """A register setting written to the config of a model (one that a model follows, `follow_register_settings`)
-        is validated and applied at once, or refused with nothing changed; ``register_neurons`` written as a dict
-        drops the provenance of the index it replaces (``None``: ``{}``, the edit off)."""
-        if name not in REGISTER_SETTINGS or not self._followers():
-            return super().__setattr__(name, value)
-        updates = {name: value}
-        if name == "register_neurons":
+        is validated and applied at once, or refused with nothing changed. ``register_neurons`` written as a dict to a
+        built config is stored normalized, as the constructor stores it, and drops the provenance of the index it
+        replaces (on a model's config, ``None`` is ``{}``: the edit off)."""
+        followers = self._followers() if name in REGISTER_SETTINGS else None
+        if name == "register_neurons" and _ENDS_INIT in self.__dict__ and (value is not None or followers):
             updates = {name: _neuron_lists(value or {}), "register_index_provenance": None}
+        elif followers:
+            updates = {name: value}
+        else:
+            return super().__setattr__(name, value)
+        if not followers:
+            for key, item in updates.items():
+                super().__setattr__(key, item)
+            return
         self._write_register_settings(updates)
 
     def follow_register_settings(self, apply: Callable[[], None]) -> None:
@@ -293,13 +301,15 @@ class TestTimeRegisterConfigMixin(RegisterSettingsMixin):
         index = load_index(value)
         if self._followers():
             return self.update_test_time_registers(index)
-        if _ENDS_INIT in self.__dict__:  # a built config
+        built = _ENDS_INIT in self.__dict__
+        if built:
             index.check_fits(self.num_hidden_layers, self.mlp_width)
-            super().__setattr__("register_semantics", index.semantics)
-            super().__setattr__("register_index_provenance", index.provenance)
         else:
             self.__dict__[_INDEX_GIVEN] = index
-        super().__setattr__(name, _neuron_lists(index.neurons))
+        super().__setattr__(name, _neuron_lists(index.neurons))  # on a built config, drops the old provenance
+        if built:
+            super().__setattr__("register_semantics", index.semantics)
+            super().__setattr__("register_index_provenance", index.provenance)
 
     def update_test_time_registers(self, register_neurons=None, **settings) -> None:
         """Write an index (a dict, a file, a shipped name, a Hub repo id or a `RegisterNeuronIndex`; `None` keeps the
@@ -385,7 +395,29 @@ def square_patch_size(patch_size) -> int | None:
     return int(height) if height == width else None
 
 
-class TestTimeRegisterCompositeConfigMixin:
+class SubConfigRegisterSettingsMixin:
+    """For a config whose sub-config ``register_config_key`` holds the register settings (a composite model's, a
+    host's): a register setting written here, or given to the constructor, is refused with the way to set it, as the
+    model reads only the sub-config's (as `transformers` models read a tower's fields only from its sub-config)."""
+
+    register_config_key: str
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in REGISTER_SETTINGS:
+            key = self.register_config_key
+            raise TTRegValueError(
+                f"{type(self).__name__} holds no {name}: the {key} does, which the model reads. Set "
+                f"config.{key}.{name}, or call model.set_register_neurons(...)."
+            )
+        super().__setattr__(name, value)
+
+    @property
+    def register_config(self) -> RegisterSettingsMixin:
+        """The sub-config that holds the register settings."""
+        return getattr(self, self.register_config_key)
+
+
+class TestTimeRegisterCompositeConfigMixin(SubConfigRegisterSettingsMixin):
     """For the config of a composite model (CLIP's, SigLIP's: text and vision towers) whose ``vision_config`` is a
     test-time-register config: that sub-config holds the register settings (``register_config``), and one of the
     parent's vision config class is converted. Mixed in before the parent's config class, which lists ours in
@@ -394,18 +426,13 @@ class TestTimeRegisterCompositeConfigMixin:
     register_config_key = "vision_config"
 
     def __setattr__(self, name: str, value) -> None:
-        """Refuse a register setting written here (or given to the constructor): the model reads the sub-config's."""
-        if name in REGISTER_SETTINGS:
-            raise TTRegValueError(
-                f"{type(self).__name__} holds no {name}: the {self.register_config_key} does, which the model reads. "
-                f"Set config.{self.register_config_key}.{name}, or call model.set_register_neurons(...)."
-            )
+        """A vision config of the parent's class, given or written (as `AutoConfig.from_pretrained` writes a keyword
+        argument), is converted (`as_register_config`); a dict is the parent's to build (as our class)."""
+        if name == self.register_config_key and isinstance(value, PreTrainedConfig):
+            value = self.as_register_config(value)
         super().__setattr__(name, value)
 
     def __post_init__(self, **kwargs):
-        vision = getattr(self, self.register_config_key)
-        if vision is not None and not isinstance(vision, dict):  # a dict: the parent builds our class from it
-            setattr(self, self.register_config_key, self.as_register_config(vision))
         super().__post_init__(**kwargs)
         _name_our_architectures(self)
 
@@ -435,11 +462,6 @@ class TestTimeRegisterCompositeConfigMixin:
         sub_configs = {key: getattr(config, key) for key in cls.sub_configs}
         return cls(**{**_fields(config), **sub_configs}, attn_implementation=config._attn_implementation)
 
-    @property
-    def register_config(self) -> RegisterSettingsMixin:
-        """The sub-config that holds the register settings."""
-        return getattr(self, self.register_config_key)
-
     @classmethod
     def register_config_class(cls) -> type:
         return cls.sub_configs[cls.register_config_key]
@@ -454,7 +476,7 @@ def subclasses(cls: type) -> list[type]:
     return found
 
 
-class TestTimeRegisterHostConfigMixin:
+class TestTimeRegisterHostConfigMixin(SubConfigRegisterSettingsMixin):
     """For the config of a model built around one vision tower or backbone of any of our families (a VLM's
     ``vision_config``, a depth or segmentation model's ``backbone_config``): that sub-config is ours and holds the
     register settings (``register_config``). Mixed in before the host's config class, which it gives no fields: a
@@ -488,11 +510,6 @@ class TestTimeRegisterHostConfigMixin:
                 "`to_test_time_registers`."
             )
         return keys[0]
-
-    @property
-    def register_config(self) -> RegisterSettingsMixin:
-        """The sub-config that holds the register settings."""
-        return getattr(self, self.register_config_key)
 
 
 # parent class name -> ours ("DeiTForImageClassificationWithTeacher" -> "DeiTTTRegForImageClassificationWithTeacher"),

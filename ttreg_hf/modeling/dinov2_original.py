@@ -17,7 +17,7 @@ from transformers.models.dinov2.modeling_dinov2 import Dinov2PatchEmbeddings
 
 from ..configs.dinov2 import Dinov2TTRegConfig
 from ..errors import TTRegTypeError, TTRegValueError
-from ..family import LOADER_ARGUMENTS, check_keywords
+from ..family import CONFIG_KEYWORDS, LOADER_ARGUMENTS, check_keywords
 from .layout import feature_maps
 from .registers import IndexSpec, adopt
 
@@ -75,7 +75,7 @@ def dinov2_config(arch: str, register_neurons: IndexSpec | None = None, **settin
     """The configuration of the upstream ``dinov2_{arch}`` backbone (518 px position table, patch 14, upstream
     position interpolation unless ``settings`` say ``position_interpolation="transformers"``), with
     ``register_neurons`` or the index shipped for ``dinov2_{arch}`` attached (or refused, before any download)."""
-    config = Dinov2TTRegConfig(**dinov2_architecture(arch), **{"position_interpolation": "upstream", **settings})
+    config = Dinov2TTRegConfig(**{**dinov2_architecture(arch), "position_interpolation": "upstream", **settings})
     semantics = settings.get("register_semantics")
     config.attach_register_neurons(register_neurons, checkpoint=f"dinov2_{arch}", register_semantics=semantics)
     return config
@@ -165,12 +165,22 @@ def _first_line(error: BaseException | str) -> str:
     return text if len(text) <= 300 else text[:300] + "..."
 
 
-def load_dinov2(model_class: type[Dinov2Model], config: Dinov2TTRegConfig, weights: str | Path | None):
+def load_dinov2(
+    model_class: type[Dinov2Model], config: Dinov2TTRegConfig, weights: str | Path | None, auto_dtype: bool = False
+):
     """``model_class`` (`Dinov2TTRegModel`, which the family module passes: this module is below it) of ``config``:
-    random weights when ``weights`` is None, else converted original ones."""
+    random weights when ``weights`` is None, else converted original ones; with ``auto_dtype``, in the weights' dtype
+    (``dtype="auto"``, as `from_pretrained` reads it)."""
     if weights is None:
+        if auto_dtype:
+            raise TTRegValueError(
+                "dtype='auto': 'auto' means the dtype of a checkpoint's weights, and there are none here (random "
+                "weights): give a dtype, or weights."
+            )
         return model_class._from_config(config).eval()  # built in ``config.dtype``, as `from_config` builds
     state_dict = convert_original_state_dict(load_original_state_dict(weights), config)
+    if auto_dtype:
+        config.dtype = next(tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point())
     with torch.device("meta"):  # built with the edit off; the edits are built once, on the weights' device
         model = model_class._from_config(dataclasses.replace(config, register_neurons={}))
     # in ``config.dtype``, whatever the file's
@@ -362,8 +372,17 @@ class DinoVisionTransformerTTRegClassifier(nn.Module):
         return self.linear_head(torch.cat([*class_tokens, last_patches.mean(dim=1)], dim=1))
 
 
-_CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(Dinov2TTRegConfig)) | {"attn_implementation"}
+_CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(Dinov2TTRegConfig)) | set(CONFIG_KEYWORDS)
 _HEAD_ARGUMENTS = ("layers", "head_weights")
+
+
+def pop_auto_dtype(settings: dict) -> bool:
+    """Whether ``dtype`` (or its older name ``torch_dtype``) is ``"auto"``, then removed from ``settings``: the
+    weights' dtype, known once they are read (`load_dinov2`)."""
+    auto = [key for key in ("dtype", "torch_dtype") if settings.get(key) == "auto"]
+    for key in auto:
+        del settings[key]
+    return bool(auto)
 
 
 def backbone_weights(arch: str, pretrained: bool, weights: str | Path | None) -> str | Path | None:
@@ -383,19 +402,25 @@ def load_dinov2_backbone(
     """The ``dinov2_{arch}`` backbone: upstream's checkpoint (``pretrained``), a local ``weights`` file in its layout,
     or random weights; ``register_neurons`` or the index shipped for it; ``settings`` are config fields."""
     check_keywords(settings, {*_CONFIG_FIELDS, *LOADER_ARGUMENTS}, f"dinov2_{arch}_tt_reg")
+    auto_dtype = pop_auto_dtype(settings)
     config = dinov2_config(arch, register_neurons, **settings)
-    return load_dinov2(model_class, config, backbone_weights(arch, pretrained, weights))
+    return load_dinov2(model_class, config, backbone_weights(arch, pretrained, weights), auto_dtype)
 
 
 def load_dinov2_linear_head(
-    arch: str, layers: int = 4, pretrained: bool = True, head_weights: str | Path | None = None
+    arch: str,
+    layers: int = 4,
+    pretrained: bool = True,
+    head_weights: str | Path | None = None,
+    embed_dim: int | None = None,
 ) -> nn.Linear:
     """Upstream's ImageNet-1k linear head for ``dinov2_{arch}`` (``layers`` 1 or 4): from a local ``head_weights``
     file (``.pth`` or ``.safetensors``, keys ``weight`` and ``bias``), else from upstream's URL (``pretrained``),
-    else random."""
+    else random; on features of ``embed_dim`` channels (default: the architecture's; a backbone built with another
+    ``hidden_size`` gives its own)."""
     if type(layers) is not int or layers not in HEAD_LAYERS:  # 4.0 == 4, True == 1: the types are checked too
         raise TTRegValueError(f"layers={layers!r}: upstream's linear heads read the last 1 or 4 blocks (an int).")
-    embed_dim = DINOV2_ARCHS[arch][0]
+    embed_dim = embed_dim or DINOV2_ARCHS[arch][0]
     head = nn.Linear((1 + layers) * embed_dim, NUM_CLASSES)
     if pretrained and head_weights is None:
         head_weights = DINOV2_LINEAR_HEAD_URL.format(arch=arch, layers="4" if layers == 4 else "")
@@ -426,9 +451,10 @@ def load_dinov2_linear_classifier(
     head as `load_dinov2_linear_head` does. Arguments and the index are checked first, then the small head is
     loaded (offline, a head missing from the cache fails before the backbone loads), then the backbone."""
     check_keywords(settings, {*_CONFIG_FIELDS, *LOADER_ARGUMENTS, *_HEAD_ARGUMENTS}, f"dinov2_{arch}_tt_reg_lc")
+    auto_dtype = pop_auto_dtype(settings)
     config = dinov2_config(arch, register_neurons, **settings)
-    head = load_dinov2_linear_head(arch, layers, pretrained, head_weights)
-    backbone = load_dinov2(model_class, config, backbone_weights(arch, pretrained, weights))
+    head = load_dinov2_linear_head(arch, layers, pretrained, head_weights, config.hidden_size)
+    backbone = load_dinov2(model_class, config, backbone_weights(arch, pretrained, weights), auto_dtype)
     head = head.to(backbone.dtype)  # ``dtype=`` builds the backbone in it: the head reads its features
     return DinoVisionTransformerTTRegClassifier(DinoVisionTransformerTTReg(backbone), head, layers).eval()
 

@@ -22,9 +22,9 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.utils import CONFIG_NAME, ModelOutput
 
-from ..configs.registers import pop_register_settings, subclasses
+from ..configs.registers import RegisterSettingsMixin, pop_register_settings, subclasses
 from ..errors import TTRegTypeError, TTRegValueError
-from ..family import check_close_keywords, closest_keyword_on_error, parameter_names, parent_class
+from ..family import check_close_keywords, check_keywords, closest_keyword_on_error, parameter_names, parent_class
 from ..index import (
     RegisterIndexMismatchWarning,
     RegisterNeuronIndex,
@@ -584,7 +584,8 @@ def saved_config(config_class: type[PreTrainedConfig], source, **hub_kwargs) -> 
 def set_config_keyword(config: PreTrainedConfig, key: str, value) -> None:
     """``config.key = value`` as the parent's `from_pretrained` applies a keyword argument that names a config
     attribute: a dict given for a sub-config updates it (its class kept); one of the parent's vision configs given for
-    a composite config's register sub-config is converted to ours."""
+    a composite config's register sub-config is converted to ours (here, to refuse a config of another class before
+    the strict field validation does, with our message)."""
     current = getattr(config, key, None)
     if isinstance(value, Mapping) and isinstance(current, PreTrainedConfig):
         value = type(current)(**{**current.to_dict(), **value})
@@ -598,6 +599,15 @@ def register_settings(config_class: type) -> set[str]:
     (``pool_registers``, ``position_interpolation``)."""
     parent = parent_class(config_class)
     return {field.name for field in dataclasses.fields(config_class)} - {f.name for f in dataclasses.fields(parent)}
+
+
+def every_family_setting() -> set[str]:
+    """The fields that any family's config adds to its parent's (`register_settings`, ``pool_registers`` ... too): what
+    a loader that meets the tower's config only later takes for it."""
+    ours = (
+        config_class for config_class in subclasses(RegisterSettingsMixin) if getattr(config_class, "model_type", None)
+    )
+    return set().union(*map(register_settings, ours))
 
 
 MODEL_KEYWORDS = ("dtype", "torch_dtype")  # config attributes that `from_pretrained` gives the model, not the config
@@ -706,3 +716,27 @@ class WithRegisterTowerHostMixin(SavesRemoteCodeMixin):
         tower_class = tower_classes[type(tower)]
         set_tower(self, path, tower_with_registers(tower_class, tower, ours))
         setattr(config, key, self.get_submodule(path).config)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *model_args, register_neurons: IndexSpec | None = None, **kwargs
+    ):
+        """`PreTrainedModel.from_pretrained`, plus ``register_neurons`` and the register settings, as our towers'
+        `from_pretrained` takes them (the Auto classes pass them here): they go to the tower's sub-config, which
+        attaches the index (`attach_register_neurons`), before the weights load. Without them, the parent's."""
+        settings = {name: kwargs.pop(name) for name in every_family_setting() if name in kwargs}
+        if register_neurons is None and not settings:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        config = kwargs.pop("config", None)
+        if not isinstance(config, PreTrainedConfig):
+            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+            config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
+        tower = config.register_config
+        check_keywords(settings, register_settings(type(tower)), f"{cls.__name__}.from_pretrained")
+        tower.update_test_time_registers(**settings)
+        tower.attach_register_neurons(
+            register_neurons,
+            checkpoint=str(pretrained_model_name_or_path),
+            register_semantics=settings.get("register_semantics"),
+        )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)

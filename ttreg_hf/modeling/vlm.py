@@ -27,6 +27,7 @@ from .registers import (
     IndexSpec,
     PreTrainedTestTimeRegisterMixin,
     adopt,
+    every_family_setting,
     from_pretrained_keywords,
     register_settings,
     set_config_keyword,
@@ -258,9 +259,9 @@ def load_vlm(
     saves also loads with plain `transformers`; with ``output_loading_info=True``, ``(model, loading info)`` as in the
     parent.
     """
-    every_family_setting = set().union(*map(register_settings, set(_config_classes().values())))
-    settings = {name: kwargs.pop(name) for name in every_family_setting if name in kwargs}
-    check_close_keywords(kwargs, every_family_setting, "load_vlm")  # the rest: `from_pretrained` checks them
+    family_settings = every_family_setting()
+    settings = {name: kwargs.pop(name) for name in family_settings if name in kwargs}
+    check_close_keywords(kwargs, family_settings, "load_vlm")  # the rest: `from_pretrained` checks them
     config = kwargs.pop("config", None)
     if config is None:  # as in the parent: keyword arguments that name config attributes go to the config
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
@@ -273,7 +274,7 @@ def load_vlm(
         checkpoint=str(pretrained_model_name_or_path),
         register_semantics=settings.get("register_semantics"),
     )
-    valid = {*config.to_dict(), *from_pretrained_keywords(), *parameter_names(load_vlm), *every_family_setting}
+    valid = {*config.to_dict(), *from_pretrained_keywords(), *parameter_names(load_vlm), *family_settings}
     with closest_keyword_on_error(kwargs, valid, "load_vlm"):
         loaded = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
     model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True`: (model, info)

@@ -13,7 +13,7 @@ from transformers import (
     ZoeDepthConfig,
 )
 
-from .configuration_ttreg import RegisterSettingsMixin, TTRegError
+from .configuration_ttreg import REGISTER_SETTINGS, RegisterSettingsMixin, TTRegError, TTRegValueError
 
 
 # ---- ttreg_hf/errors.py
@@ -22,6 +22,23 @@ class TTRegTypeError(TTRegError, TypeError):
 
 
 # ---- ttreg_hf/configs/registers.py
+class SubConfigRegisterSettingsMixin:
+    register_config_key: str
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in REGISTER_SETTINGS:
+            key = self.register_config_key
+            raise TTRegValueError(
+                f"{type(self).__name__} holds no {name}: the {key} does, which the model reads. Set "
+                f"config.{key}.{name}, or call model.set_register_neurons(...)."
+            )
+        super().__setattr__(name, value)
+
+    @property
+    def register_config(self) -> RegisterSettingsMixin:
+        return getattr(self, self.register_config_key)
+
+
 def subclasses(cls: type) -> list[type]:
     found, pending = [], [cls]
     while pending:
@@ -30,7 +47,7 @@ def subclasses(cls: type) -> list[type]:
     return found
 
 
-class TestTimeRegisterHostConfigMixin:
+class TestTimeRegisterHostConfigMixin(SubConfigRegisterSettingsMixin):
     def __post_init__(self, **kwargs):
         ours = {}
         for config_class in subclasses(RegisterSettingsMixin):
@@ -54,10 +71,6 @@ class TestTimeRegisterHostConfigMixin:
                 "`to_test_time_registers`."
             )
         return keys[0]
-
-    @property
-    def register_config(self) -> RegisterSettingsMixin:
-        return getattr(self, self.register_config_key)
 
 
 # ---- ttreg_hf/configs/hosts.py

@@ -173,17 +173,23 @@ class RegisterSettingsMixin:
 
     def __post_init__(self, **kwargs):
         if self.register_neurons is not None:
-            self.register_neurons = _neuron_lists(self.register_neurons)
+            super().__setattr__("register_neurons", _neuron_lists(self.register_neurons))
         parent_post_init = getattr(super(), "__post_init__", None)
         if parent_post_init is not None:
             parent_post_init(**kwargs)
 
     def __setattr__(self, name: str, value) -> None:
-        if name not in REGISTER_SETTINGS or not self._followers():
-            return super().__setattr__(name, value)
-        updates = {name: value}
-        if name == "register_neurons":
+        followers = self._followers() if name in REGISTER_SETTINGS else None
+        if name == "register_neurons" and _ENDS_INIT in self.__dict__ and (value is not None or followers):
             updates = {name: _neuron_lists(value or {}), "register_index_provenance": None}
+        elif followers:
+            updates = {name: value}
+        else:
+            return super().__setattr__(name, value)
+        if not followers:
+            for key, item in updates.items():
+                super().__setattr__(key, item)
+            return
         self._write_register_settings(updates)
 
     def follow_register_settings(self, apply: Callable[[], None]) -> None:
@@ -272,21 +278,32 @@ class RegisterSettingsMixin:
             apply()
 
 
-class TestTimeRegisterCompositeConfigMixin:
-    register_config_key = "vision_config"
+class SubConfigRegisterSettingsMixin:
+    register_config_key: str
 
     def __setattr__(self, name: str, value) -> None:
         if name in REGISTER_SETTINGS:
+            key = self.register_config_key
             raise TTRegValueError(
-                f"{type(self).__name__} holds no {name}: the {self.register_config_key} does, which the model reads. "
-                f"Set config.{self.register_config_key}.{name}, or call model.set_register_neurons(...)."
+                f"{type(self).__name__} holds no {name}: the {key} does, which the model reads. Set "
+                f"config.{key}.{name}, or call model.set_register_neurons(...)."
             )
         super().__setattr__(name, value)
 
+    @property
+    def register_config(self) -> RegisterSettingsMixin:
+        return getattr(self, self.register_config_key)
+
+
+class TestTimeRegisterCompositeConfigMixin(SubConfigRegisterSettingsMixin):
+    register_config_key = "vision_config"
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == self.register_config_key and isinstance(value, PreTrainedConfig):
+            value = self.as_register_config(value)
+        super().__setattr__(name, value)
+
     def __post_init__(self, **kwargs):
-        vision = getattr(self, self.register_config_key)
-        if vision is not None and not isinstance(vision, dict):
-            setattr(self, self.register_config_key, self.as_register_config(vision))
         super().__post_init__(**kwargs)
 
     @classmethod
@@ -307,10 +324,6 @@ class TestTimeRegisterCompositeConfigMixin:
         sub_configs = {key: getattr(config, key) for key in cls.sub_configs}
         return cls(**{**_fields(config), **sub_configs}, attn_implementation=config._attn_implementation)
 
-    @property
-    def register_config(self) -> RegisterSettingsMixin:
-        return getattr(self, self.register_config_key)
-
     @classmethod
     def register_config_class(cls) -> type:
         return cls.sub_configs[cls.register_config_key]
@@ -325,6 +338,7 @@ def _fields(config) -> dict:
 
 
 REGISTER_SETTINGS = tuple(field.name for field in dataclasses.fields(RegisterSettingsMixin))
+_ENDS_INIT = REGISTER_SETTINGS[-1]
 
 
 # ---- ttreg_hf/configs/siglip.py

@@ -5,7 +5,7 @@ See "Vision Transformers Don't Need Trained Registers" (https://arxiv.org/abs/25
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig
 
-from .configuration_ttreg import RegisterSettingsMixin, TTRegTypeError
+from .configuration_ttreg import RegisterSettingsMixin, SubConfigRegisterSettingsMixin, TTRegTypeError
 
 
 # ---- ttreg_hf/configs/registers.py
@@ -17,7 +17,7 @@ def subclasses(cls: type) -> list[type]:
     return found
 
 
-class TestTimeRegisterHostConfigMixin:
+class TestTimeRegisterHostConfigMixin(SubConfigRegisterSettingsMixin):
     def __post_init__(self, **kwargs):
         ours = {}
         for config_class in subclasses(RegisterSettingsMixin):
@@ -41,10 +41,6 @@ class TestTimeRegisterHostConfigMixin:
                 "`to_test_time_registers`."
             )
         return keys[0]
-
-    @property
-    def register_config(self) -> RegisterSettingsMixin:
-        return getattr(self, self.register_config_key)
 
 
 # ---- ttreg_hf/configs/hosts.py

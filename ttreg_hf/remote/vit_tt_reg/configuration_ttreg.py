@@ -169,17 +169,23 @@ class RegisterSettingsMixin:
 
     def __post_init__(self, **kwargs):
         if self.register_neurons is not None:
-            self.register_neurons = _neuron_lists(self.register_neurons)
+            super().__setattr__("register_neurons", _neuron_lists(self.register_neurons))
         parent_post_init = getattr(super(), "__post_init__", None)
         if parent_post_init is not None:
             parent_post_init(**kwargs)
 
     def __setattr__(self, name: str, value) -> None:
-        if name not in REGISTER_SETTINGS or not self._followers():
-            return super().__setattr__(name, value)
-        updates = {name: value}
-        if name == "register_neurons":
+        followers = self._followers() if name in REGISTER_SETTINGS else None
+        if name == "register_neurons" and _ENDS_INIT in self.__dict__ and (value is not None or followers):
             updates = {name: _neuron_lists(value or {}), "register_index_provenance": None}
+        elif followers:
+            updates = {name: value}
+        else:
+            return super().__setattr__(name, value)
+        if not followers:
+            for key, item in updates.items():
+                super().__setattr__(key, item)
+            return
         self._write_register_settings(updates)
 
     def follow_register_settings(self, apply: Callable[[], None]) -> None:
@@ -277,6 +283,7 @@ def _fields(config) -> dict:
 
 
 REGISTER_SETTINGS = tuple(field.name for field in dataclasses.fields(RegisterSettingsMixin))
+_ENDS_INIT = REGISTER_SETTINGS[-1]
 
 
 # ---- ttreg_hf/configs/vit.py

@@ -5,7 +5,7 @@ See "Vision Transformers Don't Need Trained Registers" (https://arxiv.org/abs/25
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig
 
-from .configuration_ttreg import RegisterSettingsMixin, TTRegError
+from .configuration_ttreg import REGISTER_SETTINGS, RegisterSettingsMixin, TTRegError, TTRegValueError
 
 
 # ---- ttreg_hf/errors.py
@@ -14,6 +14,23 @@ class TTRegTypeError(TTRegError, TypeError):
 
 
 # ---- ttreg_hf/configs/registers.py
+class SubConfigRegisterSettingsMixin:
+    register_config_key: str
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in REGISTER_SETTINGS:
+            key = self.register_config_key
+            raise TTRegValueError(
+                f"{type(self).__name__} holds no {name}: the {key} does, which the model reads. Set "
+                f"config.{key}.{name}, or call model.set_register_neurons(...)."
+            )
+        super().__setattr__(name, value)
+
+    @property
+    def register_config(self) -> RegisterSettingsMixin:
+        return getattr(self, self.register_config_key)
+
+
 def subclasses(cls: type) -> list[type]:
     found, pending = [], [cls]
     while pending:
@@ -22,7 +39,7 @@ def subclasses(cls: type) -> list[type]:
     return found
 
 
-class TestTimeRegisterHostConfigMixin:
+class TestTimeRegisterHostConfigMixin(SubConfigRegisterSettingsMixin):
     def __post_init__(self, **kwargs):
         ours = {}
         for config_class in subclasses(RegisterSettingsMixin):
@@ -46,10 +63,6 @@ class TestTimeRegisterHostConfigMixin:
                 "`to_test_time_registers`."
             )
         return keys[0]
-
-    @property
-    def register_config(self) -> RegisterSettingsMixin:
-        return getattr(self, self.register_config_key)
 
 
 # ---- ttreg_hf/configs/hosts.py
