@@ -180,17 +180,13 @@ class RegisterSettingsMixin:
 
     def __setattr__(self, name: str, value) -> None:
         followers = self._followers() if name in REGISTER_SETTINGS else None
+        updates = {name: value}
         if name == "register_neurons" and _ENDS_INIT in self.__dict__ and (value is not None or followers):
             updates = {name: _neuron_lists(value or {}), "register_index_provenance": None}
-        elif followers:
-            updates = {name: value}
-        else:
-            return super().__setattr__(name, value)
-        if not followers:
-            for key, item in updates.items():
-                super().__setattr__(key, item)
-            return
-        self._write_register_settings(updates)
+        if followers:
+            return self._write_register_settings(updates)
+        for key, item in updates.items():
+            super().__setattr__(key, item)
 
     def follow_register_settings(self, apply: Callable[[], None]) -> None:
         followers = _FOLLOWERS.get(id(self))
