@@ -397,6 +397,9 @@ def test_from_pretrained_names_the_closest_of_its_own_keywords(index_file, tmp_p
     for typo, meant in [("device_mapp", "device_map"), ("ignore_mismatched_size", "ignore_mismatched_sizes")]:
         with pytest.raises(TTRegTypeError, match=f"'{typo}'; did you mean '{meant}'"):
             Dinov2TTRegModel.from_pretrained(tmp_path, **{typo: "cpu"})
+    with pytest.raises(TTRegTypeError, match=r"'zzz'; none of the \d+ it takes is close to it") as refused:
+        Dinov2TTRegModel.from_pretrained(tmp_path, zzz=1)
+    assert len(str(refused.value)) < 200  # not every config field and loading keyword
 
 
 def test_open_clip_and_timm_loaders_name_the_closest_keyword():

@@ -212,10 +212,18 @@ def check_keywords(given: Iterable[str], valid: Collection[str], callee: str) ->
             raise TTRegTypeError(f"{callee}() got an unexpected keyword argument {name!r}{closest_name(name, valid)}")
 
 
+MOST_NAMES_LISTED = 30  # a refusal of an unknown keyword lists the valid ones up to this many
+
+
 def closest_name(name: str, valid: Collection[str]) -> str:
-    """The end of a message refusing ``name``: "; did you mean 'x'?" with the closest of ``valid``, else the list."""
+    """The end of a message refusing ``name``: "; did you mean 'x'?" with the closest of ``valid``, else the list (a
+    long one, such as a config's fields and `from_pretrained`'s keywords, only counted)."""
     close = difflib.get_close_matches(name, sorted(valid), n=1)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid ones: {', '.join(sorted(valid))}."
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    if len(valid) > MOST_NAMES_LISTED:
+        return f"; none of the {len(valid)} it takes is close to it (its documentation lists them)."
+    return f"; valid ones: {', '.join(sorted(valid))}."
 
 
 def check_close_keywords(given: Mapping | Iterable[str], known: Collection[str], callee: str) -> None:
