@@ -52,6 +52,7 @@ INTERNALS: dict[str, tuple[str, ...]] = {
         "transformers.models.siglip2.modeling_siglip2.Siglip2VisionEmbeddings",
         "transformers.models.vit.modeling_vit.ViTEmbeddings",
         "transformers.models.vit.modeling_vit.ViTMLP",
+        "transformers.utils.CONFIG_NAME",
         "transformers.utils.ModelOutput",
         "transformers.utils.cached_file",
         "transformers.utils.generic.can_return_tuple",
