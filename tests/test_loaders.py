@@ -369,6 +369,10 @@ def test_a_host_loaded_by_its_class_or_its_auto_class_takes_the_register_setting
         assert not set(REGISTER_SETTINGS) & set(vars(model.config))
         baseline = loader.from_pretrained(tmp_path, num_test_time_registers=0)
         assert vision_tower_with_registers(baseline).token_layout.num_registers == 0
+    given = host_class.config_class.from_pretrained(tmp_path)  # a config given is copied, as the parent copies it
+    before = given.to_dict()
+    model = host_class.from_pretrained(tmp_path, config=given, **settings)
+    assert vision_tower_with_registers(model).token_layout.num_registers == 2 and given.to_dict() == before
     other = "pool_registers" if name in BACKBONE_HOSTS else "position_interpolation"  # another family's setting
     with pytest.raises(TTRegTypeError, match=f"unexpected keyword argument '{other}'"):
         host_class.from_pretrained(tmp_path, **{other: "upstream" if other == "position_interpolation" else True})

@@ -518,10 +518,8 @@ class TestTimeRegisterLoadingMixin(SavesRemoteCodeMixin):
         known = {name for name in fields | properties if not name.startswith("_")} - set(MODEL_KEYWORDS)
         check_close_keywords(kwargs, known, f"{cls.__name__}.from_pretrained")  # the rest: `transformers` checks them
         if isinstance(config, PreTrainedConfig):
-            config = copy.deepcopy(cls.convert_config(config))
-        else:
-            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-            config = saved_config(config_class, config or pretrained_model_name_or_path, **hub_kwargs)
+            config = cls.convert_config(config)
+        config = starting_config(config_class, config, pretrained_model_name_or_path, kwargs)
         for key, value in sorted(overrides.items(), key=lambda item: item[0] in settings):  # a new sub-config first
             set_config_keyword(config.register_config if key in settings else config, key, value)
         config.register_config.attach_register_neurons(
@@ -562,6 +560,16 @@ class PreTrainedTestTimeRegisterMixin(TestTimeRegisterLoadingMixin, TestTimeRegi
             for edit in self.modules():
                 if isinstance(edit, RegisterNeuronEdit):
                     edit.reset_buffers()
+
+
+def starting_config(config_class: type[PreTrainedConfig], config, source, kwargs: dict) -> PreTrainedConfig:
+    """The config a `from_pretrained` of ``source`` starts from: a copy of ``config`` where one is given (the caller's
+    stays as it was, as in the parent), else the one saved there (`saved_config`, with the Hub keywords of
+    ``kwargs``)."""
+    if isinstance(config, PreTrainedConfig):
+        return copy.deepcopy(config)
+    hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+    return saved_config(config_class, config or source, **hub_kwargs)
 
 
 def saved_config(config_class: type[PreTrainedConfig], source, **hub_kwargs) -> PreTrainedConfig:
@@ -727,10 +735,7 @@ class WithRegisterTowerHostMixin(SavesRemoteCodeMixin):
         settings = {name: kwargs.pop(name) for name in every_family_setting() if name in kwargs}
         if register_neurons is None and not settings:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        config = kwargs.pop("config", None)
-        if not isinstance(config, PreTrainedConfig):
-            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-            config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
+        config = starting_config(cls.config_class, kwargs.pop("config", None), pretrained_model_name_or_path, kwargs)
         tower = config.register_config
         check_keywords(settings, register_settings(type(tower)), f"{cls.__name__}.from_pretrained")
         tower.update_test_time_registers(**settings)
