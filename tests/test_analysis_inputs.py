@@ -15,8 +15,12 @@ from ttreg_hf.analysis import (
     with_register_neurons,
 )
 from ttreg_hf.analysis.metrics import automatic_threshold, patch_norms
+from ttreg_hf.evaluation.evaluate import _forward
+from ttreg_hf.images import image_processor_preprocessor
+from ttreg_hf.registry import family_of
+from ttreg_hf.report import inspect_image
 
-from family_models import LAYER, NEURONS, TINY, analysis_inputs, planted
+from family_models import LAYER, NEURONS, TINY, analysis_inputs, naflex, planted
 
 INDEX = {LAYER: list(NEURONS)}
 
@@ -141,3 +145,29 @@ def test_shifting_the_outliers_in_a_padded_siglip2_batch_shifts_each_image_as_al
     first_padding = int(mask[1].sum())
     with shift_outliers(model, INDEX, first_padding), pytest.raises(ValueError, match=r"padding in image\(s\) \[1\]"):
         model(pixel_values, **keywords)
+
+
+@torch.no_grad()
+def test_a_padded_siglip2_batch_is_read_on_each_images_own_patch_grid():
+    """What reads patches as a grid (evaluation's LOST boxes, `inspect_image`'s maps, the images shown) takes a NaFlex
+    image's own rows x columns, as its processor gives them, and leaves the padding out."""
+    model = planted("siglip2")
+    inputs = analysis_inputs("siglip2")
+    grids = [tuple(shape) for shape in inputs["spatial_shapes"].tolist()]
+    assert grids[0] != grids[1]  # the second image is 2:1
+    forward = _forward(model, inputs, ["lost"])
+    assert forward.grids == grids
+    preprocessor = image_processor_preprocessor(family_of(model).default_image_processor(model.config), "SigLIP2")
+    mean, std = torch.tensor(preprocessor.mean), torch.tensor(preprocessor.std)
+    for image, (shown, (rows, columns)) in enumerate(zip(preprocessor.to_images(inputs), grids)):
+        real = rows * columns
+        alone = {key: value[image : image + 1] for key, value in inputs.items()}
+        assert inspect_image(model, alone, register_neurons={})[0].norm_map.shape == (rows, columns)
+        alone = {
+            "pixel_values": alone["pixel_values"][:, :real],
+            "pixel_attention_mask": alone["pixel_attention_mask"][:, :real],
+            "spatial_shapes": alone["spatial_shapes"],
+        }
+        assert forward.lost_boxes[image] == _forward(model, alone, ["lost"]).lost_boxes[0]
+        patches = inputs["pixel_values"][image, :real].unflatten(-1, (-1, 3))
+        assert torch.allclose(naflex([shown])[0]["pixel_values"], (patches * std + mean).clamp(0, 1).flatten(-2))

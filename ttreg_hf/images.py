@@ -1,6 +1,7 @@
 """Images in, model inputs out: files and folders read as a viewer shows them, and each checkpoint's own
 preprocessing (its image processor, open_clip's transform, timm's data config) turning them into model inputs."""
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,16 @@ if TYPE_CHECKING:
 PREPROCESSOR_FILE = "preprocessor_config.json"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 Inputs = dict[str, torch.Tensor]
+# SigLIP2 NaFlex's processors give each image's patch rows and columns under this key, its patches padded to one length
+GRID_SHAPES = "spatial_shapes"
+
+
+def patch_grids(inputs: Mapping[str, torch.Tensor], num_patches: int | None = None) -> list[tuple[int, int]]:
+    """Each image's patch grid (rows, columns): a NaFlex image's own (`GRID_SHAPES`; its patches are the first rows x
+    columns of the padded ones), else the square grid of ``num_patches`` patches. Read on the host."""
+    if GRID_SHAPES in inputs:
+        return [tuple(shape) for shape in inputs[GRID_SHAPES].tolist()]
+    return [(math.isqrt(num_patches),) * 2] * len(inputs["pixel_values"])
 
 
 @dataclass(frozen=True)
@@ -46,10 +57,10 @@ class Preprocessor:
         """The images the model sees, each ``(3, H, W)`` in ``[0, 1]`` (patchified NaFlex inputs reassembled)."""
         pixel_values = inputs["pixel_values"].float()
         mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
-        if "spatial_shapes" not in inputs:
+        if GRID_SHAPES not in inputs:
             return [(image * std + mean).clamp(0, 1) for image in pixel_values]
         images = []
-        for patches, (rows, columns) in zip(pixel_values, inputs["spatial_shapes"].tolist()):
+        for patches, (rows, columns) in zip(pixel_values, patch_grids(inputs)):
             side = int((patches.shape[-1] // 3) ** 0.5)  # channel-last patches of side x side pixels
             grid = patches[: rows * columns].view(rows, columns, side, side, 3).permute(4, 0, 2, 1, 3)
             images.append((grid.reshape(3, rows * side, columns * side) * std + mean).clamp(0, 1))

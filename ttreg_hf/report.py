@@ -20,6 +20,7 @@ from .analysis.metrics import (
 )
 from .analysis.towers import ConsumerLayer, consumer_layer, register_tower
 from .errors import MissingDependencyError, TTRegValueError
+from .images import GRID_SHAPES, patch_grids
 from .modeling.registers import IndexSpec
 
 
@@ -79,7 +80,7 @@ def inspect_image(
         chosen = ConsumerLayer(resolve_layer(layer, len(tower.transformer_blocks)), "given")
     inputs = dict(inputs)
     pixel_values = inputs.pop("pixel_values")
-    shape = tuple(inputs["spatial_shapes"][0].tolist()) if "spatial_shapes" in inputs else None
+    shape = patch_grids(inputs)[0] if GRID_SHAPES in inputs else None
     runs, threshold = [], None
     for label, neurons in (("original", {}), ("with test-time register", register_neurons)):
         with with_register_neurons(tower, neurons):

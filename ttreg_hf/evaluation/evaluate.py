@@ -24,7 +24,7 @@ from ..analysis.distributed import all_reduce, is_main_process, rank_and_world_s
 from ..analysis.interventions import with_register_neurons
 from ..analysis.metrics import NormHistogram, cls_attention, real_patches
 from ..errors import TTRegValueError
-from ..images import Preprocessor, open_rgb
+from ..images import Preprocessor, open_rgb, patch_grids
 from ..modeling.registers import TestTimeRegisterMixin
 from ..version import __version__
 from .boxes import box_in_image, patch_centers, read_boxes
@@ -203,10 +203,7 @@ def _forward(model: TestTimeRegisterMixin, inputs: dict, tasks: Sequence[str] = 
     patch_norms = layout.patches(stacked.transpose(1, 2)).transpose(1, 2)
     grids, lost_boxes, tokens = [], [], None
     if lost or "segmentation" in tasks:  # these read on the host
-        if "spatial_shapes" in inputs:
-            grids = [tuple(shape) for shape in inputs["spatial_shapes"].tolist()]
-        else:
-            grids = [(math.isqrt(patch_norms.shape[-1]),) * 2] * len(patch_norms)
+        grids = patch_grids(inputs, patch_norms.shape[-1])
     if lost:
         patch_keys = layout.patches(cache.keys[layers[-1]])
         lost_boxes = [lost_box(k[: rows * columns], rows, columns) for k, (rows, columns) in zip(patch_keys, grids)]
@@ -569,10 +566,9 @@ def _examples(forwards: dict[str, _Forward], preprocessor: Preprocessor, inputs:
     patch-norm and CLS-attention maps on its patch grid (a NaFlex image's own grid, padding left out)."""
     inputs = {key: value[:count].cpu() for key, value in inputs.items()}
     images = preprocessor.to_images(inputs)
-    shapes = inputs["spatial_shapes"].tolist() if "spatial_shapes" in inputs else None
+    grids = patch_grids(inputs, forwards["off"].norms.shape[-1])
     examples = []
-    for i, image in enumerate(images):
-        rows, columns = shapes[i] if shapes else (math.isqrt(forwards["off"].norms.shape[-1]),) * 2
+    for i, (image, (rows, columns)) in enumerate(zip(images, grids)):
         maps = {"image": image.cpu()}
         for name, forward in forwards.items():
             for kind, values in (("norms", forward.norms), ("attention", forward.attention)):
