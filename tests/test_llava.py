@@ -9,31 +9,20 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from ttreg_hf import CLIPVisionTTRegModel, RegisterNeuronIndexError
 from ttreg_hf.modeling.llava import load_llava, vision_tower_with_registers, with_test_time_register_tower
 
+from host_models import IMAGE_TOKEN, VLM_TEXT, VLM_TOWER
 from reference_edit import AUTOGRAD_MODES, hooked_register_edit
 
 NEURONS = {0: [3, 40], 1: [5]}
-IMAGE_TOKEN = 63
 NUM_PATCHES = 16  # 56 px, patch 14: what the processor would insert
 
 
 def tiny_llava_config(**overrides) -> LlavaConfig:
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14
-    )
-    text = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
     return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, image_seq_length=NUM_PATCHES, **overrides
+        vision_config=CLIPVisionConfig(**VLM_TOWER, image_size=56),
+        text_config=LlamaConfig(**VLM_TEXT),
+        image_token_index=IMAGE_TOKEN,
+        image_seq_length=NUM_PATCHES,
+        **overrides,
     )
 
 
