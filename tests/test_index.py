@@ -4,10 +4,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ttreg_hf import RegisterNeuronIndex, RegisterNeuronIndexError, find_shipped_index, load_index, shipped_indices
 from ttreg_hf.index import INDEX_FILENAME, METADATA_KEY
+
+from support import run_python
 
 PUBLISHED_VITL14 = {  # nickjiang2378/test-time-registers @ 860df43, LARGE_REGISTER_NEURONS
     17: (884, 133, 1427, 3464, 2373, 2436, 841, 3574, 2129, 3355, 4047, 3341, 1330, 4031, 844, 944, 464),
@@ -309,3 +313,19 @@ def test_offline_and_not_cached_is_one_line_that_says_how_to_fix_it():
         f"cache and HF_HUB_OFFLINE is set: download it once online (`hf download someone/some-index {INDEX_FILENAME} "
         "--revision v1`), or pass a local index file."
     )
+
+
+def test_a_safetensors_file_written_twice_is_the_same_bytes(tmp_path):
+    """safetensors lists the metadata in an order that changes from process to process; ours sorts it, so an unchanged
+    export uploads nothing new. Written in two fresh processes, the files are equal and still read back."""
+    code = (
+        "import sys, torch; from ttreg_hf.index import write_safetensors; "
+        "write_safetensors({'w': torch.arange(6.0)}, sys.argv[1], {f'key{i}': f'value {i} é' for i in range(8)})"
+    )
+    paths = [tmp_path / f"{attempt}.safetensors" for attempt in range(2)]
+    for path in paths:
+        assert run_python(code, str(path)).returncode == 0
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    with safe_open(paths[0], "pt") as file:
+        assert file.metadata() == {f"key{i}": f"value {i} é" for i in range(8)}
+        assert torch.equal(file.get_tensor("w"), torch.arange(6.0))

@@ -65,11 +65,28 @@ MAX_DETAILS_DEPTH = 32  # `details` holds flat facts and score lists; deep nesti
 
 
 def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str]) -> None:
-    """`safetensors.torch.save_file`, with the permissions of any file the user writes (it creates files 0600)."""
+    """`safetensors.torch.save_file`, the same bytes for the same tensors and metadata (`_sort_metadata`: an upload of
+    an unchanged export stores nothing new), with the permissions of any file the user writes (it creates files
+    0600)."""
     save_file(tensors, str(path), metadata=metadata)
+    _sort_metadata(Path(path))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the JSON header of the safetensors file ``path`` in place with its ``__metadata__`` sorted by key:
+    safetensors writes that map in an order that changes from process to process. The same entries in another
+    order have the same length, so the tensors' bytes do not move."""
+    with open(path, "r+b") as file:
+        length = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(length))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length:  # safetensors pads its header with spaces too
+            file.seek(8)
+            file.write(text.ljust(length))
 
 
 class RegisterIndexMismatchWarning(UserWarning):
