@@ -36,6 +36,9 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     Qwen2Config,
     SiglipVisionConfig,
+    ViTConfig,
+    ViTForMaskedImageModeling,
+    ViTImageProcessor,
 )
 
 from ttreg_cli import ModelSpec, main, parse_model_spec
@@ -140,6 +143,9 @@ KINDS = {
         register_neurons={},
     ),  # fmt: skip
     "dual_encoder": lambda: tiny_model("clip", CLIPTTRegModel),
+    "masked_image": lambda: to_test_time_registers(
+        ViTForMaskedImageModeling(ViTConfig(**HF, intermediate_size=MLP, encoder_stride=PATCH)), register_neurons={}
+    ),
     "llava": llava,
     "llava_next": llava_next,
     "llava_onevision": llava_onevision,
@@ -330,6 +336,7 @@ def saved_timm(folder: Path) -> str:
 
 
 CLIP_PROCESSOR = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size=SIZE, image_mean=MEAN, image_std=STD)
+VIT_PROCESSOR = ViTImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=MEAN, image_std=STD)
 DPT_PROCESSOR = DPTImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=MEAN, image_std=STD)
 LLAVA_NEXT_PROCESSOR = LlavaNextImageProcessor(
     size={"shortest_edge": SIZE},
@@ -343,6 +350,7 @@ SAVED = {
     "dpt": saved_transformers("dpt", DPT_PROCESSOR),
     "depth_anything": saved_transformers("depth_anything", DPT_PROCESSOR),
     "dual_encoder": saved_transformers("dual_encoder", CLIP_PROCESSOR),
+    "masked_image": saved_transformers("masked_image", VIT_PROCESSOR),
     "llava": saved_transformers("llava", CLIP_PROCESSOR),
     "llava_parent": saved_llava_parent,
     "llava_next": saved_transformers("llava_next", LLAVA_NEXT_PROCESSOR),  # tiles: the tower sees each base view
